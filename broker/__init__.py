@@ -1,0 +1,1 @@
+"""dockercomp broker package."""

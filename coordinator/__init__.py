@@ -1,0 +1,1 @@
+"""dockercomp coordinator package."""

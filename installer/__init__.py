@@ -1,0 +1,1 @@
+"""dockercomp installer package."""

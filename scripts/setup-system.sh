@@ -1,0 +1,19 @@
+#!/bin/sh
+# Installs and starts the system services the test-suite talks to, when they are missing.
+# Needs root for the installs; on a machine that already has them it changes nothing.
+set -eu
+
+need=""
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need="$need mosquitto mosquitto-clients"
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need="$need postgresql"
+
+if [ -n "$need" ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "setup-system: missing:$need; install them (as root: apt-get install$need)" >&2
+        exit 1
+    fi
+    echo "setup-system: installing$need"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
+fi
+# Debian starts the packaged mosquitto on 1883; the tests start their own on free ports.
