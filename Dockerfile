@@ -1,0 +1,44 @@
+# dockercomp worker image: the agent, configured entirely by environment variables.
+#
+# Built by `make image` (scripts/build-image.sh), which first builds wheels for dockercomp and
+# all its dependencies on the host into build/wheels/. Installing from those wheels means the
+# build itself never reaches a package index, so it works offline and behind TLS proxies.
+#
+# BASE_IMAGE must provide python3 (3.11, the same minor version as the host that built the
+# wheels) with the venv module. Elsewhere the official slim image is pulled; where no image
+# registry is reachable, build-image.sh makes a debootstrap'd Debian base locally instead.
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
+
+# A fixed uid/gid, so file ownership is predictable in volumes; not root, because the agent
+# runs code from a scientist's task packages on a volunteer's machine.
+ARG WORKER_UID=10001
+RUN groupadd --system --gid "${WORKER_UID}" dockercomp \
+ && useradd --system --uid "${WORKER_UID}" --gid dockercomp --create-home \
+    --home-dir /home/dockercomp --shell /usr/sbin/nologin dockercomp
+
+# A private venv: Debian's system Python refuses pip installs (PEP 668), and a venv keeps
+# dockercomp's dependencies apart from whatever the base image ships.
+COPY build/wheels/ /tmp/wheels/
+RUN python3 -m venv /opt/dockercomp \
+ && /opt/dockercomp/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheels \
+    --disable-pip-version-check --quiet dockercomp \
+ && rm -rf /tmp/wheels
+
+ENV PATH=/opt/dockercomp/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+# Configuration is the agent's environment, left unset here so the agent's own defaults
+# apply: DOCKERCOMP_BROKER, DOCKERCOMP_WORKER_ID, DOCKERCOMP_VOLUNTEER,
+# DOCKERCOMP_CONCURRENCY, DOCKERCOMP_USERNAME, DOCKERCOMP_PASSWORD.
+
+USER dockercomp
+WORKDIR /home/dockercomp
+
+# `agent check` exits 0 only while this container's agent is connected and healthy. The
+# start period covers connecting to a remote broker; three misses mark it unhealthy.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 CMD ["agent", "check"]
+
+# The agent drains on the first SIGTERM (what `docker stop` sends) and stops on the second.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["agent", "run"]

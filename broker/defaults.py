@@ -1,0 +1,40 @@
+"""Defaults shared by every dockercomp component, gathered in one place (as rq's defaults.py)."""
+
+from __future__ import annotations
+
+# Wire protocol version carried in every payload's "v" field.
+PROTOCOL_VERSION = 1
+
+# Topic root; every dockercomp topic lives below it, so one broker can host several projects.
+ROOT_TOPIC = "dockercomp"
+
+# Volunteer name used when a worker runs without broker credentials (one topic level).
+DEFAULT_VOLUNTEER = "local"
+
+# Longest worker or volunteer name; keeps topics short and ACL patterns simple.
+MAX_NAME_LENGTH = 64
+
+# Largest payload any component accepts; larger ones are rejected before JSON parsing.
+MAX_PAYLOAD_BYTES = 256 * 1024
+
+# Deepest JSON nesting accepted in task arguments and result values.
+MAX_JSON_DEPTH = 32
+
+# Broker port when the URL names none (plain, TLS).
+MQTT_PORT = 1883
+MQTTS_PORT = 8883
+
+# MQTT keepalive in seconds: a killed worker's will fires within ~1.5x this.
+KEEPALIVE_SECONDS = 10
+
+# Reconnect backoff: first delay, cap, and the jitter fraction added on each try.
+RECONNECT_INITIAL_SECONDS = 0.25
+RECONNECT_MAX_SECONDS = 30.0
+RECONNECT_JITTER = 0.5
+
+# QoS 1 publishes a client may have unacknowledged at once. paho 2.2 loses messages silently
+# once more than 65,535 are unacked (16-bit message ids wrap), so every client stays far below.
+MAX_UNACKED_PUBLISHES = 2000
+
+# Environment variable holding the broker URL for every CLI.
+BROKER_URL_ENV = "DOCKERCOMP_BROKER"

@@ -1,0 +1,341 @@
+"""Wire messages: small frozen dataclasses with ``encode()`` and strict ``decode()``.
+
+Every payload is a JSON object with a version field ``v``. Decoding checks size, JSON
+validity (no NaN/Infinity, bounded nesting), required fields and their types, and raises a
+single DecodeError; nothing downstream ever sees half-valid data. docs/protocol.md shows
+an example of each message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable, Mapping, TypeVar
+
+from broker.defaults import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, PROTOCOL_VERSION
+from broker.errors import DecodeError, InvalidName
+from broker.topics import validate_name
+
+
+class PresenceState(str, Enum):
+    ONLINE = "online"  # connected and taking work
+    OFFLINE = "offline"  # gone; see OfflineReason
+
+
+class OfflineReason(str, Enum):
+    LOST = "lost"  # connection dropped without goodbye: published by the broker from the will
+    SHUTDOWN = "shutdown"  # the worker drained and left on purpose
+    PURGED = "purged"  # the coordinator gave up on a lost worker and cleared it
+
+
+class Outcome(str, Enum):
+    OK = "ok"  # the function returned; value holds its result
+    ERROR = "error"  # the function raised; error holds type, message, traceback
+    TIMEOUT = "timeout"  # the function ran past the task's time limit and was killed
+    CRASHED = "crashed"  # the process running the function died (os._exit, segfault, OOM)
+    REJECTED = "rejected"  # the worker refused the task: unknown function or malformed task
+
+
+_T = TypeVar("_T")
+
+
+# --------------------------------------------------------------------------- helpers
+def _json_depth_ok(value: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                return False
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (list, dict)))
+    return True
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def load_object(kind: str, payload: bytes | str) -> dict[str, Any]:
+    """Parse a payload into a JSON object of the current protocol version, or DecodeError."""
+    size = len(payload)
+    if size > MAX_PAYLOAD_BYTES:
+        raise DecodeError(kind, f"payload of {size} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit", payload[:200])
+    if not payload:
+        raise DecodeError(kind, "empty payload", payload)
+    try:
+        obj = json.loads(payload, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise DecodeError(kind, "JSON nested too deeply", payload) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DecodeError(kind, f"not valid JSON ({exc})", payload) from None
+    if not isinstance(obj, dict):
+        raise DecodeError(kind, f"expected a JSON object, got {type(obj).__name__}", payload)
+    if not _json_depth_ok(obj, MAX_JSON_DEPTH):
+        raise DecodeError(kind, f"JSON nested deeper than {MAX_JSON_DEPTH} levels", payload)
+    version = obj.get("v")
+    if version != PROTOCOL_VERSION:
+        raise DecodeError(kind, f"unsupported protocol version {version!r} (this side speaks {PROTOCOL_VERSION})", payload)
+    return obj
+
+
+class _Fields:
+    """Typed access to a decoded object; each failure names the field."""
+
+    def __init__(self, kind: str, obj: Mapping[str, Any], raw: bytes | str) -> None:
+        self.kind, self.obj, self.raw = kind, obj, raw
+
+    def fail(self, reason: str) -> DecodeError:
+        return DecodeError(self.kind, reason, self.raw)
+
+    def get(self, name: str, types: type | tuple[type, ...], default: Any = ..., check: Callable[[Any], str | None] | None = None) -> Any:
+        if name not in self.obj or self.obj[name] is None:
+            if default is ...:
+                raise self.fail(f"missing field {name!r}")
+            return default
+        value = self.obj[name]
+        # bool is an int in Python; a flag is never a count and a count is never a flag.
+        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+            raise self.fail(f"field {name!r} must be {_type_names(types)}, got a boolean")
+        if not isinstance(value, types):
+            raise self.fail(f"field {name!r} must be {_type_names(types)}, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.fail(f"field {name!r} must be finite")
+        if check is not None:
+            problem = check(value)
+            if problem:
+                raise self.fail(f"field {name!r} {problem}")
+        return value
+
+    def name(self, field_name: str, what: str) -> str:
+        value = self.get(field_name, str)
+        try:
+            return validate_name(value, what)
+        except InvalidName as exc:
+            raise self.fail(str(exc)) from None
+
+    def enum(self, name: str, enum: type[_T], default: Any = ...) -> _T:
+        value = self.get(name, str, default)
+        if value is default and default is not ...:
+            return value
+        try:
+            return enum(value)  # type: ignore[call-arg]
+        except ValueError:
+            allowed = ", ".join(m.value for m in enum)  # type: ignore[attr-defined]
+            raise self.fail(f"field {name!r} must be one of {allowed}, got {value!r}") from None
+
+
+def _type_names(types: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "a list", dict: "an object"}
+    seq = types if isinstance(types, tuple) else (types,)
+    return " or ".join(names.get(t, t.__name__) for t in seq)
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+def _short(limit: int) -> Callable[[str], str | None]:
+    return lambda value: None if len(value) <= limit else f"is longer than {limit} characters"
+
+
+def _dump(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+# --------------------------------------------------------------------------- messages
+@dataclass(frozen=True)
+class Presence:
+    """A worker's retained presence: its online birth or its offline death (will or goodbye).
+
+    ``seq`` numbers the worker's connections; the will of a connection carries that
+    connection's number, so a will arriving after a newer online presence is known stale.
+    """
+
+    worker: str
+    volunteer: str
+    state: PresenceState
+    seq: int
+    reason: OfflineReason | None = None
+    host: str = ""
+    container: str | None = None
+    image: str | None = None
+    version: str = ""
+    cpus: int = 0
+    capacity: int = 0
+    functions: tuple[str, ...] = ()
+    started: float = 0.0
+    v: int = PROTOCOL_VERSION
+
+    KIND = "presence"
+
+    def encode(self) -> bytes:
+        return _dump({
+            "v": self.v, "worker": self.worker, "volunteer": self.volunteer, "state": self.state.value,
+            "seq": self.seq, "reason": self.reason.value if self.reason else None, "host": self.host,
+            "container": self.container, "image": self.image, "version": self.version, "cpus": self.cpus,
+            "capacity": self.capacity, "functions": list(self.functions), "started": self.started,
+        })
+
+    @classmethod
+    def decode(cls, payload: bytes | str) -> "Presence":
+        f = _Fields(cls.KIND, load_object(cls.KIND, payload), payload)
+        functions = f.get("functions", list, [])
+        if len(functions) > 1000 or not all(isinstance(x, str) and 0 < len(x) <= 200 for x in functions):
+            raise f.fail("field 'functions' must be a list of at most 1000 short strings")
+        state = f.enum("state", PresenceState)
+        return cls(
+            worker=f.name("worker", "worker id"),
+            volunteer=f.name("volunteer", "volunteer name"),
+            state=state,
+            seq=f.get("seq", int, check=_non_negative),
+            reason=f.enum("reason", OfflineReason, None),
+            host=f.get("host", str, "", check=_short(255)),
+            container=f.get("container", str, None, check=_short(128)),
+            image=f.get("image", str, None, check=_short(255)),
+            version=f.get("version", str, "", check=_short(64)),
+            cpus=f.get("cpus", int, 0, check=_non_negative),
+            capacity=f.get("capacity", int, 0, check=_non_negative),
+            functions=tuple(functions),
+            started=float(f.get("started", (int, float), 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class Task:
+    """One attempt at one task, sent to one worker's task topic."""
+
+    task_id: str
+    job_id: str
+    attempt: int
+    function: str
+    args: list[Any] = field(default_factory=list)
+    timeout: float = 60.0
+    v: int = PROTOCOL_VERSION
+
+    KIND = "task"
+
+    def encode(self) -> bytes:
+        return _dump({"v": self.v, "task_id": self.task_id, "job_id": self.job_id, "attempt": self.attempt,
+                      "function": self.function, "args": self.args, "timeout": self.timeout})
+
+    @classmethod
+    def decode(cls, payload: bytes | str) -> "Task":
+        return cls.from_object(load_object(cls.KIND, payload), payload)
+
+    @classmethod
+    def from_object(cls, obj: Mapping[str, Any], raw: bytes | str = b"") -> "Task":
+        f = _Fields(cls.KIND, obj, raw)
+        return cls(
+            task_id=f.get("task_id", str, check=_short(128)),
+            job_id=f.get("job_id", str, check=_short(128)),
+            attempt=f.get("attempt", int, check=_positive),
+            function=f.get("function", str, check=_short(200)),
+            args=f.get("args", list, []),
+            timeout=float(f.get("timeout", (int, float), 60.0, check=_positive)),
+        )
+
+
+def peek_task_id(payload: bytes | str) -> tuple[str, int] | None:
+    """Best effort (task_id, attempt) of a malformed task, so the worker can answer it."""
+    try:
+        obj = load_object(Task.KIND, payload)
+    except DecodeError:
+        return None
+    task_id, attempt = obj.get("task_id"), obj.get("attempt", 1)
+    if isinstance(task_id, str) and 0 < len(task_id) <= 128 and isinstance(attempt, int) and not isinstance(attempt, bool):
+        return task_id, attempt
+    return None
+
+
+@dataclass(frozen=True)
+class TaskError:
+    """Why a task did not produce a value."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+    def to_object(self) -> dict[str, str]:
+        return {"type": self.type, "message": self.message, "traceback": self.traceback}
+
+
+_ERROR_TEXT_LIMIT = 16 * 1024
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a worker reports for one task attempt."""
+
+    task_id: str
+    attempt: int
+    worker: str
+    volunteer: str
+    outcome: Outcome
+    value: Any = None
+    error: TaskError | None = None
+    elapsed: float = 0.0
+    v: int = PROTOCOL_VERSION
+
+    KIND = "result"
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.OK
+
+    def encode(self) -> bytes:
+        return _dump({"v": self.v, "task_id": self.task_id, "attempt": self.attempt, "worker": self.worker,
+                      "volunteer": self.volunteer, "outcome": self.outcome.value, "value": self.value,
+                      "error": self.error.to_object() if self.error else None, "elapsed": self.elapsed})
+
+    @classmethod
+    def decode(cls, payload: bytes | str) -> "Result":
+        f = _Fields(cls.KIND, load_object(cls.KIND, payload), payload)
+        outcome = f.enum("outcome", Outcome)
+        error_obj = f.get("error", dict, None)
+        error = None
+        if error_obj is not None:
+            e = _Fields(cls.KIND, error_obj, payload)
+            error = TaskError(
+                type=e.get("type", str, check=_short(200)),
+                message=e.get("message", str, "", check=_short(_ERROR_TEXT_LIMIT)),
+                traceback=e.get("traceback", str, "", check=_short(_ERROR_TEXT_LIMIT)),
+            )
+        if outcome is not Outcome.OK and error is None:
+            raise f.fail(f"outcome {outcome.value!r} needs an 'error' object")
+        value = f.obj.get("value")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise f.fail("field 'value' must be finite")
+        return cls(
+            task_id=f.get("task_id", str, check=_short(128)),
+            attempt=f.get("attempt", int, check=_positive),
+            worker=f.name("worker", "worker id"),
+            volunteer=f.name("volunteer", "volunteer name"),
+            outcome=outcome,
+            value=value,
+            error=error,
+            elapsed=float(f.get("elapsed", (int, float), 0.0, check=_non_negative)),
+        )
+
+
+def decode_status(payload: bytes | str) -> dict[str, Any]:
+    """Status topics are for people and dashboards: a versioned JSON object, fields documented
+    in docs/protocol.md. Decoding only checks the envelope."""
+    return load_object("status", payload)
+
+
+def encode_status(fields: Mapping[str, Any]) -> bytes:
+    return _dump({"v": PROTOCOL_VERSION, **fields})

@@ -1,0 +1,143 @@
+"""Every dockercomp topic, built and parsed in one place.
+
+Layout (root ``dockercomp`` by default)::
+
+    {root}/workers/{volunteer}/{worker}/presence   retained online/offline presence (worker)
+    {root}/workers/{volunteer}/{worker}/tasks      work for one worker (coordinator -> worker)
+    {root}/workers/{volunteer}/{worker}/results    results of that worker (worker -> coordinator)
+    {root}/coordinator/presence                    retained coordinator presence
+    {root}/status/summary                          retained overall progress
+    {root}/status/jobs/{job}                       retained progress of one job
+    {root}/status/workers/{volunteer}/{worker}     retained counters of one worker
+
+The volunteer is its own level, equal to the volunteer's broker user name, so a Mosquitto ACL
+can confine a volunteer's workers with ``pattern write dockercomp/workers/%u/+/results``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from broker.defaults import MAX_NAME_LENGTH, ROOT_TOPIC
+from broker.errors import InvalidName, InvalidTopic
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
+
+WORKER_TOPIC_KINDS = ("presence", "tasks", "results")
+
+
+def validate_name(value: object, what: str = "name") -> str:
+    """Return ``value`` if it can be one topic level, else raise InvalidName.
+
+    Letters, digits, ``_ . -``, starting with a letter or digit: no ``/ + #``, no ``$``,
+    no spaces, nothing empty or longer than MAX_NAME_LENGTH.
+    """
+    if not isinstance(value, str):
+        raise InvalidName(what, value, "must be a string")
+    if not value:
+        raise InvalidName(what, value, "must not be empty")
+    if len(value) > MAX_NAME_LENGTH:
+        raise InvalidName(what, value, f"longer than {MAX_NAME_LENGTH} characters")
+    if not _NAME.match(value):
+        raise InvalidName(
+            what, value, "use letters, digits, '_', '.', '-' only, starting with a letter or digit"
+        )
+    return value
+
+
+@dataclass(frozen=True, order=True)
+class WorkerRef:
+    """A worker's identity: the volunteer who runs it and its name, unique per volunteer."""
+
+    volunteer: str
+    worker: str
+
+    def __post_init__(self) -> None:
+        validate_name(self.volunteer, "volunteer name")
+        validate_name(self.worker, "worker id")
+
+    @property
+    def key(self) -> str:
+        """``volunteer/worker``: the form stored and shown to people."""
+        return f"{self.volunteer}/{self.worker}"
+
+    @classmethod
+    def parse(cls, key: str) -> "WorkerRef":
+        volunteer, sep, worker = key.partition("/")
+        if not sep:
+            raise InvalidName("worker", key, "expected 'volunteer/worker'")
+        return cls(volunteer, worker)
+
+    def __str__(self) -> str:
+        return self.key
+
+
+@dataclass(frozen=True)
+class WorkerTopic:
+    """A parsed worker topic: whose, and which kind (presence, tasks or results)."""
+
+    ref: WorkerRef
+    kind: str
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic templates under one root."""
+
+    root: str = ROOT_TOPIC
+
+    def __post_init__(self) -> None:
+        if not self.root or any(c in self.root for c in "+#") or self.root.startswith("/"):
+            raise InvalidName("topic root", self.root, "must be non-empty, without '+', '#' or a leading '/'")
+
+    # -- per worker --------------------------------------------------------------------
+    def presence(self, ref: WorkerRef) -> str:
+        return f"{self.root}/workers/{ref.volunteer}/{ref.worker}/presence"
+
+    def tasks(self, ref: WorkerRef) -> str:
+        return f"{self.root}/workers/{ref.volunteer}/{ref.worker}/tasks"
+
+    def results(self, ref: WorkerRef) -> str:
+        return f"{self.root}/workers/{ref.volunteer}/{ref.worker}/results"
+
+    # -- filters the coordinator subscribes to -------------------------------------------
+    @property
+    def all_presence(self) -> str:
+        return f"{self.root}/workers/+/+/presence"
+
+    @property
+    def all_results(self) -> str:
+        return f"{self.root}/workers/+/+/results"
+
+    # -- coordinator and status ------------------------------------------------------------
+    @property
+    def coordinator_presence(self) -> str:
+        return f"{self.root}/coordinator/presence"
+
+    @property
+    def status_summary(self) -> str:
+        return f"{self.root}/status/summary"
+
+    def status_job(self, job: str) -> str:
+        return f"{self.root}/status/jobs/{validate_name(job, 'job name')}"
+
+    def status_worker(self, ref: WorkerRef) -> str:
+        return f"{self.root}/status/workers/{ref.volunteer}/{ref.worker}"
+
+    @property
+    def all_status(self) -> str:
+        return f"{self.root}/status/#"
+
+    def parse_worker_topic(self, topic: str) -> WorkerTopic:
+        """Split ``{root}/workers/{volunteer}/{worker}/{kind}``; InvalidTopic otherwise."""
+        prefix = f"{self.root}/workers/"
+        if not topic.startswith(prefix):
+            raise InvalidTopic(topic, f"not below {prefix}")
+        parts = topic[len(prefix):].split("/")
+        if len(parts) != 3 or parts[2] not in WORKER_TOPIC_KINDS:
+            raise InvalidTopic(topic, "expected workers/{volunteer}/{worker}/{presence|tasks|results}")
+        try:
+            return WorkerTopic(WorkerRef(parts[0], parts[1]), parts[2])
+        except InvalidName as exc:
+            raise InvalidTopic(topic, str(exc)) from exc

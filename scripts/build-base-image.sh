@@ -1,0 +1,43 @@
+#!/bin/sh
+# Makes a minimal Debian (bookworm) image with python3 + venv, for machines that cannot pull
+# python:3.11-slim (no image registry reachable). Built from the distribution mirror with
+# debootstrap, which only needs the apt mirror, so it works where `docker pull` does not.
+# Usage: build-base-image.sh [IMAGE]   (default dockercomp-base:bookworm)
+# Skips the ~1 minute build when IMAGE already exists: the base is made once per machine.
+set -eu
+
+image="${1:-dockercomp-base:bookworm}"
+suite="${DEBIAN_SUITE:-bookworm}"
+mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+
+if docker image inspect "$image" >/dev/null 2>&1; then
+    echo "build-base-image: $image already present, skipping"
+    exit 0
+fi
+if [ "$(id -u)" != 0 ]; then
+    echo "build-base-image: debootstrap needs root; run as root or pass a BASE_IMAGE you can pull" >&2
+    exit 1
+fi
+if ! command -v debootstrap >/dev/null 2>&1; then
+    echo "build-base-image: installing debootstrap"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+fi
+
+root="$(mktemp -d /tmp/dockercomp-base.XXXXXX)"
+trap 'rm -rf "$root"' EXIT INT TERM
+echo "build-base-image: debootstrap $suite into $root (about a minute)"
+debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+    "$suite" "$root" "$mirror" >"$root.log" 2>&1 || {
+    tail -n 20 "$root.log" >&2
+    echo "build-base-image: debootstrap failed; full log in $root.log" >&2
+    exit 1
+}
+rm -f "$root.log"
+# Package caches and lists are not needed at run time; they only make the image bigger.
+rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+tar -C "$root" -c . | docker import \
+    --change 'ENV LANG=C.UTF-8' \
+    --change 'CMD ["python3"]' \
+    - "$image" >/dev/null
+echo "build-base-image: built $image"

@@ -1,0 +1,76 @@
+#!/bin/sh
+# Builds the dockercomp worker image (Dockerfile at the repo root), also with no image registry.
+# Usage: build-image.sh [IMAGE]          (default dockercomp/worker:latest)
+# Environment:
+#   BASE_IMAGE  base to build FROM; default python:3.11-slim when it is present or pullable,
+#               else a Debian base made locally by build-base-image.sh (once per machine).
+#   PYTHON      interpreter with pip that builds the wheels (default .venv/bin/python).
+#   FORCE=1     rebuild even when the image already matches the sources.
+# The image carries a hash of the sources it was built from; when the existing image has the
+# same hash nothing is rebuilt, so tests and `make image` cost nothing on the second run.
+set -eu
+cd "$(dirname "$0")/.."
+
+image="${1:-${IMAGE:-dockercomp/worker:latest}}"
+label=org.dockercomp.source-hash
+local_base=dockercomp-base:bookworm
+official_base=python:3.11-slim
+wheels=build/wheels
+
+sh scripts/ensure-docker.sh
+
+# Everything that ends up in the image; bytecode caches would change the hash for nothing.
+source_hash="$(
+    find agent broker coordinator installer setup.cfg pyproject.toml Dockerfile \
+        -type f ! -name '*.pyc' ! -path '*/__pycache__/*' 2>/dev/null | LC_ALL=C sort |
+        xargs sha256sum | sha256sum | cut -c1-16
+)"
+current="$(docker image inspect --format "{{index .Config.Labels \"$label\"}}" "$image" 2>/dev/null || true)"
+if [ -z "${FORCE:-}" ] && [ "$current" = "$source_hash" ]; then
+    echo "build-image: $image is up to date with the sources ($source_hash)"
+    exit 0
+fi
+
+if [ -z "${BASE_IMAGE:-}" ]; then
+    # Prefer what is already here, so a machine without a registry never waits on a pull.
+    if docker image inspect "$official_base" >/dev/null 2>&1; then
+        BASE_IMAGE="$official_base"
+    elif docker image inspect "$local_base" >/dev/null 2>&1; then
+        BASE_IMAGE="$local_base"
+    elif docker pull -q "$official_base" >/dev/null 2>&1; then
+        BASE_IMAGE="$official_base"
+    else
+        echo "build-image: cannot pull $official_base (no registry?); building a local Debian base"
+        sh scripts/build-base-image.sh "$local_base"
+        BASE_IMAGE="$local_base"
+    fi
+fi
+
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
+    echo "build-image: $PYTHON has no pip; run \`make venv\` or set PYTHON to a Python with pip" >&2
+    exit 1
+fi
+# Wheels with compiled code only install into the Python minor version they were built for.
+host_py="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+image_py="$(docker run --rm --entrypoint python3 "$BASE_IMAGE" \
+    -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+if [ "$host_py" != "$image_py" ]; then
+    echo "build-image: $PYTHON is Python $host_py but $BASE_IMAGE has Python $image_py;" \
+         "set PYTHON to a python$image_py with pip (the wheels must match the image)" >&2
+    exit 1
+fi
+
+echo "build-image: building wheels with $PYTHON into $wheels"
+rm -rf "$wheels"
+mkdir -p "$wheels"
+"$PYTHON" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$wheels" .
+
+echo "build-image: building $image FROM $BASE_IMAGE"
+docker build --quiet \
+    --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+    --label "$label=$source_hash" \
+    --tag "$image" . >/dev/null
+echo "build-image: built $image ($source_hash)"
