@@ -66,7 +66,7 @@ fi
 echo "build-image: building wheels with $PYTHON into $wheels"
 rm -rf "$wheels"
 mkdir -p "$wheels"
-"$PYTHON" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$wheels" .
+"$PYTHON" -m pip wheel -qq --disable-pip-version-check --wheel-dir "$wheels" .
 
 echo "build-image: building $image FROM $BASE_IMAGE"
 docker build --quiet \
