@@ -3,18 +3,18 @@
 Production uses Mosquitto (see mosquitto.conf); this exists so `broker serve` and the test
 suite need nothing but pip. It speaks MQTT 3.1.1 only and is ~4x slower than Mosquitto.
 
-amqtt 0.12 quirks, found by reading its source and checked with paho clients:
+amqtt 0.12 quirks, found in its source; [seen] = reproduced here with paho clients:
 
-- Nothing survives a restart: `Broker.start()` and `Broker.shutdown()` both clear the
+- [seen] Nothing survives a restart: `Broker.start()` and `Broker.shutdown()` both clear the
   retained messages, and there is no persistence. A "restart" is an empty broker.
 - Messages are not queued for a disconnected *anonymous* client, even with
   clean_session=False and QoS 1 (`Broker._run_broadcast` skips `is_anonymous` sessions).
   Anonymous is all we allow today, so offline clients simply miss messages.
-- On every CONNECT, the new client is sent the retained messages matching *every* topic
+- [seen] On every CONNECT, the new client is sent the retained messages matching *every* topic
   filter any client is subscribed to (`_handle_client_session` loops over all of
   `self._subscriptions`), at QoS 0, before it subscribes to anything. A client must
   therefore ignore messages on topics it did not ask for.
-- Delivery QoS is the subscription's QoS, not min(publish QoS, subscription QoS): a QoS 0
+- [seen] Delivery QoS is the subscription's QoS, not min(publish QoS, subscription QoS): a QoS 0
   publish reaches a QoS 1 subscriber as QoS 1. A will is delivered at the will's QoS.
 - Publishing to a topic starting with "$" makes the broker close the connection.
 - The default listener binds 0.0.0.0:1883 and the default plugins include a packet
@@ -25,6 +25,11 @@ amqtt 0.12 quirks, found by reading its source and checked with paho clients:
 - A failed start logs "Broker startup failed" with a full traceback (ERROR) before it
   raises; we filter that record and raise our own error instead.
 - `Broker.__init__` needs a running event loop, so the broker is built inside its loop.
+- [seen] A TCP connection closed before CONNECT (a port probe) is never closed on the broker
+  side: amqtt leaks that socket until garbage collection (ResourceWarning). Probe with a
+  real MQTT client, not a bare connect.
+- [seen] On shutdown the wills of still-connected clients are queued, then discarded with a
+  warning "N messages not broadcasted": subscribers never see them.
 """
 
 from __future__ import annotations
