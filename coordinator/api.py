@@ -1,0 +1,413 @@
+"""The scientist's Python API, for notebooks and scripts; the ``coordinator`` CLI is built on it.
+
+>>> from coordinator.api import connect
+>>> client = connect("dockercomp.db")          # same --db as `coordinator serve`
+>>> job = client.submit("count_primes", [[0, 10_000], [10_000, 20_000]], name="primes")
+>>> job.wait()                                  # rich progress bar; returns JobProgress
+>>> [row.value for row in job.results()]        # input order
+[1229, 1033]
+>>> for row in job.as_completed(): ...          # as they finish
+
+Submitting only writes to the store (durable on return); a running ``coordinator serve`` on
+the same database picks new work up within a second, and the API reads progress and results
+back from the store. Nothing here needs the broker except ``Client.purge``.
+
+The store binds peewee's models to one database per process, so use one Client at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import peewee as pw
+
+from broker.connection import MqttConnection
+from broker.defaults import BROKER_URL_ENV
+from broker.errors import BrokerError
+from broker.settings import BrokerSettings
+from broker.topics import Topics, WorkerRef
+from coordinator.defaults import DB_PATH, DB_URL_ENV
+from coordinator.errors import CoordinatorError, StoreError
+from coordinator.store import Job as JobRow
+from coordinator.store import (
+    JobProgress,
+    ResultRow,
+    Store,
+    Task,
+    TaskState,
+    Worker,
+    WorkerState,
+)
+
+# Broker used when neither --broker/broker= nor DOCKERCOMP_BROKER says otherwise.
+DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+
+# Seconds between two looks at the store while waiting for a job (a COUNT query each).
+POLL_INTERVAL = 0.25
+
+# Seconds `purge` waits for the broker before reporting it unreachable.
+BROKER_CONNECT_TIMEOUT = 5.0
+
+# Task states after which a task never changes again (unless retried).
+FINISHED_STATES = (TaskState.DONE.value, TaskState.FAILED.value, TaskState.CANCELLED.value)
+
+
+class JobTimeout(CoordinatorError, TimeoutError):
+    """``Job.wait``/``as_completed`` gave up; the job goes on, wait again to keep following it."""
+
+    def __init__(self, progress: JobProgress, waited: float) -> None:
+        self.progress = progress
+        self.waited = waited
+        hint = "" if progress.done else " — are workers online? (`coordinator workers`)"
+        super().__init__(
+            f"job {progress.name!r} not finished after {waited:.0f} s: "
+            f"{progress.finished}/{progress.total} tasks finished{hint}"
+        )
+
+
+class TasksFailed(CoordinatorError):
+    """``Job.values`` found tasks without a value; ``rows`` holds them (failed or cancelled)."""
+
+    def __init__(self, job: str, rows: list[ResultRow]) -> None:
+        self.job = job
+        self.rows = rows
+        first = rows[0]
+        why = ""
+        if first.errors:
+            last = first.errors[-1]
+            why = f": {last.get('type') or last.get('outcome')}: {last.get('message', '')}".rstrip(": ")
+        super().__init__(
+            f"{len(rows)} task(s) of job {job!r} have no value; first is #{first.index} "
+            f"({first.state}{why}) — see `coordinator results {job}`, or `coordinator retry {job}`"
+        )
+
+
+def default_db() -> str:
+    """``$DOCKERCOMP_DB``, else the coordinator's default database file."""
+    return os.environ.get(DB_URL_ENV) or DB_PATH
+
+
+def default_broker() -> str:
+    """``$DOCKERCOMP_BROKER``, else a broker on this machine."""
+    return os.environ.get(BROKER_URL_ENV) or DEFAULT_BROKER
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A worker as the store knows it, with the tasks it holds right now."""
+
+    key: str  # "volunteer/worker"
+    volunteer: str
+    name: str
+    state: str  # WorkerState value
+    host: str
+    container: str | None
+    image: str | None
+    version: str
+    cpus: int
+    capacity: int
+    functions: list[str]
+    in_flight: int  # open attempts: tasks sent to it and not answered yet
+    tasks_done: int
+    tasks_failed: int
+    first_seen: float
+    last_seen: float
+    lost_at: float | None
+    purged_at: float | None
+
+    @classmethod
+    def from_row(cls, row: Worker, in_flight: int) -> WorkerInfo:
+        try:
+            functions = json.loads(row.functions or "[]")
+        except ValueError:
+            functions = []
+        return cls(
+            key=row.key, volunteer=row.volunteer, name=row.name, state=row.state, host=row.host,
+            container=row.container, image=row.image, version=row.version, cpus=row.cpus,
+            capacity=row.capacity, functions=list(functions), in_flight=in_flight,
+            tasks_done=row.tasks_done, tasks_failed=row.tasks_failed, first_seen=row.first_seen,
+            last_seen=row.last_seen, lost_at=row.lost_at, purged_at=row.purged_at,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PurgeReport:
+    """What ``Client.purge`` did: workers purged in the store, and whether their retained
+    presence was cleared on the broker (``broker_error`` says why not)."""
+
+    purged: list[WorkerInfo]
+    cleared: bool
+    broker_url: str
+    broker_error: str | None
+    topics: list[str]  # retained presence and status topics of the purged workers
+
+
+class Client:
+    """A connection to the coordinator's store: submit jobs, follow them, fetch results.
+
+    ``db`` is a SQLite path or ``postgresql://…`` URL (default ``$DOCKERCOMP_DB``, else
+    ``coordinator.defaults.DB_PATH`` in the current directory); ``broker`` is only used by
+    ``purge``. ``poll_interval``, ``clock`` and ``sleep`` are injectable so tests need no
+    real waiting.
+    """
+
+    def __init__(
+        self,
+        db: str | None = None,
+        *,
+        broker: str | None = None,
+        poll_interval: float = POLL_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.db = db or default_db()
+        self.broker = broker or default_broker()
+        self.poll_interval = poll_interval
+        self.clock = clock
+        self.sleep = sleep
+        self.store = Store.open(self.db)
+
+    # -- jobs --------------------------------------------------------------------------------
+    def submit(
+        self,
+        function: str,
+        args_list: Iterable[Iterable[Any]],
+        *,
+        name: str | None = None,
+        timeout: float = 60.0,
+        max_attempts: int = 3,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> Job:
+        """Store a job: one task per argument list, all or nothing, durable on return.
+
+        Raises InvalidInput naming the first unusable argument list, a bad option or a name
+        already taken (nothing is stored then), and StoreError when the database fails.
+        """
+        row = self.store.create_job(
+            function, [list(args) if isinstance(args, tuple) else args for args in args_list],  # type: ignore[misc]
+            name=name, timeout=timeout, max_attempts=max_attempts, on_progress=on_progress,
+        )
+        return Job(self, row)
+
+    def job(self, id_or_name: str | int) -> Job:
+        """A submitted job by id or name; UnknownJob (naming the known ones) when missing."""
+        return Job(self, self.store.get_job(id_or_name))
+
+    def jobs(self) -> list[Job]:
+        return [Job(self, row) for row in self.store.jobs()]
+
+    # -- workers -------------------------------------------------------------------------------
+    def workers(self) -> list[WorkerInfo]:
+        """Every worker ever seen, with how many tasks each holds right now."""
+        in_flight = self.store.inflight()
+        return [WorkerInfo.from_row(row, in_flight.get(row.key, 0)) for row in self.store.workers()]
+
+    def purge(
+        self,
+        older_than: float = 0.0,
+        *,
+        broker: str | None = None,
+        connect_timeout: float = BROKER_CONNECT_TIMEOUT,
+        now: float | None = None,
+    ) -> PurgeReport:
+        """Purge workers lost for more than ``older_than`` seconds (0: every lost worker) and
+        clear their retained presence on the broker when it is reachable.
+
+        The store is purged even when the broker is not; the report then carries the error
+        and the topics still holding a retained presence.
+        """
+        settings = BrokerSettings.from_url(broker or self.broker)
+        topics = Topics(settings.root)
+        purged = self.store.purge_lost(older_than, time.time() if now is None else now)
+        infos = [WorkerInfo.from_row(row, 0) for row in purged]
+        refs = [WorkerRef(w.volunteer, w.name) for w in infos]
+        retained = [topic for ref in refs for topic in (topics.presence(ref), topics.status_worker(ref))]
+        if not refs:
+            return PurgeReport(infos, True, settings.url, None, [])
+        try:
+            clear_retained(settings, topics, refs, connect_timeout)
+        except BrokerError as exc:
+            return PurgeReport(infos, False, settings.url, str(exc), retained)
+        return PurgeReport(infos, True, settings.url, None, retained)
+
+    # -- lifetime ------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(db: str | None = None, **options: Any) -> Client:
+    """``Client(db, **options)``: the short form for notebooks."""
+    return Client(db, **options)
+
+
+def clear_retained(settings: BrokerSettings, topics: Topics, refs: list[WorkerRef], timeout: float) -> None:
+    """Delete the retained presence and status of each worker on the broker (the engine's
+    clear_retained_presence) and wait until the broker acknowledged. Raises BrokerError
+    (ConnectionFailed when the broker cannot be reached within ``timeout``)."""
+    from coordinator.service import clear_retained_presence  # the engine, only when purging
+
+    connection = MqttConnection(settings, client_id=f"dockercomp-purge-{os.getpid()}")
+    connection.start()
+    try:
+        connection.wait_connected(timeout)
+        clear_retained_presence(connection, topics, refs)
+        if not connection.flush(timeout):
+            raise BrokerError(f"the broker at {settings.url} did not acknowledge within {timeout:.0f} s")
+    finally:
+        connection.close(timeout)
+
+
+class Job:
+    """A submitted job. Cheap to keep: every call reads the store afresh."""
+
+    def __init__(self, client: Client, row: JobRow) -> None:
+        self._client = client
+        self._store = client.store
+        self.id: int = row.id  # type: ignore[attr-defined]  # peewee's implicit primary key
+        self.name: str = row.name
+        self.function: str = row.function
+        self.total: int = row.total
+        self.timeout: float = row.timeout
+        self.max_attempts: int = row.max_attempts
+        self.created_at: float = row.created_at
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.name!r} {self.function} ×{self.total}>"
+
+    def _row(self) -> JobRow:
+        return self._store.get_job(self.id)
+
+    # -- state ---------------------------------------------------------------------------------
+    def progress(self) -> JobProgress:
+        """Counts of tasks per state, right now."""
+        return self._store.progress(self._row())
+
+    @property
+    def state(self) -> str:
+        return self._row().state
+
+    def finished(self) -> bool:
+        """True when no task is pending or running (all done, failed or cancelled)."""
+        return _is_finished(self.progress())
+
+    def cancel(self) -> int:
+        """Cancel the tasks not finished yet; returns how many were cancelled."""
+        return self._store.cancel_job(self._row())
+
+    def retry(self) -> int:
+        """Give failed tasks a fresh attempt budget; returns how many go back to pending."""
+        return self._store.retry_failed(self._row())
+
+    # -- waiting -------------------------------------------------------------------------------
+    def wait(self, timeout: float | None = None, progress: bool = True) -> JobProgress:
+        """Block until every task is finished; returns the final counts.
+
+        ``progress=True`` shows a rich progress bar (terminal or notebook). Raises JobTimeout
+        after ``timeout`` seconds (the job itself goes on).
+        """
+        if not progress:
+            return self._wait_quietly(timeout)
+        from coordinator.render import job_progress_bar  # rich only when asked for
+
+        with job_progress_bar(self.name, self.total) as update:
+            return self._wait_quietly(timeout, update)
+
+    def _wait_quietly(
+        self, timeout: float | None, update: Callable[[JobProgress], None] | None = None
+    ) -> JobProgress:
+        clock, sleep = self._client.clock, self._client.sleep
+        started = clock()
+        while True:
+            current = self.progress()
+            if update is not None:
+                update(current)
+            if _is_finished(current):
+                return current
+            waited = clock() - started
+            if timeout is not None and waited >= timeout:
+                raise JobTimeout(current, waited)
+            sleep(self._client.poll_interval)
+
+    def as_completed(self, timeout: float | None = None) -> Iterator[ResultRow]:
+        """Each task's row as soon as it is finished (done, failed or cancelled), in the order
+        they finish; ends when all are. Raises JobTimeout after ``timeout`` seconds."""
+        clock, sleep = self._client.clock, self._client.sleep
+        started = clock()
+        seen: set[int] = set()
+        while True:
+            finished = self._finished_count()
+            if finished > len(seen):
+                fresh = self._finished_ids() - seen
+                for row in self._rows(fresh):
+                    seen.add(row.task_id)
+                    yield row
+            if len(seen) >= self.total:
+                return
+            waited = clock() - started
+            if timeout is not None and waited >= timeout:
+                raise JobTimeout(self.progress(), waited)
+            sleep(self._client.poll_interval)
+
+    def _finished_count(self) -> int:
+        counts = self._store.task_counts(self.id)
+        return sum(counts[state] for state in FINISHED_STATES)
+
+    def _finished_ids(self) -> set[int]:
+        with _reading(self._store):
+            query = Task.select(Task.id).where(  # type: ignore[attr-defined]
+                (Task.job == self.id) & Task.state.in_(FINISHED_STATES))
+            ids: set[int] = {row[0] for row in query.tuples()}  # type: ignore[index]
+            return ids
+
+    def _rows(self, task_ids: set[int]) -> list[ResultRow]:
+        if not task_ids:
+            return []
+        return [row for row in self._store.results(self._row()) if row.task_id in task_ids]
+
+    # -- results -------------------------------------------------------------------------------
+    def results(self) -> list[ResultRow]:
+        """Every task in input order: state, value, worker, attempts, elapsed, errors."""
+        return list(self._store.results(self._row()))
+
+    def values(self) -> list[Any]:
+        """The values in input order; TasksFailed when some task has none (failed,
+        cancelled or not finished yet — wait() first)."""
+        rows = self.results()
+        missing = [row for row in rows if row.state != TaskState.DONE.value]
+        if missing:
+            raise TasksFailed(self.name, missing)
+        return [row.value for row in rows]
+
+
+@contextmanager
+def _reading(store: Store) -> Iterator[None]:
+    """Our own queries over the store's models: bound to its database, with database
+    failures reported as StoreError like the store's own."""
+    store.bind()
+    try:
+        yield
+    except pw.DatabaseError as exc:
+        raise StoreError(f"cannot read the database {store.url}: {str(exc).strip()}",
+                         "check --db, and that `coordinator serve` uses the same database") from None
+
+
+def _is_finished(progress: JobProgress) -> bool:
+    return progress.finished >= progress.total
+
+
+__all__ = [
+    "Client", "Job", "JobTimeout", "PurgeReport", "TasksFailed", "WorkerInfo", "WorkerState",
+    "connect", "default_broker", "default_db",
+]  # fmt: skip

@@ -1,0 +1,59 @@
+"""Every coordinator default in one place, each with the reason for its value."""
+
+from __future__ import annotations
+
+# Database used when --db is not given: a SQLite file in the current directory.
+DB_PATH = "coordinator.db"
+
+# Environment variable naming the database (path or postgresql:// URL) for every CLI.
+DB_URL_ENV = "DOCKERCOMP_DB"
+
+# Milliseconds a SQLite writer waits for another writer's lock before failing (CLI vs serve).
+SQLITE_BUSY_TIMEOUT_MS = 15_000
+
+# Tasks per INSERT when storing a job; SQLite allows 32,766 variables per statement.
+INSERT_BATCH = 5_000
+
+# Per-task time limit the worker enforces, in seconds, when the submitter names none.
+TASK_TIMEOUT = 60.0
+
+# Dispatches of one task before it is marked failed.
+MAX_ATTEMPTS = 3
+
+# Seconds added to a task's timeout to form its lease: room for queueing and the result's trip.
+LEASE_MARGIN = 10.0
+
+# Seconds between checks for expired leases.
+LEASE_CHECK_INTERVAL = 1.0
+
+# Seconds a lost worker stays "lost" before it is purged and its retained presence cleared.
+PURGE_AFTER = 300.0
+
+# Seconds between checks for lost workers to purge.
+PURGE_CHECK_INTERVAL = 5.0
+
+# Seconds between polls of the jobs table: submissions, cancels and retries by the CLI show up
+# within this delay (the poll is one small indexed query).
+POLL_INTERVAL = 0.5
+
+# Seconds between status publications at most; nothing is published when nothing changed.
+STATUS_INTERVAL = 0.5
+
+# Window, in seconds, over which the status summary's recent tasks/s is measured.
+RATE_WINDOW = 10.0
+
+# Most incoming messages handled in one database transaction.
+BATCH_MAX = 2_000
+
+# Seconds `serve` waits for the first connection before saying the broker is unreachable.
+CONNECT_TIMEOUT = 10.0
+
+# Seconds a clean stop waits for the broker to acknowledge the last publishes.
+STOP_FLUSH_TIMEOUT = 5.0
+
+# Rejected-message log lines per kind per window; the rest are counted and summarized.
+REJECT_LOG_BURST = 5
+REJECT_LOG_WINDOW = 60.0
+
+# MQTT client id prefix of the coordinator (the host name and pid are appended).
+CLIENT_ID_PREFIX = "dockercomp-coordinator"

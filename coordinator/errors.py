@@ -1,0 +1,67 @@
+"""Errors of the coordinator package: one tree, each carrying fields and what to do next.
+
+Transport failures stay in ``broker.errors`` (ConnectionFailed, ...); these are the
+coordinator's own: the store, unknown jobs, bad input, bad settings.
+"""
+
+from __future__ import annotations
+
+
+class CoordinatorError(Exception):
+    """Base of every error the coordinator raises on purpose; ``str()`` is one readable line."""
+
+    #: Process exit code a CLI uses for this error.
+    exit_code = 1
+
+
+class SettingsError(CoordinatorError, ValueError):
+    """A coordinator setting is out of range; the message names it and the accepted values."""
+
+    exit_code = 2
+
+
+class StoreError(CoordinatorError):
+    """The database cannot be opened or written, or the input cannot be stored.
+
+    ``hint`` says what to do next (already part of the message).
+    """
+
+    exit_code = 4
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(f"{message}; {hint}" if hint else message)
+
+
+class InvalidInput(StoreError, ValueError):
+    """A submitted job is malformed (bad name, bad arguments); nothing was stored.
+
+    ``line`` is the 0-based index of the offending argument list, when there is one.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str = "", line: int | None = None) -> None:
+        self.line = line
+        super().__init__(message, hint)
+
+
+class StoreLocked(StoreError):
+    """Another process held the SQLite database's write lock for longer than busy_timeout."""
+
+
+class UnknownJob(StoreError, LookupError):
+    """No job has that id or name. ``known`` lists the names that exist (newest first)."""
+
+    exit_code = 3
+
+    def __init__(self, wanted: str | int, known: list[str]) -> None:
+        self.wanted = wanted
+        self.known = known
+        if known:
+            listed = ", ".join(known[:10]) + (f" (and {len(known) - 10} more)" if len(known) > 10 else "")
+            hint = f"known jobs: {listed}"
+        else:
+            hint = "no job was submitted yet (`coordinator submit FUNCTION FILE`)"
+        super().__init__(f"no job {wanted!r}", hint)

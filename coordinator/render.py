@@ -1,0 +1,273 @@
+"""How jobs, workers and results look to people (rich tables) and to scripts (JSON, CSV).
+
+Pure functions from the store's dataclasses to renderables or plain dicts, so the CLI stays
+a thin layer and the same shapes serve ``--json``, ``results --format`` and the API.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import IO, TYPE_CHECKING, Any
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from coordinator.store import JobProgress, ResultRow
+
+if TYPE_CHECKING:
+    from coordinator.api import WorkerInfo
+
+# Characters of a value or argument list shown in a table cell before it is cut.
+CELL_CHARS = 40
+
+# Colour of each task/job/worker state in tables.
+STATE_STYLES = {
+    "pending": "yellow", "assigned": "cyan", "done": "green", "failed": "red",
+    "cancelled": "magenta", "active": "cyan", "online": "green", "lost": "red",
+    "offline": "dim", "purged": "dim",
+}  # fmt: skip
+
+# Columns of `coordinator results --format csv`, in order (JSON-valued ones as JSON text).
+CSV_COLUMNS = ["index", "task_id", "state", "worker", "attempts", "elapsed", "args", "value", "errors"]
+
+
+# -------------------------------------------------------------------------- plain data
+def progress_dict(progress: JobProgress) -> dict[str, Any]:
+    """A job's progress for --json: every JobProgress field plus derived ones."""
+    data = asdict(progress)
+    data["finished"] = progress.finished
+    data["running"] = progress.assigned
+    data["percent"] = round(100.0 * progress.finished / progress.total, 1) if progress.total else 100.0
+    return data
+
+
+def worker_dict(worker: WorkerInfo) -> dict[str, Any]:
+    return asdict(worker)
+
+
+def row_dict(row: ResultRow) -> dict[str, Any]:
+    """One task's outcome as written by `results --format jsonl` (and `--json`)."""
+    return {
+        "index": row.index, "task_id": row.task_id, "args": row.args, "state": row.state,
+        "value": row.value, "worker": row.worker, "attempts": row.attempts,
+        "elapsed": row.elapsed, "errors": row.errors,
+    }  # fmt: skip
+
+
+def dumps(data: Any) -> str:
+    """Compact JSON, one line (for --json output and JSON lines files)."""
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+def write_jsonl(rows: Iterable[ResultRow], out: IO[str]) -> int:
+    count = 0
+    for row in rows:
+        out.write(dumps(row_dict(row)) + "\n")
+        count += 1
+    return count
+
+
+def write_csv(rows: Iterable[ResultRow], out: IO[str]) -> int:
+    """CSV with a header; args, value and errors hold JSON text, empty when missing."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    count = 0
+    for row in rows:
+        data = row_dict(row)
+        writer.writerow([
+            data["index"], data["task_id"], data["state"], data["worker"] or "", data["attempts"],
+            "" if data["elapsed"] is None else f"{data['elapsed']:.6f}",
+            dumps(data["args"]),
+            "" if row.state != "done" else dumps(data["value"]),
+            dumps(data["errors"]) if data["errors"] else "",
+        ])  # fmt: skip
+        count += 1
+    return count
+
+
+# -------------------------------------------------------------------------- formatting
+def ago(timestamp: float | None, now: float) -> str:
+    """``12s ago``, ``3m ago``, ``2h ago``, ``4d ago``; ``-`` for never."""
+    if timestamp is None or timestamp <= 0:
+        return "-"
+    return f"{duration(max(0.0, now - timestamp))} ago"
+
+
+def duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def cut(text: str, limit: int = CELL_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def state_text(state: str) -> Text:
+    return Text(state, style=STATE_STYLES.get(state, ""))
+
+
+def _percent(progress: JobProgress) -> str:
+    return f"{100.0 * progress.finished / progress.total:.0f}%" if progress.total else "100%"
+
+
+# -------------------------------------------------------------------------- tables
+def _table(title: str) -> Table:
+    """A compact table (no vertical rules, one space between columns): fits 80 columns."""
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1),
+                 collapse_padding=True, pad_edge=False)
+
+
+def text_bar(done: int, total: int, width: int = 20) -> Text:
+    """A progress bar made of characters: readable in a terminal, a pipe or a log file."""
+    filled = width if total <= 0 else min(width, round(width * done / total))
+    return Text.assemble(("█" * filled, "green"), ("░" * (width - filled), "dim"))
+
+
+def jobs_table(progresses: list[JobProgress], now: float | None = None) -> Table:
+    now = time.time() if now is None else now
+    table = _table("Jobs")
+    table.add_column("id", justify="right")
+    table.add_column("name", no_wrap=True)
+    table.add_column("function", overflow="ellipsis", min_width=8, max_width=20)
+    table.add_column("state", no_wrap=True)
+    table.add_column("progress", no_wrap=True)
+    for name in ("failed", "running", "pending"):
+        table.add_column(name, justify="right", min_width=len(name))
+    table.add_column("age", justify="right", no_wrap=True)
+    for p in progresses:
+        table.add_row(
+            str(p.job_id), p.name, p.function, state_text(p.state),
+            Text.assemble(text_bar(p.finished, p.total, 6), f" {p.finished}/{p.total} {_percent(p)}"),
+            Text(str(p.failed), style="red" if p.failed else ""), str(p.assigned), str(p.pending),
+            duration(max(0.0, now - p.created_at)),
+        )  # fmt: skip
+    return table
+
+
+def job_view(progress: JobProgress, now: float | None = None) -> RenderableType:
+    """One job: a title line, a progress bar and the counts per state."""
+    now = time.time() if now is None else now
+    p = progress
+    title = Text.assemble(
+        ("Job ", "bold"), (p.name, "bold cyan"), f" (id {p.job_id}) · {p.function} · ", state_text(p.state)
+    )
+    bar = Text.assemble(text_bar(p.finished, p.total, 40), f" {p.finished}/{p.total} {_percent(p)}")
+    counts = Text.assemble(
+        ("done ", "green"), str(p.done), " · ", ("failed ", "red"), str(p.failed), " · ",
+        ("running ", "cyan"), str(p.assigned), " · ", ("pending ", "yellow"), str(p.pending),
+        " · ", ("cancelled ", "magenta"), str(p.cancelled),
+    )  # fmt: skip
+    ended = p.finished_at if p.finished_at else now
+    timing = Text(f"created {ago(p.created_at, now)}, "
+                  + (f"finished in {duration(ended - p.created_at)}" if p.finished_at
+                     else f"running for {duration(ended - p.created_at)}"), style="dim")  # fmt: skip
+    return Group(title, bar, counts, timing)
+
+
+def workers_table(workers: list[WorkerInfo], now: float | None = None) -> Table:
+    now = time.time() if now is None else now
+    table = _table("Workers")
+    table.add_column("worker", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("host", overflow="ellipsis", max_width=24)
+    for name in ("capacity", "in flight", "done", "failed"):
+        table.add_column(name, justify="right", min_width=len(name))
+    table.add_column("last seen", justify="right", no_wrap=True)
+    for w in workers:
+        table.add_row(
+            w.key, state_text(w.state), cut(w.host, 30), str(w.capacity), str(w.in_flight),
+            str(w.tasks_done), Text(str(w.tasks_failed), style="red" if w.tasks_failed else ""),
+            _seen(w, now),
+        )  # fmt: skip
+    return table
+
+
+def _seen(worker: WorkerInfo, now: float) -> str:
+    """An online worker is connected now; the others were last heard of when they left."""
+    if worker.state == "online":
+        return "now"
+    return ago(worker.purged_at or worker.lost_at or worker.last_seen, now)
+
+
+def _error_summary(row: ResultRow) -> str:
+    if not row.errors:
+        return ""
+    last = row.errors[-1]
+    kind = last.get("type") or last.get("outcome") or "error"
+    message = str(last.get("message") or "").splitlines()[0] if last.get("message") else ""
+    more = f" (+{len(row.errors) - 1} earlier)" if len(row.errors) > 1 else ""
+    return cut(f"{kind}: {message}".rstrip(": "), CELL_CHARS) + more
+
+
+def results_table(rows: list[ResultRow], title: str) -> Table:
+    table = _table(title)
+    for name, justify in (("#", "right"), ("args", "left"), ("state", "left"), ("value", "left"),
+                          ("worker", "left"), ("attempts", "right"), ("elapsed", "right"),
+                          ("errors", "left")):  # fmt: skip
+        table.add_column(name, justify=justify, overflow="fold" if name == "errors" else "ellipsis")  # type: ignore[arg-type]
+    for row in rows:
+        table.add_row(
+            str(row.index), cut(dumps(row.args)), state_text(row.state),
+            cut(dumps(row.value)) if row.state == "done" else "", row.worker or "",
+            str(row.attempts), "" if row.elapsed is None else f"{row.elapsed:.3f}s",
+            _error_summary(row),
+        )  # fmt: skip
+    return table
+
+
+# -------------------------------------------------------------------------- progress bars
+@contextmanager
+def job_progress_bar(name: str, total: int, console: Any = None) -> Iterator[Callable[[JobProgress], None]]:
+    """A live bar for one job; yields ``update(progress)``."""
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TaskProgressColumn(), TextColumn("{task.fields[failed]}", style="red"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+    )  # fmt: skip
+    task = bar.add_task(name, total=max(total, 1), failed="")
+
+    def update(progress: JobProgress) -> None:
+        failed = f"{progress.failed} failed" if progress.failed else ""
+        bar.update(task, completed=progress.finished, total=max(progress.total, 1), failed=failed)
+
+    with bar:
+        yield update
+
+
+@contextmanager
+def count_progress_bar(
+    description: str, total: int, console: Any = None, enabled: bool = True
+) -> Iterator[Callable[[int], None]]:
+    """A bar counting up to ``total`` (bytes read, tasks stored); yields ``advance_to(n)``.
+    Disabled (a no-op) when ``enabled`` is false, e.g. for small inputs or non-terminals."""
+    if not enabled:
+        yield lambda _n: None
+        return
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+        console=console, transient=True,
+    )  # fmt: skip
+    task = bar.add_task(description, total=max(total, 1))
+    with bar:
+        yield lambda n: bar.update(task, completed=n)

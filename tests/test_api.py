@@ -1,0 +1,176 @@
+"""The Python API a scientist uses from a notebook or script (coordinator/api.py).
+
+Against a real broker, a real `coordinator serve` process and real `agent run` processes;
+only the tests of waiting without workers run on the store alone (with an injected clock).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from coordinator.api import Client, JobTimeout, TasksFailed, connect
+from coordinator.errors import InvalidInput, UnknownJob
+from coordinator.store import JobProgress
+from tests.support.brokers import BrokerProcess
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(90)
+
+
+def primes_below(n: int) -> int:
+    return sum(1 for k in range(2, n) if all(k % d for d in range(2, int(k**0.5) + 1)))
+
+
+class Stack:
+    """`coordinator serve` and some `agent run` processes on one broker and database."""
+
+    def __init__(self, broker_url: str, db: str, logs: Path) -> None:
+        self.broker_url, self.db, self.logs = broker_url, db, logs
+        self.env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def _start(self, name: str, args: list[str]) -> None:
+        with open(self.logs / f"{name}.log", "wb") as out:
+            self.processes.append(subprocess.Popen([sys.executable, "-m", *args], env=self.env, stdout=out,
+                                                   stderr=subprocess.STDOUT, cwd=REPO_ROOT))  # fmt: skip
+
+    def coordinator(self) -> None:
+        self._start("coordinator", ["coordinator", "serve", "--broker", self.broker_url, "--db", self.db])
+
+    def agent(self, name: str, concurrency: int = 2) -> None:
+        self._start(name, ["agent.cli", "run", "--broker", self.broker_url, "--worker-id", name,
+                           "--concurrency", str(concurrency), "--keepalive", "2",
+                           "--health-file", str(self.logs / f"{name}.health")])  # fmt: skip
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def log(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-3000:]}"
+                         for p in sorted(self.logs.glob("*.log")))  # fmt: skip
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[Client]:
+    with Client(str(tmp_path / "api.db"), poll_interval=0.05) as opened:
+        yield opened
+
+
+@pytest.fixture
+def stack(client: Client, broker: BrokerProcess, tmp_path: Path) -> Iterator[Stack]:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    running = Stack(broker.url, client.db, logs)
+    running.coordinator()
+    try:
+        yield running
+    finally:
+        running.stop()
+        print(running.log())  # shown by pytest only when the test failed
+
+
+def test_submit_wait_and_results_in_input_order(client: Client, stack: Stack) -> None:
+    # Given two agents and a job of prime counts
+    stack.agent("a1")
+    stack.agent("a2")
+    ranges = [[0, 1000 * (i + 1)] for i in range(12)]
+    job = client.submit("count_primes", ranges, name="primes", timeout=30, max_attempts=2)
+    assert (job.name, job.total, job.function) == ("primes", 12, "count_primes")
+    # When the scientist waits for it
+    final = job.wait(timeout=60, progress=True)
+    # Then every task is done, values are in input order, each attributed to a worker
+    assert isinstance(final, JobProgress) and (final.done, final.failed) == (12, 0)
+    assert job.values() == [primes_below(hi) for _, hi in ranges]
+    rows = job.results()
+    assert [row.index for row in rows] == list(range(12))
+    assert {row.worker for row in rows} <= {"local/a1", "local/a2"}
+    assert all(row.attempts == 1 and row.elapsed is not None and row.errors == [] for row in rows)
+    # and the job can be found again by name or id
+    assert client.job("primes").id == job.id == client.job(job.id).id
+    workers = {w.key: w for w in client.workers()}
+    assert set(workers) == {"local/a1", "local/a2"}
+    assert sum(w.tasks_done for w in workers.values()) == 12
+    assert all(w.state == "online" and w.capacity == 2 for w in workers.values())
+
+
+def test_as_completed_yields_each_task_once_as_it_finishes(client: Client, stack: Stack) -> None:
+    # Given one agent working one task at a time on tasks of 0.2 s
+    stack.agent("solo", concurrency=1)
+    job = client.submit("sleep", [[0.2]] * 6, name="naps")
+    # When the scientist iterates as they complete
+    seen = []
+    unfinished_when_first_came = None
+    for row in job.as_completed(timeout=60):
+        if unfinished_when_first_came is None:
+            progress = job.progress()
+            unfinished_when_first_came = progress.total - progress.finished
+        seen.append(row)
+    # Then each task came exactly once, done by the agent, and the first before the job ended
+    assert sorted(row.index for row in seen) == list(range(6))
+    assert all(row.state == "done" and row.value == 0.2 and row.worker == "local/solo" for row in seen)
+    assert unfinished_when_first_came and unfinished_when_first_came > 0
+
+
+def test_a_failing_task_is_reported_with_its_reason(client: Client, stack: Stack) -> None:
+    stack.agent("a1")
+    job = client.submit("add", [[1, 2], ["a", 1]], name="mixed", max_attempts=1)
+    final = job.wait(timeout=60, progress=False)
+    assert (final.done, final.failed) == (1, 1)
+    with pytest.raises(TasksFailed) as caught:
+        job.values()
+    assert "#1" in str(caught.value) and "TypeError" in str(caught.value)
+    failed = job.results()[1]
+    assert failed.state == "failed" and failed.errors[0]["type"] == "TypeError"
+    assert failed.errors[0]["worker"] == "local/a1"
+
+
+def test_cancel_stops_a_job_nobody_computes(client: Client) -> None:
+    job = client.submit("add", [[1, 2]] * 5, name="unwanted")
+    assert job.cancel() == 5
+    assert job.wait(timeout=1, progress=False).cancelled == 5
+    assert job.state == "cancelled"
+
+
+def test_wait_without_workers_times_out_with_a_hint(tmp_path: Path) -> None:
+    # A fake clock: each sleep advances it, so the timeout passes without real waiting.
+    now = [0.0]
+    with connect(str(tmp_path / "idle.db"), clock=lambda: now[0],
+                 sleep=lambda s: now.__setitem__(0, now[0] + s)) as client:  # fmt: skip
+        job = client.submit("add", [[1, 2]], name="idle")
+        with pytest.raises(JobTimeout) as caught:
+            job.wait(timeout=5, progress=False)
+        assert caught.value.progress.pending == 1
+        assert "not finished after 5 s" in str(caught.value) and "coordinator workers" in str(caught.value)
+        with pytest.raises(JobTimeout):
+            list(job.as_completed(timeout=5))
+
+
+def test_bad_submissions_store_nothing(client: Client) -> None:
+    with pytest.raises(InvalidInput, match="line 2"):
+        client.submit("add", [[1, 2], {"a": 1}])
+    with pytest.raises(InvalidInput, match="no tasks"):
+        client.submit("add", [])
+    with pytest.raises(InvalidInput, match="job name"):
+        client.submit("add", [[1, 2]], name="has space")
+    assert client.jobs() == []
+    with pytest.raises(UnknownJob, match="no job was submitted yet"):
+        client.job("anything")
+
+
+def test_tuples_and_generators_are_accepted(client: Client) -> None:
+    job = client.submit("add", ((i, i) for i in range(3)), name="gen")
+    assert [row.args for row in job.results()] == [[0, 0], [1, 1], [2, 2]]
+    assert job.progress().pending == 3

@@ -1,0 +1,368 @@
+"""The `coordinator` command line, as a scientist uses it.
+
+Most tests drive the click commands in-process (CliRunner) against a real SQLite file; the
+end-to-end test runs the real `coordinator` processes with a real broker and real agents.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from broker.messages import OfflineReason, Presence, PresenceState
+from broker.topics import Topics, WorkerRef
+from coordinator.cli import main
+from coordinator.store import Store, Worker, WorkerState
+from tests.support import Watcher, connect_client, free_port
+from tests.support.brokers import BrokerProcess
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return str(tmp_path / "coordinator.db")
+
+
+@pytest.fixture
+def cli(db: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRunner]:
+    # Wide enough that tables are not cut; --db comes from the environment as for a user.
+    monkeypatch.setenv("COLUMNS", "160")
+    monkeypatch.setenv("DOCKERCOMP_DB", db)
+    monkeypatch.delenv("DOCKERCOMP_BROKER", raising=False)
+    yield CliRunner()
+
+
+def run(cli: CliRunner, *args: str, input: str | bytes | None = None) -> Result:
+    return cli.invoke(main, list(args), input=input, catch_exceptions=False)
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def job_names(cli: CliRunner) -> list[str]:
+    result = run(cli, "status", "--json")
+    assert result.exit_code == 0, result.output
+    return [job["name"] for job in json.loads(result.stdout)]
+
+
+# ------------------------------------------------------------------------------ submit
+def test_submit_stores_one_task_per_line_and_prints_the_job(cli: CliRunner, tmp_path: Path) -> None:
+    # Given an input file with a blank line among three argument lists
+    path = write(tmp_path / "sums.txt", "[1, 2]\n\n[3, 4]\n  [5, 6]  \n")
+    # When it is submitted
+    result = run(cli, "submit", "add", path, "--job", "sums")
+    # Then the job is named and its three tasks are stored in input order, pending
+    assert result.exit_code == 0, result.output
+    assert "Submitted job sums (id 1): 3 tasks of add" in result.stdout
+    assert "coordinator status sums --watch" in result.stdout
+    rows = [json.loads(line) for line in run(cli, "results", "sums", "--json").stdout.splitlines()]
+    assert [(r["index"], r["args"], r["state"]) for r in rows] == [
+        (0, [1, 2], "pending"), (1, [3, 4], "pending"), (2, [5, 6], "pending"),
+    ]  # fmt: skip
+
+
+def test_submit_reads_stdin_and_prints_json(cli: CliRunner) -> None:
+    result = run(cli, "submit", "count_primes", "-", "--timeout", "5", "--max-attempts", "2", "--json",
+                 input="[0, 10]\n[10, 20]\n")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["name"] == "job-1" and data["job_id"] == 1
+    assert data["tasks"] == 2 and data["function"] == "count_primes"
+    assert data["timeout"] == 5.0 and data["max_attempts"] == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "line", "why"),
+    [
+        ("[1, 2]\n[3, 4]\n[5, \n", "line 3", "not valid JSON"),
+        ("[1, 2]\n\n{\"a\": 1}\n", "line 3", "expected a JSON array"),
+        ("[1, 2]\n\"text\"\n", "line 2", "got a string"),
+        ("[NaN]\n", "line 1", "NaN"),
+        ("[1e999]\n", "line 1", "too large"),
+        ("[1]\n" + "[" * 40 + "]" * 40 + "\n", "line 2", "nested deeper"),
+        ("[\"" + "x" * 300_000 + "\"]\n", "line 1", "at most"),
+    ],
+)
+def test_a_bad_line_is_named_and_nothing_is_stored(cli: CliRunner, tmp_path: Path, content: str,
+                                                   line: str, why: str) -> None:  # fmt: skip
+    path = write(tmp_path / "bad.txt", content)
+    result = run(cli, "submit", "add", path, "--job", "bad")
+    assert result.exit_code == 2
+    assert f"bad.txt, {line}: " in result.stderr and why in result.stderr
+    assert "nothing was submitted" in result.stderr
+    assert "Traceback" not in result.output
+    assert job_names(cli) == []
+
+
+def test_non_utf8_and_empty_inputs_are_rejected(cli: CliRunner, tmp_path: Path) -> None:
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"[1, 2]\n[\xff\xfe]\n")
+    result = run(cli, "submit", "add", str(binary))
+    assert result.exit_code == 2 and "line 2: not UTF-8" in result.stderr
+    result = run(cli, "submit", "add", write(tmp_path / "empty.txt", "\n  \n"))
+    assert result.exit_code == 2 and "no arguments found" in result.stderr
+    result = run(cli, "submit", "add", str(tmp_path / "missing.txt"))
+    assert result.exit_code == 2 and "cannot read" in result.stderr and "missing.txt" in result.stderr
+    assert job_names(cli) == []
+
+
+def test_submit_rejects_bad_options_without_storing(cli: CliRunner, tmp_path: Path) -> None:
+    path = write(tmp_path / "in.txt", "[1, 2]\n")
+    assert run(cli, "submit", "add", path, "--job", "a/b").exit_code == 2
+    assert run(cli, "submit", "add", path, "--timeout", "0").exit_code == 2
+    assert run(cli, "submit", "add", path, "--max-attempts", "0").exit_code == 2
+    assert job_names(cli) == []
+    # A name can be used once
+    assert run(cli, "submit", "add", path, "--job", "once").exit_code == 0
+    again = run(cli, "submit", "add", path, "--job", "once")
+    assert again.exit_code == 2 and "already exists" in again.stderr
+    assert job_names(cli) == ["once"]
+
+
+# ------------------------------------------------------------------------------ status
+def test_status_lists_jobs_and_shows_one_with_a_bar(cli: CliRunner, tmp_path: Path) -> None:
+    path = write(tmp_path / "in.txt", "[1, 2]\n[3, 4]\n")
+    run(cli, "submit", "add", path, "--job", "first")
+    run(cli, "submit", "add", path, "--job", "second")
+
+    table = run(cli, "status")
+    assert table.exit_code == 0
+    assert "first" in table.stdout and "second" in table.stdout and "0/2 0%" in table.stdout
+    assert "No worker is online" in table.stdout
+
+    one = run(cli, "status", "second")
+    assert "Job second (id 2) · add · active" in one.stdout
+    assert "done 0 · failed 0 · running 0 · pending 2 · cancelled 0" in one.stdout
+
+    data = json.loads(run(cli, "status", "2", "--json").stdout)
+    assert (data["name"], data["total"], data["pending"], data["percent"]) == ("second", 2, 2, 0.0)
+
+
+def test_status_of_an_empty_store_says_how_to_start(cli: CliRunner) -> None:
+    result = run(cli, "status")
+    assert result.exit_code == 0 and "No jobs yet" in result.stdout
+    assert json.loads(run(cli, "status", "--json").stdout) == []
+
+
+@pytest.mark.parametrize("command", ["status", "results", "cancel", "retry"])
+def test_an_unknown_job_lists_the_known_ones(cli: CliRunner, tmp_path: Path, command: str) -> None:
+    run(cli, "submit", "add", write(tmp_path / "in.txt", "[1, 2]\n"), "--job", "known")
+    result = run(cli, command, "nope")
+    assert result.exit_code == 3
+    assert result.stderr.startswith("error: no job 'nope'") and "known jobs: known" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_status_watch_ends_when_the_job_is_finished(cli: CliRunner, tmp_path: Path) -> None:
+    run(cli, "submit", "add", write(tmp_path / "in.txt", "[1, 2]\n"), "--job", "w")
+    run(cli, "cancel", "w")
+    result = run(cli, "status", "w", "--watch", "--interval", "0.05", "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout.splitlines()[-1])["cancelled"] == 1
+
+
+def test_results_formats_hold_every_field(cli: CliRunner, tmp_path: Path) -> None:
+    run(cli, "submit", "add", write(tmp_path / "in.txt", "[1, 2]\n[\"a\", {\"b\": [1]}]\n"), "--job", "f")
+    jsonl = tmp_path / "out.jsonl"
+    result = run(cli, "results", "f", "-o", str(jsonl))
+    assert result.exit_code == 0 and "Wrote 2 results of job f" in result.stderr
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert set(rows[0]) == {"index", "task_id", "args", "state", "value", "worker", "attempts", "elapsed", "errors"}
+    assert rows[1]["args"] == ["a", {"b": [1]}]
+    out = run(cli, "results", "f", "--format", "csv").stdout
+    parsed = list(csv.DictReader(io.StringIO(out)))
+    assert [json.loads(r["args"]) for r in parsed] == [[1, 2], ["a", {"b": [1]}]]
+    assert run(cli, "results", "f", "--format", "table", "-o", str(tmp_path / "x")).exit_code == 2
+
+
+# ------------------------------------------------------------------------------ cancel / retry
+def test_cancel_and_retry(cli: CliRunner, tmp_path: Path) -> None:
+    run(cli, "submit", "add", write(tmp_path / "in.txt", "[1, 2]\n[3, 4]\n"), "--job", "c")
+    result = run(cli, "cancel", "c")
+    assert result.exit_code == 0 and "Cancelled 2 unfinished tasks of job c" in result.stdout
+    assert "Nothing to cancel" in run(cli, "cancel", "c").stdout
+    assert json.loads(run(cli, "status", "c", "--json").stdout)["state"] == "cancelled"
+    assert json.loads(run(cli, "retry", "c", "--json").stdout) == {"job": "c", "retried": 0}
+    assert "Nothing to retry" in run(cli, "retry", "c").stdout
+
+
+# ------------------------------------------------------------------------------ workers / purge
+def add_worker(db: str, name: str, state: WorkerState, lost_ago: float | None = None) -> None:
+    """Given: a worker the coordinator registered earlier (as `serve` would have)."""
+    store = Store.open(db)
+    now = time.time()
+    Worker.create(key=f"local/{name}", volunteer="local", name=name, state=state.value, host="lab-pc",
+                  capacity=2, functions='["add", "sleep"]', first_seen=now - 100, last_seen=now - 5,
+                  lost_at=None if lost_ago is None else now - lost_ago)  # fmt: skip
+    store.close()
+
+
+def test_workers_table_and_json(cli: CliRunner, db: str) -> None:
+    assert "No worker has been seen yet" in run(cli, "workers").stdout
+    add_worker(db, "w1", WorkerState.ONLINE)
+    add_worker(db, "w2", WorkerState.LOST, lost_ago=1)
+    table = run(cli, "workers").stdout
+    assert "local/w1" in table and "online" in table and "local/w2" in table and "lost" in table
+    data = json.loads(run(cli, "workers", "--json").stdout)
+    assert [(w["key"], w["state"], w["capacity"], w["in_flight"], w["functions"]) for w in data] == [
+        ("local/w1", "online", 2, 0, ["add", "sleep"]), ("local/w2", "lost", 2, 0, ["add", "sleep"]),
+    ]  # fmt: skip
+
+
+def retained_presence(url: str, topic: str) -> bytes | None:
+    """The retained message on `topic` right now (None when there is none)."""
+    with Watcher(url, topic) as watcher:
+        try:
+            return watcher.wait_for(lambda m: m.retain, timeout=0.5).payload
+        except TimeoutError:
+            return None
+
+
+def test_purge_marks_lost_workers_purged_and_clears_their_retained_presence(
+    cli: CliRunner, db: str, mosquitto: BrokerProcess
+) -> None:
+    # Given a lost worker whose will left a retained offline presence on the broker
+    add_worker(db, "gone", WorkerState.LOST, lost_ago=60)
+    add_worker(db, "alive", WorkerState.ONLINE)
+    topics = Topics()
+    will = Presence("gone", "local", PresenceState.OFFLINE, seq=7, reason=OfflineReason.LOST).encode()
+    client = connect_client(mosquitto.url)
+    client.publish(topics.presence(WorkerRef("local", "gone")), will, qos=1, retain=True).wait_for_publish(5)
+    client.disconnect()
+    assert retained_presence(mosquitto.url, topics.presence(WorkerRef("local", "gone"))) == will
+    # When the scientist purges now
+    result = run(cli, "purge", "--broker", mosquitto.url)
+    # Then the worker is purged in the store and its retained presence is gone
+    assert result.exit_code == 0, result.output
+    assert "Purged 1 lost worker: local/gone" in result.stdout and "Cleared their retained presence" in result.stdout
+    states = {w["key"]: w["state"] for w in json.loads(run(cli, "workers", "--json").stdout)}
+    assert states == {"local/gone": "purged", "local/alive": "online"}
+    assert retained_presence(mosquitto.url, topics.presence(WorkerRef("local", "gone"))) is None
+    assert "No lost worker to purge" in run(cli, "purge", "--broker", mosquitto.url).stdout
+
+
+def test_purge_with_the_broker_down_purges_the_store_and_says_what_is_left(cli: CliRunner, db: str) -> None:
+    add_worker(db, "gone", WorkerState.LOST, lost_ago=60)
+    result = run(cli, "purge", "--broker", f"mqtt://127.0.0.1:{free_port()}", "--timeout", "0.5")
+    assert result.exit_code == 5
+    assert "Purged 1 lost worker: local/gone" in result.stdout
+    assert "connection refused" in result.stderr
+    assert "mosquitto_pub" in result.stderr and "dockercomp/workers/local/gone/presence" in result.stderr
+    assert [w["state"] for w in json.loads(run(cli, "workers", "--json").stdout)] == ["purged"]
+
+
+def test_a_bad_broker_url_is_a_usage_error(cli: CliRunner) -> None:
+    result = run(cli, "purge", "--broker", "http://example.org")
+    assert result.exit_code == 2 and "mqtt://" in result.stderr
+
+
+# ------------------------------------------------------------------------------ store problems
+def test_a_locked_database_says_so(cli: CliRunner, db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import coordinator.store
+
+    monkeypatch.setattr(coordinator.store, "SQLITE_BUSY_TIMEOUT_MS", 100)
+    run(cli, "status")  # creates the database
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
+    try:
+        result = run(cli, "submit", "add", write(tmp_path / "in.txt", "[1, 2]\n"))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert result.exit_code == 4
+    assert "locked" in result.stderr and "Traceback" not in result.output
+
+
+def test_an_unusable_database_path_says_what_to_do(cli: CliRunner, tmp_path: Path) -> None:
+    result = run(cli, "status", "--db", str(tmp_path / "no" / "such" / "dir" / "x.db"))
+    assert result.exit_code == 4 and "does not exist" in result.stderr
+
+
+# ------------------------------------------------------------------------------ end to end
+def coordinator_cli(*args: str, env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """The real `coordinator` command, as a separate process."""
+    return subprocess.run([sys.executable, "-m", "coordinator", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO_ROOT)  # fmt: skip
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                cwd=REPO_ROOT)  # fmt: skip
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def test_end_to_end_submit_watch_results_workers(
+    cli: CliRunner, mosquitto: BrokerProcess, tmp_path: Path, db: str
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "160",
+           "DOCKERCOMP_DB": db, "DOCKERCOMP_BROKER": mosquitto.url}  # fmt: skip
+    # Given jobs submitted by the real command before anything runs (durable on their own)
+    lines = "".join(f"[{i}, {i * 10}]\n" for i in range(20))
+    submitted = coordinator_cli("submit", "add", write(tmp_path / "pairs.txt", lines), "--job", "pairs", env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    assert "Submitted job pairs (id 1): 20 tasks of add" in submitted.stdout
+    broken = write(tmp_path / "broken.txt", "[1, 2]\n[\"a\", 1]\n")
+    assert run(cli, "submit", "add", broken, "--job", "broken", "--max-attempts", "1").exit_code == 0
+    # When the coordinator and two agents run
+    processes = [start(["coordinator", "serve", "--broker", mosquitto.url, "--db", db], env, tmp_path / "serve.log")]
+    for name in ("w1", "w2"):
+        processes.append(start(["agent.cli", "run", "--broker", mosquitto.url, "--worker-id", name,
+                                "--concurrency", "2", "--keepalive", "2",
+                                "--health-file", str(tmp_path / f"{name}.health")],
+                               env, tmp_path / f"{name}.log"))  # fmt: skip
+    try:
+        # Then `status --watch` follows the job to its end
+        watched = coordinator_cli("status", "pairs", "--watch", "--interval", "0.1", "--json", env=env)
+        assert watched.returncode == 0, watched.stderr
+        assert json.loads(watched.stdout.splitlines()[-1])["done"] == 20
+        # and the results carry each value and the worker that computed it
+        out = tmp_path / "pairs.csv"
+        fetched = coordinator_cli("results", "pairs", "-o", str(out), env=env)
+        assert fetched.returncode == 0, fetched.stderr
+        assert "Wrote 20 results of job pairs" in fetched.stderr
+        rows = list(csv.DictReader(io.StringIO(out.read_text())))
+        assert [json.loads(r["value"]) for r in rows] == [i + i * 10 for i in range(20)]
+        assert {r["worker"] for r in rows} <= {"local/w1", "local/w2"}
+        assert all(r["state"] == "done" and r["attempts"] == "1" and float(r["elapsed"]) >= 0 for r in rows)
+        table = run(cli, "results", "pairs").stdout
+        assert "Results of pairs (20 done, 0 failed, 20 tasks)" in table and "local/w" in table
+        # and a task that raised is failed, with the reason
+        watched_broken = run(cli, "status", "broken", "--watch", "--interval", "0.05", "--json")
+        assert json.loads(watched_broken.stdout.splitlines()[-1])["failed"] == 1
+        failed = [json.loads(line) for line in run(cli, "results", "broken", "--json").stdout.splitlines()]
+        assert [r["state"] for r in failed] == ["done", "failed"]
+        assert failed[1]["errors"][0]["type"] == "TypeError"
+        assert failed[1]["errors"][0]["worker"] in ("local/w1", "local/w2")
+        assert "TypeError" in run(cli, "results", "broken").stdout
+        # and `workers` shows both online with the work they did
+        workers = json.loads(run(cli, "workers", "--json").stdout)
+        assert {w["key"]: w["state"] for w in workers} == {"local/w1": "online", "local/w2": "online"}
+        assert sum(w["tasks_done"] for w in workers) == 21
+        assert "local/w1" in run(cli, "workers").stdout
+    finally:
+        for process in reversed(processes):
+            stop(process)

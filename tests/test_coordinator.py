@@ -1,0 +1,216 @@
+"""The coordinator end to end: real brokers (Mosquitto and amqtt), a real SQLite file, real
+`agent run` processes. The engine runs in this process (``Coordinator.start``) so tests can
+read its counters; test_coordinator_faults.py also runs it as `coordinator serve`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker.messages import decode_status
+from broker.topics import Topics, WorkerRef
+from coordinator.service import Coordinator, CoordinatorSettings
+from coordinator.store import Store, TaskState, Worker
+from tests.support import Watcher, wait_until
+from tests.support.brokers import BrokerProcess
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TOPICS = Topics()
+pytestmark = pytest.mark.timeout(120)
+
+# Fast intervals: leases checked 10x a second, lost workers purged after 1 s.
+FAST = CoordinatorSettings(lease_margin=2, lease_check=0.1, purge_after=1.0, purge_check=0.2,
+                           poll_interval=0.2, status_interval=0.2, connect_timeout=10)
+
+
+class Processes:
+    """`agent run` (and `coordinator serve`) child processes with their logs."""
+
+    def __init__(self, broker_url: str, logs: Path) -> None:
+        self.broker_url = broker_url
+        self.logs = logs
+        logs.mkdir(exist_ok=True)
+        self.env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        with open(self.logs / f"{name}.log", "ab") as out:
+            process = subprocess.Popen([sys.executable, "-m", *args], env=self.env, stdout=out,
+                                       stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        self.running[name] = process
+        return process
+
+    def agent(self, name: str, concurrency: int = 2) -> subprocess.Popen[bytes]:
+        return self.start(name, ["agent.cli", "run", "--broker", self.broker_url, "--worker-id", name,
+                                 "--concurrency", str(concurrency), "--keepalive", "2", "--grace", "1",
+                                 "--health-file", str(self.logs / f"{name}.health")])
+
+    def serve(self, db: str, name: str = "serve") -> subprocess.Popen[bytes]:
+        return self.start(name, ["coordinator", "serve", "--broker", self.broker_url, "--db", db,
+                                 "--lease-check", "0.2", "--lease-margin", "2", "--purge-after", "1", "-v"])
+
+    def kill(self, name: str) -> None:
+        process = self.running.pop(name)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+
+    def stop_all(self) -> None:
+        for process in self.running.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.running.values():
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.running.clear()
+
+    def log(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-2500:]}"
+                         for p in sorted(self.logs.glob("*.log")))
+
+
+@pytest.fixture
+def procs(broker: BrokerProcess, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Processes]:
+    running = Processes(broker.url, tmp_path / "logs")
+    yield running
+    running.stop_all()
+    if getattr(getattr(request.node, "report_call", None), "failed", False):
+        print(running.log())
+
+
+@pytest.fixture
+def engine(broker: BrokerProcess, tmp_path: Path) -> Iterator[Coordinator]:
+    coordinator = Coordinator.connect(broker.url, str(tmp_path / "coordinator.db"), FAST).start()
+    yield coordinator
+    coordinator.stop()
+    assert coordinator.error is None, coordinator.error
+
+
+def online(store: Store, count: int) -> list[Worker]:
+    return wait_until(lambda: [w for w in store.workers() if w.state == "online"]
+                      if sum(w.state == "online" for w in store.workers()) >= count else None, timeout=20)
+
+
+def finished(store: Store, job, timeout: float = 60):  # noqa: ANN001
+    return wait_until(lambda: (p := store.progress(job)).state != "active" and p, timeout=timeout, interval=0.05)
+
+
+# --------------------------------------------------------------------------- the happy path
+def test_300_tasks_over_3_agents_all_done_attributed_and_spread_evenly(
+        engine: Coordinator, procs: Processes, broker: BrokerProcess) -> None:
+    store = engine.store
+    for i in range(3):
+        procs.agent(f"w{i}")
+    online(store, 3)
+
+    # Tasks of equal length (a short sleep, not CPU: the box may be busy), distinct values.
+    job = store.create_job("sleep", [[0.04 + i / 1e6] for i in range(300)])
+    progress = finished(store, job)
+
+    assert (progress.state, progress.done, progress.failed) == ("done", 300, 0)
+    rows = list(store.results(job))
+    assert [r.index for r in rows] == list(range(300))
+    assert [r.value for r in rows] == [0.04 + i / 1e6 for i in range(300)]
+    per_worker = Counter(r.worker for r in rows)
+    assert set(per_worker) == {"local/w0", "local/w1", "local/w2"}
+    # round-robin with equal capacity: nobody far from a third
+    assert all(65 <= n <= 135 for n in per_worker.values()), per_worker
+    assert {w.key: w.tasks_done for w in store.workers()} == dict(per_worker)
+    assert all(r.attempts == 1 for r in rows)
+
+    # observers find it all on the status topics, retained for those arriving afterwards
+    with Watcher(broker.url, "dockercomp/status/#") as watcher:
+        watcher.wait_for(lambda m: m.topic == TOPICS.status_summary
+                         and decode_status(m.payload)["tasks"]["done"] == 300)
+    with Watcher(broker.url, "dockercomp/status/#") as watcher:
+        summary = watcher.wait_for(lambda m: m.topic == TOPICS.status_summary)
+        job_status = watcher.wait_for(lambda m: m.topic == TOPICS.status_job(str(job.id)))
+    assert summary.retain and job_status.retain
+    fields = decode_status(summary.payload)
+    assert fields["workers"]["online"] == 3 and fields["capacity"] == 6
+    assert sum(fields["rejected"].values()) == 0
+    assert decode_status(job_status.payload)["state"] == "done"
+
+
+def test_new_submission_is_dispatched_within_a_second(engine: Coordinator, procs: Processes) -> None:
+    procs.agent("w0")
+    online(engine.store, 1)
+    time.sleep(0.5)  # let the engine go idle first
+
+    submitted = time.time()
+    job = engine.store.create_job("add", [[1, 2]])
+    finished(engine.store, job, timeout=5)
+
+    [row] = list(engine.store.results(job))
+    assert row.value == 3
+    sent_at = engine.store.db.execute_sql("SELECT sent_at FROM attempt").fetchone()[0]
+    assert sent_at - submitted < 1.0
+
+
+def test_a_worker_coming_back_is_the_same_worker(engine: Coordinator, procs: Processes) -> None:
+    procs.agent("w0")
+    online(engine.store, 1)
+    procs.stop_all()  # clean shutdown: offline
+    wait_until(lambda: engine.store.workers()[0].state == "offline")
+
+    procs.agent("w0")
+    online(engine.store, 1)
+    assert [w.key for w in engine.store.workers()] == ["local/w0"]
+
+
+def test_tasks_for_a_function_nobody_offers_wait_without_harm(engine: Coordinator, procs: Processes) -> None:
+    procs.agent("w0")
+    online(engine.store, 1)
+    orphan = engine.store.create_job("no_such_function", [[1]])
+    job = engine.store.create_job("add", [[2, 2]])
+    finished(engine.store, job)
+    assert engine.store.progress(orphan).pending == 1
+    assert [r.value for r in engine.store.results(job)] == [4]
+
+
+def test_errors_and_timeouts_use_up_attempts_then_fail_with_reasons(engine: Coordinator, procs: Processes) -> None:
+    procs.agent("w0")
+    online(engine.store, 1)
+    # sleep(5) with a 0.3 s limit: the agent kills it each time
+    job = engine.store.create_job("sleep", [[5]], timeout=0.3, max_attempts=2)
+    progress = finished(engine.store, job)
+
+    assert progress.failed == 1
+    [row] = list(engine.store.results(job))
+    assert row.state == TaskState.FAILED.value and row.attempts == 2
+    assert [(e["attempt"], e["outcome"], e["worker"]) for e in row.errors] == [
+        (1, "timeout", "local/w0"), (2, "timeout", "local/w0")]
+
+
+def test_cancel_while_running_leaves_nothing_dispatched(engine: Coordinator, procs: Processes) -> None:
+    procs.agent("w0")
+    online(engine.store, 1)
+    job = engine.store.create_job("sleep", [[0.2]] * 40)
+    wait_until(lambda: engine.store.progress(job).done >= 2)
+    engine.store.cancel_job(job)
+    time.sleep(1.0)  # the engine notices within a poll; give in-flight tasks time to finish
+
+    progress = engine.store.progress(job)
+    assert progress.state == "cancelled" and progress.pending == 0 and progress.assigned == 0
+    assert progress.done + progress.cancelled == 40
+    wait_until(lambda: len(engine.leases) == 0)
+    assert engine.store.db.execute_sql("SELECT count(*) FROM attempt WHERE outcome = 'open'").fetchone()[0] == 0
+
+
+def test_worker_ref_in_results_matches_presence(engine: Coordinator, procs: Processes) -> None:
+    procs.agent("w0")
+    [worker] = online(engine.store, 1)
+    assert (worker.volunteer, worker.name, worker.capacity) == ("local", "w0", 2)
+    assert "count_primes" in worker.functions and worker.seq > 0
+    assert WorkerRef.parse(worker.key) == WorkerRef("local", "w0")

@@ -1,0 +1,563 @@
+"""Unit tests of the engine's logic over the in-memory broker, driven one step at a time with
+a fake clock: dispatch, results, leases, death, purge, restart. A real SQLite file each time.
+
+The end-to-end behaviour over real brokers and real agents is in test_coordinator*.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+
+from broker.connection import Transport, Will
+from broker.memory import MemoryBroker
+from broker.messages import OfflineReason, Outcome, Presence, PresenceState, Result, Task, TaskError, decode_status
+from broker.topics import Topics, WorkerRef
+from coordinator import store as store_module
+from coordinator.service import Coordinator, CoordinatorSettings
+from coordinator.store import Attempt, Store, Worker
+
+pytestmark = pytest.mark.timeout(60)
+
+TOPICS = Topics()
+
+
+# --------------------------------------------------------------------------- helpers
+class FakeClock:
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def compute(function: str, args: list[Any]) -> Any:
+    if function == "add":
+        return args[0] + args[1]
+    if function == "sum":
+        return sum(args[0])
+    if function == "noop":
+        return None
+    raise KeyError(function)
+
+
+@dataclass
+class FakeAgent:
+    """A worker that speaks the protocol over any Transport: presence with seq and will,
+    tasks received, results answered at once (``auto``) or held until ``answer``."""
+
+    transport: Transport
+    worker: str
+    volunteer: str = "local"
+    capacity: int = 2
+    functions: tuple[str, ...] = ("add", "sum", "noop")
+    auto: bool = True
+    started: float = field(default_factory=time.time)
+    seq: int = 1
+    topics: Topics = TOPICS
+    received: list[Task] = field(default_factory=list)
+    held: list[Task] = field(default_factory=list)
+    answered: list[tuple[str, int]] = field(default_factory=list)
+    fail_with: Callable[[Task], TaskError | None] | None = None
+
+    def __post_init__(self) -> None:
+        self.ref = WorkerRef(self.volunteer, self.worker)
+        self._lock = threading.Lock()
+        self.transport.will_factory = lambda: Will(self.topics.presence(self.ref), self.presence("offline", "lost"))
+        self.transport.on_message = self._on_message
+        self.transport.on_connect = self.announce
+        self.transport.subscribe(self.topics.tasks(self.ref), 1)
+
+    def presence(self, state: str, reason: str | None = None) -> bytes:
+        return Presence(self.worker, self.volunteer, PresenceState(state), self.seq,
+                        OfflineReason(reason) if reason else None, host="test", version="0",
+                        cpus=2, capacity=self.capacity, functions=self.functions, started=self.started).encode()
+
+    def start(self, timeout: float = 10.0) -> "FakeAgent":
+        self.transport.start()
+        self.transport.wait_connected(timeout)
+        return self
+
+    def announce(self) -> None:
+        self.transport.publish(self.topics.presence(self.ref), self.presence("online"), qos=1, retain=True)
+
+    def shutdown(self) -> None:
+        self.transport.publish(self.topics.presence(self.ref), self.presence("offline", "shutdown"), qos=1, retain=True)
+        self.transport.close()
+
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        if topic != self.topics.tasks(self.ref):
+            return
+        task = Task.decode(payload)
+        with self._lock:
+            self.received.append(task)
+            if not self.auto:
+                self.held.append(task)
+                return
+        self.answer(task)
+
+    def answer(self, task: Task, outcome: Outcome = Outcome.OK, value: Any = ..., error: TaskError | None = None) -> None:
+        if value is ... and outcome is Outcome.OK:
+            failure = self.fail_with(task) if self.fail_with else None
+            if failure is not None:
+                outcome, error, value = Outcome.ERROR, failure, None
+            else:
+                value = compute(task.function, task.args)
+        self.send(Result(task.task_id, task.attempt, self.worker, self.volunteer, outcome,
+                         None if value is ... else value, error, 0.01).encode())
+        with self._lock:
+            self.answered.append((task.task_id, task.attempt))
+
+    def send(self, payload: bytes) -> None:
+        self.transport.publish(self.topics.results(self.ref), payload, qos=1)
+
+    def answer_held(self) -> int:
+        with self._lock:
+            held, self.held = self.held, []
+        for task in held:
+            self.answer(task)
+        return len(held)
+
+
+@dataclass
+class Rig:
+    broker: MemoryBroker
+    store: Store
+    coordinator: Coordinator
+    clock: FakeClock
+
+    def agent(self, name: str, **kwargs: Any) -> FakeAgent:
+        agent = FakeAgent(self.broker.connect(f"agent-{name}"), name, **kwargs).start()
+        return agent
+
+    def step(self, seconds: float = 0.0, times: int = 1) -> None:
+        for _ in range(times):
+            self.clock.advance(seconds)
+            self.coordinator.step()
+
+    def settle(self) -> None:
+        """Steps until nothing is left to do (answers of auto agents are synchronous)."""
+        for _ in range(200):
+            self.clock.advance(0.5)  # also passes the poll interval: new jobs are seen
+            self.coordinator.step()
+            if self.coordinator._inbox.empty() and not self.coordinator.dispatcher.has_work(
+                    self.coordinator.workers, self.coordinator.jobs, self.coordinator.leases):
+                return
+
+    def restart(self) -> "Rig":
+        """A new coordinator on the same store (the old one vanished: its will fires)."""
+        self.coordinator.transport.kill()  # type: ignore[attr-defined]
+        coordinator = Coordinator(self.store, self.broker.connect("coordinator-2"), TOPICS,
+                                  self.coordinator.settings, self.clock)
+        coordinator.open()
+        return Rig(self.broker, self.store, coordinator, self.clock)
+
+    def states(self, job: Any) -> dict[str, int]:
+        progress = self.store.progress(job)
+        return {s: getattr(progress, s) for s in ("pending", "assigned", "done", "failed", "cancelled")}
+
+
+@pytest.fixture
+def rig(tmp_path) -> Rig:
+    broker = MemoryBroker()
+    store = Store.open(str(tmp_path / "coordinator.db"))
+    clock = FakeClock()
+    settings = CoordinatorSettings(lease_margin=5, lease_check=1, purge_after=60, purge_check=1,
+                                   poll_interval=0.5, status_interval=0.5)
+    coordinator = Coordinator(store, broker.connect("coordinator"), TOPICS, settings, clock)
+    coordinator.open()
+    yield Rig(broker, store, coordinator, clock)
+    coordinator.close()
+    store.close()
+
+
+def snapshot(store: Store) -> list[tuple]:
+    """Everything the store knows about tasks, attempts and results."""
+    store.bind()
+    return [
+        *store.db.execute_sql("SELECT id, state, attempts FROM task ORDER BY id").fetchall(),
+        *store.db.execute_sql("SELECT id, task_id, number, worker_id, outcome FROM attempt ORDER BY id").fetchall(),
+        *store.db.execute_sql("SELECT task_id, attempt_id, worker_id, value FROM result ORDER BY id").fetchall(),
+        *store.db.execute_sql("SELECT key, state, tasks_done, tasks_failed FROM worker ORDER BY id").fetchall(),
+    ]
+
+
+# --------------------------------------------------------------------------- dispatch
+def test_round_robin_fills_each_worker_to_its_capacity_and_no_further(rig: Rig) -> None:
+    agents = [rig.agent(f"w{i}", auto=False) for i in range(3)]
+    job = rig.store.create_job("add", [[i, i] for i in range(10)])
+
+    rig.step(0.5, times=3)
+
+    assert [len(a.received) for a in agents] == [2, 2, 2]
+    assert rig.states(job) == {"pending": 4, "assigned": 6, "done": 0, "failed": 0, "cancelled": 0}
+
+    for agent in agents:
+        agent.answer_held()
+    rig.step(0.5, times=2)
+    assert sorted(len(a.received) for a in agents) == [3, 3, 4]
+    assert rig.states(job)["done"] == 6
+
+
+def test_all_tasks_done_spread_evenly_and_attributed(rig: Rig) -> None:
+    agents = [rig.agent(f"w{i}") for i in range(3)]
+    job = rig.store.create_job("add", [[i, 1] for i in range(300)])
+
+    rig.settle()
+
+    rows = list(rig.store.results(job))
+    assert [r.value for r in rows] == [i + 1 for i in range(300)]
+    assert all(r.state == "done" and r.attempts == 1 and r.errors == [] for r in rows)
+    per_worker = {a.ref.key: sum(r.worker == a.ref.key for r in rows) for a in agents}
+    assert sum(per_worker.values()) == 300
+    assert max(per_worker.values()) - min(per_worker.values()) <= 2, per_worker
+    assert rig.store.progress(job).state == "done"
+    assert {w.key: w.tasks_done for w in rig.store.workers()} == per_worker
+
+
+def test_task_message_is_the_protocol_task_byte_for_byte(rig: Rig) -> None:
+    agent = rig.agent("w1", auto=False)
+    job = rig.store.create_job("sum", [[[1, 2.5, "x", None, {"k": [True]}]]], timeout=12.5)
+    rig.step(0.5)
+
+    raw = [p for t, p, _ in rig.broker.published if t == TOPICS.tasks(agent.ref)][0]
+    task = agent.received[0]
+    assert task == Task(task.task_id, str(job.id), 1, "sum", [[1, 2.5, "x", None, {"k": [True]}]], 12.5)
+    assert raw == task.encode()
+
+
+def test_only_workers_offering_the_function_get_its_tasks(rig: Rig) -> None:
+    adder = rig.agent("adder", functions=("add",), auto=False)
+    summer = rig.agent("summer", functions=("sum",), auto=False)
+    rig.store.create_job("sum", [[[1, 2]]] * 5)
+    rig.step(0.5, times=2)
+    assert len(adder.received) == 0 and len(summer.received) == 2
+
+
+def test_new_submission_is_picked_up_without_restart(rig: Rig) -> None:
+    agent = rig.agent("w1")
+    rig.step(0.5)
+    job = rig.store.create_job("add", [[1, 2]])
+    rig.step(0.5, times=3)
+    assert [r.value for r in rig.store.results(job)] == [3]
+    assert agent.answered
+
+
+# --------------------------------------------------------------------------- results
+def test_duplicate_result_is_counted_and_changes_nothing(rig: Rig) -> None:
+    agent = rig.agent("w1")
+    job = rig.store.create_job("add", [[1, 2]])
+    rig.settle()
+    task = agent.received[0]
+    before = snapshot(rig.store)
+
+    agent.answer(task, value=999)
+    rig.step(0.5)
+
+    assert snapshot(rig.store) == before
+    assert [r.value for r in rig.store.results(job)] == [3]
+    assert rig.coordinator.rejections.counts["duplicate"] == 1
+
+
+def test_bad_results_are_rejected_counted_and_change_nothing(rig: Rig) -> None:
+    holder = rig.agent("holder", auto=False)
+    other = rig.agent("other", auto=False, functions=("noop",))
+    rig.store.create_job("add", [[1, 2]])
+    rig.step(0.5, times=2)
+    task = holder.received[0]
+    before = snapshot(rig.store)
+
+    # from a worker that never held that attempt
+    other.send(Result(task.task_id, task.attempt, "other", "local", Outcome.OK, 5).encode())
+    # for a task that does not exist, and an attempt that was never sent
+    holder.send(Result("987654", 1, "holder", "local", Outcome.OK, 5).encode())
+    holder.send(Result("not-a-number", 1, "holder", "local", Outcome.OK, 5).encode())
+    holder.send(Result(task.task_id, 7, "holder", "local", Outcome.OK, 5).encode())
+    # malformed in several ways
+    for junk in (b"", b"{", b"[1]", b'{"v":99}', json.dumps({"v": 1, "task_id": task.task_id}).encode(), b"\xff" * 10,
+                 b'{"v":1,"task_id":"1","attempt":1,"worker":"holder","volunteer":"local","outcome":"error"}'):
+        holder.send(junk)
+    # a payload naming another worker than its topic
+    holder.send(Result(task.task_id, task.attempt, "other", "local", Outcome.OK, 5).encode())
+    rig.step(0.5, times=2)
+
+    assert snapshot(rig.store) == before
+    assert rig.coordinator.rejections.snapshot() == {
+        "malformed": 7, "mismatch": 1, "unknown": 2, "foreign": 2, "duplicate": 0, "late": 0, "stale": 0}
+    # and the real answer still counts
+    holder.answer_held()
+    rig.step(0.5)
+    assert [r.value for r in rig.store.results(rig.store.jobs()[0])] == [3]
+
+
+def test_error_results_are_retried_then_fail_with_every_reason(rig: Rig) -> None:
+    agent = rig.agent("w1", fail_with=lambda t: TaskError("ValueError", f"bad {t.attempt}", "tb"))
+    job = rig.store.create_job("add", [[1, 2]], max_attempts=3)
+    rig.settle()
+
+    [row] = list(rig.store.results(job))
+    assert row.state == "failed" and row.attempts == 3
+    assert [(e["attempt"], e["outcome"], e["type"], e["message"]) for e in row.errors] == [
+        (1, "error", "ValueError", "bad 1"), (2, "error", "ValueError", "bad 2"), (3, "error", "ValueError", "bad 3")]
+    assert rig.store.progress(job).state == "done"
+
+    # retry gives a fresh budget; the running engine picks it up (the worker is healthy now)
+    assert rig.store.retry_failed(job) == 1
+    agent.fail_with = None
+    rig.settle()
+    [row] = list(rig.store.results(job))
+    assert row.state == "done" and row.value == 3 and row.attempts == 4 and len(row.errors) == 3
+
+
+# --------------------------------------------------------------------------- leases
+def test_expired_lease_returns_the_task_and_another_worker_finishes_it(rig: Rig) -> None:
+    hanger = rig.agent("hanger", auto=False, capacity=1)
+    job = rig.store.create_job("add", [[2, 2]], timeout=10)
+    rig.step(0.5)
+    assert len(hanger.received) == 1
+    helper = rig.agent("helper")
+
+    rig.step(14)  # timeout 10 + margin 5 not yet passed
+    assert rig.states(job)["assigned"] == 1 and not helper.received
+    rig.step(2)
+    rig.settle()
+
+    [row] = list(rig.store.results(job))
+    assert row.value == 4 and row.worker == "local/helper" and row.attempts == 2
+    assert [(e["worker"], e["outcome"], e["type"]) for e in row.errors] == [("local/hanger", "expired", "LeaseExpired")]
+
+
+def test_lease_expiry_counts_as_an_attempt_up_to_failure(rig: Rig) -> None:
+    rig.agent("hanger", auto=False)
+    job = rig.store.create_job("add", [[2, 2]], timeout=1, max_attempts=2)
+    for _ in range(6):
+        rig.step(7)
+    [row] = list(rig.store.results(job))
+    assert row.state == "failed" and [e["outcome"] for e in row.errors] == ["expired", "expired"]
+
+
+def test_late_result_after_expiry_is_accepted_and_supersedes_the_reissue(rig: Rig) -> None:
+    slow = rig.agent("slow", auto=False, capacity=1)
+    job = rig.store.create_job("add", [[2, 3]], timeout=1)
+    rig.step(0.5)
+    second = rig.agent("second", auto=False, capacity=1)
+    rig.step(7)  # expired: back to pending, and round-robin sends it to the next worker
+    assert len(second.received) == 1 and len(slow.received) == 1
+
+    slow.answer_held()  # attempt 1, late
+    rig.step(0.5)
+    second.answer_held()  # attempt 2, now superseded: a duplicate
+    rig.step(0.5)
+
+    [row] = list(rig.store.results(job))
+    assert (row.state, row.value, row.worker) == ("done", 5, "local/slow")
+    outcomes = [a.outcome for a in Attempt.select().order_by(Attempt.number)]
+    assert outcomes == ["ok", "superseded"]
+    assert rig.coordinator.rejections.counts["duplicate"] == 1
+    assert rig.coordinator.leases.count(rig.coordinator.workers.get("local/second").id) == 0
+
+
+# --------------------------------------------------------------------------- death
+def test_will_returns_in_flight_tasks_at_once_and_they_are_reissued(rig: Rig) -> None:
+    doomed = rig.agent("doomed", auto=False)
+    job = rig.store.create_job("add", [[i, 0] for i in range(2)], timeout=1000)
+    rig.step(0.5)
+    assert len(doomed.received) == 2
+    survivor = rig.agent("survivor")
+
+    doomed.transport.kill()  # type: ignore[attr-defined]
+    rig.step(0.1)
+    rig.settle()
+
+    rows = list(rig.store.results(job))
+    assert [(r.state, r.worker, r.attempts) for r in rows] == [("done", "local/survivor", 2)] * 2
+    assert all(e["outcome"] == "lost" for r in rows for e in r.errors)
+    worker = Worker.get(Worker.key == "local/doomed")
+    assert worker.state == "lost" and worker.lost_at == pytest.approx(rig.clock.now, abs=5)
+    assert survivor.answered
+
+
+def test_stale_will_after_a_quick_reconnect_is_ignored(rig: Rig) -> None:
+    agent = rig.agent("w1", auto=False)
+    rig.store.create_job("add", [[1, 1]] * 2, timeout=1000)
+    rig.step(0.5)
+    old_will = agent.presence("offline", "lost")  # seq 1
+
+    agent.seq = 2  # reconnected: same process, new connection
+    agent.announce()
+    rig.broker.deliver(TOPICS.presence(agent.ref), old_will, retain=True)  # the old will, late
+    rig.step(0.1)
+
+    slot = rig.coordinator.workers.get("local/w1")
+    assert slot.state == "online" and slot.seq == 2
+    assert rig.coordinator.leases.count(slot.id) == 2
+    assert rig.coordinator.rejections.counts["stale"] == 1
+    # the reconnection made the coordinator resend what the worker holds (it ignores dups)
+    assert len(agent.received) == 4 and {t.task_id for t in agent.received[2:]} == {t.task_id for t in agent.received[:2]}
+
+
+def test_restarted_agent_loses_what_the_old_process_held(rig: Rig) -> None:
+    agent = rig.agent("w1", auto=False)
+    job = rig.store.create_job("add", [[1, 1]], timeout=1000)
+    rig.step(0.5)
+    agent.seq, agent.started = 5, agent.started + 100
+    agent.auto = True
+    agent.announce()
+    rig.settle()
+    [row] = list(rig.store.results(job))
+    assert row.state == "done" and row.attempts == 2 and row.errors[0]["outcome"] == "lost"
+
+
+def test_shutdown_returns_what_was_held_and_marks_offline(rig: Rig) -> None:
+    agent = rig.agent("w1", auto=False)
+    rig.store.create_job("add", [[1, 1]], timeout=1000)
+    rig.step(0.5)
+    agent.shutdown()
+    rig.step(0.1)
+    assert Worker.get(Worker.key == "local/w1").state == "offline"
+    assert rig.states(rig.store.jobs()[0])["pending"] == 1
+
+
+def test_lost_worker_is_purged_after_the_grace_period_and_its_presence_cleared(rig: Rig) -> None:
+    agent = rig.agent("w1")
+    rig.step(0.5)
+    agent.transport.kill()  # type: ignore[attr-defined]
+    rig.step(0.5)
+    assert TOPICS.presence(agent.ref) in rig.broker.retained
+
+    rig.step(30)
+    assert Worker.get(Worker.key == "local/w1").state == "lost"
+    rig.step(31)
+
+    assert Worker.get(Worker.key == "local/w1").state == "purged"
+    assert TOPICS.presence(agent.ref) not in rig.broker.retained
+    assert TOPICS.status_worker(agent.ref) not in rig.broker.retained
+
+    # it comes back: the same worker row, online again
+    again = rig.agent("w1", seq=9)
+    rig.step(0.5)
+    rows = [w for w in rig.store.workers() if w.key == "local/w1"]
+    assert len(rows) == 1 and rows[0].state == "online" and rows[0].purged_at is None and again
+
+
+def test_a_purge_by_the_cli_while_serving_is_reflected_in_status(rig: Rig) -> None:
+    agent = rig.agent("w1")
+    rig.step(0.5)
+    agent.transport.kill()  # type: ignore[attr-defined]
+    rig.step(1)
+    assert decode_status(rig.broker.retained[TOPICS.status_worker(agent.ref)])["state"] == "lost"
+
+    assert [w.key for w in rig.store.purge_lost(0, rig.clock.now)] == ["local/w1"]  # `coordinator purge`
+    rig.step(1)
+
+    assert TOPICS.status_worker(agent.ref) not in rig.broker.retained
+    assert rig.coordinator.summary()["workers"]["purged"] == 1
+
+
+# --------------------------------------------------------------------------- restart, cancel
+def test_restarted_coordinator_keeps_leases_and_respects_capacity(rig: Rig) -> None:
+    agent = rig.agent("w1", auto=False)
+    job = rig.store.create_job("add", [[i, 1] for i in range(6)], timeout=1000)
+    rig.step(0.5)
+    assert len(agent.received) == 2
+
+    rig2 = rig.restart()
+    rig2.step(0.5, times=3)
+    # open attempts were rebuilt: nothing more is sent (capacity 2), the 2 held were resent
+    assert rig2.states(job)["assigned"] == 2
+    assert len({(t.task_id, t.attempt) for t in agent.received}) == 2
+
+    agent.auto = True
+    agent.answer_held()
+    rig2.settle()
+    rows = list(rig2.store.results(job))
+    assert [r.value for r in rows] == [i + 1 for i in range(6)] and all(r.attempts == 1 for r in rows)
+    assert Worker.get(Worker.key == "local/w1").tasks_done == 6
+    rig2.coordinator.close()
+
+
+def test_cancel_stops_dispatch_and_answers_only_free_capacity(rig: Rig) -> None:
+    agent = rig.agent("w1", auto=False)
+    job = rig.store.create_job("add", [[1, 1]] * 5)
+    rig.step(0.5)
+    assert rig.store.cancel_job(job) == 5
+    rig.step(0.5)
+    agent.answer_held()
+    rig.step(0.5, times=3)
+    assert len(agent.received) == 2
+    assert rig.states(job) == {"pending": 0, "assigned": 0, "done": 0, "failed": 0, "cancelled": 5}
+    assert rig.coordinator.leases.count(rig.coordinator.workers.get("local/w1").id) == 0
+
+
+def test_a_database_outage_loses_no_result(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(store_module, "SQLITE_BUSY_TIMEOUT_MS", 100)
+    db = str(tmp_path / "locked.db")
+    broker, clock = MemoryBroker(), FakeClock()
+    store = Store.open(db)
+    coordinator = Coordinator(store, broker.connect("coordinator"), TOPICS, CoordinatorSettings(), clock)
+    coordinator.open()
+    rig = Rig(broker, store, coordinator, clock)
+    agent = rig.agent("w1", auto=False)
+    job = store.create_job("add", [[1, 2], [3, 4]])
+    rig.step(0.5, times=2)
+    assert len(agent.held) == 2
+
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # someone holds the write lock too long
+    agent.answer_held()
+    rig.step(0.1)  # the batch with both results fails and is dropped
+    assert "database error, 2 message(s) dropped" in caplog.text
+    other.execute("COMMIT")
+    other.close()
+    agent.auto = True  # it answers what it is sent again
+    rig.settle()
+
+    assert [(r.value, r.attempts) for r in store.results(job)] == [(3, 1), (7, 1)]
+    assert Worker.get(Worker.key == "local/w1").tasks_done == 2
+    coordinator.close()
+
+
+# --------------------------------------------------------------------------- status
+def test_status_topics_are_retained_and_describe_progress(rig: Rig) -> None:
+    agent = rig.agent("w1")
+    job = rig.store.create_job("add", [[1, 1]] * 4, name="four")
+    rig.settle()
+    rig.step(1)
+
+    summary = decode_status(rig.broker.retained[TOPICS.status_summary])
+    assert summary["workers"]["online"] == 1 and summary["capacity"] == 2
+    assert summary["tasks"] == {"pending": 0, "assigned": 0, "done": 4, "failed": 0, "cancelled": 0}
+    assert summary["jobs"]["done"] == 1 and summary["rate"] > 0
+    assert set(summary["rejected"]) == {"malformed", "mismatch", "unknown", "foreign", "duplicate", "late", "stale"}
+    job_status = decode_status(rig.broker.retained[TOPICS.status_job(str(job.id))])
+    assert (job_status["name"], job_status["state"], job_status["done"], job_status["total"]) == ("four", "done", 4, 4)
+    worker_status = decode_status(rig.broker.retained[TOPICS.status_worker(agent.ref)])
+    assert (worker_status["state"], worker_status["done"], worker_status["in_flight"]) == ("online", 4, 0)
+    coordinator = decode_status(rig.broker.retained[TOPICS.coordinator_presence])
+    assert coordinator["state"] == "online"
+
+
+def test_status_is_published_at_most_every_interval(rig: Rig) -> None:
+    rig.agent("w1")
+    rig.store.create_job("add", [[1, 1]] * 50)
+    rig.step(0.5)
+    before = sum(t == TOPICS.status_summary for t, _, _ in rig.broker.published)
+    for _ in range(20):
+        rig.step(0.01)  # 20 steps within 0.2 s, each finishing tasks
+    after = sum(t == TOPICS.status_summary for t, _, _ in rig.broker.published)
+    assert after - before <= 1
+
+
+def test_coordinator_says_goodbye_on_close(rig: Rig) -> None:
+    rig.coordinator.close()
+    assert decode_status(rig.broker.retained[TOPICS.coordinator_presence])["reason"] == "shutdown"
