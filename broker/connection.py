@@ -141,9 +141,11 @@ class MqttConnection(Transport):
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
             protocol=mqtt.MQTTv311,
         )
-        # Let paho keep every accepted message in flight; our own bound (max_unacked) is lower
-        # and blocks the publisher instead of dropping.
-        self._client.max_inflight_messages_set(max_unacked)
+        # 0 = no paho in-flight limit: our own bound (max_unacked) blocks the publisher instead.
+        # With any limit > 0, paho walks every unacknowledged message on each PUBACK
+        # (Client._update_inflight): with 1,000 workers that walk was ~30 % of the coordinator's
+        # time and halved its throughput (bench/, scale mode).
+        self._client.max_inflight_messages_set(0)
         self._client.max_queued_messages_set(0)
         if settings.username:
             self._client.username_pw_set(settings.username, settings.password)
@@ -171,6 +173,11 @@ class MqttConnection(Transport):
         if self._thread is not None:
             return
         self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.client_id}", daemon=True)
+        # When paho believes no loop thread exists (Client._thread is None) it writes to the
+        # socket from whichever thread calls publish(), racing this network thread: packets
+        # were seen reordered, and a partial write could interleave two packets. Naming our
+        # thread makes publish() only queue the packet and wake the loop, which does every write.
+        self._client._thread = self._thread
         self._thread.start()
 
     def wait_connected(self, timeout: float) -> None:
@@ -229,6 +236,7 @@ class MqttConnection(Transport):
         with self._acked:
             self._acked.notify_all()
         try:
+            # Queued: the network thread writes the DISCONNECT, then paho closes the socket.
             self._client.disconnect()
         except Exception:  # noqa: BLE001 - already gone is fine when closing
             pass
@@ -260,11 +268,17 @@ class MqttConnection(Transport):
                 else:
                     self._client.reconnect()
                 self._set_nodelay()
-                while not self._stopping.is_set():
+                stop_since: float | None = None
+                while True:
                     rc = self._client.loop(timeout=0.2)
                     if rc != mqtt.MQTT_ERR_SUCCESS:
-                        break
-                    if self._connected.is_set():
+                        break  # includes the socket paho closes after writing our DISCONNECT
+                    if self._stopping.is_set():
+                        # Keep looping until close()'s DISCONNECT is written; give up if it can't be.
+                        stop_since = stop_since if stop_since is not None else time.monotonic()
+                        if time.monotonic() - stop_since > 2.0:
+                            break
+                    elif self._connected.is_set():
                         delays = self._backoff()
             except Exception as exc:  # noqa: BLE001 - any failure means: wait, then reconnect
                 self._last_error = describe_connect_error(exc)
@@ -310,7 +324,10 @@ class MqttConnection(Transport):
         if self._stopping.is_set():
             return
         reason = f"connection lost ({reason_code})"
-        self._last_error = reason
+        # A refused CONNACK is followed by this callback ("Unspecified error"): keep the refusal,
+        # it is what the user must fix (e.g. the password).
+        if was_connected or not self._last_error.startswith("the broker refused"):
+            self._last_error = reason
         if was_connected:
             log.warning("%s from %s; reconnecting", reason, self.settings.url)
         if self.on_disconnect is not None:

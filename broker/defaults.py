@@ -38,3 +38,24 @@ MAX_UNACKED_PUBLISHES = 2000
 
 # Environment variable holding the broker URL for every CLI.
 BROKER_URL_ENV = "DOCKERCOMP_BROKER"
+
+# --- Running in public: accounts, ACL and TLS files (coordinator volunteers / certs) ------
+
+# Directory holding passwd, acl, accounts.json and certs/; docker-compose mounts it into the
+# broker at /mosquitto/security/ (the paths mosquitto.conf names).
+BROKER_CONFIG_DIR = "broker-config"
+
+# Environment variable overriding BROKER_CONFIG_DIR for `coordinator volunteers` / `certs`.
+BROKER_CONFIG_ENV = "DOCKERCOMP_BROKER_CONFIG"
+
+# Environment variables telling `coordinator volunteers` how to make the broker reload its
+# files: a pid file to SIGHUP, or a command to run (e.g. "docker compose kill -s HUP mosquitto").
+BROKER_PID_FILE_ENV = "DOCKERCOMP_BROKER_PID_FILE"
+BROKER_RELOAD_ENV = "DOCKERCOMP_BROKER_RELOAD"
+
+# Account name of the coordinator (a reserved name: no volunteer may take it).
+COORDINATOR_ACCOUNT = "coordinator"
+
+# Validity of the private CA and of the broker's server certificate, in days.
+CA_DAYS = 3650
+SERVER_CERT_DAYS = 825

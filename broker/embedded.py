@@ -30,6 +30,12 @@ amqtt 0.12 quirks, found in its source; [seen] = reproduced here with paho clien
   real MQTT client, not a bare connect.
 - [seen] On shutdown the wills of still-connected clients are queued, then discarded with a
   warning "N messages not broadcasted": subscribers never see them.
+
+Access control: with a ``Guard`` (``broker serve --password-file F --acl-file F``) the broker
+checks the same Mosquitto password and ACL files as production, through the plugins in
+broker/amqtt_security.py, and ``SecureBroker`` closes three amqtt gaps (retained messages
+sent without an ACL check, a session deleted before its replacement authenticates, client-id
+takeover across accounts); that module lists what still differs from Mosquitto.
 """
 
 from __future__ import annotations
@@ -45,6 +51,11 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from amqtt.broker import Broker
+from amqtt.contexts import Action
+from amqtt.session import Session
+
+from broker.amqtt_security import AclTopicPlugin, Guard, PasswordAuthPlugin
+from broker.errors import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +101,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def broker_config(host: str, port: int, *, verbosity: int = 0) -> dict[str, Any]:
-    """amqtt configuration: one TCP listener on host:port, anonymous clients allowed."""
-    plugins: dict[str, Any] = {
+def _plugin_path(plugin: type) -> str:
+    return f"{plugin.__module__}.{plugin.__qualname__}"
+
+
+def broker_config(host: str, port: int, *, verbosity: int = 0, guard_key: str | None = None) -> dict[str, Any]:
+    """amqtt configuration: one TCP listener on host:port; anonymous clients allowed, unless
+    ``guard_key`` names a registered Guard (password file + ACL)."""
+    plugins: dict[str, Any]
+    if guard_key is None:
         # Without an auth plugin that answers True, amqtt refuses every client.
-        "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
-    }
+        plugins = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+    else:
+        plugins = {
+            _plugin_path(PasswordAuthPlugin): {"guard": guard_key},
+            _plugin_path(AclTopicPlugin): {"guard": guard_key},
+        }
     if verbosity >= 1:
         plugins["amqtt.plugins.logging_amqtt.EventLoggerPlugin"] = {}
     if verbosity >= 2:
@@ -130,17 +151,97 @@ def _bind_error(exc: BaseException, host: str, port: int) -> EmbeddedBrokerError
     return EmbeddedBrokerError(f"cannot start on {host}:{port}: {cause}", host=host, port=port)
 
 
+class SecureBroker(Broker):
+    """amqtt's Broker with the access-control gaps of amqtt 0.12 closed (private methods
+    overridden: amqtt is pinned below 0.13 in setup.cfg for this reason too)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending_deletes: set[str] = set()
+
+    async def _delete_session(self, client_id: str) -> None:
+        # Called for a clean-session CONNECT before it is authenticated: postpone until it is.
+        self._pending_deletes.add(client_id)
+
+    async def _handle_client_session(self, reader: Any, writer: Any, client_session: Session,
+                                     handler: Any, server: Any, listener_name: str) -> None:
+        client_id = client_session.client_id or ""
+        pending = client_id in self._pending_deletes
+        self._pending_deletes.discard(client_id)
+        refuse = not await self._authenticate(client_session, self.listeners_config[listener_name])
+        current = self._sessions.get(client_id, (None, None))[0]
+        if not refuse and current is not None and current.transitions.is_connected() \
+                and current.username != client_session.username:
+            log.warning("refused client %r (user %r): that client id is connected as user %r",
+                        client_id, client_session.username, current.username)
+            refuse = True
+        if refuse:
+            # Answer and close without touching the session table: the connected client with
+            # that id keeps its session and subscriptions.
+            handler.attach(client_session, reader, writer)
+            await handler.mqtt_connack_authorize(False)
+            await writer.close()
+            return
+        if pending:
+            await Broker._delete_session(self, client_id)
+        await super()._handle_client_session(reader, writer, client_session, handler, server, listener_name)
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
+                                                          session: Session) -> None:
+        # amqtt sends retained messages without asking the topic plugins; ask them first.
+        topic_filter, qos = subscription
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        sends = []
+        for topic, retained in list(self._retained_messages.items()):
+            if self._matches(topic, topic_filter) and await self._topic_filtering(session, topic, Action.RECEIVE):
+                sends.append(asyncio.ensure_future(
+                    handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)))
+        if sends:
+            await asyncio.wait(sends)
+
+    async def disconnect_revoked(self, guard: Guard) -> int:
+        """Closes the connection of every client the guard no longer lets in; returns how many.
+        Their wills fire, as for any lost connection."""
+        closed = 0
+        for client_id, (session, handler) in list(self._sessions.items()):
+            if not session.transitions.is_connected() or handler is None or handler.writer is None:
+                continue
+            if session.username is None and guard.allow_anonymous:
+                continue
+            if not guard.check_password(session.username, _password(session)):
+                log.warning("disconnecting client %r: account %r was removed or its password changed",
+                            client_id, session.username)
+                await handler.writer.close()
+                closed += 1
+        return closed
+
+
+def _password(session: Session) -> str | None:
+    value = session.password
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
+
+
 class EmbeddedBroker:
     """amqtt in a background thread with its own event loop.
 
     >>> with EmbeddedBroker() as b:   # port=0: a free port is picked
     ...     connect_to(b.url)         # "mqtt://127.0.0.1:PORT"
+
+    With ``guard`` (broker.amqtt_security.Guard) it enforces a Mosquitto password file and
+    ACL; ``reload()`` rereads them and disconnects revoked accounts.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, verbosity: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, verbosity: int = 0,
+                 guard: Guard | None = None) -> None:
         self.host = host
         self._requested_port = port
         self.verbosity = verbosity
+        self.guard = guard
+        self._broker: Broker | None = None
         self._port: int | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -202,6 +303,21 @@ class EmbeddedBroker:
             log.warning("amqtt did not stop within %.0f s; abandoning its thread", STOP_TIMEOUT)
         self._thread = None
         self._port = None
+        if self.guard is not None:
+            self.guard.unregister()
+
+    def reload(self, timeout: float = STOP_TIMEOUT) -> int:
+        """Rereads the password and ACL files, then disconnects clients whose account is gone
+        or whose password changed; returns how many. SettingsError if a file is unreadable
+        (the previous policy stays in force)."""
+        if self.guard is None:
+            raise SettingsError("this broker runs without a password file: nothing to reload")
+        self.guard.reload()
+        loop, broker = self._loop, self._broker
+        if loop is None or not isinstance(broker, SecureBroker) or loop.is_closed():
+            return 0
+        future = asyncio.run_coroutine_threadsafe(broker.disconnect_revoked(self.guard), loop)
+        return future.result(timeout)
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
@@ -232,10 +348,12 @@ class EmbeddedBroker:
     async def _serve(self) -> None:
         self._stop_requested = asyncio.Event()
         broker = await self._start_broker()
+        self._broker = broker
         self._started.set()
         try:
             await self._stop_requested.wait()
         finally:
+            self._broker = None
             await broker.shutdown()
 
     async def _start_broker(self) -> Broker:
@@ -244,10 +362,13 @@ class EmbeddedBroker:
         amqtt_log = logging.getLogger("amqtt.broker")
         quiet = _DropStartupTraceback()
         amqtt_log.addFilter(quiet)
+        guard_key = self.guard.register() if self.guard is not None else None
         try:
             for attempt in range(attempts):
                 port = self._requested_port or free_port(self.host)
-                broker = Broker(broker_config(self.host, port, verbosity=self.verbosity))
+                # Without a guard, amqtt exactly as it comes (the anonymous test broker).
+                broker_class = SecureBroker if guard_key is not None else Broker
+                broker = broker_class(broker_config(self.host, port, verbosity=self.verbosity, guard_key=guard_key))
                 try:
                     await broker.start()
                 except Exception as exc:
@@ -278,14 +399,18 @@ def serve_forever(
     port: int,
     *,
     verbosity: int = 0,
+    guard: Guard | None = None,
     on_ready: Callable[[EmbeddedBroker], None] | None = None,
 ) -> None:
     """Runs the broker until SIGINT/SIGTERM. Must run in the main thread (signal handlers).
 
     The first signal stops cleanly (clients disconnected, listener closed); a second one
-    while stopping exits at once. Raises EmbeddedBrokerError if it cannot start.
+    while stopping exits at once. With a ``guard``, SIGHUP rereads the password and ACL files
+    and disconnects removed accounts, as Mosquitto does. Raises EmbeddedBrokerError if it
+    cannot start.
     """
     stop_requested = threading.Event()
+    reload_requested = threading.Event()
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
         # Handlers only set a flag; the loop below does the work.
@@ -293,16 +418,37 @@ def serve_forever(
             raise SystemExit(128 + signum)
         stop_requested.set()
 
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    def request_reload(signum: int, frame: FrameType | None) -> None:
+        reload_requested.set()
+
+    handlers = {signal.SIGINT: request_stop, signal.SIGTERM: request_stop, signal.SIGHUP: request_reload}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     try:
-        with EmbeddedBroker(host, port, verbosity=verbosity) as embedded:
+        with EmbeddedBroker(host, port, verbosity=verbosity, guard=guard) as embedded:
             if on_ready is not None:
                 on_ready(embedded)
             while not stop_requested.is_set() and embedded.running:
                 # A timeout, not a bare wait(): the signal handler must get a chance to run.
                 stop_requested.wait(_POLL_INTERVAL)
+                if reload_requested.is_set():
+                    reload_requested.clear()
+                    _reload(embedded)
             if not embedded.running and not stop_requested.is_set():
                 raise EmbeddedBrokerError("amqtt stopped unexpectedly", host=host, port=port)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _reload(embedded: EmbeddedBroker) -> None:
+    """SIGHUP: a bad file must not stop a running broker, so errors are logged, not raised."""
+    if embedded.guard is None:
+        log.warning("SIGHUP ignored: this broker runs without --password-file")
+        return
+    try:
+        closed = embedded.reload()
+    except SettingsError as exc:
+        log.error("reload failed, keeping the previous accounts and ACL: %s", exc)
+        return
+    log.warning("reloaded %s and %s; disconnected %d client(s) of removed accounts",
+                embedded.guard.password_file, embedded.guard.acl_file or "(no ACL file)", closed)

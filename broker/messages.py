@@ -110,6 +110,9 @@ class _Fields:
             raise self.fail(f"field {name!r} must be {_type_names(types)}, got {type(value).__name__}")
         if isinstance(value, float) and not math.isfinite(value):
             raise self.fail(f"field {name!r} must be finite")
+        # A 400-digit integer is valid JSON, but overflows float() and every database column.
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise self.fail(f"field {name!r} is out of range")
         if check is not None:
             problem = check(value)
             if problem:

@@ -49,8 +49,9 @@ def new_password() -> str:
 class PasswordFile:
     """Read, change and atomically rewrite a Mosquitto password file."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, mode: int = 0o640) -> None:
         self.path = Path(path)
+        self.mode = mode  # permissions of the rewritten file
 
     def read(self) -> dict[str, str]:
         entries: dict[str, str] = {}
@@ -68,7 +69,7 @@ class PasswordFile:
 
     def write(self, entries: dict[str, str]) -> None:
         text = "".join(f"{user}:{encoded}\n" for user, encoded in sorted(entries.items()))
-        atomic_write(self.path, text, mode=0o640)
+        atomic_write(self.path, text, mode=self.mode)
 
     def set(self, user: str, password: str) -> None:
         validate_name(user, "user name")

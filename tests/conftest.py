@@ -29,6 +29,9 @@ from tests.support.postgres import PostgresServer, find_bindir  # noqa: E402
 
 BROKER_KINDS = ["mosquitto", "amqtt"]
 
+# secure_mosquitto / secure_amqtt / secure_broker: the shipped access policy (accounts, ACL, TLS).
+pytest_plugins = ("tests.support.security",)
+
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(

@@ -1,0 +1,364 @@
+"""Running in public: accounts, per-volunteer ACLs, revocation and TLS, on real brokers.
+
+Mosquitto runs the shipped mosquitto.conf policy unchanged (only paths and ports moved) and
+amqtt runs `broker serve --password-file --acl-file` on the same generated files; the
+accounts and certificates are made by `coordinator volunteers` / `coordinator certs`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from broker.acl import Access, Acl, Role, render_acl
+from broker.connection import MqttConnection, Will
+from broker.messages import OfflineReason, Outcome, Presence, PresenceState, Result, Task
+from broker.passwords import PasswordFile
+from broker.settings import BrokerSettings
+from broker.topics import Topics, WorkerRef
+from coordinator.certs import certificate_hosts
+from coordinator.certs import certs as certs_cli
+from coordinator.service import Coordinator, CoordinatorSettings
+from coordinator.store import TaskState
+from coordinator.volunteers import Accounts, Credentials, Reloader
+from coordinator.volunteers import volunteers as volunteers_cli
+from tests.support import require, wait_until
+from tests.support.brokers import MOSQUITTO_CONF, MosquittoProcess, find_mosquitto
+from tests.support.security import (
+    SecureBroker,
+    connected,
+    make_config,
+    prove_subscribed,
+    refusal,
+)
+
+pytestmark = pytest.mark.timeout(60)
+TOPICS = Topics()
+FAST = CoordinatorSettings(lease_margin=30, lease_check=0.2, poll_interval=0.1, status_interval=0.2,
+                           connect_timeout=10)
+
+
+# --------------------------------------------------------------------------- who gets in
+def test_anonymous_client_is_refused(secure_broker: SecureBroker) -> None:
+    assert "Not authorized" in refusal(secure_broker.url())
+
+
+def test_wrong_password_is_refused(secure_broker: SecureBroker) -> None:
+    alice = secure_broker.add("alice")
+    assert "Not authorized" in refusal(secure_broker.url(alice, password="guess"))
+    assert refusal(secure_broker.url(alice)) == ""
+
+
+def test_revoked_volunteer_is_disconnected_and_cannot_come_back(secure_broker: SecureBroker) -> None:
+    alice = secure_broker.add("alice")
+    bob = secure_broker.add("bob")
+    alice_ref = WorkerRef("alice", "w1")
+    online = Presence(worker="w1", volunteer="alice", state=PresenceState.ONLINE, seq=7, capacity=2)
+    with connected(secure_broker.url(secure_broker.coordinator), "coord", TOPICS.all_presence) as coord, \
+            connected(secure_broker.url(alice), "alice/w1") as worker, \
+            connected(secure_broker.url(bob), "bob/w1") as bystander:
+        worker.connection.publish(TOPICS.presence(alice_ref), online.encode(), retain=True)
+        coord.wait_for(TOPICS.presence(alice_ref))
+        coord.received.clear()
+
+        # When: the scientist revokes alice with the CLI, which makes the broker reload.
+        result = CliRunner().invoke(volunteers_cli, [
+            "remove", "alice", "--dir", str(secure_broker.accounts.directory),
+            "--pid-file", str(secure_broker.reloader.pid_file),
+            "--broker", secure_broker.url(secure_broker.coordinator), "--json"])
+        assert result.exit_code == 0, result.output
+        outcome = json.loads(result.stdout)
+        assert outcome["reloaded"].startswith("sent SIGHUP") and outcome["marked_lost"] == ["alice/w1"]
+
+        # Then: her worker is cut off at once, and its reconnection attempts are refused ...
+        wait_until(lambda: not worker.connection.connected, timeout=10)
+        wait_until(lambda: "Not authorized" in worker.connection.last_error, timeout=10)
+        assert "Not authorized" in refusal(secure_broker.url(alice))
+        # ... the coordinator learns it is gone, as from its will (same seq, reason lost) ...
+        gone = Presence.decode(coord.wait_for(TOPICS.presence(alice_ref)))
+        assert (gone.state, gone.reason, gone.seq) == (PresenceState.OFFLINE, OfflineReason.LOST, 7)
+        # ... and other volunteers are untouched.
+        assert bystander.connection.connected
+    assert "alice" not in [a.name for a in secure_broker.accounts.all()]
+
+
+def test_observer_reads_status_only(secure_broker: SecureBroker) -> None:
+    coordinator = secure_broker.coordinator
+    watcher = secure_broker.add("dashboard", Role.OBSERVER)
+    bob_ref = WorkerRef("bob", "w1")
+    with connected(secure_broker.url(coordinator), "coord") as coord, \
+            connected(secure_broker.url(watcher), "dash", "dockercomp/#") as dash:
+        prove_subscribed(coord, dash, TOPICS.status_summary)
+        coord.connection.publish(TOPICS.presence(bob_ref), b"presence", retain=True)
+        coord.connection.publish(TOPICS.tasks(bob_ref), b"task")
+        # An observer cannot write status either, nor register a worker of its own.
+        dash.connection.publish(TOPICS.status_summary, b"forged status")
+        dash.connection.publish(TOPICS.presence(WorkerRef("dashboard", "x")), b"forged presence")
+        coord.connection.publish(TOPICS.status_job("1"), b"job status")
+        dash.wait_for(TOPICS.status_job("1"))
+    assert set(dash.topics()) == {TOPICS.status_summary, TOPICS.status_job("1")}
+    assert b"forged status" not in [p for _, p in dash.received]
+
+
+# --------------------------------------------------------------------------- ACL between volunteers
+def test_a_worker_cannot_receive_another_volunteers_tasks(secure_broker: SecureBroker) -> None:
+    alice, bob = secure_broker.add("alice"), secure_broker.add("bob")
+    alice_ref, bob_ref = WorkerRef("alice", "w1"), WorkerRef("bob", "w1")
+    with connected(secure_broker.url(secure_broker.coordinator), "coord") as coord, \
+            connected(secure_broker.url(bob), "bob/w1", TOPICS.tasks(bob_ref)) as bob_worker, \
+            connected(secure_broker.url(alice), "alice/w1", TOPICS.tasks(bob_ref), "dockercomp/#",
+                      TOPICS.tasks(alice_ref)) as snoop:
+        # Her subscriptions to bob's tasks and to everything were accepted (Mosquitto grants
+        # them and filters each delivery); her own task topic proves they are all active.
+        prove_subscribed(coord, snoop, TOPICS.tasks(alice_ref))
+        coord.connection.publish(TOPICS.tasks(bob_ref), b"bob's task")
+        coord.connection.publish(TOPICS.tasks(alice_ref), b"after bob's")
+        bob_worker.wait_for(TOPICS.tasks(bob_ref))
+        wait_until(lambda: snoop.topics().count(TOPICS.tasks(alice_ref)) >= 2 and
+                   any(p == b"after bob's" for _, p in snoop.received))
+        time.sleep(0.2)  # amqtt delivers to each subscriber in its own task: let stragglers land
+    assert TOPICS.tasks(bob_ref) not in snoop.topics()
+    assert all(payload != b"bob's task" for _, payload in snoop.received)
+
+
+def _presence(ref: WorkerRef) -> bytes:
+    return Presence(worker=ref.worker, volunteer=ref.volunteer, state=PresenceState.ONLINE, seq=1,
+                    capacity=1, functions=("add",)).encode()
+
+
+def _result(ref: WorkerRef, task: Task, value: object) -> bytes:
+    return Result(task_id=task.task_id, attempt=task.attempt, worker=ref.worker, volunteer=ref.volunteer,
+                  outcome=Outcome.OK, value=value).encode()
+
+
+def test_forged_results_on_another_workers_topic_never_reach_the_store(
+        secure_broker: SecureBroker, tmp_path: Path) -> None:
+    # Given: a coordinator, and bob's worker holding a task whose ids the attacker knows.
+    alice, bob = secure_broker.add("alice"), secure_broker.add("bob")
+    bob_ref = WorkerRef("bob", "w1")
+    engine = Coordinator.connect(secure_broker.url(secure_broker.coordinator), str(tmp_path / "c.db"), FAST).start()
+    will_carrier = MqttConnection(BrokerSettings.from_url(secure_broker.url(alice)), "alice/w2")
+    try:
+        with connected(secure_broker.url(bob), "bob/w1", TOPICS.tasks(bob_ref)) as bob_worker:
+            bob_worker.connection.publish(TOPICS.presence(bob_ref), _presence(bob_ref), retain=True)
+            job = engine.store.create_job("add", [[20, 22]])
+            task = Task.decode(bob_worker.wait_for(TOPICS.tasks(bob_ref)))
+
+            # When: alice forges bob's result three ways: on his topic, through a will on his
+            # topic, and on her own topic naming him.
+            forged = _result(bob_ref, task, "forged")
+            with connected(secure_broker.url(alice), "alice/w1") as mallory:
+                mallory.connection.publish(TOPICS.results(bob_ref), forged)
+                mallory.connection.publish(TOPICS.results(WorkerRef("alice", "w1")), forged)
+                assert mallory.connection.flush(5)
+            will_carrier.will_factory = lambda: Will(TOPICS.results(bob_ref), forged, qos=1, retain=False)
+            will_carrier.start()
+            will_carrier.wait_connected(10)
+            will_carrier.drop()  # no DISCONNECT: the broker would publish the will
+
+            # Then: the only message that reached the engine is the one on alice's own topic,
+            # rejected as naming someone else; the task still waits for bob.
+            wait_until(lambda: engine.rejections.counts["mismatch"] == 1)
+            time.sleep(0.5)  # room for a forged result that should not exist to arrive
+            assert sum(engine.rejections.counts.values()) == 1
+            assert engine.store.progress(job).done == 0
+
+            # And bob's genuine answer is accepted.
+            bob_worker.connection.publish(TOPICS.results(bob_ref), _result(bob_ref, task, 42))
+            wait_until(lambda: engine.store.progress(job).done == 1)
+        [row] = list(engine.store.results(job))
+        assert (row.value, row.worker, row.state) == (42, "bob/w1", TaskState.DONE.value)
+    finally:
+        will_carrier.close(timeout=1)
+        engine.stop()
+
+
+# --------------------------------------------------------------------------- TLS
+def test_tls_with_the_generated_ca_succeeds_and_without_it_fails_verification(
+        secure_mosquitto: SecureBroker) -> None:
+    alice = secure_mosquitto.add("alice")
+    assert refusal(secure_mosquitto.tls_url(alice)) == ""
+    assert refusal(secure_mosquitto.tls_url(alice, host="localhost")) == ""
+    # The system trust store does not know our private CA.
+    reason = refusal(secure_mosquitto.tls_url(alice, ca=False))
+    assert "certificate not trusted" in reason and "?ca=" in reason
+
+
+def test_tls_checks_the_host_name_against_the_certificate(secure_mosquitto: SecureBroker, tmp_path: Path) -> None:
+    # Given: a certificate issued for another name only, signed by the CA the client trusts.
+    alice = secure_mosquitto.add("alice")
+    runner = CliRunner()
+    result = runner.invoke(certs_cli, ["init", "--dir", str(secure_mosquitto.accounts.directory),
+                                       "--host", "broker.example.org", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["ca_created"] is False  # volunteers keep their ca.crt
+    secure_mosquitto.process.stop()
+    secure_mosquitto.process.start()
+    assert certificate_hosts(secure_mosquitto.certs.server_cert) == ["broker.example.org"]
+    # Then: reaching it as 127.0.0.1 fails, although the chain is trusted.
+    assert "certificate not trusted" in refusal(secure_mosquitto.tls_url(alice))
+
+
+def test_the_plain_listener_of_the_shipped_config_needs_an_account_too(secure_mosquitto: SecureBroker) -> None:
+    # per_listener_settings is false: the policy covers 1883 as well as 8883.
+    assert "Not authorized" in refusal(secure_mosquitto.url())
+    assert "Not authorized" in refusal(secure_mosquitto.tls_url(secure_mosquitto.coordinator).replace(
+        secure_mosquitto.coordinator.password, "wrong"))
+
+
+# --------------------------------------------------------------------------- optional anonymous status
+@pytest.fixture
+def mosquitto_with_public_status(tmp_path: Path) -> Iterator[tuple[MosquittoProcess, Credentials]]:
+    """The shipped config with the one change its comment offers: allow_anonymous true."""
+    binary = find_mosquitto()
+    require(binary, "the mosquitto binary", "apt-get install mosquitto (or run `make system`)")
+    conf = tmp_path / "public-status.conf"
+    text = MOSQUITTO_CONF.read_text()
+    assert re.search(r"(?m)^allow_anonymous false$", text)
+    conf.write_text(re.sub(r"(?m)^allow_anonymous false$", "allow_anonymous true", text))
+    accounts, coordinator = make_config(tmp_path / "broker-config")
+    broker = MosquittoProcess(tmp_path / "broker", binary=binary, source_conf=conf, security_dir=accounts.directory)
+    broker.start()
+    try:
+        yield broker, coordinator
+    finally:
+        broker.stop()
+
+
+def test_anonymous_clients_if_allowed_only_read_status(
+        mosquitto_with_public_status: tuple[MosquittoProcess, Credentials]) -> None:
+    broker, coordinator = mosquitto_with_public_status
+    ref = WorkerRef("bob", "w1")
+    coordinator_url = BrokerSettings(host=broker.host, port=broker.port, username=coordinator.name,
+                                     password=coordinator.password).full_url
+    with connected(coordinator_url, "coord", TOPICS.all_results, TOPICS.all_presence) as coord, \
+            connected(broker.url, "", "dockercomp/#") as anonymous:
+        prove_subscribed(coord, anonymous, TOPICS.status_summary)
+        coord.connection.publish(TOPICS.tasks(ref), b"task")
+        coord.connection.publish(TOPICS.presence(ref), b"presence")
+        anonymous.connection.publish(TOPICS.results(ref), b"anonymous result")
+        anonymous.connection.publish(TOPICS.presence(ref), b"anonymous presence")
+        coord.connection.publish(TOPICS.status_job("1"), b"job status")
+        anonymous.wait_for(TOPICS.status_job("1"))
+        coord.wait_for(TOPICS.presence(ref))
+        time.sleep(0.2)
+    assert set(anonymous.topics()) == {TOPICS.status_summary, TOPICS.status_job("1")}
+    assert [p for _, p in coord.received] == [b"presence"]
+
+
+# --------------------------------------------------------------------------- the policy itself
+ACCOUNTS = {"coordinator": Role.COORDINATOR, "alice": Role.VOLUNTEER, "dash": Role.OBSERVER}
+
+
+@pytest.mark.parametrize(("user", "topic", "access", "allowed"), [
+    ("alice", "dockercomp/workers/alice/w1/presence", Access.WRITE, True),
+    ("alice", "dockercomp/workers/alice/w1/results", Access.WRITE, True),
+    ("alice", "dockercomp/workers/alice/w1/tasks", Access.READ, True),
+    ("alice", "dockercomp/workers/alice/w1/tasks", Access.WRITE, False),
+    ("alice", "dockercomp/workers/bob/w1/results", Access.WRITE, False),
+    ("alice", "dockercomp/workers/bob/w1/tasks", Access.READ, False),
+    ("alice", "dockercomp/workers/bob/w1/presence", Access.READ, False),
+    ("alice", "dockercomp/status/workers/alice/w1", Access.READ, True),
+    ("alice", "dockercomp/status/summary", Access.READ, False),
+    ("alice", "dockercomp/coordinator/presence", Access.WRITE, False),
+    ("coordinator", "dockercomp/workers/bob/w1/tasks", Access.WRITE, True),
+    ("coordinator", "dockercomp/workers/bob/w1/results", Access.READ, True),
+    ("coordinator", "dockercomp/workers/bob/w1/presence", Access.WRITE, True),
+    ("coordinator", "dockercomp/status/summary", Access.WRITE, True),
+    ("dash", "dockercomp/status/jobs/1", Access.READ, True),
+    ("dash", "dockercomp/status/jobs/1", Access.WRITE, False),
+    ("dash", "dockercomp/workers/dash/w1/presence", Access.WRITE, False),  # deny beats the pattern
+    ("dash", "dockercomp/workers/dash/w1/tasks", Access.READ, False),
+    (None, "dockercomp/status/summary", Access.READ, True),
+    (None, "dockercomp/workers/x/y/presence", Access.READ, False),
+    ("mallory", "$SYS/broker/clients/connected", Access.READ, False),
+])
+def test_the_generated_acl(user: str | None, topic: str, access: Access, allowed: bool) -> None:
+    acl = Acl.parse(render_acl(ACCOUNTS))
+    assert acl.allows(user, f"{user}/w1", topic, access) is allowed
+
+
+def test_a_user_or_client_id_with_wildcards_gets_nothing_from_patterns() -> None:
+    acl = Acl.parse(render_acl(ACCOUNTS))
+    assert not acl.allows("alice", "alice/#", "dockercomp/workers/alice/w1/results", Access.WRITE)
+
+
+def test_the_acl_follows_a_custom_topic_root() -> None:
+    acl = Acl.parse(render_acl(ACCOUNTS, root="lab7"))
+    assert acl.allows("alice", "c", "lab7/workers/alice/w1/results", Access.WRITE)
+    assert not acl.allows("alice", "c", "dockercomp/workers/alice/w1/results", Access.WRITE)
+
+
+# --------------------------------------------------------------------------- the CLI
+def test_volunteers_add_list_remove_and_the_install_command(tmp_path: Path) -> None:
+    config = tmp_path / "broker-config"
+    runner = CliRunner()
+    assert runner.invoke(volunteers_cli, ["init", "--dir", str(config)]).exit_code == 0
+    assert runner.invoke(certs_cli, ["init", "--dir", str(config), "--host", "broker.example.org"]).exit_code == 0
+
+    added = runner.invoke(volunteers_cli, ["add", "alice", "--dir", str(config), "--json"])
+    assert added.exit_code == 0, added.output
+    info = json.loads(added.stdout)
+    # The password works against the file the broker reads, and the URL carries it.
+    assert PasswordFile(config / "passwd").check("alice", info["password"])
+    assert info["install_command"] == (
+        f"sh install_me.sh --broker mqtts://alice:{info['password']}@broker.example.org:8883 "
+        "--ca-file ca.crt --yes")
+    assert BrokerSettings.from_url(info["url"]).ca_file == "ca.crt"
+    assert info["reloaded"] is None and "has NOT reloaded" in added.stderr  # nothing configured
+
+    listed = json.loads(runner.invoke(volunteers_cli, ["list", "--dir", str(config), "--json"]).stdout)
+    assert {(a["name"], a["role"]) for a in listed} == {
+        ("alice", "volunteer"), ("coordinator", "coordinator"), ("local", "volunteer")}
+    table = runner.invoke(volunteers_cli, ["list", "--dir", str(config)])
+    assert "alice" in table.output and "coordinator" in table.output
+
+    again = runner.invoke(volunteers_cli, ["add", "alice", "--dir", str(config)])
+    assert again.exit_code == 2 and "exists already" in again.output
+    removed = runner.invoke(volunteers_cli, ["remove", "alice", "--dir", str(config)])
+    assert removed.exit_code == 0
+    assert "alice" not in PasswordFile(config / "passwd").read()
+    unknown = runner.invoke(volunteers_cli, ["remove", "alice", "--dir", str(config)])
+    assert unknown.exit_code == 3 and "no account 'alice'" in unknown.output
+    # The coordinator's .env holds a URL the coordinator can use as is.
+    env = (config / "coordinator.env").read_text()
+    assert PasswordFile(config / "passwd").check(
+        "coordinator", BrokerSettings.from_url(env.split("=", 1)[1].strip()).password or "")
+    assert (config / "coordinator.env").stat().st_mode & 0o077 == 0
+
+
+def test_volunteers_cli_rejects_bad_names_and_says_what_to_do(tmp_path: Path) -> None:
+    runner = CliRunner()
+    config = str(tmp_path / "cfg")
+    no_host = runner.invoke(volunteers_cli, ["add", "alice", "--dir", config])
+    assert no_host.exit_code == 2 and "--host" in no_host.output
+    wildcard = runner.invoke(volunteers_cli, ["add", "al+ce", "--dir", config, "--host", "h"])
+    assert wildcard.exit_code == 2 and "letters, digits" in wildcard.output
+    reserved = runner.invoke(volunteers_cli, ["add", "coordinator", "--dir", config, "--host", "h"])
+    assert reserved.exit_code == 2 and "coordinator's account" in reserved.output
+    stale = runner.invoke(volunteers_cli, ["add", "bob", "--dir", config, "--host", "h",
+                                           "--pid-file", str(tmp_path / "missing.pid")])
+    assert stale.exit_code == 4 and "is the broker running" in stale.output
+
+
+def test_reload_command_failure_is_reported(tmp_path: Path) -> None:
+    accounts = Accounts(tmp_path)
+    accounts.add("alice")
+    with pytest.raises(Exception, match="reload command 'false' failed"):
+        Reloader(command="false").reload()
+
+
+def test_broker_serve_refuses_half_a_security_setup(tmp_path: Path) -> None:
+    from broker.cli import main as broker_cli
+
+    runner = CliRunner()
+    alone = runner.invoke(broker_cli, ["serve", "--port", "0", "--acl-file", str(tmp_path / "acl")])
+    assert alone.exit_code == 2 and "need --password-file" in alone.output
+    missing = runner.invoke(broker_cli, ["serve", "--port", "0", "--password-file", str(tmp_path / "passwd")])
+    assert missing.exit_code == 2 and "coordinator volunteers init" in missing.output
