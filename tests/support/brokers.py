@@ -64,6 +64,7 @@ class BrokerProcess:
         self.workdir = workdir
         self.host = host
         self.port = 0  # chosen by the first start(); every restart reuses it
+        self.pid_file: Path | None = None  # where a secure broker writes its pid (for SIGHUP)
         self.log_path = workdir / f"{self.name}.log"
         self._process: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
@@ -180,28 +181,83 @@ _REPLACED = re.compile(
     r"^\s*(port|bind_address|bind_interface|persistence_location|log_dest|user|pid_file)\b"
 )
 _LISTENER = re.compile(r"^\s*listener\s+\d+")
+# Listener options that make a listener a TLS one; dropped with it in the open config.
+_TLS_OPTION = re.compile(
+    r"^\s*(cafile|capath|certfile|keyfile|tls_version|ciphers|ciphers_tls1\.3|require_certificate"
+    r"|use_identity_as_username|use_subject_as_username|crlfile|dhparamfile|tls_engine|tls_keyform)\b"
+)
+# Access settings: the open config allows anonymous clients and drops the files.
+_ANONYMOUS = re.compile(r"^\s*allow_anonymous\b")
+_ACCESS_FILE = re.compile(r"^\s*(password_file|acl_file)\b")
+# Where the shipped config expects the files `coordinator volunteers`/`certs` make.
+SECURITY_PREFIX = "/mosquitto/security/"
 
 
-def mosquitto_test_config(source: str, *, host: str, port: int, workdir: Path) -> str:
+def _tls_listener_lines(lines: list[str]) -> set[int]:
+    """Indexes of the `listener` lines followed (before the next listener) by a TLS option."""
+    tls: set[int] = set()
+    current: int | None = None
+    for index, line in enumerate(lines):
+        if _LISTENER.match(line):
+            current = index
+        elif current is not None and _TLS_OPTION.match(line):
+            tls.add(current)
+    return tls
+
+
+def mosquitto_test_config(
+    source: str,
+    *,
+    host: str,
+    port: int,
+    workdir: Path,
+    security_dir: Path | None = None,
+    tls_port: int | None = None,
+) -> str:
     """The repository's mosquitto.conf, moved to host:port with its files in `workdir`.
 
-    The first `listener` gets `port`; any further listener gets a fresh free port, so
+    Open (security_dir None, what the `mosquitto` fixture runs): TLS listeners are dropped,
+    anonymous clients allowed, password_file/acl_file ignored. Secure (security_dir given):
+    the access policy is kept unchanged, with /mosquitto/security/X read from
+    security_dir/X, the TLS listener moved to `tls_port` and a pid file in `workdir`.
+
+    The first plain listener gets `port`; any further listener gets a fresh free port, so
     nothing collides with a broker already running on this machine.
     """
+    source_lines = source.splitlines()
+    tls_listeners = _tls_listener_lines(source_lines)
+    secure = security_dir is not None
     lines: list[str] = []
-    listeners = 0
-    for line in source.splitlines():
+    plain_seen = 0
+    in_tls = False
+    for index, line in enumerate(source_lines):
         if _LISTENER.match(line):
-            listener_port = port if listeners == 0 else free_port(host)
+            in_tls = index in tls_listeners
+            if in_tls and not secure:
+                lines.append(f"# test: dropped TLS listener {line.strip()!r}")
+                continue
+            if in_tls:
+                listener_port = tls_port or free_port(host)
+            else:
+                listener_port = port if plain_seen == 0 else free_port(host)
+                plain_seen += 1
             lines.append(f"# test: replaced {line.strip()!r}")
             lines.append(f"listener {listener_port} {host}")
-            listeners += 1
+        elif _TLS_OPTION.match(line) and in_tls and not secure:
+            lines.append(f"# test: dropped {line.strip()!r}")
         elif _REPLACED.match(line):
             lines.append(f"# test: replaced {line.strip()!r}")
+        elif not secure and _ANONYMOUS.match(line):
+            lines.append(f"# test: replaced {line.strip()!r}")
+            lines.append("allow_anonymous true")
+        elif not secure and _ACCESS_FILE.match(line):
+            lines.append(f"# test: dropped {line.strip()!r}")
+        elif secure and SECURITY_PREFIX in line:
+            lines.append(line.replace(SECURITY_PREFIX, f"{security_dir}/"))
         else:
             lines.append(line)
-    if listeners == 0:
-        raise ValueError("mosquitto.conf has no `listener` line; the tests need one to move")
+    if plain_seen == 0:
+        raise ValueError("mosquitto.conf has no plain `listener` line; the tests need one to move")
     lines += [
         "",
         "# --- added by tests/support/brokers.py ---",
@@ -213,6 +269,9 @@ def mosquitto_test_config(source: str, *, host: str, port: int, workdir: Path) -
         # pytest's root-only tmp directory. Ignored when not started as root.
         "user root",
     ]
+    if secure:
+        # `coordinator volunteers --pid-file` sends SIGHUP here, as an operator would.
+        lines.append(f"pid_file {workdir / 'mosquitto.pid'}")
     return "\n".join(lines) + "\n"
 
 
@@ -229,6 +288,7 @@ class MosquittoProcess(BrokerProcess):
         *,
         binary: str | None = None,
         source_conf: Path = MOSQUITTO_CONF,
+        security_dir: Path | None = None,
     ) -> None:
         super().__init__(workdir, host)
         found = binary or find_mosquitto()
@@ -236,9 +296,20 @@ class MosquittoProcess(BrokerProcess):
             raise FileNotFoundError("mosquitto binary not found")
         self.binary = found
         self.source_conf = source_conf
+        # Set: the shipped access policy (passwords, ACL, TLS) with files from this directory.
+        self.security_dir = security_dir
+        self.tls_port = 0  # the TLS listener's port, when secure; kept across restarts
         self.conf_path = workdir / "mosquitto.test.conf"
+        if security_dir is not None:
+            self.pid_file = workdir / "mosquitto.pid"
         self._broker_log_offset = 0  # where this start's lines begin in mosquitto.log
         (workdir / "data").mkdir(exist_ok=True)
+
+    def tls_url(self, host: str | None = None) -> str:
+        """mqtts://HOST:TLS_PORT (add credentials and ?ca= yourself)."""
+        if not self.tls_port:
+            raise RuntimeError("this Mosquitto has no TLS listener (security_dir not set, or not started)")
+        return f"mqtts://{host or self.host}:{self.tls_port}"
 
     @property
     def broker_log_path(self) -> Path:
@@ -255,8 +326,11 @@ class MosquittoProcess(BrokerProcess):
 
     def _command(self, port: int) -> list[str]:
         if port != self.port:  # first start, or a retry on another port
+            if self.security_dir is not None:
+                self.tls_port = free_port(self.host)
             text = mosquitto_test_config(
-                self.source_conf.read_text(), host=self.host, port=port, workdir=self.workdir
+                self.source_conf.read_text(), host=self.host, port=port, workdir=self.workdir,
+                security_dir=self.security_dir, tls_port=self.tls_port or None,
             )
             self.conf_path.write_text(text)
         path = self.broker_log_path
@@ -272,7 +346,8 @@ class MosquittoProcess(BrokerProcess):
         with open(path, "rb") as log:
             log.seek(self._broker_log_offset)
             started = b" running" in log.read()
-        return started and port_accepts(self.host, port)
+        tls_ready = not self.tls_port or port_accepts(self.host, self.tls_port)
+        return started and port_accepts(self.host, port) and tls_ready
 
 
 class AmqttProcess(BrokerProcess):
@@ -281,11 +356,25 @@ class AmqttProcess(BrokerProcess):
     name = "amqtt"
     persistent = False  # amqtt forgets retained messages on restart (broker/embedded.py)
 
+    def __init__(self, workdir: Path, host: str = "127.0.0.1", *, security_dir: Path | None = None) -> None:
+        super().__init__(workdir, host)
+        # Set: enforce security_dir/passwd and security_dir/acl, as the secure Mosquitto does.
+        self.security_dir = security_dir
+        if security_dir is not None:
+            self.pid_file = workdir / "amqtt.pid"
+
     def _command(self, port: int) -> list[str]:
-        return [
+        command = [
             sys.executable, "-m", "broker.cli", "serve",
             "--host", self.host, "--port", str(port),
         ]  # fmt: skip
+        if self.security_dir is not None:
+            command += [
+                "--password-file", str(self.security_dir / "passwd"),
+                "--acl-file", str(self.security_dir / "acl"),
+                "--pid-file", str(self.pid_file),
+            ]  # fmt: skip
+        return command
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
