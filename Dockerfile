@@ -15,14 +15,18 @@ FROM ${BASE_IMAGE}
 ARG WORKER_UID=10001
 RUN groupadd --system --gid "${WORKER_UID}" dockercomp \
  && useradd --system --uid "${WORKER_UID}" --gid dockercomp --create-home \
-    --home-dir /home/dockercomp --shell /usr/sbin/nologin dockercomp
+    --home-dir /home/dockercomp --shell /usr/sbin/nologin dockercomp \
+ && install -d -o dockercomp -g dockercomp /var/lib/dockercomp
+# /var/lib/dockercomp: where a coordinator run from this image keeps its database; a named
+# volume mounted there inherits this owner, so the non-root user can write to it.
 
 # A private venv: Debian's system Python refuses pip installs (PEP 668), and a venv keeps
-# dockercomp's dependencies apart from whatever the base image ships.
+# dockercomp's dependencies apart from whatever the base image ships. setuptools and wheel
+# let task packages be installed later without reaching a package index (see ONBUILD).
 COPY build/wheels/ /tmp/wheels/
 RUN python3 -m venv /opt/dockercomp \
  && /opt/dockercomp/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheels \
-    --disable-pip-version-check --quiet dockercomp \
+    --disable-pip-version-check --quiet dockercomp setuptools wheel \
  && rm -rf /tmp/wheels
 
 ENV PATH=/opt/dockercomp/bin:$PATH \
@@ -38,6 +42,16 @@ WORKDIR /home/dockercomp
 # `agent check` exits 0 only while this container's agent is connected and healthy. The
 # start period covers connecting to a remote broker; three misses mark it unhealthy.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 CMD ["agent", "check"]
+
+# Task packages: an image built FROM this one, from a directory holding a Python package that
+# registers functions in the entry-point group `dockercomp.tasks`, gets that package installed
+# into the agent's venv by these triggers, so its Dockerfile needs only the FROM line (see
+# examples/custom-tasks/). No build isolation: setuptools is already here, no index needed.
+ONBUILD USER root
+ONBUILD COPY . /tmp/tasks/
+ONBUILD RUN /opt/dockercomp/bin/pip install --no-cache-dir --no-build-isolation \
+    --disable-pip-version-check --quiet /tmp/tasks/ && rm -rf /tmp/tasks
+ONBUILD USER dockercomp
 
 # The agent drains on the first SIGTERM (what `docker stop` sends) and stops on the second.
 STOPSIGNAL SIGTERM

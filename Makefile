@@ -21,8 +21,18 @@ system:
 test: system venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The worker image dockercomp/worker:latest; works offline (with no image registry it builds
+# a local Debian base once per machine). Skips the build when the image matches the sources.
+image: venv
+	PYTHON=$(BIN)/python sh scripts/build-image.sh
+
 demo: venv
 	$(BIN)/python -m coordinator.demo
+
+# Throughput and latency against the raw paho + Mosquitto round trip (~5 min); results JSON in
+# bench/results/. Smaller runs: make bench BENCH_ARGS=--quick (see python -m bench --help).
+bench: system venv
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -66,11 +66,17 @@ fi
 echo "build-image: building wheels with $PYTHON into $wheels"
 rm -rf "$wheels"
 mkdir -p "$wheels"
-"$PYTHON" -m pip wheel -qq --disable-pip-version-check --wheel-dir "$wheels" .
+"$PYTHON" -m pip wheel -qq --disable-pip-version-check --wheel-dir "$wheels" . setuptools wheel
 
 echo "build-image: building $image FROM $BASE_IMAGE"
+previous="$(docker image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)"
 docker build --quiet \
     --build-arg "BASE_IMAGE=$BASE_IMAGE" \
     --label "$label=$source_hash" \
     --tag "$image" . >/dev/null
+# Each rebuild would otherwise leave the previous image behind, untagged (~250 MB each).
+# It stays when a container still uses it; `docker image rm` then refuses, which is fine.
+if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect --format '{{.Id}}' "$image")" ]; then
+    docker image rm "$previous" >/dev/null 2>&1 || true
+fi
 echo "build-image: built $image ($source_hash)"

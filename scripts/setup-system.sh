@@ -17,3 +17,13 @@ if [ -n "$need" ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
 fi
 # Debian starts the packaged mosquitto on 1883; the tests start their own on free ports.
+# Docker for the container tests: installed and started when missing (root only; a laptop
+# without Docker skips those tests). docker-compose validates docker-compose.yml in tests.
+if [ "$(id -u)" = 0 ]; then
+    sh "$(dirname "$0")/ensure-docker.sh"
+    command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || {
+        echo "setup-system: installing docker-compose"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
+    }
+fi

@@ -1,0 +1,181 @@
+"""`installer`: runs dockercomp worker containers on a volunteer's machine.
+
+The click layer only parses options, builds a WorkerSpec and calls Fleet; every failure
+becomes one line, the fix, and a distinct exit code (see installer.errors), never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import docker.errors
+from rich.console import Console
+
+from installer import defaults as d
+from installer.engine import connect, diagnose, engine_cpus
+from installer.errors import ConfigError, InstallerError
+from installer.fleet import Fleet
+from installer.image import ensure_image
+from installer.logs import show
+from installer.preflight import check_broker
+from installer.report import status_json, status_table, summary
+from installer.spec import WorkerSpec, parse_broker, read_ca
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _say(message: str) -> None:
+    click.echo(f"installer: {message}", err=True)
+
+
+def _fail(message: str, fix: str, code: int) -> None:
+    click.echo(f"installer: error: {message}", err=True)
+    if fix:
+        click.echo(f"installer: fix: {fix}", err=True)
+    sys.exit(code)
+
+
+def handled(command: F) -> F:
+    """Maps failures to one readable message and the exit code of their kind."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except InstallerError as exc:
+            _fail(exc.message, exc.fix, exc.exit_code)
+        except docker.errors.APIError as exc:
+            _fail(f"Docker refused: {exc.explanation or exc}", "check the options given; `docker info` shows the engine", 1)
+        except docker.errors.DockerException as exc:  # the engine went away mid-operation
+            problem = diagnose(exc)
+            _fail(problem.message, problem.fix, problem.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; containers already changed stay as they are", "run the command again to finish", 130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group()
+@click.option("--instance", envvar="DOCKERCOMP_INSTANCE", default=d.INSTANCE, show_default=True,
+              help="Name of this installation; each instance manages only its own workers.")
+@click.pass_context
+def main(ctx: click.Context, instance: str) -> None:
+    """Run dockercomp worker containers that compute for a scientist's coordinator."""
+    ctx.obj = instance
+
+
+@main.command()
+@click.option("--broker", envvar="DOCKERCOMP_BROKER", help="mqtt://HOST:PORT (or mqtts://USER:PASS@HOST:8883) of the scientist's broker.")
+@click.option("--ca-file", type=click.Path(dir_okay=False, path_type=Path), help="The broker's CA certificate (ca.crt from the scientist).")
+@click.option("--workers", type=click.IntRange(min=0), help="Number of worker containers [default: CPUs, or the current number].")
+@click.option("--cpus-per-worker", type=float, help=f"CPU limit per worker [default: {d.CPUS_PER_WORKER:g}].")
+@click.option("--memory", help=f"Memory limit per worker, e.g. 512m or 2g [default: {d.MEMORY}].")
+@click.option("--image", help=f"Worker image [default: {d.IMAGE}].")
+@click.option("--image-archive", type=click.Path(dir_okay=False, path_type=Path), help="Load the image from a `docker save` file.")
+@click.option("--network", type=click.Choice(d.NETWORKS), help=f"Container network [default: {d.NETWORK}].")
+@click.option("--concurrency", type=click.IntRange(min=1), help="Tasks each worker runs at once [default: its CPUs].")
+@click.option("--volunteer", envvar="DOCKERCOMP_VOLUNTEER", help="Your volunteer name [default: the broker user name].")
+@click.option("--username", envvar="DOCKERCOMP_USERNAME", help="Broker user name.")
+@click.option("--password", envvar="DOCKERCOMP_PASSWORD", help="Broker password (prefer the env variable).")
+@click.option("--grace", type=click.IntRange(min=0), help=f"Seconds a stopping worker gets to drain [default: {d.GRACE_SECONDS}].")
+@click.option("--skip-broker-check", is_flag=True, help="Do not test the TCP connection to the broker first.")
+@click.pass_obj
+@handled
+def up(instance: str, broker: str | None, ca_file: Path | None, workers: int | None, cpus_per_worker: float | None,
+       memory: str | None, image: str | None, image_archive: Path | None, network: str | None,
+       concurrency: int | None, volunteer: str | None, username: str | None, password: str | None,
+       grace: int | None, skip_broker_check: bool) -> None:
+    """Converge to exactly N worker containers (safe to run again; fewer drains the extras)."""
+    client = connect()
+    fleet = Fleet(client, instance, say=_say)
+    current = fleet.current_spec()
+    if current is None and not broker:
+        raise ConfigError("no broker given", "pass --broker mqtt://HOST:PORT (from the scientist)")
+    ca_pem = None
+    if broker:
+        broker, ca_pem = parse_broker(broker, ca_file)
+    elif ca_file:
+        ca_pem = read_ca(ca_file)
+    base = current or WorkerSpec(broker=str(broker), instance=instance)
+    spec = base.with_changes(
+        broker=broker, ca_pem=ca_pem, image=image, cpus=cpus_per_worker, memory=memory, network=network,
+        concurrency=concurrency, volunteer=volunteer, username=username, password=password, grace=grace,
+    )
+    cpus = engine_cpus(client)
+    spec.validate(cpus)
+    if workers is None:
+        workers = len(fleet.containers()) if current is not None else max(1, int(cpus // spec.cpus))
+    if workers > 0 and not skip_broker_check:
+        check_broker(spec.broker_settings)
+    if workers > 0:
+        ensure_image(client, spec.image, archive=image_archive, say=_say)
+    changes = fleet.up(spec, workers)
+    summary(changes, workers, sys.stdout)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_obj
+@handled
+def status(instance: str, as_json: bool) -> None:
+    """Show the worker containers, their health and worker ids."""
+    rows = Fleet(connect(), instance).status()
+    if as_json:
+        click.echo(status_json(rows))
+    else:
+        # Piped output has no terminal width; rich would assume 80 columns and fold every cell.
+        status_table(rows, Console(width=None if sys.stdout.isatty() else 160))
+
+
+@main.command()
+@click.argument("worker", required=False)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
+@click.option("--tail", type=click.IntRange(min=0), help="Only the last N lines of each worker.")
+@click.pass_obj
+@handled
+def logs(instance: str, worker: str | None, follow: bool, tail: int | None) -> None:
+    """Print the output of WORKER (worker id, container name or slot), or of all workers."""
+    fleet = Fleet(connect(), instance)
+    containers = fleet.find(worker) if worker else fleet.containers()
+    if worker and not containers:
+        raise InstallerError(f"no worker matches {worker!r}", "`installer status` lists the workers")
+    show(containers, sys.stdout, follow=follow, tail=tail)
+
+
+@main.command()
+@click.option("--grace", type=click.IntRange(min=0), help="Seconds each worker gets to drain [default: as configured].")
+@click.pass_obj
+@handled
+def down(instance: str, grace: int | None) -> None:
+    """Drain and remove every worker container (other containers are never touched)."""
+    removed = Fleet(connect(), instance, say=_say).down(grace)
+    click.echo(f"removed {len(removed)} worker container(s)" + (f": {', '.join(removed)}" if removed else ""))
+
+
+@main.command()
+@click.option("--image", help="Switch to this image [default: the current one, refreshed].")
+@click.option("--image-archive", type=click.Path(dir_okay=False, path_type=Path), help="Load the new image from a `docker save` file.")
+@click.option("--health-timeout", type=click.FloatRange(min=0), default=d.HEALTH_TIMEOUT_SECONDS, show_default=True,
+              help="Seconds each new worker gets to become healthy before the upgrade halts.")
+@click.pass_obj
+@handled
+def upgrade(instance: str, image: str | None, image_archive: Path | None, health_timeout: float) -> None:
+    """Fetch the newest image and replace the workers one at a time (rolling)."""
+    client = connect()
+    fleet = Fleet(client, instance, say=_say)
+    current = fleet.current_spec()
+    if current is None:
+        raise InstallerError("there are no workers to upgrade", "start them with `installer up --broker URL`")
+    name = image or current.image
+    new_image = ensure_image(client, name, archive=image_archive, refresh=True, say=_say)
+    upgraded = fleet.upgrade(new_image, {"image": name}, health_timeout)
+    click.echo(f"upgraded {len(upgraded)} worker(s)" + (f": {', '.join(upgraded)}" if upgraded else "; all were up to date"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""What a worker container should look like, and how to tell whether an existing one does.
+
+A WorkerSpec is everything the volunteer chose (broker, limits, image...). It is stored on
+each container as a label (without passwords), so `up` can compare a running container
+with what is asked now through one hash, and `upgrade` can re-create a container exactly as
+it was, only on a newer image.
+
+A private CA (`--ca-file`, or `?ca=` in the broker URL, both paths on the volunteer's machine)
+travels in the spec as PEM text: a CA certificate is public, the container gets its own copy
+(see CONTAINER_CA), and nothing breaks when the volunteer later moves or deletes the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import re
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from broker.errors import SettingsError
+from broker.settings import BrokerSettings
+from installer import defaults as d
+from installer.errors import ConfigError
+from installer.identity import container_name, valid_instance, worker_id
+
+_MEMORY = re.compile(r"\d+(\.\d+)?[bkmg]?", re.IGNORECASE)
+
+# Where a worker container finds the broker's CA certificate (written before it starts).
+CONTAINER_CA = "/tmp/dockercomp-ca.crt"
+
+
+def parse_broker(url: str, ca_file: str | Path | None = None) -> tuple[str, str | None]:
+    """(normalised broker URL without ?ca=, CA certificate PEM or None), or ConfigError.
+
+    Normalised (explicit port, canonical order), so the same broker given twice in different
+    spellings does not look like a configuration change.
+    """
+    try:
+        settings = BrokerSettings.from_url(url)
+    except SettingsError as exc:
+        raise ConfigError(str(exc), "pass --broker mqtt://HOST:PORT (or mqtts://...)") from None
+    path = ca_file if ca_file is not None else settings.ca_file
+    return replace(settings, ca_file=None).full_url, (read_ca(Path(path)) if path else None)
+
+
+def read_ca(path: Path) -> str:
+    """The PEM text of a CA certificate file, or ConfigError saying what is wrong with it."""
+    try:
+        text = path.expanduser().read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the CA file {path}: {exc}",
+                          "pass the ca.crt the scientist sent (--ca-file PATH)") from None
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise ConfigError(f"{path} is not a PEM certificate", "pass the ca.crt the scientist sent")
+    return text
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """The desired configuration shared by all worker containers of one installation."""
+
+    broker: str
+    image: str = d.IMAGE
+    instance: str = d.INSTANCE
+    cpus: float = d.CPUS_PER_WORKER
+    memory: str = d.MEMORY
+    network: str = d.NETWORK
+    concurrency: int | None = None  # None: one task at a time per whole CPU
+    volunteer: str | None = None  # None: the agent's default (the broker user name)
+    username: str | None = None
+    password: str | None = None
+    grace: int = d.GRACE_SECONDS
+    ca_pem: str | None = None  # the broker's private CA certificate, when it has one
+
+    def validate(self, host_cpus: int | None = None) -> WorkerSpec:
+        """Self, or ConfigError naming the option that cannot work and what would."""
+        try:
+            settings = BrokerSettings.from_url(self.broker)
+        except SettingsError as exc:
+            raise ConfigError(str(exc), "pass --broker mqtt://HOST:PORT") from None
+        if self.network not in d.NETWORKS:
+            raise ConfigError(f"unknown network {self.network!r}", f"use one of {', '.join(d.NETWORKS)}")
+        if self.network == "bridge" and _is_loopback(settings.host):
+            raise ConfigError(
+                f"the broker {settings.url} is on this machine's loopback address, which "
+                "containers on the bridge network cannot reach",
+                "add --network host, or give the broker's LAN address",
+            )
+        if not valid_instance(self.instance):
+            raise ConfigError(f"bad instance name {self.instance!r}", "use lowercase letters, digits, '-', '_', '.'")
+        if self.cpus <= 0 or (host_cpus is not None and self.cpus > host_cpus):
+            raise ConfigError(
+                f"--cpus-per-worker {self.cpus:g} is not possible on a machine with {host_cpus} CPUs",
+                f"use a value above 0 and at most {host_cpus}",
+            )
+        if not _MEMORY.fullmatch(self.memory):
+            raise ConfigError(f"bad --memory {self.memory!r}", "use a size such as 512m or 2g")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ConfigError("--concurrency must be at least 1", "omit it for one task per CPU")
+        if self.grace < 0:
+            raise ConfigError("--grace must not be negative", f"the default is {d.GRACE_SECONDS} s")
+        return self
+
+    @property
+    def effective_concurrency(self) -> int:
+        return self.concurrency if self.concurrency is not None else max(1, int(self.cpus))
+
+    @property
+    def broker_settings(self) -> BrokerSettings:
+        return BrokerSettings.from_url(self.broker)
+
+    def config_hash(self) -> str:
+        """Changes exactly when a container made from this spec would be different."""
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_label(self) -> str:
+        """JSON of the spec without passwords: labels are readable by `docker inspect`."""
+        data = asdict(self)
+        data.pop("password")
+        data["broker"] = self.broker_settings.url  # the password in the URL masked
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_container(cls, attrs: dict[str, Any]) -> WorkerSpec:
+        """The spec a container was made from (its label, plus the password from its env)."""
+        config = attrs.get("Config") or {}
+        labels = config.get("Labels") or {}
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in json.loads(labels[d.LABEL_SPEC]).items() if k in known}
+        env = dict(item.split("=", 1) for item in config.get("Env") or [] if "=" in item)
+        data["password"] = env.get(d.ENV_PASSWORD)
+        # The label's URL has its password masked; the container's own URL has it.
+        masked = BrokerSettings.from_url(data["broker"])
+        if masked.password is not None:
+            real = BrokerSettings.from_url(env[d.ENV_BROKER])
+            data["broker"] = replace(masked, password=real.password).full_url
+        return cls(**data)
+
+    def with_changes(self, **changes: Any) -> WorkerSpec:
+        """A copy with the given options replaced; None means keep the current value."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def labels(self, slot: int, worker: str) -> dict[str, str]:
+        return {
+            d.LABEL_MANAGED_BY: d.MANAGED_BY,
+            d.LABEL_ROLE: "worker",
+            d.LABEL_INSTANCE: self.instance,
+            d.LABEL_SLOT: str(slot),
+            d.LABEL_WORKER_ID: worker,
+            d.LABEL_CONFIG: self.config_hash(),
+            d.LABEL_SPEC: self.to_label(),
+        }
+
+    def environment(self, worker: str) -> dict[str, str]:
+        ca = CONTAINER_CA if self.ca_pem else None
+        env = {
+            d.ENV_BROKER: replace(self.broker_settings, ca_file=ca).full_url,
+            d.ENV_WORKER_ID: worker,
+            d.ENV_CONCURRENCY: str(self.effective_concurrency),
+            d.ENV_IMAGE: self.image,
+        }
+        optional = {d.ENV_VOLUNTEER: self.volunteer, d.ENV_USERNAME: self.username, d.ENV_PASSWORD: self.password}
+        env.update({k: v for k, v in optional.items() if v})
+        return env
+
+    def create_args(self, slot: int, prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(create_container kwargs, create_host_config kwargs) of docker's low-level API.
+
+        The low-level API because only it sets stop_timeout, the grace period that a plain
+        `docker stop` or a daemon shutdown (the volunteer rebooting) also gives the agent.
+        """
+        worker = worker_id(prefix, slot)
+        container = {
+            "image": self.image,
+            "name": container_name(self.instance, slot),
+            "labels": self.labels(slot, worker),
+            "environment": self.environment(worker),
+            "stop_timeout": self.grace,
+        }
+        host = {
+            "restart_policy": {"Name": "unless-stopped"},
+            "nano_cpus": int(self.cpus * 1e9),
+            "mem_limit": self.memory,
+            "network_mode": self.network,
+            # A tiny init as PID 1 reaps task subprocesses and forwards SIGTERM to the agent.
+            "init": True,
+            # Task code comes from a scientist, the machine from a volunteer: keep it boxed in.
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
+            "pids_limit": d.PIDS_LIMIT,
+            "log_config": {"Type": "json-file", "Config": {"max-size": d.LOG_MAX_SIZE, "max-file": d.LOG_MAX_FILES}},
+        }
+        return container, host
+
+def owned_filter(instance: str | None = None) -> dict[str, list[str]]:
+    """Docker `filters` that match only the installer's own worker containers."""
+    labels = [f"{d.LABEL_MANAGED_BY}={d.MANAGED_BY}", f"{d.LABEL_ROLE}=worker"]
+    if instance is not None:
+        labels.append(f"{d.LABEL_INSTANCE}={instance}")
+    return {"label": labels}
+
+
+def is_owned(labels: dict[str, str] | None, instance: str | None = None) -> bool:
+    """Double check on the client side: never act on a container the filter let through by mistake."""
+    labels = labels or {}
+    if labels.get(d.LABEL_MANAGED_BY) != d.MANAGED_BY or labels.get(d.LABEL_ROLE) != "worker":
+        return False
+    return instance is None or labels.get(d.LABEL_INSTANCE) == instance
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
