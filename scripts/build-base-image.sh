@@ -8,7 +8,15 @@ set -eu
 
 image="${1:-dockercomp-base:bookworm}"
 suite="${DEBIAN_SUITE:-bookworm}"
-mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+# The Debian mirror this machine's apt already uses (deb822 or one-line sources), unless
+# DEBIAN_MIRROR says otherwise: debootstrap then reaches exactly what apt-get reaches.
+apt_mirror() {
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -f "$f" ] && awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' "$f"
+    done | head -n 1
+    [ -f /etc/apt/sources.list ] && awk '$1 == "deb" && $2 !~ /security/ { print ($2 ~ /^\[/ ? $3 : $2); exit }' /etc/apt/sources.list
+}
+mirror="${DEBIAN_MIRROR:-$(apt_mirror | head -n 1)}"
 
 if docker image inspect "$image" >/dev/null 2>&1; then
     echo "build-base-image: $image already present, skipping"
@@ -16,6 +24,10 @@ if docker image inspect "$image" >/dev/null 2>&1; then
 fi
 if [ "$(id -u)" != 0 ]; then
     echo "build-base-image: debootstrap needs root; run as root or pass a BASE_IMAGE you can pull" >&2
+    exit 1
+fi
+if [ -z "$mirror" ]; then
+    echo "build-base-image: no Debian mirror found in /etc/apt; set DEBIAN_MIRROR=URL" >&2
     exit 1
 fi
 if ! command -v debootstrap >/dev/null 2>&1; then
