@@ -1,0 +1,431 @@
+"""The worker agent: takes tasks from its task topic, runs them in the Runner, sends results.
+
+Threads and who does what:
+
+- paho's network thread (inside MqttConnection) only *enqueues*: incoming messages and
+  connection changes go to the inbox, and a byte on the wake-up pipe ends the main loop's
+  wait. The one exception is presence: the online presence is published from ``on_connect``
+  and the will is built in ``will_factory``, both on that thread right before/after the
+  CONNECT, so a presence always carries the sequence number of the connection it belongs to.
+- Signal handlers only count signals (the wake-up fd, set with ``signal.set_wakeup_fd``,
+  ends the wait).
+- The main thread (``run``) decodes tasks, feeds the runner, publishes results, writes the
+  health file and drives shutdown.
+
+Presence life cycle: before each connection attempt ``seq = max(seq + 1, now_us)``, and the
+will (retained offline, reason ``lost``) carries it; on CONNACK the retained online presence
+carries the same seq; on a drained shutdown a retained offline presence with reason
+``shutdown``, then a clean DISCONNECT (no will).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Hashable
+from enum import Enum
+from types import FrameType
+from typing import Any, cast
+
+from agent.defaults import (
+    CLOSE_FLUSH_SECONDS,
+    HEALTH_INTERVAL_SECONDS,
+    MAX_QUEUED_TASKS,
+    REMEMBERED_FINISHED,
+    UNREADABLE_LOG_INTERVAL,
+)
+from agent.errors import TaskRefused
+from agent.health import Health, remove_health, write_health
+from agent.runner import Finished, Job, Runner
+from agent.settings import AgentSettings, package_version
+from agent.tasks import Registry
+from broker.connection import MqttConnection, Transport, Will
+from broker.defaults import MAX_PAYLOAD_BYTES
+from broker.errors import BrokerError, DecodeError
+from broker.messages import (
+    OfflineReason,
+    Outcome,
+    Presence,
+    PresenceState,
+    Result,
+    Task,
+    TaskError,
+    peek_task_id,
+)
+from broker.topics import Topics
+
+log = logging.getLogger(__name__)
+
+# Error types of `rejected` results the agent itself sends (see docs/protocol.md).
+MALFORMED_TASK = "MalformedTask"
+QUEUE_FULL = "QueueFull"
+
+TaskKey = tuple[str, int]  # (task_id, attempt)
+
+
+class AgentState(str, Enum):
+    STARTING = "starting"  # not yet connected for the first time
+    RUNNING = "running"  # taking tasks
+    DRAINING = "draining"  # first signal: no new tasks, running ones finish within the grace period
+    STOPPED = "stopped"  # left the broker
+
+
+class Agent:
+    """One worker: ``Agent(settings, Registry.load()).run()`` until signalled."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        registry: Registry,
+        *,
+        transport: Transport | None = None,
+        runner: Runner | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        now_ns: Callable[[], int] = time.time_ns,
+        health_interval: float = HEALTH_INTERVAL_SECONDS,
+        max_queued: int = MAX_QUEUED_TASKS,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.ref = settings.worker
+        self.topics = Topics(settings.broker.root)
+        self.task_topic = self.topics.tasks(self.ref)
+        self.result_topic = self.topics.results(self.ref)
+        self.presence_topic = self.topics.presence(self.ref)
+        self.transport = transport or MqttConnection(settings.broker, settings.client_id)
+        self.runner = runner or Runner(registry.targets, settings.concurrency, clock=clock)
+        self._clock, self._wall, self._now_ns = clock, wall, now_ns
+        self._health_interval = min(health_interval, max(0.5, settings.keepalive / 2))
+        self._max_queued = max_queued
+        self.started = wall()
+        self.state = AgentState.STARTING
+        self.version = package_version()
+
+        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._signals = 0  # SIGTERM/SIGINT received; 1 = drain, 2 = stop at once
+        self._stop_requests = 0  # stop() calls from other threads (tests, embedding)
+        self._previous_handlers: dict[int, Any] = {}
+
+        # Presence state shared with the network thread.
+        self._presence_lock = threading.Lock()
+        self._seq = 0
+        self._left = False  # the final offline presence is out: never re-announce
+        self._connected = False
+        self._announced = False  # an online presence was published at least once
+        self._link_since = wall()
+        self._last_error = "not connected yet"
+
+        self._held: dict[TaskKey, Task] = {}  # queued or running
+        self._finished: collections.OrderedDict[TaskKey, None] = collections.OrderedDict()
+        self._last_unreadable_log = float("-inf")
+        self._unreadable_suppressed = 0
+        self.counts: collections.Counter[str] = collections.Counter()  # for logs and tests
+
+    # -- presence (network thread) -----------------------------------------------------------
+    def _presence(self, state: PresenceState, reason: OfflineReason | None, seq: int) -> Presence:
+        s = self.settings
+        return Presence(
+            worker=self.ref.worker, volunteer=self.ref.volunteer, state=state, seq=seq, reason=reason,
+            host=s.host, container=s.container, image=s.image, version=self.version, cpus=os.cpu_count() or 0,
+            capacity=s.concurrency, functions=tuple(self.registry.names), started=self.started,
+        )
+
+    def _make_will(self) -> Will:
+        with self._presence_lock:
+            # Grows per connection and across restarts (wall clock), so a stale will is
+            # always numbered below the presence of any later connection.
+            self._seq = max(self._seq + 1, self._now_ns() // 1000)
+            payload = self._presence(PresenceState.OFFLINE, OfflineReason.LOST, self._seq).encode()
+        return Will(self.presence_topic, payload, qos=1, retain=True)
+
+    def _on_connect(self) -> None:
+        with self._presence_lock:
+            if not self._left:
+                online = self._presence(PresenceState.ONLINE, None, self._seq)
+                self.transport.publish(self.presence_topic, online.encode(), qos=1, retain=True)
+                self._announced = True
+            seq = self._seq
+        self._post(("connected", seq))
+
+    def _on_disconnect(self, reason: str) -> None:
+        self._post(("disconnected", reason))
+
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        self._post(("message", topic, bytes(payload), retained))
+
+    def _post(self, event: tuple[Any, ...]) -> None:
+        self._inbox.put(event)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):  # full: the loop is awake anyway; closed: we are done
+            pass
+
+    # -- signals ---------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        """First SIGTERM/SIGINT drains, the second stops at once. Main thread only."""
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self._previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1  # only a flag: the main loop does the I/O
+
+    def stop(self, now: bool = False) -> None:
+        """Ask a running agent to drain (or, with now=True, to stop at once). Thread-safe."""
+        self._stop_requests += 2 if now else 1
+        self._wake()
+
+    @property
+    def stop_level(self) -> int:
+        return self._signals + self._stop_requests
+
+    # -- main loop ---------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Serve until stopped; returns the process exit code (0 after a drained shutdown)."""
+        log.info("agent %s starting: %d task process(es), functions %s, broker %s", self.ref.key,
+                 self.settings.concurrency, ", ".join(self.registry.names), self.settings.broker.url)
+        self.runner.start()
+        self.transport.will_factory = self._make_will
+        self.transport.on_connect = self._on_connect
+        self.transport.on_disconnect = self._on_disconnect
+        self.transport.on_message = self._on_message
+        self.transport.subscribe(self.task_topic, qos=1)
+        self.transport.start()
+        drain_deadline: float | None = None
+        next_health = self._clock()
+        failed = False
+        try:
+            while True:
+                self._handle_inbox()
+                level = self.stop_level
+                if level >= 2:
+                    self._abort_running("the worker was stopped at once (second signal)")
+                    break
+                if level >= 1 and drain_deadline is None:
+                    drain_deadline = self._begin_drain()
+                if drain_deadline is not None:
+                    if self.runner.idle:
+                        break
+                    if self._clock() >= drain_deadline:
+                        self._abort_running(f"still running when the {self.settings.grace:g} s grace period ended")
+                        break
+                now = self._clock()
+                if now >= next_health:
+                    self._write_health()
+                    next_health = now + self._health_interval
+                timeout = max(0.0, next_health - now)
+                if drain_deadline is not None:
+                    timeout = min(timeout, max(0.0, drain_deadline - now))
+                for finished in self.runner.poll(timeout, wake=(self._wake_r,)):
+                    self._report(finished)
+                self._drain_wake_pipe()
+        except Exception:
+            log.exception("agent %s failed; leaving", self.ref.key)
+            failed = True
+        finally:
+            self._leave(fast=failed or self.stop_level >= 2)
+        return 1 if failed else 0
+
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _begin_drain(self) -> float:
+        self.state = AgentState.DRAINING
+        dropped = self.runner.drop_queued()
+        for job in dropped:
+            self._held.pop(cast(TaskKey, job.key), None)
+        running = len(self.runner.running)
+        log.warning("draining: no new tasks; %d running task(s) get up to %g s to finish%s "
+                    "(signal again to stop at once)", running, self.settings.grace,
+                    f"; {len(dropped)} queued task(s) dropped, the coordinator reassigns them" if dropped else "")
+        return self._clock() + self.settings.grace
+
+    def _abort_running(self, reason: str) -> None:
+        killed = self.runner.kill_running(reason)
+        if killed:
+            names = ", ".join(f"{key[0]} attempt {key[1]}" for key in (f.key for f in killed))  # type: ignore[index]
+            log.warning("killed %d task(s) %s: %s (reported as crashed, type Shutdown)", len(killed), reason, names)
+        for finished in killed:
+            self._report(finished)
+
+    def _leave(self, fast: bool) -> None:
+        """Say goodbye (retained offline, reason shutdown) and disconnect cleanly."""
+        self.runner.stop(timeout=0.5 if fast else 2.0)
+        flush = 1.0 if fast else CLOSE_FLUSH_SECONDS
+        if not self.transport.connected and not fast and self.transport.unacked:
+            # Undelivered results go out only over a connection: give the broker a moment.
+            try:
+                self.transport.wait_connected(flush)
+            except BrokerError:
+                pass
+        with self._presence_lock:
+            self._left = True
+            announced = self._announced
+            goodbye = self._presence(PresenceState.OFFLINE, OfflineReason.SHUTDOWN, self._seq)
+        if announced:  # else nobody ever saw this worker online: nothing to take back
+            try:
+                self.transport.publish(self.presence_topic, goodbye.encode(), qos=1, retain=True)
+            except BrokerError as exc:
+                log.error("could not publish the offline presence: %s", exc)
+        delivered = self.transport.connected and self.transport.flush(flush)
+        if not delivered and announced:
+            log.error("leaving with %d message(s) the broker has not acknowledged (%s); the coordinator "
+                      "reassigns tasks whose results it did not get", self.transport.unacked,
+                      self._last_error or "no acknowledgement in time")
+        self.transport.close(timeout=0.5)
+        self.state = AgentState.STOPPED
+        if self.settings.health_file is not None:
+            remove_health(self.settings.health_file, os.getpid())
+        if self._previous_handlers:
+            # The wake-up pipe closes below: a later signal must not write into a reused fd.
+            signal.set_wakeup_fd(-1)
+            for sig, handler in self._previous_handlers.items():
+                signal.signal(sig, handler)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        log.info("agent %s stopped (%s)", self.ref.key,
+                 ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) or "no tasks")
+
+    # -- events --------------------------------------------------------------------------------------
+    def _handle_inbox(self) -> None:
+        while True:
+            try:
+                event = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            kind = event[0]
+            if kind == "message":
+                self._on_task_message(event[1], event[2], event[3])
+            elif kind == "connected":
+                self._connected, self._link_since, self._last_error = True, self._wall(), ""
+                if self.state is AgentState.STARTING:
+                    self.state = AgentState.RUNNING
+                log.info("online as %s (seq %d), taking tasks on %s", self.ref.key, event[1], self.task_topic)
+                self._write_health()
+            elif kind == "disconnected":
+                self._connected, self._link_since, self._last_error = False, self._wall(), event[1]
+                log.warning("broker connection lost (%s); %d task(s) keep running, results wait for "
+                            "the reconnection", event[1], len(self._held))
+                self._write_health()
+
+    def _on_task_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        if topic != self.task_topic:
+            # amqtt sends a new client the retained messages of *other* clients' filters.
+            log.debug("ignored a message on %s (not subscribed here)", topic)
+            return
+        if retained:
+            self.counts["ignored"] += 1
+            log.warning("ignored a retained message on %s: tasks are never retained (clear it with "
+                        "mosquitto_pub -r -n -t '%s')", topic, topic)
+            return
+        try:
+            task = Task.decode(payload)
+        except DecodeError as exc:
+            self._malformed(payload, exc)
+            return
+        key: TaskKey = (task.task_id, task.attempt)
+        if self.state is AgentState.DRAINING:
+            self.counts["ignored"] += 1
+            log.info("draining: task %s attempt %d not taken (the coordinator reassigns it)", *key)
+            return
+        if key in self._held or key in self._finished:
+            self.counts["duplicates"] += 1
+            log.info("task %s attempt %d received again; already %s, ignored", task.task_id, task.attempt,
+                     "held" if key in self._held else "answered")
+            return
+        try:
+            self.registry.check(task.function, task.args)
+            if self.runner.queued >= self._max_queued:
+                raise TaskRefused(QUEUE_FULL, f"{self.runner.queued} tasks already queued on this worker "
+                                              f"(capacity {self.settings.concurrency}); send fewer at once")
+        except TaskRefused as exc:
+            log.info("task %s attempt %d rejected: %s", task.task_id, task.attempt, exc)
+            self._publish_result(Result(task.task_id, task.attempt, self.ref.worker, self.ref.volunteer,
+                                        Outcome.REJECTED, error=TaskError(exc.type, exc.message)))
+            return
+        self._held[key] = task
+        self.counts["received"] += 1
+        self.runner.submit(Job(key, task.function, task.args, task.timeout, label=f"task {key[0]} attempt {key[1]}"))
+
+    def _malformed(self, payload: bytes, exc: DecodeError) -> None:
+        self.counts["malformed"] += 1
+        readable = peek_task_id(payload)
+        if readable is not None:
+            task_id, attempt = readable
+            log.warning("task %s attempt %d is malformed (%s); answered rejected", task_id, attempt, exc.reason)
+            self._publish_result(Result(task_id, max(1, attempt), self.ref.worker, self.ref.volunteer,
+                                        Outcome.REJECTED, error=TaskError(MALFORMED_TASK, exc.reason)))
+            return
+        # No id to answer to: one log line, rate-limited so a flood cannot fill the disk.
+        now = self._clock()
+        if now - self._last_unreadable_log >= UNREADABLE_LOG_INTERVAL:
+            extra = f" ({self._unreadable_suppressed} more since the last report)" if self._unreadable_suppressed else ""
+            log.warning("ignored a malformed message on %s without a readable task id: %s; data %r%s",
+                        self.task_topic, exc.reason, (exc.data or b"")[:80], extra)
+            self._last_unreadable_log, self._unreadable_suppressed = now, 0
+        else:
+            self._unreadable_suppressed += 1
+
+    # -- results ----------------------------------------------------------------------------------------
+    def _report(self, finished: Finished) -> None:
+        key: TaskKey = finished.key  # type: ignore[assignment]
+        self._held.pop(key, None)
+        self._finished[key] = None
+        while len(self._finished) > REMEMBERED_FINISHED:
+            self._finished.popitem(last=False)
+        self.counts[finished.outcome.value] += 1
+        log.debug("task %s attempt %d finished: %s in %.3f s", key[0], key[1], finished.outcome.value, finished.elapsed)
+        self._publish_result(Result(key[0], key[1], self.ref.worker, self.ref.volunteer, finished.outcome,
+                                    value=finished.value, error=finished.error, elapsed=round(finished.elapsed, 6)))
+
+    def _publish_result(self, result: Result) -> None:
+        payload = result.encode()
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            payload = Result(result.task_id, result.attempt, result.worker, result.volunteer, Outcome.ERROR,
+                             error=TaskError("ResultTooLarge", f"the result is {len(payload)} bytes; "
+                                             f"a message may carry {MAX_PAYLOAD_BYTES}"),
+                             elapsed=result.elapsed).encode()
+        try:
+            # QoS 1: kept by the transport while the broker is away, sent on reconnection.
+            self.transport.publish(self.result_topic, payload, qos=1)
+        except BrokerError as exc:
+            log.error("result of task %s attempt %d could not be sent: %s", result.task_id, result.attempt, exc)
+
+    # -- health -------------------------------------------------------------------------------------------
+    def _write_health(self) -> None:
+        path = self.settings.health_file
+        if path is None:
+            return
+        health = Health(
+            pid=os.getpid(), worker=self.ref.key, broker=self.settings.broker.url,
+            state=self.state.value,
+            connected=self._connected, since=self._link_since, updated=self._wall(),
+            keepalive=self.settings.keepalive, running=len(self.runner.running), queued=self.runner.queued,
+            last_error=self._last_error if not self._connected else "",
+        )
+        try:
+            write_health(path, health)
+        except OSError as exc:
+            log.warning("cannot write the health file %s: %s (`agent check` will fail)", path, exc)
+
+    @property
+    def held(self) -> list[Hashable]:
+        return list(self._held)

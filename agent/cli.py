@@ -1,0 +1,137 @@
+"""`agent` command line: `agent run`, `agent check`, `agent functions`.
+
+Thin: click parses options (each also from its DOCKERCOMP_* environment variable), builds
+AgentSettings, calls the library, and maps failures to one readable line and an exit code:
+0 success, 1 failure (or unhealthy), 2 the command line or environment must change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from agent.agent import Agent
+from agent.defaults import (
+    CONCURRENCY_ENV,
+    GRACE_SECONDS,
+    HEALTH_FILE,
+    HEALTH_FILE_ENV,
+    PASSWORD_ENV,
+    USERNAME_ENV,
+    VOLUNTEER_ENV,
+    WORKER_ID_ENV,
+)
+from agent.errors import ConfigError, HealthError
+from agent.health import check_health
+from agent.settings import AgentSettings
+from agent.tasks import Registry
+from broker.defaults import BROKER_URL_ENV
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _setup_logging(verbose: int) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if verbose < 2:
+        logging.getLogger("paho").setLevel(logging.WARNING)
+
+
+@click.group()
+def main() -> None:
+    """dockercomp worker agent: runs tasks it receives over MQTT."""
+
+
+@main.command()
+@click.option("--broker", "broker_url", envvar=BROKER_URL_ENV, default="mqtt://127.0.0.1:1883", show_default=True,
+              help=f"Broker URL, mqtt://user:pass@host:port or mqtts://... [env {BROKER_URL_ENV}]")
+@click.option("--worker-id", envvar=WORKER_ID_ENV,
+              help=f"This worker's name [env {WORKER_ID_ENV}; default: host name, plus -PID outside a container]")
+@click.option("--volunteer", envvar=VOLUNTEER_ENV,
+              help=f"Volunteer name [env {VOLUNTEER_ENV}; default: broker user name, else 'local']")
+@click.option("--concurrency", envvar=CONCURRENCY_ENV, type=click.IntRange(min=1),
+              help=f"Tasks run at once, one process each [env {CONCURRENCY_ENV}; default: CPU count]")
+@click.option("--keepalive", type=click.IntRange(1, 65535),
+              help="MQTT keepalive in seconds; a killed agent is reported lost within ~1.5x this [default 10]")
+@click.option("--grace", type=click.FloatRange(min=0), default=GRACE_SECONDS, show_default=True,
+              help="Seconds running tasks get to finish after the first SIGTERM/SIGINT")
+@click.option("--username", envvar=USERNAME_ENV, help=f"Broker user name [env {USERNAME_ENV}]; "
+              f"the password comes from {PASSWORD_ENV} or the URL")
+@click.option("--health-file", envvar=HEALTH_FILE_ENV, type=click.Path(dir_okay=False),
+              help=f"Where `agent check` finds this agent's health [env {HEALTH_FILE_ENV}; default {HEALTH_FILE}]")
+@click.option("-v", "--verbose", count=True, help="Log every task (-v) and MQTT packets (-vv).")
+def run(broker_url: str, worker_id: str | None, volunteer: str | None, concurrency: int | None,
+        keepalive: int | None, grace: float, username: str | None, health_file: str | None, verbose: int) -> None:
+    """Connect to the broker and run tasks until stopped.
+
+    The first SIGTERM or Ctrl-C drains: no new tasks, running ones get --grace seconds, then
+    an offline presence and a clean disconnect. A second one stops at once.
+    """
+    _setup_logging(verbose)
+    try:
+        settings = AgentSettings.from_options(
+            broker_url, worker_id=worker_id, volunteer=volunteer, concurrency=concurrency, keepalive=keepalive,
+            grace=grace, username=username, password=os.environ.get(PASSWORD_ENV) or None, health_file=health_file,
+        )
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    agent = Agent(settings, Registry.load())
+    agent.install_signal_handlers()
+    sys.exit(agent.run())
+
+
+@main.command()
+@click.option("--health-file", envvar=HEALTH_FILE_ENV, default=HEALTH_FILE, show_default=True,
+              type=click.Path(dir_okay=False), help=f"The file `agent run` writes [env {HEALTH_FILE_ENV}]")
+@click.option("--json", "as_json", is_flag=True, help="Print the health as JSON.")
+def check(health_file: str, as_json: bool) -> None:
+    """Exit 0 if this machine's agent is running and connected, else 1 with the reason."""
+    try:
+        health = check_health(Path(health_file))
+    except HealthError as exc:
+        if as_json:
+            click.echo(json.dumps({"healthy": False, "reason": str(exc)}))
+        else:
+            click.echo(f"unhealthy: {exc}")
+        sys.exit(EXIT_FAILURE)
+    if as_json:
+        click.echo(json.dumps({"healthy": True, **asdict(health)}))
+    else:
+        click.echo(f"healthy: {health.describe(time.time())}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the functions as JSON.")
+def functions(as_json: bool) -> None:
+    """List the task functions this worker offers (built-ins and installed packages)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    registry = Registry.load()
+    rows = [{"name": f.name, "signature": f"{f.name}{f.signature or '(...)'}", "source": f.source,
+             "target": f.target, "summary": f.summary} for f in registry]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table("function", "source", "what it does", title=f"{len(rows)} task functions")
+    for row in rows:
+        table.add_row(escape(row["signature"]), escape(row["source"]), escape(row["summary"]))
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Defaults of the worker agent, gathered in one place (as rq's defaults.py).
+
+Broker-wide defaults (keepalive, payload limit, topic root) live in broker/defaults.py.
+"""
+
+from __future__ import annotations
+
+# Seconds a draining agent lets running tasks finish before it kills and reports them.
+GRACE_SECONDS = 30.0
+
+# Environment variables read by `agent run` (the worker image is configured only by these).
+WORKER_ID_ENV = "DOCKERCOMP_WORKER_ID"
+VOLUNTEER_ENV = "DOCKERCOMP_VOLUNTEER"
+CONCURRENCY_ENV = "DOCKERCOMP_CONCURRENCY"
+USERNAME_ENV = "DOCKERCOMP_USERNAME"
+PASSWORD_ENV = "DOCKERCOMP_PASSWORD"
+# Image name and tag, set by whoever starts the container; shown in the presence.
+IMAGE_ENV = "DOCKERCOMP_IMAGE"
+# Where `agent run` writes its health and `agent check` reads it.
+HEALTH_FILE_ENV = "DOCKERCOMP_HEALTH_FILE"
+
+# Health file when DOCKERCOMP_HEALTH_FILE is unset: one agent per container, so one file.
+HEALTH_FILE = "/tmp/dockercomp-agent-health.json"
+
+# Longest pause between two health-file writes, in seconds (shorter when keepalive is).
+HEALTH_INTERVAL_SECONDS = 5.0
+
+# `agent check` calls the health file stale after this many keepalives without an update...
+HEALTH_STALE_KEEPALIVES = 3
+# ...but never sooner than this many seconds (a busy 2-core machine can lag).
+HEALTH_STALE_MIN_SECONDS = 15.0
+
+# Entry-point group under which task packages register their functions.
+ENTRY_POINT_GROUP = "dockercomp.tasks"
+
+# Tasks queued beyond the running ones; more is a coordinator bug, answered with `rejected`.
+MAX_QUEUED_TASKS = 10_000
+
+# (task_id, attempt) pairs remembered after they finish, so a redelivery is not run twice.
+REMEMBERED_FINISHED = 10_000
+
+# Seconds a new task process gets to import its modules and say it is ready.
+PROCESS_START_TIMEOUT = 60.0
+
+# Seconds between attempts to start a task process after starting one failed.
+PROCESS_RESTART_DELAY = 1.0
+
+# Longest traceback or error message sent in a result, in characters (the wire allows 16 KiB).
+MAX_ERROR_TEXT = 8 * 1024
+
+# Seconds the agent waits for the broker to acknowledge its last messages when it leaves.
+CLOSE_FLUSH_SECONDS = 5.0
+
+# Malformed messages without a readable task id are logged at most this often, in seconds.
+UNREADABLE_LOG_INTERVAL = 10.0
+
+# Largest Mandelbrot tile, in pixels: its base64 result must fit one message (256 KiB).
+MAX_TILE_PIXELS = 180_000
+
+# Largest `rounds` for sha256 and widest [lo, hi) for count_primes accepted by the built-ins.
+MAX_SHA256_ROUNDS = 100_000_000
+MAX_PRIME_RANGE = 10**10

@@ -1,0 +1,592 @@
+"""The worker agent as volunteers run it: real `agent run` processes against real brokers.
+
+The protocol contract (presence and wills, shutdown, broker restart, outcomes of bad tasks)
+runs against Mosquitto and amqtt; behaviour that does not depend on the broker runs against
+one of them. The last section drives an Agent in-process over the in-memory broker, for the
+logic that is awkward to reach from outside (redeliveries, retained tasks, seq numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.agent import Agent
+from agent.errors import HealthError
+from agent.health import Health, check_health, write_health
+from agent.settings import AgentSettings
+from agent.tasks import Registry
+from broker.memory import MemoryBroker
+from broker.messages import (
+    OfflineReason,
+    Outcome,
+    Presence,
+    PresenceState,
+    Result,
+    Task,
+)
+from broker.topics import Topics, WorkerRef
+from tests.support import Seen, Watcher, connect_client, free_port, wait_until
+from tests.support.brokers import BrokerProcess
+
+pytestmark = pytest.mark.timeout(90)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VOLUNTEER = "lab"
+KEEPALIVE = 2  # seconds; a lost agent must be reported within 1.5x this
+WILL_MARGIN = 1.5  # seconds on top of 1.5 x keepalive: broker timer granularity, loaded CI
+# Mosquitto 2.0.11 checks keepalives coarsely: a frozen client with keepalive 1, 2 or 4 was
+# dropped after 2.5-4.6 s, 3.6-4.6 s and 8.6-10.4 s here (1.5 x keepalive would be 1.5, 3, 6).
+FROZEN_MARGIN = 3.5
+TOPICS = Topics()
+
+# A scientist's task package, installed the way pip would: a module plus a dist-info
+# directory whose entry_points.txt registers its functions under dockercomp.tasks.
+PLUGIN_MODULE = textwrap.dedent('''
+    import os
+
+    def explode(message):
+        raise RuntimeError(message)
+
+    def die():
+        os._exit(7)
+''')
+PLUGIN_ENTRY_POINTS = textwrap.dedent('''
+    [dockercomp.tasks]
+    explode = labtasks:explode
+    die = labtasks:die
+''')
+
+
+@pytest.fixture(scope="module")
+def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("site")
+    (root / "labtasks.py").write_text(PLUGIN_MODULE)
+    dist = root / "labtasks-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: labtasks\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(PLUGIN_ENTRY_POINTS)
+    return root
+
+
+def agent_command() -> list[str]:
+    """The installed `agent` console script when there is one, else the module."""
+    script = Path(sys.executable).with_name("agent")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "agent.cli"]
+
+
+class AgentProcess:
+    """`agent run` in a child process, with its log and health file in the test's directory."""
+
+    def __init__(self, url: str, worker: str, workdir: Path, plugin_dir: Path, *, args: list[str] | None = None) -> None:
+        self.worker = worker
+        self.ref = WorkerRef(VOLUNTEER, worker)
+        self.health_file = workdir / f"{worker}.health.json"
+        self.log_path = workdir / f"{worker}.log"
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", DOCKERCOMP_HEALTH_FILE=str(self.health_file),
+                        PYTHONPATH=os.pathsep.join([str(plugin_dir), str(REPO_ROOT)]))
+        self.command = [*agent_command(), "run", "--broker", url, "--worker-id", worker, "--volunteer", VOLUNTEER,
+                        "--concurrency", "2", "--keepalive", str(KEEPALIVE), "--grace", "10", "-v", *(args or [])]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProcess:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                            env=self.env)
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float = 20) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def agents(request: pytest.FixtureRequest, tmp_path: Path, plugin_dir: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Factory: agents("w1", url) starts `agent run`; all are killed after the test."""
+    started: list[AgentProcess] = []
+
+    def start(worker: str, url: str, *args: str) -> AgentProcess:
+        agent = AgentProcess(url, worker, tmp_path, plugin_dir, args=list(args)).start()
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop()
+        if getattr(getattr(request.node, "report_call", None), "failed", False):
+            print(f"\n--- agent {agent.worker} log ---\n{agent.log()[-4000:]}")
+
+
+def started(agent: AgentProcess, task_id: str, function: str) -> None:
+    """Wait until the agent's log (-v) says the task is running in a task process."""
+    wait_until(lambda: f"task {task_id} attempt 1 ({function}) started" in agent.log(), timeout=10)
+
+
+def send_task(url: str, worker: str, payload: bytes | Task) -> None:
+    body = payload.encode() if isinstance(payload, Task) else payload
+    client = connect_client(url)
+    try:
+        client.publish(TOPICS.tasks(WorkerRef(VOLUNTEER, worker)), body, qos=1).wait_for_publish(5)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def task(task_id: str, function: str, *args: Any, timeout: float = 30.0, attempt: int = 1) -> Task:
+    return Task(task_id=task_id, job_id="1", attempt=attempt, function=function, args=list(args), timeout=timeout)
+
+
+def presence(message: Seen) -> Presence:
+    return Presence.decode(message.payload)
+
+
+def is_presence(state: PresenceState, reason: OfflineReason | None = None) -> Callable[[Seen], bool]:
+    def match(message: Seen) -> bool:
+        if not message.topic.endswith("/presence"):
+            return False
+        p = presence(message)
+        return p.state is state and (reason is None or p.reason is reason)
+    return match
+
+
+def is_result(task_id: str) -> Callable[[Seen], bool]:
+    return lambda m: m.topic.endswith("/results") and Result.decode(m.payload).task_id == task_id
+
+
+def result_of(watcher: Watcher, task_id: str, timeout: float = 15) -> Result:
+    return Result.decode(watcher.wait_for(is_result(task_id), timeout=timeout).payload)
+
+
+def worker_filter(worker: str) -> str:
+    return f"dockercomp/workers/{VOLUNTEER}/{worker}/#"
+
+
+# --- presence and wills ------------------------------------------------------------------------------------
+
+
+def test_a_killed_agent_is_reported_lost_at_once_and_its_restart_has_a_higher_seq(
+    broker: BrokerProcess, agents: Callable[..., AgentProcess]
+) -> None:
+    with Watcher(broker.url, worker_filter("w1")) as watcher:
+        first = agents("w1", broker.url)
+        online = presence(watcher.wait_for(is_presence(PresenceState.ONLINE)))
+        assert (online.worker, online.volunteer, online.capacity) == ("w1", VOLUNTEER, 2)
+        assert {"add", "sleep", "mandelbrot_tile", "explode", "die"} <= set(online.functions)
+
+        first.process.kill()  # type: ignore[union-attr]  # kill -9: the broker sees the socket close
+        killed_at = time.monotonic()
+        will = presence(watcher.wait_for(is_presence(PresenceState.OFFLINE), timeout=1.5 * KEEPALIVE + WILL_MARGIN))
+        assert time.monotonic() - killed_at <= 1.5 * KEEPALIVE + WILL_MARGIN
+        assert will.reason is OfflineReason.LOST and will.seq == online.seq
+
+        watcher.clear()
+        agents("w1", broker.url)  # the same worker comes back
+        again = presence(watcher.wait_for(is_presence(PresenceState.ONLINE)))
+    assert again.seq > will.seq
+    # Late subscribers (the coordinator after a restart) see the current state: retained.
+    with Watcher(broker.url, TOPICS.presence(WorkerRef(VOLUNTEER, "w1"))) as late:
+        retained = late.wait_for(lambda m: True)
+    assert retained.retain and presence(retained).seq == again.seq and presence(retained).state is PresenceState.ONLINE
+
+
+def test_a_frozen_agent_is_reported_lost_within_one_and_a_half_keepalives_then_outranks_its_will(
+    mosquitto: BrokerProcess, agents: Callable[..., AgentProcess]
+) -> None:
+    # Mosquitto only: amqtt 0.12 ignores its keepalive read timeout (BrokerProtocolHandler.
+    # handle_read_timeout is `pass`), so there a silent client is never dropped and its will
+    # fires only when the TCP connection closes (see docs/protocol.md).
+    broker = mosquitto
+    with Watcher(broker.url, worker_filter("w2")) as watcher:
+        agent = agents("w2", broker.url)
+        online = presence(watcher.wait_for(is_presence(PresenceState.ONLINE)))
+
+        agent.signal(signal.SIGSTOP)  # hung or cut off: the socket stays open, only keepalive tells
+        stopped_at = time.monotonic()
+        limit = 1.5 * KEEPALIVE + FROZEN_MARGIN
+        will = presence(watcher.wait_for(is_presence(PresenceState.OFFLINE), timeout=limit))
+        assert KEEPALIVE <= time.monotonic() - stopped_at <= limit  # the keepalive, not a closed socket
+        assert will.reason is OfflineReason.LOST and will.seq == online.seq
+
+        agent.signal(signal.SIGCONT)  # it wakes up, finds its connection gone, reconnects
+        back = presence(watcher.wait_for(lambda m: is_presence(PresenceState.ONLINE)(m) and presence(m).seq > will.seq,
+                                         timeout=15))
+    assert back.seq > will.seq  # so a coordinator can tell the will was stale
+
+
+# --- shutdown ---------------------------------------------------------------------------------------------------
+
+
+def test_sigterm_lets_the_running_task_finish_then_says_goodbye(
+    broker: BrokerProcess, agents: Callable[..., AgentProcess]
+) -> None:
+    with Watcher(broker.url, worker_filter("w3")) as watcher:
+        agent = agents("w3", broker.url)
+        watcher.wait_for(is_presence(PresenceState.ONLINE))
+        wait_until(lambda: check_health(agent.health_file).connected)
+        send_task(broker.url, "w3", task("10", "sleep", 1.0))
+        started(agent, "10", "sleep")
+
+        agent.signal(signal.SIGTERM)
+        send_task(broker.url, "w3", task("11", "add", 1, 2))  # arrives while draining: not taken
+        assert agent.wait(20) == 0
+        goodbye = watcher.wait_for(is_presence(PresenceState.OFFLINE))
+        outputs = [m for m in watcher.messages if m.topic.endswith(("/results", "/presence"))]
+
+    assert presence(goodbye).reason is OfflineReason.SHUTDOWN
+    finished = Result.decode(outputs[-2].payload)  # the result came right before the goodbye
+    assert (finished.task_id, finished.outcome, finished.value) == ("10", Outcome.OK, 1.0)
+    assert not any(is_result("11")(m) for m in outputs)
+    assert not agent.health_file.exists()  # `agent check` now fails: nothing runs here
+
+
+def test_a_second_signal_stops_at_once_and_reports_the_killed_task(
+    mosquitto: BrokerProcess, agents: Callable[..., AgentProcess]
+) -> None:
+    with Watcher(mosquitto.url, worker_filter("w4")) as watcher:
+        agent = agents("w4", mosquitto.url)
+        watcher.wait_for(is_presence(PresenceState.ONLINE))
+        send_task(mosquitto.url, "w4", task("20", "sleep", 60))
+        started(agent, "20", "sleep")
+
+        agent.signal(signal.SIGTERM)
+        wait_until(lambda: "draining" in agent.log(), timeout=5)
+        signalled_at = time.monotonic()
+        agent.signal(signal.SIGINT)
+        assert agent.wait(10) == 0
+        assert time.monotonic() - signalled_at < 3
+        killed = result_of(watcher, "20")
+        goodbye = presence(watcher.wait_for(is_presence(PresenceState.OFFLINE)))
+    assert killed.outcome is Outcome.CRASHED and killed.error is not None and killed.error.type == "Shutdown"
+    assert goodbye.reason is OfflineReason.SHUTDOWN
+
+
+def test_tasks_still_running_when_the_grace_period_ends_are_killed_and_reported(
+    mosquitto: BrokerProcess, agents: Callable[..., AgentProcess]
+) -> None:
+    with Watcher(mosquitto.url, worker_filter("w5")) as watcher:
+        agent = agents("w5", mosquitto.url, "--grace", "0.5")
+        watcher.wait_for(is_presence(PresenceState.ONLINE))
+        send_task(mosquitto.url, "w5", task("30", "sleep", 60))
+        started(agent, "30", "sleep")
+        agent.signal(signal.SIGTERM)
+        assert agent.wait(10) == 0
+        killed = result_of(watcher, "30")
+        watcher.wait_for(is_presence(PresenceState.OFFLINE, OfflineReason.SHUTDOWN))
+    assert killed.outcome is Outcome.CRASHED and "grace period" in killed.error.message  # type: ignore[union-attr]
+
+
+# --- broker restart ---------------------------------------------------------------------------------------------
+
+
+class Gate:
+    """A TCP relay in front of the broker that the test can close, so the agent reconnects
+    only once the test's own subscriber is back (clean sessions: a result sent before the
+    subscriber returns would reach nobody, by design)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.open = threading.Event()
+        self.open.set()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._closing = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            if not self.open.is_set():
+                client.close()  # refused, as a broker still down would be
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=2)
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while True:
+                readable, _, _ = select.select([a, b], [], [], 1.0)
+                for source in readable:
+                    data = source.recv(65536)
+                    if not data:
+                        return
+                    (b if source is a else a).sendall(data)
+        except OSError:
+            return
+        finally:
+            a.close()
+            b.close()
+
+    def close(self) -> None:
+        self._closing = True
+        self._server.close()
+
+
+def test_after_a_broker_restart_the_agent_reannounces_and_delivers_a_result_made_meanwhile(
+    broker: BrokerProcess, agents: Callable[..., AgentProcess]
+) -> None:
+    gate = Gate(broker.port)
+    try:
+        with Watcher(broker.url, worker_filter("w6")) as watcher:
+            agent = agents("w6", gate.url)
+            before = presence(watcher.wait_for(is_presence(PresenceState.ONLINE)))
+            send_task(broker.url, "w6", task("40", "sleep", 1.0))
+            started(agent, "40", "sleep")
+
+        gate.open.clear()
+        broker.kill()
+        broker.start()
+        # The task finishes while the agent is cut off from the broker.
+        wait_until(lambda: "task 40 attempt 1 finished: ok" in agent.log(), timeout=10)
+        assert not json.loads(agent.health_file.read_text())["connected"]
+        with Watcher(broker.url, worker_filter("w6")) as watcher:
+            gate.open.set()
+            finished = result_of(watcher, "40", timeout=20)
+            again = presence(watcher.wait_for(
+                lambda m: is_presence(PresenceState.ONLINE)(m) and presence(m).seq > before.seq))
+    finally:
+        gate.close()
+    assert (finished.outcome, finished.value) == (Outcome.OK, 1.0)
+    assert again.seq > before.seq
+
+
+# --- outcomes ------------------------------------------------------------------------------------------------------
+
+
+def test_every_kind_of_bad_task_gets_its_documented_answer_and_the_agent_keeps_serving(
+    broker: BrokerProcess, agents: Callable[..., AgentProcess]
+) -> None:
+    with Watcher(broker.url, worker_filter("w7")) as watcher:
+        agent = agents("w7", broker.url)
+        watcher.wait_for(is_presence(PresenceState.ONLINE))
+        for bad in (
+            task("50", "explode", "lab notebook on fire"),
+            task("51", "sleep", 30, timeout=0.5),
+            task("52", "die"),
+            task("53", "os.system", "rm -rf /"),  # never imported: only registered names exist
+            task("54", "add", 1),
+            b'{"v":1,"task_id":"55","attempt":3,"function":"add","args":"not a list"}',
+            b"\x00\xffnot even json",
+        ):
+            send_task(broker.url, "w7", bad)
+        send_task(broker.url, "w7", task("56", "add", 2, 40))
+
+        results = {tid: result_of(watcher, tid) for tid in ("50", "51", "52", "53", "54", "55", "56")}
+        time.sleep(0.3)  # nothing more may come: the unreadable payload gets no answer
+        answered = {Result.decode(m.payload).task_id for m in watcher.messages if m.topic.endswith("/results")}
+
+    expected = {
+        "50": (Outcome.ERROR, "RuntimeError"), "51": (Outcome.TIMEOUT, "Timeout"), "52": (Outcome.CRASHED, "ProcessDied"),
+        "53": (Outcome.REJECTED, "UnknownFunction"), "54": (Outcome.REJECTED, "BadArguments"),
+        "55": (Outcome.REJECTED, "MalformedTask"),
+    }
+    for tid, (outcome, error_type) in expected.items():
+        assert results[tid].outcome is outcome, (tid, results[tid])
+        assert results[tid].error is not None and results[tid].error.type == error_type, (tid, results[tid].error)
+        assert (results[tid].worker, results[tid].volunteer) == ("w7", VOLUNTEER)
+    assert "lab notebook on fire" in results["50"].error.message  # type: ignore[union-attr]
+    assert "explode" in results["50"].error.traceback  # type: ignore[union-attr]
+    assert "exited with code 7" in results["52"].error.message  # type: ignore[union-attr]
+    assert results["55"].attempt == 3
+    assert (results["56"].outcome, results["56"].value) == (Outcome.OK, 42)
+    assert answered == set(results)
+    assert "without a readable task id" in agent.log()
+    assert agent.process is not None and agent.process.poll() is None
+
+
+# --- command line -----------------------------------------------------------------------------------------------
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, plugin_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = dict(os.environ, **(env or {}))
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(plugin_dir or ""), str(REPO_ROOT)]))
+    return subprocess.run([*agent_command(), *args], capture_output=True, text=True, env=full_env, timeout=30)
+
+
+def test_agent_check_follows_the_agent(mosquitto: BrokerProcess, agents: Callable[..., AgentProcess], tmp_path: Path) -> None:
+    agent = agents("w8", mosquitto.url)
+    env = {"DOCKERCOMP_HEALTH_FILE": str(agent.health_file)}
+    wait_until(lambda: agent.health_file.exists() and json.loads(agent.health_file.read_text())["connected"], timeout=15)
+    healthy = run_cli("check", env=env)
+    assert healthy.returncode == 0 and "healthy" in healthy.stdout and "lab/w8" in healthy.stdout
+
+    mosquitto.kill()
+    wait_until(lambda: not json.loads(agent.health_file.read_text())["connected"], timeout=10)
+    down = run_cli("check", "--json", env=env)
+    assert down.returncode == 1 and json.loads(down.stdout)["healthy"] is False
+    assert "not been connected" in json.loads(down.stdout)["reason"]
+
+    agent.process.kill()  # type: ignore[union-attr]
+    agent.wait()
+    gone = run_cli("check", env=env)
+    assert gone.returncode == 1 and "is not running" in gone.stdout
+    missing = run_cli("check", env={"DOCKERCOMP_HEALTH_FILE": str(tmp_path / "nothing.json")})
+    assert missing.returncode == 1 and "no health file" in missing.stdout and "agent run" in missing.stdout
+
+
+def test_agent_functions_lists_built_ins_and_installed_packages(plugin_dir: Path) -> None:
+    listed = run_cli("functions", "--json", plugin_dir=plugin_dir)
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["name"]: row for row in json.loads(listed.stdout)}
+    assert {"add", "sum", "sleep", "sha256", "count_primes", "noop", "mandelbrot_tile", "explode", "die"} <= set(rows)
+    assert rows["explode"]["source"] == "labtasks" and rows["add"]["source"] == "built-in"
+
+
+@pytest.mark.parametrize("args, env, hint", [
+    (["--worker-id", "a/b"], {}, "--worker-id"),
+    (["--concurrency", "0"], {}, "--concurrency"),
+    (["--broker", "http://x"], {}, "mqtt://"),
+    ([], {"DOCKERCOMP_CONCURRENCY": "many"}, "many"),
+])
+def test_bad_options_give_one_line_and_exit_2(args: list[str], env: dict[str, str], hint: str) -> None:
+    done = run_cli("run", *args, env=env)
+    assert done.returncode == 2
+    assert hint in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_unreachable_broker_is_retried_with_a_readable_reason(agents: Callable[..., AgentProcess]) -> None:
+    agent = agents("w9", f"mqtt://127.0.0.1:{free_port()}")
+    wait_until(lambda: "connection refused" in agent.log(), timeout=10)
+    assert agent.process is not None and agent.process.poll() is None  # still trying
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(15) == 0
+
+
+# --- in-process logic over the memory broker ------------------------------------------------------------------
+
+
+@pytest.fixture
+def memory_agent(tmp_path: Path) -> Iterator[tuple[Agent, MemoryBroker, list[Result]]]:
+    """An Agent on the in-memory broker, run in a thread, with the results it publishes."""
+    broker = MemoryBroker()
+    settings = AgentSettings.from_options("mqtt://memory", worker_id="m1", volunteer=VOLUNTEER, concurrency=1,
+                                          health_file=str(tmp_path / "h.json"), host="test", container=None, environ={})
+    ref = settings.worker
+    results: list[Result] = []
+    observer = broker.connect("observer")
+    observer.on_message = lambda t, p, r: results.append(Result.decode(p)) if t == TOPICS.results(ref) else None
+    observer.subscribe(TOPICS.results(ref))
+    observer.start()
+    agent = Agent(settings, Registry.load(), transport=broker.connect(settings.client_id),
+                  now_ns=lambda: 1_000_000_000_000_000)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    wait_until(lambda: broker.retained.get(TOPICS.presence(ref)))
+    yield agent, broker, results
+    agent.stop(now=True)
+    thread.join(10)
+
+
+def publish_memory(broker: MemoryBroker, payload: bytes, retain: bool = False) -> None:
+    broker.deliver(TOPICS.tasks(WorkerRef(VOLUNTEER, "m1")), payload, retain)
+
+
+def test_a_redelivered_task_runs_once(memory_agent: tuple[Agent, MemoryBroker, list[Result]]) -> None:
+    agent, broker, results = memory_agent
+    same = task("1", "sleep", 0.3).encode()
+    publish_memory(broker, same)
+    publish_memory(broker, same)  # while held
+    wait_until(lambda: results)
+    publish_memory(broker, same)  # after it was answered
+    publish_memory(broker, task("1", "add", 1, 1, attempt=2).encode())  # a new attempt is new work
+    wait_until(lambda: len(results) == 2)
+    time.sleep(0.3)
+    assert [(r.task_id, r.attempt) for r in results] == [("1", 1), ("1", 2)]
+    assert agent.counts["duplicates"] == 2
+
+
+def test_retained_and_foreign_messages_are_not_tasks(memory_agent: tuple[Agent, MemoryBroker, list[Result]]) -> None:
+    agent, broker, results = memory_agent
+    agent._on_message("dockercomp/workers/lab/other/tasks", task("7", "noop").encode(), False)
+    agent._on_message(TOPICS.tasks(agent.ref), task("8", "noop").encode(), True)
+    publish_memory(broker, task("9", "noop").encode())
+    wait_until(lambda: results)
+    time.sleep(0.2)
+    assert [r.task_id for r in results] == ["9"]
+
+
+def test_presence_and_will_share_a_seq_that_grows_per_connection(
+    memory_agent: tuple[Agent, MemoryBroker, list[Result]]
+) -> None:
+    agent, broker, _ = memory_agent
+    online = Presence.decode(broker.retained[agent.presence_topic])
+    will = Presence.decode(agent.transport._will.payload)  # type: ignore[attr-defined, union-attr]
+    assert online.state is PresenceState.ONLINE and will.reason is OfflineReason.LOST
+    assert online.seq == will.seq == 1_000_000_000_000  # max(previous + 1, now in microseconds)
+    assert agent._make_will() and agent._seq == online.seq + 1  # the clock did not move: still grows
+
+
+# --- the health file, judged by `agent check` ----------------------------------------------------------------
+
+
+def health(**changes: Any) -> Health:
+    base = dict(pid=os.getpid(), worker="lab/w1", broker="mqtt://b:1883", state="running", connected=True,
+                since=1000.0, updated=1000.0, keepalive=10)
+    return Health(**{**base, **changes})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("written, now, alive, problem", [
+    (health(), 1001.0, True, None),
+    (health(state="draining"), 1001.0, True, None),
+    (health(), 1000.0 + 31, True, "has not updated"),  # 3 keepalives without a write: hung
+    (health(keepalive=1), 1000.0 + 14, True, None),  # but never stale sooner than 15 s
+    (health(connected=False, since=990.0, last_error="connection refused"), 1001.0, True,
+     "has not been connected to mqtt://b:1883 for 11 s: connection refused"),
+    (health(), 1001.0, False, "is not running"),
+])
+def test_check_health_judges_freshness_connection_and_process(
+    tmp_path: Path, written: Health, now: float, alive: bool, problem: str | None
+) -> None:
+    path = tmp_path / "health.json"
+    write_health(path, written)
+    if problem is None:
+        assert check_health(path, now=lambda: now, alive=lambda pid: alive) == written
+    else:
+        with pytest.raises(HealthError, match=problem):
+            check_health(path, now=lambda: now, alive=lambda pid: alive)
+
+
+@pytest.mark.parametrize("content, problem", [(None, "no health file"), ("{not json", "unreadable"), ('{"pid": 1}', "incomplete")])
+def test_check_health_explains_a_missing_or_broken_file(tmp_path: Path, content: str | None, problem: str) -> None:
+    path = tmp_path / "health.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(HealthError, match=problem):
+        check_health(path)

@@ -1,0 +1,352 @@
+"""The task process pool (real processes that return, raise, hang, crash and segfault), and the
+task functions it runs: the registry and the built-ins."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.builtins import (
+    add,
+    count_primes,
+    mandelbrot_tile,
+    noop,
+    sha256,
+    sleep,
+    sum_numbers,
+)
+from agent.errors import BadArguments, UnknownFunction
+from agent.runner import (
+    CRASH_ERROR,
+    RESULT_ERROR,
+    SHUTDOWN_ERROR,
+    TIMEOUT_ERROR,
+    TOO_LARGE_ERROR,
+    Finished,
+    Job,
+    Runner,
+)
+from agent.tasks import BUILTINS, Registry
+from broker.messages import Outcome
+from tests.support import wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+# Misbehaving task functions, written to a module the task processes import.
+BAD_TASKS = textwrap.dedent('''
+    import ctypes, os, time
+
+    def divide(a, b):
+        return a / b
+
+    def exit_hard(code):
+        os._exit(code)
+
+    def segfault():
+        ctypes.string_at(0)
+
+    def returns_a_set():
+        return {1, 2}
+
+    def returns_too_much():
+        return "x" * 300_000
+
+    def pid():
+        return os.getpid()
+
+    def nap_then_pid(seconds):
+        time.sleep(seconds)
+        return os.getpid()
+''')
+
+
+@pytest.fixture
+def targets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    (tmp_path / "badtasks.py").write_text(BAD_TASKS)
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawn hands sys.path to the task processes
+    names = ["divide", "exit_hard", "segfault", "returns_a_set", "returns_too_much", "pid", "nap_then_pid"]
+    return {**BUILTINS, **{name: f"badtasks:{name}" for name in names}}
+
+
+@pytest.fixture
+def runner(targets: dict[str, str]) -> Iterator[Runner]:
+    pool = Runner(targets, concurrency=2)
+    pool.start()
+    yield pool
+    pool.stop()
+
+
+def run_all(runner: Runner, *jobs: Job, timeout: float = 20.0) -> dict[object, Finished]:
+    """Submit jobs, poll until each has finished; results by job key."""
+    for job in jobs:
+        runner.submit(job)
+    done: dict[object, Finished] = {}
+    deadline = time.monotonic() + timeout
+    while len(done) < len(jobs):
+        assert time.monotonic() < deadline, f"only {sorted(map(str, done))} of {len(jobs)} finished"
+        for finished in runner.poll(0.2):
+            done[finished.key] = finished
+    return done
+
+
+def test_a_function_result_comes_back_with_its_elapsed_time(runner: Runner) -> None:
+    done = run_all(runner, Job("a", "add", [2, 3]), Job("p", "count_primes", [0, 100_000]))
+    assert done["a"].outcome is Outcome.OK and done["a"].value == 5
+    assert done["p"].value == 9592
+    assert 0 <= done["a"].elapsed < 5
+
+
+def test_an_exception_becomes_an_error_with_type_message_and_traceback(runner: Runner) -> None:
+    error = run_all(runner, Job("e", "divide", [1, 0]))["e"]
+    assert error.outcome is Outcome.ERROR
+    assert error.error is not None
+    assert error.error.type == "ZeroDivisionError"
+    assert error.error.message == "division by zero"
+    assert "in divide" in error.error.traceback and "return a / b" in error.error.traceback
+    assert "_child_main" not in error.error.traceback  # the scientist's frames only
+
+
+def test_a_task_past_its_time_limit_is_killed_and_the_pool_goes_on(runner: Runner) -> None:
+    started = time.monotonic()
+    done = run_all(runner, Job("slow", "sleep", [30], timeout=0.5))
+    assert time.monotonic() - started < 5
+    assert done["slow"].outcome is Outcome.TIMEOUT
+    assert done["slow"].error is not None and done["slow"].error.type == TIMEOUT_ERROR
+    assert "0.5 s" in done["slow"].error.message
+    assert 0.5 <= done["slow"].elapsed < 2
+    # Both slots work afterwards.
+    after = run_all(runner, Job(1, "add", [1, 1]), Job(2, "add", [2, 2]))
+    assert [after[1].value, after[2].value] == [2, 4]
+
+
+@pytest.mark.parametrize("job, how", [
+    (Job("x", "exit_hard", [3]), "exited with code 3"),
+    (Job("x", "segfault", []), "killed by signal SIGSEGV"),
+])
+def test_a_task_that_kills_its_process_is_reported_crashed_and_replaced(runner: Runner, job: Job, how: str) -> None:
+    old = set(runner.pids())
+    crashed = run_all(runner, job)["x"]
+    assert crashed.outcome is Outcome.CRASHED
+    assert crashed.error is not None and crashed.error.type == CRASH_ERROR and how in crashed.error.message
+    after = run_all(runner, *(Job(i, "add", [i, 1]) for i in range(4)))
+    assert [after[i].value for i in range(4)] == [1, 2, 3, 4]
+    assert runner.crashes == 1
+    assert set(runner.pids()) != old and len(runner.pids()) == 2
+
+
+def test_every_task_of_a_crash_storm_is_answered(runner: Runner) -> None:
+    jobs = [Job(i, "exit_hard" if i % 2 else "add", [1] if i % 2 else [i, 0]) for i in range(10)]
+    done = run_all(runner, *jobs)
+    assert [done[i].outcome for i in range(10)] == [Outcome.OK, Outcome.CRASHED] * 5
+    assert [done[i].value for i in range(0, 10, 2)] == [0, 2, 4, 6, 8]
+
+
+def test_results_that_cannot_be_sent_are_errors(runner: Runner) -> None:
+    done = run_all(runner, Job("set", "returns_a_set"), Job("big", "returns_too_much"))
+    assert done["set"].outcome is Outcome.ERROR and done["set"].error.type == RESULT_ERROR  # type: ignore[union-attr]
+    assert "set" in done["set"].error.message  # type: ignore[union-attr]
+    assert done["big"].outcome is Outcome.ERROR and done["big"].error.type == TOO_LARGE_ERROR  # type: ignore[union-attr]
+
+
+def test_tasks_run_in_parallel_up_to_the_concurrency_and_queue_beyond(runner: Runner) -> None:
+    started = time.monotonic()
+    done = run_all(runner, *(Job(i, "nap_then_pid", [0.4]) for i in range(4)))
+    elapsed = time.monotonic() - started
+    assert 0.8 <= elapsed < 1.6  # two rounds of two, not four in a row nor four at once
+    assert len({done[i].value for i in range(4)}) == 2  # the same two long-lived processes
+
+
+def test_the_time_limit_does_not_include_starting_the_process(targets: dict[str, str]) -> None:
+    pool = Runner(targets, concurrency=1)
+    pool.start()  # spawning and importing takes longer than this task's whole limit
+    try:
+        done = run_all(pool, Job("quick", "sleep", [0.05], timeout=0.1))
+    finally:
+        pool.stop()
+    assert done["quick"].outcome is Outcome.OK
+
+
+def test_many_tiny_tasks_are_cheap(runner: Runner) -> None:
+    run_all(runner, Job("warm", "noop"))
+    started = time.monotonic()
+    done = run_all(runner, *(Job(i, "noop") for i in range(2000)))
+    rate = len(done) / (time.monotonic() - started)
+    assert all(f.outcome is Outcome.OK for f in done.values())
+    assert rate > 1000, f"only {rate:.0f} tasks/s"
+
+
+def test_ctrl_c_in_the_terminal_does_not_kill_running_tasks(runner: Runner) -> None:
+    runner.submit(Job("nap", "nap_then_pid", [0.5]))
+    wait_until(lambda: runner.poll(0.05) == [] and runner.running == ["nap"])
+    for pid in runner.pids():
+        os.kill(pid, signal.SIGINT)  # what a terminal's Ctrl-C sends the whole process group
+    finished = wait_until(lambda: runner.poll(0.1))
+    assert finished[0].key == "nap" and finished[0].outcome is Outcome.OK
+
+
+def test_draining_helpers_drop_queued_and_kill_running(runner: Runner) -> None:
+    for i in range(4):
+        runner.submit(Job(i, "sleep", [30]))
+    wait_until(lambda: runner.poll(0.05) == [] and len(runner.running) == 2)
+    assert [job.key for job in runner.drop_queued()] == [2, 3]
+    killed = runner.kill_running("grace period over")
+    assert sorted(f.key for f in killed) == [0, 1]  # type: ignore[type-var]
+    assert all(f.outcome is Outcome.CRASHED and f.error.type == SHUTDOWN_ERROR for f in killed)  # type: ignore[union-attr]
+    assert runner.pids() == []
+
+
+def test_plain_fork_is_refused() -> None:
+    with pytest.raises(ValueError, match="fork"):
+        Runner(BUILTINS, 1, start_method="fork")
+
+
+def test_task_processes_die_with_a_killed_agent(tmp_path: Path) -> None:
+    script = textwrap.dedent('''
+        import sys, time
+        from agent.runner import Runner, Job
+        from agent.tasks import BUILTINS
+        if __name__ == "__main__":
+            pool = Runner(BUILTINS, 2)
+            pool.start()
+            pool.submit(Job(1, "sleep", [60], timeout=120))
+            while not pool.running:
+                pool.poll(0.05)
+            print(*pool.pids(), flush=True)
+            time.sleep(60)
+    ''')
+    (tmp_path / "agent_like.py").write_text(script)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path]))
+    process = subprocess.Popen([sys.executable, str(tmp_path / "agent_like.py")], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert process.stdout is not None
+        pids = [int(p) for p in process.stdout.readline().split()]
+        assert len(pids) == 2
+        process.kill()  # kill -9: no cleanup code runs in the parent
+        process.wait()
+
+        def gone(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            # A zombie waiting for init to reap it is gone too.
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+
+        wait_until(lambda: all(gone(pid) for pid in pids), timeout=5)
+    finally:
+        process.kill()
+        process.wait()
+
+
+# --- the task functions: registry and built-ins ----------------------------------------------------
+
+
+def install_plugin(root: Path, module: str, source: str, entry_points: str) -> None:
+    """What `pip install` of a task package leaves on sys.path: a module and its dist-info."""
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    dist = root / f"{module}-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(textwrap.dedent(entry_points))
+
+
+def test_registry_offers_built_ins_and_installed_entry_points(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    install_plugin(tmp_path, "sciencepkg", """
+        def render(x, y=0):
+            \"\"\"Render one thing.\"\"\"
+            return x + y
+
+        def add(a, b):
+            return 0
+    """, """
+        [dockercomp.tasks]
+        render = sciencepkg:render
+        add = sciencepkg:add
+        broken = sciencepkg:does_not_exist
+        missing = no_such_module:f
+    """)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = Registry.load()
+
+    assert {"add", "sum", "sleep", "sha256", "count_primes", "noop", "mandelbrot_tile", "render"} <= set(registry.names)
+    assert registry.get("render").source == "sciencepkg" and registry.get("render").summary == "Render one thing."
+    assert registry.get("add").target == "agent.builtins:add"  # a package cannot take over a built-in name
+    assert "broken" not in registry and "missing" not in registry  # logged and skipped, the rest still served
+    assert "'broken'" in caplog.text and "'missing'" in caplog.text and "name is taken" in caplog.text
+
+
+def test_registry_checks_names_and_arguments_before_anything_runs() -> None:
+    registry = Registry.load()
+    assert registry.check("sha256", ["x"]).name == "sha256"
+    assert registry.check("sha256", ["x", 3]).name == "sha256"
+    with pytest.raises(UnknownFunction) as unknown:
+        registry.check("os.system", ["rm -rf /"])
+    assert "it offers: add," in unknown.value.message
+    with pytest.raises(BadArguments) as bad:
+        registry.check("add", [1])
+    assert "missing a required argument: 'b'" in bad.value.message
+    with pytest.raises(BadArguments):
+        registry.check("noop", [1])
+
+
+@pytest.mark.parametrize("lo, hi, expected", [(0, 0, 0), (0, 2, 0), (0, 3, 1), (2, 3, 1), (0, 100, 25), (0, 1_000_000, 78498),
+                                              (10**9, 10**9 + 1000, 49), (7919, 7920, 1), (7918, 7919, 0)])
+def test_count_primes_known_values(lo: int, hi: int, expected: int) -> None:
+    assert count_primes(lo, hi) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 5000), st.integers(0, 3000))
+def test_count_primes_matches_trial_division(lo: int, width: int) -> None:
+    def is_prime(n: int) -> bool:
+        return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))
+    assert count_primes(lo, lo + width) == sum(map(is_prime, range(lo, lo + width)))
+
+
+def test_sha256_rounds_chain_digests() -> None:
+    assert sha256("dockercomp") == hashlib.sha256(b"dockercomp").hexdigest()
+    assert sha256("dockercomp", 2) == hashlib.sha256(hashlib.sha256(b"dockercomp").digest()).hexdigest()
+
+
+def test_mandelbrot_tile_layout_row_zero_is_the_top() -> None:
+    tile = mandelbrot_tile(-1.0, 0.0, 0.5, 1.0, 4, 2, 100)
+    data = base64.b64decode(tile["data"])
+    assert (tile["width"], tile["height"], tile["max_iter"], len(data)) == (4, 2, 100, 8)
+    top, bottom = data[:4], data[4:]
+    assert bottom[0] == 255  # (-1, 0) is inside the set: bottom row is y_min = 0
+    assert top[0] < 255  # (-1, 1) escapes: top row is y_max = 1
+    assert top[0] == 3 * 254 // 100  # it escapes after 3 iterations
+
+
+def test_mandelbrot_tile_documented_example() -> None:
+    tile = mandelbrot_tile(-2.0, -1.0, 0.5, 1.0, 4, 3, 50)
+    assert tile == {"width": 4, "height": 3, "max_iter": 50, "data": "BQ8ZCv///xkFDxkK"}
+
+
+@pytest.mark.parametrize("call, error", [
+    (lambda: add("1", 2), TypeError), (lambda: add(True, 2), TypeError), (lambda: sum_numbers([1, "2"]), TypeError),
+    (lambda: sleep(-1), ValueError), (lambda: sha256("x", 0), ValueError), (lambda: count_primes(5, 1), ValueError),
+    (lambda: mandelbrot_tile(0, 0, 1, 1, 1000, 1000), ValueError), (lambda: mandelbrot_tile(0, 0, 1, 1, 0, 1), ValueError),
+])
+def test_built_ins_refuse_bad_arguments_with_a_readable_error(call: Callable[[], object], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        call()
+
+
+def test_built_ins_compute() -> None:
+    assert add(2, 40) == 42 and sum_numbers([1, 2.5, 3]) == 6.5 and sum_numbers([]) == 0
+    assert sleep(0) == 0 and noop() is None
