@@ -37,6 +37,7 @@ from agent.defaults import (
     HEALTH_INTERVAL_SECONDS,
     MAX_QUEUED_TASKS,
     REMEMBERED_FINISHED,
+    REMEMBERED_RESULT_BYTES,
     UNREADABLE_LOG_INTERVAL,
 )
 from agent.errors import TaskRefused
@@ -125,7 +126,8 @@ class Agent:
         self._last_error = "not connected yet"
 
         self._held: dict[TaskKey, Task] = {}  # queued or running
-        self._finished: collections.OrderedDict[TaskKey, None] = collections.OrderedDict()
+        # Answered attempts: the task as received and the result payload sent (None when too big).
+        self._finished: collections.OrderedDict[TaskKey, tuple[Task, bytes | None]] = collections.OrderedDict()
         self._last_unreadable_log = float("-inf")
         self._unreadable_suppressed = 0
         self.counts: collections.Counter[str] = collections.Counter()  # for logs and tests
@@ -346,11 +348,23 @@ class Agent:
             self.counts["ignored"] += 1
             log.info("draining: task %s attempt %d not taken (the coordinator reassigns it)", *key)
             return
-        if key in self._held or key in self._finished:
+        if key in self._held:
             self.counts["duplicates"] += 1
-            log.info("task %s attempt %d received again; already %s, ignored", task.task_id, task.attempt,
-                     "held" if key in self._held else "answered")
+            log.info("task %s attempt %d received again while held; ignored", *key)
             return
+        answered = self._finished.get(key)
+        if answered is not None:
+            sent_for, payload = answered
+            if sent_for == task and payload is not None:
+                # The coordinator resends an open attempt when its answer was lost (its crash, a
+                # broker restart): send the same answer again rather than ignore or recompute.
+                self.counts["resent"] += 1
+                log.info("task %s attempt %d received again; re-sending its result", *key)
+                self._send_payload(key, payload)
+                return
+            # Same id, other content (a new coordinator database), or a result too big to keep:
+            # this is work to do.
+            del self._finished[key]
         try:
             self.registry.check(task.function, task.args)
             if self.runner.queued >= self._max_queued:
@@ -387,27 +401,34 @@ class Agent:
     # -- results ----------------------------------------------------------------------------------------
     def _report(self, finished: Finished) -> None:
         key: TaskKey = finished.key  # type: ignore[assignment]
-        self._held.pop(key, None)
-        self._finished[key] = None
-        while len(self._finished) > REMEMBERED_FINISHED:
-            self._finished.popitem(last=False)
+        task = self._held.pop(key, None)
         self.counts[finished.outcome.value] += 1
         log.debug("task %s attempt %d finished: %s in %.3f s", key[0], key[1], finished.outcome.value, finished.elapsed)
-        self._publish_result(Result(key[0], key[1], self.ref.worker, self.ref.volunteer, finished.outcome,
-                                    value=finished.value, error=finished.error, elapsed=round(finished.elapsed, 6)))
+        payload = self._publish_result(Result(key[0], key[1], self.ref.worker, self.ref.volunteer, finished.outcome,
+                                              value=finished.value, error=finished.error,
+                                              elapsed=round(finished.elapsed, 6)))
+        if task is not None:
+            self._finished[key] = (task, payload if len(payload) <= REMEMBERED_RESULT_BYTES else None)
+            while len(self._finished) > REMEMBERED_FINISHED:
+                self._finished.popitem(last=False)
 
-    def _publish_result(self, result: Result) -> None:
+    def _publish_result(self, result: Result) -> bytes:
+        """Send a result; returns the payload sent."""
         payload = result.encode()
         if len(payload) > MAX_PAYLOAD_BYTES:
             payload = Result(result.task_id, result.attempt, result.worker, result.volunteer, Outcome.ERROR,
                              error=TaskError("ResultTooLarge", f"the result is {len(payload)} bytes; "
                                              f"a message may carry {MAX_PAYLOAD_BYTES}"),
                              elapsed=result.elapsed).encode()
+        self._send_payload((result.task_id, result.attempt), payload)
+        return payload
+
+    def _send_payload(self, key: TaskKey, payload: bytes) -> None:
         try:
             # QoS 1: kept by the transport while the broker is away, sent on reconnection.
             self.transport.publish(self.result_topic, payload, qos=1)
         except BrokerError as exc:
-            log.error("result of task %s attempt %d could not be sent: %s", result.task_id, result.attempt, exc)
+            log.error("result of task %s attempt %d could not be sent: %s", key[0], key[1], exc)
 
     # -- health -------------------------------------------------------------------------------------------
     def _write_health(self) -> None:

@@ -36,8 +36,12 @@ ENTRY_POINT_GROUP = "dockercomp.tasks"
 # Tasks queued beyond the running ones; more is a coordinator bug, answered with `rejected`.
 MAX_QUEUED_TASKS = 10_000
 
-# (task_id, attempt) pairs remembered after they finish, so a redelivery is not run twice.
+# (task_id, attempt) pairs remembered after they finish, with their result, so a redelivery
+# (the coordinator resends open attempts after it restarts) is answered again without rerunning.
 REMEMBERED_FINISHED = 10_000
+
+# Results larger than this are not kept for re-sending; a redelivery of their task runs it again.
+REMEMBERED_RESULT_BYTES = 16 * 1024
 
 # Seconds a new task process gets to import its modules and say it is ready.
 PROCESS_START_TIMEOUT = 60.0

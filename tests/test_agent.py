@@ -518,18 +518,34 @@ def publish_memory(broker: MemoryBroker, payload: bytes, retain: bool = False) -
     broker.deliver(TOPICS.tasks(WorkerRef(VOLUNTEER, "m1")), payload, retain)
 
 
-def test_a_redelivered_task_runs_once(memory_agent: tuple[Agent, MemoryBroker, list[Result]]) -> None:
+def test_a_redelivered_task_runs_once_and_is_answered_again(
+    memory_agent: tuple[Agent, MemoryBroker, list[Result]],
+) -> None:
     agent, broker, results = memory_agent
     same = task("1", "sleep", 0.3).encode()
     publish_memory(broker, same)
-    publish_memory(broker, same)  # while held
+    publish_memory(broker, same)  # while held: ignored
     wait_until(lambda: results)
-    publish_memory(broker, same)  # after it was answered
+    publish_memory(broker, same)  # after it was answered (its result may have been lost): re-sent
     publish_memory(broker, task("1", "add", 1, 1, attempt=2).encode())  # a new attempt is new work
-    wait_until(lambda: len(results) == 2)
+    wait_until(lambda: len(results) == 3)
     time.sleep(0.3)
-    assert [(r.task_id, r.attempt) for r in results] == [("1", 1), ("1", 2)]
-    assert agent.counts["duplicates"] == 2
+    assert [(r.task_id, r.attempt) for r in results] == [("1", 1), ("1", 1), ("1", 2)]
+    assert results[0] == results[1]
+    assert agent.counts["duplicates"] == 1 and agent.counts["resent"] == 1
+    assert agent.counts["ok"] == 2  # the sleep ran once
+
+
+def test_a_reused_task_id_with_other_content_is_new_work(
+    memory_agent: tuple[Agent, MemoryBroker, list[Result]],
+) -> None:
+    # A coordinator started on a fresh database numbers its tasks from 1 again.
+    agent, broker, results = memory_agent
+    publish_memory(broker, task("1", "add", 1, 1).encode())
+    wait_until(lambda: results)
+    publish_memory(broker, task("1", "add", 2, 2).encode())
+    wait_until(lambda: len(results) == 2)
+    assert [r.value for r in results] == [2, 4]
 
 
 def test_retained_and_foreign_messages_are_not_tasks(memory_agent: tuple[Agent, MemoryBroker, list[Result]]) -> None:
