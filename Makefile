@@ -29,7 +29,7 @@ image: venv
 demo: venv
 	$(BIN)/python -m coordinator.demo
 
-# Throughput and latency against the raw paho + Mosquitto round trip (~5 min); results JSON in
+# Throughput and latency against the raw paho + Mosquitto round trip (2.5-5 min); results JSON in
 # bench/results/. Smaller runs: make bench BENCH_ARGS=--quick (see python -m bench --help).
 bench: system venv
 	$(BIN)/python -m bench $(BENCH_ARGS)

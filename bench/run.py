@@ -1,0 +1,246 @@
+"""The whole benchmark, phase by phase, as one library call: ``run(BenchOptions) -> dict``.
+
+Phases (each can be skipped; a failing phase is recorded with its error and the run goes on,
+so one broken part never hides the figures of the others):
+
+1. raw       paho-only round trip on Mosquitto (windowed, then window 1); with e2e, the
+             windowed run is repeated after it and the baseline is the mean of the two, so
+             a change in the machine's background load during the run hits both sides
+2. e2e       coordinator + agents on the same Mosquitto, 20,000 no-op tasks
+3. window1   coordinator + one agent of concurrency 1: one task in flight at a time
+4. amqtt     the e2e run again on the embedded amqtt broker (`broker serve`)
+5. submit    100,000 tasks into a fresh store: Python API, then `coordinator submit`
+6. scale     1,000 simulated workers on a fresh Mosquitto (bench/scale.py)
+
+Mosquitto runs the repository's mosquitto.conf, moved to a free port (bench/harness.py).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import subprocess
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import defaults
+from bench import e2e as e2e_mod
+from bench import raw as raw_mod
+from bench import scale as scale_mod
+from bench.errors import BenchError
+from bench.harness import console_script, start_broker
+from bench.report import SCHEMA_VERSION, load_average, machine, summary_line, targets
+
+PHASES = ("raw", "e2e", "window1", "amqtt", "submit", "scale")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    tasks: int = defaults.E2E_TASKS
+    workers: int = defaults.WORKERS
+    window: int = defaults.WINDOW
+    concurrency: int = defaults.AGENT_CONCURRENCY
+    latency_samples: int = defaults.LATENCY_SAMPLES
+    submit_tasks: int = defaults.SUBMIT_TASKS
+    scale_workers: int = defaults.SCALE_WORKERS
+    scale_processes: int = defaults.SCALE_PROCESSES
+    scale_tasks: tuple[int, ...] = defaults.SCALE_TASKS
+    scale_slice: int = defaults.SCALE_SLICE
+    phases: tuple[str, ...] = PHASES
+    profile: bool = False
+    keep: bool = False  # keep the work directory (logs, databases) after the run
+
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class _Run:
+    options: BenchOptions
+    workdir: Path
+    say: Say
+    results: dict[str, Any] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
+
+    def phase(self, name: str, action: Callable[[], None]) -> None:
+        if name not in self.options.phases:
+            return
+        self.say(f"[bold]{name}[/]: running")
+        started = time.perf_counter()
+        try:
+            action()
+        except BenchError as exc:
+            self.fail(name, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug in one phase must not lose the others' figures
+            self.fail(name, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}")
+        else:
+            self.say(f"[bold]{name}[/]: done in {time.perf_counter() - started:.1f} s")
+
+    def fail(self, name: str, message: str) -> None:
+        self.failed.append(name)
+        self.results.setdefault("errors", {})[name] = message
+        self.say(f"[red]{name} failed[/]: {message}")
+
+
+def run(options: BenchOptions, say: Say = lambda text: None) -> dict[str, Any]:
+    """Run the selected phases; returns the results dict (also what the JSON file holds)."""
+    unknown = set(options.phases) - set(PHASES)
+    if unknown:
+        raise BenchError(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
+    started = dt.datetime.now()
+    t0 = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="dockercomp-bench-"))
+    run_ = _Run(options, workdir, say)
+    results = run_.results
+    results.update({
+        "schema": SCHEMA_VERSION,
+        "started": started.isoformat(timespec="seconds"),
+        "machine": machine(),
+        "load_before": load_average(),
+        "options": {**asdict(options), "scale_tasks": list(options.scale_tasks), "phases": list(options.phases)},
+        "e2e": [],
+    })
+    try:
+        shared = [name for name in ("raw", "e2e", "window1") if name in options.phases]
+        mosquitto = None
+        try:
+            mosquitto = start_broker("mosquitto", workdir) if shared else None
+        except BenchError as exc:
+            for name in shared:
+                run_.fail(name, str(exc))
+        if mosquitto is not None:
+            try:
+                run_.phase("raw", lambda: _raw(run_, mosquitto))
+                run_.phase("e2e", lambda: _e2e(run_, mosquitto, "mosquitto", "e2e-mosquitto", "dockercomp"))
+                run_.phase("window1", lambda: _window1(run_, mosquitto))
+                if "raw" in run_.results and "e2e" in options.phases:
+                    run_.phase("raw", lambda: _raw_again(run_, mosquitto))
+            finally:
+                mosquitto.stop()
+        run_.phase("amqtt", lambda: _amqtt(run_))
+        run_.phase("submit", lambda: _submit(run_))
+        run_.phase("scale", lambda: _scale(run_))
+    finally:
+        if options.keep or run_.failed:
+            say(f"logs and databases kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    results["load_after"] = load_average()
+    results["duration_s"] = round(time.perf_counter() - t0, 1)
+    results["targets"] = [t.to_json() for t in targets(results)]
+    raw_rate = (results.get("raw") or {}).get("baseline_tasks_per_s")
+    e2e_rate = next((r["tasks_per_s"] for r in results["e2e"] if r["key"] == "e2e-mosquitto"), None)
+    results["ratio"] = round(e2e_rate / raw_rate, 3) if e2e_rate and raw_rate else None
+    results["cpu_ratio"] = _cpu_ratio(results)
+    results["summary"] = summary_line(e2e_rate, raw_rate)
+    return results
+
+
+def _cpu_ratio(results: dict[str, Any]) -> float | None:
+    """Raw CPU per task / e2e CPU per task (all processes of each side): what the throughput
+    ratio would be if both were CPU-bound, and steadier than it on a shared machine."""
+    raw = ((results.get("raw") or {}).get("throughput") or {}).get("cpu_ms_per_task") or {}
+    e2e = next((r.get("cpu_ms_per_task") for r in results["e2e"] if r["key"] == "e2e-mosquitto"), None) or {}
+    if not raw or not e2e or not sum(e2e.values()):
+        return None
+    return round(sum(raw.values()) / sum(e2e.values()), 3)
+
+
+# --------------------------------------------------------------------------- phases
+def _raw(run_: _Run, broker: Any) -> None:
+    o = run_.options
+    figures = raw_mod.measure(broker.host, broker.port, tasks=o.tasks, workers=o.workers, window=o.window,
+                              latency_samples=o.latency_samples, broker_pid=broker.pid)
+    run_.results["raw"] = {"broker": "mosquitto", "throughput": figures.throughput.to_json(),
+                           "window1": figures.window1.to_json() if figures.window1 else None,
+                           "baseline_tasks_per_s": figures.throughput.tasks_per_s}
+    single = f", p50 {figures.window1.latency.p50_ms:.2f} ms at window 1" if figures.window1 else ""
+    run_.say(f"  raw: {figures.throughput.tasks_per_s:,.0f} tasks/s at window {o.window}{single}")
+
+
+def _raw_again(run_: _Run, broker: Any) -> None:
+    o = run_.options
+    figures = raw_mod.measure(broker.host, broker.port, tasks=o.tasks, workers=o.workers, window=o.window,
+                              latency_samples=0, broker_pid=broker.pid)
+    raw = run_.results["raw"]
+    raw["throughput_after"] = figures.throughput.to_json()
+    raw["baseline_tasks_per_s"] = round((raw["throughput"]["tasks_per_s"] + figures.throughput.tasks_per_s) / 2, 1)
+    run_.say(f"  raw again: {figures.throughput.tasks_per_s:,.0f} tasks/s; baseline (mean) "
+             f"{raw['baseline_tasks_per_s']:,.0f} tasks/s")
+
+
+def _e2e(run_: _Run, broker: Any, broker_name: str, key: str, label: str) -> None:
+    o = run_.options
+    result = e2e_mod.measure(key=key, label=label, broker_name=broker_name, url=broker.url,
+                             workdir=run_.workdir / key, tasks=o.tasks, agents=o.workers,
+                             concurrency=o.concurrency, broker_pid=broker.pid,
+                             profile=o.profile and broker_name == "mosquitto")
+    run_.results["e2e"].append(result.to_json())
+    run_.say(f"  {label} on {broker_name}: {result.tasks_per_s:,.0f} tasks/s, p50 {result.latency.p50_ms:.2f} ms")
+
+
+def _window1(run_: _Run, broker: Any) -> None:
+    o = run_.options
+    result = e2e_mod.measure(key="e2e-window1", label="dockercomp, window 1", broker_name="mosquitto",
+                             url=broker.url, workdir=run_.workdir / "e2e-window1", tasks=o.latency_samples,
+                             agents=1, concurrency=1, broker_pid=broker.pid)
+    run_.results["e2e"].append(result.to_json())
+    run_.say(f"  window 1: p50 {result.latency.p50_ms:.2f} ms, {result.tasks_per_s:,.0f} tasks/s")
+
+
+def _amqtt(run_: _Run) -> None:
+    broker = start_broker("amqtt", run_.workdir)
+    try:
+        _e2e(run_, broker, "amqtt", "e2e-amqtt", "dockercomp")
+    finally:
+        broker.stop()
+
+
+def _submit(run_: _Run) -> None:
+    """Submit time into an idle, fresh store: through the API, and through the CLI."""
+    from coordinator.api import Client
+
+    n = run_.options.submit_tasks
+    rows = []
+    workdir = run_.workdir / "submit"
+    workdir.mkdir(parents=True, exist_ok=True)
+    with Client(str(workdir / "api.db")) as client:
+        started = time.perf_counter()
+        client.submit(defaults.FUNCTION, ([i] for i in range(n)), name="submit")
+        seconds = time.perf_counter() - started
+    rows.append({"key": "api", "how": "Python API (Client.submit)", "tasks": n, "seconds": round(seconds, 3),
+                 "tasks_per_s": round(n / seconds, 1)})
+    run_.results["submit"] = rows  # kept even if the CLI below fails
+    run_.say(f"  API: {n:,} tasks in {seconds:.2f} s")
+    lines = workdir / "tasks.jsonl"
+    lines.write_text("".join(f"[{i}]\n" for i in range(n)))
+    argv = [*console_script("coordinator"), "submit", defaults.FUNCTION, str(lines), "--job", "submit-cli",
+            "--db", str(workdir / "cli.db")]
+    started = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=defaults.PHASE_TIMEOUT)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise BenchError(f"`coordinator submit` exited with {done.returncode}: {(done.stderr or done.stdout)[-800:]}")
+    rows.append({"key": "cli", "how": "coordinator submit FILE (incl. start-up)", "tasks": n,
+                 "seconds": round(seconds, 3), "tasks_per_s": round(n / seconds, 1)})
+    run_.say(f"  CLI: {n:,} tasks in {seconds:.2f} s")
+
+
+def _scale(run_: _Run) -> None:
+    o = run_.options
+    broker = start_broker("mosquitto", run_.workdir / "scale")
+    try:
+        result = scale_mod.measure(url=broker.url, host=broker.host, port=broker.port,
+                                   workdir=run_.workdir / "scale", workers=o.scale_workers,
+                                   processes=o.scale_processes, job_sizes=list(o.scale_tasks),
+                                   slice_size=o.scale_slice, broker_pid=broker.pid)
+    finally:
+        broker.stop()
+    run_.results["scale"] = result.to_json()
+    run_.say(f"  scale: {o.scale_workers:,} workers registered in {result.registered_s:.2f} s, "
+             f"peak RSS {result.peak_rss_mb:.0f} MB")

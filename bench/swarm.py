@@ -1,0 +1,188 @@
+"""Simulated workers for scale mode: hundreds of light paho clients in one process.
+
+Each simulated worker behaves like a real agent on the wire: a last will with a retained
+offline (lost) presence, a retained online presence with the same ``seq`` on CONNACK
+(capacity 1, offering the no-op function), a QoS 1 subscription to its task topic, and a
+Result (outcome ok, value None; the bytes an agent sends) for every task, at once. It runs no task process: scale
+mode measures the coordinator, not the agents.
+
+All clients of one process share one ``selectors`` loop driven through paho's external-loop
+callbacks (on_socket_open / register_write ...), so 250 workers cost one thread, not 250.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from broker.messages import OfflineReason, Outcome, Presence, PresenceState, Result
+from broker.topics import Topics, WorkerRef
+from bench.defaults import FUNCTION, KEEPALIVE, VOLUNTEER
+
+# Seconds between paho housekeeping passes (keepalive pings, retries) over all clients.
+_MISC_INTERVAL = 1.0
+# Longest select() wait, so a stop request is noticed quickly.
+_SELECT_TIMEOUT = 0.1
+# Placeholders in a simulated worker's Result template, replaced per task.
+_TASK_ID = b"TASK-ID"
+_ATTEMPT = b"987654321"
+
+
+@dataclass
+class _Sim:
+    """One simulated worker's state."""
+
+    ref: WorkerRef
+    client: mqtt.Client
+    seq: int
+    online: Presence
+    tasks_topic: str
+    results_topic: str
+    presence_topic: str
+    result_template: bytes = b""
+    connected: bool = False
+    answered: int = 0
+
+
+class Swarm:
+    """Many simulated workers sharing one selector loop in the calling thread."""
+
+    def __init__(self, host: str, port: int, names: list[str], *, root: str = "dockercomp",
+                 volunteer: str = VOLUNTEER) -> None:
+        self.host, self.port = host, port
+        self.topics = Topics(root)
+        self.selector = selectors.DefaultSelector()
+        self.sims: list[_Sim] = []
+        self.connected = 0
+        self.malformed = 0
+        hostname = socket.gethostname()
+        for name in names:
+            ref = WorkerRef(volunteer, name)
+            seq = time.time_ns() // 1000
+            online = Presence(worker=name, volunteer=volunteer, state=PresenceState.ONLINE, seq=seq,
+                              host=hostname, version="bench", cpus=1, capacity=1,
+                              functions=(FUNCTION,), started=time.time())
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-sim-{volunteer}-{name}",
+                                 clean_session=True, protocol=mqtt.MQTTv311)
+            client.max_inflight_messages_set(0)  # no walk over unacked messages per PUBACK
+            sim = _Sim(ref, client, seq, online, self.topics.tasks(ref), self.topics.results(ref),
+                       self.topics.presence(ref))
+            sim.result_template = Result(task_id=_TASK_ID.decode(), attempt=int(_ATTEMPT), worker=name,
+                                         volunteer=volunteer, outcome=Outcome.OK, value=None, elapsed=0.0).encode()
+            will = Presence(worker=name, volunteer=volunteer, state=PresenceState.OFFLINE, seq=seq,
+                            reason=OfflineReason.LOST)
+            client.will_set(sim.presence_topic, will.encode(), qos=1, retain=True)
+            client.user_data_set(sim)
+            client.on_connect = self._on_connect
+            client.on_message = self._on_message
+            client.on_socket_open = self._on_socket_open
+            client.on_socket_close = self._on_socket_close
+            client.on_socket_register_write = self._on_register_write
+            client.on_socket_unregister_write = self._on_unregister_write
+            self.sims.append(sim)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def connect_all(self) -> None:
+        """Open every connection (TCP connect + CONNECT queued); the loop does the rest."""
+        for sim in self.sims:
+            sim.client.connect(self.host, self.port, KEEPALIVE)
+            # Service what already arrived, so early clients get their CONNACK promptly.
+            self.step(0)
+
+    def step(self, timeout: float = _SELECT_TIMEOUT) -> None:
+        for key, mask in self.selector.select(timeout):
+            client: mqtt.Client = key.data
+            if mask & selectors.EVENT_READ:
+                client.loop_read()
+            if mask & selectors.EVENT_WRITE:
+                client.loop_write()
+
+    def housekeeping(self) -> None:
+        for sim in self.sims:
+            sim.client.loop_misc()
+
+    def close(self) -> None:
+        """Clean disconnects (no will): the broker is about to go away anyway."""
+        for sim in self.sims:
+            sim.client.disconnect()
+        deadline = time.monotonic() + 2.0
+        while self.selector.get_map() and time.monotonic() < deadline:
+            self.step(0.05)
+
+    @property
+    def answered(self) -> dict[str, int]:
+        return {sim.ref.worker: sim.answered for sim in self.sims}
+
+    # -- paho callbacks (all on this thread) -------------------------------------------------
+    def _on_socket_open(self, client: mqtt.Client, sim: _Sim, sock: Any) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.selector.register(sock, selectors.EVENT_READ, client)
+
+    def _on_socket_close(self, client: mqtt.Client, sim: _Sim, sock: Any) -> None:
+        try:
+            self.selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    def _on_register_write(self, client: mqtt.Client, sim: _Sim, sock: Any) -> None:
+        self.selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client)
+
+    def _on_unregister_write(self, client: mqtt.Client, sim: _Sim, sock: Any) -> None:
+        try:
+            self.selector.modify(sock, selectors.EVENT_READ, client)
+        except (KeyError, ValueError):
+            pass
+
+    def _on_connect(self, client: mqtt.Client, sim: _Sim, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            return
+        client.subscribe(sim.tasks_topic, 1)
+        client.publish(sim.presence_topic, sim.online.encode(), qos=1, retain=True)
+        if not sim.connected:
+            sim.connected = True
+            self.connected += 1
+
+    def _on_message(self, client: mqtt.Client, sim: _Sim, message: Any) -> None:
+        # A light parse, not Task.decode: the coordinator's cost is what scale mode measures,
+        # and every microsecond spent here is taken from it on a small machine.
+        try:
+            task = json.loads(message.payload)
+            task_id, attempt = task["task_id"], task["attempt"]
+            if not isinstance(task_id, str) or not isinstance(attempt, int):
+                raise ValueError("bad task_id or attempt")
+        except (ValueError, KeyError, TypeError):
+            self.malformed += 1
+            return
+        sim.answered += 1
+        payload = sim.result_template.replace(_TASK_ID, task_id.encode()).replace(_ATTEMPT, str(attempt).encode())
+        client.publish(sim.results_topic, payload, qos=1)
+
+
+def swarm_main(host: str, port: int, names: list[str], root: str, go: Any, stop: Any, reports: Any) -> None:
+    """A swarm process (spawned): build the clients, wait for ``go``, connect them all, serve
+    tasks until ``stop``; reports ("ready", pid), ("connected", pid, monotonic time) and
+    ("answered", pid, {worker: tasks}, malformed) on the ``reports`` queue."""
+    swarm = Swarm(host, port, names, root=root)
+    reports.put(("ready", os.getpid()))
+    go.wait()
+    swarm.connect_all()
+    announced = False
+    next_misc = time.monotonic() + _MISC_INTERVAL
+    while not stop.is_set():
+        swarm.step()
+        now = time.monotonic()
+        if not announced and swarm.connected == len(swarm.sims):
+            reports.put(("connected", os.getpid(), now))
+            announced = True
+        if now >= next_misc:
+            swarm.housekeeping()
+            next_misc = now + _MISC_INTERVAL
+    reports.put(("answered", os.getpid(), swarm.answered, swarm.malformed))
+    swarm.close()

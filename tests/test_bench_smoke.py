@@ -1,0 +1,103 @@
+"""The benchmark's code paths on a tiny run: not a timed test, a check that `make bench` works.
+
+Every phase runs for real (Mosquitto from mosquitto.conf, `coordinator serve`, `agent run`,
+the embedded amqtt broker, simulated workers), only with sizes small enough for seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.harness import Latency, percentile
+from bench.raw import result_template, task_id_of, task_payload
+from broker.messages import Outcome, Result, Task
+from tests.support import require
+from tests.support.brokers import REPO_ROOT, find_mosquitto
+
+SUMMARY = re.compile(r"^e2e/raw = (\d+\.\d\d) \((\d+) tasks/s vs (\d+) tasks/s\)$")
+
+TINY = [
+    "--tasks", "200", "--workers", "2", "--window", "10", "--concurrency", "2",
+    "--latency-samples", "20", "--submit-tasks", "500",
+    "--scale-workers", "5", "--scale-processes", "2", "--scale-tasks", "50,100", "--scale-slice", "50",
+]  # fmt: skip
+
+
+def test_raw_baseline_sends_dockercomp_sized_payloads() -> None:
+    # Given the payloads the raw baseline sends and answers
+    task = task_payload("12345")
+    prefix, suffix = result_template("w0")
+    answer = prefix + task_id_of(task) + suffix
+
+    # Then they are real dockercomp messages, the same bytes the coordinator and agent send
+    assert Task.decode(task) == Task(task_id="12345", job_id="1", attempt=1, function="noop", args=[])
+    decoded = Result.decode(answer)
+    assert (decoded.task_id, decoded.outcome, decoded.worker) == ("12345", Outcome.OK, "w0")
+
+
+def test_latency_percentiles_use_nearest_rank() -> None:
+    values = [i / 1000 for i in range(1, 101)]  # 1 ms .. 100 ms
+    assert percentile(values, 50) == 0.050
+    assert percentile(values, 99) == 0.099
+    assert Latency.of_seconds(values) == Latency(count=100, p50_ms=50.0, p99_ms=99.0, max_ms=100.0)
+    assert percentile([], 50) == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_tiny_benchmark_run_writes_results_and_ends_with_the_summary_line(tmp_path: Path) -> None:
+    require(find_mosquitto(), "the mosquitto binary", "apt-get install mosquitto (or run `make system`)")
+
+    # When the whole benchmark runs with tiny sizes
+    done = subprocess.run([sys.executable, "-m", "bench", *TINY, "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=230)
+
+    # Then it succeeds and its output ends with exactly one summary line
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-4000:]}"
+    last = done.stdout.rstrip("\n").splitlines()[-1]
+    match = SUMMARY.match(last)
+    assert match, f"last line is not the summary: {last!r}"
+    assert sum(1 for line in done.stdout.splitlines() if line.startswith("e2e/raw =")) == 1
+
+    # And the results file holds every figure, consistent with that line
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1
+    results = json.loads(files[0].read_text())
+    assert results["summary"] == last
+    assert not results.get("errors")
+    assert results["machine"]["cores"] and results["machine"]["git_commit"]
+    raw = results["raw"]["throughput"]
+    assert raw["tasks"] == 200 and raw["tasks_per_s"] > 0 and raw["latency"]["count"] == 200
+    assert results["raw"]["window1"]["latency"]["count"] == 20
+    # the baseline is bracketed: measured before and after the e2e run, and averaged
+    after = results["raw"]["throughput_after"]
+    baseline = results["raw"]["baseline_tasks_per_s"]
+    assert baseline == pytest.approx((raw["tasks_per_s"] + after["tasks_per_s"]) / 2, abs=0.1)
+
+    runs = {run["key"]: run for run in results["e2e"]}
+    assert set(runs) == {"e2e-mosquitto", "e2e-window1", "e2e-amqtt"}
+    for run in runs.values():
+        # every task done exactly once, each result attributed to one of the agents
+        assert (run["done"], run["failed"]) == (run["tasks"], 0), run
+        assert sum(run["per_worker"].values()) == run["tasks"]
+        assert run["latency"]["count"] == run["tasks"] and run["latency"]["p50_ms"] > 0
+    assert len(runs["e2e-mosquitto"]["per_worker"]) == 2
+    assert 0 < results["cpu_ratio"] and set(runs["e2e-mosquitto"]["cpu_ms_per_task"]) >= {"coordinator", "agents"}
+    assert float(match.group(2)) == pytest.approx(runs["e2e-mosquitto"]["tasks_per_s"], abs=1)
+    assert float(match.group(3)) == pytest.approx(baseline, abs=1)
+
+    assert [row["key"] for row in results["submit"]] == ["api", "cli"]
+    assert all(row["tasks"] == 500 and row["seconds"] > 0 for row in results["submit"])
+
+    scale = results["scale"]
+    assert scale["workers"] == 5 and scale["registered_s"] > 0 and scale["peak_rss_mb"] > 0
+    assert [job["tasks"] for job in scale["jobs"]] == [50, 100]
+    assert all(job["workers_used"] == 5 and job["min_per_worker"] > 0 for job in scale["jobs"])
+    assert scale["answered_by_swarm"] >= 150 and scale["malformed_tasks"] == 0
+    assert {target["name"] for target in results["targets"]} >= {"e2e vs raw round trip", "coordinator RSS"}
