@@ -181,6 +181,9 @@ class Presence:
     capacity: int = 0
     functions: tuple[str, ...] = ()
     started: float = 0.0
+    # Tasks the worker wants queued beyond its capacity, so a slot that frees up starts the
+    # next task at once instead of waiting a round trip to the coordinator.
+    prefetch: int = 0
     v: int = PROTOCOL_VERSION
 
     KIND = "presence"
@@ -191,6 +194,7 @@ class Presence:
             "seq": self.seq, "reason": self.reason.value if self.reason else None, "host": self.host,
             "container": self.container, "image": self.image, "version": self.version, "cpus": self.cpus,
             "capacity": self.capacity, "functions": list(self.functions), "started": self.started,
+            "prefetch": self.prefetch,
         })
 
     @classmethod
@@ -214,6 +218,7 @@ class Presence:
             capacity=f.get("capacity", int, 0, check=_non_negative),
             functions=tuple(functions),
             started=float(f.get("started", (int, float), 0.0)),
+            prefetch=f.get("prefetch", int, 0, check=_non_negative),
         )
 
 
