@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import queue
 import signal
@@ -100,7 +101,10 @@ class Agent:
         self.result_topic = self.topics.results(self.ref)
         self.presence_topic = self.topics.presence(self.ref)
         self.transport = transport or MqttConnection(settings.broker, settings.client_id)
-        self.runner = runner or Runner(registry.targets, settings.concurrency, clock=clock)
+        # The worker's prefetch, spread over its task processes: each may hold its share of
+        # tasks beyond the one it runs, so it starts the next without waiting for this loop.
+        per_process = math.ceil(settings.prefetch / settings.concurrency)
+        self.runner = runner or Runner(registry.targets, settings.concurrency, prefetch=per_process, clock=clock)
         self._clock, self._wall, self._now_ns = clock, wall, now_ns
         self._health_interval = min(health_interval, max(0.5, settings.keepalive / 2))
         self._max_queued = max_queued
@@ -112,6 +116,11 @@ class Agent:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self._wake_fds = (self._wake_r,)
+        # True while the main loop may block in poll: only then does an event need a byte on
+        # the wake-up pipe (a write per incoming task would cost two system calls and a wake-up).
+        self._sleeping = False
+        self._wake_pending = False  # a wake-up byte was written during this sleep: one is enough
         self._signals = 0  # SIGTERM/SIGINT received; 1 = drain, 2 = stop at once
         self._stop_requests = 0  # stop() calls from other threads (tests, embedding)
         self._previous_handlers: dict[int, Any] = {}
@@ -139,6 +148,7 @@ class Agent:
             worker=self.ref.worker, volunteer=self.ref.volunteer, state=state, seq=seq, reason=reason,
             host=s.host, container=s.container, image=s.image, version=self.version, cpus=os.cpu_count() or 0,
             capacity=s.concurrency, functions=tuple(self.registry.names), started=self.started,
+            prefetch=s.prefetch,
         )
 
     def _make_will(self) -> Will:
@@ -166,7 +176,10 @@ class Agent:
 
     def _post(self, event: tuple[Any, ...]) -> None:
         self._inbox.put(event)
-        self._wake()
+        # Read after the put: the loop checks the inbox after raising the flag.
+        if self._sleeping and not self._wake_pending:
+            self._wake_pending = True
+            self._wake()
 
     def _wake(self) -> None:
         try:
@@ -195,8 +208,9 @@ class Agent:
     # -- main loop ---------------------------------------------------------------------------------
     def run(self) -> int:
         """Serve until stopped; returns the process exit code (0 after a drained shutdown)."""
-        log.info("agent %s starting: %d task process(es), functions %s, broker %s", self.ref.key,
-                 self.settings.concurrency, ", ".join(self.registry.names), self.settings.broker.url)
+        log.info("agent %s starting: %d task process(es), prefetch %d, functions %s, broker %s", self.ref.key,
+                 self.settings.concurrency, self.settings.prefetch, ", ".join(self.registry.names),
+                 self.settings.broker.url)
         self.runner.start()
         self.transport.will_factory = self._make_will
         self.transport.on_connect = self._on_connect
@@ -229,9 +243,18 @@ class Agent:
                 timeout = max(0.0, next_health - now)
                 if drain_deadline is not None:
                     timeout = min(timeout, max(0.0, drain_deadline - now))
-                for finished in self.runner.poll(timeout, wake=(self._wake_r,)):
-                    self._report(finished)
-                self._drain_wake_pipe()
+                self._wake_pending = False
+                self._sleeping = True
+                if not self._inbox.empty():  # posted before the flag was up: no wake-up byte
+                    timeout = 0.0
+                try:
+                    ended = self.runner.poll(timeout, wake=self._wake_fds)
+                finally:
+                    self._sleeping = False
+                if ended:
+                    self._report_all(ended)
+                if self.runner.woken:
+                    self._drain_wake_pipe()
         except Exception:
             log.exception("agent %s failed; leaving", self.ref.key)
             failed = True
@@ -262,8 +285,8 @@ class Agent:
         if killed:
             names = ", ".join(f"{key[0]} attempt {key[1]}" for key in (f.key for f in killed))  # type: ignore[index]
             log.warning("killed %d task(s) %s: %s (reported as crashed, type Shutdown)", len(killed), reason, names)
-        for finished in killed:
-            self._report(finished)
+        if killed:
+            self._report_all(killed)
 
     def _leave(self, fast: bool) -> None:
         """Say goodbye (retained offline, reason shutdown) and disconnect cleanly."""
@@ -308,11 +331,9 @@ class Agent:
 
     # -- events --------------------------------------------------------------------------------------
     def _handle_inbox(self) -> None:
-        while True:
-            try:
-                event = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        inbox = self._inbox
+        while not inbox.empty():  # this thread is the only reader
+            event = inbox.get_nowait()
             kind = event[0]
             if kind == "message":
                 self._on_task_message(event[1], event[2], event[3])
@@ -354,20 +375,22 @@ class Agent:
             return
         answered = self._finished.get(key)
         if answered is not None:
-            sent_for, payload = answered
-            if sent_for == task and payload is not None:
+            sent_for, kept = answered
+            if sent_for == task and kept is not None:
                 # The coordinator resends an open attempt when its answer was lost (its crash, a
                 # broker restart): send the same answer again rather than ignore or recompute.
                 self.counts["resent"] += 1
                 log.info("task %s attempt %d received again; re-sending its result", *key)
-                self._send_payload(key, payload)
+                self._send_payload(key, kept)
                 return
             # Same id, other content (a new coordinator database), or a result too big to keep:
             # this is work to do.
             del self._finished[key]
         try:
             self.registry.check(task.function, task.args)
-            if self.runner.queued >= self._max_queued:
+            # It holds at most `concurrency` running tasks plus the queued: count only near the limit.
+            near_limit = len(self._held) - self.settings.concurrency >= self._max_queued
+            if near_limit and self.runner.queued >= self._max_queued:
                 raise TaskRefused(QUEUE_FULL, f"{self.runner.queued} tasks already queued on this worker "
                                               f"(capacity {self.settings.concurrency}); send fewer at once")
         except TaskRefused as exc:
@@ -399,27 +422,52 @@ class Agent:
             self._unreadable_suppressed += 1
 
     # -- results ----------------------------------------------------------------------------------------
+    def _report_all(self, ended: list[Finished]) -> None:
+        """Answer the tasks that ended in one poll with one publish call: the network loop is
+        woken once for all of them, not once per result."""
+        if len(ended) == 1:
+            self._report(ended[0])
+            return
+        payloads = [(self.result_topic, self._answer(finished)) for finished in ended]
+        # QoS 1: kept by the transport while the broker is away, sent on reconnection.
+        failed = self.transport.publish_many(payloads, qos=1)
+        if failed:
+            log.error("%d of %d results could not be sent: %s", len(failed), len(payloads), failed[0][1])
+
     def _report(self, finished: Finished) -> None:
+        key: TaskKey = finished.key  # type: ignore[assignment]
+        self._send_payload(key, self._answer(finished))
+
+    def _answer(self, finished: Finished) -> bytes:
+        """The result payload of a task that ended; it is remembered for a redelivery."""
         key: TaskKey = finished.key  # type: ignore[assignment]
         task = self._held.pop(key, None)
         self.counts[finished.outcome.value] += 1
-        log.debug("task %s attempt %d finished: %s in %.3f s", key[0], key[1], finished.outcome.value, finished.elapsed)
-        payload = self._publish_result(Result(key[0], key[1], self.ref.worker, self.ref.volunteer, finished.outcome,
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("task %s attempt %d finished: %s in %.3f s", key[0], key[1], finished.outcome.value,
+                      finished.elapsed)
+        payload = self._result_payload(Result(key[0], key[1], self.ref.worker, self.ref.volunteer, finished.outcome,
                                               value=finished.value, error=finished.error,
                                               elapsed=round(finished.elapsed, 6)))
         if task is not None:
             self._finished[key] = (task, payload if len(payload) <= REMEMBERED_RESULT_BYTES else None)
             while len(self._finished) > REMEMBERED_FINISHED:
                 self._finished.popitem(last=False)
+        return payload
 
-    def _publish_result(self, result: Result) -> bytes:
-        """Send a result; returns the payload sent."""
+    @staticmethod
+    def _result_payload(result: Result) -> bytes:
         payload = result.encode()
         if len(payload) > MAX_PAYLOAD_BYTES:
             payload = Result(result.task_id, result.attempt, result.worker, result.volunteer, Outcome.ERROR,
                              error=TaskError("ResultTooLarge", f"the result is {len(payload)} bytes; "
                                              f"a message may carry {MAX_PAYLOAD_BYTES}"),
                              elapsed=result.elapsed).encode()
+        return payload
+
+    def _publish_result(self, result: Result) -> bytes:
+        """Send a result; returns the payload sent."""
+        payload = self._result_payload(result)
         self._send_payload((result.task_id, result.attempt), payload)
         return payload
 

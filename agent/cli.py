@@ -24,6 +24,7 @@ from agent.defaults import (
     HEALTH_FILE,
     HEALTH_FILE_ENV,
     PASSWORD_ENV,
+    PREFETCH_ENV,
     USERNAME_ENV,
     VOLUNTEER_ENV,
     WORKER_ID_ENV,
@@ -62,6 +63,10 @@ def main() -> None:
               help=f"Volunteer name [env {VOLUNTEER_ENV}; default: broker user name, else 'local']")
 @click.option("--concurrency", envvar=CONCURRENCY_ENV, type=click.IntRange(min=1),
               help=f"Tasks run at once, one process each [env {CONCURRENCY_ENV}; default: CPU count]")
+@click.option("--prefetch", envvar=PREFETCH_ENV, type=click.IntRange(min=0),
+              help="Tasks the coordinator may queue here beyond those running, so a finished task is "
+                   "followed at once by the next; 0 for long tasks that other workers should get instead "
+                   f"[env {PREFETCH_ENV}; default: the concurrency]")
 @click.option("--keepalive", type=click.IntRange(1, 65535),
               help="MQTT keepalive in seconds; a killed agent is reported lost within ~1.5x this [default 10]")
 @click.option("--grace", type=click.FloatRange(min=0), default=GRACE_SECONDS, show_default=True,
@@ -72,7 +77,8 @@ def main() -> None:
               help=f"Where `agent check` finds this agent's health [env {HEALTH_FILE_ENV}; default {HEALTH_FILE}]")
 @click.option("-v", "--verbose", count=True, help="Log every task (-v) and MQTT packets (-vv).")
 def run(broker_url: str, worker_id: str | None, volunteer: str | None, concurrency: int | None,
-        keepalive: int | None, grace: float, username: str | None, health_file: str | None, verbose: int) -> None:
+        prefetch: int | None, keepalive: int | None, grace: float, username: str | None, health_file: str | None,
+        verbose: int) -> None:
     """Connect to the broker and run tasks until stopped.
 
     The first SIGTERM or Ctrl-C drains: no new tasks, running ones get --grace seconds, then
@@ -81,8 +87,9 @@ def run(broker_url: str, worker_id: str | None, volunteer: str | None, concurren
     _setup_logging(verbose)
     try:
         settings = AgentSettings.from_options(
-            broker_url, worker_id=worker_id, volunteer=volunteer, concurrency=concurrency, keepalive=keepalive,
-            grace=grace, username=username, password=os.environ.get(PASSWORD_ENV) or None, health_file=health_file,
+            broker_url, worker_id=worker_id, volunteer=volunteer, concurrency=concurrency, prefetch=prefetch,
+            keepalive=keepalive, grace=grace, username=username, password=os.environ.get(PASSWORD_ENV) or None,
+            health_file=health_file,
         )
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)

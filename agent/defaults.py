@@ -12,6 +12,7 @@ GRACE_SECONDS = 30.0
 WORKER_ID_ENV = "DOCKERCOMP_WORKER_ID"
 VOLUNTEER_ENV = "DOCKERCOMP_VOLUNTEER"
 CONCURRENCY_ENV = "DOCKERCOMP_CONCURRENCY"
+PREFETCH_ENV = "DOCKERCOMP_PREFETCH"
 USERNAME_ENV = "DOCKERCOMP_USERNAME"
 PASSWORD_ENV = "DOCKERCOMP_PASSWORD"
 # Image name and tag, set by whoever starts the container; shown in the presence.
@@ -42,6 +43,14 @@ REMEMBERED_FINISHED = 10_000
 
 # Results larger than this are not kept for re-sending; a redelivery of their task runs it again.
 REMEMBERED_RESULT_BYTES = 16 * 1024
+
+# `agent run --prefetch` when not given is the concurrency: one task waiting per slot, so a
+# slot that frees up starts its next task at once instead of waiting a coordinator round trip.
+PREFETCH_PER_SLOT = 1
+
+# Bytes of tasks the agent writes ahead into the pipe of a busy task process; more waits in
+# the agent (a full pipe would block the agent's loop until that process reads).
+SEND_AHEAD_BYTES = 64 * 1024
 
 # Seconds a new task process gets to import its modules and say it is ready.
 PROCESS_START_TIMEOUT = 60.0

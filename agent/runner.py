@@ -1,4 +1,4 @@
-"""A pool of long-lived task processes, one per slot, each fed through its own pipe.
+"""A pool of long-lived task processes, one per slot, each fed through its own socket pair.
 
 Why this shape:
 
@@ -6,14 +6,22 @@ Why this shape:
   calls ``os._exit`` must take down only its own process.
 - ``spawn``, never plain ``fork``: the agent runs paho's network thread, and forking a
   process with threads can copy a held lock into the child.
-- One process per slot that lives across tasks, with a pipe: a tiny task costs two pipe
-  messages, not a process start (~100 ms with spawn).
+- One process per slot that lives across tasks: a tiny task costs two messages, not a
+  process start (~100 ms with spawn).
 - A slot is only given work after its process said "ready", so module imports never eat
   into a task's time limit.
+- With ``prefetch``, a busy process is sent up to that many more tasks, in one write, which it
+  runs one after the other without waiting for the agent: a process that is computing is not
+  woken by each write, and one that finishes starts the next task at once. It answers every
+  task as it finishes, in order, so the answer to one task marks the start of the next: each
+  time limit runs from then. When a process dies or is killed, the task it was running is
+  the first unanswered one; the tasks behind it never started and go back to the queue.
+- Tasks taken back by ``drop_queued`` (draining) are skipped by the process: it checks a
+  number shared with the agent before it starts each task, and answers "skipped".
 
 The runner has no threads of its own: the agent's main loop calls ``poll()``, which waits on
-the pipes, the processes' sentinels and any extra file descriptors (the agent's wake-up
-pipe), then reports what finished, what timed out (killed) and what crashed (the process is
+one selector (sockets, process sentinels, and the agent's wake-up pipe, registered once),
+then reports what finished, what timed out (killed) and what crashed (the process is
 replaced and the pool carries on).
 """
 
@@ -27,25 +35,32 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import selectors
 import signal
+import socket
 import time
-import traceback
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.defaults import MAX_ERROR_TEXT, PROCESS_RESTART_DELAY, PROCESS_START_TIMEOUT
-from broker.defaults import MAX_PAYLOAD_BYTES
+from agent.defaults import PROCESS_RESTART_DELAY, PROCESS_START_TIMEOUT, SEND_AHEAD_BYTES
+from agent.process import RESULT_ERROR, SKIP_NOTHING, TOO_LARGE_ERROR, frame, parse, task_process_main
 from broker.messages import Outcome, TaskError
+
+__all__ = ["CRASH_ERROR", "RESULT_ERROR", "SHUTDOWN_ERROR", "TIMEOUT_ERROR", "TOO_LARGE_ERROR", "Finished", "Job",
+           "Runner", "SlotState", "describe_exit"]
 
 log = logging.getLogger(__name__)
 
-# Error types the runner itself reports (a task's own exceptions keep their class name).
+# Error types the runner itself reports (a task's own exceptions keep their class name;
+# RESULT_ERROR and TOO_LARGE_ERROR come from the task process).
 TIMEOUT_ERROR = "Timeout"
 CRASH_ERROR = "ProcessDied"
 SHUTDOWN_ERROR = "Shutdown"
-RESULT_ERROR = "UnserializableResult"
-TOO_LARGE_ERROR = "ResultTooLarge"
+
+# Bytes asked of the socket per read: a batch of replies, or a large result in a few reads
+# (a buffer over 128 KiB would be mapped and unmapped by malloc on every read).
+_READ_SIZE = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -74,19 +89,6 @@ class Finished:
     elapsed: float = 0.0
 
 
-def _clip(text: str, limit: int = MAX_ERROR_TEXT, keep_tail: bool = False) -> str:
-    if len(text) <= limit:
-        return text
-    marker = "...[truncated]..."
-    return marker + text[-(limit - len(marker)):] if keep_tail else text[: limit - len(marker)] + marker
-
-
-def error_type_name(exc: BaseException) -> str:
-    cls = type(exc)
-    module = cls.__module__
-    return cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
-
-
 def describe_exit(exitcode: int | None) -> str:
     """'killed by signal SIGSEGV' or 'exited with code 3', for a crashed result."""
     if exitcode is None:
@@ -99,70 +101,16 @@ def describe_exit(exitcode: int | None) -> str:
     return f"exited with code {exitcode}"
 
 
-# --------------------------------------------------------------------------- child side
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: get SIGKILL when the agent dies, so a `kill -9` leaves no orphan computing."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(0)
-
-
-def _child_main(conn: multiprocessing.connection.Connection, targets: Mapping[str, str], parent_pid: int) -> None:
-    """Loop of a task process: receive (token, function, args), reply with the outcome."""
-    from agent.tasks import resolve  # imported here: this runs in a fresh interpreter
-
-    # Ctrl-C in a terminal reaches the whole process group: the agent decides what happens.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _die_with_parent(parent_pid)
-    functions: dict[str, Callable[..., Any]] = {}
-    conn.send(("ready", os.getpid()))
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            return
-        if message is None:
-            return
-        token, name, args = message
-        started = time.perf_counter()
-        try:
-            func = functions.get(name)
-            if func is None:
-                func = functions[name] = resolve(targets[name])
-            value = func(*args)
-            elapsed = time.perf_counter() - started
-            try:
-                text = json.dumps(value, allow_nan=False, separators=(",", ":"))
-            except (TypeError, ValueError, RecursionError) as exc:
-                conn.send((token, "error", RESULT_ERROR,
-                           f"{name} returned a {type(value).__name__}, which cannot be sent as JSON: {exc}", "", elapsed))
-                continue
-            if len(text) > MAX_PAYLOAD_BYTES:
-                conn.send((token, "error", TOO_LARGE_ERROR,
-                           f"{name} returned {len(text)} bytes of JSON; a result must fit {MAX_PAYLOAD_BYTES} bytes", "",
-                           elapsed))
-                continue
-            conn.send((token, "ok", text, elapsed))
-        except BaseException as exc:  # noqa: BLE001 - SystemExit from a task is its error too
-            elapsed = time.perf_counter() - started
-            # Start at the task's own frame: this loop is noise to the scientist reading it.
-            tb = exc.__traceback__
-            tb = tb.tb_next if tb is not None and tb.tb_next is not None else tb
-            trace = "".join(traceback.format_exception(type(exc), exc, tb))
-            conn.send((token, "error", error_type_name(exc)[:200], _clip(str(exc)), _clip(trace, keep_tail=True), elapsed))
-
-
 # --------------------------------------------------------------------------- parent side
 class SlotState(str, enum.Enum):
     STARTING = "starting"  # process started, not yet ready
     IDLE = "idle"  # ready for a job
-    BUSY = "busy"  # running a job
+    BUSY = "busy"  # running a job (and maybe holding more), or finishing one taken back
     DEAD = "dead"  # process gone; restarted after a short delay
+
+
+# One job sent to a process: (token, job, bytes of its batch still unread by the process).
+_Sent = tuple[int, Job, int]
 
 
 @dataclass
@@ -170,28 +118,36 @@ class _Slot:
     index: int
     state: SlotState = SlotState.DEAD
     process: Any = None  # multiprocessing.Process of the context in use
-    conn: multiprocessing.connection.Connection | None = None
-    job: Job | None = None
-    token: int = 0
-    since: float = 0.0  # when the current state began (runner clock)
+    sock: socket.socket | None = None  # agent's end; None once the process closed its end
+    skip_from: Any = None  # shared c_longlong: the process skips tokens from this one on
+    sent: collections.deque[_Sent] = field(default_factory=collections.deque)  # head runs when BUSY
+    dropped: dict[int, Job] = field(default_factory=dict)  # taken back, not yet answered (token order)
+    pending: bytes = b""  # a partly received message
+    ahead: int = 0  # bytes written for jobs the process has not read yet
+    since: float = 0.0  # when the current state or job began (runner clock)
     deadline: float = 0.0  # STARTING: start timeout; BUSY: task timeout; DEAD: restart time
 
 
 class Runner:
-    """``concurrency`` task processes running Jobs from a FIFO queue."""
+    """``concurrency`` task processes running Jobs from a FIFO queue; each process may hold
+    ``prefetch`` more jobs beyond the one it runs."""
 
     def __init__(
         self,
         targets: Mapping[str, str],
         concurrency: int,
         *,
+        prefetch: int = 0,
         start_method: str = "spawn",
         clock: Callable[[], float] = time.monotonic,
         start_timeout: float = PROCESS_START_TIMEOUT,
         restart_delay: float = PROCESS_RESTART_DELAY,
+        send_ahead_bytes: int = SEND_AHEAD_BYTES,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if prefetch < 0:
+            raise ValueError("prefetch must not be negative")
         if start_method == "fork":
             raise ValueError("plain fork is unsafe next to the MQTT network thread; use spawn or forkserver")
         self._targets = dict(targets)
@@ -199,10 +155,16 @@ class Runner:
         self._clock = clock
         self._start_timeout = start_timeout
         self._restart_delay = restart_delay
+        self._prefetch = prefetch
+        self._send_ahead_bytes = send_ahead_bytes
         self._slots = [_Slot(i) for i in range(concurrency)]
         self._queue: collections.deque[Job] = collections.deque()
         self._tokens = 0
         self._started = False
+        # Registered once per process (and per wake-up descriptor), not rebuilt per poll.
+        self._selector = selectors.DefaultSelector()
+        self._wake: tuple[int, ...] = ()
+        self.woken = False  # a wake-up descriptor was readable in the last poll
         self.crashes = 0  # task processes that died, for logs and tests
 
     # -- state -----------------------------------------------------------------------------
@@ -211,17 +173,22 @@ class Runner:
         return len(self._slots)
 
     @property
+    def prefetch(self) -> int:
+        return self._prefetch
+
+    @property
     def queued(self) -> int:
-        return len(self._queue)
+        """Jobs not started yet: waiting here or sent ahead to a busy process."""
+        return len(self._queue) + sum(len(s.sent) - 1 for s in self._slots if s.sent)
 
     @property
     def running(self) -> list[Hashable]:
-        return [s.job.key for s in self._slots if s.state is SlotState.BUSY and s.job is not None]
+        return [s.sent[0][1].key for s in self._slots if s.sent]
 
     @property
     def idle(self) -> bool:
         """True when no job is queued or running."""
-        return not self._queue and not any(s.state is SlotState.BUSY for s in self._slots)
+        return not self._queue and not any(s.sent or s.dropped for s in self._slots)
 
     @property
     def ready_processes(self) -> int:
@@ -239,14 +206,28 @@ class Runner:
             self._spawn(slot)
 
     def submit(self, job: Job) -> None:
-        """Queue a job; it runs as soon as a process is free. Unknown names are the caller's
-        job to refuse (Registry.check): here they come back as an error."""
+        """Queue a job; the next ``poll`` hands it to a process (several submitted in a row go
+        out together). Unknown names are the caller's job to refuse (Registry.check): here
+        they come back as an error."""
         self._queue.append(job)
-        self._dispatch()
 
     def drop_queued(self) -> list[Job]:
-        """Remove and return the jobs not started yet (draining)."""
-        jobs = list(self._queue)
+        """Remove and return the jobs not started yet (draining), those waiting here and those
+        sent ahead to a process, which skips them. One that a process started just before it
+        heard of this is answered like any other."""
+        taken: list[tuple[int, Job]] = []
+        for slot in self._slots:
+            if len(slot.sent) < 2:
+                continue
+            head = slot.sent.popleft()
+            for token, job, _ in slot.sent:
+                slot.dropped[token] = job
+                taken.append((token, job))
+            slot.skip_from.value = min(slot.skip_from.value, slot.sent[0][0])
+            slot.sent.clear()
+            slot.sent.append(head)
+            slot.ahead = 0
+        jobs = [job for _, job in sorted(taken, key=lambda pair: pair[0])] + list(self._queue)
         self._queue.clear()
         return jobs
 
@@ -254,70 +235,125 @@ class Runner:
         """Wait up to ``timeout`` seconds for something to happen (a job finishing, a process
         dying, a deadline, or a readable ``wake`` descriptor); return the jobs that ended."""
         finished: list[Finished] = []
-        self._dispatch()
+        self._dispatch(finished)
+        self._watch(tuple(wake))
         now = self._clock()
-        deadlines = [s.deadline for s in self._slots if s.state is not SlotState.IDLE]
-        wait_for = max(0.0, min([timeout, *(d - now for d in deadlines)]))
-        objects: list[Any] = list(wake)
+        wait_for = timeout
         for slot in self._slots:
-            if slot.conn is not None:
-                objects.append(slot.conn)
-            if slot.process is not None and slot.state is not SlotState.DEAD:
-                objects.append(slot.process.sentinel)
-        if objects:
-            multiprocessing.connection.wait(objects, wait_for)
-        elif wait_for > 0:
-            time.sleep(wait_for)
-        for slot in self._slots:
-            self._service(slot, finished)
-        self._dispatch()
+            wait_for = min(wait_for, slot.deadline - now)
+        if finished:
+            wait_for = 0.0
+        events = self._selector.select(None if wait_for == float("inf") else max(0.0, wait_for))
+        self.woken = False
+        exited: list[_Slot] = []
+        for key, _ in events:
+            kind, slot = key.data
+            if kind == "sock":
+                self._read(slot, finished)
+            elif kind == "exit":
+                exited.append(slot)
+            else:
+                self.woken = True
+        for slot in exited:
+            if slot.process is not None:
+                self._on_death(slot, finished)
+        self._check_deadlines(finished)
+        self._dispatch(finished)
         return finished
 
     def kill_running(self, reason: str) -> list[Finished]:
         """Kill every running job (grace period over); each is reported ``crashed`` with
-        error type Shutdown. The pool is left stopped."""
+        error type Shutdown. Jobs not started are not reported. The pool is left stopped."""
         finished: list[Finished] = []
-        now = self._clock()
+        self._started = False  # nothing is restarted from here on
         for slot in self._slots:
-            if slot.state is SlotState.BUSY and slot.job is not None:
-                finished.append(Finished(slot.job.key, Outcome.CRASHED,
+            if slot.sock is not None:
+                self._read(slot, finished)  # answers already given are reported as they are
+            now = self._clock()
+            if slot.sent:
+                job = slot.sent[0][1]
+                finished.append(Finished(job.key, Outcome.CRASHED,
                                          error=TaskError(SHUTDOWN_ERROR, reason), elapsed=now - slot.since))
             self._kill(slot)
+            self._set(slot, SlotState.DEAD, None)
         return finished
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop every process: idle ones are asked to exit, the rest are killed."""
+        self._started = False
         deadline = time.monotonic() + timeout
         for slot in self._slots:
-            if slot.state is SlotState.IDLE and slot.conn is not None:
+            if slot.state is SlotState.IDLE and slot.sock is not None:
                 try:
-                    slot.conn.send(None)
+                    self._write(slot, frame(None))
                 except OSError:
                     pass
         for slot in self._slots:
             if slot.process is not None and slot.state is SlotState.IDLE:
                 slot.process.join(max(0.0, deadline - time.monotonic()))
             self._kill(slot)
+            self._set(slot, SlotState.DEAD, None)
         self._queue.clear()
+        self._watch(())  # the caller may close those descriptors now
 
-    # -- internals -----------------------------------------------------------------------------
+    # -- processes -----------------------------------------------------------------------------
     def _spawn(self, slot: _Slot) -> None:
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        parent_sock, child_sock = socket.socketpair()
+        child_conn = multiprocessing.connection.Connection(child_sock.detach())
+        skip_from = self._ctx.RawValue(ctypes.c_longlong, SKIP_NOTHING)
         process = self._ctx.Process(
-            target=_child_main, args=(child_conn, self._targets, os.getpid()),
+            target=task_process_main, args=(child_conn, self._targets, os.getpid(), skip_from),
             name=f"dockercomp-task-{slot.index}", daemon=True,
         )
         try:
             process.start()
         except OSError as exc:
-            parent_conn.close()
+            parent_sock.close()
             child_conn.close()
             log.error("cannot start task process %d: %s; retrying in %.0f s", slot.index, exc, self._restart_delay)
             self._set(slot, SlotState.DEAD, self._restart_delay)
             return
         child_conn.close()
-        slot.process, slot.conn, slot.job = process, parent_conn, None
+        slot.process, slot.sock, slot.skip_from = process, parent_sock, skip_from
+        slot.pending, slot.ahead = b"", 0
+        self._selector.register(parent_sock, selectors.EVENT_READ, ("sock", slot))
+        self._selector.register(process.sentinel, selectors.EVENT_READ, ("exit", slot))
         self._set(slot, SlotState.STARTING, self._start_timeout)
+
+    def _kill(self, slot: _Slot) -> None:
+        """Stop the slot's process and forget what it held (callers take what they need first)."""
+        process, sock = slot.process, slot.sock
+        slot.process, slot.sock, slot.skip_from = None, None, None
+        slot.sent.clear()
+        slot.dropped.clear()
+        slot.pending, slot.ahead = b"", 0
+        if sock is not None:
+            self._unregister(sock)
+            sock.close()
+        if process is not None:
+            self._unregister(process.sentinel)
+            if process.exitcode is None:
+                process.kill()
+            process.join(5.0)
+            try:
+                process.close()
+            except ValueError:
+                pass
+
+    def _unregister(self, fileobj: Any) -> None:
+        try:
+            self._selector.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
+    def _watch(self, wake: tuple[int, ...]) -> None:
+        if wake == self._wake:
+            return
+        for fd in self._wake:
+            self._unregister(fd)
+        for fd in wake:
+            self._selector.register(fd, selectors.EVENT_READ, ("wake", None))
+        self._wake = wake
 
     def _set(self, slot: _Slot, state: SlotState, timeout: float | None = None) -> None:
         """Enter ``state``; its deadline is ``timeout`` seconds away (None: no deadline)."""
@@ -325,88 +361,211 @@ class Runner:
         slot.since = self._clock()
         slot.deadline = slot.since + timeout if timeout is not None else float("inf")
 
-    def _dispatch(self) -> None:
-        now = self._clock()
-        for slot in self._slots:
-            if slot.state is SlotState.DEAD and now >= slot.deadline and self._started:
-                self._spawn(slot)
-        for slot in self._slots:
-            if not self._queue:
-                return
-            if slot.state is not SlotState.IDLE or slot.conn is None:
-                continue
-            job = self._queue.popleft()
-            self._tokens += 1
-            slot.token, slot.job = self._tokens, job
-            try:
-                slot.conn.send((slot.token, job.function, job.args))
-            except (OSError, ValueError) as exc:
-                # Broken pipe: the process died after saying ready. Give the job back.
-                self._queue.appendleft(job)
-                slot.job = None
-                log.warning("task process %d is gone (%s); starting a new one", slot.index, exc)
-                self._kill(slot)
-                self._set(slot, SlotState.DEAD, 0.0)
-                continue
-            self._set(slot, SlotState.BUSY, job.timeout)
-            log.debug("%s started in task process %d", job.name, slot.index)
+    # -- sending -----------------------------------------------------------------------------------
+    @staticmethod
+    def _write(slot: _Slot, data: bytes) -> None:
+        """Send one framed message (``process.frame``)."""
+        if slot.sock is None:
+            raise OSError("the process closed its end")
+        slot.sock.sendall(data)
 
-    def _service(self, slot: _Slot, finished: list[Finished]) -> None:
-        if slot.state is SlotState.DEAD:
+    def _dispatch(self, finished: list[Finished]) -> None:
+        if not self._started:
             return
-        # Read replies first: a process may answer and die right after.
-        while slot.conn is not None:
-            try:
-                if not slot.conn.poll():
-                    break
-                message = slot.conn.recv()
-            except (EOFError, OSError):
-                break
-            self._on_message(slot, message, finished)
         now = self._clock()
-        if slot.process is not None and slot.process.exitcode is not None:
-            self._on_death(slot, finished, now)
-        elif now >= slot.deadline:
-            if slot.state is SlotState.BUSY and slot.job is not None:
-                job = slot.job
-                self._kill(slot)
-                log.info("%s ran past its %g s limit; killed", job.name, job.timeout)
-                finished.append(Finished(job.key, Outcome.TIMEOUT, elapsed=now - slot.since, error=TaskError(
-                    TIMEOUT_ERROR, f"{job.function} ran longer than its {job.timeout:g} s time limit and was killed")))
-                self._set(slot, SlotState.DEAD, 0.0)
-            elif slot.state is SlotState.STARTING:
-                log.error("task process %d did not start within %.0f s; starting another", slot.index, self._start_timeout)
-                self._kill(slot)
-                self._set(slot, SlotState.DEAD, self._restart_delay)
+        for slot in self._slots:
+            if slot.state is SlotState.DEAD and now >= slot.deadline:
+                self._spawn(slot)
+        if not self._queue:
+            return
+        # Idle processes first. Only when every process is running something are more sent
+        # ahead, to the least loaded first, up to 1 + prefetch each: a task written ahead to a
+        # busy process while another is idle or starting would wait for nothing.
+        ready = [s for s in self._slots if s.sock is not None and not s.dropped
+                 and (s.state is SlotState.IDLE or (s.state is SlotState.BUSY and len(s.sent) <= self._prefetch))]
+        batches: dict[int, list[Job]] = {}
+        for slot in ready:
+            if not self._queue:
+                break
+            if slot.state is SlotState.IDLE:
+                batches[slot.index] = [self._queue.popleft()]
+        all_busy = all(s.state is SlotState.BUSY or s.index in batches for s in self._slots)
+        for level in range(1, 1 + self._prefetch if all_busy else 1):
+            for slot in ready:
+                if not self._queue:
+                    break
+                batch = batches.setdefault(slot.index, [])
+                if len(slot.sent) + len(batch) <= level:
+                    batch.append(self._queue.popleft())
+        for slot in ready:
+            jobs = batches.get(slot.index)
+            if jobs:
+                self._send(slot, jobs, finished)
+
+    def _send(self, slot: _Slot, batch: list[Job], finished: list[Finished]) -> None:
+        busy = bool(slot.sent)
+        first = self._tokens + 1
+        message = [(first + i, job.function, job.args) for i, job in enumerate(batch)]
+        data = frame(message)
+        # Written to a busy process, a batch waits in the socket until the process is done with
+        # what it holds. Keep that small, or a full socket would block this loop.
+        while busy and slot.ahead + len(data) > self._send_ahead_bytes:
+            keep = len(message) // 2
+            self._queue.extendleft(reversed(batch[keep:]))
+            if keep == 0:
+                return
+            del batch[keep:], message[keep:]
+            data = frame(message)
+        try:
+            self._write(slot, data)
+        except OSError as exc:
+            # Broken pipe: the process died after saying ready. Give the jobs back.
+            self._queue.extendleft(reversed(batch))
+            log.warning("task process %d is gone (%s); starting a new one", slot.index, exc)
+            self._on_death(slot, finished)
+            return
+        self._tokens += len(batch)
+        debug = log.isEnabledFor(logging.DEBUG)
+        for i, job in enumerate(batch):
+            # The first job of a batch written ahead carries its size until the process reads it.
+            slot.sent.append((first + i, job, len(data) if busy and i == 0 else 0))
+            if debug and (busy or i > 0):
+                log.debug("%s queued in task process %d", job.name, slot.index)
+        if busy:
+            slot.ahead += len(data)
+        else:
+            self._started_next(slot)
+
+    # -- receiving ---------------------------------------------------------------------------------
+    def _read(self, slot: _Slot, finished: list[Finished], to_end: bool = False) -> None:
+        """Read what the process wrote (all of it with ``to_end``: it is dead) and handle it."""
+        sock = slot.sock
+        if sock is None:
+            return
+        chunks = [slot.pending] if slot.pending else []
+        eof = False
+        while True:
+            try:
+                data = sock.recv(_READ_SIZE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                eof = True
+                break
+            chunks.append(data)
+            if len(data) < _READ_SIZE and not to_end:
+                break  # most likely all there was; the selector reports the rest
+        if eof:
+            # The process closed its end: it is exiting, and its sentinel says how.
+            self._unregister(sock)
+            sock.close()
+            slot.sock = None
+        buffer = b"".join(chunks) if len(chunks) != 1 else chunks[0]
+        pos = 0
+        for message, pos in parse(buffer):
+            self._on_message(slot, message, finished)
+        slot.pending = buffer[pos:] if pos < len(buffer) else b""
 
     def _on_message(self, slot: _Slot, message: tuple[Any, ...], finished: list[Finished]) -> None:
-        if message[0] == "ready":
+        token = message[0]
+        if token == "ready":
             if slot.state is SlotState.STARTING:
                 self._set(slot, SlotState.IDLE)
             return
-        token, kind = message[0], message[1]
-        if slot.state is not SlotState.BUSY or slot.job is None or token != slot.token:
-            log.warning("task process %d sent a reply for no running job; ignored", slot.index)
-            return
-        job = slot.job
-        if kind == "ok":
-            _, _, text, elapsed = message
-            finished.append(Finished(job.key, Outcome.OK, value=json.loads(text), elapsed=elapsed))
+        if slot.sent and slot.sent[0][0] == token:
+            job = slot.sent.popleft()[1]
+            finished.append(self._outcome(job, message))
+            self._started_next(slot)
+        elif token in slot.dropped:
+            job = slot.dropped.pop(token)
+            if message[1] != "skipped":  # it had started before the process heard it was taken back
+                finished.append(self._outcome(job, message))
+            if not slot.sent:
+                self._started_next(slot)
         else:
-            _, _, type_name, text, trace, elapsed = message
-            finished.append(Finished(job.key, Outcome.ERROR, error=TaskError(type_name, text, trace), elapsed=elapsed))
-        slot.job = None
-        self._set(slot, SlotState.IDLE)
+            log.warning("task process %d sent a reply for no running job; ignored", slot.index)
 
-    def _on_death(self, slot: _Slot, finished: list[Finished], now: float) -> None:
-        exitcode = slot.process.exitcode if slot.process is not None else None
+    @staticmethod
+    def _outcome(job: Job, message: tuple[Any, ...]) -> Finished:
+        if message[1] == "ok":
+            _, _, text, elapsed = message
+            return Finished(job.key, Outcome.OK, value=json.loads(text), elapsed=elapsed)
+        _, _, type_name, text, trace, elapsed = message
+        return Finished(job.key, Outcome.ERROR, error=TaskError(type_name, text, trace), elapsed=elapsed)
+
+    def _started_next(self, slot: _Slot) -> None:
+        """The process just finished something (or was given its first job): the next job it
+        holds starts now, and so does its time limit."""
+        if slot.sent:
+            _, job, charge = slot.sent[0]
+            slot.ahead -= charge  # the process read that batch when it started this job
+            self._set(slot, SlotState.BUSY, job.timeout)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s started in task process %d", job.name, slot.index)
+        elif slot.dropped:
+            # The next one was taken back; the process may have started it before it knew.
+            self._set(slot, SlotState.BUSY, next(iter(slot.dropped.values())).timeout)
+        else:
+            if slot.skip_from is not None and slot.skip_from.value != SKIP_NOTHING:
+                slot.skip_from.value = SKIP_NOTHING  # before any new job is written
+            self._set(slot, SlotState.IDLE)
+
+    # -- deadlines, timeouts and deaths ------------------------------------------------------------
+    def _check_deadlines(self, finished: list[Finished]) -> None:
+        now = self._clock()
+        for slot in self._slots:
+            if now < slot.deadline:
+                continue
+            if slot.state is SlotState.BUSY:
+                self._on_timeout(slot, finished)
+            elif slot.state is SlotState.STARTING:
+                log.error("task process %d did not start within %.0f s; starting another", slot.index,
+                          self._start_timeout)
+                self._kill(slot)
+                self._set(slot, SlotState.DEAD, self._restart_delay)
+
+    def _on_timeout(self, slot: _Slot, finished: list[Finished]) -> None:
+        self._read(slot, finished)  # it may have answered since the selector looked
+        if slot.state is not SlotState.BUSY or self._clock() < slot.deadline:
+            return
+        victim = slot.sent[0] if slot.sent else None
+        process = slot.process
+        if process is not None:
+            if process.exitcode is None:
+                process.kill()
+            process.join(5.0)
+        self._read(slot, finished, to_end=True)  # answers written right before the kill
+        now = self._clock()
+        if victim is not None and slot.sent and slot.sent[0] is victim:
+            slot.sent.popleft()
+            job = victim[1]
+            log.info("%s ran past its %g s limit; killed", job.name, job.timeout)
+            finished.append(Finished(job.key, Outcome.TIMEOUT, elapsed=now - slot.since, error=TaskError(
+                TIMEOUT_ERROR, f"{job.function} ran longer than its {job.timeout:g} s time limit and was killed")))
+        elif victim is None:
+            log.info("task process %d ran a task taken back past its time limit; killed", slot.index)
+        # Whatever it held behind that job never ran (or was cut short by this kill): again.
+        self._requeue(slot, [job for _, job, _ in slot.sent])
+        self._kill(slot)
+        self._set(slot, SlotState.DEAD, 0.0)
+
+    def _on_death(self, slot: _Slot, finished: list[Finished]) -> None:
+        process = slot.process
+        if process is not None and process.exitcode is None:
+            process.join(1.0)  # its sentinel fired: it is exiting
+        exitcode = process.exitcode if process is not None else None
+        self._read(slot, finished, to_end=True)  # it may have answered and died right after
+        now = self._clock()
         how = describe_exit(exitcode)
         self.crashes += 1
-        if slot.state is SlotState.BUSY and slot.job is not None:
-            job = slot.job
+        if slot.sent:
+            job = slot.sent.popleft()[1]
             log.warning("%s: its process %s; starting a new one", job.name, how)
             finished.append(Finished(job.key, Outcome.CRASHED, elapsed=now - slot.since, error=TaskError(
                 CRASH_ERROR, f"the process running {job.function} {how}")))
+            self._requeue(slot, [job for _, job, _ in slot.sent])
             self._kill(slot)
             self._set(slot, SlotState.DEAD, 0.0)
         else:
@@ -417,16 +576,7 @@ class Runner:
             self._kill(slot)
             self._set(slot, SlotState.DEAD, self._restart_delay)
 
-    def _kill(self, slot: _Slot) -> None:
-        process, conn = slot.process, slot.conn
-        slot.process, slot.conn, slot.job = None, None, None
-        if conn is not None:
-            conn.close()
-        if process is not None:
-            if process.exitcode is None:
-                process.kill()
-            process.join(5.0)
-            try:
-                process.close()
-            except ValueError:
-                pass
+    def _requeue(self, slot: _Slot, jobs: list[Job]) -> None:
+        if jobs:
+            log.info("%d task(s) waiting in task process %d go back to the queue", len(jobs), slot.index)
+            self._queue.extendleft(reversed(jobs))

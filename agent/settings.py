@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from agent.defaults import GRACE_SECONDS, HEALTH_FILE, HEALTH_FILE_ENV, IMAGE_ENV
+from agent.defaults import GRACE_SECONDS, HEALTH_FILE, HEALTH_FILE_ENV, IMAGE_ENV, PREFETCH_PER_SLOT
 from agent.errors import ConfigError
 from broker.defaults import DEFAULT_VOLUNTEER, MAX_NAME_LENGTH
 from broker.errors import InvalidName, SettingsError
@@ -86,6 +86,7 @@ class AgentSettings:
     broker: BrokerSettings
     worker: WorkerRef
     concurrency: int
+    prefetch: int = 0  # tasks wanted queued here beyond the concurrency (announced in the presence)
     grace: float = GRACE_SECONDS
     health_file: Path | None = Path(HEALTH_FILE)
     host: str = ""
@@ -109,6 +110,7 @@ class AgentSettings:
         worker_id: str | None = None,
         volunteer: str | None = None,
         concurrency: int | None = None,
+        prefetch: int | None = None,
         keepalive: int | None = None,
         grace: float | None = None,
         username: str | None = None,
@@ -137,6 +139,10 @@ class AgentSettings:
             concurrency = os.cpu_count() or 1
         if concurrency < 1:
             raise ConfigError("--concurrency", "must be at least 1 (the number of tasks run at once)")
+        if prefetch is None:
+            prefetch = concurrency * PREFETCH_PER_SLOT
+        if prefetch < 0:
+            raise ConfigError("--prefetch", "must not be negative (0: no task waits here beyond those running)")
         if grace is None:
             grace = GRACE_SECONDS
         if grace < 0:
@@ -159,6 +165,7 @@ class AgentSettings:
             broker=settings,
             worker=WorkerRef(volunteer_name, name),
             concurrency=concurrency,
+            prefetch=prefetch,
             grace=grace,
             health_file=Path(health) if health else None,
             host=host[:255],

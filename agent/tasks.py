@@ -14,6 +14,7 @@ at start-up from this same table.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -40,6 +41,9 @@ BUILTINS: dict[str, str] = {
 
 BUILTIN_SOURCE = "built-in"
 
+# Argument counts above this are checked every time instead of remembered (bounds the memory).
+_MAX_REMEMBERED_ARITY = 64
+
 
 def resolve(target: str) -> Callable[..., Any]:
     """Import ``module:attr`` (attr may be dotted). Only for targets from the registry."""
@@ -63,8 +67,9 @@ class TaskFunction:
     source: str  # "built-in" or the distribution that registered it
     func: Callable[..., Any]
 
-    @property
+    @functools.cached_property
     def signature(self) -> inspect.Signature | None:
+        """Worked out once: with eval_str it evaluates every annotation, far too slow per task."""
         try:
             return inspect.signature(self.func, eval_str=True)
         except NameError:  # an annotation that does not resolve: show it as written
@@ -84,6 +89,9 @@ class Registry:
 
     def __init__(self, functions: Iterable[TaskFunction] = ()) -> None:
         self._functions: dict[str, TaskFunction] = {f.name: f for f in functions}
+        # (name, number of arguments) -> why they do not fit, or None: arguments are always
+        # positional, so whether they bind depends only on how many there are.
+        self._fits: dict[tuple[str, int], str | None] = {}
 
     @classmethod
     def from_targets(cls, targets: Mapping[str, str], source: str = "configured") -> Registry:
@@ -145,10 +153,19 @@ class Registry:
         """The function a task names, if ``args`` fit its signature; else UnknownFunction or
         BadArguments (both answered with a ``rejected`` result)."""
         function = self.get(name)
-        signature = function.signature
-        if signature is not None:
-            try:
-                signature.bind(*args)
-            except TypeError as exc:
-                raise BadArguments(name, f"{exc}; signature is {name}{signature}") from None
+        key = (name, len(args))
+        if key in self._fits:
+            problem = self._fits[key]
+        else:
+            problem = None
+            signature = function.signature
+            if signature is not None:
+                try:
+                    signature.bind(*args)
+                except TypeError as exc:
+                    problem = f"{exc}; signature is {name}{signature}"
+            if len(args) <= _MAX_REMEMBERED_ARITY:
+                self._fits[key] = problem
+        if problem is not None:
+            raise BadArguments(name, problem)
         return function

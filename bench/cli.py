@@ -41,7 +41,7 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int,
 @click.option("--workers", default=defaults.WORKERS, type=click.IntRange(1), help="Raw worker processes = agents.")
 @click.option("--window", default=defaults.WINDOW, type=click.IntRange(1), help="Raw requests outstanding.")
 @click.option("--concurrency", default=defaults.AGENT_CONCURRENCY, type=click.IntRange(1),
-              help="Concurrency of each agent (capacity; workers x concurrency = tasks in flight).")
+              help="Tasks in flight per agent (task processes + prefetch; workers x this = tasks in flight).")
 @click.option("--latency-samples", default=defaults.LATENCY_SAMPLES, type=click.IntRange(1),
               help="Round trips measured at window 1.")
 @click.option("--submit-tasks", default=defaults.SUBMIT_TASKS, type=click.IntRange(1), help="Tasks in the submit test.")

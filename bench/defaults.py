@@ -11,8 +11,8 @@ WORKERS = 4
 # Requests outstanding at once across all raw workers (issue 6: a window of 100).
 WINDOW = 100
 
-# Concurrency of each agent in the e2e run. The coordinator keeps at most this many tasks in
-# flight per worker (capacity), so 4 agents x 25 = the raw baseline's window of 100.
+# Tasks in flight per agent in the e2e run: its task processes (one per CPU) plus prefetch,
+# which the coordinator keeps filled; 4 agents x 25 = the raw baseline's window of 100.
 AGENT_CONCURRENCY = 25
 
 # Round trips measured one at a time for the window-1 latency figures.

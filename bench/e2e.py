@@ -31,6 +31,10 @@ from bench.profile import summarize
 
 # Warm-up tasks per unit of total capacity, run before the measured job.
 WARMUP_PER_SLOT = 3
+# Task processes per agent: what `agent run` starts by default, one per CPU. The rest of the
+# tasks an agent holds in flight is its prefetch (tasks queued on it), as a volunteer's
+# agent would run: 25 task processes per agent on 2 cores would only measure their churn.
+AGENT_PROCESSES = os.cpu_count() or 1
 # Seconds between looks at the job row while waiting for it to finish (one indexed read).
 _DONE_POLL = 0.05
 
@@ -44,8 +48,8 @@ class E2ERun:
     broker: str
     tasks: int
     agents: int
-    concurrency: int
-    window: int  # total capacity: the most tasks the coordinator keeps in flight
+    concurrency: int  # task processes per agent (`agent run --concurrency`)
+    window: int  # the most tasks the coordinator keeps in flight: agents x (concurrency + prefetch)
     submit_s: float
     pickup_s: float
     seconds: float
@@ -61,6 +65,7 @@ class E2ERun:
     # py-spy summaries when --profile: {"coordinator": ..., "agent": ...} (the first agent's
     # own process; its task processes show in cpu_ms_per_task)
     profile: dict[str, Any] | None = None
+    prefetch: int = 0  # tasks queued on each agent beyond its concurrency (`agent run --prefetch`)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,12 +84,18 @@ def start_coordinator(url: str, db: Path, workdir: Path, name: str = "coordinato
                  workdir / f"{name}.log")
 
 
-def start_agents(url: str, workdir: Path, count: int, concurrency: int, prefix: str) -> list[Child]:
+def agent_shape(in_flight: int) -> tuple[int, int]:
+    """(concurrency, prefetch) of an agent that holds ``in_flight`` tasks."""
+    processes = min(in_flight, AGENT_PROCESSES)
+    return processes, in_flight - processes
+
+
+def start_agents(url: str, workdir: Path, count: int, concurrency: int, prefix: str, prefetch: int = 0) -> list[Child]:
     agents = []
     for i in range(count):
         name = f"{prefix}{i}"
         agents.append(Child(name, [*console_script("agent"), "run", "--broker", url, "--worker-id", name,
-                                   "--concurrency", str(concurrency)],
+                                   "--concurrency", str(concurrency), "--prefetch", str(prefetch)],
                             workdir / f"{name}.log", env=agent_env(workdir, name)))
     return agents
 
@@ -156,8 +167,15 @@ def run_job(client: Any, coordinator: Child, agents: list[Child], tasks: int, na
 
 def measure(*, key: str, label: str, broker_name: str, url: str, workdir: Path, tasks: int, agents: int,
             concurrency: int, broker_pid: int | None = None, profile: bool = False) -> E2ERun:
-    """One end-to-end run on the broker at ``url``; every process started here is stopped here."""
+    """One end-to-end run on the broker at ``url`` with ``concurrency`` tasks in flight per
+    agent (``agent_shape``: task processes + prefetch); every process started here is stopped here."""
     from coordinator.api import Client
+
+    in_flight = concurrency
+    concurrency, prefetch = agent_shape(in_flight)
+    if prefetch:
+        # Said in every table: the window equals the raw baseline's, reached with prefetch.
+        label = f"{label} ({agents}×[{concurrency} running + {prefetch} prefetch])"
 
     workdir.mkdir(parents=True, exist_ok=True)
     db = workdir / f"{key}.db"
@@ -170,14 +188,14 @@ def measure(*, key: str, label: str, broker_name: str, url: str, workdir: Path, 
         # The coordinator creates the tables; the client opens the same file once it exists.
         wait_for(lambda: db.exists(), START_TIMEOUT, "the coordinator creating its database",
                  check=coordinator.check_alive)
-        fleet = start_agents(url, workdir, agents, concurrency, prefix=f"{key}-a")
+        fleet = start_agents(url, workdir, agents, concurrency, prefix=f"{key}-a", prefetch=prefetch)
         children += fleet
         client = Client(str(db))
         names = {agent.name for agent in fleet}
         wait_for(lambda: online_workers(client.store, names) == len(names), START_TIMEOUT * max(1, agents // 2),
                  f"{len(names)} agents registering at the coordinator",
                  check=lambda: check_all(children))
-        run_job(client, coordinator, fleet, agents * concurrency * WARMUP_PER_SLOT, f"{key}-warmup")
+        run_job(client, coordinator, fleet, agents * in_flight * WARMUP_PER_SLOT, f"{key}-warmup")
         if profile:
             profiles = {"coordinator": workdir / f"{key}.coordinator.pyspy.txt",
                         "agent": workdir / f"{key}.agent.pyspy.txt"}
@@ -211,13 +229,13 @@ def measure(*, key: str, label: str, broker_name: str, url: str, workdir: Path, 
     summary = {name: summarize(path).to_json() for name, path in profiles.items() if path.exists()} or None
     return E2ERun(
         key=key, label=label, broker=broker_name, tasks=tasks, agents=agents, concurrency=concurrency,
-        window=agents * concurrency, submit_s=round(submit_s, 3),
+        window=agents * in_flight, submit_s=round(submit_s, 3),
         pickup_s=round(figures["first_sent"] - submitted_at, 3), seconds=round(seconds, 3),
         tasks_per_s=round(figures["done"] / seconds, 1) if seconds > 0 else 0.0,
         latency=Latency.of_seconds(figures["latencies"]), done=figures["done"], failed=figures["failed"],
         redispatched=figures["redispatched"], per_worker=figures["per_worker"],
         cpu_ms_per_task=cpu.per_task_ms(tasks), cpu_busy=cpu.busy, coordinator_rss_mb=round(rss, 1),
-        profile=summary,
+        profile=summary, prefetch=prefetch,
     )
 
 

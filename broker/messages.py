@@ -65,6 +65,25 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# Built once: json.loads() with hooks builds a new decoder for every call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+# Likewise for encoding: json.dumps() with options builds a new encoder for every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def _loads(payload: bytes | str) -> Any:
+    """``json.loads(payload, parse_constant=..., parse_float=...)`` with a prebuilt decoder:
+    the same text decoding (UTF-8/16/32 detection for bytes, a BOM refused in str), the
+    same results and errors."""
+    if isinstance(payload, str):
+        if payload.startswith("\ufeff"):
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", payload, 0)
+        text = payload
+    else:
+        text = payload.decode(json.detect_encoding(payload), "surrogatepass")
+    return _DECODER.decode(text)
+
+
 def load_object(kind: str, payload: bytes | str) -> dict[str, Any]:
     """Parse a payload into a JSON object of the current protocol version, or DecodeError."""
     size = len(payload)
@@ -73,14 +92,19 @@ def load_object(kind: str, payload: bytes | str) -> dict[str, Any]:
     if not payload:
         raise DecodeError(kind, "empty payload", payload)
     try:
-        obj = json.loads(payload, parse_constant=_reject_constant, parse_float=_finite_float)
+        obj = _loads(payload)
     except RecursionError:
         raise DecodeError(kind, "JSON nested too deeply", payload) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise DecodeError(kind, f"not valid JSON ({exc})", payload) from None
     if not isinstance(obj, dict):
         raise DecodeError(kind, f"expected a JSON object, got {type(obj).__name__}", payload)
-    if not _json_depth_ok(obj, MAX_JSON_DEPTH):
+    # Nesting deeper than the limit needs more containers than the limit; every container
+    # opens with a '[' or '{' character, which in UTF-8, -16 and -32 alike contains that
+    # byte. Fewer such bytes than the limit: no need to walk the object.
+    brackets = payload.count("[" if isinstance(payload, str) else b"[") + payload.count(
+        "{" if isinstance(payload, str) else b"{")
+    if brackets > MAX_JSON_DEPTH and not _json_depth_ok(obj, MAX_JSON_DEPTH):
         raise DecodeError(kind, f"JSON nested deeper than {MAX_JSON_DEPTH} levels", payload)
     version = obj.get("v")
     if version != PROTOCOL_VERSION:
@@ -156,7 +180,7 @@ def _short(limit: int) -> Callable[[str], str | None]:
 
 
 def _dump(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    return _ENCODER.encode(obj).encode()
 
 
 # --------------------------------------------------------------------------- messages
@@ -311,7 +335,44 @@ class Result:
 
     @classmethod
     def decode(cls, payload: bytes | str) -> "Result":
-        f = _Fields(cls.KIND, load_object(cls.KIND, payload), payload)
+        obj = load_object(cls.KIND, payload)
+        return cls._decode_ok(obj) or cls._decode_checked(obj, payload)
+
+    @classmethod
+    def _decode_ok(cls, obj: dict[str, Any]) -> "Result | None":
+        """The common case, a well-formed successful result, checked field by field without
+        the generic machinery; None for anything else, which ``_decode_checked`` then
+        accepts or rejects with its reason. Accepts only what ``_decode_checked`` accepts,
+        and builds the same Result."""
+        if obj.get("outcome") != "ok" or obj.get("error") is not None:
+            return None
+        task_id, attempt, elapsed = obj.get("task_id"), obj.get("attempt"), obj.get("elapsed")
+        worker, volunteer, value = obj.get("worker"), obj.get("volunteer"), obj.get("value")
+        if type(task_id) is not str or len(task_id) > 128:
+            return None
+        if type(attempt) is not int or not 0 < attempt < 2**63:
+            return None
+        if elapsed is None:
+            elapsed = 0.0
+        elif type(elapsed) is int and 0 <= elapsed < 2**63:
+            elapsed = float(elapsed)
+        elif type(elapsed) is not float or not 0.0 <= elapsed < math.inf:
+            return None
+        if type(value) is float and not math.isfinite(value):
+            return None
+        if type(worker) is not str or type(volunteer) is not str:
+            return None
+        try:
+            validate_name(worker, "worker id")
+            validate_name(volunteer, "volunteer name")
+        except InvalidName:
+            return None
+        return cls(task_id=task_id, attempt=attempt, worker=worker, volunteer=volunteer, outcome=Outcome.OK,
+                   value=value, error=None, elapsed=elapsed)
+
+    @classmethod
+    def _decode_checked(cls, obj: dict[str, Any], payload: bytes | str) -> "Result":
+        f = _Fields(cls.KIND, obj, payload)
         outcome = f.enum("outcome", Outcome)
         error_obj = f.get("error", dict, None)
         error = None

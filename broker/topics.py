@@ -27,12 +27,23 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
 WORKER_TOPIC_KINDS = ("presence", "tasks", "results")
 
 
+# Names that passed validation: every result and presence carries two names, and the same
+# few hundred recur; a set lookup is ~20x cheaper than the regular expression. Bounded: an
+# unbounded stream of new names only makes it start over.
+_VALID_NAMES: set[str] = set()
+_VALID_NAMES_MAX = 16_384
+
+
 def validate_name(value: object, what: str = "name") -> str:
     """Return ``value`` if it can be one topic level, else raise InvalidName.
 
     Letters, digits, ``_ . -``, starting with a letter or digit: no ``/ + #``, no ``$``,
     no spaces, nothing empty or longer than MAX_NAME_LENGTH.
     """
+    # type() is str, not isinstance: a str subclass could compare equal to a cached name
+    # while being something else.
+    if type(value) is str and value in _VALID_NAMES:
+        return value
     if not isinstance(value, str):
         raise InvalidName(what, value, "must be a string")
     if not value:
@@ -43,6 +54,10 @@ def validate_name(value: object, what: str = "name") -> str:
         raise InvalidName(
             what, value, "use letters, digits, '_', '.', '-' only, starting with a letter or digit"
         )
+    if type(value) is str:
+        if len(_VALID_NAMES) >= _VALID_NAMES_MAX:
+            _VALID_NAMES.clear()
+        _VALID_NAMES.add(value)
     return value
 
 

@@ -112,6 +112,7 @@ class WorkerInfo:
     version: str
     cpus: int
     capacity: int
+    prefetch: int  # tasks it asks to have queued beyond capacity
     functions: list[str]
     in_flight: int  # open attempts: tasks sent to it and not answered yet
     tasks_done: int
@@ -130,7 +131,7 @@ class WorkerInfo:
         return cls(
             key=row.key, volunteer=row.volunteer, name=row.name, state=row.state, host=row.host,
             container=row.container, image=row.image, version=row.version, cpus=row.cpus,
-            capacity=row.capacity, functions=list(functions), in_flight=in_flight,
+            capacity=row.capacity, prefetch=row.prefetch, functions=list(functions), in_flight=in_flight,
             tasks_done=row.tasks_done, tasks_failed=row.tasks_failed, first_seen=row.first_seen,
             last_seen=row.last_seen, lost_at=row.lost_at, purged_at=row.purged_at,
         )  # fmt: skip

@@ -23,6 +23,10 @@ MAX_ATTEMPTS = 3
 # Seconds added to a task's timeout to form its lease: room for queueing and the result's trip.
 LEASE_MARGIN = 10.0
 
+# Most tasks a worker may have queued beyond its capacity, whatever its presence asks: enough
+# to hide any round trip, too few for one worker to hoard a job.
+MAX_PREFETCH = 1_000
+
 # Seconds between checks for expired leases.
 LEASE_CHECK_INTERVAL = 1.0
 
@@ -44,6 +48,13 @@ RATE_WINDOW = 10.0
 
 # Most incoming messages handled in one database transaction.
 BATCH_MAX = 2_000
+
+# Messages in one engine step from which traffic counts as busy: the next step may gather.
+BUSY_BATCH = 16
+
+# Seconds a busy engine waits for more messages when fewer than BUSY_BATCH are waiting: a
+# step's fixed cost (commit, dispatch round, network write) is then shared by more tasks.
+GATHER_DELAY = 0.002
 
 # Seconds `serve` waits for the first connection before saying the broker is unreachable.
 CONNECT_TIMEOUT = 10.0

@@ -1,6 +1,7 @@
 """Leases: the open attempts, and the writes that close them.
 
-Every dispatch opens an attempt with a deadline (the job's timeout plus a margin). The engine
+Every dispatch opens an attempt with a deadline (the job's timeout plus a margin, plus the
+wait in the worker's queue for a prefetched task: ``Dispatcher.deadline``). The engine
 keeps the open attempts in memory (``Leases``), indexed by wire identity (task id, attempt
 number), by task and by worker, so a result, a will or a deadline finds them without a query.
 They are rebuilt from the store on start: the store is the truth, memory an index of it.
@@ -39,7 +40,9 @@ class Lease:
     number: int  # attempt number, 1-based, as on the wire
     job_id: int
     worker_id: int
+    sent_at: float
     deadline: float  # wall-clock time (seconds since the epoch), survives restarts
+    timeout: float  # the job's time limit per task, as sent
     retries_from: int  # the task's attempt count when `retry` last renewed its budget
     payload: bytes  # the task message, kept to resend when the worker reconnects
 
@@ -59,14 +62,24 @@ class Leases:
         self._by_key: dict[tuple[int, int], Lease] = {}
         self._by_task: dict[int, Lease] = {}
         self._by_worker: dict[int, dict[tuple[int, int], Lease]] = {}
+        # Per worker, how many of its leases have each timeout: the longest one bounds how
+        # long the tasks ahead of a prefetched task can take (Dispatcher.deadline).
+        self._timeouts: dict[int, Counter[float]] = {}
 
     def __len__(self) -> int:
         return len(self._by_key)
 
     def add(self, lease: Lease) -> None:
+        old = self._by_key.get(lease.key)
+        if old is not None:
+            self.remove(old)
         self._by_key[lease.key] = lease
         self._by_task[lease.task_id] = lease
         self._by_worker.setdefault(lease.worker_id, {})[lease.key] = lease
+        timeouts = self._timeouts.get(lease.worker_id)
+        if timeouts is None:
+            timeouts = self._timeouts[lease.worker_id] = Counter()
+        timeouts[lease.timeout] += 1
 
     def get(self, task_id: int, number: int) -> Lease | None:
         return self._by_key.get((task_id, number))
@@ -75,12 +88,18 @@ class Leases:
         return self._by_task.get(task_id)
 
     def remove(self, lease: Lease) -> None:
-        self._by_key.pop(lease.key, None)
+        if self._by_key.get(lease.key) is not lease:
+            return  # not held (any more): removing twice must not uncount another lease
+        del self._by_key[lease.key]
         if self._by_task.get(lease.task_id) is lease:
             del self._by_task[lease.task_id]
         held = self._by_worker.get(lease.worker_id)
         if held is not None:
             held.pop(lease.key, None)
+        timeouts = self._timeouts[lease.worker_id]
+        timeouts[lease.timeout] -= 1
+        if timeouts[lease.timeout] <= 0:
+            del timeouts[lease.timeout]
 
     def of_worker(self, worker_id: int) -> list[Lease]:
         return list(self._by_worker.get(worker_id, {}).values())
@@ -88,6 +107,11 @@ class Leases:
     def count(self, worker_id: int) -> int:
         held = self._by_worker.get(worker_id)
         return len(held) if held else 0
+
+    def longest_timeout(self, worker_id: int) -> float:
+        """The longest time limit among the tasks the worker holds (0 when it holds none)."""
+        timeouts = self._timeouts.get(worker_id)
+        return max(timeouts) if timeouts else 0.0
 
     def expired(self, now: float) -> list[Lease]:
         # A linear pass: open attempts number at most the fleet's total capacity.
@@ -100,13 +124,15 @@ class Leases:
     def load(cls, lease_payload: "PayloadBuilder") -> "Leases":
         """Every open attempt in the store, with its task message rebuilt for resending."""
         leases = cls()
-        query = (Attempt.select(Attempt.id, Attempt.task, Attempt.number, Task.job, Attempt.worker,
+        query = (Attempt.select(Attempt.id, Attempt.task, Attempt.number, Task.job, Attempt.worker, Attempt.sent_at,
                                 Attempt.deadline, Task.retries_from, Task.args, Job.function, Job.timeout)
                  .join(Task).join(Job)
                  .where(Attempt.outcome == AttemptOutcome.OPEN.value).tuples())
-        for attempt_id, task_id, number, job_id, worker_id, deadline, retries_from, args, function, timeout in query:
+        for (attempt_id, task_id, number, job_id, worker_id, sent_at, deadline, retries_from, args, function,
+             timeout) in query:
             payload = lease_payload.build(task_id, job_id, number, function, args, timeout)
-            leases.add(Lease(attempt_id, task_id, number, job_id, worker_id, deadline, retries_from, payload))
+            leases.add(Lease(attempt_id, task_id, number, job_id, worker_id, sent_at, deadline, timeout,
+                             retries_from, payload))
         return leases
 
 
@@ -116,14 +142,18 @@ class PayloadBuilder:
 
     def __init__(self, version: int) -> None:
         self._prefix = '{"v":%d,"task_id":"' % version
-        self._function_json: dict[str, str] = {}
+        # (function, timeout) -> the text around the arguments: a job's tasks all share it.
+        self._parts: dict[tuple[str, float], tuple[str, str]] = {}
 
     def build(self, task_id: int, job_id: int, attempt: int, function: str, args_json: str, timeout: float) -> bytes:
-        function_json = self._function_json.get(function)
-        if function_json is None:
-            function_json = self._function_json[function] = json.dumps(function)
-        return (f'{self._prefix}{task_id}","job_id":"{job_id}","attempt":{attempt},'
-                f'"function":{function_json},"args":{args_json},"timeout":{json.dumps(float(timeout))}}}').encode()
+        parts = self._parts.get((function, timeout))
+        if parts is None:
+            if len(self._parts) >= 1024:  # one entry per job shape; a long-running engine sees many
+                self._parts.clear()
+            parts = self._parts[(function, timeout)] = (
+                f',"function":{json.dumps(function)},"args":', f',"timeout":{json.dumps(float(timeout))}}}')
+        head = f'{self._prefix}{task_id}","job_id":"{job_id}","attempt":{attempt}'
+        return f"{head}{parts[0]}{args_json}{parts[1]}".encode()
 
 
 def error_json(kind: str, message: str, traceback: str = "") -> str:
@@ -172,12 +202,14 @@ class Changes:
         """Write everything gathered so far and start empty again.
 
         Hand-written SQL: these statements run once per engine step, and building them with
-        peewee's query builder cost more than executing them."""
+        peewee's query builder cost more than executing them. One statement per kind of
+        change, never one per row (executemany): the sqlite3 module releases the GIL for every
+        row, and each time the network thread took it the engine waited to get it back."""
         p = db.param
-        if self.results:
-            db.cursor().executemany(
-                "INSERT INTO result (task_id, attempt_id, worker_id, value, elapsed, received_at) "
-                f"VALUES ({p}, {p}, {p}, {p}, {p}, {p})", self.results)
+        row = f"({p}, {p}, {p}, {p}, {p}, {p})"
+        for part in chunks(self.results, 500):
+            db.execute_sql("INSERT INTO result (task_id, attempt_id, worker_id, value, elapsed, received_at) "
+                           f"VALUES {', '.join([row] * len(part))}", [v for result in part for v in result])
         for ids in chunks(self.ok_attempts):
             db.execute_sql(f"UPDATE attempt SET outcome = {p}, finished_at = {p} WHERE id IN ({placeholders(p, ids)})",
                            [AttemptOutcome.OK.value, now, *ids])
@@ -198,12 +230,8 @@ class Changes:
             for part in chunks(ids):
                 db.execute_sql(f"UPDATE task SET state = {p}, updated_at = {p} WHERE id IN ({placeholders(p, part)}) "
                                f"AND state IN ({placeholders(p, sources)})", [state, now, *part, *sources])
-        if self.worker_done:
-            db.cursor().executemany(f"UPDATE worker SET tasks_done = tasks_done + {p} WHERE id = {p}",
-                                    [(n, worker_id) for worker_id, n in self.worker_done.items()])
-        if self.worker_failed:
-            db.cursor().executemany(f"UPDATE worker SET tasks_failed = tasks_failed + {p} WHERE id = {p}",
-                                    [(n, worker_id) for worker_id, n in self.worker_failed.items()])
+        _add_counts(db, "tasks_done", self.worker_done)
+        _add_counts(db, "tasks_failed", self.worker_failed)
         self.clear()
 
     def clear(self) -> None:
@@ -222,6 +250,16 @@ _ALLOWED_FROM = {
     TaskState.PENDING.value: [TaskState.ASSIGNED.value],
     TaskState.FAILED.value: [TaskState.ASSIGNED.value],
 }
+
+
+def _add_counts(db: pw.Database, column: str, counts: Counter[int]) -> None:
+    """worker.<column> += n for each (worker id, n), in one statement per 400 workers."""
+    p = db.param
+    for part in chunks(list(counts.items()), 400):
+        cases = " ".join([f"WHEN {p} THEN {p}"] * len(part))
+        db.execute_sql(f"UPDATE worker SET {column} = {column} + CASE id {cases} END "
+                       f"WHERE id IN ({placeholders(p, part)})",
+                       [v for worker_id, n in part for v in (worker_id, n)] + [worker_id for worker_id, _ in part])
 
 
 def placeholders(param: str, values: list[Any]) -> str:

@@ -191,12 +191,12 @@ def workers_table(workers: list[WorkerInfo], now: float | None = None) -> Table:
     table.add_column("worker", no_wrap=True)
     table.add_column("state", no_wrap=True)
     table.add_column("host", overflow="ellipsis", max_width=24)
-    for name in ("capacity", "in flight", "done", "failed"):
+    for name in ("capacity", "prefetch", "in flight", "done", "failed"):
         table.add_column(name, justify="right", min_width=len(name))
     table.add_column("last seen", justify="right", no_wrap=True)
     for w in workers:
         table.add_row(
-            w.key, state_text(w.state), cut(w.host, 30), str(w.capacity), str(w.in_flight),
+            w.key, state_text(w.state), cut(w.host, 30), str(w.capacity), str(w.prefetch), str(w.in_flight),
             str(w.tasks_done), Text(str(w.tasks_failed), style="red" if w.tasks_failed else ""),
             _seen(w, now),
         )  # fmt: skip

@@ -22,7 +22,6 @@ import queue
 import socket
 import threading
 import time
-from dataclasses import dataclass, fields
 from functools import lru_cache
 from importlib import metadata
 from typing import Any, Callable
@@ -37,8 +36,9 @@ from broker.settings import BrokerSettings
 from broker.topics import Topics, WorkerRef
 from coordinator import defaults
 from coordinator.dispatch import Dispatcher, JobBook, PresenceChange, WorkerPool, WorkerSlot
-from coordinator.errors import CoordinatorError, SettingsError, StoreError
+from coordinator.errors import CoordinatorError, StoreError
 from coordinator.leases import Changes, Lease, Leases, PayloadBuilder, error_json, find_attempt, task_exists
+from coordinator.settings import CoordinatorSettings  # re-exported: the engine's settings
 from coordinator.status import RateMeter, Rejection, Rejections, StatusPublisher, summary_status
 from coordinator.store import AttemptOutcome, JobState, Store, TaskState, Worker, WorkerState, dump_json
 
@@ -49,29 +49,6 @@ _CONNECTED = ("", b"connected")
 _DISCONNECTED = ("", b"disconnected")
 # Seconds the engine waits after a failed database transaction before trying again.
 _RETRY_DELAY = 1.0
-
-
-@dataclass(frozen=True)
-class CoordinatorSettings:
-    """Intervals and limits of the engine (seconds unless named otherwise)."""
-
-    lease_margin: float = defaults.LEASE_MARGIN
-    lease_check: float = defaults.LEASE_CHECK_INTERVAL
-    purge_after: float = defaults.PURGE_AFTER
-    purge_check: float = defaults.PURGE_CHECK_INTERVAL
-    poll_interval: float = defaults.POLL_INTERVAL
-    status_interval: float = defaults.STATUS_INTERVAL
-    rate_window: float = defaults.RATE_WINDOW
-    batch_max: int = defaults.BATCH_MAX
-    connect_timeout: float = defaults.CONNECT_TIMEOUT
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            number = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-            zero_ok = f.name in ("purge_after", "lease_margin")
-            if not number or value < 0 or (value == 0 and not zero_ok):
-                raise SettingsError(f"{f.name.replace('_', '-')} must be a positive number of seconds, got {value!r}")
 
 
 def _version() -> str:
@@ -111,6 +88,7 @@ class Coordinator:
         self._needs_reload = False  # a transaction failed: memory must be rebuilt first
         self._offline_since: float | None = None  # when the broker connection was lost
         self._finished = 0
+        self._last_batch = 0  # messages handled by the last step: is traffic flowing?
         self.started = clock()
         self._next_poll = self._next_lease = self._next_purge = float("-inf")
         self._identity = {"host": socket.gethostname(), "pid": os.getpid(), "version": _version()}
@@ -137,7 +115,7 @@ class Coordinator:
             self._running = True
             self._ready.set()
             while not self._stop.is_set():
-                self.step(self._wait_time())
+                self.step(self._wait_time(), gather=self.settings.gather)
         finally:
             self.close()
 
@@ -254,18 +232,21 @@ class Coordinator:
         return max(0.0, min(defaults.POLL_INTERVAL, upcoming - self.clock()))
 
     # -- one step ----------------------------------------------------------------------------
-    def step(self, timeout: float = 0.0) -> None:
-        """Wait up to ``timeout`` for messages, then handle everything that is due."""
+    def step(self, timeout: float = 0.0, gather: float = 0.0) -> None:
+        """Wait up to ``timeout`` for messages, then handle everything that is due.
+
+        ``gather``: when the last step was busy (``busy_batch`` messages or more) and fewer
+        are waiting now, wait this long once for more, so that one transaction, one dispatch
+        round and one network write serve more tasks. Idle or lightly loaded, nothing waits:
+        a lone result is handled at once."""
         if self._needs_reload and not self._reload():
             self._stop.wait(_RETRY_DELAY)  # messages wait in the inbox meanwhile
             return
-        items: list[tuple[str, bytes]] = []
-        try:
-            items.append(self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait())
-            while len(items) < self.settings.batch_max:
-                items.append(self._inbox.get_nowait())
-        except queue.Empty:
-            pass
+        items = self._take(timeout)
+        if gather > 0 and self._last_batch >= self.settings.busy_batch and len(items) < self.settings.busy_batch:
+            time.sleep(gather)
+            items += self._take(0.0, self.settings.batch_max - len(items))
+        self._last_batch = len(items)
         now = self.clock()
         try:
             self.store.bind()
@@ -274,6 +255,19 @@ class Coordinator:
             # The transaction was rolled back: memory no longer matches the store.
             log.error("database error, %d message(s) dropped; reloading the state: %s", len(items), exc)
             self._needs_reload = True
+
+    def _take(self, timeout: float, limit: int | None = None) -> list[tuple[str, bytes]]:
+        """Up to ``limit`` (batch_max) messages from the inbox, waiting ``timeout`` for the first."""
+        limit = self.settings.batch_max if limit is None else limit
+        items: list[tuple[str, bytes]] = []
+        try:
+            if limit > 0:
+                items.append(self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait())
+            while len(items) < limit:
+                items.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        return items
 
     def _step(self, items: list[tuple[str, bytes]], now: float) -> None:
         if now >= self._next_poll:
@@ -303,8 +297,8 @@ class Coordinator:
                     clears = self._purge(now)
                 if connected:
                     sends = self.dispatcher.dispatch(self.workers, self.jobs, self.leases, now)
-                    for topic, _ in sends:
-                        self._worker_touched(topic)
+                    for worker_id in self.dispatcher.served:
+                        self.status.worker_changed(worker_id)
                 for job in self.jobs.complete(now):
                     log.info("job %s (%d tasks) finished: %d done, %d failed", job.name, job.total,
                              job.counts["done"], job.counts["failed"])
@@ -330,8 +324,7 @@ class Coordinator:
         p = self.store.db.param
         self.store.db.execute_sql(f"UPDATE attempt SET deadline = deadline + {p} WHERE outcome = {p}",
                                   (outage, AttemptOutcome.OPEN.value))
-        for worker in self.workers:
-            worker.confirmed = False
+        self.workers.unconfirm_all()
         log.info("reconnected after %.1f s; leases extended by as much", outage)
 
     def _send(self, sends: list[tuple[str, bytes]], clears: list[str]) -> None:
@@ -341,8 +334,10 @@ class Coordinator:
             # A restarted broker may have forgotten every retained status: publish them all.
             self.status.everything_changed(self.jobs.by_id, self.workers.by_id)
         resend, self._resend = self._resend, []
-        for topic, payload in resend + sends:
-            self._publish(topic, payload)
+        # One batch: one wake-up of the network thread, whose writes are then joined.
+        for topic, reason in self.transport.publish_many(resend + sends):
+            # The attempt stays open; its lease runs out and the task is sent again.
+            log.warning("publish to %s failed: %s", topic, reason)
         for topic in clears:
             self._publish(topic, b"", retain=True)
 
@@ -381,12 +376,6 @@ class Coordinator:
         self.transport.subscribe(self.topics.all_presence, 1)
         log.info("state reloaded: %d open attempt(s)", len(self.leases))
         return True
-
-    def _worker_touched(self, tasks_topic: str) -> None:
-        ref = self._parse_topic(tasks_topic).ref
-        slot = self.workers.get(ref.key)
-        if slot is not None:
-            self.status.worker_changed(slot.id)
 
     # -- messages ----------------------------------------------------------------------------
     def _handle(self, topic: str, payload: bytes, now: float) -> None:
@@ -440,8 +429,8 @@ class Coordinator:
             # It may have missed tasks sent while it was away; it ignores those it still holds.
             self._resend += [(slot.tasks_topic, lease.payload) for lease in self.leases.of_worker(slot.id)]
         if change in (PresenceChange.NEW, PresenceChange.ONLINE) and slot.state == WorkerState.ONLINE.value:
-            log.info("worker %s online: capacity %d, functions %s", ref.key, slot.capacity,
-                     ", ".join(sorted(slot.functions)) or "none")
+            log.info("worker %s online: capacity %d, prefetch %d, functions %s", ref.key, slot.capacity,
+                     slot.prefetch, ", ".join(sorted(slot.functions)) or "none")
             if slot.capacity <= 0:
                 log.warning("worker %s announced capacity 0: it gets no work", ref.key)
 
@@ -563,8 +552,7 @@ class Coordinator:
         for lease in self.leases.expired(now):
             worker = self.workers.by_id.get(lease.worker_id)
             name = worker.key if worker else f"worker #{lease.worker_id}"
-            job = self.jobs.get(lease.job_id)
-            limit = (job.timeout if job else 0.0) + self.settings.lease_margin
+            limit = lease.deadline - lease.sent_at
             log.info("lease of task %d attempt %d on %s expired; returning the task",
                      lease.task_id, lease.number, name)
             self._close_failed(lease, AttemptOutcome.EXPIRED,

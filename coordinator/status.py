@@ -106,10 +106,10 @@ def job_status(job: "JobInfo", now: float) -> dict[str, Any]:
 def worker_status(worker: "WorkerSlot", in_flight: int, now: float) -> dict[str, Any]:
     return {
         "worker": worker.ref.worker, "volunteer": worker.ref.volunteer, "state": worker.state,
-        "capacity": worker.capacity, "in_flight": in_flight, "done": worker.done, "failed": worker.failed,
-        "rejected": worker.rejected, "functions": sorted(worker.functions), "host": worker.host,
-        "version": worker.version, "last_seen": worker.last_seen, "lost_at": worker.lost_at,
-        "updated": round(now, 3),
+        "capacity": worker.capacity, "prefetch": worker.prefetch, "in_flight": in_flight,
+        "done": worker.done, "failed": worker.failed, "rejected": worker.rejected,
+        "functions": sorted(worker.functions), "host": worker.host, "version": worker.version,
+        "last_seen": worker.last_seen, "lost_at": worker.lost_at, "updated": round(now, 3),
     }
 
 

@@ -30,13 +30,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable, Iterable, Iterator
-from urllib.parse import unquote, urlsplit
 
 import peewee as pw
 
 from broker.defaults import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES
 from broker.errors import InvalidName
 from broker.topics import validate_name
+from coordinator import database
 from coordinator.defaults import INSERT_BATCH, MAX_ATTEMPTS, SQLITE_BUSY_TIMEOUT_MS, TASK_TIMEOUT
 from coordinator.errors import InvalidInput, StoreError, StoreLocked, UnknownJob
 
@@ -126,6 +126,7 @@ class Worker(BaseModel):
     version = pw.CharField(max_length=64, default="")
     cpus = pw.IntegerField(default=0)
     capacity = pw.IntegerField(default=1)
+    prefetch = pw.IntegerField(default=0)  # tasks it wants queued beyond capacity (added later: database.py)
     functions = pw.TextField(default="[]")  # JSON list
     started = pw.DoubleField(default=0.0)
     first_seen = pw.DoubleField()
@@ -161,16 +162,18 @@ class Task(BaseModel):
 
     class Meta:
         # (job, state): dispatch takes a job's oldest pending tasks, and progress counts a
-        # job's tasks per state, without scanning other jobs.
-        indexes = ((("state", "id"), False), (("job", "index"), True), (("job", "state"), False))
+        # job's tasks per state, without scanning other jobs. Nothing more on state: every
+        # index on it is rewritten twice per task (database.DROPPED_INDEXES).
+        indexes = ((("job", "index"), True), (("job", "state"), False))
 
 
 class Attempt(BaseModel):
-    task = pw.ForeignKeyField(Task, backref="attempt_rows", on_delete="CASCADE")
+    # Found by task through the unique (task, number) index: no index of its own.
+    task = pw.ForeignKeyField(Task, backref="attempt_rows", on_delete="CASCADE", index=False)
     number = pw.IntegerField()  # 1 for the first dispatch of the task
     worker = pw.ForeignKeyField(Worker, backref="attempts")
     sent_at = pw.DoubleField()
-    deadline = pw.DoubleField(index=True)
+    deadline = pw.DoubleField()  # the engine keeps open attempts in memory (leases.py)
     finished_at = pw.DoubleField(null=True)
     outcome = pw.CharField(max_length=16, default=AttemptOutcome.OPEN.value, index=True)
     error = pw.TextField(null=True)  # JSON {type, message, traceback}
@@ -239,9 +242,13 @@ MAX_ARGS_BYTES = MAX_PAYLOAD_BYTES - 1024
 _RESULTS_CHUNK = 1000
 
 
+# Built once: json.dumps() with options builds a new encoder for every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def dump_json(value: Any) -> str:
     """Compact JSON as stored and sent; NaN and Infinity are refused (they are not JSON)."""
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    return "null" if value is None else _ENCODER.encode(value)
 
 
 def _depth(value: Any) -> int:
@@ -274,59 +281,6 @@ def encode_args(args: Any, line: int | None = None) -> str:
     return text
 
 
-def _sqlite_path(url: str) -> str:
-    if url.startswith("sqlite://"):
-        path = url[len("sqlite://"):]
-        if not path.startswith("/") or path == "/":
-            raise StoreError(f"database URL {url!r} names no file", "use sqlite:///relative.db or sqlite:////abs/path.db")
-        return path[1:]  # sqlite:///x.db -> x.db, sqlite:////tmp/x.db -> /tmp/x.db
-    return url
-
-
-def _open_postgres(url: str) -> pw.Database:
-    try:
-        import psycopg2  # noqa: F401 - only to give a readable error when it is missing
-    except ImportError:
-        raise StoreError("PostgreSQL support is not installed",
-                         "pip install 'dockercomp[postgres]' (psycopg2-binary)") from None
-    parts = urlsplit(url)
-    dbname = unquote(parts.path.lstrip("/")) or "postgres"
-    return pw.PostgresqlDatabase(
-        dbname, user=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-        host=parts.hostname or None, port=parts.port or None,
-    )
-
-
-def _open_sqlite(path: str) -> pw.Database:
-    if path in ("", ":memory:"):
-        raise StoreError("an in-memory SQLite database cannot be shared by the CLI and `serve`",
-                         "pass a file path, e.g. --db coordinator.db")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise StoreError(f"directory {parent} does not exist", "create it or pass another --db path")
-    return pw.SqliteDatabase(
-        path,
-        # IMMEDIATE: a writer takes the lock when its transaction begins and waits for it
-        # (busy_timeout), instead of failing when a read turns into a write.
-        lock_type="IMMEDIATE",
-        pragmas={
-            "journal_mode": "wal",  # readers (status, results) never block the engine
-            "busy_timeout": SQLITE_BUSY_TIMEOUT_MS,
-            "foreign_keys": 1,
-            "synchronous": "full",  # a submit is on disk when it returns; serve relaxes its own
-        },
-    )
-
-
-def _describe(url: str) -> str:
-    """The database URL with any password masked."""
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@")
-    return url
-
-
 class Store:
     """Opens the database and offers the operations every user of the store needs."""
 
@@ -339,16 +293,14 @@ class Store:
         """A SQLite path (``coordinator.db``, ``sqlite:///path``) or ``postgresql://...``;
         creates tables if missing. Raises StoreError with what to do on failure."""
         url = str(url)
-        if url.startswith(("postgresql://", "postgres://")):
-            db = _open_postgres(url)
-        else:
-            db = _open_sqlite(_sqlite_path(url))
+        db = database.connect(url, SQLITE_BUSY_TIMEOUT_MS)  # a module global: tests shorten it
         store = cls(db)
-        store.url = _describe(url)
+        store.url = database.describe(url)
         with store._errors("open the database"):
             database_proxy.initialize(db)
             db.connect(reuse_if_open=True)
             db.create_tables(MODELS, safe=True)
+            database.upgrade(db)
         return store
 
     @property

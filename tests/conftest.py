@@ -11,11 +11,21 @@ A missing binary skips on a laptop and fails under CI (tests.support.require).
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
+from types import FrameType
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Hypothesis judges examples by wall-clock time (a 200 ms deadline, a "too slow" health check),
+# which a loaded 2-core CI machine fails at random. What must be fast is asserted explicitly
+# (test_fuzz.py: hostile payloads are rejected quickly); here only behaviour is judged.
+# Loaded before the test modules, so their @settings(...) inherit it.
+settings.register_profile("dockercomp", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("dockercomp")
 
 # `tests` has no __init__.py, so plain `pytest` puts only tests/ on sys.path; the repo
 # root is needed for `import tests.support` (and for `broker` without pip install -e).
@@ -31,6 +41,16 @@ BROKER_KINDS = ["mosquitto", "amqtt"]
 
 # secure_mosquitto / secure_amqtt / secure_broker: the shipped access policy (accounts, ACL, TLS).
 pytest_plugins = ("tests.support.security",)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # `kill PID` of a test run (a cancelled CI job, an engineer stopping it) acts as Ctrl-C:
+    # fixtures still run their teardown, so no broker, agent or database outlives the run.
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -57,7 +77,7 @@ def _run_broker(request: pytest.FixtureRequest, broker: BrokerProcess) -> Iterat
     finally:
         broker.stop()  # also reaps a broker the test killed
         if _failed(request):
-            print(f"\n--- {broker.name} log ({broker.log_path}) ---\n{broker.log()[-4000:]}")
+            print(f"\n--- {broker.name} log ({broker.workdir}) ---\n{broker.log()[-4000:]}")
 
 
 @pytest.fixture

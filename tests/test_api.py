@@ -17,6 +17,7 @@ import pytest
 from coordinator.api import Client, JobTimeout, TasksFailed, connect
 from coordinator.errors import InvalidInput, UnknownJob
 from coordinator.store import JobProgress
+from tests.support import wait_until
 from tests.support.brokers import BrokerProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -83,9 +84,12 @@ def stack(client: Client, broker: BrokerProcess, tmp_path: Path) -> Iterator[Sta
 
 
 def test_submit_wait_and_results_in_input_order(client: Client, stack: Stack) -> None:
-    # Given two agents and a job of prime counts
+    # Given two agents (both online: on a busy machine one could otherwise do the whole job
+    # before the other has started) and a job of prime counts
     stack.agent("a1")
     stack.agent("a2")
+    wait_until(lambda: sorted(w.key for w in client.workers() if w.state == "online") == ["local/a1", "local/a2"],
+               timeout=30)
     ranges = [[0, 1000 * (i + 1)] for i in range(12)]
     job = client.submit("count_primes", ranges, name="primes", timeout=30, max_attempts=2)
     assert (job.name, job.total, job.function) == ("primes", 12, "count_primes")

@@ -225,12 +225,22 @@ def test_workers_table_and_json(cli: CliRunner, db: str) -> None:
 
 
 def retained_presence(url: str, topic: str) -> bytes | None:
-    """The retained message on `topic` right now (None when there is none)."""
+    """The retained message on `topic` right now (None when there is none).
+
+    No guessing how long a retained message takes to come: after the SUBACK, a plain (not
+    retained) marker is published on the same topic, and Mosquitto sends a subscriber the
+    retained message before anything published later. The marker first means: none.
+    """
+    marker = b"not retained: end of the retained messages"
     with Watcher(url, topic) as watcher:
+        client = connect_client(url)
         try:
-            return watcher.wait_for(lambda m: m.retain, timeout=0.5).payload
-        except TimeoutError:
-            return None
+            client.publish(topic, marker, qos=1).wait_for_publish(10)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        first = watcher.wait_for(lambda m: m.retain or m.payload == marker)
+    return first.payload if first.retain else None
 
 
 def test_purge_marks_lost_workers_purged_and_clears_their_retained_presence(
@@ -244,6 +254,7 @@ def test_purge_marks_lost_workers_purged_and_clears_their_retained_presence(
     client = connect_client(mosquitto.url)
     client.publish(topics.presence(WorkerRef("local", "gone")), will, qos=1, retain=True).wait_for_publish(5)
     client.disconnect()
+    client.loop_stop()
     assert retained_presence(mosquitto.url, topics.presence(WorkerRef("local", "gone"))) == will
     # When the scientist purges now
     result = run(cli, "purge", "--broker", mosquitto.url)

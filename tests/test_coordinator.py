@@ -49,10 +49,11 @@ class Processes:
         self.running[name] = process
         return process
 
-    def agent(self, name: str, concurrency: int = 2) -> subprocess.Popen[bytes]:
+    def agent(self, name: str, concurrency: int = 2, prefetch: int | None = None) -> subprocess.Popen[bytes]:
+        extra = [] if prefetch is None else ["--prefetch", str(prefetch)]
         return self.start(name, ["agent.cli", "run", "--broker", self.broker_url, "--worker-id", name,
                                  "--concurrency", str(concurrency), "--keepalive", "2", "--grace", "1",
-                                 "--health-file", str(self.logs / f"{name}.health")])
+                                 "--health-file", str(self.logs / f"{name}.health"), *extra])
 
     def serve(self, db: str, name: str = "serve") -> subprocess.Popen[bytes]:
         return self.start(name, ["coordinator", "serve", "--broker", self.broker_url, "--db", db,
@@ -199,13 +200,34 @@ def test_cancel_while_running_leaves_nothing_dispatched(engine: Coordinator, pro
     job = engine.store.create_job("sleep", [[0.2]] * 40)
     wait_until(lambda: engine.store.progress(job).done >= 2)
     engine.store.cancel_job(job)
-    time.sleep(1.0)  # the engine notices within a poll; give in-flight tasks time to finish
+    # The engine notices within a poll; what the agent already holds finishes (or is dropped).
+    progress = wait_until(lambda: (p := engine.store.progress(job)).assigned == 0 and p, timeout=15)
 
-    progress = engine.store.progress(job)
-    assert progress.state == "cancelled" and progress.pending == 0 and progress.assigned == 0
+    assert progress.state == "cancelled" and progress.pending == 0
     assert progress.done + progress.cancelled == 40
     wait_until(lambda: len(engine.leases) == 0)
     assert engine.store.db.execute_sql("SELECT count(*) FROM attempt WHERE outcome = 'open'").fetchone()[0] == 0
+
+
+def test_tasks_queued_on_an_agent_by_prefetch_wait_their_turn_without_expiring(
+        broker: BrokerProcess, procs: Processes, tmp_path: Path) -> None:
+    # One task process and three tasks queued behind it, each taking half its time limit.
+    # A lease of timeout + margin (3 s) from dispatch would end before the last one (4 s)
+    # even starts: the coordinator must allow for the wait in the agent's queue.
+    settings = CoordinatorSettings(lease_margin=1, lease_check=0.1, poll_interval=0.2, status_interval=0.2)
+    with Coordinator.connect(broker.url, str(tmp_path / "coordinator.db"), settings) as engine:
+        procs.agent("w0", concurrency=1, prefetch=3)
+        [worker] = online(engine.store, 1)
+        assert (worker.capacity, worker.prefetch) == (1, 3)
+
+        job = engine.store.create_job("sleep", [[1.0 + i / 1e6] for i in range(6)], timeout=2.0)
+        wait_until(lambda: len(engine.leases) == 4)  # 1 running + 3 queued, the rest waits
+        assert engine.store.progress(job).pending == 2
+        progress = finished(engine.store, job, timeout=30)
+
+    assert (progress.done, progress.failed) == (6, 0)
+    rows = list(engine.store.results(job))
+    assert [(r.value, r.attempts, r.errors) for r in rows] == [(1.0 + i / 1e6, 1, []) for i in range(6)]
 
 
 def test_worker_ref_in_results_matches_presence(engine: Coordinator, procs: Processes) -> None:

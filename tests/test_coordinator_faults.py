@@ -107,13 +107,21 @@ def test_killed_agent_tasks_are_reissued_on_its_will_then_it_is_purged(
 
     # later: purged, and its retained presence is gone while the others' stay
     wait_until(lambda: Worker.get(Worker.key == victim.key).state == "purged", timeout=10)
-    time.sleep(0.3)
-    with Watcher(broker.url, TOPICS.all_presence) as watcher:
-        watcher.wait_count(2)
-        time.sleep(0.5)
-        retained = {m.topic for m in watcher.messages if m.payload}
-    assert TOPICS.presence(WorkerRef("local", victim.name)) not in retained
-    assert len(retained) == 2
+    survivors = {TOPICS.presence(WorkerRef("local", name)) for name in ("w0", "w1", "w2") if name != victim.name}
+    seen: list[set[str]] = []
+
+    def retained_presences_are_the_survivors() -> bool:
+        with Watcher(broker.url, TOPICS.all_presence) as watcher:
+            watcher.wait_count(2)
+            time.sleep(0.5)  # room for a third retained presence to arrive, if there is one
+            seen.append({m.topic for m in watcher.messages if m.payload})
+        return seen[-1] == survivors
+
+    # The store may say purged a moment before the broker has the cleared presence: look again.
+    try:
+        wait_until(retained_presences_are_the_survivors, timeout=10)
+    except TimeoutError:
+        pytest.fail(f"retained presences {seen[-1]}, expected only the survivors {survivors}")
 
 
 # --------------------------------------------------------------------------- a stale will
@@ -213,8 +221,14 @@ def test_hanging_task_lease_expires_and_another_worker_finishes_it(
     finished(store, job, timeout=15)
 
     [row] = list(store.results(job))
-    assert (row.state, row.value, row.worker, row.attempts) == ("done", 42, "local/w0", 2)
-    assert [(e["worker"], e["outcome"], e["type"]) for e in row.errors] == [("local/hanger", "expired", "LeaseExpired")]
+    assert (row.state, row.value, row.worker) == ("done", 42, "local/w0")
+    assert (row.errors[0]["attempt"], row.errors[0]["worker"], row.errors[0]["outcome"], row.errors[0]["type"]) == (
+        1, "local/hanger", "expired", "LeaseExpired")
+    # Usually that is all (attempt 2 went to w0). On a busy machine one more lease can run out
+    # first, rightly: w0 still starting, so the hanger (the only worker online) got attempt 2;
+    # or w0 slower than the 1.5 s lease, its late answer then accepted. Either way: expiries.
+    assert len(row.errors) < row.attempts
+    assert all((e["outcome"], e["type"]) == ("expired", "LeaseExpired") for e in row.errors)
 
 
 def test_hanging_task_fails_after_max_attempts_with_each_reason(

@@ -22,6 +22,8 @@ from tests.support import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+# Seconds a process of the demo may take to vanish after the demo has ended.
+LEFTOVER_GRACE = 5.0
 
 
 def tagged_processes(run_id: str) -> list[int]:
@@ -39,6 +41,17 @@ def tagged_processes(run_id: str) -> list[int]:
         except OSError:
             continue  # exited while we looked, or not ours to read
     return found
+
+
+def nothing_left(run_id: str) -> list[int]:
+    """Pids of the run still alive after a short grace: the demo SIGKILLs what did not stop,
+    and a killed process only disappears once the kernel has run its exit (on a busy machine,
+    a moment after the demo itself ended). A leaked process stays, and is returned."""
+    try:
+        wait_until(lambda: not tagged_processes(run_id), timeout=LEFTOVER_GRACE, interval=0.05)
+    except TimeoutError:
+        pass
+    return tagged_processes(run_id)
 
 
 def start_demo(out: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
@@ -87,7 +100,7 @@ def test_demo_draws_the_picture_records_every_tile_and_leaves_nothing(tmp_path: 
     for worker in workers:
         assert worker in output
     # and no process of the run is left
-    assert tagged_processes(run_id) == []
+    assert nothing_left(run_id) == []
 
 
 def test_ctrl_c_stops_the_demo_and_every_process_it_started(tmp_path: Path) -> None:
@@ -103,7 +116,7 @@ def test_ctrl_c_stops_the_demo_and_every_process_it_started(tmp_path: Path) -> N
     # Then the demo says so, exits 130, and nothing it started is left
     assert process.returncode == 130, output
     assert "Interrupted" in output
-    assert tagged_processes(run_id) == []
+    assert nothing_left(run_id) == []
 
 
 def test_a_failed_demo_still_cleans_up(tmp_path: Path) -> None:
@@ -113,7 +126,7 @@ def test_a_failed_demo_still_cleans_up(tmp_path: Path) -> None:
     # Then the demo fails with a reason, and leaves no process
     assert process.returncode == 1, output
     assert "did not finish within 2 s" in output
-    assert tagged_processes(run_id) == []
+    assert nothing_left(run_id) == []
 
 
 def _task_states(db: Path) -> bytes:

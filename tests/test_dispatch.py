@@ -59,6 +59,7 @@ class FakeAgent:
     worker: str
     volunteer: str = "local"
     capacity: int = 2
+    prefetch: int = 0
     functions: tuple[str, ...] = ("add", "sum", "noop")
     auto: bool = True
     started: float = field(default_factory=time.time)
@@ -80,7 +81,8 @@ class FakeAgent:
     def presence(self, state: str, reason: str | None = None) -> bytes:
         return Presence(self.worker, self.volunteer, PresenceState(state), self.seq,
                         OfflineReason(reason) if reason else None, host="test", version="0",
-                        cpus=2, capacity=self.capacity, functions=self.functions, started=self.started).encode()
+                        cpus=2, capacity=self.capacity, functions=self.functions, started=self.started,
+                        prefetch=self.prefetch).encode()
 
     def start(self, timeout: float = 10.0) -> "FakeAgent":
         self.transport.start()
@@ -250,6 +252,121 @@ def test_new_submission_is_picked_up_without_restart(rig: Rig) -> None:
     rig.step(0.5, times=3)
     assert [r.value for r in rig.store.results(job)] == [3]
     assert agent.answered
+
+
+# --------------------------------------------------------------------------- prefetch
+def test_prefetch_queues_tasks_on_a_worker_beyond_its_capacity_and_no_further(rig: Rig) -> None:
+    agent = rig.agent("w1", auto=False, capacity=2, prefetch=3)
+    job = rig.store.create_job("add", [[i, i] for i in range(12)])
+
+    rig.step(0.5, times=3)
+    assert len(agent.received) == 5  # 2 running + 3 queued
+    assert rig.states(job)["assigned"] == 5 and rig.states(job)["pending"] == 7
+    assert Worker.get(Worker.key == "local/w1").prefetch == 3
+
+    agent.answer_held()
+    rig.step(0.5, times=2)
+    assert len(agent.received) == 10  # topped up to 5 again, never more
+
+
+def test_idle_slots_are_filled_before_any_worker_queue(rig: Rig) -> None:
+    busy = rig.agent("busy", auto=False, capacity=2, prefetch=2)
+    rig.store.create_job("add", [[1, 1]] * 2)
+    rig.step(0.5, times=2)
+    idle = rig.agent("idle", auto=False, capacity=2, prefetch=2)
+
+    rig.store.create_job("add", [[2, 2]] * 4)
+    rig.step(0.5, times=2)
+
+    # idle's two free slots first, then one queued on each: not two queued on busy while
+    # idle has a slot doing nothing
+    assert (len(busy.received), len(idle.received)) == (3, 3)
+
+
+def test_tasks_spread_evenly_over_workers_with_prefetch(rig: Rig) -> None:
+    agents = [rig.agent(f"w{i}", capacity=2, prefetch=2) for i in range(3)]
+    job = rig.store.create_job("add", [[i, 1] for i in range(300)])
+
+    rig.settle()
+
+    rows = list(rig.store.results(job))
+    assert [r.value for r in rows] == [i + 1 for i in range(300)] and all(r.attempts == 1 for r in rows)
+    per_worker = {a.ref.key: sum(r.worker == a.ref.key for r in rows) for a in agents}
+    assert all(90 <= n <= 110 for n in per_worker.values()), per_worker
+
+
+def test_a_prefetched_task_waiting_its_turn_keeps_its_lease(rig: Rig) -> None:
+    # One slot, two queued: the worker runs them one after the other, each taking nearly its
+    # whole time limit. The lease of a task sent now would run out at timeout + margin (15 s);
+    # the second and third task are only answered after 20 and 30 s, and must still count.
+    agent = rig.agent("w1", auto=False, capacity=1, prefetch=2)
+    job = rig.store.create_job("add", [[i, i] for i in range(3)], timeout=10)
+    rig.step(0.5)
+    assert len(agent.received) == 3
+
+    for task in list(agent.received):
+        for _ in range(10):
+            rig.step(0.99)  # lease checks every second while the task runs
+        agent.answer(task)
+    rig.step(0.5, times=2)
+
+    rows = list(rig.store.results(job))
+    assert [(r.state, r.value, r.attempts, r.errors) for r in rows] == [("done", 2 * i, 1, []) for i in range(3)]
+    assert len(agent.received) == 3 and rig.coordinator.rejections.counts["late"] == 0
+
+
+def test_a_prefetched_task_of_a_silent_worker_still_expires(rig: Rig) -> None:
+    agent = rig.agent("w1", auto=False, capacity=1, prefetch=1)
+    job = rig.store.create_job("add", [[1, 1], [2, 2]], timeout=10)
+    rig.step(0.5)
+    assert len(agent.received) == 2
+    first, second = (int(t.task_id) for t in agent.received)
+
+    def outcome(task_id: int) -> str:
+        return Attempt.get((Attempt.task == task_id) & (Attempt.number == 1)).outcome
+
+    rig.step(15.5)  # the running one: timeout + margin
+    assert (outcome(first), outcome(second)) == ("expired", "open")
+    rig.step(10)  # the queued one: it waited up to one timeout for its turn, then ran
+    assert outcome(second) == "expired"
+    assert rig.states(job)["done"] == 0
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_database_from_before_prefetch_is_upgraded_when_opened(kind: str, tmp_path,
+                                                                  request: pytest.FixtureRequest) -> None:
+    url = str(tmp_path / "old.db") if kind == "sqlite" else request.getfixturevalue("postgres_db")
+    # Given a database as the first release made it: no prefetch column, the old indexes, a worker
+    old = Store.open(url)
+    old.db.execute_sql("ALTER TABLE worker DROP COLUMN prefetch")
+    for table, columns, name in (("task", "state, id", "task_state_id"), ("attempt", "task_id", "attempt_task_id"),
+                                 ("attempt", "deadline", "attempt_deadline")):
+        old.db.execute_sql(f'CREATE INDEX "{name}" ON "{table}" ({columns})')
+    old.db.execute_sql("INSERT INTO worker (key, volunteer, name, state, seq, host, version, cpus, capacity, "
+                       "functions, started, first_seen, last_seen, tasks_done, tasks_failed) VALUES "
+                       "('local/w0', 'local', 'w0', 'lost', 0, 'h', '0', 1, 2, '[\"add\"]', 1.0, 1.0, 1.0, 7, 0)")
+    old.close()
+
+    # When a coordinator of this version opens it (twice: the second finds nothing to do)
+    Store.open(url).close()
+    store = Store.open(url)
+
+    # Then the column is there with its default, the indexes are gone, the data kept
+    assert {c.name for c in store.db.get_columns("worker")} >= {"prefetch", "tasks_done"}
+    assert [(w.key, w.prefetch, w.tasks_done) for w in store.workers()] == [("local/w0", 0, 7)]
+    indexes = {i.name for table in ("task", "attempt") for i in store.db.get_indexes(table)}
+    assert not indexes & {"task_state_id", "attempt_task_id", "attempt_deadline"}
+    assert "attempt_task_id_number" in indexes
+    # and the engine runs on it: the returning worker announces its prefetch
+    broker, clock = MemoryBroker(), FakeClock()
+    coordinator = Coordinator(store, broker.connect("coordinator"), TOPICS, CoordinatorSettings(), clock)
+    coordinator.open()
+    rig = Rig(broker, store, coordinator, clock)
+    agent = rig.agent("w0", auto=False, capacity=2, prefetch=1)
+    rig.store.create_job("add", [[1, 1]] * 5)
+    rig.step(0.5, times=2)
+    assert len(agent.received) == 3
+    coordinator.close()
 
 
 # --------------------------------------------------------------------------- results

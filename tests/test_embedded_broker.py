@@ -18,10 +18,15 @@ from broker.embedded import AddressInUseError, EmbeddedBroker
 from tests.support import Watcher, abandon, connect_client, port_accepts
 from tests.support.brokers import BrokerProcess
 
+pytestmark = pytest.mark.timeout(90)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 URL_LINE = re.compile(r"listening on (mqtt://127\.0\.0\.1:(\d+))")
 # Long enough for a message that is coming to arrive on loopback.
 QUIET_PERIOD = 0.3
+# Seconds `broker serve` may take to exit after a signal: it gives amqtt up to 10 s to shut
+# down (broker/embedded.py STOP_TIMEOUT), which amqtt 0.12 on Python 3.11 sometimes needs.
+EXIT_TIMEOUT = 30
 
 
 @pytest.fixture
@@ -163,7 +168,7 @@ def test_serve_prints_its_url_and_stops_cleanly_on_ctrl_c() -> None:
         publish(match.group(1), "dockercomp/test/ping", b"pong")  # it really serves
 
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=15)
+        out, err = process.communicate(timeout=EXIT_TIMEOUT)
     finally:
         process.kill()
         process.wait()
@@ -179,7 +184,7 @@ def test_serve_stops_cleanly_on_sigterm() -> None:
         assert process.stdout is not None
         assert URL_LINE.search(process.stdout.readline())
         process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=15)
+        _, err = process.communicate(timeout=EXIT_TIMEOUT)
     finally:
         process.kill()
         process.wait()

@@ -21,6 +21,9 @@ from tests.support.docker import (
     run_in_image,
 )
 
+# The first test that needs the image may build it, base included (minutes on a fresh machine).
+pytestmark = pytest.mark.timeout(900)
+
 DOCKERFILE = (REPO_ROOT / "Dockerfile").read_text()
 
 

@@ -281,3 +281,32 @@ def test_fuzz_any_valid_task_survives_the_round_trip(task: Task) -> None:
                  elapsed=st.floats(0, 1e6)))
 def test_fuzz_any_valid_result_survives_the_round_trip(result: Result) -> None:
     assert Result.decode(result.encode()) == result
+
+
+_RESULT_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=5), st.lists(st.integers(), max_size=3),
+    st.sampled_from(["ok", "error", "w-1", "", "a/b", "x" * 65, "x" * 129]),
+)
+_RESULT_KEYS = st.sampled_from(["v", "task_id", "attempt", "worker", "volunteer", "outcome", "value", "error", "elapsed"])
+_GOOD_RESULT = {"v": PROTOCOL_VERSION, "task_id": "12", "attempt": 1, "worker": "w1", "volunteer": "vol",
+                "outcome": "ok", "elapsed": 0.5}
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(_RESULT_KEYS, _RESULT_VALUES), st.sets(st.sampled_from(sorted(_GOOD_RESULT))))
+def test_the_fast_result_decoder_accepts_only_what_the_full_one_accepts(
+    changes: dict[str, Any], dropped: set[str],
+) -> None:
+    # Given a result that is mostly well formed, with a few fields changed or missing,
+    obj = {k: v for k, v in _GOOD_RESULT.items() if k not in dropped} | changes
+    payload = json.dumps(obj).encode()
+    try:
+        checked: Result | None = Result._decode_checked(json.loads(payload), payload)
+    except DecodeError:
+        checked = None
+    # when the fast path for ordinary ok results decides,
+    fast = Result._decode_ok(json.loads(payload))
+    # then it never accepts what the full decoder rejects, and builds the same message.
+    if fast is not None:
+        assert checked is not None and repr(fast) == repr(checked)

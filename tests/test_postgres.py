@@ -47,7 +47,9 @@ def test_postgres_end_to_end_with_real_agents_and_a_killed_one(
             procs.agent(name)
         online(store, 3)
         job = store.create_job("sleep", [[0.02 + i / 1e6] for i in range(150)], timeout=30)
-        wait_until(lambda: store.progress(job).done >= 20)
+        # w2 has answered at least once (its results must stay attributed to it), then dies.
+        wait_until(lambda: store.progress(job).done >= 20
+                   and any(w.key == "local/w2" and w.tasks_done >= 1 for w in store.workers()), timeout=30)
         procs.kill("w2")  # its will returns what it held at once
 
         progress = finished(store, job)

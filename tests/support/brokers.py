@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +27,8 @@ START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 # Fresh ports tried when the one picked is taken between picking and binding.
 PORT_ATTEMPTS = 5
+# Seconds a restart waits for its old port to be free, if something holds it.
+RESTART_TIMEOUT = 10.0
 
 # Every broker still running when the interpreter exits is killed, so an aborted test
 # run (Ctrl-C, pytest-timeout) leaves no process behind.
@@ -36,6 +39,18 @@ _live: weakref.WeakSet[BrokerProcess] = weakref.WeakSet()
 def _kill_leftovers() -> None:
     for broker in list(_live):
         broker.kill()
+
+
+def _listenable(host: str, port: int) -> bool:
+    """True if a server could listen on host:port now (SO_REUSEADDR, as both brokers set it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen()
+        except OSError:
+            return False
+    return True
 
 
 class BrokerStartError(RuntimeError):
@@ -93,7 +108,7 @@ class BrokerProcess:
         if self.running:
             raise RuntimeError(f"{self.name} is already running on {self.url}")
         if self.port:
-            self._launch(self.port)
+            self._restart(self.port)
             return self
         for attempt in range(PORT_ATTEMPTS):
             try:
@@ -104,6 +119,23 @@ class BrokerProcess:
                 if attempt + 1 == PORT_ATTEMPTS:
                     raise
         raise AssertionError("unreachable")
+
+    def _restart(self, port: int) -> None:
+        """Starts again on `port`, which clients are configured for: no other port will do.
+
+        A port outside the ephemeral range (free_port) is normally free again the moment the
+        old process is reaped; if something holds it for a moment anyway, wait rather than fail.
+        """
+        deadline = time.monotonic() + RESTART_TIMEOUT
+        while True:
+            try:
+                self._launch(port)
+                return
+            except BrokerStartError as exc:
+                port_taken = "already in use" in exc.log or not _listenable(self.host, port)
+                if not port_taken or time.monotonic() >= deadline:
+                    raise  # failed for another reason than the port, or the port never came back
+            time.sleep(0.2)
 
     def stop(self) -> None:
         """SIGTERM and wait: a clean shutdown (Mosquitto saves its persistence file)."""
@@ -300,6 +332,8 @@ class MosquittoProcess(BrokerProcess):
         self.security_dir = security_dir
         self.tls_port = 0  # the TLS listener's port, when secure; kept across restarts
         self.conf_path = workdir / "mosquitto.test.conf"
+        # stdout/stderr apart from the log_dest file, which is mosquitto.log.
+        self.log_path = workdir / "mosquitto.out"
         if security_dir is not None:
             self.pid_file = workdir / "mosquitto.pid"
         self._broker_log_offset = 0  # where this start's lines begin in mosquitto.log

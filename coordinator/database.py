@@ -1,0 +1,119 @@
+"""The database behind the store: opened from a path or URL, and its schema brought up to date.
+
+``connect(url)`` gives a peewee database for a SQLite file (``coordinator.db``,
+``sqlite:///path``) or a PostgreSQL URL (``postgresql://user:pass@host:port/db``).
+``upgrade(db)`` brings tables made by an older coordinator up to date (columns added with a
+default, indexes no query uses any more dropped): ``create_tables(safe=True)`` creates
+missing tables but never touches existing ones.
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import unquote, urlsplit
+
+import peewee as pw
+
+from coordinator.defaults import SQLITE_BUSY_TIMEOUT_MS
+from coordinator.errors import StoreError
+
+# Columns added after the first release: (table, column, SQL type and default). Each is added
+# when missing; rows that existed before get the default.
+ADDED_COLUMNS: list[tuple[str, str, str]] = [
+    ("worker", "prefetch", "INTEGER NOT NULL DEFAULT 0"),
+]
+# Indexes of the first release that no query uses but every dispatch and result updated:
+# (table, index). Dropping them cut the engine's database time by a fifth.
+DROPPED_INDEXES: list[tuple[str, str]] = [
+    ("task", "task_state_id"),  # (state, id): every task query names its job first
+    ("attempt", "attempt_task_id"),  # (task_id): the unique (task_id, number) serves it
+    ("attempt", "attempt_deadline"),  # (deadline): open attempts are kept in memory
+]
+
+
+def connect(url: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> pw.Database:
+    """A database for a SQLite path or ``postgresql://`` URL (not yet connected).
+    ``busy_timeout_ms``: how long a SQLite writer waits for another writer's lock."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return _open_postgres(url)
+    return _open_sqlite(_sqlite_path(url), busy_timeout_ms)
+
+
+def describe(url: str) -> str:
+    """The database URL with any password masked."""
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
+
+
+def upgrade(db: pw.Database) -> list[str]:
+    """Add the columns in ADDED_COLUMNS that an existing database lacks and drop the indexes
+    in DROPPED_INDEXES it still has; returns what was changed.
+
+    Safe when several processes open one database at once (a CLI command next to `serve`):
+    PostgreSQL adds with IF NOT EXISTS; on SQLite a column another process added meanwhile
+    shows up as "duplicate column", which is success too."""
+    added = []
+    for table, column, definition in ADDED_COLUMNS:
+        if column in {c.name for c in db.get_columns(table)}:
+            continue
+        if isinstance(db, pw.PostgresqlDatabase):
+            db.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN IF NOT EXISTS "{column}" {definition}')
+        else:
+            try:
+                db.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {definition}')
+            except pw.OperationalError as exc:
+                if "duplicate column" not in str(exc):
+                    raise
+        added.append(f"{table}.{column}")
+    for table, index in DROPPED_INDEXES:
+        if index in {i.name for i in db.get_indexes(table)}:
+            db.execute_sql(f'DROP INDEX IF EXISTS "{index}"')
+            added.append(f"-{index}")
+    return added
+
+
+def _sqlite_path(url: str) -> str:
+    if url.startswith("sqlite://"):
+        path = url[len("sqlite://"):]
+        if not path.startswith("/") or path == "/":
+            raise StoreError(f"database URL {url!r} names no file", "use sqlite:///relative.db or sqlite:////abs/path.db")
+        return path[1:]  # sqlite:///x.db -> x.db, sqlite:////tmp/x.db -> /tmp/x.db
+    return url
+
+
+def _open_postgres(url: str) -> pw.Database:
+    try:
+        import psycopg2  # noqa: F401 - only to give a readable error when it is missing
+    except ImportError:
+        raise StoreError("PostgreSQL support is not installed",
+                         "pip install 'dockercomp[postgres]' (psycopg2-binary)") from None
+    parts = urlsplit(url)
+    dbname = unquote(parts.path.lstrip("/")) or "postgres"
+    return pw.PostgresqlDatabase(
+        dbname, user=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        host=parts.hostname or None, port=parts.port or None,
+    )
+
+
+def _open_sqlite(path: str, busy_timeout_ms: int) -> pw.Database:
+    if path in ("", ":memory:"):
+        raise StoreError("an in-memory SQLite database cannot be shared by the CLI and `serve`",
+                         "pass a file path, e.g. --db coordinator.db")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise StoreError(f"directory {parent} does not exist", "create it or pass another --db path")
+    return pw.SqliteDatabase(
+        path,
+        # IMMEDIATE: a writer takes the lock when its transaction begins and waits for it
+        # (busy_timeout), instead of failing when a read turns into a write.
+        lock_type="IMMEDIATE",
+        pragmas={
+            "journal_mode": "wal",  # readers (status, results) never block the engine
+            "busy_timeout": busy_timeout_ms,
+            "foreign_keys": 1,
+            "synchronous": "full",  # a submit is on disk when it returns; serve relaxes its own
+        },
+    )
