@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -92,6 +93,9 @@ class AgentSettings:
     host: str = ""
     container: str | None = None
     image: str | None = None
+    # Mosquitto lets any logged-in account take over a client id in use (disconnecting its
+    # holder); a random part per agent process keeps the id unguessable from topics or status.
+    client_token: str = field(default_factory=lambda: secrets.token_hex(6))
 
     @property
     def keepalive(self) -> int:
@@ -99,8 +103,8 @@ class AgentSettings:
 
     @property
     def client_id(self) -> str:
-        """``volunteer/worker``: unique per broker, like the worker's topics."""
-        return self.worker.key
+        """``volunteer/worker/TOKEN``: names the worker for broker logs, unguessable by others."""
+        return f"{self.worker.key}/{self.client_token}"
 
     @classmethod
     def from_options(
