@@ -42,16 +42,17 @@ _T = TypeVar("_T")
 
 
 # --------------------------------------------------------------------------- helpers
-def _json_depth_ok(value: Any, limit: int) -> bool:
+def json_depth(value: Any) -> int:
+    """Nesting depth of JSON lists/objects (a flat list is 1; a scalar 0), without recursion."""
+    deepest = 0
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
         if isinstance(item, (list, dict)):
-            if depth > limit:
-                return False
+            deepest = max(deepest, depth)
             children = item.values() if isinstance(item, dict) else item
             stack.extend((child, depth + 1) for child in children if isinstance(child, (list, dict)))
-    return True
+    return deepest
 
 
 def _reject_constant(name: str) -> Any:
@@ -104,7 +105,7 @@ def load_object(kind: str, payload: bytes | str) -> dict[str, Any]:
     # byte. Fewer such bytes than the limit: no need to walk the object.
     brackets = payload.count("[" if isinstance(payload, str) else b"[") + payload.count(
         "{" if isinstance(payload, str) else b"{")
-    if brackets > MAX_JSON_DEPTH and not _json_depth_ok(obj, MAX_JSON_DEPTH):
+    if brackets > MAX_JSON_DEPTH and json_depth(obj) > MAX_JSON_DEPTH:
         raise DecodeError(kind, f"JSON nested deeper than {MAX_JSON_DEPTH} levels", payload)
     version = obj.get("v")
     if version != PROTOCOL_VERSION:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from broker.defaults import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES
+from broker.messages import json_depth
 from coordinator.errors import InvalidInput
 
 # Bytes a task message adds around its arguments (ids, function name, field names); the
@@ -46,19 +47,6 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _depth(value: Any) -> int:
-    """Nesting depth of lists/objects (a flat list is 1), without recursion."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (list, dict)):
-            deepest = max(deepest, depth)
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children if isinstance(child, (list, dict)))
-    return deepest
-
-
 def _quote(text: str) -> str:
     text = text.strip()
     return repr(text if len(text) <= _QUOTE_CHARS else text[:_QUOTE_CHARS] + "…")
@@ -71,7 +59,7 @@ def check_arguments(args: Any) -> str | None:
             type(args), "a number"
         )
         return f"expected a JSON array of arguments such as [1, 2], got {kind}"
-    if _depth(args) > MAX_ARGS_DEPTH:
+    if json_depth(args) > MAX_ARGS_DEPTH:
         return f"arguments are nested deeper than {MAX_ARGS_DEPTH} levels"
     try:
         size = len(json.dumps(args, separators=(",", ":"), allow_nan=False))

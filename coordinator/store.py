@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Iterator
 import peewee as pw
 
 from broker.defaults import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES
+from broker.messages import json_depth
 from broker.errors import InvalidName
 from broker.topics import validate_name
 from coordinator import database
@@ -251,17 +252,6 @@ def dump_json(value: Any) -> str:
     return "null" if value is None else _ENCODER.encode(value)
 
 
-def _depth(value: Any) -> int:
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (list, dict)):
-            deepest = max(deepest, depth)
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children if isinstance(child, (list, dict)))
-    return deepest
-
-
 def encode_args(args: Any, line: int | None = None) -> str:
     """Arguments of one task as stored JSON text, or InvalidInput naming the line."""
     where = f"line {line + 1}: " if line is not None else ""
@@ -276,7 +266,7 @@ def encode_args(args: Any, line: int | None = None) -> str:
     if len(text) > MAX_ARGS_BYTES:
         raise InvalidInput(f"{where}arguments are {len(text)} bytes, over the {MAX_ARGS_BYTES}-byte limit",
                            "pass large data by reference (a URL or a file name)", line)
-    if text.count("[") + text.count("{") >= MAX_JSON_DEPTH and _depth(args) > MAX_JSON_DEPTH - 1:
+    if text.count("[") + text.count("{") >= MAX_JSON_DEPTH and json_depth(args) > MAX_JSON_DEPTH - 1:
         raise InvalidInput(f"{where}arguments are nested deeper than {MAX_JSON_DEPTH - 1} levels", "", line)
     return text
 
