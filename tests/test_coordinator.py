@@ -221,8 +221,9 @@ def test_tasks_queued_on_an_agent_by_prefetch_wait_their_turn_without_expiring(
         assert (worker.capacity, worker.prefetch) == (1, 3)
 
         job = engine.store.create_job("sleep", [[1.0 + i / 1e6] for i in range(6)], timeout=2.0)
-        wait_until(lambda: len(engine.leases) == 4)  # 1 running + 3 queued, the rest waits
-        assert engine.store.progress(job).pending == 2
+        # 1 running + 3 queued, the rest waits. The engine records its leases before it commits
+        # the dispatch, so the store can lag a moment behind: wait until both agree.
+        wait_until(lambda: len(engine.leases) == 4 and engine.store.progress(job).pending == 2)
         progress = finished(engine.store, job, timeout=30)
 
     assert (progress.done, progress.failed) == (6, 0)
