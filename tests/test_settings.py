@@ -121,7 +121,11 @@ def test_agent_defaults() -> None:
     assert s.worker.key == "local/laptop-77"
     assert s.concurrency >= 1 and s.grace == 30.0
     assert s.health_file == Path("/tmp/dockercomp-agent-health.json")
-    assert s.client_id == "local/laptop-77"
+    # volunteer/worker/TOKEN: readable in broker logs, but another account cannot guess it
+    # (and take the connection over by connecting with the same id).
+    prefix, token = s.client_id.rsplit("/", 1)
+    assert prefix == "local/laptop-77" and len(token) >= 12
+    assert agent_settings().client_id != s.client_id
 
 
 def test_volunteer_defaults_to_the_broker_user_name() -> None:
