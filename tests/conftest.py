@@ -51,6 +51,12 @@ def pytest_configure(config: pytest.Config) -> None:
     # `kill PID` of a test run (a cancelled CI job, an engineer stopping it) acts as Ctrl-C:
     # fixtures still run their teardown, so no broker, agent or database outlives the run.
     signal.signal(signal.SIGTERM, _interrupt)
+    # A run started in the background by a non-interactive shell (as a CI runner may start
+    # it) inherits SIGINT ignored, and so would every process a test starts: Python then
+    # installs no KeyboardInterrupt, and "Ctrl-C stops the demo" would test nothing but the
+    # runner. A handler in this process resets to the default in children at exec.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.hookimpl(wrapper=True)

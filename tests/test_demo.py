@@ -56,7 +56,9 @@ def nothing_left(run_id: str) -> list[int]:
 
 def start_demo(out: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
     run_id = uuid.uuid4().hex
-    env = {**os.environ, RUN_ID_ENV: run_id, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "120"}
+    # PYTHONFAULTHANDLER: a demo that hangs prints every thread's stack when finish() aborts it.
+    env = {**os.environ, RUN_ID_ENV: run_id, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "120",
+           "PYTHONFAULTHANDLER": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "coordinator.demo", "--out", str(out), *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
@@ -68,9 +70,13 @@ def finish(process: subprocess.Popen[str], timeout: float = 90) -> str:
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-        pytest.fail(f"the demo did not end within {timeout} s:\n{output}")
+        process.send_signal(signal.SIGABRT)  # faulthandler writes the stacks, then it dies
+        try:
+            output, _ = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+        pytest.fail(f"the demo did not end within {timeout} s:\n{output}", pytrace=False)
     return output
 
 
