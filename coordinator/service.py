@@ -24,7 +24,7 @@ import threading
 import time
 from functools import lru_cache
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import peewee as pw
 
@@ -43,6 +43,9 @@ from coordinator.status import RateMeter, Rejection, Rejections, StatusPublisher
 from coordinator.store import AttemptOutcome, JobState, Store, TaskState, Worker, WorkerState, dump_json
 
 log = logging.getLogger(__name__)
+
+# A message from a worker: Presence or Result, both naming the worker that sent it.
+_Sent = TypeVar("_Sent", Presence, Result)
 
 # Queue items telling the engine that the transport (re)connected or lost its connection.
 _CONNECTED = ("", b"connected")
@@ -396,19 +399,28 @@ class Coordinator:
             self.status.worker_changed(slot.id)
         self.status.summary_changed()
 
+    def _decode_from(self, ref: WorkerRef, kind: str, decode: Callable[[bytes], _Sent],
+                     payload: bytes) -> _Sent | None:
+        """A message decoded from ``ref``'s topic and naming ``ref`` itself, or None once the
+        rejection is counted and logged."""
+        try:
+            message = decode(payload)
+        except DecodeError as exc:
+            self._reject(Rejection.MALFORMED, ref, f"{kind}: {exc.reason}")
+            return None
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must not drop the whole batch
+            self._reject(Rejection.MALFORMED, ref, f"{kind}: undecodable ({type(exc).__name__}: {exc})")
+            return None
+        if (message.volunteer, message.worker) != (ref.volunteer, ref.worker):
+            self._reject(Rejection.MISMATCH, ref, f"{kind} names {message.volunteer}/{message.worker}")
+            return None
+        return message
+
     def _on_presence(self, ref: WorkerRef, payload: bytes, now: float) -> None:
         if not payload:
             return  # a cleared retained presence (purge)
-        try:
-            presence = Presence.decode(payload)
-        except DecodeError as exc:
-            self._reject(Rejection.MALFORMED, ref, f"presence: {exc.reason}")
-            return
-        except Exception as exc:  # noqa: BLE001 - a decoder bug must not drop the whole batch
-            self._reject(Rejection.MALFORMED, ref, f"presence: undecodable ({type(exc).__name__}: {exc})")
-            return
-        if (presence.volunteer, presence.worker) != (ref.volunteer, ref.worker):
-            self._reject(Rejection.MISMATCH, ref, f"presence names {presence.volunteer}/{presence.worker}")
+        presence = self._decode_from(ref, "presence", Presence.decode, payload)
+        if presence is None:
             return
         slot, change = self.workers.apply(ref, presence, now)
         self.status.worker_changed(slot.id)
@@ -461,16 +473,8 @@ class Coordinator:
         self.status.job_changed(job.id)
 
     def _on_result(self, ref: WorkerRef, payload: bytes, now: float) -> None:
-        try:
-            result = Result.decode(payload)
-        except DecodeError as exc:
-            self._reject(Rejection.MALFORMED, ref, f"result: {exc.reason}")
-            return
-        except Exception as exc:  # noqa: BLE001 - a decoder bug must not drop the whole batch
-            self._reject(Rejection.MALFORMED, ref, f"result: undecodable ({type(exc).__name__}: {exc})")
-            return
-        if (result.volunteer, result.worker) != (ref.volunteer, ref.worker):
-            self._reject(Rejection.MISMATCH, ref, f"result names {result.volunteer}/{result.worker}")
+        result = self._decode_from(ref, "result", Result.decode, payload)
+        if result is None:
             return
         what = f"result for task {result.task_id} attempt {result.attempt}"
         digits = result.task_id.isascii() and result.task_id.isdigit() and len(result.task_id) < 19
