@@ -39,9 +39,9 @@ ENV PATH=/opt/dockercomp/bin:$PATH \
 USER dockercomp
 WORKDIR /home/dockercomp
 
-# `agent check` exits 0 only while this container's agent is connected and healthy. The
+# `dockercomp agent check` exits 0 only while this container's agent is connected and healthy. The
 # start period covers connecting to a remote broker; three misses mark it unhealthy.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 CMD ["agent", "check"]
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 CMD ["dockercomp", "agent", "check"]
 
 # Task packages: an image built FROM this one, from a directory holding a Python package that
 # registers functions in the entry-point group `dockercomp.tasks`, gets that package installed
@@ -55,4 +55,4 @@ ONBUILD USER dockercomp
 
 # The agent drains on the first SIGTERM (what `docker stop` sends) and stops on the second.
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["agent", "run"]
+ENTRYPOINT ["dockercomp", "agent", "run"]

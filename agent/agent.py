@@ -33,7 +33,7 @@ from enum import Enum
 from types import FrameType
 from typing import Any, cast
 
-from agent.defaults import (
+from dockercomp.agent.defaults import (
     CLOSE_FLUSH_SECONDS,
     HEALTH_INTERVAL_SECONDS,
     MAX_QUEUED_TASKS,
@@ -41,15 +41,15 @@ from agent.defaults import (
     REMEMBERED_RESULT_BYTES,
     UNREADABLE_LOG_INTERVAL,
 )
-from agent.errors import TaskRefused
-from agent.health import Health, remove_health, write_health
-from agent.runner import Finished, Job, Runner
-from agent.settings import AgentSettings, package_version
-from agent.tasks import Registry
-from broker.connection import MqttConnection, Transport, Will
-from broker.defaults import MAX_PAYLOAD_BYTES
-from broker.errors import BrokerError, DecodeError
-from broker.messages import (
+from dockercomp.agent.errors import TaskRefused
+from dockercomp.agent.health import Health, remove_health, write_health
+from dockercomp.agent.runner import Finished, Job, Runner
+from dockercomp.agent.settings import AgentSettings, package_version
+from dockercomp.agent.tasks import Registry
+from dockercomp.broker.connection import MqttConnection, Transport, Will
+from dockercomp.broker.defaults import MAX_PAYLOAD_BYTES
+from dockercomp.broker.errors import BrokerError, DecodeError
+from dockercomp.broker.messages import (
     OfflineReason,
     Outcome,
     Presence,
@@ -59,7 +59,7 @@ from broker.messages import (
     TaskError,
     peek_task_id,
 )
-from broker.topics import Topics
+from dockercomp.broker.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -493,7 +493,7 @@ class Agent:
         try:
             write_health(path, health)
         except OSError as exc:
-            log.warning("cannot write the health file %s: %s (`agent check` will fail)", path, exc)
+            log.warning("cannot write the health file %s: %s (`dockercomp agent check` will fail)", path, exc)
 
     @property
     def held(self) -> list[Hashable]:

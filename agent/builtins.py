@@ -15,7 +15,7 @@ import time
 from numbers import Real
 from typing import Any, cast
 
-from agent.defaults import MAX_PRIME_RANGE, MAX_SHA256_ROUNDS, MAX_TILE_PIXELS
+from dockercomp.agent.defaults import MAX_PRIME_RANGE, MAX_SHA256_ROUNDS, MAX_TILE_PIXELS
 
 # Numbers of primes below each segment are found with a sieve over this many integers at once.
 _SEGMENT = 1 << 18

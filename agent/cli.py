@@ -1,4 +1,4 @@
-"""`agent` command line: `agent run`, `agent check`, `agent functions`.
+"""`agent` command line: `dockercomp agent run`, `dockercomp agent check`, `dockercomp agent functions`.
 
 Thin: click parses options (each also from its DOCKERCOMP_* environment variable), builds
 AgentSettings, calls the library, and maps failures to one readable line and an exit code:
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import click
 
-from agent.agent import Agent
-from agent.defaults import (
+from dockercomp.agent.agent import Agent
+from dockercomp.agent.defaults import (
     CONCURRENCY_ENV,
     GRACE_SECONDS,
     HEALTH_FILE,
@@ -29,11 +29,11 @@ from agent.defaults import (
     VOLUNTEER_ENV,
     WORKER_ID_ENV,
 )
-from agent.errors import ConfigError, HealthError
-from agent.health import check_health
-from agent.settings import AgentSettings
-from agent.tasks import Registry
-from broker.defaults import BROKER_URL_ENV
+from dockercomp.agent.errors import ConfigError, HealthError
+from dockercomp.agent.health import check_health
+from dockercomp.agent.settings import AgentSettings
+from dockercomp.agent.tasks import Registry
+from dockercomp.broker.defaults import BROKER_URL_ENV
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -74,7 +74,7 @@ def main() -> None:
 @click.option("--username", envvar=USERNAME_ENV, help=f"Broker user name [env {USERNAME_ENV}]; "
               f"the password comes from {PASSWORD_ENV} or the URL")
 @click.option("--health-file", envvar=HEALTH_FILE_ENV, type=click.Path(dir_okay=False),
-              help=f"Where `agent check` finds this agent's health [env {HEALTH_FILE_ENV}; default {HEALTH_FILE}]")
+              help=f"Where `dockercomp agent check` finds this agent's health [env {HEALTH_FILE_ENV}; default {HEALTH_FILE}]")
 @click.option("-v", "--verbose", count=True, help="Log every task (-v) and MQTT packets (-vv).")
 def run(broker_url: str, worker_id: str | None, volunteer: str | None, concurrency: int | None,
         prefetch: int | None, keepalive: int | None, grace: float, username: str | None, health_file: str | None,
@@ -101,7 +101,7 @@ def run(broker_url: str, worker_id: str | None, volunteer: str | None, concurren
 
 @main.command()
 @click.option("--health-file", envvar=HEALTH_FILE_ENV, default=HEALTH_FILE, show_default=True,
-              type=click.Path(dir_okay=False), help=f"The file `agent run` writes [env {HEALTH_FILE_ENV}]")
+              type=click.Path(dir_okay=False), help=f"The file `dockercomp agent run` writes [env {HEALTH_FILE_ENV}]")
 @click.option("--json", "as_json", is_flag=True, help="Print the health as JSON.")
 def check(health_file: str, as_json: bool) -> None:
     """Exit 0 if this machine's agent is running and connected, else 1 with the reason."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 # Seconds a draining agent lets running tasks finish before it kills and reports them.
 GRACE_SECONDS = 30.0
 
-# Environment variables read by `agent run` (the worker image is configured only by these).
+# Environment variables read by `dockercomp agent run` (the worker image is configured only by these).
 WORKER_ID_ENV = "DOCKERCOMP_WORKER_ID"
 VOLUNTEER_ENV = "DOCKERCOMP_VOLUNTEER"
 CONCURRENCY_ENV = "DOCKERCOMP_CONCURRENCY"
@@ -17,7 +17,7 @@ USERNAME_ENV = "DOCKERCOMP_USERNAME"
 PASSWORD_ENV = "DOCKERCOMP_PASSWORD"
 # Image name and tag, set by whoever starts the container; shown in the presence.
 IMAGE_ENV = "DOCKERCOMP_IMAGE"
-# Where `agent run` writes its health and `agent check` reads it.
+# Where `dockercomp agent run` writes its health and `dockercomp agent check` reads it.
 HEALTH_FILE_ENV = "DOCKERCOMP_HEALTH_FILE"
 
 # Health file when DOCKERCOMP_HEALTH_FILE is unset: one agent per container, so one file.
@@ -26,7 +26,7 @@ HEALTH_FILE = "/tmp/dockercomp-agent-health.json"
 # Longest pause between two health-file writes, in seconds (shorter when keepalive is).
 HEALTH_INTERVAL_SECONDS = 5.0
 
-# `agent check` calls the health file stale after this many keepalives without an update...
+# `dockercomp agent check` calls the health file stale after this many keepalives without an update...
 HEALTH_STALE_KEEPALIVES = 3
 # ...but never sooner than this many seconds (a busy 2-core machine can lag).
 HEALTH_STALE_MIN_SECONDS = 15.0
@@ -44,7 +44,7 @@ REMEMBERED_FINISHED = 10_000
 # Results larger than this are not kept for re-sending; a redelivery of their task runs it again.
 REMEMBERED_RESULT_BYTES = 16 * 1024
 
-# `agent run --prefetch` when not given is the concurrency: one task waiting per slot, so a
+# `dockercomp agent run --prefetch` when not given is the concurrency: one task waiting per slot, so a
 # slot that frees up starts its next task at once instead of waiting a coordinator round trip.
 PREFETCH_PER_SLOT = 1
 

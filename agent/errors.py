@@ -8,7 +8,7 @@ class AgentError(Exception):
 
 
 class ConfigError(AgentError, ValueError):
-    """An option or environment variable of `agent run` is invalid."""
+    """An option or environment variable of `dockercomp agent run` is invalid."""
 
     def __init__(self, option: str, reason: str) -> None:
         self.option = option
@@ -43,4 +43,4 @@ class BadArguments(TaskRefused):
 
 
 class HealthError(AgentError):
-    """`agent check` found this machine's agent not healthy; the message says why."""
+    """`dockercomp agent check` found this machine's agent not healthy; the message says why."""

@@ -1,6 +1,6 @@
-"""The health file: written by `agent run`, read by `agent check` (a container HEALTHCHECK).
+"""The health file: written by `dockercomp agent run`, read by `dockercomp agent check` (a container HEALTHCHECK).
 
-A file, not a socket: `agent check` runs in a fresh process (docker exec) and must answer in
+A file, not a socket: `dockercomp agent check` runs in a fresh process (docker exec) and must answer in
 milliseconds without touching the broker. The agent rewrites it atomically every few seconds;
 a file not rewritten for several keepalives means a hung or killed agent.
 """
@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from agent.defaults import HEALTH_STALE_KEEPALIVES, HEALTH_STALE_MIN_SECONDS
-from agent.errors import HealthError
+from dockercomp.agent.defaults import HEALTH_STALE_KEEPALIVES, HEALTH_STALE_MIN_SECONDS
+from dockercomp.agent.errors import HealthError
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def read_health(path: Path) -> Health:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise HealthError(f"no health file at {path}: is `agent run` running on this machine? "
+        raise HealthError(f"no health file at {path}: is `dockercomp agent run` running on this machine? "
                           "(set DOCKERCOMP_HEALTH_FILE if it writes elsewhere)") from None
     except (OSError, ValueError) as exc:
         raise HealthError(f"health file {path} is unreadable ({exc}); restart the agent") from None

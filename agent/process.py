@@ -23,8 +23,8 @@ import traceback
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from agent.defaults import MAX_ERROR_TEXT
-from broker.defaults import MAX_PAYLOAD_BYTES
+from dockercomp.agent.defaults import MAX_ERROR_TEXT
+from dockercomp.broker.defaults import MAX_PAYLOAD_BYTES
 
 # Error types of results the task process makes itself (a task's own exceptions keep their class name).
 RESULT_ERROR = "UnserializableResult"
@@ -123,7 +123,7 @@ def task_process_main(conn: multiprocessing.connection.Connection, targets: Mapp
                 skip_from: Any) -> None:
     """Loop of a task process: receive batches of (token, function, args), answer each task
     in order as it finishes, skip those whose token the agent took back (``skip_from``)."""
-    from agent.tasks import resolve  # imported here, before "ready": this runs in a fresh interpreter
+    from dockercomp.agent.tasks import resolve  # imported here, before "ready": this runs in a fresh interpreter
 
     # Ctrl-C in a terminal reaches the whole process group: the agent decides what happens.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

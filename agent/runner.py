@@ -43,9 +43,9 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.defaults import PROCESS_RESTART_DELAY, PROCESS_START_TIMEOUT, SEND_AHEAD_BYTES
-from agent.process import RESULT_ERROR, SKIP_NOTHING, TOO_LARGE_ERROR, frame, parse, task_process_main
-from broker.messages import Outcome, TaskError
+from dockercomp.agent.defaults import PROCESS_RESTART_DELAY, PROCESS_START_TIMEOUT, SEND_AHEAD_BYTES
+from dockercomp.agent.process import RESULT_ERROR, SKIP_NOTHING, TOO_LARGE_ERROR, frame, parse, task_process_main
+from dockercomp.broker.messages import Outcome, TaskError
 
 __all__ = ["CRASH_ERROR", "RESULT_ERROR", "SHUTDOWN_ERROR", "TIMEOUT_ERROR", "TOO_LARGE_ERROR", "Finished", "Job",
            "Runner", "SlotState", "describe_exit"]

@@ -1,4 +1,4 @@
-"""What `agent run` is configured with, validated once, and how the defaults are found.
+"""What `dockercomp agent run` is configured with, validated once, and how the defaults are found.
 
 Worker id rule: ``--worker-id`` / DOCKERCOMP_WORKER_ID when given; else the host name,
 sanitised to a topic level. Inside a container the host name is the container's (unique
@@ -19,12 +19,12 @@ from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from agent.defaults import GRACE_SECONDS, HEALTH_FILE, HEALTH_FILE_ENV, IMAGE_ENV, PREFETCH_PER_SLOT
-from agent.errors import ConfigError
-from broker.defaults import DEFAULT_VOLUNTEER, MAX_NAME_LENGTH
-from broker.errors import InvalidName, SettingsError
-from broker.settings import BrokerSettings
-from broker.topics import WorkerRef, validate_name
+from dockercomp.agent.defaults import GRACE_SECONDS, HEALTH_FILE, HEALTH_FILE_ENV, IMAGE_ENV, PREFETCH_PER_SLOT
+from dockercomp.agent.errors import ConfigError
+from dockercomp.broker.defaults import DEFAULT_VOLUNTEER, MAX_NAME_LENGTH
+from dockercomp.broker.errors import InvalidName, SettingsError
+from dockercomp.broker.settings import BrokerSettings
+from dockercomp.broker.topics import WorkerRef, validate_name
 
 _CONTAINER_IN_CGROUP = re.compile(r"([0-9a-f]{64})")
 # Docker bind-mounts /etc/hostname from .../containers/<id>/hostname; containerd uses sandboxes/.

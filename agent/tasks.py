@@ -23,20 +23,20 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
-from agent.defaults import ENTRY_POINT_GROUP
-from agent.errors import BadArguments, UnknownFunction
+from dockercomp.agent.defaults import ENTRY_POINT_GROUP
+from dockercomp.agent.errors import BadArguments, UnknownFunction
 
 log = logging.getLogger(__name__)
 
 # Always offered, even when the package runs from a source tree without entry points.
 BUILTINS: dict[str, str] = {
-    "add": "agent.builtins:add",
-    "sum": "agent.builtins:sum_numbers",
-    "sleep": "agent.builtins:sleep",
-    "sha256": "agent.builtins:sha256",
-    "count_primes": "agent.builtins:count_primes",
-    "noop": "agent.builtins:noop",
-    "mandelbrot_tile": "agent.builtins:mandelbrot_tile",
+    "add": "dockercomp.agent.builtins:add",
+    "sum": "dockercomp.agent.builtins:sum_numbers",
+    "sleep": "dockercomp.agent.builtins:sleep",
+    "sha256": "dockercomp.agent.builtins:sha256",
+    "count_primes": "dockercomp.agent.builtins:count_primes",
+    "noop": "dockercomp.agent.builtins:noop",
+    "mandelbrot_tile": "dockercomp.agent.builtins:mandelbrot_tile",
 }
 
 BUILTIN_SOURCE = "built-in"

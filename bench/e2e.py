@@ -1,4 +1,4 @@
-"""dockercomp end to end: `coordinator serve` (SQLite) + `agent run` processes + a broker.
+"""dockercomp end to end: `dockercomp coordinator serve` (SQLite) + `dockercomp agent run` processes + a broker.
 
 The run: start the coordinator and the agents as a user would, wait until every agent is
 registered, run a small warm-up job (so task processes, imports and caches are warm), then
@@ -31,7 +31,7 @@ from bench.profile import summarize
 
 # Warm-up tasks per unit of total capacity, run before the measured job.
 WARMUP_PER_SLOT = 3
-# Task processes per agent: what `agent run` starts by default, one per CPU. The rest of the
+# Task processes per agent: what `dockercomp agent run` starts by default, one per CPU. The rest of the
 # tasks an agent holds in flight is its prefetch (tasks queued on it), as a volunteer's
 # agent would run: 25 task processes per agent on 2 cores would only measure their churn.
 AGENT_PROCESSES = os.cpu_count() or 1
@@ -48,7 +48,7 @@ class E2ERun:
     broker: str
     tasks: int
     agents: int
-    concurrency: int  # task processes per agent (`agent run --concurrency`)
+    concurrency: int  # task processes per agent (`dockercomp agent run --concurrency`)
     window: int  # the most tasks the coordinator keeps in flight: agents x (concurrency + prefetch)
     submit_s: float
     pickup_s: float
@@ -65,7 +65,7 @@ class E2ERun:
     # py-spy summaries when --profile: {"coordinator": ..., "agent": ...} (the first agent's
     # own process; its task processes show in cpu_ms_per_task)
     profile: dict[str, Any] | None = None
-    prefetch: int = 0  # tasks queued on each agent beyond its concurrency (`agent run --prefetch`)
+    prefetch: int = 0  # tasks queued on each agent beyond its concurrency (`dockercomp agent run --prefetch`)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,7 +106,7 @@ def check_all(children: list[Child]) -> None:
 
 
 def online_workers(store: Any, names: set[str]) -> int:
-    from coordinator.store import Worker, WorkerState
+    from dockercomp.coordinator.store import Worker, WorkerState
 
     store.bind()
     rows = Worker.select(Worker.name).where((Worker.state == WorkerState.ONLINE.value)
@@ -115,7 +115,7 @@ def online_workers(store: Any, names: set[str]) -> int:
 
 
 def job_finished(store: Any, job_id: int) -> bool:
-    from coordinator.store import Job, JobState
+    from dockercomp.coordinator.store import Job, JobState
 
     store.bind()
     state = Job.select(Job.state).where(Job.id == job_id).scalar()
@@ -126,7 +126,7 @@ def job_figures(store: Any, job_id: int) -> dict[str, Any]:
     """Timings and attribution of one finished job, read from the store."""
     import peewee as pw
 
-    from coordinator.store import Attempt, Result, Task, TaskState, Worker
+    from dockercomp.coordinator.store import Attempt, Result, Task, TaskState, Worker
 
     store.bind()
     rows = list(Result.select(Attempt.sent_at, Result.received_at, Worker.name)
@@ -169,7 +169,7 @@ def measure(*, key: str, label: str, broker_name: str, url: str, workdir: Path, 
             concurrency: int, broker_pid: int | None = None, profile: bool = False) -> E2ERun:
     """One end-to-end run on the broker at ``url`` with ``concurrency`` tasks in flight per
     agent (``agent_shape``: task processes + prefetch); every process started here is stopped here."""
-    from coordinator.api import Client
+    from dockercomp.coordinator.api import Client
 
     in_flight = concurrency
     concurrency, prefetch = agent_shape(in_flight)

@@ -2,7 +2,7 @@
 
 Brokers are the test suite's own (tests/support/brokers.py): Mosquitto started from the
 repository's mosquitto.conf with only its listener, data and log lines moved into a work
-directory, and `broker serve` (the embedded amqtt broker) in its own process. So the
+directory, and `dockercomp broker serve` (the embedded amqtt broker) in its own process. So the
 benchmark measures exactly the configuration that ships and that the tests exercise.
 """
 
@@ -129,7 +129,7 @@ class Child:
 
 def console_script(name: str) -> list[str]:
     """argv prefix running one of our console scripts with this interpreter."""
-    modules = {"coordinator": "coordinator.cli", "agent": "agent.cli", "broker": "broker.cli"}
+    modules = {"coordinator": "dockercomp.coordinator.cli", "agent": "dockercomp.agent.cli", "broker": "dockercomp.broker.cli"}
     return [sys.executable, "-m", modules[name]]
 
 

@@ -17,8 +17,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from broker.messages import Outcome, Result, Task
-from broker.topics import Topics, WorkerRef
+from dockercomp.broker.messages import Outcome, Result, Task
+from dockercomp.broker.topics import Topics, WorkerRef
 from bench.defaults import FUNCTION, KEEPALIVE, PHASE_TIMEOUT, START_TIMEOUT, VOLUNTEER
 from bench.errors import BenchError, PhaseTimeout
 from bench.harness import CpuMeter, Latency, raw_client, set_nodelay

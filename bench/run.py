@@ -8,8 +8,8 @@ so one broken part never hides the figures of the others):
              a change in the machine's background load during the run hits both sides
 2. e2e       coordinator + agents on the same Mosquitto, 20,000 no-op tasks
 3. window1   coordinator + one agent of concurrency 1: one task in flight at a time
-4. amqtt     the e2e run again on the embedded amqtt broker (`broker serve`)
-5. submit    100,000 tasks into a fresh store: Python API, then `coordinator submit`
+4. amqtt     the e2e run again on the embedded amqtt broker (`dockercomp broker serve`)
+5. submit    100,000 tasks into a fresh store: Python API, then `dockercomp coordinator submit`
 6. scale     1,000 simulated workers on a fresh Mosquitto (bench/scale.py)
 
 Mosquitto runs the repository's mosquitto.conf, moved to a free port (bench/harness.py).
@@ -203,7 +203,7 @@ def _amqtt(run_: _Run) -> None:
 
 def _submit(run_: _Run) -> None:
     """Submit time into an idle, fresh store: through the API, and through the CLI."""
-    from coordinator.api import Client
+    from dockercomp.coordinator.api import Client
 
     n = run_.options.submit_tasks
     rows = []
@@ -225,8 +225,8 @@ def _submit(run_: _Run) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=defaults.PHASE_TIMEOUT)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
-        raise BenchError(f"`coordinator submit` exited with {done.returncode}: {(done.stderr or done.stdout)[-800:]}")
-    rows.append({"key": "cli", "how": "coordinator submit FILE (incl. start-up)", "tasks": n,
+        raise BenchError(f"`dockercomp coordinator submit` exited with {done.returncode}: {(done.stderr or done.stdout)[-800:]}")
+    rows.append({"key": "cli", "how": "dockercomp coordinator submit FILE (incl. start-up)", "tasks": n,
                  "seconds": round(seconds, 3), "tasks_per_s": round(n / seconds, 1)})
     run_.say(f"  CLI: {n:,} tasks in {seconds:.2f} s")
 

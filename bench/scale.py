@@ -67,14 +67,14 @@ class ScaleRun:
 
 
 def _done_count(store: Any, job_id: int) -> int:
-    from coordinator.store import Task, TaskState
+    from dockercomp.coordinator.store import Task, TaskState
 
     store.bind()
     return Task.select().where((Task.job == job_id) & (Task.state == TaskState.DONE.value)).count()
 
 
 def _online_count(store: Any) -> int:
-    from coordinator.store import Worker, WorkerState
+    from dockercomp.coordinator.store import Worker, WorkerState
 
     store.bind()
     return Worker.select().where((Worker.state == WorkerState.ONLINE.value) & (Worker.volunteer == VOLUNTEER)).count()
@@ -126,7 +126,7 @@ def _run_job(client: Any, coordinator: Child, tasks: int, names: list[str], slic
 
 def measure(*, url: str, host: str, port: int, workdir: Path, workers: int, processes: int,
             job_sizes: list[int], slice_size: int, broker_pid: int | None = None) -> ScaleRun:
-    from coordinator.api import Client
+    from dockercomp.coordinator.api import Client
 
     workdir.mkdir(parents=True, exist_ok=True)
     db = workdir / "scale.db"

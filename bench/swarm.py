@@ -22,8 +22,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from broker.messages import OfflineReason, Outcome, Presence, PresenceState, Result
-from broker.topics import Topics, WorkerRef
+from dockercomp.broker.messages import OfflineReason, Outcome, Presence, PresenceState, Result
+from dockercomp.broker.topics import Topics, WorkerRef
 from bench.defaults import FUNCTION, KEEPALIVE, VOLUNTEER
 
 # Seconds between paho housekeeping passes (keepalive pings, retries) over all clients.

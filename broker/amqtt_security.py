@@ -1,6 +1,6 @@
 """Passwords and ACL for the embedded amqtt broker, from the same files Mosquitto reads.
 
-``broker serve --password-file passwd --acl-file acl`` loads the Mosquitto password file
+``dockercomp broker serve --password-file passwd --acl-file acl`` loads the Mosquitto password file
 (``$7$`` PBKDF2 hashes, broker/passwords.py) and ACL file (broker/acl.py) through the
 ``Guard`` below; the amqtt plugins ask it on every CONNECT, PUBLISH and delivery. SIGHUP
 reloads both files and disconnects every client whose account was removed or whose password
@@ -37,9 +37,9 @@ from amqtt.contexts import Action, BaseContext
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from broker.acl import Access, Acl
-from broker.errors import SettingsError
-from broker.passwords import PasswordFile, verify_password
+from dockercomp.broker.acl import Access, Acl
+from dockercomp.broker.errors import SettingsError
+from dockercomp.broker.passwords import PasswordFile, verify_password
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Guard:
         """Rereads both files; on any error the previous policy stays and SettingsError says why."""
         if not self.password_file.is_file():
             raise SettingsError(f"password file {self.password_file} does not exist "
-                                "(create it with `coordinator volunteers init`)")
+                                "(create it with `dockercomp coordinator volunteers init`)")
         hashes = PasswordFile(self.password_file).read()
         acl = None
         if self.acl_file is not None:

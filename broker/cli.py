@@ -1,4 +1,4 @@
-"""`broker` command line: `broker serve` runs the embedded amqtt broker.
+"""`broker` command line: `dockercomp broker serve` runs the embedded amqtt broker.
 
 The click layer only parses options, calls broker.embedded and maps failures to one
 readable line and an exit code.
@@ -13,16 +13,16 @@ from pathlib import Path
 
 import click
 
-from broker.amqtt_security import Guard
-from broker.embedded import (
+from dockercomp.broker.amqtt_security import Guard
+from dockercomp.broker.embedded import (
     AddressInUseError,
     BindError,
     EmbeddedBroker,
     EmbeddedBrokerError,
     serve_forever,
 )
-from broker.errors import SettingsError
-from broker.passwords import atomic_write
+from dockercomp.broker.errors import SettingsError
+from dockercomp.broker.passwords import atomic_write
 
 # Exit codes: 2 = the command line must change (click uses 2 for usage errors as well),
 # 1 = any other failure to start.
@@ -45,7 +45,7 @@ def main() -> None:
     help="TCP port; 0 picks a free one (the URL printed shows which).",
 )
 @click.option("--password-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Mosquitto password file (`coordinator volunteers init` makes one): only its "
+              help="Mosquitto password file (`dockercomp coordinator volunteers init` makes one): only its "
                    "accounts may connect. Without it, anyone may (anonymous).")
 @click.option("--acl-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Mosquitto ACL file confining each account to its topics (needs --password-file).")
@@ -53,7 +53,7 @@ def main() -> None:
               help="With --password-file: also let clients without an account in (the ACL's "
                    "anonymous lines apply: read-only status).")
 @click.option("--pid-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write this process id here, so `coordinator volunteers` can send SIGHUP "
+              help="Write this process id here, so `dockercomp coordinator volunteers` can send SIGHUP "
                    "(reloads both files and disconnects removed accounts).")
 @click.option("-v", "--verbose", count=True, help="Log connections (-v) or every packet (-vv).")
 def serve(host: str, port: int, password_file: Path | None, acl_file: Path | None, allow_anonymous: bool,

@@ -25,14 +25,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from broker.defaults import (
+from dockercomp.broker.defaults import (
     MAX_UNACKED_PUBLISHES,
     RECONNECT_INITIAL_SECONDS,
     RECONNECT_JITTER,
     RECONNECT_MAX_SECONDS,
 )
-from broker.errors import BrokerError, ConnectionFailed
-from broker.settings import BrokerSettings
+from dockercomp.broker.errors import BrokerError, ConnectionFailed
+from dockercomp.broker.settings import BrokerSettings
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class Transport(ABC):
 def describe_connect_error(exc: BaseException) -> str:
     """A cause a person can act on."""
     if isinstance(exc, ConnectionRefusedError):
-        return "connection refused: is the broker running there? (`broker serve` starts a local one)"
+        return "connection refused: is the broker running there? (`dockercomp broker serve` starts a local one)"
     if isinstance(exc, socket.gaierror):
         return "unknown host name: check the broker URL"
     if isinstance(exc, ssl.SSLCertVerificationError):

@@ -39,16 +39,16 @@ MAX_UNACKED_PUBLISHES = 2000
 # Environment variable holding the broker URL for every CLI.
 BROKER_URL_ENV = "DOCKERCOMP_BROKER"
 
-# --- Running in public: accounts, ACL and TLS files (coordinator volunteers / certs) ------
+# --- Running in public: accounts, ACL and TLS files (dockercomp coordinator volunteers / certs) ------
 
 # Directory holding passwd, acl, accounts.json and certs/; docker-compose mounts it into the
 # broker at /mosquitto/security/ (the paths mosquitto.conf names).
 BROKER_CONFIG_DIR = "broker-config"
 
-# Environment variable overriding BROKER_CONFIG_DIR for `coordinator volunteers` / `certs`.
+# Environment variable overriding BROKER_CONFIG_DIR for `dockercomp coordinator volunteers` / `certs`.
 BROKER_CONFIG_ENV = "DOCKERCOMP_BROKER_CONFIG"
 
-# Environment variables telling `coordinator volunteers` how to make the broker reload its
+# Environment variables telling `dockercomp coordinator volunteers` how to make the broker reload its
 # files: a pid file to SIGHUP, or a command to run (e.g. "docker compose kill -s HUP mosquitto").
 BROKER_PID_FILE_ENV = "DOCKERCOMP_BROKER_PID_FILE"
 BROKER_RELOAD_ENV = "DOCKERCOMP_BROKER_RELOAD"

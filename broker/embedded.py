@@ -1,6 +1,6 @@
 """An amqtt broker running inside this Python process, for laptops, demos and tests.
 
-Production uses Mosquitto (see mosquitto.conf); this exists so `broker serve` and the test
+Production uses Mosquitto (see mosquitto.conf); this exists so `dockercomp broker serve` and the test
 suite need nothing but pip. It speaks MQTT 3.1.1 only and is ~4x slower than Mosquitto.
 
 amqtt 0.12 quirks, found in its source; [seen] = reproduced here with paho clients:
@@ -31,7 +31,7 @@ amqtt 0.12 quirks, found in its source; [seen] = reproduced here with paho clien
 - [seen] On shutdown the wills of still-connected clients are queued, then discarded with a
   warning "N messages not broadcasted": subscribers never see them.
 
-Access control: with a ``Guard`` (``broker serve --password-file F --acl-file F``) the broker
+Access control: with a ``Guard`` (``dockercomp broker serve --password-file F --acl-file F``) the broker
 checks the same Mosquitto password and ACL files as production, through the plugins in
 broker/amqtt_security.py, and ``SecureBroker`` closes three amqtt gaps (retained messages
 sent without an ACL check, a session deleted before its replacement authenticates, client-id
@@ -54,8 +54,8 @@ from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.session import Session
 
-from broker.amqtt_security import AclTopicPlugin, Guard, PasswordAuthPlugin
-from broker.errors import SettingsError
+from dockercomp.broker.amqtt_security import AclTopicPlugin, Guard, PasswordAuthPlugin
+from dockercomp.broker.errors import SettingsError
 
 log = logging.getLogger(__name__)
 

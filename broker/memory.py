@@ -12,8 +12,8 @@ from typing import Callable
 
 from paho.mqtt.client import topic_matches_sub
 
-from broker.connection import Transport, Will
-from broker.errors import ConnectionFailed
+from dockercomp.broker.connection import Transport, Will
+from dockercomp.broker.errors import ConnectionFailed
 
 
 class MemoryBroker:

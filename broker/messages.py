@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Mapping, TypeVar
 
-from broker.defaults import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, PROTOCOL_VERSION
-from broker.errors import DecodeError, InvalidName
-from broker.topics import validate_name
+from dockercomp.broker.defaults import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, PROTOCOL_VERSION
+from dockercomp.broker.errors import DecodeError, InvalidName
+from dockercomp.broker.topics import validate_name
 
 
 class PresenceState(str, Enum):

@@ -14,8 +14,8 @@ import secrets
 import tempfile
 from pathlib import Path
 
-from broker.errors import SettingsError
-from broker.topics import validate_name
+from dockercomp.broker.errors import SettingsError
+from dockercomp.broker.topics import validate_name
 
 # Mosquitto's own default for new hashes; raising it costs every connection at the broker.
 PBKDF2_ITERATIONS = 101

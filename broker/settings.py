@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass, replace
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from broker.defaults import BROKER_URL_ENV, KEEPALIVE_SECONDS, MQTT_PORT, MQTTS_PORT, ROOT_TOPIC
-from broker.errors import SettingsError
+from dockercomp.broker.defaults import BROKER_URL_ENV, KEEPALIVE_SECONDS, MQTT_PORT, MQTTS_PORT, ROOT_TOPIC
+from dockercomp.broker.errors import SettingsError
 
 _SCHEMES = {"mqtt": False, "tcp": False, "mqtts": True, "ssl": True}
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from broker.defaults import MAX_NAME_LENGTH, ROOT_TOPIC
-from broker.errors import InvalidName, InvalidTopic
+from dockercomp.broker.defaults import MAX_NAME_LENGTH, ROOT_TOPIC
+from dockercomp.broker.errors import InvalidName, InvalidTopic
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
 

@@ -1,14 +1,14 @@
 """The scientist's Python API, for notebooks and scripts; the ``coordinator`` CLI is built on it.
 
 >>> from coordinator.api import connect
->>> client = connect("dockercomp.db")          # same --db as `coordinator serve`
+>>> client = connect("dockercomp.db")          # same --db as `dockercomp coordinator serve`
 >>> job = client.submit("count_primes", [[0, 10_000], [10_000, 20_000]], name="primes")
 >>> job.wait()                                  # rich progress bar; returns JobProgress
 >>> [row.value for row in job.results()]        # input order
 [1229, 1033]
 >>> for row in job.as_completed(): ...          # as they finish
 
-Submitting only writes to the store (durable on return); a running ``coordinator serve`` on
+Submitting only writes to the store (durable on return); a running ``dockercomp coordinator serve`` on
 the same database picks new work up within a second, and the API reads progress and results
 back from the store. Nothing here needs the broker except ``Client.purge``.
 
@@ -27,15 +27,15 @@ from typing import Any
 
 import peewee as pw
 
-from broker.connection import MqttConnection
-from broker.defaults import BROKER_URL_ENV
-from broker.errors import BrokerError
-from broker.settings import BrokerSettings
-from broker.topics import Topics, WorkerRef
-from coordinator.defaults import DB_PATH, DB_URL_ENV
-from coordinator.errors import CoordinatorError, StoreError
-from coordinator.store import Job as JobRow
-from coordinator.store import (
+from dockercomp.broker.connection import MqttConnection
+from dockercomp.broker.defaults import BROKER_URL_ENV
+from dockercomp.broker.errors import BrokerError
+from dockercomp.broker.settings import BrokerSettings
+from dockercomp.broker.topics import Topics, WorkerRef
+from dockercomp.coordinator.defaults import DB_PATH, DB_URL_ENV
+from dockercomp.coordinator.errors import CoordinatorError, StoreError
+from dockercomp.coordinator.store import Job as JobRow
+from dockercomp.coordinator.store import (
     JobProgress,
     ResultRow,
     Store,
@@ -64,7 +64,7 @@ class JobTimeout(CoordinatorError, TimeoutError):
     def __init__(self, progress: JobProgress, waited: float) -> None:
         self.progress = progress
         self.waited = waited
-        hint = "" if progress.done else " — are workers online? (`coordinator workers`)"
+        hint = "" if progress.done else " — are workers online? (`dockercomp coordinator workers`)"
         super().__init__(
             f"job {progress.name!r} not finished after {waited:.0f} s: "
             f"{progress.finished}/{progress.total} tasks finished{hint}"
@@ -84,7 +84,7 @@ class TasksFailed(CoordinatorError):
             why = f": {last.get('type') or last.get('outcome')}: {last.get('message', '')}".rstrip(": ")
         super().__init__(
             f"{len(rows)} task(s) of job {job!r} have no value; first is #{first.index} "
-            f"({first.state}{why}) — see `coordinator results {job}`, or `coordinator retry {job}`"
+            f"({first.state}{why}) — see `dockercomp coordinator results {job}`, or `dockercomp coordinator retry {job}`"
         )
 
 
@@ -257,7 +257,7 @@ def clear_retained(settings: BrokerSettings, topics: Topics, refs: list[WorkerRe
     """Delete the retained presence and status of each worker on the broker (the engine's
     clear_retained_presence) and wait until the broker acknowledged. Raises BrokerError
     (ConnectionFailed when the broker cannot be reached within ``timeout``)."""
-    from coordinator.service import clear_retained_presence  # the engine, only when purging
+    from dockercomp.coordinator.service import clear_retained_presence  # the engine, only when purging
 
     connection = MqttConnection(settings, client_id=f"dockercomp-purge-{os.getpid()}")
     connection.start()
@@ -320,7 +320,7 @@ class Job:
         """
         if not progress:
             return self._wait_quietly(timeout)
-        from coordinator.render import job_progress_bar  # rich only when asked for
+        from dockercomp.coordinator.render import job_progress_bar  # rich only when asked for
 
         with job_progress_bar(self.name, self.total) as update:
             return self._wait_quietly(timeout, update)
@@ -401,7 +401,7 @@ def _reading(store: Store) -> Iterator[None]:
         yield
     except pw.DatabaseError as exc:
         raise StoreError(f"cannot read the database {store.url}: {str(exc).strip()}",
-                         "check --db, and that `coordinator serve` uses the same database") from None
+                         "check --db, and that `dockercomp coordinator serve` uses the same database") from None
 
 
 def _is_finished(progress: JobProgress) -> bool:

@@ -1,6 +1,6 @@
 """TLS for a self-hosted broker: a private CA and a server certificate it signs.
 
-``coordinator certs init --host broker.example.org`` writes, into ``broker-config/certs/``::
+``dockercomp coordinator certs init --host broker.example.org`` writes, into ``broker-config/certs/``::
 
     ca.crt       the CA certificate: give it to volunteers (agents verify the broker with it)
     ca.key       the CA's private key: only needed to issue server certificates; keep it here
@@ -32,14 +32,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from broker.defaults import (
+from dockercomp.broker.defaults import (
     BROKER_CONFIG_DIR,
     BROKER_CONFIG_ENV,
     CA_DAYS,
     SERVER_CERT_DAYS,
 )
-from broker.passwords import atomic_write
-from coordinator.errors import CoordinatorError
+from dockercomp.broker.passwords import atomic_write
+from dockercomp.coordinator.errors import CoordinatorError
 
 CERTS_SUBDIR = "certs"
 EXIT_USAGE = 2

@@ -3,7 +3,7 @@
 Each command parses, calls the API, and prints a rich table (or one JSON document with
 ``--json``). Failures print one line saying what to do and exit with a code scripts can
 tell apart: 2 usage or bad input, 3 unknown job, 4 database problem, 5 broker unreachable,
-130 interrupted. `coordinator serve` (the engine) is coordinator.serve's command.
+130 interrupted. `dockercomp coordinator serve` (the engine) is coordinator.serve's command.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ import click
 from rich.console import Console, Group
 from rich.live import Live
 
-from broker.errors import BrokerError, InvalidName
-from broker.errors import SettingsError as BrokerSettingsError
-from broker.settings import BrokerSettings
-from broker.topics import validate_name
-from coordinator.api import BROKER_CONNECT_TIMEOUT, Client, default_broker, default_db
-from coordinator.defaults import DB_PATH, DB_URL_ENV, MAX_ATTEMPTS, TASK_TIMEOUT
-from coordinator.errors import CoordinatorError
-from coordinator.inputs import read_arguments
-from coordinator.render import (
+from dockercomp.broker.errors import BrokerError, InvalidName
+from dockercomp.broker.errors import SettingsError as BrokerSettingsError
+from dockercomp.broker.settings import BrokerSettings
+from dockercomp.broker.topics import validate_name
+from dockercomp.coordinator.api import BROKER_CONNECT_TIMEOUT, Client, default_broker, default_db
+from dockercomp.coordinator.defaults import DB_PATH, DB_URL_ENV, MAX_ATTEMPTS, TASK_TIMEOUT
+from dockercomp.coordinator.errors import CoordinatorError
+from dockercomp.coordinator.inputs import read_arguments
+from dockercomp.coordinator.render import (
     count_progress_bar,
     dumps,
     job_view,
@@ -42,9 +42,9 @@ from coordinator.render import (
     write_csv,
     write_jsonl,
 )
-from coordinator.certs import certs
-from coordinator.serve import serve
-from coordinator.volunteers import volunteers
+from dockercomp.coordinator.certs import certs
+from dockercomp.coordinator.serve import serve
+from dockercomp.coordinator.volunteers import volunteers
 
 # Exit codes beyond those carried by CoordinatorError.exit_code (2 input, 3 job, 4 store).
 EXIT_FAILURE = 1
@@ -123,10 +123,10 @@ def main(verbose: int) -> None:
     """dockercomp coordinator: submit jobs, follow them, fetch their results.
 
     \b
-    Start the engine once:   coordinator serve --broker mqtt://HOST:1883
-    Then:                    coordinator submit count_primes ranges.txt --job primes
-                             coordinator status primes --watch
-                             coordinator results primes -o primes.csv
+    Start the engine once:   dockercomp coordinator serve --broker mqtt://HOST:1883
+    Then:                    dockercomp coordinator submit count_primes ranges.txt --job primes
+                             dockercomp coordinator status primes --watch
+                             dockercomp coordinator results primes -o primes.csv
     """
     if verbose:  # otherwise left to the command: `serve -v` configures its own logging
         level = logging.INFO if verbose == 1 else logging.DEBUG
@@ -152,7 +152,7 @@ def _open_input(path: str) -> tuple[IO[bytes], str, int]:
     """(binary stream, name for messages, size in bytes or 0 when unknown)."""
     if path == "-":
         if sys.stdin.isatty():
-            raise click.UsageError("no input: give a FILE, or pipe lines in (`... | coordinator submit FUNCTION -`)")
+            raise click.UsageError("no input: give a FILE, or pipe lines in (`... | dockercomp coordinator submit FUNCTION -`)")
         return sys.stdin.buffer, "<stdin>", 0
     try:
         stream = open(path, "rb")  # noqa: SIM115 - closed by the caller
@@ -180,9 +180,9 @@ def submit(function: str, file: str, name: str | None, timeout: float, max_attem
     """Store a job: one task per line of FILE (or stdin), each line a JSON array of arguments.
 
     \b
-    Example: printf '[0, 100000]\\n[100000, 200000]\\n' | coordinator submit count_primes -
+    Example: printf '[0, 100000]\\n[100000, 200000]\\n' | dockercomp coordinator submit count_primes -
     Blank lines are skipped; a bad line stops everything (nothing is stored) and is named.
-    The job is durable when this returns; `coordinator serve` need not be running.
+    The job is durable when this returns; `dockercomp coordinator serve` need not be running.
     """
     stream, source, size = _open_input(file)
     large = size > LARGE_INPUT_BYTES and not as_json
@@ -205,8 +205,8 @@ def submit(function: str, file: str, name: str | None, timeout: float, max_attem
         return
     click.echo(f"Submitted job {job.name} (id {job.id}): {job.total} task{'s' * (job.total != 1)} of "
                f"{job.function}, stored in {where}.")  # fmt: skip
-    click.echo(f"Follow it with `coordinator status {job.name} --watch`; "
-               f"fetch results with `coordinator results {job.name}`.")  # fmt: skip
+    click.echo(f"Follow it with `dockercomp coordinator status {job.name} --watch`; "
+               f"fetch results with `dockercomp coordinator results {job.name}`.")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------- status
@@ -214,9 +214,9 @@ def _workers_line(client: Client, unfinished: bool) -> str:
     workers = client.workers()
     online = sum(1 for w in workers if w.state == "online")
     lost = sum(1 for w in workers if w.state == "lost")
-    line = f"Workers: {online} online, {lost} lost (`coordinator workers` for details)."
+    line = f"Workers: {online} online, {lost} lost (`dockercomp coordinator workers` for details)."
     if unfinished and online == 0:
-        line += "\nNo worker is online: start one with `agent run --broker URL` (and `coordinator serve`)."
+        line += "\nNo worker is online: start one with `dockercomp agent run --broker URL` (and `dockercomp coordinator serve`)."
     return line
 
 
@@ -244,7 +244,7 @@ def status(job: str | None, watch: bool, interval: float, db: str, as_json: bool
                 progresses = [j.progress() for j in jobs]
                 done = all(p.finished >= p.total for p in progresses)
                 if not jobs:
-                    view: Any = "No jobs yet: submit one with `coordinator submit FUNCTION FILE`."
+                    view: Any = "No jobs yet: submit one with `dockercomp coordinator submit FUNCTION FILE`."
                 else:
                     view = Group(jobs_table(progresses), _workers_line(client, not done))
                 return [progress_dict(p) for p in progresses], view, done
@@ -291,8 +291,8 @@ def workers(db: str, as_json: bool) -> None:
     if as_json:
         _echo_json([worker_dict(w) for w in found])
     elif not found:
-        click.echo("No worker has been seen yet: workers appear once `coordinator serve` is running "
-                   "and an agent connects (`agent run --broker URL`).")  # fmt: skip
+        click.echo("No worker has been seen yet: workers appear once `dockercomp coordinator serve` is running "
+                   "and an agent connects (`dockercomp agent run --broker URL`).")  # fmt: skip
     else:
         _stdout().print(workers_table(found))
 
@@ -383,7 +383,7 @@ def retry(job: str, db: str, as_json: bool) -> None:
         _echo_json({"job": handle.name, "retried": count})
     elif count:
         click.echo(f"{count} failed task{'s' * (count != 1)} of job {handle.name} pending again; a running "
-                   f"`coordinator serve` sends them within a second.")  # fmt: skip
+                   f"`dockercomp coordinator serve` sends them within a second.")  # fmt: skip
     else:
         click.echo(f"Nothing to retry: job {handle.name} has no failed task.")
 

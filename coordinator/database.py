@@ -14,8 +14,8 @@ from urllib.parse import unquote, urlsplit
 
 import peewee as pw
 
-from coordinator.defaults import SQLITE_BUSY_TIMEOUT_MS
-from coordinator.errors import StoreError
+from dockercomp.coordinator.defaults import SQLITE_BUSY_TIMEOUT_MS
+from dockercomp.coordinator.errors import StoreError
 
 # Columns added after the first release: (table, column, SQL type and default). Each is added
 # when missing; rows that existed before get the default.

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from broker.messages import OfflineReason, Presence, PresenceState
-from broker.topics import Topics, WorkerRef
-from coordinator.defaults import MAX_PREFETCH
-from coordinator.leases import Lease, Leases, PayloadBuilder, chunks, placeholders
-from coordinator.store import AttemptOutcome, Job, JobState, Store, TaskState, Worker, WorkerState
+from dockercomp.broker.messages import OfflineReason, Presence, PresenceState
+from dockercomp.broker.topics import Topics, WorkerRef
+from dockercomp.coordinator.defaults import MAX_PREFETCH
+from dockercomp.coordinator.leases import Lease, Leases, PayloadBuilder, chunks, placeholders
+from dockercomp.coordinator.store import AttemptOutcome, Job, JobState, Store, TaskState, Worker, WorkerState
 
 log = logging.getLogger(__name__)
 

@@ -63,5 +63,5 @@ class UnknownJob(StoreError, LookupError):
             listed = ", ".join(known[:10]) + (f" (and {len(known) - 10} more)" if len(known) > 10 else "")
             hint = f"known jobs: {listed}"
         else:
-            hint = "no job was submitted yet (`coordinator submit FUNCTION FILE`)"
+            hint = "no job was submitted yet (`dockercomp coordinator submit FUNCTION FILE`)"
         super().__init__(f"no job {wanted!r}", hint)

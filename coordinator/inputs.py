@@ -1,6 +1,6 @@
 """The scientist's task arguments: one JSON array per line, checked before anything is stored.
 
-``coordinator submit FUNCTION FILE`` reads its input through here: every non-blank line is a
+``dockercomp coordinator submit FUNCTION FILE`` reads its input through here: every non-blank line is a
 JSON array (the positional arguments of one call), finite numbers only (no NaN/Infinity),
 nested no deeper and encoded no larger than a task message may be (broker/defaults.py). The
 first bad line stops the whole submission and is named by its number in the file, counted
@@ -15,9 +15,9 @@ import math
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
-from broker.defaults import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES
-from broker.messages import json_depth
-from coordinator.errors import InvalidInput
+from dockercomp.broker.defaults import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES
+from dockercomp.broker.messages import json_depth
+from dockercomp.coordinator.errors import InvalidInput
 
 # Bytes a task message adds around its arguments (ids, function name, field names); the
 # arguments must leave this much room below MAX_PAYLOAD_BYTES.

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import peewee as pw
 
-from coordinator.store import Attempt, AttemptOutcome, Job, Task, TaskState, dump_json
+from dockercomp.coordinator.store import Attempt, AttemptOutcome, Job, Task, TaskState, dump_json
 
 # Rows per IN (...) list: far below SQLite's 32,766 variables per statement.
 _IN_CHUNK = 900

@@ -28,10 +28,10 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from coordinator.store import JobProgress, ResultRow
+from dockercomp.coordinator.store import JobProgress, ResultRow
 
 if TYPE_CHECKING:
-    from coordinator.api import WorkerInfo
+    from dockercomp.coordinator.api import WorkerInfo
 
 # Characters of a value or argument list shown in a table cell before it is cut.
 CELL_CHARS = 40
@@ -43,7 +43,7 @@ STATE_STYLES = {
     "offline": "dim", "purged": "dim",
 }  # fmt: skip
 
-# Columns of `coordinator results --format csv`, in order (JSON-valued ones as JSON text).
+# Columns of `dockercomp coordinator results --format csv`, in order (JSON-valued ones as JSON text).
 CSV_COLUMNS = ["index", "task_id", "state", "worker", "attempts", "elapsed", "args", "value", "errors"]
 
 

@@ -1,4 +1,4 @@
-"""`coordinator serve`: run the engine until Ctrl-C / SIGTERM.
+"""`dockercomp coordinator serve`: run the engine until Ctrl-C / SIGTERM.
 
 A thin click layer over ``coordinator.service.Coordinator``: it parses options, builds the
 settings, runs the engine and maps failures to one readable line and a distinct exit code.
@@ -17,12 +17,12 @@ from types import FrameType
 
 import click
 
-from broker.defaults import BROKER_URL_ENV
-from broker.errors import ConnectionFailed
-from broker.errors import SettingsError as BrokerSettingsError
-from coordinator import defaults
-from coordinator.errors import CoordinatorError, StoreError
-from coordinator.service import Coordinator, CoordinatorSettings
+from dockercomp.broker.defaults import BROKER_URL_ENV
+from dockercomp.broker.errors import ConnectionFailed
+from dockercomp.broker.errors import SettingsError as BrokerSettingsError
+from dockercomp.coordinator import defaults
+from dockercomp.coordinator.errors import CoordinatorError, StoreError
+from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 
 # Exit codes (as the other coordinator commands): 2 bad option, 4 database problem,
 # 5 broker unreachable, 1 anything else,

@@ -1,4 +1,4 @@
-"""The coordinator engine that `coordinator serve` runs: presence in, tasks out, results in.
+"""The coordinator engine that `dockercomp coordinator serve` runs: presence in, tasks out, results in.
 
 Threads: the transport's network thread only puts incoming messages on a queue; one engine
 thread (``run``) takes them in batches and handles each batch in ONE database transaction:
@@ -28,19 +28,19 @@ from typing import Any, Callable, TypeVar
 
 import peewee as pw
 
-from broker.connection import MqttConnection, Transport, Will
-from broker.defaults import PROTOCOL_VERSION
-from broker.errors import BrokerError, DecodeError, InvalidTopic
-from broker.messages import Presence, Result, encode_status
-from broker.settings import BrokerSettings
-from broker.topics import Topics, WorkerRef
-from coordinator import defaults
-from coordinator.dispatch import Dispatcher, JobBook, PresenceChange, WorkerPool, WorkerSlot
-from coordinator.errors import CoordinatorError, StoreError
-from coordinator.leases import Changes, Lease, Leases, PayloadBuilder, error_json, find_attempt, task_exists
-from coordinator.settings import CoordinatorSettings  # re-exported: the engine's settings
-from coordinator.status import RateMeter, Rejection, Rejections, StatusPublisher, summary_status
-from coordinator.store import AttemptOutcome, JobState, Store, TaskState, Worker, WorkerState, dump_json
+from dockercomp.broker.connection import MqttConnection, Transport, Will
+from dockercomp.broker.defaults import PROTOCOL_VERSION
+from dockercomp.broker.errors import BrokerError, DecodeError, InvalidTopic
+from dockercomp.broker.messages import Presence, Result, encode_status
+from dockercomp.broker.settings import BrokerSettings
+from dockercomp.broker.topics import Topics, WorkerRef
+from dockercomp.coordinator import defaults
+from dockercomp.coordinator.dispatch import Dispatcher, JobBook, PresenceChange, WorkerPool, WorkerSlot
+from dockercomp.coordinator.errors import CoordinatorError, StoreError
+from dockercomp.coordinator.leases import Changes, Lease, Leases, PayloadBuilder, error_json, find_attempt, task_exists
+from dockercomp.coordinator.settings import CoordinatorSettings  # re-exported: the engine's settings
+from dockercomp.coordinator.status import RateMeter, Rejection, Rejections, StatusPublisher, summary_status
+from dockercomp.coordinator.store import AttemptOutcome, JobState, Store, TaskState, Worker, WorkerState, dump_json
 
 log = logging.getLogger(__name__)
 
@@ -571,7 +571,7 @@ class Coordinator:
             log.info("worker %s purged: lost for more than %g s", slot.key, self.settings.purge_after)
             clears.append(self.topics.presence(slot.ref))
             self.status.worker_changed(slot.id)
-        # Workers `coordinator purge` purged meanwhile (it clears their presence itself).
+        # Workers `dockercomp coordinator purge` purged meanwhile (it clears their presence itself).
         lost = [w.id for w in self.workers if w.state == WorkerState.LOST.value]
         if lost:
             for (worker_id,) in Worker.select(Worker.id).where(
@@ -591,7 +591,7 @@ class Coordinator:
 
 def clear_retained_presence(transport: Transport, topics: Topics, refs: list[WorkerRef]) -> None:
     """Forget purged workers on the broker: empty retained presence and status (for
-    `coordinator purge`, which purges in the store while `serve` may not be running)."""
+    `dockercomp coordinator purge`, which purges in the store while `serve` may not be running)."""
     for ref in refs:
         transport.publish(topics.presence(ref), b"", qos=1, retain=True)
         transport.publish(topics.status_worker(ref), b"", qos=1, retain=True)

@@ -1,11 +1,11 @@
-"""The engine's settings: intervals and limits, validated once (``coordinator serve`` options)."""
+"""The engine's settings: intervals and limits, validated once (``dockercomp coordinator serve`` options)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from coordinator import defaults
-from coordinator.errors import SettingsError
+from dockercomp.coordinator import defaults
+from dockercomp.coordinator.errors import SettingsError
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,15 @@ from collections import Counter, deque
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from broker.connection import Transport
-from broker.errors import BrokerError
-from broker.messages import encode_status
-from broker.topics import Topics
-from coordinator.defaults import RATE_WINDOW, REJECT_LOG_BURST, REJECT_LOG_WINDOW, STATUS_INTERVAL
-from coordinator.store import JobState, TaskState, WorkerState
+from dockercomp.broker.connection import Transport
+from dockercomp.broker.errors import BrokerError
+from dockercomp.broker.messages import encode_status
+from dockercomp.broker.topics import Topics
+from dockercomp.coordinator.defaults import RATE_WINDOW, REJECT_LOG_BURST, REJECT_LOG_WINDOW, STATUS_INTERVAL
+from dockercomp.coordinator.store import JobState, TaskState, WorkerState
 
 if TYPE_CHECKING:
-    from coordinator.dispatch import JobInfo, WorkerSlot
+    from dockercomp.coordinator.dispatch import JobInfo, WorkerSlot
 
 log = logging.getLogger(__name__)
 

@@ -33,13 +33,13 @@ from typing import Any, Callable, Iterable, Iterator
 
 import peewee as pw
 
-from broker.defaults import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES
-from broker.messages import json_depth
-from broker.errors import InvalidName
-from broker.topics import validate_name
-from coordinator import database
-from coordinator.defaults import INSERT_BATCH, MAX_ATTEMPTS, SQLITE_BUSY_TIMEOUT_MS, TASK_TIMEOUT
-from coordinator.errors import InvalidInput, StoreError, StoreLocked, UnknownJob
+from dockercomp.broker.defaults import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES
+from dockercomp.broker.messages import json_depth
+from dockercomp.broker.errors import InvalidName
+from dockercomp.broker.topics import validate_name
+from dockercomp.coordinator import database
+from dockercomp.coordinator.defaults import INSERT_BATCH, MAX_ATTEMPTS, SQLITE_BUSY_TIMEOUT_MS, TASK_TIMEOUT
+from dockercomp.coordinator.errors import InvalidInput, StoreError, StoreLocked, UnknownJob
 
 
 
@@ -374,7 +374,7 @@ class Store:
         with self._errors("store the job"), self.db.atomic():
             if name is not None and Job.select().where(Job.name == name).exists():
                 raise InvalidInput(f"a job named {name!r} already exists",
-                                   "pick another --job NAME (`coordinator status` lists them)")
+                                   "pick another --job NAME (`dockercomp coordinator status` lists them)")
             job = Job.create(name=name or f"job-new-{os.getpid()}-{now}", function=function,
                              timeout=float(timeout), max_attempts=max_attempts, created_at=now)
             if name is None:

@@ -14,7 +14,7 @@ Passwords are random (144 bits) and shown once: only their hashes are kept. Afte
 change the broker must reload the files: ``Reloader`` sends SIGHUP to the pid in a pid
 file, or runs a command such as ``docker compose kill -s HUP mosquitto``. Mosquitto 2.0
 then disconnects every client of a removed account, and refuses it from then on; so does
-``broker serve --password-file`` (amqtt). Mosquitto publishes no will for those connections,
+``dockercomp broker serve --password-file`` (amqtt). Mosquitto publishes no will for those connections,
 so ``mark_workers_lost`` does, as the coordinator: their tasks go to other workers at once.
 
 Library use::
@@ -43,9 +43,9 @@ from typing import Any, NoReturn
 
 import click
 
-from broker.acl import Role, render_acl
-from broker.connection import MqttConnection
-from broker.defaults import (
+from dockercomp.broker.acl import Role, render_acl
+from dockercomp.broker.connection import MqttConnection
+from dockercomp.broker.defaults import (
     BROKER_CONFIG_DIR,
     BROKER_CONFIG_ENV,
     BROKER_PID_FILE_ENV,
@@ -57,13 +57,13 @@ from broker.defaults import (
     MQTTS_PORT,
     ROOT_TOPIC,
 )
-from broker.errors import BrokerError, DecodeError, InvalidName
-from broker.messages import OfflineReason, Presence, PresenceState
-from broker.passwords import PasswordFile, atomic_write, new_password
-from broker.settings import BrokerSettings
-from broker.topics import Topics, validate_name
-from coordinator.certs import CertPaths, certificate_hosts
-from coordinator.errors import CoordinatorError
+from dockercomp.broker.errors import BrokerError, DecodeError, InvalidName
+from dockercomp.broker.messages import OfflineReason, Presence, PresenceState
+from dockercomp.broker.passwords import PasswordFile, atomic_write, new_password
+from dockercomp.broker.settings import BrokerSettings
+from dockercomp.broker.topics import Topics, validate_name
+from dockercomp.coordinator.certs import CertPaths, certificate_hosts
+from dockercomp.coordinator.errors import CoordinatorError
 
 # Exit codes: 2 = the command line must change, 3 = no such account, 4 = files or broker reload failed.
 EXIT_USAGE = 2
@@ -161,7 +161,7 @@ class Accounts:
         for account in self.all():
             if account.name == name:
                 return account
-        raise UnknownAccount(f"no account {name!r} in {self.passwd}; `coordinator volunteers list` shows them")
+        raise UnknownAccount(f"no account {name!r} in {self.passwd}; `dockercomp coordinator volunteers list` shows them")
 
     # -- changes ---------------------------------------------------------------------------
     def init(self, *, local_workers: bool = True, broker_host: str = COMPOSE_BROKER_HOST) -> list[Credentials]:
@@ -469,7 +469,7 @@ def init_command(config_dir: Path, root: str, broker_host: str, local_workers: b
     if not created:
         click.echo(f"{config_dir} is set up already; the ACL was rewritten")
     if not accounts.certs.server_cert.exists():
-        click.echo("next: `coordinator certs init --host YOUR.HOST.NAME` for the TLS listener")
+        click.echo("next: `dockercomp coordinator certs init --host YOUR.HOST.NAME` for the TLS listener")
 
 
 @volunteers.command("add")
@@ -493,14 +493,14 @@ def add_command(name: str, config_dir: Path, role: str, host: str | None, port: 
         hosts = certificate_hosts(certs.server_cert) if certs.server_cert.exists() else []
         if not hosts:
             _fail(VolunteerError("pass --host: the name volunteers reach the broker by "
-                                 "(or run `coordinator certs init --host NAME` first)"))
+                                 "(or run `dockercomp coordinator certs init --host NAME` first)"))
         host = hosts[0]
     try:
         creds = accounts.add(name, Role(role), reset=reset_password)
     except CoordinatorError as exc:
         _fail(exc)
     ca_file = str(certs.ca_cert) if certs.ca_cert.exists() else None
-    # For `agent run` on their machine (?ca= the path they saved ca.crt to) ...
+    # For `dockercomp agent run` on their machine (?ca= the path they saved ca.crt to) ...
     url = broker_url_for(creds, host, port, ca_file=Path(ca_file).name if ca_file else None, root=accounts.root)
     # ... and for the installer, which takes the CA file apart and puts it in the containers.
     command = install_command(broker_url_for(creds, host, port, root=accounts.root), ca_file)

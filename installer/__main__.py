@@ -1,5 +1,5 @@
 """`python -m installer`, the same as the `installer` console script."""
 
-from installer.cli import main
+from dockercomp.installer.cli import main
 
 main()

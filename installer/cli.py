@@ -16,15 +16,15 @@ import click
 import docker.errors
 from rich.console import Console
 
-from installer import defaults as d
-from installer.engine import connect, diagnose, engine_cpus
-from installer.errors import ConfigError, InstallerError
-from installer.fleet import Fleet
-from installer.image import ensure_image
-from installer.logs import show
-from installer.preflight import check_broker
-from installer.report import status_json, status_table, summary
-from installer.spec import WorkerSpec, parse_broker, read_ca
+from dockercomp.installer import defaults as d
+from dockercomp.installer.engine import connect, diagnose, engine_cpus
+from dockercomp.installer.errors import ConfigError, InstallerError
+from dockercomp.installer.fleet import Fleet
+from dockercomp.installer.image import ensure_image
+from dockercomp.installer.logs import show
+from dockercomp.installer.preflight import check_broker
+from dockercomp.installer.report import status_json, status_table, summary
+from dockercomp.installer.spec import WorkerSpec, parse_broker, read_ca
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -143,7 +143,7 @@ def logs(instance: str, worker: str | None, follow: bool, tail: int | None) -> N
     fleet = Fleet(connect(), instance)
     containers = fleet.find(worker) if worker else fleet.containers()
     if worker and not containers:
-        raise InstallerError(f"no worker matches {worker!r}", "`installer status` lists the workers")
+        raise InstallerError(f"no worker matches {worker!r}", "`dockercomp installer status` lists the workers")
     show(containers, sys.stdout, follow=follow, tail=tail)
 
 
@@ -170,7 +170,7 @@ def upgrade(instance: str, image: str | None, image_archive: Path | None, health
     fleet = Fleet(client, instance, say=_say)
     current = fleet.current_spec()
     if current is None:
-        raise InstallerError("there are no workers to upgrade", "start them with `installer up --broker URL`")
+        raise InstallerError("there are no workers to upgrade", "start them with `dockercomp installer up --broker URL`")
     name = image or current.image
     new_image = ensure_image(client, name, archive=image_archive, refresh=True, say=_say)
     upgraded = fleet.upgrade(new_image, {"image": name}, health_timeout)

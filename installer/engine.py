@@ -14,8 +14,8 @@ from typing import Any
 import docker
 import docker.errors
 
-from installer.defaults import ENGINE_TIMEOUT_SECONDS
-from installer.errors import EngineUnreachable
+from dockercomp.installer.defaults import ENGINE_TIMEOUT_SECONDS
+from dockercomp.installer.errors import EngineUnreachable
 
 _SOCKET = "/var/run/docker.sock"
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import docker.errors
 
-from installer import defaults as d
-from installer.errors import NameConflict, UpgradeHalted
-from installer.identity import worker_prefix
-from installer.spec import CONTAINER_CA, WorkerSpec, is_owned, owned_filter
+from dockercomp.installer import defaults as d
+from dockercomp.installer.errors import NameConflict, UpgradeHalted
+from dockercomp.installer.identity import worker_prefix
+from dockercomp.installer.spec import CONTAINER_CA, WorkerSpec, is_owned, owned_filter
 
 Say = Callable[[str], None]
 
@@ -45,7 +45,7 @@ class Changes:
 
 @dataclass(frozen=True)
 class WorkerView:
-    """One row of `installer status`."""
+    """One row of `dockercomp installer status`."""
 
     name: str
     container_id: str
@@ -267,8 +267,8 @@ class Fleet:
         raise UpgradeHalted(
             f"{container.name} did not become healthy on the new image "
             f"(state {state.get('Status')}, health {health or '-'}); the other workers were left as they were",
-            f"see `installer logs {container.labels.get(d.LABEL_WORKER_ID, container.name)}`; "
-            "fix the image and run `installer upgrade` again",
+            f"see `dockercomp installer logs {container.labels.get(d.LABEL_WORKER_ID, container.name)}`; "
+            "fix the image and run `dockercomp installer upgrade` again",
             container=container.name,
         )
 

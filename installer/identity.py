@@ -14,7 +14,7 @@ import socket
 import uuid
 from pathlib import Path
 
-from installer.defaults import INSTANCE
+from dockercomp.installer.defaults import INSTANCE
 
 # Longest topic level the broker accepts (broker.defaults.MAX_NAME_LENGTH).
 MAX_ID_LENGTH = 64

@@ -14,8 +14,8 @@ from typing import Any
 
 import docker.errors
 
-from installer.defaults import IMAGE
-from installer.errors import ImageUnavailable
+from dockercomp.installer.defaults import IMAGE
+from dockercomp.installer.errors import ImageUnavailable
 
 Say = Callable[[str], None]
 

@@ -7,7 +7,7 @@
 #
 # It makes sure Docker works (offering to install it with the distribution's package manager),
 # puts dockercomp in a private virtual environment, and starts worker containers with
-# `installer up`. Running it again is safe: it converges to the same state.
+# `dockercomp installer up`. Running it again is safe: it converges to the same state.
 #
 # POSIX sh on purpose: a volunteer's machine may have no bash.
 set -eu
@@ -39,7 +39,7 @@ die() {  # die CODE MESSAGE [FIX]
 
 usage() {
     cat <<EOF
-Usage: sh install_me.sh [--broker URL] [options] [-- extra installer up options]
+Usage: sh install_me.sh [--broker URL] [options] [-- extra dockercomp installer up options]
 
   --broker URL      the scientist's broker, e.g. mqtt://host:1883${BROKER:+ (default $BROKER)}
   --ca-file FILE    the broker's CA certificate (ca.crt, sent by the scientist)
@@ -201,10 +201,10 @@ ensure_venv() {
 # --- Uninstall ----------------------------------------------------------------------------
 
 do_uninstall() {
-    if [ -x "$VENV/bin/installer" ] && docker_answers; then
+    if [ -x "$VENV/bin/dockercomp" ] && docker_answers; then
         say "stopping and removing the worker containers"
-        "$VENV/bin/installer" down
-    elif [ -x "$VENV/bin/installer" ]; then
+        "$VENV/bin/dockercomp" installer down
+    elif [ -x "$VENV/bin/dockercomp" ]; then
         say "Docker does not answer; remove any dockercomp-worker-* containers later with docker rm -f"
     fi
     rm -rf "$VENV"
@@ -228,7 +228,7 @@ do_install() {
     ensure_docker
     ensure_venv
 
-    set -- "$VENV/bin/installer" up --broker "$BROKER"
+    set -- "$VENV/bin/dockercomp" installer up --broker "$BROKER"
     [ -z "$WORKERS" ] || set -- "$@" --workers "$WORKERS"
     [ -z "$NETWORK" ] || set -- "$@" --network "$NETWORK"
     [ -z "$IMAGE" ] || set -- "$@" --image "$IMAGE"
@@ -238,12 +238,12 @@ do_install() {
     [ -z "$PASSWORD" ] || export DOCKERCOMP_PASSWORD="$PASSWORD"
     # EXTRA holds options passed after `--`; split on spaces on purpose.
     # shellcheck disable=SC2086
-    "$@" $EXTRA || die $? "installer up failed (see the message above)"
+    "$@" $EXTRA || die $? "dockercomp installer up failed (see the message above)"
 
     say "done. Your machine now computes for the scientist at $BROKER."
-    say "  see the workers:   $VENV/bin/installer status"
-    say "  see their output:  $VENV/bin/installer logs"
-    say "  stop them:         $VENV/bin/installer down"
+    say "  see the workers:   $VENV/bin/dockercomp installer status"
+    say "  see their output:  $VENV/bin/dockercomp installer logs"
+    say "  stop them:         $VENV/bin/dockercomp installer down"
     # Piped through `curl | sh` there is no file to name; the volunteer downloads it again.
     if [ -f "$SELF" ]; then again="sh $SELF"; else again="sh install_me.sh"; fi
     say "  uninstall:         $again --uninstall"

@@ -1,4 +1,4 @@
-"""`installer logs`: one worker's output, or all of them interleaved with a name prefix."""
+"""`dockercomp installer logs`: one worker's output, or all of them interleaved with a name prefix."""
 
 from __future__ import annotations
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import socket
 
-from broker.settings import BrokerSettings
-from installer.defaults import BROKER_CHECK_SECONDS
-from installer.errors import BrokerUnreachable
+from dockercomp.broker.settings import BrokerSettings
+from dockercomp.installer.defaults import BROKER_CHECK_SECONDS
+from dockercomp.installer.errors import BrokerUnreachable
 
 
 def check_broker(settings: BrokerSettings, timeout: float = BROKER_CHECK_SECONDS) -> None:

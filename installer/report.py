@@ -9,7 +9,7 @@ from typing import TextIO
 from rich.console import Console
 from rich.table import Table
 
-from installer.fleet import Changes, WorkerView
+from dockercomp.installer.fleet import Changes, WorkerView
 
 _STATE_STYLE = {"running": "green", "restarting": "yellow", "exited": "red", "dead": "red"}
 _HEALTH_STYLE = {"healthy": "green", "starting": "yellow", "unhealthy": "red"}
@@ -21,7 +21,7 @@ def status_json(rows: list[WorkerView]) -> str:
 
 def status_table(rows: list[WorkerView], console: Console) -> None:
     if not rows:
-        console.print("no dockercomp workers on this machine (start some with `installer up`)")
+        console.print("no dockercomp workers on this machine (start some with `dockercomp installer up`)")
         return
     table = Table(title=f"dockercomp workers ({len(rows)})")
     for column in ("slot", "container", "worker id", "state", "health", "image", "restarts", "started"):
@@ -53,5 +53,5 @@ def summary(changes: Changes, total: int, out: TextIO) -> None:
     ):
         if names:
             print(f"{verb}: {', '.join(names)}", file=out)
-    print(f"{total} worker container(s) running. Check them with `installer status`; "
-          "stop them with `installer down`.", file=out)
+    print(f"{total} worker container(s) running. Check them with `dockercomp installer status`; "
+          "stop them with `dockercomp installer down`.", file=out)

@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from broker.errors import SettingsError
-from broker.settings import BrokerSettings
-from installer import defaults as d
-from installer.errors import ConfigError
-from installer.identity import container_name, valid_instance, worker_id
+from dockercomp.broker.errors import SettingsError
+from dockercomp.broker.settings import BrokerSettings
+from dockercomp.installer import defaults as d
+from dockercomp.installer.errors import ConfigError
+from dockercomp.installer.identity import container_name, valid_instance, worker_id
 
 _MEMORY = re.compile(r"\d+(\.\d+)?[bkmg]?", re.IGNORECASE)
 

@@ -1,4 +1,4 @@
-"""The worker agent as volunteers run it: real `agent run` processes against real brokers.
+"""The worker agent as volunteers run it: real `dockercomp agent run` processes against real brokers.
 
 The protocol contract (presence and wills, shutdown, broker restart, outcomes of bad tasks)
 runs against Mosquitto and amqtt; behaviour that does not depend on the broker runs against
@@ -25,13 +25,13 @@ from typing import Any
 
 import pytest
 
-from agent.agent import Agent, AgentState
-from agent.errors import HealthError
-from agent.health import Health, check_health, write_health
-from agent.settings import AgentSettings
-from agent.tasks import Registry
-from broker.memory import MemoryBroker
-from broker.messages import (
+from dockercomp.agent.agent import Agent, AgentState
+from dockercomp.agent.errors import HealthError
+from dockercomp.agent.health import Health, check_health, write_health
+from dockercomp.agent.settings import AgentSettings
+from dockercomp.agent.tasks import Registry
+from dockercomp.broker.memory import MemoryBroker
+from dockercomp.broker.messages import (
     OfflineReason,
     Outcome,
     Presence,
@@ -39,7 +39,7 @@ from broker.messages import (
     Result,
     Task,
 )
-from broker.topics import Topics, WorkerRef
+from dockercomp.broker.topics import Topics, WorkerRef
 from tests.support import Seen, Watcher, connect_client, free_port, wait_until
 from tests.support.brokers import BrokerProcess
 
@@ -86,11 +86,11 @@ def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def agent_command() -> list[str]:
     """The installed `agent` console script when there is one, else the module."""
     script = Path(sys.executable).with_name("agent")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "agent.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "dockercomp.agent.cli"]
 
 
 class AgentProcess:
-    """`agent run` in a child process, with its log and health file in the test's directory."""
+    """`dockercomp agent run` in a child process, with its log and health file in the test's directory."""
 
     def __init__(self, url: str, worker: str, workdir: Path, plugin_dir: Path, *, args: list[str] | None = None) -> None:
         self.worker = worker
@@ -129,7 +129,7 @@ class AgentProcess:
 
 @pytest.fixture
 def agents(request: pytest.FixtureRequest, tmp_path: Path, plugin_dir: Path) -> Iterator[Callable[..., AgentProcess]]:
-    """Factory: agents("w1", url) starts `agent run`; all are killed after the test."""
+    """Factory: agents("w1", url) starts `dockercomp agent run`; all are killed after the test."""
     started: list[AgentProcess] = []
 
     def start(worker: str, url: str, *args: str) -> AgentProcess:
@@ -145,7 +145,7 @@ def agents(request: pytest.FixtureRequest, tmp_path: Path, plugin_dir: Path) -> 
 
 
 def connected(agent: AgentProcess) -> bool:
-    """True once `agent check` would pass. The agent writes the file just after it announces
+    """True once `dockercomp agent check` would pass. The agent writes the file just after it announces
     itself online, so a watcher can see the presence before the file says connected."""
     try:
         return check_health(agent.health_file).connected
@@ -277,7 +277,7 @@ def test_sigterm_lets_the_running_task_finish_then_says_goodbye(
     finished = Result.decode(outputs[-2].payload)  # the result came right before the goodbye
     assert (finished.task_id, finished.outcome, finished.value) == ("10", Outcome.OK, 1.0)
     assert not any(is_result("11")(m) for m in outputs)
-    assert not agent.health_file.exists()  # `agent check` now fails: nothing runs here
+    assert not agent.health_file.exists()  # `dockercomp agent check` now fails: nothing runs here
 
 
 def test_a_second_signal_stops_at_once_and_reports_the_killed_task(
@@ -474,7 +474,7 @@ def test_agent_check_follows_the_agent(mosquitto: BrokerProcess, agents: Callabl
     gone = run_cli("check", env=env)
     assert gone.returncode == 1 and "is not running" in gone.stdout
     missing = run_cli("check", env={"DOCKERCOMP_HEALTH_FILE": str(tmp_path / "nothing.json")})
-    assert missing.returncode == 1 and "no health file" in missing.stdout and "agent run" in missing.stdout
+    assert missing.returncode == 1 and "no health file" in missing.stdout and "dockercomp agent run" in missing.stdout
 
 
 def test_agent_functions_lists_built_ins_and_installed_packages(plugin_dir: Path) -> None:
@@ -671,7 +671,7 @@ def test_tasks_beyond_the_queue_limit_are_rejected_queue_full(
                         "4": (Outcome.REJECTED, "QueueFull")}
 
 
-# --- the health file, judged by `agent check` ----------------------------------------------------------------
+# --- the health file, judged by `dockercomp agent check` ----------------------------------------------------------------
 
 
 def health(**changes: Any) -> Health:

@@ -1,6 +1,6 @@
 """The Python API a scientist uses from a notebook or script (coordinator/api.py).
 
-Against a real broker, a real `coordinator serve` process and real `agent run` processes;
+Against a real broker, a real `dockercomp coordinator serve` process and real `dockercomp agent run` processes;
 only the tests of waiting without workers run on the store alone (with an injected clock).
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.api import Client, JobTimeout, TasksFailed, connect
-from coordinator.errors import InvalidInput, UnknownJob
-from coordinator.store import JobProgress
+from dockercomp.coordinator.api import Client, JobTimeout, TasksFailed, connect
+from dockercomp.coordinator.errors import InvalidInput, UnknownJob
+from dockercomp.coordinator.store import JobProgress
 from tests.support import wait_until
 from tests.support.brokers import BrokerProcess
 
@@ -29,7 +29,7 @@ def primes_below(n: int) -> int:
 
 
 class Stack:
-    """`coordinator serve` and some `agent run` processes on one broker and database."""
+    """`dockercomp coordinator serve` and some `dockercomp agent run` processes on one broker and database."""
 
     def __init__(self, broker_url: str, db: str, logs: Path) -> None:
         self.broker_url, self.db, self.logs = broker_url, db, logs
@@ -45,7 +45,7 @@ class Stack:
         self._start("coordinator", ["coordinator", "serve", "--broker", self.broker_url, "--db", self.db])
 
     def agent(self, name: str, concurrency: int = 2) -> None:
-        self._start(name, ["agent.cli", "run", "--broker", self.broker_url, "--worker-id", name,
+        self._start(name, ["dockercomp.agent.cli", "run", "--broker", self.broker_url, "--worker-id", name,
                            "--concurrency", str(concurrency), "--keepalive", "2",
                            "--health-file", str(self.logs / f"{name}.health")])  # fmt: skip
 
@@ -157,7 +157,7 @@ def test_wait_without_workers_times_out_with_a_hint(tmp_path: Path) -> None:
         with pytest.raises(JobTimeout) as caught:
             job.wait(timeout=5, progress=False)
         assert caught.value.progress.pending == 1
-        assert "not finished after 5 s" in str(caught.value) and "coordinator workers" in str(caught.value)
+        assert "not finished after 5 s" in str(caught.value) and "dockercomp coordinator workers" in str(caught.value)
         with pytest.raises(JobTimeout):
             list(job.as_completed(timeout=5))
 

@@ -1,6 +1,6 @@
 """The benchmark's code paths on a tiny run: not a timed test, a check that `make bench` works.
 
-Every phase runs for real (Mosquitto from mosquitto.conf, `coordinator serve`, `agent run`,
+Every phase runs for real (Mosquitto from mosquitto.conf, `dockercomp coordinator serve`, `dockercomp agent run`,
 the embedded amqtt broker, simulated workers), only with sizes small enough for seconds.
 """
 
@@ -16,7 +16,7 @@ import pytest
 
 from bench.harness import Latency, percentile
 from bench.raw import result_template, task_id_of, task_payload
-from broker.messages import Outcome, Result, Task
+from dockercomp.broker.messages import Outcome, Result, Task
 from tests.support import require
 from tests.support.brokers import REPO_ROOT, find_mosquitto
 

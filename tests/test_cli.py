@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from broker.messages import OfflineReason, Presence, PresenceState
-from broker.topics import Topics, WorkerRef
-from coordinator.cli import main
-from coordinator.store import Store, Worker, WorkerState
+from dockercomp.broker.messages import OfflineReason, Presence, PresenceState
+from dockercomp.broker.topics import Topics, WorkerRef
+from dockercomp.coordinator.cli import main
+from dockercomp.coordinator.store import Store, Worker, WorkerState
 from tests.support import Watcher, connect_client, free_port
 from tests.support.brokers import BrokerProcess
 
@@ -69,7 +69,7 @@ def test_submit_stores_one_task_per_line_and_prints_the_job(cli: CliRunner, tmp_
     # Then the job is named and its three tasks are stored in input order, pending
     assert result.exit_code == 0, result.output
     assert "Submitted job sums (id 1): 3 tasks of add" in result.stdout
-    assert "coordinator status sums --watch" in result.stdout
+    assert "dockercomp coordinator status sums --watch" in result.stdout
     rows = [json.loads(line) for line in run(cli, "results", "sums", "--json").stdout.splitlines()]
     assert [(r["index"], r["args"], r["state"]) for r in rows] == [
         (0, [1, 2], "pending"), (1, [3, 4], "pending"), (2, [5, 6], "pending"),
@@ -284,9 +284,9 @@ def test_a_bad_broker_url_is_a_usage_error(cli: CliRunner) -> None:
 
 # ------------------------------------------------------------------------------ store problems
 def test_a_locked_database_says_so(cli: CliRunner, db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import coordinator.store
+    import dockercomp.coordinator.store
 
-    monkeypatch.setattr(coordinator.store, "SQLITE_BUSY_TIMEOUT_MS", 100)
+    monkeypatch.setattr(dockercomp.coordinator.store, "SQLITE_BUSY_TIMEOUT_MS", 100)
     run(cli, "status")  # creates the database
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
@@ -307,7 +307,7 @@ def test_an_unusable_database_path_says_what_to_do(cli: CliRunner, tmp_path: Pat
 # ------------------------------------------------------------------------------ end to end
 def coordinator_cli(*args: str, env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """The real `coordinator` command, as a separate process."""
-    return subprocess.run([sys.executable, "-m", "coordinator", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dockercomp.coordinator", *args], env=env, capture_output=True,
                           text=True, timeout=timeout, cwd=REPO_ROOT)  # fmt: skip
 
 
@@ -339,9 +339,9 @@ def test_end_to_end_submit_watch_results_workers(
     broken = write(tmp_path / "broken.txt", "[1, 2]\n[\"a\", 1]\n")
     assert run(cli, "submit", "add", broken, "--job", "broken", "--max-attempts", "1").exit_code == 0
     # When the coordinator and two agents run
-    processes = [start(["coordinator", "serve", "--broker", mosquitto.url, "--db", db], env, tmp_path / "serve.log")]
+    processes = [start(["dockercomp.coordinator", "serve", "--broker", mosquitto.url, "--db", db], env, tmp_path / "serve.log")]
     for name in ("w1", "w2"):
-        processes.append(start(["agent.cli", "run", "--broker", mosquitto.url, "--worker-id", name,
+        processes.append(start(["dockercomp.agent.cli", "run", "--broker", mosquitto.url, "--worker-id", name,
                                 "--concurrency", "2", "--keepalive", "2",
                                 "--health-file", str(tmp_path / f"{name}.health")],
                                env, tmp_path / f"{name}.log"))  # fmt: skip

@@ -51,7 +51,7 @@ def test_the_broker_uses_the_repository_config_and_keeps_its_data() -> None:
 
 def test_the_coordinator_keeps_its_database_in_a_volume_and_talks_to_the_broker() -> None:
     coordinator = load()["services"]["coordinator"]
-    assert coordinator["entrypoint"] == ["coordinator", "serve"]
+    assert coordinator["entrypoint"] == ["dockercomp", "coordinator", "serve"]
     assert coordinator["env_file"] == "broker-config/coordinator.env"  # its account's broker URL
     db = coordinator["environment"]["DOCKERCOMP_DB"]
     mounts = {v.split(":")[1]: v.split(":")[0] for v in coordinator["volumes"]}
@@ -70,7 +70,7 @@ def test_the_worker_service_can_be_scaled() -> None:
 
 def project_copy(directory: Path) -> Path:
     """The compose file and mosquitto.conf in `directory`, with the .env files that
-    `coordinator volunteers init` writes stubbed (docker-compose refuses missing env files)."""
+    `dockercomp coordinator volunteers init` writes stubbed (docker-compose refuses missing env files)."""
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copy(COMPOSE_FILE, directory / "docker-compose.yml")
     shutil.copy(REPO_ROOT / "mosquitto.conf", directory / "mosquitto.conf")
@@ -124,7 +124,7 @@ class Stack:
 
 
 def accounts_command(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "coordinator", *args], cwd=REPO_ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dockercomp.coordinator", *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=120, check=False)
 
 
@@ -137,7 +137,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     config = compose_file.parent / "broker-config"
     if "/mosquitto/security/" in (REPO_ROOT / "mosquitto.conf").read_text():
         require(accounts_command("volunteers", "--help").returncode == 0,
-                "`coordinator volunteers` and `coordinator certs`", "finish the running-in-public issue")
+                "`dockercomp coordinator volunteers` and `dockercomp coordinator certs`", "finish the running-in-public issue")
         for name in ("coordinator.env", "worker.env"):
             (config / name).unlink()
         for args in (["volunteers", "init", "--dir", str(config)],
@@ -176,6 +176,6 @@ def test_the_stack_scales_workers_and_completes_a_job(stack: Stack) -> None:
     job = stack.coordinator("submit", "add", "-", stdin="".join(f"[{i}, 1]\n" for i in range(40)))["job_id"]
     wait_until(lambda: stack.coordinator("status", str(job))["finished"] == 40, timeout=120, interval=1)
     rows = [json.loads(line) for line in
-            stack.run("exec", "-T", "coordinator", "coordinator", "results", str(job), "--format", "jsonl").splitlines()]
+            stack.run("exec", "-T", "coordinator", "dockercomp", "coordinator", "results", str(job), "--format", "jsonl").splitlines()]
     assert sorted(r["value"] for r in rows) == [i + 1 for i in range(40)]
     assert {r["worker"].rsplit("/", 1)[-1] for r in rows} <= hostnames

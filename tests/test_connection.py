@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from broker.connection import MqttConnection, Will
-from broker.errors import ConnectionFailed
-from broker.settings import BrokerSettings
+from dockercomp.broker.connection import MqttConnection, Will
+from dockercomp.broker.errors import ConnectionFailed
+from dockercomp.broker.settings import BrokerSettings
 from tests.support import Watcher, connect_client, free_port, wait_until
 from tests.support.brokers import BrokerProcess
 
@@ -191,4 +191,4 @@ def test_a_closed_port_gives_a_readable_connection_failed() -> None:
     finally:
         conn.close(timeout=1.0)
     message = str(caught.value)
-    assert url in message and "connection refused" in message and "broker serve" in message
+    assert url in message and "connection refused" in message and "dockercomp broker serve" in message

@@ -1,6 +1,6 @@
 """The coordinator end to end: real brokers (Mosquitto and amqtt), a real SQLite file, real
-`agent run` processes. The engine runs in this process (``Coordinator.start``) so tests can
-read its counters; test_coordinator_faults.py also runs it as `coordinator serve`.
+`dockercomp agent run` processes. The engine runs in this process (``Coordinator.start``) so tests can
+read its counters; test_coordinator_faults.py also runs it as `dockercomp coordinator serve`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from broker.messages import decode_status
-from broker.topics import Topics, WorkerRef
-from coordinator.service import Coordinator, CoordinatorSettings
-from coordinator.store import Store, TaskState, Worker
+from dockercomp.broker.messages import decode_status
+from dockercomp.broker.topics import Topics, WorkerRef
+from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
+from dockercomp.coordinator.store import Store, TaskState, Worker
 from tests.support import Watcher, wait_until
 from tests.support.brokers import BrokerProcess
 
@@ -33,7 +33,7 @@ FAST = CoordinatorSettings(lease_margin=2, lease_check=0.1, purge_after=1.0, pur
 
 
 class Processes:
-    """`agent run` (and `coordinator serve`) child processes with their logs."""
+    """`dockercomp agent run` (and `dockercomp coordinator serve`) child processes with their logs."""
 
     def __init__(self, broker_url: str, logs: Path) -> None:
         self.broker_url = broker_url
@@ -51,12 +51,12 @@ class Processes:
 
     def agent(self, name: str, concurrency: int = 2, prefetch: int | None = None) -> subprocess.Popen[bytes]:
         extra = [] if prefetch is None else ["--prefetch", str(prefetch)]
-        return self.start(name, ["agent.cli", "run", "--broker", self.broker_url, "--worker-id", name,
+        return self.start(name, ["dockercomp.agent.cli", "run", "--broker", self.broker_url, "--worker-id", name,
                                  "--concurrency", str(concurrency), "--keepalive", "2", "--grace", "1",
                                  "--health-file", str(self.logs / f"{name}.health"), *extra])
 
     def serve(self, db: str, name: str = "serve") -> subprocess.Popen[bytes]:
-        return self.start(name, ["coordinator", "serve", "--broker", self.broker_url, "--db", db,
+        return self.start(name, ["dockercomp.coordinator", "serve", "--broker", self.broker_url, "--db", db,
                                  "--lease-check", "0.2", "--lease-margin", "2", "--purge-after", "1", "-v"])
 
     def kill(self, name: str) -> None:

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from broker.connection import MqttConnection
-from broker.messages import Outcome, Presence, PresenceState, OfflineReason, Result, TaskError, decode_status
-from broker.settings import BrokerSettings
-from broker.topics import Topics, WorkerRef
-from coordinator.service import Coordinator, CoordinatorSettings
-from coordinator.store import Store, Worker
+from dockercomp.broker.connection import MqttConnection
+from dockercomp.broker.messages import Outcome, Presence, PresenceState, OfflineReason, Result, TaskError, decode_status
+from dockercomp.broker.settings import BrokerSettings
+from dockercomp.broker.topics import Topics, WorkerRef
+from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
+from dockercomp.coordinator.store import Store, Worker
 from test_coordinator import Processes, finished, online
 from test_dispatch import FakeAgent
 from tests.support import Watcher, abandon, connect_client, wait_until

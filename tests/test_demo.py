@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from coordinator.api import Client
-from coordinator.demo import RUN_ID_ENV
+from dockercomp.coordinator.api import Client
+from dockercomp.demo.run import RUN_ID_ENV
 from tests.support import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def start_demo(out: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
     env = {**os.environ, RUN_ID_ENV: run_id, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "120",
            "PYTHONFAULTHANDLER": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "coordinator.demo", "--out", str(out), *args],
+        [sys.executable, "-m", "dockercomp.demo", "--out", str(out), *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
     )  # fmt: skip
     return process, run_id

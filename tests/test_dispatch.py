@@ -15,13 +15,13 @@ from typing import Any, Callable
 
 import pytest
 
-from broker.connection import Transport, Will
-from broker.memory import MemoryBroker
-from broker.messages import OfflineReason, Outcome, Presence, PresenceState, Result, Task, TaskError, decode_status
-from broker.topics import Topics, WorkerRef
-from coordinator import store as store_module
-from coordinator.service import Coordinator, CoordinatorSettings
-from coordinator.store import Attempt, Store, Worker
+from dockercomp.broker.connection import Transport, Will
+from dockercomp.broker.memory import MemoryBroker
+from dockercomp.broker.messages import OfflineReason, Outcome, Presence, PresenceState, Result, Task, TaskError, decode_status
+from dockercomp.broker.topics import Topics, WorkerRef
+from dockercomp.coordinator import store as store_module
+from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
+from dockercomp.coordinator.store import Attempt, Store, Worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -573,7 +573,7 @@ def test_a_purge_by_the_cli_while_serving_is_reflected_in_status(rig: Rig) -> No
     rig.step(1)
     assert decode_status(rig.broker.retained[TOPICS.status_worker(agent.ref)])["state"] == "lost"
 
-    assert [w.key for w in rig.store.purge_lost(0, rig.clock.now)] == ["local/w1"]  # `coordinator purge`
+    assert [w.key for w in rig.store.purge_lost(0, rig.clock.now)] == ["local/w1"]  # `dockercomp coordinator purge`
     rig.step(1)
 
     assert TOPICS.status_worker(agent.ref) not in rig.broker.retained

@@ -1,4 +1,4 @@
-"""The embedded amqtt broker: retained messages, last wills, the `broker serve` command."""
+"""The embedded amqtt broker: retained messages, last wills, the `dockercomp broker serve` command."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.embedded import AddressInUseError, EmbeddedBroker
+from dockercomp.broker.embedded import AddressInUseError, EmbeddedBroker
 from tests.support import Watcher, abandon, connect_client, port_accepts
 from tests.support.brokers import BrokerProcess
 
@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 URL_LINE = re.compile(r"listening on (mqtt://127\.0\.0\.1:(\d+))")
 # Long enough for a message that is coming to arrive on loopback.
 QUIET_PERIOD = 0.3
-# Seconds `broker serve` may take to exit after a signal: it gives amqtt up to 10 s to shut
+# Seconds `dockercomp broker serve` may take to exit after a signal: it gives amqtt up to 10 s to shut
 # down (broker/embedded.py STOP_TIMEOUT), which amqtt 0.12 on Python 3.11 sometimes needs.
 EXIT_TIMEOUT = 30
 
@@ -147,7 +147,7 @@ def test_amqtt_restarts_on_the_same_port_but_forgets_retained_messages(
 def run_cli(*args: str) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
     return subprocess.Popen(
-        [sys.executable, "-m", "broker.cli", *args],
+        [sys.executable, "-m", "dockercomp.broker.cli", *args],
         cwd=REPO_ROOT,
         env=env,
         stdin=subprocess.DEVNULL,

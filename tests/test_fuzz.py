@@ -23,14 +23,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.agent import Agent
-from agent.settings import AgentSettings
-from agent.tasks import Registry
-from broker.acl import Role
-from broker.defaults import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, PROTOCOL_VERSION
-from broker.errors import DecodeError, InvalidName, InvalidTopic
-from broker.memory import MemoryBroker
-from broker.messages import (
+from dockercomp.agent.agent import Agent
+from dockercomp.agent.settings import AgentSettings
+from dockercomp.agent.tasks import Registry
+from dockercomp.broker.acl import Role
+from dockercomp.broker.defaults import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, PROTOCOL_VERSION
+from dockercomp.broker.errors import DecodeError, InvalidName, InvalidTopic
+from dockercomp.broker.memory import MemoryBroker
+from dockercomp.broker.messages import (
     OfflineReason,
     Outcome,
     Presence,
@@ -43,9 +43,9 @@ from broker.messages import (
     load_object,
     peek_task_id,
 )
-from broker.topics import WORKER_TOPIC_KINDS, Topics, WorkerRef, validate_name
-from coordinator.service import Coordinator, CoordinatorSettings
-from coordinator.store import Store, TaskState
+from dockercomp.broker.topics import WORKER_TOPIC_KINDS, Topics, WorkerRef, validate_name
+from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
+from dockercomp.coordinator.store import Store, TaskState
 from tests.support import wait_until
 from tests.support.security import SecureBroker, connected
 
@@ -373,7 +373,7 @@ def malformed(i: int, job_task_id: str) -> tuple[str, bytes]:
 
 
 class Processes:
-    """`coordinator serve` and `agent run` as child processes, with their logs."""
+    """`dockercomp coordinator serve` and `dockercomp agent run` as child processes, with their logs."""
 
     def __init__(self, logs: Path) -> None:
         self.logs = logs
@@ -389,7 +389,7 @@ class Processes:
                                                  stderr=subprocess.STDOUT, cwd=REPO_ROOT))
 
     def cli(self, *args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "coordinator", *args], env=self.env, cwd=REPO_ROOT,
+        done = subprocess.run([sys.executable, "-m", "dockercomp.coordinator", *args], env=self.env, cwd=REPO_ROOT,
                               capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 0, done.stderr
         return done.stdout
@@ -418,9 +418,9 @@ def test_a_live_coordinator_flooded_with_10000_malformed_messages_stays_responsi
     procs = Processes(tmp_path / "logs")
     summaries: list[tuple[float, dict[str, Any]]] = []
     try:
-        procs.start("serve", ["coordinator", "serve", "--db", db, "--lease-margin", "30"],
+        procs.start("serve", ["dockercomp.coordinator", "serve", "--db", db, "--lease-margin", "30"],
                     broker.url(broker.coordinator))
-        procs.start("agent", ["agent.cli", "run", "--worker-id", "w1", "--concurrency", "2", "--keepalive", "5",
+        procs.start("agent", ["dockercomp.agent.cli", "run", "--worker-id", "w1", "--concurrency", "2", "--keepalive", "5",
                               "--health-file", str(tmp_path / "agent.health")], broker.url(alice))
         inputs = tmp_path / "tasks.jsonl"
         inputs.write_text("".join(f"[{i}, {i}]\n" for i in range(JOB_TASKS)))

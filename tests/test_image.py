@@ -51,8 +51,8 @@ def test_the_build_installs_only_from_local_wheels() -> None:
 @pytest.mark.timeout(900)
 def test_image_runs_the_agent_as_a_non_root_user_with_a_healthcheck(docker_client: Any, worker_image: str) -> None:
     config = docker_client.images.get(worker_image).attrs["Config"]
-    assert config["Entrypoint"] == ["agent", "run"]
-    assert config["Healthcheck"]["Test"] == ["CMD", "agent", "check"]
+    assert config["Entrypoint"] == ["dockercomp", "agent", "run"]
+    assert config["Healthcheck"]["Test"] == ["CMD", "dockercomp", "agent", "check"]
     assert config["User"] == "dockercomp"
     uid = run_in_image(worker_image, "-u", entrypoint="id")
     assert uid.returncode == 0 and uid.stdout.strip() != "0"

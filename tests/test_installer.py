@@ -15,29 +15,29 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from broker.settings import BrokerSettings
-from broker.topics import validate_name
-from installer import cli
-from installer import defaults as d
-from installer.engine import diagnose
-from installer.errors import (
+from dockercomp.broker.settings import BrokerSettings
+from dockercomp.broker.topics import validate_name
+from dockercomp.installer import cli
+from dockercomp.installer import defaults as d
+from dockercomp.installer.engine import diagnose
+from dockercomp.installer.errors import (
     BrokerUnreachable,
     ConfigError,
     ImageUnavailable,
     NameConflict,
     UpgradeHalted,
 )
-from installer.fleet import Fleet
-from installer.identity import (
+from dockercomp.installer.fleet import Fleet
+from dockercomp.installer.identity import (
     container_name,
     host_label,
     machine_tag,
     worker_id,
     worker_prefix,
 )
-from installer.image import ensure_image
-from installer.preflight import check_broker
-from installer.spec import CONTAINER_CA, WorkerSpec, parse_broker, read_ca
+from dockercomp.installer.image import ensure_image
+from dockercomp.installer.preflight import check_broker
+from dockercomp.installer.spec import CONTAINER_CA, WorkerSpec, parse_broker, read_ca
 from tests.support import free_port
 from tests.support.docker import FakeDocker
 
@@ -311,7 +311,7 @@ def test_a_custom_image_is_never_rebuilt_from_dockercomp_sources() -> None:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "installer", *args], cwd=REPO_ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dockercomp.installer", *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, env=dict(os.environ, **(env or {})), timeout=60, check=False)
 
 

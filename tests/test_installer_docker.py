@@ -140,7 +140,7 @@ def test_status_and_logs_describe_the_workers(installation: Installation, mosqui
     named = installation.run("logs", row["worker_id"], "--tail", "5", check=False)
     assert named.returncode == 0
     unknown = installation.run("logs", "no-such-worker", check=False)
-    assert unknown.returncode == 1 and "installer status" in unknown.stderr
+    assert unknown.returncode == 1 and "dockercomp installer status" in unknown.stderr
 
 
 # --- workers online (need the agent) -------------------------------------------------------
@@ -187,7 +187,7 @@ def test_upgrade_replaces_workers_one_by_one_keeping_their_ids(
 
 
 class Coordinator:
-    """`coordinator serve` as a child process plus its CLI, on one database."""
+    """`dockercomp coordinator serve` as a child process plus its CLI, on one database."""
 
     def __init__(self, broker: BrokerProcess, workdir: Path) -> None:
         self.broker = broker
@@ -199,7 +199,7 @@ class Coordinator:
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "coordinator", "serve", "--broker", self.broker.url, "--db", self.db,
+                [sys.executable, "-m", "dockercomp.coordinator", "serve", "--broker", self.broker.url, "--db", self.db,
                  "--purge-after", str(PURGE_AFTER)],
                 cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             )
@@ -214,7 +214,7 @@ class Coordinator:
                 self.process.wait(10)
 
     def cli(self, *args: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "coordinator", *args], cwd=REPO_ROOT, env=self.env,
+        result = subprocess.run([sys.executable, "-m", "dockercomp.coordinator", *args], cwd=REPO_ROOT, env=self.env,
                                 capture_output=True, text=True, timeout=120, check=False)
         assert result.returncode == 0, f"coordinator {' '.join(args)}: {result.stdout}\n{result.stderr}"
         return result.stdout
@@ -317,7 +317,7 @@ def test_install_me_with_docker_present_ends_with_workers_online(
     with Watcher(mosquitto.url, PRESENCE) as watcher:
         first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
         assert first.returncode == 0, first.stdout + first.stderr
-        assert "installer down" in first.stdout and "--uninstall" in first.stdout
+        assert "dockercomp installer down" in first.stdout and "--uninstall" in first.stdout
         containers = installation.containers()
         assert len(containers) == 2
         # Safe to run twice: the same containers, nothing re-created.

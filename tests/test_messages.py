@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.defaults import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, PROTOCOL_VERSION
-from broker.errors import DecodeError
-from broker.messages import (
+from dockercomp.broker.defaults import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, PROTOCOL_VERSION
+from dockercomp.broker.errors import DecodeError
+from dockercomp.broker.messages import (
     OfflineReason,
     Outcome,
     Presence,

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import test_store
-from coordinator.errors import StoreError
-from coordinator.service import Coordinator, CoordinatorSettings
-from coordinator.store import Store
+from dockercomp.coordinator.errors import StoreError
+from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
+from dockercomp.coordinator.store import Store
 from test_coordinator import Processes, finished, online
 from tests.support import free_port, wait_until
 from tests.support.brokers import BrokerProcess

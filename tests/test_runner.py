@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.builtins import (
+from dockercomp.agent.builtins import (
     add,
     count_primes,
     mandelbrot_tile,
@@ -27,8 +27,8 @@ from agent.builtins import (
     sleep,
     sum_numbers,
 )
-from agent.errors import BadArguments, UnknownFunction
-from agent.runner import (
+from dockercomp.agent.errors import BadArguments, UnknownFunction
+from dockercomp.agent.runner import (
     CRASH_ERROR,
     RESULT_ERROR,
     SHUTDOWN_ERROR,
@@ -38,8 +38,8 @@ from agent.runner import (
     Job,
     Runner,
 )
-from agent.tasks import BUILTINS, Registry
-from broker.messages import Outcome
+from dockercomp.agent.tasks import BUILTINS, Registry
+from dockercomp.broker.messages import Outcome
 from tests.support import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -353,8 +353,8 @@ def test_plain_fork_is_refused() -> None:
 def test_task_processes_die_with_a_killed_agent(tmp_path: Path) -> None:
     script = textwrap.dedent('''
         import sys, time
-        from agent.runner import Runner, Job
-        from agent.tasks import BUILTINS
+        from dockercomp.agent.runner import Runner, Job
+        from dockercomp.agent.tasks import BUILTINS
         if __name__ == "__main__":
             pool = Runner(BUILTINS, 2)
             pool.start()
@@ -422,7 +422,7 @@ def test_registry_offers_built_ins_and_installed_entry_points(
 
     assert {"add", "sum", "sleep", "sha256", "count_primes", "noop", "mandelbrot_tile", "render"} <= set(registry.names)
     assert registry.get("render").source == "sciencepkg" and registry.get("render").summary == "Render one thing."
-    assert registry.get("add").target == "agent.builtins:add"  # a package cannot take over a built-in name
+    assert registry.get("add").target == "dockercomp.agent.builtins:add"  # a package cannot take over a built-in name
     assert "broken" not in registry and "missing" not in registry  # logged and skipped, the rest still served
     assert "'broken'" in caplog.text and "'missing'" in caplog.text and "name is taken" in caplog.text
 

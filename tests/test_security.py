@@ -1,8 +1,8 @@
 """Running in public: accounts, per-volunteer ACLs, revocation and TLS, on real brokers.
 
 Mosquitto runs the shipped mosquitto.conf policy unchanged (only paths and ports moved) and
-amqtt runs `broker serve --password-file --acl-file` on the same generated files; the
-accounts and certificates are made by `coordinator volunteers` / `coordinator certs`.
+amqtt runs `dockercomp broker serve --password-file --acl-file` on the same generated files; the
+accounts and certificates are made by `dockercomp coordinator volunteers` / `dockercomp coordinator certs`.
 """
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from broker.acl import Access, Acl, Role, render_acl
-from broker.connection import MqttConnection, Will
-from broker.messages import OfflineReason, Outcome, Presence, PresenceState, Result, Task
-from broker.passwords import PasswordFile
-from broker.settings import BrokerSettings
-from broker.topics import Topics, WorkerRef
-from coordinator.certs import certificate_hosts
-from coordinator.certs import certs as certs_cli
-from coordinator.service import Coordinator, CoordinatorSettings
-from coordinator.store import TaskState
-from coordinator.volunteers import Accounts, Credentials, Reloader
-from coordinator.volunteers import volunteers as volunteers_cli
+from dockercomp.broker.acl import Access, Acl, Role, render_acl
+from dockercomp.broker.connection import MqttConnection, Will
+from dockercomp.broker.messages import OfflineReason, Outcome, Presence, PresenceState, Result, Task
+from dockercomp.broker.passwords import PasswordFile
+from dockercomp.broker.settings import BrokerSettings
+from dockercomp.broker.topics import Topics, WorkerRef
+from dockercomp.coordinator.certs import certificate_hosts
+from dockercomp.coordinator.certs import certs as certs_cli
+from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
+from dockercomp.coordinator.store import TaskState
+from dockercomp.coordinator.volunteers import Accounts, Credentials, Reloader
+from dockercomp.coordinator.volunteers import volunteers as volunteers_cli
 from tests.support import require, wait_until
 from tests.support.brokers import MOSQUITTO_CONF, MosquittoProcess, find_mosquitto
 from tests.support.security import (
@@ -355,10 +355,10 @@ def test_reload_command_failure_is_reported(tmp_path: Path) -> None:
 
 
 def test_broker_serve_refuses_half_a_security_setup(tmp_path: Path) -> None:
-    from broker.cli import main as broker_cli
+    from dockercomp.broker.cli import main as broker_cli
 
     runner = CliRunner()
     alone = runner.invoke(broker_cli, ["serve", "--port", "0", "--acl-file", str(tmp_path / "acl")])
     assert alone.exit_code == 2 and "need --password-file" in alone.output
     missing = runner.invoke(broker_cli, ["serve", "--port", "0", "--password-file", str(tmp_path / "passwd")])
-    assert missing.exit_code == 2 and "coordinator volunteers init" in missing.output
+    assert missing.exit_code == 2 and "dockercomp coordinator volunteers init" in missing.output

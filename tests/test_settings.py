@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigError
-from agent.settings import AgentSettings, container_id, default_worker_id, sanitize_name
-from broker.defaults import KEEPALIVE_SECONDS, ROOT_TOPIC
-from broker.errors import SettingsError
-from broker.settings import BrokerSettings
-from broker.topics import validate_name
+from dockercomp.agent.errors import ConfigError
+from dockercomp.agent.settings import AgentSettings, container_id, default_worker_id, sanitize_name
+from dockercomp.broker.defaults import KEEPALIVE_SECONDS, ROOT_TOPIC
+from dockercomp.broker.errors import SettingsError
+from dockercomp.broker.settings import BrokerSettings
+from dockercomp.broker.topics import validate_name
 
 CONTAINER = "3f2a9c1b7d0e" + "a" * 52  # 64 hex digits
 

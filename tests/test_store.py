@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import store as store_module
-from coordinator.errors import InvalidInput, StoreError, StoreLocked, UnknownJob
-from coordinator.store import (
+from dockercomp.coordinator import store as store_module
+from dockercomp.coordinator.errors import InvalidInput, StoreError, StoreLocked, UnknownJob
+from dockercomp.coordinator.store import (
     Attempt,
     AttemptOutcome,
     Job,
@@ -175,7 +175,7 @@ def test_jobs_are_found_by_id_or_name_and_unknown_ones_say_which_exist(store: St
 
 
 def test_unknown_job_in_an_empty_store_says_how_to_submit(store: Store) -> None:
-    with pytest.raises(UnknownJob, match="coordinator submit"):
+    with pytest.raises(UnknownJob, match="dockercomp coordinator submit"):
         store.get_job(7)
 
 

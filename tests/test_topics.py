@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from paho.mqtt.client import topic_matches_sub
 
-from broker.defaults import MAX_NAME_LENGTH
-from broker.errors import InvalidName, InvalidTopic
-from broker.topics import Topics, WorkerRef, validate_name
+from dockercomp.broker.defaults import MAX_NAME_LENGTH
+from dockercomp.broker.errors import InvalidName, InvalidTopic
+from dockercomp.broker.topics import Topics, WorkerRef, validate_name
 
 ALICE_W1 = WorkerRef("alice", "w1")
 

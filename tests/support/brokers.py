@@ -221,7 +221,7 @@ _TLS_OPTION = re.compile(
 # Access settings: the open config allows anonymous clients and drops the files.
 _ANONYMOUS = re.compile(r"^\s*allow_anonymous\b")
 _ACCESS_FILE = re.compile(r"^\s*(password_file|acl_file)\b")
-# Where the shipped config expects the files `coordinator volunteers`/`certs` make.
+# Where the shipped config expects the files `dockercomp coordinator volunteers`/`certs` make.
 SECURITY_PREFIX = "/mosquitto/security/"
 
 
@@ -302,7 +302,7 @@ def mosquitto_test_config(
         "user root",
     ]
     if secure:
-        # `coordinator volunteers --pid-file` sends SIGHUP here, as an operator would.
+        # `dockercomp coordinator volunteers --pid-file` sends SIGHUP here, as an operator would.
         lines.append(f"pid_file {workdir / 'mosquitto.pid'}")
     return "\n".join(lines) + "\n"
 
@@ -399,7 +399,7 @@ class AmqttProcess(BrokerProcess):
 
     def _command(self, port: int) -> list[str]:
         command = [
-            sys.executable, "-m", "broker.cli", "serve",
+            sys.executable, "-m", "dockercomp.broker.cli", "serve",
             "--host", self.host, "--port", str(port),
         ]  # fmt: skip
         if self.security_dir is not None:

@@ -95,19 +95,19 @@ def agent_runs_in(image: str) -> bool:
 
 
 def coordinator_cli_works() -> bool:
-    """True when `coordinator serve` exists in this checkout."""
-    result = subprocess.run([sys.executable, "-m", "coordinator", "serve", "--help"],
+    """True when `dockercomp coordinator serve` exists in this checkout."""
+    result = subprocess.run([sys.executable, "-m", "dockercomp.coordinator", "serve", "--help"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
     return result.returncode == 0
 
 
 def require_agent(image: str) -> None:
-    require(agent_runs_in(image), "the agent CLI in the worker image (`agent run`)",
+    require(agent_runs_in(image), "the agent CLI in the worker image (`dockercomp agent run`)",
             "finish the agent issue, then rebuild with `make image`")
 
 
 def require_coordinator() -> None:
-    require(coordinator_cli_works(), "the coordinator CLI (`coordinator serve`)",
+    require(coordinator_cli_works(), "the coordinator CLI (`dockercomp coordinator serve`)",
             "finish the coordinator issue")
 
 
@@ -121,7 +121,7 @@ class Installation:
 
     def run(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
         """`python -m installer ARGS` for this instance; fails the test on a non-zero exit if check."""
-        result = subprocess.run([sys.executable, "-m", "installer", *args], cwd=REPO_ROOT, env=self.env,
+        result = subprocess.run([sys.executable, "-m", "dockercomp.installer", *args], cwd=REPO_ROOT, env=self.env,
                                 capture_output=True, text=True, timeout=timeout, check=False)
         if check and result.returncode != 0:
             pytest.fail(f"installer {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}",

@@ -1,9 +1,9 @@
 """Brokers running the shipped access policy: accounts, ACL and (Mosquitto) TLS.
 
-The files are made exactly as a scientist makes them (`coordinator volunteers init`,
-`coordinator certs init`, through their library functions) in the test's temporary
+The files are made exactly as a scientist makes them (`dockercomp coordinator volunteers init`,
+`dockercomp coordinator certs init`, through their library functions) in the test's temporary
 directory; Mosquitto runs the repository's mosquitto.conf with only paths and ports moved
-(tests/support/brokers.py, secure mode), amqtt runs `broker serve --password-file
+(tests/support/brokers.py, secure mode), amqtt runs `dockercomp broker serve --password-file
 --acl-file`. tests/conftest.py registers this module as a plugin, so the fixtures
 `secure_mosquitto`, `secure_amqtt` and `secure_broker` are available to every test.
 """
@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from broker.acl import Role
-from broker.connection import MqttConnection
-from broker.defaults import COORDINATOR_ACCOUNT
-from broker.errors import ConnectionFailed
-from broker.settings import BrokerSettings
-from coordinator.certs import CertPaths, init_certs
-from coordinator.volunteers import Accounts, Credentials, Reloader
+from dockercomp.broker.acl import Role
+from dockercomp.broker.connection import MqttConnection
+from dockercomp.broker.defaults import COORDINATOR_ACCOUNT
+from dockercomp.broker.errors import ConnectionFailed
+from dockercomp.broker.settings import BrokerSettings
+from dockercomp.coordinator.certs import CertPaths, init_certs
+from dockercomp.coordinator.volunteers import Accounts, Credentials, Reloader
 
 from . import require, wait_until
 from .brokers import AmqttProcess, BrokerProcess, MosquittoProcess, find_mosquitto
@@ -169,7 +169,7 @@ def accepts(url: str) -> bool:
 
 
 def make_config(directory: Path) -> tuple[Accounts, Credentials]:
-    """What `coordinator volunteers init` + `coordinator certs init` make."""
+    """What `dockercomp coordinator volunteers init` + `dockercomp coordinator certs init` make."""
     accounts = Accounts(directory)
     created = {c.name: c for c in accounts.init(local_workers=False)}
     init_certs(directory, CERT_HOSTS)
@@ -198,7 +198,7 @@ def secure_mosquitto(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator
 
 @pytest.fixture
 def secure_amqtt(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SecureBroker]:
-    """`broker serve --password-file --acl-file`: amqtt enforcing the same files (no TLS)."""
+    """`dockercomp broker serve --password-file --acl-file`: amqtt enforcing the same files (no TLS)."""
     accounts, coordinator = make_config(tmp_path / "broker-config")
     process = AmqttProcess(tmp_path / "amqtt", security_dir=accounts.directory)
     yield from _run(request, SecureBroker(process, accounts, coordinator))

@@ -1,13 +1,13 @@
-"""`make demo` (`python -m coordinator.demo`): the whole system on one machine, one command.
+"""`make demo` (`python -m dockercomp.demo`): the whole system on one machine, one command.
 
 No Docker and no Mosquitto needed: an embedded broker (amqtt) runs in this process, the
-coordinator (`coordinator serve`) and 4 agents (`agent run`) run as child processes. A
+coordinator (`dockercomp coordinator serve`) and 4 agents (`dockercomp agent run`) run as child processes. A
 Mandelbrot image is cut into tiles, one task each; every tile is computed by whichever agent
 the coordinator dispatched it to, and the store records which. The demo writes
 
     demo-out/mandelbrot.png   the picture, assembled from the tiles
     demo-out/workers.png      the same, each tile tinted with the colour of its worker
-    demo-out/demo.db          the coordinator's store (`coordinator results mandelbrot --db …`)
+    demo-out/demo.db          the coordinator's store (`dockercomp coordinator results mandelbrot --db …`)
     demo-out/logs/            what the coordinator and each agent logged
 
 prints who computed what, and leaves no process behind: children run in their own process
@@ -37,11 +37,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from broker.embedded import EmbeddedBroker, EmbeddedBrokerError
-from coordinator.api import Client, Job
-from coordinator.errors import CoordinatorError
-from coordinator.render import job_progress_bar
-from coordinator.store import ResultRow
+from dockercomp.broker.embedded import EmbeddedBroker, EmbeddedBrokerError
+from dockercomp.coordinator.api import Client, Job
+from dockercomp.coordinator.errors import CoordinatorError
+from dockercomp.coordinator.render import job_progress_bar
+from dockercomp.coordinator.store import ResultRow
 
 # The demo's job name in its store.
 JOB_NAME = "mandelbrot"
@@ -204,7 +204,7 @@ def _fresh_store(path: Path) -> None:
 
 def run_demo(settings: DemoSettings, console: Console) -> DemoReport:
     """Runs the whole demo; raises DemoError (or Interrupted) after cleaning up."""
-    from coordinator import mandelbrot  # Pillow is only needed here
+    from dockercomp.demo import mandelbrot  # Pillow is only imported here
 
     out = settings.out
     logs = out / "logs"
@@ -225,12 +225,12 @@ def run_demo(settings: DemoSettings, console: Console) -> DemoReport:
             console.print(f"Embedded broker on [bold]{broker.url}[/]; starting a coordinator and "
                           f"{settings.workers} agents (logs in {logs}/)")  # fmt: skip
             python = sys.executable
-            children.start("coordinator", [python, "-m", "coordinator", "serve", "--broker", broker.url,
+            children.start("coordinator", [python, "-m", "dockercomp.coordinator", "serve", "--broker", broker.url,
                                            "--db", str(db)])  # fmt: skip
             agents = [f"demo-{n}" for n in range(1, settings.workers + 1)]
             for agent in agents:
                 children.start(agent, [
-                    python, "-m", "agent.cli", "run", "--broker", broker.url, "--worker-id", agent,
+                    python, "-m", "dockercomp.agent.cli", "run", "--broker", broker.url, "--worker-id", agent,
                     "--concurrency", "1", "--keepalive", str(settings.keepalive), "--grace", "2",
                     "--health-file", str(logs / f"{agent}.health"),
                 ])  # fmt: skip
@@ -355,19 +355,19 @@ def main(out: Path, workers: int, tiles: int, tile_size: int, max_iter: int, tim
         raise SystemExit(EXIT_FAILED) from None
     if report.failed:
         console.print(f"[red]error:[/] {len(report.failed)} tile(s) failed: {report.failed[:10]} "
-                      f"(they are black); see `coordinator results {JOB_NAME} --db {report.db}`")  # fmt: skip
+                      f"(they are black); see `dockercomp coordinator results {JOB_NAME} --db {report.db}`")  # fmt: skip
         raise SystemExit(EXIT_FAILED)
     console.print(f"Wrote [bold]{report.image}[/] and [bold]{report.workers_image}[/] "
                   f"(each tile tinted by the worker that computed it).")  # fmt: skip
-    console.print(f"Explore: {_coordinator_command()} results {JOB_NAME} --db {report.db}")
+    console.print(f"Explore: {_dockercomp_command()} coordinator results {JOB_NAME} --db {report.db}")
 
 
-def _coordinator_command() -> str:
-    """How to run `coordinator` from here: the venv's script (e.g. .venv/bin/coordinator
+def _dockercomp_command() -> str:
+    """How to run `dockercomp` from here: the venv's script (e.g. .venv/bin/dockercomp
     after `make demo`) unless it is the one on PATH."""
-    script = Path(sys.executable).parent / "coordinator"
-    if not script.exists() or shutil.which("coordinator") == str(script):
-        return "coordinator"
+    script = Path(sys.executable).parent / "dockercomp"
+    if not script.exists() or shutil.which("dockercomp") == str(script):
+        return "dockercomp"
     relative = os.path.relpath(script)
     return relative if not relative.startswith("..") else str(script)
 
