@@ -41,7 +41,7 @@ from dockercomp.installer.spec import CONTAINER_CA, WorkerSpec, parse_broker, re
 from tests.support import free_port
 from tests.support.docker import FakeDocker
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BROKER = "mqtt://broker.example.org:1883"
 IMAGE = "dockercomp/worker:latest"
 PEM = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n"

@@ -333,7 +333,7 @@ def test_the_agent_survives_any_task_payload_and_still_works(
 
 
 # --------------------------------------------------------------------------- a live coordinator under fire
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 FLOOD = 10_000
 JOB_TASKS = 200
 

@@ -23,7 +23,7 @@ from dockercomp.coordinator.store import Store, TaskState, Worker
 from tests.support import Watcher, wait_until
 from tests.support.brokers import BrokerProcess
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TOPICS = Topics()
 pytestmark = pytest.mark.timeout(120)
 

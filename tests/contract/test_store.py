@@ -32,7 +32,7 @@ from dockercomp.coordinator.store import (
     dump_json,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(60)
 
 

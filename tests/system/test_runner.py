@@ -365,7 +365,7 @@ def test_task_processes_die_with_a_killed_agent(tmp_path: Path) -> None:
             time.sleep(60)
     ''')
     (tmp_path / "agent_like.py").write_text(script)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]), *sys.path]))
     process = subprocess.Popen([sys.executable, str(tmp_path / "agent_like.py")], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert process.stdout is not None

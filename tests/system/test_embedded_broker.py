@@ -20,7 +20,7 @@ from tests.support.brokers import BrokerProcess
 
 pytestmark = pytest.mark.timeout(90)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 URL_LINE = re.compile(r"listening on (mqtt://127\.0\.0\.1:(\d+))")
 # Long enough for a message that is coming to arrive on loopback.
 QUIET_PERIOD = 0.3

@@ -27,7 +27,7 @@ from dockercomp.coordinator.store import Store, Worker, WorkerState
 from tests.support import Watcher, connect_client, free_port
 from tests.support.brokers import BrokerProcess
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(60)
 
 

@@ -45,7 +45,7 @@ from tests.support.brokers import BrokerProcess
 
 pytestmark = pytest.mark.timeout(90)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 VOLUNTEER = "lab"
 KEEPALIVE = 2  # seconds; a lost agent must be reported within 1.5x this
 WILL_MARGIN = 1.5  # seconds on top of 1.5 x keepalive: broker timer granularity, loaded CI

@@ -20,7 +20,7 @@ from dockercomp.coordinator.store import JobProgress
 from tests.support import wait_until
 from tests.support.brokers import BrokerProcess
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(90)
 
 
