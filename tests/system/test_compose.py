@@ -120,7 +120,7 @@ class Stack:
         return result.stdout
 
     def coordinator(self, *args: str, stdin: str | None = None) -> Any:
-        return json.loads(self.run("exec", "-T", "coordinator", "coordinator", *args, "--json", stdin=stdin))
+        return json.loads(self.run("exec", "-T", "coordinator", "dockercomp", "coordinator", *args, "--json", stdin=stdin))
 
 
 def accounts_command(*args: str) -> subprocess.CompletedProcess[str]:
