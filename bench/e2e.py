@@ -106,7 +106,8 @@ def check_all(children: list[Child]) -> None:
 
 
 def online_workers(store: Any, names: set[str]) -> int:
-    from dockercomp.coordinator.store import Worker, WorkerState
+    from dockercomp.coordinator.sqlstore import Worker
+    from dockercomp.coordinator.store import WorkerState
 
     store.bind()
     rows = Worker.select(Worker.name).where((Worker.state == WorkerState.ONLINE.value)
@@ -115,7 +116,8 @@ def online_workers(store: Any, names: set[str]) -> int:
 
 
 def job_finished(store: Any, job_id: int) -> bool:
-    from dockercomp.coordinator.store import Job, JobState
+    from dockercomp.coordinator.sqlstore import Job
+    from dockercomp.coordinator.store import JobState
 
     store.bind()
     state = Job.select(Job.state).where(Job.id == job_id).scalar()
@@ -126,7 +128,8 @@ def job_figures(store: Any, job_id: int) -> dict[str, Any]:
     """Timings and attribution of one finished job, read from the store."""
     import peewee as pw
 
-    from dockercomp.coordinator.store import Attempt, Result, Task, TaskState, Worker
+    from dockercomp.coordinator.sqlstore import Attempt, Result, Task, Worker
+    from dockercomp.coordinator.store import TaskState
 
     store.bind()
     rows = list(Result.select(Attempt.sent_at, Result.received_at, Worker.name)

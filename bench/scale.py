@@ -67,14 +67,16 @@ class ScaleRun:
 
 
 def _done_count(store: Any, job_id: int) -> int:
-    from dockercomp.coordinator.store import Task, TaskState
+    from dockercomp.coordinator.sqlstore import Task
+    from dockercomp.coordinator.store import TaskState
 
     store.bind()
     return Task.select().where((Task.job == job_id) & (Task.state == TaskState.DONE.value)).count()
 
 
 def _online_count(store: Any) -> int:
-    from dockercomp.coordinator.store import Worker, WorkerState
+    from dockercomp.coordinator.sqlstore import Worker
+    from dockercomp.coordinator.store import WorkerState
 
     store.bind()
     return Worker.select().where((Worker.state == WorkerState.ONLINE.value) & (Worker.volunteer == VOLUNTEER)).count()

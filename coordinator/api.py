@@ -11,21 +11,15 @@
 Submitting only writes to the store (durable on return); a running ``dockercomp coordinator serve`` on
 the same database picks new work up within a second, and the API reads progress and results
 back from the store. Nothing here needs the broker except ``Client.purge``.
-
-The store binds peewee's models to one database per process, so use one Client at a time.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-
-import peewee as pw
 
 from dockercomp.broker.connection import MqttConnection
 from dockercomp.broker.defaults import BROKER_URL_ENV
@@ -33,15 +27,15 @@ from dockercomp.broker.errors import BrokerError
 from dockercomp.broker.settings import BrokerSettings
 from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator.defaults import DB_PATH, DB_URL_ENV
-from dockercomp.coordinator.errors import CoordinatorError, StoreError
-from dockercomp.coordinator.store import Job as JobRow
+from dockercomp.coordinator.errors import CoordinatorError
 from dockercomp.coordinator.store import (
+    FINISHED_STATES,
     JobProgress,
+    JobRow,
     ResultRow,
     Store,
-    Task,
     TaskState,
-    Worker,
+    WorkerRow,
     WorkerState,
 )
 
@@ -53,9 +47,6 @@ POLL_INTERVAL = 0.25
 
 # Seconds `purge` waits for the broker before reporting it unreachable.
 BROKER_CONNECT_TIMEOUT = 5.0
-
-# Task states after which a task never changes again (unless retried).
-FINISHED_STATES = (TaskState.DONE.value, TaskState.FAILED.value, TaskState.CANCELLED.value)
 
 
 class JobTimeout(CoordinatorError, TimeoutError):
@@ -123,15 +114,11 @@ class WorkerInfo:
     purged_at: float | None
 
     @classmethod
-    def from_row(cls, row: Worker, in_flight: int) -> WorkerInfo:
-        try:
-            functions = json.loads(row.functions or "[]")
-        except ValueError:
-            functions = []
+    def from_row(cls, row: WorkerRow, in_flight: int) -> WorkerInfo:
         return cls(
             key=row.key, volunteer=row.volunteer, name=row.name, state=row.state, host=row.host,
             container=row.container, image=row.image, version=row.version, cpus=row.cpus,
-            capacity=row.capacity, prefetch=row.prefetch, functions=list(functions), in_flight=in_flight,
+            capacity=row.capacity, prefetch=row.prefetch, functions=list(row.functions), in_flight=in_flight,
             tasks_done=row.tasks_done, tasks_failed=row.tasks_failed, first_seen=row.first_seen,
             last_seen=row.last_seen, lost_at=row.lost_at, purged_at=row.purged_at,
         )  # fmt: skip
@@ -276,7 +263,7 @@ class Job:
     def __init__(self, client: Client, row: JobRow) -> None:
         self._client = client
         self._store = client.store
-        self.id: int = row.id  # type: ignore[attr-defined]  # peewee's implicit primary key
+        self.id: int = row.id
         self.name: str = row.name
         self.function: str = row.function
         self.total: int = row.total
@@ -366,11 +353,7 @@ class Job:
         return sum(counts[state] for state in FINISHED_STATES)
 
     def _finished_ids(self) -> set[int]:
-        with _reading(self._store):
-            query = Task.select(Task.id).where(  # type: ignore[attr-defined]
-                (Task.job == self.id) & Task.state.in_(FINISHED_STATES))
-            ids: set[int] = {row[0] for row in query.tuples()}  # type: ignore[index]
-            return ids
+        return self._store.task_ids(self.id, FINISHED_STATES)
 
     def _rows(self, task_ids: set[int]) -> list[ResultRow]:
         if not task_ids:
@@ -390,18 +373,6 @@ class Job:
         if missing:
             raise TasksFailed(self.name, missing)
         return [row.value for row in rows]
-
-
-@contextmanager
-def _reading(store: Store) -> Iterator[None]:
-    """Our own queries over the store's models: bound to its database, with database
-    failures reported as StoreError like the store's own."""
-    store.bind()
-    try:
-        yield
-    except pw.DatabaseError as exc:
-        raise StoreError(f"cannot read the database {store.url}: {str(exc).strip()}",
-                         "check --db, and that `dockercomp coordinator serve` uses the same database") from None
 
 
 def _is_finished(progress: JobProgress) -> bool:

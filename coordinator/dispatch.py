@@ -1,9 +1,10 @@
-"""Dispatch: who may take work (workers, from their presence), what work there is (jobs), and
-the round-robin that hands pending tasks to workers with free capacity.
+"""Dispatch: what work there is (jobs), and the round-robin that hands pending tasks to the
+workers with free capacity (who may take work is the registry's: registry.py).
 
-Workers and jobs are mirrored in memory: the engine is the only writer of worker rows and of
-task states below "pending", so memory stays exact; changes the CLI makes (submit, cancel,
-retry) bump a job's ``revision`` and are picked up by ``JobBook.poll``.
+Jobs are mirrored in memory: the engine is the only writer of task states below "pending",
+so memory stays exact; changes the CLI makes (submit, cancel, retry) bump a job's
+``revision`` and are picked up by ``JobBook.poll``. No SQL here: every read and write goes
+through the store interface.
 
 A worker never holds more than ``capacity + prefetch`` open attempts: ``capacity`` tasks
 running (its agent's concurrency) and ``prefetch`` queued on the agent, so a slot that frees
@@ -13,194 +14,14 @@ broker's queues stay short and nothing is ever silently dropped for lack of room
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any
 
-from dockercomp.broker.messages import OfflineReason, Presence, PresenceState
-from dockercomp.broker.topics import Topics, WorkerRef
-from dockercomp.coordinator.defaults import MAX_PREFETCH
-from dockercomp.coordinator.leases import Lease, Leases, PayloadBuilder, chunks, placeholders
-from dockercomp.coordinator.store import AttemptOutcome, Job, JobState, Store, TaskState, Worker, WorkerState
+from dockercomp.coordinator.leases import Lease, Leases, PayloadBuilder
+from dockercomp.coordinator.registry import WorkerRegistry, WorkerSlot
+from dockercomp.coordinator.store import JobState, NewAttempt, PendingRow, Store, TaskState
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- workers
-class PresenceChange(str, Enum):
-    NEW = "new"  # first presence ever seen from this worker
-    ONLINE = "online"  # online again after being lost, offline or purged (same process)
-    RECONNECTED = "reconnected"  # a new connection of the same process, or first seen since we started
-    RESTARTED = "restarted"  # a new agent process: whatever the old one held is gone
-    LOST = "lost"  # its will: the connection dropped without goodbye
-    SHUTDOWN = "shutdown"  # it said goodbye
-    STALE = "stale"  # older than what we know (a will arriving after a newer connection)
-    UNCHANGED = "unchanged"  # a repeat of what we know (retained presence seen again)
-
-
-@dataclass(eq=False)
-class WorkerSlot:
-    """A worker as the engine sees it."""
-
-    id: int
-    ref: WorkerRef
-    tasks_topic: str
-    state: str
-    seq: int
-    started: float
-    capacity: int
-    functions: frozenset[str]
-    prefetch: int = 0
-    host: str = ""
-    version: str = ""
-    last_seen: float = 0.0
-    lost_at: float | None = None
-    done: int = 0
-    failed: int = 0
-    rejected: int = 0
-    # Presence seen since this coordinator started: until then a stored "online" is hearsay.
-    confirmed: bool = False
-
-    @property
-    def key(self) -> str:
-        return self.ref.key
-
-    @property
-    def limit(self) -> int:
-        """Most open attempts it may hold: ``capacity`` running plus ``prefetch`` queued."""
-        return self.capacity + self.prefetch
-
-
-class WorkerPool:
-    """Workers known to the store, kept in memory and written through on every presence."""
-
-    def __init__(self, topics: Topics) -> None:
-        self.topics = topics
-        self.by_key: dict[str, WorkerSlot] = {}
-        self.by_id: dict[int, WorkerSlot] = {}
-        # dispatchable(), kept between presence changes: sorting 1,000 workers on every
-        # engine step was a visible share of the dispatch cost at scale.
-        self._dispatchable: list[WorkerSlot] | None = None
-
-    def load(self) -> None:
-        self.by_key.clear()
-        self.by_id.clear()
-        self._dispatchable = None
-        for row in Worker.select():
-            try:
-                ref = WorkerRef(row.volunteer, row.name)
-            except ValueError:
-                log.warning("ignoring stored worker %r: its name is not valid any more", row.key)
-                continue
-            self._add(row, ref, confirmed=False)
-
-    def _add(self, row: Worker, ref: WorkerRef, confirmed: bool) -> WorkerSlot:
-        slot = WorkerSlot(
-            id=row.id, ref=ref, tasks_topic=self.topics.tasks(ref), state=row.state, seq=row.seq,
-            started=row.started, capacity=row.capacity, functions=frozenset(json.loads(row.functions or "[]")),
-            prefetch=row.prefetch, host=row.host, version=row.version, last_seen=row.last_seen, lost_at=row.lost_at,
-            done=row.tasks_done, failed=row.tasks_failed, confirmed=confirmed,
-        )
-        self.by_key[slot.key] = slot
-        self.by_id[slot.id] = slot
-        self._dispatchable = None
-        return slot
-
-    def get(self, key: str) -> WorkerSlot | None:
-        return self.by_key.get(key)
-
-    def __iter__(self):  # noqa: ANN204
-        return iter(list(self.by_id.values()))
-
-    def dispatchable(self) -> list[WorkerSlot]:
-        """Online workers confirmed since start that take work, in a stable order (do not
-        modify the list: it is kept until the next presence change)."""
-        if self._dispatchable is None:
-            self._dispatchable = [w for _, w in sorted(self.by_id.items())
-                                  if w.state == WorkerState.ONLINE.value and w.confirmed and w.capacity > 0
-                                  and w.functions]
-        return self._dispatchable
-
-    def unconfirm_all(self) -> None:
-        """Until its presence is seen again, no worker gets work (after a broker outage)."""
-        for worker in self.by_id.values():
-            worker.confirmed = False
-        self._dispatchable = None
-
-    def apply(self, ref: WorkerRef, presence: Presence, now: float) -> tuple[WorkerSlot, PresenceChange]:
-        """Record a presence message; says what it means for the work the worker holds."""
-        slot = self.by_key.get(ref.key)
-        online = presence.state is PresenceState.ONLINE
-        self._dispatchable = None
-        if slot is None:
-            state = WorkerState.ONLINE if online else WorkerState.LOST
-            row = Worker.create(
-                key=ref.key, volunteer=ref.volunteer, name=ref.worker, state=state.value, seq=presence.seq,
-                first_seen=now, last_seen=now, lost_at=None if online else now, **_details(presence),
-            )
-            return self._add(row, ref, confirmed=True), PresenceChange.NEW
-        if presence.seq < slot.seq:
-            return slot, PresenceChange.STALE
-        if online:
-            if presence.seq == slot.seq and slot.state != WorkerState.ONLINE.value:
-                # This connection's will or goodbye was already seen: the online is older news.
-                return slot, PresenceChange.STALE
-            if slot.started and presence.started and presence.started != slot.started:
-                change = PresenceChange.RESTARTED
-            elif slot.state != WorkerState.ONLINE.value:
-                change = PresenceChange.ONLINE
-            elif presence.seq > slot.seq or not slot.confirmed:
-                change = PresenceChange.RECONNECTED
-            else:
-                change = PresenceChange.UNCHANGED
-            self._update(slot, presence, WorkerState.ONLINE, now)
-            slot.confirmed = True
-            return slot, change
-        if presence.seq == slot.seq and slot.state != WorkerState.ONLINE.value:
-            return slot, PresenceChange.UNCHANGED
-        shutdown = presence.reason is OfflineReason.SHUTDOWN
-        self._update(slot, presence, WorkerState.OFFLINE if shutdown else WorkerState.LOST, now)
-        slot.confirmed = True
-        return slot, PresenceChange.SHUTDOWN if shutdown else PresenceChange.LOST
-
-    def _update(self, slot: WorkerSlot, presence: Presence, state: WorkerState, now: float) -> None:
-        online = state is WorkerState.ONLINE
-        fields = {"state": state.value, "seq": presence.seq, "last_seen": now}
-        if online:
-            fields.update(_details(presence), lost_at=None, purged_at=None)
-            slot.started, slot.capacity = presence.started, presence.capacity
-            slot.prefetch = _prefetch(presence)
-            slot.functions = frozenset(presence.functions)
-            slot.host, slot.version = presence.host, presence.version
-            slot.lost_at = None
-        elif state is WorkerState.LOST:
-            fields["lost_at"] = now
-            slot.lost_at = now
-        Worker.update(fields).where(Worker.id == slot.id).execute()
-        slot.state, slot.seq, slot.last_seen = state.value, presence.seq, now
-
-    def mark_purged(self, worker_id: int) -> WorkerSlot | None:
-        slot = self.by_id.get(worker_id)
-        if slot is not None:
-            slot.state = WorkerState.PURGED.value
-            self._dispatchable = None
-        return slot
-
-
-def _details(presence: Presence) -> dict[str, object]:
-    return {
-        "host": presence.host, "container": presence.container, "image": presence.image,
-        "version": presence.version, "cpus": presence.cpus, "capacity": presence.capacity,
-        "prefetch": _prefetch(presence), "functions": json.dumps(sorted(presence.functions)),
-        "started": presence.started,
-    }
-
-
-def _prefetch(presence: Presence) -> int:
-    """What the worker asks to have queued, within MAX_PREFETCH."""
-    return min(presence.prefetch, MAX_PREFETCH)
 
 
 # --------------------------------------------------------------------------- jobs
@@ -247,18 +68,17 @@ class JobBook:
     def poll(self) -> list[JobInfo]:
         """Pick up new jobs and changes made by the CLI; returns the jobs that changed."""
         changed = []
-        query = Job.select(Job.id, Job.name, Job.function, Job.timeout, Job.max_attempts, Job.state,
-                           Job.revision, Job.total, Job.created_at, Job.finished_at).tuples()
-        for job_id, name, function, timeout, max_attempts, state, revision, total, created, finished in query:
-            job = self.by_id.get(job_id)
-            if job is not None and job.revision == revision and job.state == state and job.total == total:
+        for row in self.store.jobs():
+            job = self.by_id.get(row.id)
+            if job is not None and job.revision == row.revision and job.state == row.state and job.total == row.total:
                 job.drained = False
                 continue
             if job is None:
-                job = self.by_id[job_id] = JobInfo(job_id, name, function, timeout, max_attempts, state,
-                                                   revision, total, created, finished)
-            job.state, job.revision, job.total, job.finished_at = state, revision, total, finished
-            job.counts = self.store.task_counts(job_id)
+                job = self.by_id[row.id] = JobInfo(row.id, row.name, row.function, row.timeout, row.max_attempts,
+                                                   row.state, row.revision, row.total, row.created_at,
+                                                   row.finished_at)
+            job.state, job.revision, job.total, job.finished_at = row.state, row.revision, row.total, row.finished_at
+            job.counts = self.store.task_counts(row.id)
             job.drained = False
             changed.append(job)
         return changed
@@ -278,15 +98,16 @@ class JobBook:
             if job.counts[TaskState.PENDING.value] or job.counts[TaskState.ASSIGNED.value]:
                 log.warning("job %s: task counts drifted; recounted from the store", job.name)
                 continue
-            Job.update(state=JobState.DONE.value, finished_at=now).where(
-                (Job.id == job.id) & (Job.state == JobState.ACTIVE.value)).execute()
+            self.store.finish_job(job.id, now)
             job.state, job.finished_at = JobState.DONE.value, now
             finished.append(job)
         return finished
 
 
 # --------------------------------------------------------------------------- dispatch
-PendingRow = tuple[int, str, int, int]  # task id, args JSON, attempts so far, retries_from
+# Tasks whose leases are computed before they are opened together (the longest timeout a
+# worker holds, which a prefetched task's lease depends on, is updated between chunks).
+_OPEN_CHUNK = 500
 
 
 class Dispatcher:
@@ -300,12 +121,12 @@ class Dispatcher:
         self._cursor = 0  # where the next round starts in the worker order: fairness over time
         self.served: set[int] = set()  # workers sent something by the last round (status)
 
-    def has_work(self, workers: WorkerPool, jobs: JobBook, leases: Leases) -> bool:
+    def has_work(self, workers: WorkerRegistry, jobs: JobBook, leases: Leases) -> bool:
         """Cheap in-memory check: could a dispatch round send anything?"""
         free = {f for w in workers.dispatchable() if leases.count(w.id) < w.limit for f in w.functions}
         return bool(free) and any(not job.drained and job.function in free for job in jobs.active())
 
-    def dispatch(self, workers: WorkerPool, jobs: JobBook, leases: Leases, now: float) -> list[tuple[str, bytes]]:
+    def dispatch(self, workers: WorkerRegistry, jobs: JobBook, leases: Leases, now: float) -> list[tuple[str, bytes]]:
         """Open attempts for as many pending tasks as workers have room for; returns the
         (topic, payload) messages to publish once the transaction is committed."""
         self.served = set()
@@ -324,7 +145,7 @@ class Dispatcher:
             wanted = sum(w.limit - held[w.id] for w in candidates)
             if not wanted:
                 continue
-            rows = self._pending(job, wanted)
+            rows = self.store.pending_tasks(job.id, wanted)
             if len(rows) < wanted:
                 job.drained = True
             if not rows:
@@ -335,14 +156,6 @@ class Dispatcher:
         if last_served is not None:
             self._cursor = start + order.index(last_served) + 1
         return sends
-
-    def _pending(self, job: JobInfo, limit: int) -> list[PendingRow]:
-        p = self.store.db.param
-        sql = (f"SELECT id, args, attempts, retries_from FROM task WHERE job_id = {p} AND state = {p} "
-               f"ORDER BY id LIMIT {p}")
-        if self.store.is_postgres:
-            sql += " FOR UPDATE"  # a concurrent `cancel` waits for this transaction
-        return list(self.store.db.execute_sql(sql, (job.id, TaskState.PENDING.value, limit)).fetchall())
 
     def deadline(self, worker: WorkerSlot, ahead: int, timeout: float, leases: Leases, now: float) -> float:
         """When the lease of a task sent now ends, ``ahead`` tasks being held by the worker
@@ -361,21 +174,13 @@ class Dispatcher:
 
     def _open(self, job: JobInfo, plan: list[tuple[WorkerSlot, PendingRow, int]], leases: Leases,
               now: float) -> list[tuple[str, bytes]]:
-        db, p = self.store.db, self.store.db.param
         sends = []
-        for part in chunks(plan, 500):
+        for start in range(0, len(plan), _OPEN_CHUNK):
+            part = plan[start:start + _OPEN_CHUNK]
             deadlines = [self.deadline(worker, ahead, job.timeout, leases, now) for worker, _, ahead in part]
-            values: list[Any] = []
-            for (worker, (task_id, _args, attempts, _base), _), deadline in zip(part, deadlines):
-                values += (task_id, attempts + 1, worker.id, now, deadline, AttemptOutcome.OPEN.value)
-            row = f"({p}, {p}, {p}, {p}, {p}, {p})"
-            inserted = db.execute_sql(
-                "INSERT INTO attempt (task_id, number, worker_id, sent_at, deadline, outcome) "
-                f"VALUES {', '.join([row] * len(part))} RETURNING id, task_id", values).fetchall()
-            attempt_ids = {task_id: attempt_id for attempt_id, task_id in inserted}
-            task_ids = [row_[0] for _, row_, _ in part]
-            db.execute_sql(f"UPDATE task SET state = {p}, attempts = attempts + 1, updated_at = {p} "
-                           f"WHERE id IN ({placeholders(p, task_ids)})", [TaskState.ASSIGNED.value, now, *task_ids])
+            opening: list[NewAttempt] = [(task_id, tried + 1, worker.id, deadline)
+                                         for (worker, (task_id, _, tried, _), _), deadline in zip(part, deadlines)]
+            attempt_ids = self.store.open_attempts(opening, now)
             for (worker, (task_id, args, attempts, retries_from), _), deadline in zip(part, deadlines):
                 payload = self.payloads.build(task_id, job.id, attempts + 1, job.function, args, job.timeout)
                 leases.add(Lease(attempt_ids[task_id], task_id, attempts + 1, job.id, worker.id, now, deadline,

@@ -1,6 +1,9 @@
 """The coordinator engine that `dockercomp coordinator serve` runs: presence in, tasks out, results in.
 
-Threads: the transport's network thread only puts incoming messages on a queue; one engine
+This module is the loop: it moves messages between the transport and the parts that decide,
+the worker registry (registry.py: presence), the attempt ledger (ledger.py: results, deaths,
+deadlines), dispatch (dispatch.py, leases.py) and status (status.py), all over the store
+interface (store.py). Threads: the transport's network thread only puts incoming messages on a queue; one engine
 thread (``run``) takes them in batches and handles each batch in ONE database transaction:
 presence and results first, then expired leases and purges, then a dispatch round for the
 capacity that freed up. Task messages are published after the commit, so a crash can lose a
@@ -26,8 +29,6 @@ from functools import lru_cache
 from importlib import metadata
 from typing import Any, Callable, TypeVar
 
-import peewee as pw
-
 from dockercomp.broker.connection import MqttConnection, Transport, Will
 from dockercomp.broker.defaults import PROTOCOL_VERSION
 from dockercomp.broker.errors import BrokerError, DecodeError, InvalidTopic
@@ -35,12 +36,14 @@ from dockercomp.broker.messages import Presence, Result, encode_status
 from dockercomp.broker.settings import BrokerSettings
 from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator import defaults
-from dockercomp.coordinator.dispatch import Dispatcher, JobBook, PresenceChange, WorkerPool, WorkerSlot
-from dockercomp.coordinator.errors import CoordinatorError, StoreError
-from dockercomp.coordinator.leases import Changes, Lease, Leases, PayloadBuilder, error_json, find_attempt, task_exists
+from dockercomp.coordinator.dispatch import Dispatcher, JobBook
+from dockercomp.coordinator.errors import CoordinatorError
+from dockercomp.coordinator.ledger import Ledger
+from dockercomp.coordinator.leases import Leases, PayloadBuilder
+from dockercomp.coordinator.registry import PresenceChange, WorkerRegistry
 from dockercomp.coordinator.settings import CoordinatorSettings  # re-exported: the engine's settings
 from dockercomp.coordinator.status import RateMeter, Rejection, Rejections, StatusPublisher, summary_status
-from dockercomp.coordinator.store import AttemptOutcome, JobState, Store, TaskState, Worker, WorkerState, dump_json
+from dockercomp.coordinator.store import Store, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +74,14 @@ class Coordinator:
         self.topics = topics or Topics()
         self.settings = settings or CoordinatorSettings()
         self.clock = clock
-        self.workers = WorkerPool(self.topics)
+        self.workers = WorkerRegistry(store, self.topics)
         self.jobs = JobBook(store)
-        self.leases = Leases()
         self.payloads = PayloadBuilder(PROTOCOL_VERSION)
         self.dispatcher = Dispatcher(store, self.payloads, self.settings.lease_margin)
         self.rejections = Rejections()
         self.rate = RateMeter(self.settings.rate_window)
         self.status = StatusPublisher(self.topics, self.settings.status_interval)
-        self._changes = Changes()
+        self.ledger = Ledger(store, self.workers, self.jobs, self.status, self.rejections)
         self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -90,13 +92,17 @@ class Coordinator:
         self._announce = False
         self._needs_reload = False  # a transaction failed: memory must be rebuilt first
         self._offline_since: float | None = None  # when the broker connection was lost
-        self._finished = 0
         self._last_batch = 0  # messages handled by the last step: is traffic flowing?
         self.started = clock()
         self._next_poll = self._next_lease = self._next_purge = float("-inf")
         self._identity = {"host": socket.gethostname(), "pid": os.getpid(), "version": _version()}
         # Topic parsing validates names with regular expressions: remember the answers.
         self._parse_topic = lru_cache(maxsize=8192)(self.topics.parse_worker_topic)
+
+    @property
+    def leases(self) -> Leases:
+        """The open attempts (the ledger's)."""
+        return self.ledger.leases
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -216,7 +222,7 @@ class Coordinator:
 
     def _load(self) -> None:
         self.workers.load()
-        self.leases = Leases.load(self.payloads)
+        self.ledger.reset(Leases.load(self.store, self.payloads))
         self.jobs.by_id.clear()
         self.jobs.poll()
         self.status.everything_changed(self.jobs.by_id, self.workers.by_id)
@@ -254,7 +260,7 @@ class Coordinator:
         try:
             self.store.bind()
             self._step(items, now)
-        except (pw.PeeweeException, StoreError) as exc:
+        except self.store.failures as exc:
             # The transaction was rolled back: memory no longer matches the store.
             log.error("database error, %d message(s) dropped; reloading the state: %s", len(items), exc)
             self._needs_reload = True
@@ -283,7 +289,7 @@ class Coordinator:
         sends: list[tuple[str, bytes]] = []
         clears: list[str] = []
         if items or lease_due or purge_due or (connected and self.dispatcher.has_work(self.workers, self.jobs, self.leases)):
-            self._finished = 0
+            self.ledger.finished = 0
             with self.store.transaction():
                 for topic, payload in items:
                     if not topic:
@@ -293,8 +299,8 @@ class Coordinator:
                 if lease_due:
                     self._next_lease = now + self.settings.lease_check
                     if self._offline_since is None:  # no result can reach us while cut off
-                        self._expire(now)
-                self._changes.flush(self.store.db, now)
+                        self.ledger.expire(now)
+                self.ledger.flush(now)
                 if purge_due:
                     self._next_purge = now + self.settings.purge_check
                     clears = self._purge(now)
@@ -306,7 +312,7 @@ class Coordinator:
                     log.info("job %s (%d tasks) finished: %d done, %d failed", job.name, job.total,
                              job.counts["done"], job.counts["failed"])
                     self.status.job_changed(job.id)
-            self.rate.record(self._finished, now)
+            self.rate.record(self.ledger.finished, now)
         self._send(sends, clears)
         self._publish_status(now)
 
@@ -324,9 +330,7 @@ class Coordinator:
         outage, self._offline_since = now - self._offline_since, None
         for lease in self.leases:
             lease.deadline += outage
-        p = self.store.db.param
-        self.store.db.execute_sql(f"UPDATE attempt SET deadline = deadline + {p} WHERE outcome = {p}",
-                                  (outage, AttemptOutcome.OPEN.value))
+        self.store.extend_deadlines(outage)
         self.workers.unconfirm_all()
         log.info("reconnected after %.1f s; leases extended by as much", outage)
 
@@ -366,13 +370,12 @@ class Coordinator:
         broker resends every retained presence, so a will lost with the failed batch is seen
         again, and each worker is resent the attempts it holds (it ignores those it has, and
         answers again those whose results were lost)."""
-        self._changes = Changes()
         try:
             self.store.close()  # a broken connection (PostgreSQL restarted) is replaced
             self.store.relax_durability()
             with self.store.transaction():
                 self._load()
-        except (pw.PeeweeException, StoreError) as exc:
+        except self.store.failures as exc:
             log.error("reloading the state failed, retrying: %s", exc)
             return False
         self._needs_reload = False
@@ -391,14 +394,6 @@ class Coordinator:
         elif parsed.kind == "results":
             self._on_result(parsed.ref, payload, now)
 
-    def _reject(self, kind: Rejection, ref: WorkerRef, detail: str, level: int = logging.WARNING) -> None:
-        self.rejections.reject(kind, ref.key, detail, level)
-        slot = self.workers.get(ref.key)
-        if slot is not None and kind is not Rejection.STALE:
-            slot.rejected += 1
-            self.status.worker_changed(slot.id)
-        self.status.summary_changed()
-
     def _decode_from(self, ref: WorkerRef, kind: str, decode: Callable[[bytes], _Sent],
                      payload: bytes) -> _Sent | None:
         """A message decoded from ``ref``'s topic and naming ``ref`` itself, or None once the
@@ -406,13 +401,13 @@ class Coordinator:
         try:
             message = decode(payload)
         except DecodeError as exc:
-            self._reject(Rejection.MALFORMED, ref, f"{kind}: {exc.reason}")
+            self.ledger.reject(Rejection.MALFORMED, ref, f"{kind}: {exc.reason}")
             return None
         except Exception as exc:  # noqa: BLE001 - a decoder bug must not drop the whole batch
-            self._reject(Rejection.MALFORMED, ref, f"{kind}: undecodable ({type(exc).__name__}: {exc})")
+            self.ledger.reject(Rejection.MALFORMED, ref, f"{kind}: undecodable ({type(exc).__name__}: {exc})")
             return None
         if (message.volunteer, message.worker) != (ref.volunteer, ref.worker):
-            self._reject(Rejection.MISMATCH, ref, f"{kind} names {message.volunteer}/{message.worker}")
+            self.ledger.reject(Rejection.MISMATCH, ref, f"{kind} names {message.volunteer}/{message.worker}")
             return None
         return message
 
@@ -425,18 +420,18 @@ class Coordinator:
         slot, change = self.workers.apply(ref, presence, now)
         self.status.worker_changed(slot.id)
         if change is PresenceChange.STALE:
-            self._reject(Rejection.STALE, ref, f"{presence.state.value} presence of connection {presence.seq}, "
+            self.ledger.reject(Rejection.STALE, ref, f"{presence.state.value} presence of connection {presence.seq}, "
                          f"older than the current one ({slot.seq})", logging.INFO)
         elif change in (PresenceChange.LOST, PresenceChange.SHUTDOWN):
             held = self.leases.of_worker(slot.id)
             log.info("worker %s %s; returning %d task(s) it held", ref.key,
                      "lost its connection" if change is PresenceChange.LOST else "shut down", len(held))
             why = "lost its connection (will)" if change is PresenceChange.LOST else "shut down"
-            self._release(slot, f"worker {ref.key} {why} while holding the task")
+            self.ledger.release(slot, f"worker {ref.key} {why} while holding the task")
         elif change is PresenceChange.RESTARTED:
             log.info("worker %s restarted; returning %d task(s) the old process held",
                      ref.key, self.leases.count(slot.id))
-            self._release(slot, f"worker {ref.key} restarted while holding the task")
+            self.ledger.release(slot, f"worker {ref.key} restarted while holding the task")
         elif change is PresenceChange.RECONNECTED or change is PresenceChange.ONLINE:
             # It may have missed tasks sent while it was away; it ignores those it still holds.
             self._resend += [(slot.tasks_topic, lease.payload) for lease in self.leases.of_worker(slot.id)]
@@ -446,139 +441,20 @@ class Coordinator:
             if slot.capacity <= 0:
                 log.warning("worker %s announced capacity 0: it gets no work", ref.key)
 
-    def _release(self, slot: WorkerSlot, message: str) -> None:
-        for lease in self.leases.of_worker(slot.id):
-            self._close_failed(lease, AttemptOutcome.LOST, error_json("WorkerLost", message))
-
-    def _close_failed(self, lease: Lease, outcome: AttemptOutcome, error: str) -> None:
-        """Close an open attempt that produced no value; the task goes back to pending, or
-        fails when its attempts are used up."""
-        self.leases.remove(lease)
-        self._changes.close(lease.attempt_id, outcome, error, lease.worker_id)
-        worker = self.workers.by_id.get(lease.worker_id)
-        if worker is not None:
-            worker.failed += 1
-            self.status.worker_changed(worker.id)
-        job = self.jobs.get(lease.job_id)
-        if job is None or not job.active:
-            return  # cancelled meanwhile: the task stays cancelled
-        if lease.budget_used() >= job.max_attempts:
-            self._changes.set_task(lease.task_id, TaskState.FAILED)
-            job.move(TaskState.ASSIGNED.value, TaskState.FAILED.value)
-            self._finished += 1
-        else:
-            self._changes.set_task(lease.task_id, TaskState.PENDING)
-            job.move(TaskState.ASSIGNED.value, TaskState.PENDING.value)
-            job.drained = False
-        self.status.job_changed(job.id)
-
     def _on_result(self, ref: WorkerRef, payload: bytes, now: float) -> None:
         result = self._decode_from(ref, "result", Result.decode, payload)
-        if result is None:
-            return
-        what = f"result for task {result.task_id} attempt {result.attempt}"
-        digits = result.task_id.isascii() and result.task_id.isdigit() and len(result.task_id) < 19
-        task_id = int(result.task_id) if digits else None
-        slot = self.workers.get(ref.key)
-        if task_id is None:
-            self._reject(Rejection.UNKNOWN, ref, f"{what}: no such task")
-            return
-        if slot is None:
-            self._reject(Rejection.FOREIGN, ref, f"{what}: the sender never registered")
-            return
-        lease = self.leases.get(task_id, result.attempt)
-        if lease is not None:
-            if lease.worker_id != slot.id:
-                self._reject(Rejection.FOREIGN, ref, f"{what}: that attempt was sent to another worker")
-                return
-            job = self.jobs.get(lease.job_id)
-            if job is None or not job.active:
-                self.leases.remove(lease)  # cancelled: the answer only frees the worker's slot
-                self._changes.close(lease.attempt_id, AttemptOutcome.CANCELLED, None, None)
-                self.status.worker_changed(slot.id)
-                return
-            if result.ok:
-                self.leases.remove(lease)
-                self._accept(lease.attempt_id, task_id, lease.job_id, TaskState.ASSIGNED, slot, result, now)
-            else:
-                error = result.error.to_object() if result.error else {"type": result.outcome.value, "message": ""}
-                self._close_failed(lease, AttemptOutcome(result.outcome.value), dump_json(error))
-            return
-        self._late_result(ref, slot, task_id, result, what, now)
-
-    def _late_result(self, ref: WorkerRef, slot: WorkerSlot, task_id: int, result: Result, what: str,
-                     now: float) -> None:
-        """A result for an attempt that is not open: late, duplicate, foreign or unknown."""
-        self._changes.flush(self.store.db, now)  # the lookup must see this step's writes
-        record = find_attempt(task_id, result.attempt)
-        if record is None:
-            if task_exists(task_id):
-                self._reject(Rejection.FOREIGN, ref, f"{what}: that attempt was never sent")
-            else:
-                self._reject(Rejection.UNKNOWN, ref, f"{what}: no such task")
-            return
-        if record.worker_id != slot.id:
-            self._reject(Rejection.FOREIGN, ref, f"{what}: that attempt was sent to another worker")
-            return
-        if record.task_state == TaskState.DONE.value:
-            self._reject(Rejection.DUPLICATE, ref, f"{what}: the task already has its result", logging.INFO)
-            return
-        job = self.jobs.get(record.job_id)
-        acceptable = (result.ok and job is not None and job.state != JobState.CANCELLED.value
-                      and record.task_state in (TaskState.PENDING.value, TaskState.ASSIGNED.value,
-                                                TaskState.FAILED.value))
-        if not acceptable:
-            self._reject(Rejection.LATE, ref, f"{what}: attempt already closed ({record.outcome}), "
-                         f"task {record.task_state}", logging.INFO)
-            return
-        other = self.leases.of_task(task_id)
-        if other is not None:
-            # Another attempt is running for this task: it is superseded by this answer.
-            self.leases.remove(other)
-            self._changes.supersede(other.attempt_id)
-            self.status.worker_changed(other.worker_id)
-        log.info("accepted late %s from %s (attempt was %s)", what, ref.key, record.outcome)
-        self._accept(record.attempt_id, task_id, record.job_id, TaskState(record.task_state), slot, result, now)
-
-    def _accept(self, attempt_id: int, task_id: int, job_id: int, previous: TaskState, slot: WorkerSlot,
-                result: Result, now: float) -> None:
-        self._changes.accept(task_id, attempt_id, slot.id, dump_json(result.value), result.elapsed, now)
-        slot.done += 1
-        self.status.worker_changed(slot.id)
-        job = self.jobs.get(job_id)
-        if job is not None:
-            job.move(previous.value, TaskState.DONE.value)
-            self.status.job_changed(job.id)
-        self._finished += 1
+        if result is not None:
+            self.ledger.on_result(ref, result, now)
 
     # -- periodic ----------------------------------------------------------------------------
-    def _expire(self, now: float) -> None:
-        for lease in self.leases.expired(now):
-            worker = self.workers.by_id.get(lease.worker_id)
-            name = worker.key if worker else f"worker #{lease.worker_id}"
-            limit = lease.deadline - lease.sent_at
-            log.info("lease of task %d attempt %d on %s expired; returning the task",
-                     lease.task_id, lease.number, name)
-            self._close_failed(lease, AttemptOutcome.EXPIRED,
-                               error_json("LeaseExpired", f"no result from {name} within {limit:g} s"))
-
     def _purge(self, now: float) -> list[str]:
-        clears = []
-        for row in self.store.purge_lost(self.settings.purge_after, now):
-            slot = self.workers.mark_purged(row.id)
-            if slot is None:
-                continue
+        """Purge long-lost workers; returns the retained presence topics to clear."""
+        purged, elsewhere = self.workers.purge(self.settings.purge_after, now)
+        for slot in purged:
             log.info("worker %s purged: lost for more than %g s", slot.key, self.settings.purge_after)
-            clears.append(self.topics.presence(slot.ref))
+        for slot in purged + elsewhere:
             self.status.worker_changed(slot.id)
-        # Workers `dockercomp coordinator purge` purged meanwhile (it clears their presence itself).
-        lost = [w.id for w in self.workers if w.state == WorkerState.LOST.value]
-        if lost:
-            for (worker_id,) in Worker.select(Worker.id).where(
-                    Worker.id.in_(lost) & (Worker.state == WorkerState.PURGED.value)).tuples():
-                self.workers.mark_purged(worker_id)
-                self.status.worker_changed(worker_id)
-        return clears
+        return [self.topics.presence(slot.ref) for slot in purged]
 
     # -- introspection (tests, API) ------------------------------------------------------------
     def summary(self) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from dockercomp.coordinator.defaults import RATE_WINDOW, REJECT_LOG_BURST, REJEC
 from dockercomp.coordinator.store import JobState, TaskState, WorkerState
 
 if TYPE_CHECKING:
-    from dockercomp.coordinator.dispatch import JobInfo, WorkerSlot
+    from dockercomp.coordinator.dispatch import JobInfo
+    from dockercomp.coordinator.registry import WorkerSlot
 
 log = logging.getLogger(__name__)
 

@@ -1,79 +1,39 @@
-"""The coordinator's durable state (peewee): workers, jobs, tasks, attempts, results.
+"""The coordinator's durable state behind one interface: workers, jobs, tasks, attempts, results.
 
-SQLite file by default (WAL), PostgreSQL for scale: ``Store.open("path.db")`` or
-``Store.open("postgresql://user:pass@host:port/db")``. Attempts are kept apart from tasks
-(one row per dispatch of a task to a worker), so redundant computation with quorum
-validation can later compare several attempts of one task.
+``Store`` is the interface (huey's ``BaseStorage`` is the model): every read and write the
+CLI, the Python API and the engine make goes through it, so the rules above it (ledger.py,
+registry.py, dispatch.py, leases.py) never see SQL. Two implementations:
 
-Status enums are ``str`` enums with a comment per member.
+- ``sqlstore.SqlStore`` (peewee): a SQLite file by default (WAL), PostgreSQL for scale:
+  ``Store.open("path.db")``, ``Store.open("postgresql://user:pass@host:port/db")``;
+- ``memstore.MemoryStore``: ``Store.open("memory://")``, for fast tests of the rules. It lives
+  in one process only, so the CLI and ``serve`` cannot share it.
 
-The models reach the database through ``database_proxy``, bound per thread: every ``Store``
-method binds its own database for the calling thread first, so an engine thread and an API
-client in one process, or a test holding two stores, never cross. peewee keeps one
-connection per thread, so several threads may also share one ``Store``. SQLite transactions start ``IMMEDIATE``: a writer takes the
-lock up front and waits up to busy_timeout for it, instead of failing half-way.
-
-The engine's own queries (dispatch, leases, results) live next to their logic in
-dispatch.py and leases.py; this module holds what the CLI and the Python API use.
+Attempts are kept apart from tasks (one per dispatch of a task to a worker), so redundant
+computation with quorum validation can later compare several attempts of one task. Status
+enums are ``str`` enums with a comment per member. Rows come back as frozen dataclasses.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import os
 import re
-import threading
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from collections import Counter
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Iterable, Iterator
-
-import peewee as pw
+from typing import Any, Callable, ContextManager, Iterable, Iterator
 
 from dockercomp.broker.defaults import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES
-from dockercomp.broker.messages import json_depth
 from dockercomp.broker.errors import InvalidName
+from dockercomp.broker.messages import json_depth
 from dockercomp.broker.topics import validate_name
-from dockercomp.coordinator import database
 from dockercomp.coordinator.defaults import INSERT_BATCH, MAX_ATTEMPTS, SQLITE_BUSY_TIMEOUT_MS, TASK_TIMEOUT
-from dockercomp.coordinator.errors import InvalidInput, StoreError, StoreLocked, UnknownJob
+from dockercomp.coordinator.errors import InvalidInput, StoreError
 
-
-
-class ThreadDatabaseProxy(pw.DatabaseProxy):
-    """A database proxy bound per thread: a coordinator engine thread and an API client in the
-    same process may each use their own Store (even on different databases) without one
-    rebinding the other's queries. A thread that never bound uses the last store bound."""
-
-    __slots__ = ("_local", "_fallback")
-
-    def __init__(self) -> None:
-        object.__setattr__(self, "_local", threading.local())
-        object.__setattr__(self, "_fallback", None)
-        super().__init__()
-
-    @property  # type: ignore[override]
-    def obj(self) -> pw.Database | None:
-        bound = getattr(self._local, "db", None)
-        return bound if bound is not None else self._fallback
-
-    @obj.setter
-    def obj(self, value: pw.Database | None) -> None:
-        self._local.db = value
-        if value is not None:
-            object.__setattr__(self, "_fallback", value)
-
-    def bound_here(self) -> pw.Database | None:
-        return getattr(self._local, "db", None)
-
-    def __setattr__(self, attr: str, value: Any) -> None:
-        object.__setattr__(self, attr, value)
-
-
-database_proxy = ThreadDatabaseProxy()
+# URL scheme of the in-memory store.
+MEMORY_URL = "memory://"
 
 
 class WorkerState(str, Enum):
@@ -110,89 +70,72 @@ class AttemptOutcome(str, Enum):
     SUPERSEDED = "superseded"  # another attempt of the task delivered the accepted result
 
 
-class BaseModel(pw.Model):
-    class Meta:
-        database = database_proxy
+# Outcomes that are a failed attempt's reason (shown in ResultRow.errors).
+FAILED_OUTCOMES = (
+    AttemptOutcome.ERROR.value, AttemptOutcome.TIMEOUT.value, AttemptOutcome.CRASHED.value,
+    AttemptOutcome.REJECTED.value, AttemptOutcome.EXPIRED.value, AttemptOutcome.LOST.value,
+)
+# The states a task may be moved out of, per target state, by the engine's writes (Changes).
+# The guards keep a concurrent `cancel` (CLI) in force: only the states the engine itself
+# moves a task out of are overwritten.
+ALLOWED_FROM = {
+    TaskState.DONE.value: (TaskState.ASSIGNED.value, TaskState.PENDING.value, TaskState.FAILED.value),
+    TaskState.PENDING.value: (TaskState.ASSIGNED.value,),
+    TaskState.FAILED.value: (TaskState.ASSIGNED.value,),
+}
+# Task states after which a task never changes again (unless retried).
+FINISHED_STATES = (TaskState.DONE.value, TaskState.FAILED.value, TaskState.CANCELLED.value)
+# Automatic job names; a submitter may not choose one, so they never collide.
+AUTO_NAME = re.compile(r"job-\d+\Z")
+# Longest JSON text of one task's arguments: the task message must stay under the payload limit.
+MAX_ARGS_BYTES = MAX_PAYLOAD_BYTES - 1024
+# Worker fields a presence sets (WorkerRow names); the registry writes them through update_worker.
+WORKER_FIELDS = frozenset({
+    "state", "seq", "host", "container", "image", "version", "cpus", "capacity", "prefetch", "functions",
+    "started", "last_seen", "lost_at", "purged_at",
+})
 
 
-class Worker(BaseModel):
-    key = pw.CharField(max_length=130, unique=True)  # "volunteer/worker"
-    volunteer = pw.CharField(max_length=64, index=True)
-    name = pw.CharField(max_length=64)
-    state = pw.CharField(max_length=16, default=WorkerState.ONLINE.value, index=True)
-    seq = pw.BigIntegerField(default=0)  # connection sequence of the newest presence seen
-    host = pw.CharField(max_length=255, default="")
-    container = pw.CharField(max_length=128, null=True)
-    image = pw.CharField(max_length=255, null=True)
-    version = pw.CharField(max_length=64, default="")
-    cpus = pw.IntegerField(default=0)
-    capacity = pw.IntegerField(default=1)
-    prefetch = pw.IntegerField(default=0)  # tasks it wants queued beyond capacity (added later: database.py)
-    functions = pw.TextField(default="[]")  # JSON list
-    started = pw.DoubleField(default=0.0)
-    first_seen = pw.DoubleField()
-    last_seen = pw.DoubleField()
-    lost_at = pw.DoubleField(null=True)
-    purged_at = pw.DoubleField(null=True)
-    tasks_done = pw.IntegerField(default=0)
-    tasks_failed = pw.IntegerField(default=0)
-
-
-class Job(BaseModel):
-    name = pw.CharField(max_length=64, unique=True)
-    function = pw.CharField(max_length=200)
-    timeout = pw.DoubleField()
-    max_attempts = pw.IntegerField()
-    state = pw.CharField(max_length=16, default=JobState.ACTIVE.value, index=True)
-    created_at = pw.DoubleField()
-    finished_at = pw.DoubleField(null=True)
-    total = pw.IntegerField(default=0)
+# --------------------------------------------------------------------------- rows
+@dataclass(frozen=True)
+class JobRow:
+    id: int
+    name: str
+    function: str
+    timeout: float
+    max_attempts: int
+    state: str  # JobState value
+    created_at: float
+    finished_at: float | None
+    total: int
     # Bumped by every change made outside the engine (cancel, retry), so a running engine
     # notices it on its next poll and recounts the job's tasks.
-    revision = pw.IntegerField(default=0)
+    revision: int
 
 
-class Task(BaseModel):
-    job = pw.ForeignKeyField(Job, backref="tasks", on_delete="CASCADE")
-    index = pw.IntegerField()  # line number in the submitted input, from 0
-    args = pw.TextField()  # JSON list
-    state = pw.CharField(max_length=16, default=TaskState.PENDING.value)
-    attempts = pw.IntegerField(default=0)  # attempts ever made: numbers 1..attempts exist
-    retries_from = pw.IntegerField(default=0)  # `attempts` when `retry` last renewed the budget
-    updated_at = pw.DoubleField()
-
-    class Meta:
-        # (job, state): dispatch takes a job's oldest pending tasks, and progress counts a
-        # job's tasks per state, without scanning other jobs. Nothing more on state: every
-        # index on it is rewritten twice per task (database.DROPPED_INDEXES).
-        indexes = ((("job", "index"), True), (("job", "state"), False))
-
-
-class Attempt(BaseModel):
-    # Found by task through the unique (task, number) index: no index of its own.
-    task = pw.ForeignKeyField(Task, backref="attempt_rows", on_delete="CASCADE", index=False)
-    number = pw.IntegerField()  # 1 for the first dispatch of the task
-    worker = pw.ForeignKeyField(Worker, backref="attempts")
-    sent_at = pw.DoubleField()
-    deadline = pw.DoubleField()  # the engine keeps open attempts in memory (leases.py)
-    finished_at = pw.DoubleField(null=True)
-    outcome = pw.CharField(max_length=16, default=AttemptOutcome.OPEN.value, index=True)
-    error = pw.TextField(null=True)  # JSON {type, message, traceback}
-
-    class Meta:
-        indexes = ((("task", "number"), True),)
-
-
-class Result(BaseModel):
-    task = pw.ForeignKeyField(Task, unique=True, backref="result_rows", on_delete="CASCADE")
-    attempt = pw.ForeignKeyField(Attempt)
-    worker = pw.ForeignKeyField(Worker, backref="results")
-    value = pw.TextField()  # JSON
-    elapsed = pw.DoubleField()
-    received_at = pw.DoubleField()
-
-
-MODELS = [Worker, Job, Task, Attempt, Result]
+@dataclass(frozen=True)
+class WorkerRow:
+    id: int
+    key: str  # "volunteer/worker"
+    volunteer: str
+    name: str
+    state: str  # WorkerState value
+    seq: int  # connection sequence of the newest presence seen
+    host: str
+    container: str | None
+    image: str | None
+    version: str
+    cpus: int
+    capacity: int
+    prefetch: int  # tasks it wants queued beyond capacity
+    functions: tuple[str, ...]
+    started: float
+    first_seen: float
+    last_seen: float
+    lost_at: float | None
+    purged_at: float | None
+    tasks_done: int
+    tasks_failed: int
 
 
 @dataclass(frozen=True)
@@ -230,19 +173,91 @@ class ResultRow:
     errors: list[dict[str, Any]]  # one per failed attempt: {attempt, worker, outcome, type, message}
 
 
-# Outcomes that are a failed attempt's reason (shown in ResultRow.errors).
-FAILED_OUTCOMES = (
-    AttemptOutcome.ERROR.value, AttemptOutcome.TIMEOUT.value, AttemptOutcome.CRASHED.value,
-    AttemptOutcome.REJECTED.value, AttemptOutcome.EXPIRED.value, AttemptOutcome.LOST.value,
-)
-# Automatic job names; a submitter may not choose one, so they never collide.
-_AUTO_NAME = re.compile(r"job-\d+\Z")
-# Longest JSON text of one task's arguments: the task message must stay under the payload limit.
-MAX_ARGS_BYTES = MAX_PAYLOAD_BYTES - 1024
-# Tasks read per query when listing results.
-_RESULTS_CHUNK = 1000
+# A pending task as dispatch takes it: task id, args JSON, attempts so far, retries_from.
+PendingRow = tuple[int, str, int, int]
+# An attempt to open: task id, attempt number, worker id, lease deadline.
+NewAttempt = tuple[int, int, int, float]
 
 
+@dataclass(frozen=True)
+class OpenAttempt:
+    """An open attempt with what is needed to rebuild its lease and task message."""
+
+    attempt_id: int
+    task_id: int
+    number: int
+    job_id: int
+    worker_id: int
+    sent_at: float
+    deadline: float
+    retries_from: int
+    args: str  # JSON text as stored
+    function: str
+    timeout: float
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """A closed (or unknown-to-memory) attempt as stored: for late and duplicate results."""
+
+    attempt_id: int
+    worker_id: int
+    outcome: str
+    task_state: str
+    job_id: int
+
+
+@dataclass
+class Changes:
+    """One engine step's closings and acceptances, written by ``Store.apply`` at once.
+
+    Task states are kept per task (the last one wins), so a task closed and then accepted in
+    the same step is written once, in its final state.
+    """
+
+    results: list[tuple[int, int, int, str, float, float]] = field(default_factory=list)
+    ok_attempts: list[int] = field(default_factory=list)
+    superseded_attempts: list[int] = field(default_factory=list)
+    closed_attempts: list[tuple[int, str, str | None]] = field(default_factory=list)
+    task_states: dict[int, str] = field(default_factory=dict)
+    worker_done: Counter[int] = field(default_factory=Counter)
+    worker_failed: Counter[int] = field(default_factory=Counter)
+
+    def __bool__(self) -> bool:
+        return bool(self.results or self.ok_attempts or self.superseded_attempts or self.closed_attempts
+                    or self.task_states or self.worker_done or self.worker_failed)
+
+    def accept(self, task_id: int, attempt_id: int, worker_id: int, value_json: str, elapsed: float, now: float) -> None:
+        self.results.append((task_id, attempt_id, worker_id, value_json, elapsed, now))
+        self.ok_attempts.append(attempt_id)
+        self.task_states[task_id] = TaskState.DONE.value
+        self.worker_done[worker_id] += 1
+
+    def supersede(self, attempt_id: int) -> None:
+        """Close an open attempt whose task got its result from another attempt."""
+        self.superseded_attempts.append(attempt_id)
+
+    def close(self, attempt_id: int, outcome: AttemptOutcome, error: str | None, worker_id: int | None) -> None:
+        """Close an attempt without a value (failed, expired, lost, cancelled); ``worker_id``
+        when it counts as a failure of that worker."""
+        self.closed_attempts.append((attempt_id, outcome.value, error))
+        if worker_id is not None:
+            self.worker_failed[worker_id] += 1
+
+    def set_task(self, task_id: int, state: TaskState) -> None:
+        self.task_states[task_id] = state.value
+
+    def clear(self) -> None:
+        self.results.clear()
+        self.ok_attempts.clear()
+        self.superseded_attempts.clear()
+        self.closed_attempts.clear()
+        self.task_states.clear()
+        self.worker_done.clear()
+        self.worker_failed.clear()
+
+
+# --------------------------------------------------------------------------- input
 # Built once: json.dumps() with options builds a new encoder for every call.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
@@ -271,187 +286,146 @@ def encode_args(args: Any, line: int | None = None) -> str:
     return text
 
 
-class Store:
-    """Opens the database and offers the operations every user of the store needs."""
+def check_job_options(function: str, name: str | None, timeout: float, max_attempts: int) -> None:
+    """InvalidInput for a job option no store may take; the arguments are checked per line."""
+    if not isinstance(function, str) or not 0 < len(function) <= 200 or function.strip() != function:
+        raise InvalidInput(f"function name {function!r} is not usable",
+                           "give the name of a task function, e.g. count_primes")
+    if name is not None:
+        try:
+            validate_name(name, "job name")
+        except InvalidName as exc:
+            raise InvalidInput(str(exc), "pick another --job NAME") from None
+        if AUTO_NAME.match(name):
+            raise InvalidInput(f"job name {name!r} is reserved for automatic names",
+                               "pick another --job NAME, or leave it out")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise InvalidInput(f"timeout {timeout!r} must be a positive number of seconds")
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+        raise InvalidInput(f"max attempts {max_attempts!r} must be a whole number of at least 1")
 
-    def __init__(self, db: pw.Database) -> None:
-        self.db = db
-        self.url = ""
+
+def check_worker_fields(fields: dict[str, Any]) -> None:
+    unknown = set(fields) - WORKER_FIELDS
+    if unknown:
+        raise ValueError(f"not worker fields: {sorted(unknown)}")
+
+
+def name_taken(name: str) -> InvalidInput:
+    return InvalidInput(f"a job named {name!r} already exists",
+                        "pick another --job NAME (`dockercomp coordinator status` lists them)")
+
+
+def no_tasks() -> InvalidInput:
+    return InvalidInput("the input holds no tasks", "give one JSON array of arguments per line")
+
+
+def encoded_batches(args_list: Iterable[Any], size: int = INSERT_BATCH) -> Iterator[list[tuple[int, str]]]:
+    """(index, args JSON) per task in lists of ``size``; InvalidInput at the first bad line."""
+    batch: list[tuple[int, str]] = []
+    for index, args in enumerate(args_list):
+        batch.append((index, encode_args(args, index)))
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def error_entry(number: int, worker: str, outcome: str, error: str | None) -> dict[str, Any]:
+    """One failed attempt as ResultRow.errors shows it."""
+    detail = json.loads(error) if error else {}
+    return {"attempt": number, "worker": worker, "outcome": outcome,
+            "type": detail.get("type", outcome), "message": detail.get("message", "")}
+
+
+def decode_functions(text: str | None) -> tuple[str, ...]:
+    """A worker's stored function list (JSON text); a damaged one reads as empty."""
+    try:
+        names = json.loads(text or "[]")
+    except ValueError:
+        return ()
+    return tuple(n for n in names if isinstance(n, str)) if isinstance(names, list) else ()
+
+
+# --------------------------------------------------------------------------- the interface
+class Store(ABC):
+    """Every operation on the coordinator's state. Implementations: SqlStore, MemoryStore.
+
+    Methods for the CLI and the API come first, then those of the engine (one writer: the
+    engine is the only one to write workers, attempts and results)."""
+
+    url: str = ""
+    # Exceptions that mean "the store failed" (the engine rolls back, reloads and goes on).
+    failures: tuple[type[BaseException], ...] = (StoreError,)
 
     @classmethod
     def open(cls, url: str) -> "Store":
-        """A SQLite path (``coordinator.db``, ``sqlite:///path``) or ``postgresql://...``;
-        creates tables if missing. Raises StoreError with what to do on failure."""
+        """``memory://`` for the in-memory store; else a SQLite path (``coordinator.db``,
+        ``sqlite:///path``) or ``postgresql://...``, creating tables if missing. Raises
+        StoreError with what to do on failure."""
         url = str(url)
-        db = database.connect(url, SQLITE_BUSY_TIMEOUT_MS)  # a module global: tests shorten it
-        store = cls(db)
-        store.url = database.describe(url)
-        with store._errors("open the database"):
-            database_proxy.initialize(db)
-            db.connect(reuse_if_open=True)
-            db.create_tables(MODELS, safe=True)
-            database.upgrade(db)
-        return store
+        if url.startswith(MEMORY_URL):
+            from dockercomp.coordinator.memstore import MemoryStore
+
+            return MemoryStore(url)
+        from dockercomp.coordinator.sqlstore import SqlStore  # peewee only for a database
+
+        # Read here, at call time: tests shorten it by patching this module.
+        return SqlStore.open(url, SQLITE_BUSY_TIMEOUT_MS)
 
     @property
     def is_postgres(self) -> bool:
-        return isinstance(self.db, pw.PostgresqlDatabase)
+        return False
 
     @property
     def is_sqlite(self) -> bool:
-        return isinstance(self.db, pw.SqliteDatabase)
+        return False
 
     def close(self) -> None:
         """Close this thread's connection (other threads close their own when they end)."""
-        if not self.db.is_closed():
-            self.db.close()
 
     def bind(self) -> None:
-        """Point the models at this store's database, for the calling thread."""
-        if database_proxy.bound_here() is not self.db:
-            database_proxy.initialize(self.db)
-
-    def transaction(self) -> Any:
-        """One atomic unit of work (SQLite: BEGIN IMMEDIATE)."""
-        self.bind()
-        return self.db.atomic()
+        """Make this store the one the calling thread's queries use (SQL); no-op otherwise."""
 
     def relax_durability(self) -> None:
-        """For the engine's connection: a commit survives a crash of the process but not
-        necessarily of the machine (SQLite WAL, synchronous=NORMAL). Losing the last results
-        to a power cut only means recomputing them: their leases are still open."""
-        if self.is_sqlite:
-            self.bind()
-            self.db.execute_sql("PRAGMA synchronous=NORMAL")
+        """For the engine: a commit may be lost to a power cut (never to a crash of the process)."""
 
-    @contextmanager
-    def _errors(self, doing: str) -> Iterator[None]:
-        """Turn database failures into a StoreError that says what to do."""
-        self.bind()
-        try:
-            yield
-        except pw.OperationalError as exc:
-            text = str(exc)
-            if "locked" in text or "busy" in text:
-                raise StoreLocked(f"cannot {doing}: the database {self.url} is locked by another process",
-                                  "wait for the other command to finish and retry") from None
-            hint = ("is the PostgreSQL server running, and the URL right?" if self.is_postgres
-                    else "check the path and that this user may write to it")
-            raise StoreError(f"cannot {doing} ({self.url}): {text.strip()}", hint) from None
-        except pw.DatabaseError as exc:
-            raise StoreError(f"cannot {doing} ({self.url}): {str(exc).strip()}",
-                             "is this a dockercomp coordinator database?") from None
+    @abstractmethod
+    def transaction(self) -> ContextManager[Any]:
+        """One atomic unit of work: all of it is stored, or none (SQLite: BEGIN IMMEDIATE)."""
 
     # -- jobs (CLI submit/status/results/cancel/retry; Python API) ---------------------------
-    def create_job(
-        self,
-        function: str,
-        args_list: Iterable[list[Any]],
-        *,
-        name: str | None = None,
-        timeout: float = TASK_TIMEOUT,
-        max_attempts: int = MAX_ATTEMPTS,
-        on_progress: Callable[[int], None] | None = None,
-    ) -> Job:
+    def create_job(self, function: str, args_list: Iterable[list[Any]], *, name: str | None = None,
+                   timeout: float = TASK_TIMEOUT, max_attempts: int = MAX_ATTEMPTS,
+                   on_progress: Callable[[int], None] | None = None) -> JobRow:
         """Store a job and all its tasks in one transaction (nothing half-submitted), durable
-        when it returns. ``name`` defaults to ``job-<id>``. Raises StoreError on bad input."""
-        if not isinstance(function, str) or not 0 < len(function) <= 200 or function.strip() != function:
-            raise InvalidInput(f"function name {function!r} is not usable",
-                               "give the name of a task function, e.g. count_primes")
-        if name is not None:
-            try:
-                validate_name(name, "job name")
-            except InvalidName as exc:
-                raise InvalidInput(str(exc), "pick another --job NAME") from None
-            if _AUTO_NAME.match(name):
-                raise InvalidInput(f"job name {name!r} is reserved for automatic names",
-                                   "pick another --job NAME, or leave it out")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
-            raise InvalidInput(f"timeout {timeout!r} must be a positive number of seconds")
-        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-            raise InvalidInput(f"max attempts {max_attempts!r} must be a whole number of at least 1")
-        now = time.time()
-        with self._errors("store the job"), self.db.atomic():
-            if name is not None and Job.select().where(Job.name == name).exists():
-                raise InvalidInput(f"a job named {name!r} already exists",
-                                   "pick another --job NAME (`dockercomp coordinator status` lists them)")
-            job = Job.create(name=name or f"job-new-{os.getpid()}-{now}", function=function,
-                             timeout=float(timeout), max_attempts=max_attempts, created_at=now)
-            if name is None:
-                job.name = f"job-{job.id}"
-                job.save(only=[Job.name])
-            total = 0
-            rows: list[tuple[int, int, str, str, int, int, float]] = []
-            pending = TaskState.PENDING.value
-            for index, args in enumerate(args_list):
-                rows.append((job.id, index, encode_args(args, index), pending, 0, 0, now))
-                if len(rows) >= INSERT_BATCH:
-                    self._insert_tasks(rows)
-                    total += len(rows)
-                    rows = []
-                    if on_progress is not None:
-                        on_progress(total)
-            if rows:
-                self._insert_tasks(rows)
-                total += len(rows)
-                if on_progress is not None:
-                    on_progress(total)
-            if total == 0:
-                raise InvalidInput("the input holds no tasks", "give one JSON array of arguments per line")
-            job.total = total
-            job.save(only=[Job.total])
-        return job
+        when it returns. ``name`` defaults to ``job-<id>``. Raises InvalidInput on bad input."""
+        check_job_options(function, name, timeout, max_attempts)
+        return self._insert_job(function, name, float(timeout), max_attempts, encoded_batches(args_list),
+                                on_progress)
 
-    def _insert_tasks(self, rows: list[tuple[int, int, str, str, int, int, float]]) -> None:
-        if self.is_sqlite:
-            # Plain DB-API calls skip peewee's per-row query building: ~5x faster.
-            self.db.cursor().executemany(
-                'INSERT INTO "task" ("job_id", "index", "args", "state", "attempts", "retries_from", "updated_at")'
-                " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-        else:
-            # COPY: one stream instead of 5,000 bound rows; ~10x faster than INSERT ... VALUES.
-            # Text format: tab-separated, backslash escaped. Compact JSON holds no raw tab or
-            # newline (json.dumps escapes control characters), so only backslashes need doubling.
-            lines = "".join(f"{job}\t{index}\t{args.replace(chr(92), chr(92) * 2)}\t{state}\t{a}\t{r}\t{at!r}\n"
-                            for job, index, args, state, a, r, at in rows)
-            self.db.cursor().copy_expert(
-                'COPY "task" ("job_id", "index", "args", "state", "attempts", "retries_from", "updated_at") FROM STDIN',
-                io.StringIO(lines))
+    @abstractmethod
+    def _insert_job(self, function: str, name: str | None, timeout: float, max_attempts: int,
+                    batches: Iterator[list[tuple[int, str]]], on_progress: Callable[[int], None] | None) -> JobRow:
+        """create_job once the options are checked: raises name_taken(), no_tasks(), or what
+        ``batches`` raises, and then stores nothing."""
 
-    def get_job(self, id_or_name: str | int) -> Job:
+    @abstractmethod
+    def get_job(self, id_or_name: str | int) -> JobRow:
         """Raises UnknownJob (with the known names in its message) when missing."""
-        with self._errors("read jobs"):
-            job = None
-            text = str(id_or_name).strip()
-            if text.isdigit():
-                job = Job.get_or_none(Job.id == int(text))
-            if job is None:
-                job = Job.get_or_none(Job.name == text)
-            if job is None:
-                known = [j.name for j in Job.select(Job.name).order_by(Job.id.desc()).limit(50)]
-                raise UnknownJob(id_or_name, known)
-            return job
 
-    def jobs(self) -> list[Job]:
-        with self._errors("read jobs"):
-            return list(Job.select().order_by(Job.id))
+    @abstractmethod
+    def jobs(self) -> list[JobRow]:
+        """Every job, by id."""
 
+    @abstractmethod
     def task_counts(self, job_id: int) -> dict[str, int]:
         """Tasks of one job per TaskState value (every state present, zero when none)."""
-        counts = {state.value: 0 for state in TaskState}
-        with self._errors("count tasks"):
-            query = (Task.select(Task.state, pw.fn.COUNT(Task.id).alias("n"))
-                     .where(Task.job == job_id).group_by(Task.state).tuples())
-            for state, n in query:
-                counts[state] = n
-        return counts
 
-    def progress(self, job: Job) -> JobProgress:
-        with self._errors("read progress"):
-            fresh = Job.get_or_none(Job.id == job.id)
-            if fresh is None:
-                raise UnknownJob(job.id, [])
-            counts = self.task_counts(fresh.id)
+    def progress(self, job: JobRow) -> JobProgress:
+        fresh = self.get_job(job.id)
+        counts = self.task_counts(fresh.id)
         return JobProgress(
             job_id=fresh.id, name=fresh.name, function=fresh.function, state=fresh.state,
             total=fresh.total, pending=counts["pending"], assigned=counts["assigned"],
@@ -459,90 +433,96 @@ class Store:
             created_at=fresh.created_at, finished_at=fresh.finished_at,
         )
 
-    def results(self, job: Job) -> Iterator[ResultRow]:
+    @abstractmethod
+    def results(self, job: JobRow) -> Iterator[ResultRow]:
         """Every task of the job in input order, with its outcome."""
-        last_index = -1
-        while True:
-            with self._errors("read results"):
-                tasks = list(Task.select(Task.id, Task.index, Task.args, Task.state, Task.attempts)
-                             .where((Task.job == job.id) & (Task.index > last_index))
-                             .order_by(Task.index).limit(_RESULTS_CHUNK).tuples())
-                if not tasks:
-                    return
-                ids = [t[0] for t in tasks]
-                accepted = {
-                    task_id: (value, elapsed, key)
-                    for task_id, value, elapsed, key in (
-                        Result.select(Result.task, Result.value, Result.elapsed, Worker.key)
-                        .join(Worker).where(Result.task.in_(ids)).tuples())
-                }
-                errors: dict[int, list[dict[str, Any]]] = {}
-                failed = (Attempt.select(Attempt.task, Attempt.number, Attempt.outcome, Attempt.error, Worker.key)
-                          .join(Worker).where(Attempt.task.in_(ids) & Attempt.outcome.in_(FAILED_OUTCOMES))
-                          .order_by(Attempt.task, Attempt.number).tuples())
-                for task_id, number, outcome, error, key in failed:
-                    detail = json.loads(error) if error else {}
-                    errors.setdefault(task_id, []).append({
-                        "attempt": number, "worker": key, "outcome": outcome,
-                        "type": detail.get("type", outcome), "message": detail.get("message", ""),
-                    })
-            for task_id, index, args, state, attempts in tasks:
-                value, elapsed, key = accepted.get(task_id, (None, None, None))
-                yield ResultRow(
-                    task_id=task_id, index=index, args=json.loads(args), state=state,
-                    value=json.loads(value) if value is not None else None, worker=key,
-                    attempts=attempts, elapsed=elapsed, errors=errors.get(task_id, []),
-                )
-            last_index = tasks[-1][1]
 
-    def cancel_job(self, job: Job) -> int:
+    @abstractmethod
+    def task_ids(self, job_id: int, states: Iterable[str]) -> set[int]:
+        """Ids of the job's tasks in one of ``states``."""
+
+    @abstractmethod
+    def cancel_job(self, job: JobRow) -> int:
         """Cancel pending and assigned tasks; returns how many were cancelled.
 
         Open attempts stay open: the engine closes each when its worker answers, dies or
         its lease ends, so the worker's capacity is counted right until then."""
-        now = time.time()
-        with self._errors("cancel the job"), self.db.atomic():
-            count = (Task.update(state=TaskState.CANCELLED.value, updated_at=now)
-                     .where((Task.job == job.id) & Task.state.in_([TaskState.PENDING.value, TaskState.ASSIGNED.value]))
-                     .execute())
-            fields: dict[Any, Any] = {Job.revision: Job.revision + 1}
-            if count:
-                fields.update({Job.state: JobState.CANCELLED.value, Job.finished_at: now})
-            Job.update(fields).where(Job.id == job.id).execute()
-        return count
 
-    def retry_failed(self, job: Job) -> int:
+    @abstractmethod
+    def retry_failed(self, job: JobRow) -> int:
         """Return failed tasks to pending with a fresh attempt budget; returns how many."""
-        now = time.time()
-        with self._errors("retry the job"), self.db.atomic():
-            count = (Task.update(state=TaskState.PENDING.value, retries_from=Task.attempts, updated_at=now)
-                     .where((Task.job == job.id) & (Task.state == TaskState.FAILED.value)).execute())
-            if count:
-                Job.update(state=JobState.ACTIVE.value, finished_at=None, revision=Job.revision + 1
-                           ).where(Job.id == job.id).execute()
-        return count
 
-    # -- workers ---------------------------------------------------------------------------
-    def workers(self) -> list[Worker]:
-        with self._errors("read workers"):
-            return list(Worker.select().order_by(Worker.key))
+    # -- workers -------------------------------------------------------------------------------
+    @abstractmethod
+    def workers(self) -> list[WorkerRow]:
+        """Every worker ever seen, by key."""
 
+    @abstractmethod
     def inflight(self) -> dict[str, int]:
         """Open attempts per worker key (tasks a worker holds right now, as far as we know)."""
-        with self._errors("read workers"):
-            query = (Attempt.select(Worker.key, pw.fn.COUNT(Attempt.id)).join(Worker)
-                     .where(Attempt.outcome == AttemptOutcome.OPEN.value).group_by(Worker.key).tuples())
-            return dict(query)
 
-    def purge_lost(self, older_than: float, now: float) -> list[Worker]:
+    @abstractmethod
+    def purge_lost(self, older_than: float, now: float) -> list[WorkerRow]:
         """Mark workers lost before ``now - older_than`` as purged; returns them (the caller
         clears their retained presence on the broker)."""
-        with self._errors("purge workers"), self.db.atomic():
-            lost = list(Worker.select().where((Worker.state == WorkerState.LOST.value)
-                                              & (Worker.lost_at <= now - older_than)))
-            if lost:
-                Worker.update(state=WorkerState.PURGED.value, purged_at=now).where(
-                    Worker.id.in_([w.id for w in lost])).execute()
-                for worker in lost:
-                    worker.state, worker.purged_at = WorkerState.PURGED.value, now
-        return lost
+
+    # -- the engine: workers ------------------------------------------------------------------
+    @abstractmethod
+    def add_worker(self, key: str, volunteer: str, name: str, first_seen: float, **fields: Any) -> WorkerRow:
+        """A worker seen for the first time; ``fields`` among WORKER_FIELDS."""
+
+    @abstractmethod
+    def update_worker(self, worker_id: int, **fields: Any) -> None:
+        """Write a presence's fields (among WORKER_FIELDS)."""
+
+    @abstractmethod
+    def purged_among(self, worker_ids: list[int]) -> list[int]:
+        """Which of these workers are purged (`dockercomp coordinator purge` ran meanwhile)."""
+
+    # -- the engine: jobs and dispatch ---------------------------------------------------------
+    @abstractmethod
+    def finish_job(self, job_id: int, now: float) -> None:
+        """Mark an active job done."""
+
+    @abstractmethod
+    def pending_tasks(self, job_id: int, limit: int) -> list[PendingRow]:
+        """The job's oldest ``limit`` pending tasks (locked against a concurrent cancel)."""
+
+    @abstractmethod
+    def open_attempts(self, attempts: list[NewAttempt], now: float) -> dict[int, int]:
+        """Record tasks sent (assigned, attempts + 1) with their new attempts; returns the
+        attempt id per task id."""
+
+    @abstractmethod
+    def open_leases(self) -> list[OpenAttempt]:
+        """Every open attempt (to rebuild the engine's leases on start)."""
+
+    @abstractmethod
+    def extend_deadlines(self, by: float) -> None:
+        """Push every open attempt's deadline ``by`` seconds later (after a broker outage)."""
+
+    # -- the engine: the ledger's writes and look-ups -----------------------------------------
+    @abstractmethod
+    def apply(self, changes: Changes, now: float) -> None:
+        """Write a step's closings and acceptances (in a few statements), then clear them."""
+
+    @abstractmethod
+    def find_attempt(self, task_id: int, number: int) -> AttemptRecord | None:
+        """An attempt by wire identity, with its task's state and job."""
+
+    @abstractmethod
+    def task_exists(self, task_id: int) -> bool:
+        ...
+
+
+_MODEL_NAMES = frozenset({"Worker", "Job", "Task", "Attempt", "Result", "MODELS", "BaseModel", "database_proxy"})
+
+
+def __getattr__(name: str) -> Any:
+    # The peewee models moved to sqlstore.py; callers of old (tests, bench) still find them
+    # here, without making this interface module import peewee.
+    if name in _MODEL_NAMES:
+        from dockercomp.coordinator import sqlstore
+
+        return getattr(sqlstore, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,185 @@
+"""The attempt ledger: what each answer, death and deadline does to the attempts it concerns.
+
+Every dispatch opens an attempt (a lease, leases.py); the ledger closes it, exactly once:
+
+- **accept** a result of an open attempt from the worker that holds it: the task is done;
+- **close-failed** an attempt that ended without a value (the function raised, timed out,
+  crashed, was refused): the task goes back to pending, or fails when its attempt budget
+  (``max_attempts`` since the last retry) is used up;
+- **release** what a worker held when it died, shut down or restarted (closed as lost);
+- **expire** an attempt whose lease deadline passed without an answer;
+- a **late** result (for an attempt already closed) is still accepted when it is a value
+  and the task has none yet (any other attempt of the task is superseded);
+- a **duplicate** (the task already has its value), a **foreign** result (from a worker
+  that never held that attempt) and an **unknown** task are **rejected**, counted and logged.
+
+Pure over the store interface: the writes of one engine step gather in a ``store.Changes``
+and ``flush`` hands them to the store in one go, inside the step's transaction. No SQL, no
+transport; a clock is passed in as ``now``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from dockercomp.broker.messages import Result
+from dockercomp.broker.topics import WorkerRef
+from dockercomp.coordinator.dispatch import JobBook
+from dockercomp.coordinator.leases import Lease, Leases, error_json
+from dockercomp.coordinator.registry import WorkerRegistry, WorkerSlot
+from dockercomp.coordinator.status import Rejection, Rejections, StatusPublisher
+from dockercomp.coordinator.store import AttemptOutcome, Changes, JobState, Store, TaskState, dump_json
+
+log = logging.getLogger(__name__)
+
+# Task states a late value may still complete (any but done and cancelled).
+_OPEN_TO_LATE = (TaskState.PENDING.value, TaskState.ASSIGNED.value, TaskState.FAILED.value)
+
+
+class Ledger:
+    """Opens nothing (dispatch does), closes every attempt. ``finished`` counts the tasks
+    finished (done or failed) since the caller last reset it."""
+
+    def __init__(self, store: Store, workers: WorkerRegistry, jobs: JobBook, status: StatusPublisher,
+                 rejections: Rejections, leases: Leases | None = None) -> None:
+        self.store = store
+        self.workers = workers
+        self.jobs = jobs
+        self.status = status
+        self.rejections = rejections
+        self.leases = leases if leases is not None else Leases()
+        self.changes = Changes()
+        self.finished = 0
+
+    def reset(self, leases: Leases) -> None:
+        """Start over from the store's open attempts (after a load or a failed transaction)."""
+        self.leases = leases
+        self.changes = Changes()
+
+    def flush(self, now: float) -> None:
+        """Write what this step decided (inside the caller's transaction)."""
+        self.store.apply(self.changes, now)
+
+    # -- rejections ----------------------------------------------------------------------------
+    def reject(self, kind: Rejection, ref: WorkerRef, detail: str, level: int = logging.WARNING) -> None:
+        """Count and log a message that changes nothing; held against its sender unless stale."""
+        self.rejections.reject(kind, ref.key, detail, level)
+        slot = self.workers.get(ref.key)
+        if slot is not None and kind is not Rejection.STALE:
+            slot.rejected += 1
+            self.status.worker_changed(slot.id)
+        self.status.summary_changed()
+
+    # -- results -------------------------------------------------------------------------------
+    def on_result(self, ref: WorkerRef, result: Result, now: float) -> None:
+        """A decoded result from ``ref`` (the topic it came on names the sender)."""
+        what = f"result for task {result.task_id} attempt {result.attempt}"
+        digits = result.task_id.isascii() and result.task_id.isdigit() and len(result.task_id) < 19
+        task_id = int(result.task_id) if digits else None
+        slot = self.workers.get(ref.key)
+        if task_id is None:
+            self.reject(Rejection.UNKNOWN, ref, f"{what}: no such task")
+            return
+        if slot is None:
+            self.reject(Rejection.FOREIGN, ref, f"{what}: the sender never registered")
+            return
+        lease = self.leases.get(task_id, result.attempt)
+        if lease is None:
+            self._late(ref, slot, task_id, result, what, now)
+            return
+        if lease.worker_id != slot.id:
+            self.reject(Rejection.FOREIGN, ref, f"{what}: that attempt was sent to another worker")
+            return
+        job = self.jobs.get(lease.job_id)
+        if job is None or not job.active:
+            self.leases.remove(lease)  # cancelled: the answer only frees the worker's slot
+            self.changes.close(lease.attempt_id, AttemptOutcome.CANCELLED, None, None)
+            self.status.worker_changed(slot.id)
+            return
+        if result.ok:
+            self.leases.remove(lease)
+            self._accept(lease.attempt_id, task_id, lease.job_id, TaskState.ASSIGNED, slot, result, now)
+        else:
+            error = result.error.to_object() if result.error else {"type": result.outcome.value, "message": ""}
+            self.close_failed(lease, AttemptOutcome(result.outcome.value), dump_json(error))
+
+    def _late(self, ref: WorkerRef, slot: WorkerSlot, task_id: int, result: Result, what: str, now: float) -> None:
+        """A result for an attempt that is not open: late, duplicate, foreign or unknown."""
+        self.flush(now)  # the look-up must see this step's writes
+        record = self.store.find_attempt(task_id, result.attempt)
+        if record is None:
+            if self.store.task_exists(task_id):
+                self.reject(Rejection.FOREIGN, ref, f"{what}: that attempt was never sent")
+            else:
+                self.reject(Rejection.UNKNOWN, ref, f"{what}: no such task")
+            return
+        if record.worker_id != slot.id:
+            self.reject(Rejection.FOREIGN, ref, f"{what}: that attempt was sent to another worker")
+            return
+        if record.task_state == TaskState.DONE.value:
+            self.reject(Rejection.DUPLICATE, ref, f"{what}: the task already has its result", logging.INFO)
+            return
+        job = self.jobs.get(record.job_id)
+        if not (result.ok and job is not None and job.state != JobState.CANCELLED.value
+                and record.task_state in _OPEN_TO_LATE):
+            self.reject(Rejection.LATE, ref, f"{what}: attempt already closed ({record.outcome}), "
+                        f"task {record.task_state}", logging.INFO)
+            return
+        other = self.leases.of_task(task_id)
+        if other is not None:
+            # Another attempt is running for this task: it is superseded by this answer.
+            self.leases.remove(other)
+            self.changes.supersede(other.attempt_id)
+            self.status.worker_changed(other.worker_id)
+        log.info("accepted late %s from %s (attempt was %s)", what, ref.key, record.outcome)
+        self._accept(record.attempt_id, task_id, record.job_id, TaskState(record.task_state), slot, result, now)
+
+    def _accept(self, attempt_id: int, task_id: int, job_id: int, previous: TaskState, slot: WorkerSlot,
+                result: Result, now: float) -> None:
+        self.changes.accept(task_id, attempt_id, slot.id, dump_json(result.value), result.elapsed, now)
+        slot.done += 1
+        self.status.worker_changed(slot.id)
+        job = self.jobs.get(job_id)
+        if job is not None:
+            job.move(previous.value, TaskState.DONE.value)
+            self.status.job_changed(job.id)
+        self.finished += 1
+
+    # -- attempts that end without a value -------------------------------------------------------
+    def close_failed(self, lease: Lease, outcome: AttemptOutcome, error: str) -> None:
+        """Close an open attempt that produced no value; the task goes back to pending, or
+        fails when its attempts are used up."""
+        self.leases.remove(lease)
+        self.changes.close(lease.attempt_id, outcome, error, lease.worker_id)
+        worker = self.workers.by_id.get(lease.worker_id)
+        if worker is not None:
+            worker.failed += 1
+            self.status.worker_changed(worker.id)
+        job = self.jobs.get(lease.job_id)
+        if job is None or not job.active:
+            return  # cancelled meanwhile: the task stays cancelled
+        if lease.budget_used() >= job.max_attempts:
+            self.changes.set_task(lease.task_id, TaskState.FAILED)
+            job.move(TaskState.ASSIGNED.value, TaskState.FAILED.value)
+            self.finished += 1
+        else:
+            self.changes.set_task(lease.task_id, TaskState.PENDING)
+            job.move(TaskState.ASSIGNED.value, TaskState.PENDING.value)
+            job.drained = False
+        self.status.job_changed(job.id)
+
+    def release(self, slot: WorkerSlot, message: str) -> None:
+        """Everything ``slot`` held is lost with it (will, goodbye, restart)."""
+        for lease in self.leases.of_worker(slot.id):
+            self.close_failed(lease, AttemptOutcome.LOST, error_json("WorkerLost", message))
+
+    def expire(self, now: float) -> None:
+        """Close the attempts whose lease deadline has passed."""
+        for lease in self.leases.expired(now):
+            worker = self.workers.by_id.get(lease.worker_id)
+            name = worker.key if worker else f"worker #{lease.worker_id}"
+            limit = lease.deadline - lease.sent_at
+            log.info("lease of task %d attempt %d on %s expired; returning the task",
+                     lease.task_id, lease.number, name)
+            self.close_failed(lease, AttemptOutcome.EXPIRED,
+                              error_json("LeaseExpired", f"no result from {name} within {limit:g} s"))

@@ -1,0 +1,209 @@
+"""The worker registry: who may take work, from what their presence messages say.
+
+Each worker is mirrored in memory (``WorkerSlot``) and written through to the store on every
+presence; the engine is the only writer of worker rows, so memory stays exact. What a
+presence means for the work a worker holds (``PresenceChange``) is decided here from its
+connection sequence (``seq``, Sparkplug B's bdSeq: a will carries the number of the
+connection it belongs to) and its process start time; the ledger acts on it.
+
+A stored "online" is hearsay until the worker's presence is seen by this coordinator
+(``confirmed``): only confirmed workers get work. Lost workers are purged after a grace period.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Iterator
+
+from dockercomp.broker.messages import OfflineReason, Presence, PresenceState
+from dockercomp.broker.topics import Topics, WorkerRef
+from dockercomp.coordinator.defaults import MAX_PREFETCH
+from dockercomp.coordinator.store import Store, WorkerRow, WorkerState
+
+log = logging.getLogger(__name__)
+
+
+class PresenceChange(str, Enum):
+    NEW = "new"  # first presence ever seen from this worker
+    ONLINE = "online"  # online again after being lost, offline or purged (same process)
+    RECONNECTED = "reconnected"  # a new connection of the same process, or first seen since we started
+    RESTARTED = "restarted"  # a new agent process: whatever the old one held is gone
+    LOST = "lost"  # its will: the connection dropped without goodbye
+    SHUTDOWN = "shutdown"  # it said goodbye
+    STALE = "stale"  # older than what we know (a will arriving after a newer connection)
+    UNCHANGED = "unchanged"  # a repeat of what we know (retained presence seen again)
+
+
+@dataclass(eq=False)
+class WorkerSlot:
+    """A worker as the engine sees it."""
+
+    id: int
+    ref: WorkerRef
+    tasks_topic: str
+    state: str
+    seq: int
+    started: float
+    capacity: int
+    functions: frozenset[str]
+    prefetch: int = 0
+    host: str = ""
+    version: str = ""
+    last_seen: float = 0.0
+    lost_at: float | None = None
+    done: int = 0
+    failed: int = 0
+    rejected: int = 0
+    # Presence seen since this coordinator started: until then a stored "online" is hearsay.
+    confirmed: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.ref.key
+
+    @property
+    def limit(self) -> int:
+        """Most open attempts it may hold: ``capacity`` running plus ``prefetch`` queued."""
+        return self.capacity + self.prefetch
+
+
+class WorkerRegistry:
+    """Workers known to the store, kept in memory and written through on every presence."""
+
+    def __init__(self, store: Store, topics: Topics) -> None:
+        self.store = store
+        self.topics = topics
+        self.by_key: dict[str, WorkerSlot] = {}
+        self.by_id: dict[int, WorkerSlot] = {}
+        # dispatchable(), kept between presence changes: sorting 1,000 workers on every
+        # engine step was a visible share of the dispatch cost at scale.
+        self._dispatchable: list[WorkerSlot] | None = None
+
+    def load(self) -> None:
+        self.by_key.clear()
+        self.by_id.clear()
+        self._dispatchable = None
+        for row in self.store.workers():
+            try:
+                ref = WorkerRef(row.volunteer, row.name)
+            except ValueError:
+                log.warning("ignoring stored worker %r: its name is not valid any more", row.key)
+                continue
+            self._add(row, ref, confirmed=False)
+
+    def _add(self, row: WorkerRow, ref: WorkerRef, confirmed: bool) -> WorkerSlot:
+        slot = WorkerSlot(
+            id=row.id, ref=ref, tasks_topic=self.topics.tasks(ref), state=row.state, seq=row.seq,
+            started=row.started, capacity=row.capacity, functions=frozenset(row.functions),
+            prefetch=row.prefetch, host=row.host, version=row.version, last_seen=row.last_seen, lost_at=row.lost_at,
+            done=row.tasks_done, failed=row.tasks_failed, confirmed=confirmed,
+        )
+        self.by_key[slot.key] = slot
+        self.by_id[slot.id] = slot
+        self._dispatchable = None
+        return slot
+
+    def get(self, key: str) -> WorkerSlot | None:
+        return self.by_key.get(key)
+
+    def __iter__(self) -> Iterator[WorkerSlot]:
+        return iter(list(self.by_id.values()))
+
+    def dispatchable(self) -> list[WorkerSlot]:
+        """Online workers confirmed since start that take work, in a stable order (do not
+        modify the list: it is kept until the next presence change)."""
+        if self._dispatchable is None:
+            self._dispatchable = [w for _, w in sorted(self.by_id.items())
+                                  if w.state == WorkerState.ONLINE.value and w.confirmed and w.capacity > 0
+                                  and w.functions]
+        return self._dispatchable
+
+    def unconfirm_all(self) -> None:
+        """Until its presence is seen again, no worker gets work (after a broker outage)."""
+        for worker in self.by_id.values():
+            worker.confirmed = False
+        self._dispatchable = None
+
+    def apply(self, ref: WorkerRef, presence: Presence, now: float) -> tuple[WorkerSlot, PresenceChange]:
+        """Record a presence message; says what it means for the work the worker holds."""
+        slot = self.by_key.get(ref.key)
+        online = presence.state is PresenceState.ONLINE
+        self._dispatchable = None
+        if slot is None:
+            state = WorkerState.ONLINE if online else WorkerState.LOST
+            row = self.store.add_worker(ref.key, ref.volunteer, ref.worker, now, state=state.value, seq=presence.seq,
+                                        lost_at=None if online else now, **_details(presence))
+            return self._add(row, ref, confirmed=True), PresenceChange.NEW
+        if presence.seq < slot.seq:
+            return slot, PresenceChange.STALE
+        if online:
+            if presence.seq == slot.seq and slot.state != WorkerState.ONLINE.value:
+                # This connection's will or goodbye was already seen: the online is older news.
+                return slot, PresenceChange.STALE
+            if slot.started and presence.started and presence.started != slot.started:
+                change = PresenceChange.RESTARTED
+            elif slot.state != WorkerState.ONLINE.value:
+                change = PresenceChange.ONLINE
+            elif presence.seq > slot.seq or not slot.confirmed:
+                change = PresenceChange.RECONNECTED
+            else:
+                change = PresenceChange.UNCHANGED
+            self._update(slot, presence, WorkerState.ONLINE, now)
+            slot.confirmed = True
+            return slot, change
+        if presence.seq == slot.seq and slot.state != WorkerState.ONLINE.value:
+            return slot, PresenceChange.UNCHANGED
+        shutdown = presence.reason is OfflineReason.SHUTDOWN
+        self._update(slot, presence, WorkerState.OFFLINE if shutdown else WorkerState.LOST, now)
+        slot.confirmed = True
+        return slot, PresenceChange.SHUTDOWN if shutdown else PresenceChange.LOST
+
+    def _update(self, slot: WorkerSlot, presence: Presence, state: WorkerState, now: float) -> None:
+        online = state is WorkerState.ONLINE
+        fields: dict[str, Any] = {"state": state.value, "seq": presence.seq, "last_seen": now}
+        if online:
+            fields.update(_details(presence), lost_at=None, purged_at=None)
+            slot.started, slot.capacity = presence.started, presence.capacity
+            slot.prefetch = _prefetch(presence)
+            slot.functions = frozenset(presence.functions)
+            slot.host, slot.version = presence.host, presence.version
+            slot.lost_at = None
+        elif state is WorkerState.LOST:
+            fields["lost_at"] = now
+            slot.lost_at = now
+        self.store.update_worker(slot.id, **fields)
+        slot.state, slot.seq, slot.last_seen = state.value, presence.seq, now
+
+    def purge(self, older_than: float, now: float) -> tuple[list[WorkerSlot], list[WorkerSlot]]:
+        """Purge the workers lost for more than ``older_than`` seconds. Returns them (their
+        retained presence is to be cleared), then those `dockercomp coordinator purge` purged
+        meanwhile (it cleared their presence itself)."""
+        purged = [slot for row in self.store.purge_lost(older_than, now)
+                  if (slot := self._mark_purged(row.id)) is not None]
+        lost = [w.id for w in self.by_id.values() if w.state == WorkerState.LOST.value]
+        elsewhere = [slot for worker_id in (self.store.purged_among(lost) if lost else [])
+                     if (slot := self._mark_purged(worker_id)) is not None]
+        return purged, elsewhere
+
+    def _mark_purged(self, worker_id: int) -> WorkerSlot | None:
+        slot = self.by_id.get(worker_id)
+        if slot is not None:
+            slot.state = WorkerState.PURGED.value
+            self._dispatchable = None
+        return slot
+
+
+def _details(presence: Presence) -> dict[str, Any]:
+    return {
+        "host": presence.host, "container": presence.container, "image": presence.image,
+        "version": presence.version, "cpus": presence.cpus, "capacity": presence.capacity,
+        "prefetch": _prefetch(presence), "functions": sorted(presence.functions),
+        "started": presence.started,
+    }
+
+
+def _prefetch(presence: Presence) -> int:
+    """What the worker asks to have queued, within MAX_PREFETCH."""
+    return min(presence.prefetch, MAX_PREFETCH)

@@ -1,0 +1,536 @@
+"""The store on a SQL database (peewee): a SQLite file (WAL) by default, PostgreSQL for scale.
+
+Every SQL statement of the coordinator is here (database.py opens the database and upgrades
+its schema). The models reach the database through ``database_proxy``, bound per thread:
+every ``SqlStore`` method binds its own database for the calling thread first, so an engine
+thread and an API client in one process, or a test holding two stores, never cross. peewee
+keeps one connection per thread, so several threads may also share one store. SQLite
+transactions start ``IMMEDIATE``: a writer takes the lock up front and waits up to
+busy_timeout for it, instead of failing half-way.
+
+The engine's writes are hand-written, batched SQL: they run once per engine step, and
+building them with peewee's query builder cost more than executing them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
+
+import peewee as pw
+
+from dockercomp.coordinator import database
+from dockercomp.coordinator.errors import StoreError, StoreLocked, UnknownJob
+from dockercomp.coordinator.store import (
+    ALLOWED_FROM,
+    FAILED_OUTCOMES,
+    AttemptOutcome,
+    AttemptRecord,
+    Changes,
+    JobRow,
+    JobState,
+    NewAttempt,
+    OpenAttempt,
+    PendingRow,
+    ResultRow,
+    Store,
+    TaskState,
+    WorkerRow,
+    WorkerState,
+    check_worker_fields,
+    decode_functions,
+    dump_json,
+    error_entry,
+    name_taken,
+    no_tasks,
+)
+
+# Tasks read per query when listing results.
+_RESULTS_CHUNK = 1000
+# Rows per IN (...) list: far below SQLite's 32,766 variables per statement.
+_IN_CHUNK = 900
+
+
+class ThreadDatabaseProxy(pw.DatabaseProxy):
+    """A database proxy bound per thread: a coordinator engine thread and an API client in the
+    same process may each use their own Store (even on different databases) without one
+    rebinding the other's queries. A thread that never bound uses the last store bound."""
+
+    __slots__ = ("_local", "_fallback")
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_local", threading.local())
+        object.__setattr__(self, "_fallback", None)
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def obj(self) -> pw.Database | None:
+        bound = getattr(self._local, "db", None)
+        return bound if bound is not None else self._fallback
+
+    @obj.setter
+    def obj(self, value: pw.Database | None) -> None:
+        self._local.db = value
+        if value is not None:
+            object.__setattr__(self, "_fallback", value)
+
+    def bound_here(self) -> pw.Database | None:
+        return getattr(self._local, "db", None)
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        object.__setattr__(self, attr, value)
+
+
+database_proxy = ThreadDatabaseProxy()
+
+
+class BaseModel(pw.Model):
+    class Meta:
+        database = database_proxy
+
+
+class Worker(BaseModel):
+    key = pw.CharField(max_length=130, unique=True)  # "volunteer/worker"
+    volunteer = pw.CharField(max_length=64, index=True)
+    name = pw.CharField(max_length=64)
+    state = pw.CharField(max_length=16, default=WorkerState.ONLINE.value, index=True)
+    seq = pw.BigIntegerField(default=0)  # connection sequence of the newest presence seen
+    host = pw.CharField(max_length=255, default="")
+    container = pw.CharField(max_length=128, null=True)
+    image = pw.CharField(max_length=255, null=True)
+    version = pw.CharField(max_length=64, default="")
+    cpus = pw.IntegerField(default=0)
+    capacity = pw.IntegerField(default=1)
+    prefetch = pw.IntegerField(default=0)  # tasks it wants queued beyond capacity (added later: database.py)
+    functions = pw.TextField(default="[]")  # JSON list
+    started = pw.DoubleField(default=0.0)
+    first_seen = pw.DoubleField()
+    last_seen = pw.DoubleField()
+    lost_at = pw.DoubleField(null=True)
+    purged_at = pw.DoubleField(null=True)
+    tasks_done = pw.IntegerField(default=0)
+    tasks_failed = pw.IntegerField(default=0)
+
+
+class Job(BaseModel):
+    name = pw.CharField(max_length=64, unique=True)
+    function = pw.CharField(max_length=200)
+    timeout = pw.DoubleField()
+    max_attempts = pw.IntegerField()
+    state = pw.CharField(max_length=16, default=JobState.ACTIVE.value, index=True)
+    created_at = pw.DoubleField()
+    finished_at = pw.DoubleField(null=True)
+    total = pw.IntegerField(default=0)
+    revision = pw.IntegerField(default=0)  # JobRow.revision
+
+
+class Task(BaseModel):
+    job = pw.ForeignKeyField(Job, backref="tasks", on_delete="CASCADE")
+    index = pw.IntegerField()  # line number in the submitted input, from 0
+    args = pw.TextField()  # JSON list
+    state = pw.CharField(max_length=16, default=TaskState.PENDING.value)
+    attempts = pw.IntegerField(default=0)  # attempts ever made: numbers 1..attempts exist
+    retries_from = pw.IntegerField(default=0)  # `attempts` when `retry` last renewed the budget
+    updated_at = pw.DoubleField()
+
+    class Meta:
+        # (job, state): dispatch takes a job's oldest pending tasks, and progress counts a
+        # job's tasks per state, without scanning other jobs. Nothing more on state: every
+        # index on it is rewritten twice per task (database.DROPPED_INDEXES).
+        indexes = ((("job", "index"), True), (("job", "state"), False))
+
+
+class Attempt(BaseModel):
+    # Found by task through the unique (task, number) index: no index of its own.
+    task = pw.ForeignKeyField(Task, backref="attempt_rows", on_delete="CASCADE", index=False)
+    number = pw.IntegerField()  # 1 for the first dispatch of the task
+    worker = pw.ForeignKeyField(Worker, backref="attempts")
+    sent_at = pw.DoubleField()
+    deadline = pw.DoubleField()  # the engine keeps open attempts in memory (leases.py)
+    finished_at = pw.DoubleField(null=True)
+    outcome = pw.CharField(max_length=16, default=AttemptOutcome.OPEN.value, index=True)
+    error = pw.TextField(null=True)  # JSON {type, message, traceback}
+
+    class Meta:
+        indexes = ((("task", "number"), True),)
+
+
+class Result(BaseModel):
+    task = pw.ForeignKeyField(Task, unique=True, backref="result_rows", on_delete="CASCADE")
+    attempt = pw.ForeignKeyField(Attempt)
+    worker = pw.ForeignKeyField(Worker, backref="results")
+    value = pw.TextField()  # JSON
+    elapsed = pw.DoubleField()
+    received_at = pw.DoubleField()
+
+
+MODELS = [Worker, Job, Task, Attempt, Result]
+
+
+def _chunks(items: list[Any], size: int = _IN_CHUNK) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _marks(param: str, values: Iterable[Any]) -> str:
+    return ", ".join([param] * len(list(values)))
+
+
+def _job_row(row: Job) -> JobRow:
+    return JobRow(row.id, row.name, row.function, row.timeout, row.max_attempts, row.state, row.created_at,
+                  row.finished_at, row.total, row.revision)
+
+
+def _worker_row(row: Worker) -> WorkerRow:
+    return WorkerRow(
+        id=row.id, key=row.key, volunteer=row.volunteer, name=row.name, state=row.state, seq=row.seq,
+        host=row.host, container=row.container, image=row.image, version=row.version, cpus=row.cpus,
+        capacity=row.capacity, prefetch=row.prefetch, functions=decode_functions(row.functions),
+        started=row.started, first_seen=row.first_seen, last_seen=row.last_seen, lost_at=row.lost_at,
+        purged_at=row.purged_at, tasks_done=row.tasks_done, tasks_failed=row.tasks_failed,
+    )
+
+
+def _worker_columns(fields: dict[str, Any]) -> dict[str, Any]:
+    check_worker_fields(fields)
+    if "functions" in fields:
+        fields = {**fields, "functions": dump_json(sorted(fields["functions"]))}
+    return fields
+
+
+class SqlStore(Store):
+    """The store on SQLite or PostgreSQL (``Store.open(url)``)."""
+
+    failures = (StoreError, pw.PeeweeException)
+
+    def __init__(self, db: pw.Database, url: str = "") -> None:
+        self.db = db
+        self.url = url
+
+    @classmethod
+    def open(cls, url: str, busy_timeout_ms: int = database.SQLITE_BUSY_TIMEOUT_MS) -> "SqlStore":  # type: ignore[override]
+        """Creates tables if missing. Raises StoreError with what to do on failure."""
+        url = str(url)
+        store = cls(database.connect(url, busy_timeout_ms), database.describe(url))
+        with store._errors("open the database"):
+            database_proxy.initialize(store.db)
+            store.db.connect(reuse_if_open=True)
+            store.db.create_tables(MODELS, safe=True)
+            database.upgrade(store.db)
+        return store
+
+    @property
+    def is_postgres(self) -> bool:
+        return isinstance(self.db, pw.PostgresqlDatabase)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return isinstance(self.db, pw.SqliteDatabase)
+
+    def close(self) -> None:
+        if not self.db.is_closed():
+            self.db.close()
+
+    def bind(self) -> None:
+        if database_proxy.bound_here() is not self.db:
+            database_proxy.initialize(self.db)
+
+    def transaction(self) -> Any:
+        self.bind()
+        return self.db.atomic()
+
+    def relax_durability(self) -> None:
+        """SQLite WAL with synchronous=NORMAL: losing the last results to a power cut only
+        means recomputing them, as their leases are still open."""
+        if self.is_sqlite:
+            self.bind()
+            self.db.execute_sql("PRAGMA synchronous=NORMAL")
+
+    @contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        """Turn database failures into a StoreError that says what to do."""
+        self.bind()
+        try:
+            yield
+        except pw.OperationalError as exc:
+            text = str(exc)
+            if "locked" in text or "busy" in text:
+                raise StoreLocked(f"cannot {doing}: the database {self.url} is locked by another process",
+                                  "wait for the other command to finish and retry") from None
+            hint = ("is the PostgreSQL server running, and the URL right?" if self.is_postgres
+                    else "check the path and that this user may write to it")
+            raise StoreError(f"cannot {doing} ({self.url}): {text.strip()}", hint) from None
+        except pw.DatabaseError as exc:
+            raise StoreError(f"cannot {doing} ({self.url}): {str(exc).strip()}",
+                             "is this a dockercomp coordinator database?") from None
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def _insert_job(self, function: str, name: str | None, timeout: float, max_attempts: int,
+                    batches: Iterator[list[tuple[int, str]]], on_progress: Callable[[int], None] | None) -> JobRow:
+        now = time.time()
+        with self._errors("store the job"), self.db.atomic():
+            if name is not None and Job.select().where(Job.name == name).exists():
+                raise name_taken(name)
+            job = Job.create(name=name or f"job-new-{os.getpid()}-{now}", function=function,
+                             timeout=timeout, max_attempts=max_attempts, created_at=now)
+            if name is None:
+                job.name = f"job-{job.id}"
+                job.save(only=[Job.name])
+            total = 0
+            pending = TaskState.PENDING.value
+            for batch in batches:
+                self._insert_tasks([(job.id, index, args, pending, 0, 0, now) for index, args in batch])
+                total += len(batch)
+                if on_progress is not None:
+                    on_progress(total)
+            if total == 0:
+                raise no_tasks()
+            job.total = total
+            job.save(only=[Job.total])
+        return _job_row(job)
+
+    def _insert_tasks(self, rows: list[tuple[int, int, str, str, int, int, float]]) -> None:
+        if self.is_sqlite:
+            # Plain DB-API calls skip peewee's per-row query building: ~5x faster.
+            self.db.cursor().executemany(
+                'INSERT INTO "task" ("job_id", "index", "args", "state", "attempts", "retries_from", "updated_at")'
+                " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        else:
+            # COPY: one stream instead of 5,000 bound rows; ~10x faster than INSERT ... VALUES.
+            # Text format: tab-separated, backslash escaped. Compact JSON holds no raw tab or
+            # newline (json.dumps escapes control characters), so only backslashes need doubling.
+            lines = "".join(f"{job}\t{index}\t{args.replace(chr(92), chr(92) * 2)}\t{state}\t{a}\t{r}\t{at!r}\n"
+                            for job, index, args, state, a, r, at in rows)
+            self.db.cursor().copy_expert(
+                'COPY "task" ("job_id", "index", "args", "state", "attempts", "retries_from", "updated_at") FROM STDIN',
+                io.StringIO(lines))
+
+    def get_job(self, id_or_name: str | int) -> JobRow:
+        with self._errors("read jobs"):
+            job = None
+            text = str(id_or_name).strip()
+            if text.isdigit():
+                job = Job.get_or_none(Job.id == int(text))
+            if job is None:
+                job = Job.get_or_none(Job.name == text)
+            if job is None:
+                known = [j.name for j in Job.select(Job.name).order_by(Job.id.desc()).limit(50)]
+                raise UnknownJob(id_or_name, known)
+            return _job_row(job)
+
+    def jobs(self) -> list[JobRow]:
+        with self._errors("read jobs"):
+            query = Job.select(Job.id, Job.name, Job.function, Job.timeout, Job.max_attempts, Job.state,
+                               Job.created_at, Job.finished_at, Job.total, Job.revision).order_by(Job.id).tuples()
+            return [JobRow(*row) for row in query]
+
+    def task_counts(self, job_id: int) -> dict[str, int]:
+        counts = {state.value: 0 for state in TaskState}
+        with self._errors("count tasks"):
+            query = (Task.select(Task.state, pw.fn.COUNT(Task.id).alias("n"))
+                     .where(Task.job == job_id).group_by(Task.state).tuples())
+            for state, n in query:
+                counts[state] = n
+        return counts
+
+    def results(self, job: JobRow) -> Iterator[ResultRow]:
+        last_index = -1
+        while True:
+            with self._errors("read results"):
+                tasks = list(Task.select(Task.id, Task.index, Task.args, Task.state, Task.attempts)
+                             .where((Task.job == job.id) & (Task.index > last_index))
+                             .order_by(Task.index).limit(_RESULTS_CHUNK).tuples())
+                if not tasks:
+                    return
+                ids = [t[0] for t in tasks]
+                accepted = {
+                    task_id: (value, elapsed, key)
+                    for task_id, value, elapsed, key in (
+                        Result.select(Result.task, Result.value, Result.elapsed, Worker.key)
+                        .join(Worker).where(Result.task.in_(ids)).tuples())
+                }
+                errors: dict[int, list[dict[str, Any]]] = {}
+                failed = (Attempt.select(Attempt.task, Attempt.number, Attempt.outcome, Attempt.error, Worker.key)
+                          .join(Worker).where(Attempt.task.in_(ids) & Attempt.outcome.in_(FAILED_OUTCOMES))
+                          .order_by(Attempt.task, Attempt.number).tuples())
+                for task_id, number, outcome, error, key in failed:
+                    errors.setdefault(task_id, []).append(error_entry(number, key, outcome, error))
+            for task_id, index, args, state, attempts in tasks:
+                value, elapsed, key = accepted.get(task_id, (None, None, None))
+                yield ResultRow(
+                    task_id=task_id, index=index, args=json.loads(args), state=state,
+                    value=json.loads(value) if value is not None else None, worker=key,
+                    attempts=attempts, elapsed=elapsed, errors=errors.get(task_id, []),
+                )
+            last_index = tasks[-1][1]
+
+    def task_ids(self, job_id: int, states: Iterable[str]) -> set[int]:
+        with self._errors("read tasks"):
+            query = Task.select(Task.id).where((Task.job == job_id) & Task.state.in_(list(states))).tuples()
+            return {task_id for (task_id,) in query}
+
+    def cancel_job(self, job: JobRow) -> int:
+        now = time.time()
+        with self._errors("cancel the job"), self.db.atomic():
+            count = (Task.update(state=TaskState.CANCELLED.value, updated_at=now)
+                     .where((Task.job == job.id) & Task.state.in_([TaskState.PENDING.value, TaskState.ASSIGNED.value]))
+                     .execute())
+            fields: dict[Any, Any] = {Job.revision: Job.revision + 1}
+            if count:
+                fields.update({Job.state: JobState.CANCELLED.value, Job.finished_at: now})
+            Job.update(fields).where(Job.id == job.id).execute()
+        return count
+
+    def retry_failed(self, job: JobRow) -> int:
+        now = time.time()
+        with self._errors("retry the job"), self.db.atomic():
+            count = (Task.update(state=TaskState.PENDING.value, retries_from=Task.attempts, updated_at=now)
+                     .where((Task.job == job.id) & (Task.state == TaskState.FAILED.value)).execute())
+            if count:
+                Job.update(state=JobState.ACTIVE.value, finished_at=None, revision=Job.revision + 1
+                           ).where(Job.id == job.id).execute()
+        return count
+
+    # -- workers ---------------------------------------------------------------------------------
+    def workers(self) -> list[WorkerRow]:
+        with self._errors("read workers"):
+            return [_worker_row(row) for row in Worker.select().order_by(Worker.key)]
+
+    def inflight(self) -> dict[str, int]:
+        with self._errors("read workers"):
+            query = (Attempt.select(Worker.key, pw.fn.COUNT(Attempt.id)).join(Worker)
+                     .where(Attempt.outcome == AttemptOutcome.OPEN.value).group_by(Worker.key).tuples())
+            return dict(query)
+
+    def purge_lost(self, older_than: float, now: float) -> list[WorkerRow]:
+        with self._errors("purge workers"), self.db.atomic():
+            lost = list(Worker.select().where((Worker.state == WorkerState.LOST.value)
+                                              & (Worker.lost_at <= now - older_than)).order_by(Worker.key))
+            if lost:
+                Worker.update(state=WorkerState.PURGED.value, purged_at=now).where(
+                    Worker.id.in_([w.id for w in lost])).execute()
+                for worker in lost:
+                    worker.state, worker.purged_at = WorkerState.PURGED.value, now
+        return [_worker_row(row) for row in lost]
+
+    # -- the engine: workers ----------------------------------------------------------------------
+    def add_worker(self, key: str, volunteer: str, name: str, first_seen: float, **fields: Any) -> WorkerRow:
+        self.bind()
+        row = Worker.create(key=key, volunteer=volunteer, name=name, first_seen=first_seen,
+                            **{"last_seen": first_seen, **_worker_columns(fields)})
+        return _worker_row(row)
+
+    def update_worker(self, worker_id: int, **fields: Any) -> None:
+        self.bind()
+        Worker.update(_worker_columns(fields)).where(Worker.id == worker_id).execute()
+
+    def purged_among(self, worker_ids: list[int]) -> list[int]:
+        self.bind()
+        purged = []
+        for part in _chunks(worker_ids):
+            purged += [worker_id for (worker_id,) in Worker.select(Worker.id).where(
+                Worker.id.in_(part) & (Worker.state == WorkerState.PURGED.value)).tuples()]
+        return purged
+
+    # -- the engine: jobs and dispatch --------------------------------------------------------------
+    def finish_job(self, job_id: int, now: float) -> None:
+        self.bind()
+        Job.update(state=JobState.DONE.value, finished_at=now).where(
+            (Job.id == job_id) & (Job.state == JobState.ACTIVE.value)).execute()
+
+    def pending_tasks(self, job_id: int, limit: int) -> list[PendingRow]:
+        p = self.db.param
+        sql = (f"SELECT id, args, attempts, retries_from FROM task WHERE job_id = {p} AND state = {p} "
+               f"ORDER BY id LIMIT {p}")
+        if self.is_postgres:
+            sql += " FOR UPDATE"  # a concurrent `cancel` waits for this transaction
+        return list(self.db.execute_sql(sql, (job_id, TaskState.PENDING.value, limit)).fetchall())
+
+    def open_attempts(self, attempts: list[NewAttempt], now: float) -> dict[int, int]:
+        db, p = self.db, self.db.param
+        row = f"({p}, {p}, {p}, {p}, {p}, {p})"
+        opened: dict[int, int] = {}
+        for part in _chunks(attempts, 500):
+            values: list[Any] = []
+            for task_id, number, worker_id, deadline in part:
+                values += (task_id, number, worker_id, now, deadline, AttemptOutcome.OPEN.value)
+            inserted = db.execute_sql(
+                "INSERT INTO attempt (task_id, number, worker_id, sent_at, deadline, outcome) "
+                f"VALUES {', '.join([row] * len(part))} RETURNING id, task_id", values).fetchall()
+            opened.update((task_id, attempt_id) for attempt_id, task_id in inserted)
+            task_ids = [a[0] for a in part]
+            db.execute_sql(f"UPDATE task SET state = {p}, attempts = attempts + 1, updated_at = {p} "
+                           f"WHERE id IN ({_marks(p, task_ids)})", [TaskState.ASSIGNED.value, now, *task_ids])
+        return opened
+
+    def open_leases(self) -> list[OpenAttempt]:
+        self.bind()
+        query = (Attempt.select(Attempt.id, Attempt.task, Attempt.number, Task.job, Attempt.worker, Attempt.sent_at,
+                                Attempt.deadline, Task.retries_from, Task.args, Job.function, Job.timeout)
+                 .join(Task).join(Job)
+                 .where(Attempt.outcome == AttemptOutcome.OPEN.value).tuples())
+        return [OpenAttempt(*row) for row in query]
+
+    def extend_deadlines(self, by: float) -> None:
+        p = self.db.param
+        self.db.execute_sql(f"UPDATE attempt SET deadline = deadline + {p} WHERE outcome = {p}",
+                            (by, AttemptOutcome.OPEN.value))
+
+    # -- the engine: the ledger ------------------------------------------------------------------
+    def apply(self, changes: Changes, now: float) -> None:
+        """One statement per kind of change, never one per row (executemany) where it can be
+        helped: the sqlite3 module releases the GIL for every row, and each time the network
+        thread took it the engine waited to get it back."""
+        if not changes:
+            return
+        db, p = self.db, self.db.param
+        row = f"({p}, {p}, {p}, {p}, {p}, {p})"
+        for part in _chunks(changes.results, 500):
+            db.execute_sql("INSERT INTO result (task_id, attempt_id, worker_id, value, elapsed, received_at) "
+                           f"VALUES {', '.join([row] * len(part))}", [v for result in part for v in result])
+        for ids in _chunks(changes.ok_attempts):
+            db.execute_sql(f"UPDATE attempt SET outcome = {p}, finished_at = {p} WHERE id IN ({_marks(p, ids)})",
+                           [AttemptOutcome.OK.value, now, *ids])
+        for ids in _chunks(changes.superseded_attempts):
+            db.execute_sql(f"UPDATE attempt SET outcome = {p}, finished_at = {p} "
+                           f"WHERE outcome = {p} AND id IN ({_marks(p, ids)})",
+                           [AttemptOutcome.SUPERSEDED.value, now, AttemptOutcome.OPEN.value, *ids])
+        if changes.closed_attempts:
+            db.cursor().executemany(f"UPDATE attempt SET outcome = {p}, error = {p}, finished_at = {p} WHERE id = {p}",
+                                    [(outcome, error, now, attempt_id)
+                                     for attempt_id, outcome, error in changes.closed_attempts])
+        by_state: dict[str, list[int]] = {}
+        for task_id, state in changes.task_states.items():
+            by_state.setdefault(state, []).append(task_id)
+        for state, ids in by_state.items():
+            sources = ALLOWED_FROM[state]
+            for part in _chunks(ids):
+                db.execute_sql(f"UPDATE task SET state = {p}, updated_at = {p} WHERE id IN ({_marks(p, part)}) "
+                               f"AND state IN ({_marks(p, sources)})", [state, now, *part, *sources])
+        self._add_counts("tasks_done", changes.worker_done)
+        self._add_counts("tasks_failed", changes.worker_failed)
+        changes.clear()
+
+    def _add_counts(self, column: str, counts: dict[int, int]) -> None:
+        """worker.<column> += n for each (worker id, n), in one statement per 400 workers."""
+        p = self.db.param
+        for part in _chunks(list(counts.items()), 400):
+            cases = " ".join([f"WHEN {p} THEN {p}"] * len(part))
+            self.db.execute_sql(f"UPDATE worker SET {column} = {column} + CASE id {cases} END "
+                                f"WHERE id IN ({_marks(p, part)})",
+                                [v for worker_id, n in part for v in (worker_id, n)] + [w for w, _ in part])
+
+    def find_attempt(self, task_id: int, number: int) -> AttemptRecord | None:
+        self.bind()
+        row = (Attempt.select(Attempt.id, Attempt.worker, Attempt.outcome, Task.state, Task.job)
+               .join(Task).where((Attempt.task == task_id) & (Attempt.number == number)).tuples().first())
+        return AttemptRecord(*row) if row else None
+
+    def task_exists(self, task_id: int) -> bool:
+        self.bind()
+        return Task.select(pw.SQL("1")).where(Task.id == task_id).exists()
