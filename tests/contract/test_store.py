@@ -1,7 +1,7 @@
-"""The store as the CLI and the Python API use it, on a real SQLite file.
+"""The store contract: one suite over every store, in memory, on a SQLite file and on a real
+PostgreSQL server (a fresh database per test); huey's storage tests are the model.
 
-test_postgres.py runs this same suite against a real PostgreSQL server (``store_url`` is
-overridden there); tests named ``test_sqlite_*`` are about SQLite itself and run here only.
+Tests named ``test_sqlite_*`` / ``test_postgres_*`` are about that database itself.
 """
 
 from __future__ import annotations
@@ -20,57 +20,70 @@ import pytest
 from dockercomp.coordinator import store as store_module
 from dockercomp.coordinator.errors import InvalidInput, StoreError, StoreLocked, UnknownJob
 from dockercomp.coordinator.store import (
-    Attempt,
     AttemptOutcome,
-    Job,
-    Result,
+    Changes,
+    JobRow,
     Store,
-    Task,
     TaskState,
-    Worker,
+    WorkerRow,
     WorkerState,
     dump_json,
 )
+from tests.support import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def store_url(tmp_path: Path) -> str:
-    return str(tmp_path / "coordinator.db")
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[Store]:
-    opened = Store.open(store_url)
+@pytest.fixture(params=[
+    pytest.param("memory", id="memory"),
+    pytest.param("sqlite", id="sqlite", marks=pytest.mark.real),
+    pytest.param("postgres", id="postgres", marks=[pytest.mark.real, pytest.mark.postgres]),
+])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "memory":
+        url = "memory://"
+    elif request.param == "sqlite":
+        url = str(tmp_path / "coordinator.db")
+    else:
+        url = request.getfixturevalue("postgres_db")
+    opened = Store.open(url)
     yield opened
     opened.close()
 
 
-def count(model: type) -> int:
-    return model.select().count()
-
-
-def add_worker(key: str, state: str = WorkerState.ONLINE.value, lost_at: float | None = None) -> Worker:
+def add_worker(store: Store, key: str, state: str = WorkerState.ONLINE.value, lost_at: float | None = None,
+               **fields: object) -> WorkerRow:
     volunteer, name = key.split("/")
+    return store.add_worker(key, volunteer, name, time.time(), state=state, lost_at=lost_at, capacity=2, **fields)
+
+
+def task_ids(store: Store, job: JobRow) -> list[int]:
+    return [row.task_id for row in store.results(job)]
+
+
+def send(store: Store, task_id: int, number: int, worker: WorkerRow, deadline: float | None = None) -> int:
+    """What dispatch records when it sends a task: its attempt id."""
     now = time.time()
-    return Worker.create(key=key, volunteer=volunteer, name=name, state=state, first_seen=now,
-                         last_seen=now, lost_at=lost_at, capacity=2)
+    return store.open_attempts([(task_id, number, worker.id, deadline or now + 60)], now)[task_id]
 
 
-def attempt(task_id: int, number: int, worker: Worker, outcome: AttemptOutcome, error: dict | None = None) -> Attempt:
-    now = time.time()
-    return Attempt.create(task=task_id, number=number, worker=worker, sent_at=now, deadline=now + 60,
-                          finished_at=now, outcome=outcome.value, error=dump_json(error) if error else None)
+def close(store: Store, attempt_id: int, worker: WorkerRow, outcome: AttemptOutcome, task_id: int,
+          task_state: TaskState, error: dict | None = None) -> None:
+    """What the ledger records for an attempt that ended without a value."""
+    changes = Changes()
+    changes.close(attempt_id, outcome, dump_json(error) if error else None, worker.id)
+    changes.set_task(task_id, task_state)
+    store.apply(changes, time.time())
 
 
-def finish(store: Store, task: Task, worker: Worker, value: object, number: int = 1) -> None:
-    """What the engine records for an accepted result."""
-    done = attempt(task.id, number, worker, AttemptOutcome.OK)
-    Result.create(task=task.id, attempt=done, worker=worker, value=dump_json(value), elapsed=0.5,
-                  received_at=time.time())
-    Task.update(state=TaskState.DONE.value, attempts=number).where(Task.id == task.id).execute()
+def finish(store: Store, task_id: int, worker: WorkerRow, value: object, number: int = 1) -> int:
+    """What the ledger records for an accepted result."""
+    attempt_id = send(store, task_id, number, worker)
+    changes = Changes()
+    changes.accept(task_id, attempt_id, worker.id, dump_json(value), 0.5, time.time())
+    store.apply(changes, time.time())
+    return attempt_id
 
 
 # --------------------------------------------------------------------------- submit
@@ -121,7 +134,8 @@ def test_bad_input_names_the_line_and_stores_nothing(store: Store, args_list: li
         store.create_job("add", args_list)
     assert caught.value.line == line
     assert words in str(caught.value)
-    assert store.jobs() == [] and count(Task) == 0
+    assert store.jobs() == [] and store.open_leases() == []
+    assert sum(store.task_counts(1).values()) == 0
 
 
 @pytest.mark.parametrize(("kwargs", "words"), [
@@ -141,22 +155,10 @@ def test_bad_options_are_refused_before_anything_is_stored(store: Store, kwargs:
 
 
 def test_a_job_name_is_used_once(store: Store) -> None:
-    store.create_job("add", [[1, 2]], name="run")
+    first = store.create_job("add", [[1, 2]], name="run")
     with pytest.raises(InvalidInput, match="already exists"):
         store.create_job("add", [[1, 2]], name="run")
-    assert len(store.jobs()) == 1 and count(Task) == 1
-
-
-def test_sqlite_submit_is_on_disk_when_it_returns(tmp_path: Path) -> None:
-    # A process that submits and is killed the instant create_job returns.
-    db = tmp_path / "durable.db"
-    script = ("import os, signal; from coordinator.store import Store; "
-              f"Store.open({str(db)!r}).create_job('add', [[i, i] for i in range(5000)], name='kept'); "
-              "os.kill(os.getpid(), signal.SIGKILL)")
-    subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-                   check=False, timeout=30)
-    store = Store.open(str(db))
-    assert store.progress(store.get_job("kept")).pending == 5000
+    assert store.jobs() == [store.get_job(first.id)] and store.progress(first).total == 1
 
 
 # --------------------------------------------------------------------------- reading
@@ -181,13 +183,15 @@ def test_unknown_job_in_an_empty_store_says_how_to_submit(store: Store) -> None:
 
 def test_results_carry_values_workers_and_the_reason_of_every_failed_attempt(store: Store) -> None:
     job = store.create_job("add", [[1, 2], [3, 4], [5, 6]])
-    w1, w2 = add_worker("alice/w1"), add_worker("bob/w2")
-    t0, t1, t2 = Task.select().order_by(Task.index)
-    attempt(t0.id, 1, w1, AttemptOutcome.LOST, {"type": "WorkerLost", "message": "gone"})
+    w1, w2 = add_worker(store, "alice/w1"), add_worker(store, "bob/w2")
+    t0, t1, t2 = task_ids(store, job)
+    close(store, send(store, t0, 1, w1), w1, AttemptOutcome.LOST, t0, TaskState.PENDING,
+          {"type": "WorkerLost", "message": "gone"})
     finish(store, t0, w2, 3, number=2)
-    attempt(t1.id, 1, w1, AttemptOutcome.ERROR, {"type": "ValueError", "message": "bad", "traceback": "tb"})
-    attempt(t1.id, 2, w2, AttemptOutcome.EXPIRED, {"type": "LeaseExpired", "message": "slow"})
-    Task.update(state=TaskState.FAILED.value, attempts=2).where(Task.id == t1.id).execute()
+    close(store, send(store, t1, 1, w1), w1, AttemptOutcome.ERROR, t1, TaskState.PENDING,
+          {"type": "ValueError", "message": "bad", "traceback": "tb"})
+    close(store, send(store, t1, 2, w2), w2, AttemptOutcome.EXPIRED, t1, TaskState.FAILED,
+          {"type": "LeaseExpired", "message": "slow"})
 
     r0, r1, r2 = store.results(job)
     assert (r0.state, r0.value, r0.worker, r0.attempts, r0.elapsed) == ("done", 3, "bob/w2", 2, 0.5)
@@ -198,6 +202,8 @@ def test_results_carry_values_workers_and_the_reason_of_every_failed_attempt(sto
     assert (r2.state, r2.errors) == ("pending", [])
     progress = store.progress(job)
     assert (progress.done, progress.failed, progress.pending, progress.finished) == (1, 1, 1, 2)
+    assert store.task_ids(job.id, ("done", "failed")) == {t0, t1}
+    assert {w.key: (w.tasks_done, w.tasks_failed) for w in store.workers()} == {"alice/w1": (0, 2), "bob/w2": (1, 1)}
 
 
 def test_results_stream_large_jobs_in_order(store: Store) -> None:
@@ -208,76 +214,206 @@ def test_results_stream_large_jobs_in_order(store: Store) -> None:
 # --------------------------------------------------------------------------- cancel, retry
 def test_cancel_stops_pending_and_assigned_tasks_but_keeps_finished_ones(store: Store) -> None:
     job = store.create_job("add", [[1, 1]] * 4)
-    worker = add_worker("local/w1")
-    t0, t1, t2, t3 = Task.select().order_by(Task.index)
+    worker = add_worker(store, "local/w1")
+    t0, t1, _, _ = task_ids(store, job)
     finish(store, t0, worker, 2)
-    attempt(t1.id, 1, worker, AttemptOutcome.OPEN)
-    Task.update(state=TaskState.ASSIGNED.value, attempts=1).where(Task.id == t1.id).execute()
+    send(store, t1, 1, worker)
 
     assert store.cancel_job(job) == 3
     progress = store.progress(job)
     assert (progress.state, progress.done, progress.cancelled, progress.finished_at is not None) == (
         "cancelled", 1, 3, True)
+    assert store.get_job(job.id).revision == job.revision + 1  # a running engine notices
     # the open attempt stays open: the engine closes it when the worker answers or dies
-    assert Attempt.get(Attempt.task == t1.id).outcome == "open"
+    assert store.inflight() == {"local/w1": 1}
     assert store.cancel_job(job) == 0
 
 
 def test_retry_returns_failed_tasks_with_a_fresh_budget(store: Store) -> None:
     job = store.create_job("add", [[1, 1], [2, 2]], max_attempts=2)
-    worker = add_worker("local/w1")
-    t0, t1 = Task.select().order_by(Task.index)
+    worker = add_worker(store, "local/w1")
+    t0, t1 = task_ids(store, job)
     finish(store, t0, worker, 2)
-    attempt(t1.id, 1, worker, AttemptOutcome.ERROR, {"type": "E", "message": "1"})
-    attempt(t1.id, 2, worker, AttemptOutcome.ERROR, {"type": "E", "message": "2"})
-    Task.update(state=TaskState.FAILED.value, attempts=2).where(Task.id == t1.id).execute()
-    Job.update(state="done", finished_at=time.time()).where(Job.id == job.id).execute()
+    close(store, send(store, t1, 1, worker), worker, AttemptOutcome.ERROR, t1, TaskState.PENDING,
+          {"type": "E", "message": "1"})
+    close(store, send(store, t1, 2, worker), worker, AttemptOutcome.ERROR, t1, TaskState.FAILED,
+          {"type": "E", "message": "2"})
+    store.finish_job(job.id, time.time())
+    assert store.get_job(job.id).state == "done"
 
     assert store.retry_failed(job) == 1
     progress = store.progress(job)
     assert (progress.state, progress.pending, progress.done, progress.finished_at) == ("active", 1, 1, None)
-    retried = Task.get_by_id(t1.id)
-    assert (retried.attempts, retried.retries_from) == (2, 2)  # attempt 3 is the first of the new budget
+    # attempt 3 is the first of the new budget
+    assert store.pending_tasks(job.id, 10) == [(t1, "[2,2]", 2, 2)]
     assert store.retry_failed(job) == 0
 
 
 # --------------------------------------------------------------------------- workers
 def test_workers_and_what_they_hold(store: Store) -> None:
     job = store.create_job("add", [[1, 1]] * 3)
-    w1, w2 = add_worker("local/w1"), add_worker("local/w2")
-    t0, t1, _ = Task.select().order_by(Task.index)
-    attempt(t0.id, 1, w1, AttemptOutcome.OPEN)
-    attempt(t1.id, 1, w1, AttemptOutcome.OPEN)
+    w1, w2 = add_worker(store, "local/w1"), add_worker(store, "local/w2")
+    t0, t1, _ = task_ids(store, job)
+    send(store, t0, 1, w1)
+    send(store, t1, 1, w1)
     assert [w.key for w in store.workers()] == ["local/w1", "local/w2"]
     assert store.inflight() == {"local/w1": 2}
     assert job.total == 3 and w2
 
 
+def test_a_worker_reads_back_as_its_presence_wrote_it(store: Store) -> None:
+    worker = add_worker(store, "alice/box", functions=["sum", "add"], host="lab", cpus=8, prefetch=3, seq=4)
+    assert (worker.key, worker.volunteer, worker.name, worker.functions) == ("alice/box", "alice", "box", ("add", "sum"))
+
+    store.update_worker(worker.id, state=WorkerState.LOST.value, lost_at=123.0, seq=5, functions=["noop"])
+
+    [again] = store.workers()
+    assert (again.id, again.state, again.lost_at, again.seq, again.functions) == (worker.id, "lost", 123.0, 5, ("noop",))
+    assert (again.host, again.cpus, again.prefetch, again.capacity) == ("lab", 8, 3, 2)
+    with pytest.raises(ValueError, match="not worker fields"):
+        store.update_worker(worker.id, tasks_done=7)
+
+
 def test_purge_takes_only_workers_lost_for_longer_than_the_grace_period(store: Store) -> None:
     now = time.time()
-    add_worker("local/long-lost", WorkerState.LOST.value, lost_at=now - 600)
-    add_worker("local/just-lost", WorkerState.LOST.value, lost_at=now - 10)
-    add_worker("local/alive")
+    long_lost = add_worker(store, "local/long-lost", WorkerState.LOST.value, lost_at=now - 600)
+    just_lost = add_worker(store, "local/just-lost", WorkerState.LOST.value, lost_at=now - 10)
+    alive = add_worker(store, "local/alive")
 
     purged = store.purge_lost(300, now)
 
     assert [w.key for w in purged] == ["local/long-lost"] and purged[0].state == "purged"
     assert {w.key: w.state for w in store.workers()} == {
         "local/alive": "online", "local/just-lost": "lost", "local/long-lost": "purged"}
+    assert store.purged_among([long_lost.id, just_lost.id, alive.id]) == [long_lost.id]
     assert [w.key for w in store.purge_lost(0, now)] == ["local/just-lost"]
     assert store.purge_lost(0, now) == []
 
 
-# --------------------------------------------------------------------------- opening
+# --------------------------------------------------------------------------- the engine's writes
+def test_dispatch_takes_the_oldest_pending_tasks_and_opens_their_attempts(store: Store) -> None:
+    job = store.create_job("add", [[i] for i in range(5)], timeout=7)
+    worker = add_worker(store, "local/w1")
+    ids = task_ids(store, job)
+    assert store.pending_tasks(job.id, 2) == [(ids[0], "[0]", 0, 0), (ids[1], "[1]", 0, 0)]
+
+    now = time.time()
+    opened = store.open_attempts([(ids[0], 1, worker.id, now + 10), (ids[1], 1, worker.id, now + 20)], now)
+
+    assert sorted(opened) == ids[:2] and len(set(opened.values())) == 2
+    assert [row[0] for row in store.pending_tasks(job.id, 10)] == ids[2:]
+    assert store.task_counts(job.id) == {"pending": 3, "assigned": 2, "done": 0, "failed": 0, "cancelled": 0}
+    leases = sorted(store.open_leases(), key=lambda lease: lease.task_id)
+    assert [(lease.attempt_id, lease.task_id, lease.number, lease.job_id, lease.worker_id, lease.args,
+             lease.function, lease.timeout, lease.deadline) for lease in leases] == [
+        (opened[ids[0]], ids[0], 1, job.id, worker.id, "[0]", "add", 7.0, now + 10),
+        (opened[ids[1]], ids[1], 1, job.id, worker.id, "[1]", "add", 7.0, now + 20)]
+    record = store.find_attempt(ids[0], 1)
+    assert record is not None
+    assert (record.attempt_id, record.worker_id, record.outcome, record.task_state, record.job_id) == (
+        opened[ids[0]], worker.id, "open", "assigned", job.id)
+    assert store.find_attempt(ids[0], 2) is None
+    assert store.task_exists(ids[4]) and not store.task_exists(ids[4] + 1000)
+
+    store.extend_deadlines(5.0)
+    assert sorted(lease.deadline for lease in store.open_leases()) == [now + 15, now + 25]
+
+
+def test_a_late_value_supersedes_the_open_attempt_of_its_task(store: Store) -> None:
+    job = store.create_job("add", [[1, 1]])
+    w1, w2 = add_worker(store, "local/w1"), add_worker(store, "local/w2")
+    [task] = task_ids(store, job)
+    first = send(store, task, 1, w1)
+    close(store, first, w1, AttemptOutcome.EXPIRED, task, TaskState.PENDING)
+    second = send(store, task, 2, w2)
+
+    changes = Changes()
+    changes.supersede(second)
+    changes.accept(task, first, w1.id, "2", 0.1, time.time())
+    store.apply(changes, time.time())
+
+    assert not changes  # applied and cleared
+    assert store.find_attempt(task, 2).outcome == "superseded"  # type: ignore[union-attr]
+    assert store.find_attempt(task, 1).outcome == "ok"  # type: ignore[union-attr]
+    [row] = store.results(job)
+    assert (row.state, row.value, row.worker) == ("done", 2, "local/w1")
+    assert store.inflight() == {}
+
+
+def test_the_engine_never_overrides_a_cancel(store: Store) -> None:
+    job = store.create_job("add", [[1, 1], [2, 2]])
+    worker = add_worker(store, "local/w1")
+    t0, t1 = task_ids(store, job)
+    a0, a1 = send(store, t0, 1, worker), send(store, t1, 1, worker)
+    store.cancel_job(job)
+
+    changes = Changes()
+    changes.close(a0, AttemptOutcome.CANCELLED, None, None)
+    changes.set_task(t0, TaskState.PENDING)  # a stale decision: back to pending
+    changes.close(a1, AttemptOutcome.ERROR, None, worker.id)
+    changes.set_task(t1, TaskState.FAILED)
+    store.apply(changes, time.time())
+
+    assert [r.state for r in store.results(job)] == ["cancelled", "cancelled"]
+    assert store.inflight() == {}
+
+
+def test_finish_job_closes_only_an_active_job(store: Store) -> None:
+    job = store.create_job("add", [[1, 1]])
+    store.cancel_job(job)
+    store.finish_job(job.id, time.time())
+    assert store.get_job(job.id).state == "cancelled"
+
+
+def test_a_failed_transaction_leaves_nothing_behind(store: Store) -> None:
+    job = store.create_job("add", [[1, 1]])
+    worker = add_worker(store, "local/w1")
+    [task] = task_ids(store, job)
+
+    with pytest.raises(RuntimeError), store.transaction():
+        attempt_id = send(store, task, 1, worker)
+        changes = Changes()
+        changes.accept(task, attempt_id, worker.id, "2", 0.1, time.time())
+        store.apply(changes, time.time())
+        store.update_worker(worker.id, state=WorkerState.LOST.value)
+        raise RuntimeError("the step failed half-way")
+
+    assert [(r.state, r.attempts, r.value) for r in store.results(job)] == [("pending", 0, None)]
+    assert [(w.state, w.tasks_done) for w in store.workers()] == [("online", 0)]
+    assert store.open_leases() == [] and store.find_attempt(task, 1) is None
+
+
+def test_memory_urls_open_a_fresh_memory_store() -> None:
+    first, second = Store.open("memory://"), Store.open("memory://")
+    first.create_job("add", [[1, 1]])
+    assert second.jobs() == [] and not first.is_sqlite and not first.is_postgres
+
+
+# --------------------------------------------------------------------------- SQLite itself
+@pytest.mark.real
+def test_sqlite_submit_is_on_disk_when_it_returns(tmp_path: Path) -> None:
+    # A process that submits and is killed the instant create_job returns.
+    db = tmp_path / "durable.db"
+    script = ("import os, signal; from dockercomp.coordinator.store import Store; "
+              f"Store.open({str(db)!r}).create_job('add', [[i, i] for i in range(5000)], name='kept'); "
+              "os.kill(os.getpid(), signal.SIGKILL)")
+    subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, check=False, timeout=30)
+    store = Store.open(str(db))
+    assert store.progress(store.get_job("kept")).pending == 5000
+
+
+@pytest.mark.real
 def test_sqlite_url_forms_and_wal(tmp_path: Path) -> None:
     relative = Store.open(f"sqlite:///{os.path.relpath(tmp_path / 'a.db')}")
     absolute = Store.open(f"sqlite:///{tmp_path / 'b.db'}")
     for store in (relative, absolute):
         store.bind()
-        assert store.db.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store.is_sqlite
+        assert store.db.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"  # type: ignore[attr-defined]
     assert (tmp_path / "a.db").exists() and (tmp_path / "b.db").exists()
 
 
+@pytest.mark.real
 @pytest.mark.parametrize(("url", "words"), [
     ("/no/such/dir/x.db", "does not exist"),
     (":memory:", "in-memory"),
@@ -288,6 +424,7 @@ def test_sqlite_unusable_paths_say_what_to_do(url: str, words: str) -> None:
         Store.open(url)
 
 
+@pytest.mark.real
 def test_sqlite_a_file_that_is_not_a_database_is_refused_clearly(tmp_path: Path) -> None:
     junk = tmp_path / "notes.txt"
     junk.write_bytes(b"this is not a database" * 100)
@@ -295,6 +432,7 @@ def test_sqlite_a_file_that_is_not_a_database_is_refused_clearly(tmp_path: Path)
         Store.open(str(junk))
 
 
+@pytest.mark.real
 def test_sqlite_writers_wait_for_each_other(tmp_path: Path) -> None:
     db = str(tmp_path / "shared.db")
     store = Store.open(db)
@@ -308,6 +446,7 @@ def test_sqlite_writers_wait_for_each_other(tmp_path: Path) -> None:
     other.close()
 
 
+@pytest.mark.real
 def test_sqlite_a_lock_held_too_long_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_module, "SQLITE_BUSY_TIMEOUT_MS", 200)
     db = str(tmp_path / "busy.db")
@@ -323,6 +462,7 @@ def test_sqlite_a_lock_held_too_long_says_what_to_do(tmp_path: Path, monkeypatch
     assert store.jobs() == []
 
 
+@pytest.mark.real
 def test_sqlite_two_stores_in_two_threads_never_cross(tmp_path: Path) -> None:
     stores = [Store.open(str(tmp_path / f"{name}.db")) for name in ("left", "right")]
     seen: dict[str, list[str]] = {}
@@ -338,3 +478,11 @@ def test_sqlite_two_stores_in_two_threads_never_cross(tmp_path: Path) -> None:
     for thread in threads:
         thread.join()
     assert seen == {name: [f"{name}-{i}" for i in range(30)] for name in ("left", "right")}
+
+
+# --------------------------------------------------------------------------- PostgreSQL itself
+@pytest.mark.real
+@pytest.mark.postgres
+def test_postgres_unreachable_server_says_what_to_do() -> None:
+    with pytest.raises(StoreError, match="PostgreSQL server running"):
+        Store.open(f"postgresql://postgres@127.0.0.1:{free_port()}/nothing")

@@ -237,3 +237,39 @@ def test_worker_ref_in_results_matches_presence(engine: Coordinator, procs: Proc
     assert (worker.volunteer, worker.name, worker.capacity) == ("local", "w0", 2)
     assert "count_primes" in worker.functions and worker.seq > 0
     assert WorkerRef.parse(worker.key) == WorkerRef("local", "w0")
+
+
+@pytest.mark.postgres
+def test_postgres_end_to_end_with_real_agents_and_a_killed_one(
+        postgres_db: str, mosquitto: BrokerProcess, tmp_path: Path) -> None:
+    # Moved here from tests/contract/test_store_postgres.py: the store contract suite runs on
+    # PostgreSQL in tests/contract/test_store.py; this is the engine on it with real agents.
+    settings = CoordinatorSettings(lease_margin=1, lease_check=0.1, purge_after=60, poll_interval=0.2,
+                                   status_interval=0.2)
+    engine = Coordinator.connect(mosquitto.url, postgres_db, settings).start()
+    procs = Processes(mosquitto.url, tmp_path / "logs")
+    try:
+        store = engine.store
+        for name in ("w0", "w1", "w2"):
+            procs.agent(name)
+        online(store, 3)
+        job = store.create_job("sleep", [[0.02 + i / 1e6] for i in range(150)], timeout=30)
+        # w2 has answered at least once (its results must stay attributed to it), then dies.
+        wait_until(lambda: store.progress(job).done >= 20
+                   and any(w.key == "local/w2" and w.tasks_done >= 1 for w in store.workers()), timeout=30)
+        procs.kill("w2")  # its will returns what it held at once
+
+        progress = finished(store, job)
+
+        assert (progress.done, progress.failed) == (150, 0)
+        rows = list(store.results(job))
+        assert [r.value for r in rows] == [0.02 + i / 1e6 for i in range(150)]
+        per_worker = Counter(r.worker for r in rows)
+        assert set(per_worker) == {"local/w0", "local/w1", "local/w2"}
+        assert {w.key: w.tasks_done for w in store.workers()} == dict(per_worker)
+        assert {w.key: w.state for w in store.workers()}["local/w2"] == "lost"
+        assert sum(engine.rejections.counts.values()) == 0
+    finally:
+        procs.stop_all()
+        engine.stop()
+    assert engine.error is None
