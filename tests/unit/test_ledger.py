@@ -1,0 +1,175 @@
+"""The attempt ledger: accept, reject, late, duplicate, expire, release, close-failed, on the
+memory store with a fake clock (no processes, no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dockercomp.broker.messages import OfflineReason, Outcome
+from dockercomp.coordinator.leases import Leases
+from tests.support.rules import MARGIN, Rules
+
+
+@pytest.fixture
+def rules() -> Rules:
+    return Rules()
+
+
+def test_a_result_from_the_worker_holding_the_attempt_is_accepted(rules: Rules) -> None:
+    # given a task sent to w1
+    rules.online("w1")
+    job = rules.submit([[1, 2]])
+    [task] = rules.dispatch()["w1"]
+    # when w1 answers
+    rules.answer("w1", task, 3)
+    # then the task is done with w1's value and w1 holds nothing
+    assert rules.states(job) == ["done"]
+    [row] = rules.store.results(job)
+    assert (row.value, row.worker, row.attempts, row.errors) == (3, "local/w1", 1, [])
+    assert len(rules.ledger.leases) == 0 and rules.ledger.finished == 1
+    assert [(w.key, w.tasks_done) for w in rules.store.workers()] == [("local/w1", 1)]
+    assert rules.store.get_job(job.id).state == "done"
+
+
+def test_a_failed_attempt_returns_the_task_until_its_attempts_are_used_up(rules: Rules) -> None:
+    rules.online("w1")
+    job = rules.submit([[1, 2]], max_attempts=2)
+    # when the function raises twice
+    rules.answer("w1", rules.dispatch()["w1"][0], outcome=Outcome.ERROR)
+    assert rules.states(job) == ["pending"]
+    rules.answer("w1", rules.dispatch()["w1"][0], outcome=Outcome.TIMEOUT)
+    # then the task failed, with both reasons kept
+    assert rules.states(job) == ["failed"]
+    [row] = rules.store.results(job)
+    assert [(e["attempt"], e["outcome"], e["type"]) for e in row.errors] == [(1, "error", "error"), (2, "timeout", "timeout")]
+    assert rules.dispatch() == {}
+    assert [w.tasks_failed for w in rules.store.workers()] == [2]
+
+
+def test_an_expired_lease_returns_the_task_to_another_worker(rules: Rules) -> None:
+    rules.online("w1")
+    job = rules.submit([[1, 2]], timeout=10)
+    [task] = rules.dispatch()["w1"]
+    rules.online("w2")
+    # when nothing comes back before the deadline (timeout + margin)
+    rules.tick(10 + MARGIN - 0.1)
+    rules.ledger.expire(rules.now)
+    assert len(rules.ledger.leases) == 1  # not yet
+    rules.tick(0.2)
+    rules.ledger.expire(rules.now)
+    # then the attempt is closed as expired and the task goes to the idle worker
+    assert rules.states(job) == ["pending"]
+    assert rules.store.find_attempt(int(task.task_id), 1).outcome == "expired"  # type: ignore[union-attr]
+    [again] = rules.dispatch()["w2"]
+    assert (again.task_id, again.attempt) == (task.task_id, 2)
+
+
+def test_a_late_value_of_an_expired_attempt_is_accepted_and_supersedes_the_new_one(rules: Rules) -> None:
+    rules.online("w1")
+    job = rules.submit([[1, 2]], timeout=10)
+    [first] = rules.dispatch()["w1"]
+    rules.tick(20)
+    rules.ledger.expire(rules.now)
+    rules.online("w2")
+    [second] = rules.dispatch()["w2"]
+    # when the slow worker's value arrives after all
+    rules.answer("w1", first, 3)
+    # then it counts, the running attempt is superseded and w2 is free again
+    assert rules.states(job) == ["done"]
+    assert rules.store.find_attempt(int(second.task_id), 2).outcome == "superseded"  # type: ignore[union-attr]
+    assert rules.ledger.leases.count(rules.workers.get("local/w2").id) == 0  # type: ignore[union-attr]
+    # and w2's own answer, when it comes, is a duplicate
+    rules.answer("w2", second, 3)
+    assert rules.rejections.counts["duplicate"] == 1 and rules.states(job) == ["done"]
+
+
+def test_a_late_failure_changes_nothing(rules: Rules) -> None:
+    rules.online("w1")
+    job = rules.submit([[1, 2]], timeout=10)
+    [task] = rules.dispatch()["w1"]
+    rules.tick(20)
+    rules.ledger.expire(rules.now)
+    rules.answer("w1", task, outcome=Outcome.ERROR)
+    assert rules.rejections.counts["late"] == 1 and rules.states(job) == ["pending"]
+
+
+@pytest.mark.parametrize(("sender", "task_id", "kind"), [
+    ("w2", None, "foreign"),  # another worker answers w1's attempt
+    ("stranger", None, "foreign"),  # a worker that never registered
+    ("w1", "999", "unknown"),  # no such task
+    ("w1", "x1", "unknown"),  # not even a task id
+])
+def test_results_that_cannot_count_are_rejected_and_change_nothing(rules: Rules, sender: str, task_id: str | None,
+                                                                   kind: str) -> None:
+    rules.online("w1")
+    rules.online("w2", functions=("other",))
+    job = rules.submit([[1, 2]])
+    [task] = rules.dispatch()["w1"]
+
+    rules.answer(sender, task, 3, task_id=task_id)
+
+    assert rules.rejections.counts == {kind: 1}
+    assert rules.states(job) == ["assigned"] and len(rules.ledger.leases) == 1
+
+
+def test_an_attempt_never_sent_is_foreign(rules: Rules) -> None:
+    rules.online("w1")
+    job = rules.submit([[1, 2]])
+    [task] = rules.dispatch()["w1"]
+    task_never_sent = type(task)(task_id=task.task_id, job_id=task.job_id, attempt=5, function="add")
+    rules.answer("w1", task_never_sent, 3)
+    assert rules.rejections.counts == {"foreign": 1} and rules.states(job) == ["assigned"]
+
+
+def test_a_lost_worker_releases_what_it_held(rules: Rules) -> None:
+    rules.online("w1", capacity=2)
+    job = rules.submit([[1], [2], [3]])
+    assert len(rules.dispatch()["w1"]) == 2
+    # when its will arrives
+    rules.offline("w1", OfflineReason.LOST)
+    slot = rules.workers.get("local/w1")
+    rules.ledger.release(slot, "worker local/w1 lost its connection (will) while holding the task")  # type: ignore[arg-type]
+    # then both attempts are closed as lost and the tasks wait for another worker
+    assert rules.states(job) == ["pending"] * 3
+    [row, _, _] = rules.store.results(job)
+    assert row.errors[0]["outcome"] == "lost" and "lost its connection" in row.errors[0]["message"]
+    assert rules.dispatch() == {}
+
+
+def test_an_answer_for_a_cancelled_job_only_frees_the_slot(rules: Rules) -> None:
+    rules.online("w1")
+    job = rules.submit([[1, 2]])
+    [task] = rules.dispatch()["w1"]
+    rules.store.cancel_job(job)
+    rules.jobs.poll()
+
+    rules.answer("w1", task, 3)
+
+    assert rules.states(job) == ["cancelled"]
+    assert rules.store.find_attempt(int(task.task_id), 1).outcome == "cancelled"  # type: ignore[union-attr]
+    assert len(rules.ledger.leases) == 0 and rules.store.inflight() == {}
+
+
+def test_retry_gives_a_fresh_budget_counted_from_the_retry(rules: Rules) -> None:
+    rules.online("w1")
+    job = rules.submit([[1, 2]], max_attempts=1)
+    rules.answer("w1", rules.dispatch()["w1"][0], outcome=Outcome.CRASHED)
+    assert rules.states(job) == ["failed"]
+    rules.store.retry_failed(job)
+    rules.jobs.poll()
+    # when attempt 2 (the first of the new budget) fails too, the task fails again
+    [task] = rules.dispatch()["w1"]
+    assert task.attempt == 2
+    rules.answer("w1", task, outcome=Outcome.REJECTED)
+    assert rules.states(job) == ["failed"]
+
+
+def test_leases_are_rebuilt_from_the_store(rules: Rules) -> None:
+    rules.online("w1", capacity=2)
+    rules.submit([[1], [2]])
+    sent = rules.dispatch()["w1"]
+    rules.flush()
+    rebuilt = Leases.load(rules.store, rules.dispatcher.payloads)
+    assert sorted((lease.task_id, lease.number) for lease in rebuilt) == sorted(
+        (int(t.task_id), t.attempt) for t in sent)
+    assert {lease.payload for lease in rebuilt} == {lease.payload for lease in rules.ledger.leases}
