@@ -21,7 +21,7 @@ from dockercomp.broker.messages import OfflineReason, Outcome, Presence, Presenc
 from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator import store as store_module
 from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
-from dockercomp.coordinator.store import Attempt, Store, Worker
+from dockercomp.coordinator.store import Store, WorkerRow
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -168,10 +168,11 @@ class Rig:
         return {s: getattr(progress, s) for s in ("pending", "assigned", "done", "failed", "cancelled")}
 
 
-@pytest.fixture
-def rig(tmp_path) -> Rig:
+# The engine's rules run the same on the memory store (no database) as on a real SQLite file.
+@pytest.fixture(params=[pytest.param("sqlite", marks=pytest.mark.real), "memory"])
+def rig(tmp_path, request: pytest.FixtureRequest) -> Rig:
     broker = MemoryBroker()
-    store = Store.open(str(tmp_path / "coordinator.db"))
+    store = Store.open(str(tmp_path / "coordinator.db") if request.param == "sqlite" else "memory://")
     clock = FakeClock()
     settings = CoordinatorSettings(lease_margin=5, lease_check=1, purge_after=60, purge_check=1,
                                    poll_interval=0.5, status_interval=0.5)
@@ -183,14 +184,23 @@ def rig(tmp_path) -> Rig:
 
 
 def snapshot(store: Store) -> list[tuple]:
-    """Everything the store knows about tasks, attempts and results."""
-    store.bind()
-    return [
-        *store.db.execute_sql("SELECT id, state, attempts FROM task ORDER BY id").fetchall(),
-        *store.db.execute_sql("SELECT id, task_id, number, worker_id, outcome FROM attempt ORDER BY id").fetchall(),
-        *store.db.execute_sql("SELECT task_id, attempt_id, worker_id, value FROM result ORDER BY id").fetchall(),
-        *store.db.execute_sql("SELECT key, state, tasks_done, tasks_failed FROM worker ORDER BY id").fetchall(),
-    ]
+    """Everything the store knows about tasks, attempts, results and workers."""
+    rows: list[tuple] = []
+    for job in store.jobs():
+        for row in store.results(job):
+            rows.append((row.task_id, row.state, row.attempts, row.value, row.worker))
+            rows += [(row.task_id, n, store.find_attempt(row.task_id, n)) for n in range(1, row.attempts + 1)]
+    return rows + [(w.key, w.state, w.tasks_done, w.tasks_failed) for w in store.workers()]
+
+
+def worker_row(store: Store, key: str) -> WorkerRow:
+    return next(w for w in store.workers() if w.key == key)
+
+
+def outcome(store: Store, task_id: int, number: int = 1) -> str:
+    record = store.find_attempt(task_id, number)
+    assert record is not None, f"no attempt {number} of task {task_id}"
+    return record.outcome
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -262,7 +272,7 @@ def test_prefetch_queues_tasks_on_a_worker_beyond_its_capacity_and_no_further(ri
     rig.step(0.5, times=3)
     assert len(agent.received) == 5  # 2 running + 3 queued
     assert rig.states(job)["assigned"] == 5 and rig.states(job)["pending"] == 7
-    assert Worker.get(Worker.key == "local/w1").prefetch == 3
+    assert worker_row(rig.store, "local/w1").prefetch == 3
 
     agent.answer_held()
     rig.step(0.5, times=2)
@@ -322,13 +332,10 @@ def test_a_prefetched_task_of_a_silent_worker_still_expires(rig: Rig) -> None:
     assert len(agent.received) == 2
     first, second = (int(t.task_id) for t in agent.received)
 
-    def outcome(task_id: int) -> str:
-        return Attempt.get((Attempt.task == task_id) & (Attempt.number == 1)).outcome
-
     rig.step(15.5)  # the running one: timeout + margin
-    assert (outcome(first), outcome(second)) == ("expired", "open")
+    assert (outcome(rig.store, first), outcome(rig.store, second)) == ("expired", "open")
     rig.step(10)  # the queued one: it waited up to one timeout for its turn, then ran
-    assert outcome(second) == "expired"
+    assert outcome(rig.store, second) == "expired"
     assert rig.states(job)["done"] == 0
 
 
@@ -477,7 +484,7 @@ def test_late_result_after_expiry_is_accepted_and_supersedes_the_reissue(rig: Ri
 
     [row] = list(rig.store.results(job))
     assert (row.state, row.value, row.worker) == ("done", 5, "local/slow")
-    outcomes = [a.outcome for a in Attempt.select().order_by(Attempt.number)]
+    outcomes = [outcome(rig.store, row.task_id, n) for n in (1, 2)]
     assert outcomes == ["ok", "superseded"]
     assert rig.coordinator.rejections.counts["duplicate"] == 1
     assert rig.coordinator.leases.count(rig.coordinator.workers.get("local/second").id) == 0
@@ -498,7 +505,7 @@ def test_will_returns_in_flight_tasks_at_once_and_they_are_reissued(rig: Rig) ->
     rows = list(rig.store.results(job))
     assert [(r.state, r.worker, r.attempts) for r in rows] == [("done", "local/survivor", 2)] * 2
     assert all(e["outcome"] == "lost" for r in rows for e in r.errors)
-    worker = Worker.get(Worker.key == "local/doomed")
+    worker = worker_row(rig.store, "local/doomed")
     assert worker.state == "lost" and worker.lost_at == pytest.approx(rig.clock.now, abs=5)
     assert survivor.answered
 
@@ -540,7 +547,7 @@ def test_shutdown_returns_what_was_held_and_marks_offline(rig: Rig) -> None:
     rig.step(0.5)
     agent.shutdown()
     rig.step(0.1)
-    assert Worker.get(Worker.key == "local/w1").state == "offline"
+    assert worker_row(rig.store, "local/w1").state == "offline"
     assert rig.states(rig.store.jobs()[0])["pending"] == 1
 
 
@@ -552,10 +559,10 @@ def test_lost_worker_is_purged_after_the_grace_period_and_its_presence_cleared(r
     assert TOPICS.presence(agent.ref) in rig.broker.retained
 
     rig.step(30)
-    assert Worker.get(Worker.key == "local/w1").state == "lost"
+    assert worker_row(rig.store, "local/w1").state == "lost"
     rig.step(31)
 
-    assert Worker.get(Worker.key == "local/w1").state == "purged"
+    assert worker_row(rig.store, "local/w1").state == "purged"
     assert TOPICS.presence(agent.ref) not in rig.broker.retained
     assert TOPICS.status_worker(agent.ref) not in rig.broker.retained
 
@@ -598,7 +605,7 @@ def test_restarted_coordinator_keeps_leases_and_respects_capacity(rig: Rig) -> N
     rig2.settle()
     rows = list(rig2.store.results(job))
     assert [r.value for r in rows] == [i + 1 for i in range(6)] and all(r.attempts == 1 for r in rows)
-    assert Worker.get(Worker.key == "local/w1").tasks_done == 6
+    assert worker_row(rig.store, "local/w1").tasks_done == 6
     rig2.coordinator.close()
 
 
@@ -640,7 +647,7 @@ def test_a_database_outage_loses_no_result(tmp_path, monkeypatch: pytest.MonkeyP
     rig.settle()
 
     assert [(r.value, r.attempts) for r in store.results(job)] == [(3, 1), (7, 1)]
-    assert Worker.get(Worker.key == "local/w1").tasks_done == 2
+    assert worker_row(store, "local/w1").tasks_done == 2
     coordinator.close()
 
 
