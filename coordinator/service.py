@@ -3,7 +3,9 @@
 This module is the loop: it moves messages between the transport and the parts that decide,
 the worker registry (registry.py: presence), the attempt ledger (ledger.py: results, deaths,
 deadlines), dispatch (dispatch.py, leases.py) and status (status.py), all over the store
-interface (store.py). Threads: the transport's network thread only puts incoming messages on a queue; one engine
+interface (store.py).
+
+Threads: the transport's network thread only puts incoming messages on a queue; one engine
 thread (``run``) takes them in batches and handles each batch in ONE database transaction:
 presence and results first, then expired leases and purges, then a dispatch round for the
 capacity that freed up. Task messages are published after the commit, so a crash can lose a
