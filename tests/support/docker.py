@@ -27,9 +27,8 @@ from typing import Any
 
 import pytest
 
-from tests.support import missing, require
+from tests.support import REPO_ROOT, missing, require
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # The image `make image` builds; the tests use the very same one.
 WORKER_IMAGE = "dockercomp/worker:latest"
 # Seconds the image build may take: a first build also debootstraps the base (~1 min).

@@ -40,12 +40,11 @@ from dockercomp.broker.messages import (
     Task,
 )
 from dockercomp.broker.topics import Topics, WorkerRef
-from tests.support import Seen, Watcher, connect_client, free_port, wait_until
+from tests.support import REPO_ROOT, Seen, Watcher, connect_client, free_port, wait_until
 from tests.support.brokers import BrokerProcess
 
 pytestmark = pytest.mark.timeout(90)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 VOLUNTEER = "lab"
 KEEPALIVE = 2  # seconds; a lost agent must be reported within 1.5x this
 WILL_MARGIN = 1.5  # seconds on top of 1.5 x keepalive: broker timer granularity, loaded CI

@@ -17,10 +17,9 @@ import pytest
 from dockercomp.coordinator.api import Client, JobTimeout, TasksFailed, connect
 from dockercomp.coordinator.errors import InvalidInput, UnknownJob
 from dockercomp.coordinator.store import JobProgress
-from tests.support import wait_until
+from tests.support import REPO_ROOT, wait_until
 from tests.support.brokers import BrokerProcess
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(90)
 
 

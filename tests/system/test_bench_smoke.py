@@ -17,8 +17,8 @@ import pytest
 from bench.harness import Latency, percentile
 from bench.raw import result_template, task_id_of, task_payload
 from dockercomp.broker.messages import Outcome, Result, Task
-from tests.support import require
-from tests.support.brokers import REPO_ROOT, find_mosquitto
+from tests.support import REPO_ROOT, require
+from tests.support.brokers import find_mosquitto
 
 SUMMARY = re.compile(r"^e2e/raw = (\d+\.\d\d) \((\d+) tasks/s vs (\d+) tasks/s\)$")
 

@@ -24,10 +24,9 @@ from dockercomp.broker.messages import OfflineReason, Presence, PresenceState
 from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator.cli import main
 from dockercomp.coordinator.store import Store, Worker, WorkerState
-from tests.support import Watcher, connect_client, free_port
+from tests.support import REPO_ROOT, Watcher, connect_client, free_port
 from tests.support.brokers import BrokerProcess
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(60)
 
 

@@ -20,10 +20,9 @@ from dockercomp.broker.messages import decode_status
 from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 from dockercomp.coordinator.store import Store, TaskState, Worker
-from tests.support import Watcher, wait_until
+from tests.support import REPO_ROOT, Watcher, wait_until
 from tests.support.brokers import BrokerProcess
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 TOPICS = Topics()
 pytestmark = pytest.mark.timeout(120)
 

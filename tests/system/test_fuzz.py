@@ -46,7 +46,7 @@ from dockercomp.broker.messages import (
 from dockercomp.broker.topics import WORKER_TOPIC_KINDS, Topics, WorkerRef, validate_name
 from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 from dockercomp.coordinator.store import Store, TaskState
-from tests.support import wait_until
+from tests.support import REPO_ROOT, wait_until
 from tests.support.security import SecureBroker, connected
 
 TOPICS = Topics()
@@ -333,7 +333,6 @@ def test_the_agent_survives_any_task_payload_and_still_works(
 
 
 # --------------------------------------------------------------------------- a live coordinator under fire
-REPO_ROOT = Path(__file__).resolve().parents[2]
 FLOOD = 10_000
 JOB_TASKS = 200
 

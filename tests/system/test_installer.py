@@ -38,10 +38,9 @@ from dockercomp.installer.identity import (
 from dockercomp.installer.image import ensure_image
 from dockercomp.installer.preflight import check_broker
 from dockercomp.installer.spec import CONTAINER_CA, WorkerSpec, parse_broker, read_ca
-from tests.support import free_port
+from tests.support import REPO_ROOT, free_port
 from tests.support.docker import FakeDocker
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 BROKER = "mqtt://broker.example.org:1883"
 IMAGE = "dockercomp/worker:latest"
 PEM = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n"
