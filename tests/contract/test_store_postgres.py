@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-import test_store
+from tests.contract import test_store  # until the store suite is one suite over every backend
 from dockercomp.coordinator.errors import StoreError
 from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 from dockercomp.coordinator.store import Store
-from test_coordinator import Processes, finished, online
 from tests.support import free_port, wait_until
 from tests.support.brokers import BrokerProcess
+from tests.support.processes import Processes, finished, online
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
 

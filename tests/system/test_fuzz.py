@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,7 +43,8 @@ from dockercomp.broker.messages import (
 from dockercomp.broker.topics import WORKER_TOPIC_KINDS, Topics, WorkerRef, validate_name
 from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 from dockercomp.coordinator.store import Store, TaskState
-from tests.support import REPO_ROOT, wait_until
+from tests.support import wait_until
+from tests.support.processes import Processes
 from tests.support.security import SecureBroker, connected
 
 TOPICS = Topics()
@@ -371,56 +369,20 @@ def malformed(i: int, job_task_id: str) -> tuple[str, bytes]:
     return TOPICS.results(worker), payload
 
 
-class Processes:
-    """`dockercomp coordinator serve` and `dockercomp agent run` as child processes, with their logs."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        logs.mkdir(exist_ok=True)
-        self.env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
-        self.running: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, args: list[str], broker_url: str) -> None:
-        # The password travels in the environment, not on a command line others can read.
-        env = {**self.env, "DOCKERCOMP_BROKER": broker_url}
-        with open(self.logs / f"{name}.log", "ab") as out:
-            self.running.append(subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=out,
-                                                 stderr=subprocess.STDOUT, cwd=REPO_ROOT))
-
-    def cli(self, *args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "dockercomp.coordinator", *args], env=self.env, cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=60, check=False)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
-
-    def stop(self) -> None:
-        for process in self.running:
-            process.terminate()
-        for process in self.running:
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-    def log(self, name: str) -> str:
-        path = self.logs / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-
 @pytest.mark.timeout(180)
 def test_a_live_coordinator_flooded_with_10000_malformed_messages_stays_responsive(
         secure_mosquitto: SecureBroker, tmp_path: Path) -> None:
     broker = secure_mosquitto
     alice, mallory, watcher = broker.add("alice"), broker.add("mallory"), broker.add("dash", Role.OBSERVER)
     db = str(tmp_path / "coordinator.db")
-    procs = Processes(tmp_path / "logs")
+    # No --broker: the password travels in the environment, not on a command line others can read.
+    procs = Processes(None, tmp_path / "logs")
     summaries: list[tuple[float, dict[str, Any]]] = []
     try:
         procs.start("serve", ["dockercomp.coordinator", "serve", "--db", db, "--lease-margin", "30"],
-                    broker.url(broker.coordinator))
+                    env={"DOCKERCOMP_BROKER": broker.url(broker.coordinator)})
         procs.start("agent", ["dockercomp.agent.cli", "run", "--worker-id", "w1", "--concurrency", "2", "--keepalive", "5",
-                              "--health-file", str(tmp_path / "agent.health")], broker.url(alice))
+                              "--health-file", str(tmp_path / "agent.health")], env={"DOCKERCOMP_BROKER": broker.url(alice)})
         inputs = tmp_path / "tasks.jsonl"
         inputs.write_text("".join(f"[{i}, {i}]\n" for i in range(JOB_TASKS)))
         with connected(broker.url(watcher), "dash", TOPICS.status_summary) as dash:
@@ -459,7 +421,7 @@ def test_a_live_coordinator_flooded_with_10000_malformed_messages_stays_responsi
         serve_log = procs.log("serve")
         assert serve_log.count("ignored ") < 200, serve_log[-3000:]
     finally:
-        procs.stop()
+        procs.stop_all()
 
 
 def test_the_flood_mix_is_all_rejected_by_the_decoders() -> None:
