@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 # Lowest port free_port() hands out (well clear of 1883, 8883, 5432 and other services).
@@ -101,6 +102,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return chosen
 
 
+def start_on_a_free_port(launch: Callable[[int], None], host: str, failure: type[Exception]) -> None:
+    """Calls launch(port) on a free port, on a fresh one again when it raises `failure` (most
+    likely someone took the port between free_port() and the bind), PORT_ATTEMPTS times."""
+    for attempt in range(PORT_ATTEMPTS):
+        try:
+            launch(free_port(host))
+            return
+        except failure:
+            if attempt + 1 == PORT_ATTEMPTS:
+                raise
+
+
 def port_accepts(host: str, port: int) -> bool:
     """True if a TCP connection to host:port succeeds right now."""
     try:
@@ -179,15 +192,8 @@ class BrokerProcess:
         if self.port:
             self._restart(self.port)
             return self
-        for attempt in range(PORT_ATTEMPTS):
-            try:
-                self._launch(free_port(self.host))
-                return self
-            except BrokerStartError:
-                # Most likely someone took the port between free_port() and bind.
-                if attempt + 1 == PORT_ATTEMPTS:
-                    raise
-        raise AssertionError("unreachable")
+        start_on_a_free_port(self._launch, self.host, BrokerStartError)
+        return self
 
     def _restart(self, port: int) -> None:
         """Starts again on `port`, which clients are configured for: no other port will do.
