@@ -72,9 +72,9 @@ class MemoryBroker:
             self._clients.remove(client)
             will = client._will if send_will else None
         if will is not None:
-            self.deliver(will.topic, will.payload, will.retain, will.qos)
+            self.deliver(will.topic, will.payload, will.retain)
 
-    def deliver(self, topic: str, payload: bytes, retain: bool, qos: int = 1) -> None:
+    def deliver(self, topic: str, payload: bytes, retain: bool) -> None:
         with self._lock:
             self.published.append((topic, payload, retain))
             if retain:
@@ -100,7 +100,7 @@ class MemoryTransport(Transport):
         self._started = self._closed = False
         self._will: Will | None = None
         # QoS 1 messages published while disconnected, sent in order on reconnection.
-        self._queue: list[tuple[str, bytes, int, bool]] = []
+        self._queue: list[tuple[str, bytes, bool]] = []
         self._lock = threading.RLock()
         self.on_message: Callable[[str, bytes, bool], None] | None = None
 
@@ -130,8 +130,8 @@ class MemoryTransport(Transport):
         for topic_filter in self._subscriptions:
             self._send_retained(topic_filter)
         with self._lock:  # held so no publish overtakes what was queued before it
-            for topic, payload, qos, retain in self._queue:
-                self.broker.deliver(topic, payload, retain, qos)
+            for topic, payload, retain in self._queue:
+                self.broker.deliver(topic, payload, retain)
             self._queue.clear()
             self._connected.set()
         if self.on_connect:
@@ -165,9 +165,9 @@ class MemoryTransport(Transport):
             if not self.connected:
                 # As MqttConnection: QoS 1 waits for the reconnection, QoS 0 is dropped.
                 if qos > 0 and not self._closed:
-                    self._queue.append((topic, payload, qos, retain))
+                    self._queue.append((topic, payload, retain))
                 return
-        self.broker.deliver(topic, payload, retain, qos)
+        self.broker.deliver(topic, payload, retain)
 
     def flush(self, timeout: float) -> bool:
         # Connected, everything was delivered synchronously; disconnected, nothing can be.

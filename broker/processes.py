@@ -33,7 +33,6 @@ EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 # on one machine must not walk through the same port sequence.
 _random = random.SystemRandom()
 
-
 # The mosquitto.conf that ships with the project, at the top of a source checkout (this file is
 # broker/processes.py there). An installed wheel has none: pass MosquittoProcess(source_conf=...).
 MOSQUITTO_CONF = Path(__file__).resolve().parents[1] / "mosquitto.conf"
