@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench image system venv clean
+.PHONY: test test-fast demo bench image system venv clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,13 @@ venv: $(STAMP)
 system:
 	sh scripts/setup-system.sh
 
+# Everything: unit, contract over every backend, system (real processes, Docker, PostgreSQL).
 test: system venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The inner loop (< 60 s): unit tests and the contract suites on the in-memory backends only.
+test-fast: venv
+	$(BIN)/python -m pytest tests/unit tests/contract -m "not real and not postgres" $(PYTEST_ARGS)
 
 # The worker image dockercomp/worker:latest; works offline (with no image registry it builds
 # a local Debian base once per machine). Skips the build when the image matches the sources.

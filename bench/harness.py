@@ -1,6 +1,6 @@
 """What every benchmark phase needs: brokers, child processes, /proc readings, statistics.
 
-Brokers are the test suite's own (tests/support/brokers.py): Mosquitto started from the
+Brokers are the test suite's own (dockercomp.broker.processes): Mosquitto started from the
 repository's mosquitto.conf with only its listener, data and log lines moved into a work
 directory, and `dockercomp broker serve` (the embedded amqtt broker) in its own process. So the
 benchmark measures exactly the configuration that ships and that the tests exercise.
@@ -17,12 +17,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import paho.mqtt.client as mqtt
 
 from bench.defaults import POLL_INTERVAL
 from bench.errors import BenchError, PhaseTimeout
+from dockercomp.broker.processes import AmqttProcess, BrokerProcess, MosquittoProcess, find_mosquitto
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -31,20 +32,13 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------- brokers
-def start_broker(kind: str, workdir: Path) -> Any:
+def start_broker(kind: str, workdir: Path) -> BrokerProcess:
     """A running broker process (`.url`, `.port`, `.pid`, `.stop()`): "mosquitto" or "amqtt"."""
-    # Imported here: the test helpers import pytest, which only `make bench` (test extras)
-    # guarantees; `python -m bench --help` must work without them.
-    try:
-        from tests.support.brokers import AmqttProcess, MosquittoProcess, find_mosquitto
-    except ImportError as exc:
-        raise BenchError(f"cannot import the broker helpers ({exc}); run from the repository "
-                         "root with the test extras installed (`make bench` does both)") from None
     if kind == "mosquitto":
         binary = find_mosquitto()
         if binary is None:
             raise BenchError("mosquitto is not installed: apt-get install mosquitto (or `make system`)")
-        broker = MosquittoProcess(workdir / "mosquitto", binary=binary)
+        broker: BrokerProcess = MosquittoProcess(workdir / "mosquitto", binary=binary)
     elif kind == "amqtt":
         broker = AmqttProcess(workdir / "amqtt")
     else:

@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, settings
 settings.register_profile("dockercomp", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("dockercomp")
 
-# `tests` has no __init__.py, so plain `pytest` puts only tests/ on sys.path; the repo
-# root is needed for `import tests.support` (and for `broker` without pip install -e).
+# The repo root makes `tests.support` importable. setup.cfg's `pythonpath = .` does the same
+# for a run from the root; this covers pytest started with another rootdir or config.
 _REPO_ROOT = str(Path(__file__).resolve().parents[1])
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
@@ -39,8 +39,9 @@ from tests.support.postgres import PostgresServer, find_bindir  # noqa: E402
 
 BROKER_KINDS = ["mosquitto", "amqtt"]
 
-# secure_mosquitto / secure_amqtt / secure_broker: the shipped access policy (accounts, ACL, TLS).
-pytest_plugins = ("tests.support.security",)
+# secure_mosquitto / secure_amqtt / secure_broker: the shipped access policy (accounts, ACL, TLS);
+# procs / engine / coordinator_settings: dockercomp's processes and an in-process coordinator.
+pytest_plugins = ("tests.support.security", "tests.support.processes")
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

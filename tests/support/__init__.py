@@ -1,14 +1,14 @@
 """Helpers shared by the test suite: the missing-dependency policy, ports, MQTT watchers.
 
-Broker processes live in tests/support/brokers.py, PostgreSQL in tests/support/postgres.py;
-the pytest fixtures that use them are in tests/conftest.py.
+Broker processes and free ports ship in dockercomp.broker.processes (bench/ needs them too;
+re-exported here and in tests/support/brokers.py), PostgreSQL is in tests/support/postgres.py,
+child processes of dockercomp in tests/support/processes.py, protocol-speaking fake agents in
+tests/support/agents.py; the pytest fixtures are in tests/conftest.py and tests/support/fixtures.py.
 """
 
 from __future__ import annotations
 
 import os
-import random
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -22,19 +22,15 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+# Re-exported: tests take every helper from tests.support.
+from dockercomp.broker.processes import free_port, port_accepts  # noqa: F401
+
 T = TypeVar("T")
 
+# The source checkout the tests run from (scripts, Dockerfile, mosquitto.conf, examples).
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # Seconds a helper waits by default before declaring that something never happened.
 DEFAULT_TIMEOUT = 10.0
-# Lowest port free_port() hands out (well clear of 1883, 8883, 5432 and other services).
-LOWEST_TEST_PORT = 10000
-# Ports free_port() tries before falling back to one the kernel picks.
-PORT_PROBES = 200
-# Where Linux says which source ports outgoing connections use.
-EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
-# Not the `random` module's shared generator: hypothesis reseeds that one, and two test runs
-# on one machine must not walk through the same port sequence.
-_random = random.SystemRandom()
 
 
 def in_ci() -> bool:
@@ -60,61 +56,6 @@ def missing(what: str, how_to_fix: str) -> NoReturn:
     if in_ci():
         pytest.fail(f"CI=true and {reason}", pytrace=False)
     pytest.skip(reason)
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    """The kernel's range of source ports for outgoing connections (Linux default 32768-60999)."""
-    try:
-        low, high = (int(n) for n in Path(EPHEMERAL_RANGE_FILE).read_text().split())
-    except (OSError, ValueError):
-        return 32768, 60999
-    return low, high
-
-
-def _candidate_ports() -> list[int]:
-    """Ports in [LOWEST_TEST_PORT, 65535] outside the ephemeral range, in random order."""
-    low, high = _ephemeral_range()
-    ports = [p for p in range(LOWEST_TEST_PORT, 65536) if not low <= p <= high]
-    _random.shuffle(ports)
-    return ports
-
-
-def _bindable(host: str, port: int) -> bool:
-    # No SO_REUSEADDR: a port with connections still in TIME_WAIT counts as taken too.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago, outside the kernel's ephemeral range.
-
-    Outside it, because a port from that range can be taken at any moment as the source port
-    of some outgoing connection: a broker restarted on its old port would then fail with
-    EADDRINUSE, and a client retrying a port nobody listens on can even connect to itself
-    (TCP simultaneous open). Still racy against other processes picking ports the same way,
-    so a server started on it must retry on EADDRINUSE (tests/support/brokers.py does).
-    """
-    for port in _candidate_ports()[:PORT_PROBES]:
-        if _bindable(host, port):
-            return port
-    # Everything probed is taken (or the range is unusual): let the kernel choose.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        chosen: int = sock.getsockname()[1]
-        return chosen
-
-
-def port_accepts(host: str, port: int) -> bool:
-    """True if a TCP connection to host:port succeeds right now."""
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def wait_until(

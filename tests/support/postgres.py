@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import free_port
+from dockercomp.broker.processes import start_on_a_free_port
 
 # User that owns and runs the server when we are root.
 SYSTEM_USER = "postgres"
@@ -28,7 +28,6 @@ SYSTEM_USER = "postgres"
 SUPERUSER = "postgres"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
-PORT_ATTEMPTS = 5
 # Durability off: a test database that loses its last commit on power loss is fine,
 # and fsync is most of the cost of CREATE DATABASE.
 FAST_SETTINGS = ("fsync=off", "synchronous_commit=off", "full_page_writes=off")
@@ -100,14 +99,8 @@ class PostgresServer:
             str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", SUPERUSER,
             "-A", "trust", "-E", "UTF8", "--no-sync", "--locale=C",
         )  # fmt: skip
-        for attempt in range(PORT_ATTEMPTS):
-            try:
-                self._launch(free_port(self.host))
-                return self
-            except RuntimeError:
-                if attempt + 1 == PORT_ATTEMPTS:
-                    raise
-        raise AssertionError("unreachable")
+        start_on_a_free_port(self._launch, self.host, RuntimeError)
+        return self
 
     def _launch(self, port: int) -> None:
         settings = [

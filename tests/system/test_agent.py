@@ -27,7 +27,7 @@ import pytest
 
 from dockercomp.agent.agent import Agent, AgentState
 from dockercomp.agent.errors import HealthError
-from dockercomp.agent.health import Health, check_health, write_health
+from dockercomp.agent.health import check_health
 from dockercomp.agent.settings import AgentSettings
 from dockercomp.agent.tasks import Registry
 from dockercomp.broker.memory import MemoryBroker
@@ -40,12 +40,11 @@ from dockercomp.broker.messages import (
     Task,
 )
 from dockercomp.broker.topics import Topics, WorkerRef
-from tests.support import Seen, Watcher, connect_client, free_port, wait_until
+from tests.support import REPO_ROOT, Seen, Watcher, connect_client, free_port, wait_until
 from tests.support.brokers import BrokerProcess
 
 pytestmark = pytest.mark.timeout(90)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 VOLUNTEER = "lab"
 KEEPALIVE = 2  # seconds; a lost agent must be reported within 1.5x this
 WILL_MARGIN = 1.5  # seconds on top of 1.5 x keepalive: broker timer granularity, loaded CI
@@ -669,42 +668,3 @@ def test_tasks_beyond_the_queue_limit_are_rejected_queue_full(
     outcomes = {r.task_id: (r.outcome, r.error.type if r.error else None) for r in results}
     assert outcomes == {"1": (Outcome.OK, None), "2": (Outcome.OK, None), "3": (Outcome.OK, None),
                         "4": (Outcome.REJECTED, "QueueFull")}
-
-
-# --- the health file, judged by `dockercomp agent check` ----------------------------------------------------------------
-
-
-def health(**changes: Any) -> Health:
-    base = dict(pid=os.getpid(), worker="lab/w1", broker="mqtt://b:1883", state="running", connected=True,
-                since=1000.0, updated=1000.0, keepalive=10)
-    return Health(**{**base, **changes})  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize("written, now, alive, problem", [
-    (health(), 1001.0, True, None),
-    (health(state="draining"), 1001.0, True, None),
-    (health(), 1000.0 + 31, True, "has not updated"),  # 3 keepalives without a write: hung
-    (health(keepalive=1), 1000.0 + 14, True, None),  # but never stale sooner than 15 s
-    (health(connected=False, since=990.0, last_error="connection refused"), 1001.0, True,
-     "has not been connected to mqtt://b:1883 for 11 s: connection refused"),
-    (health(), 1001.0, False, "is not running"),
-])
-def test_check_health_judges_freshness_connection_and_process(
-    tmp_path: Path, written: Health, now: float, alive: bool, problem: str | None
-) -> None:
-    path = tmp_path / "health.json"
-    write_health(path, written)
-    if problem is None:
-        assert check_health(path, now=lambda: now, alive=lambda pid: alive) == written
-    else:
-        with pytest.raises(HealthError, match=problem):
-            check_health(path, now=lambda: now, alive=lambda pid: alive)
-
-
-@pytest.mark.parametrize("content, problem", [(None, "no health file"), ("{not json", "unreadable"), ('{"pid": 1}', "incomplete")])
-def test_check_health_explains_a_missing_or_broken_file(tmp_path: Path, content: str | None, problem: str) -> None:
-    path = tmp_path / "health.json"
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises(HealthError, match=problem):
-        check_health(path)

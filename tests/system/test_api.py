@@ -6,9 +6,6 @@ only the tests of waiting without workers run on the store alone (with an inject
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,50 +15,13 @@ from dockercomp.coordinator.api import Client, JobTimeout, TasksFailed, connect
 from dockercomp.coordinator.errors import InvalidInput, UnknownJob
 from dockercomp.coordinator.store import JobProgress
 from tests.support import wait_until
-from tests.support.brokers import BrokerProcess
+from tests.support.processes import Processes
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(90)
 
 
 def primes_below(n: int) -> int:
     return sum(1 for k in range(2, n) if all(k % d for d in range(2, int(k**0.5) + 1)))
-
-
-class Stack:
-    """`dockercomp coordinator serve` and some `dockercomp agent run` processes on one broker and database."""
-
-    def __init__(self, broker_url: str, db: str, logs: Path) -> None:
-        self.broker_url, self.db, self.logs = broker_url, db, logs
-        self.env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    def _start(self, name: str, args: list[str]) -> None:
-        with open(self.logs / f"{name}.log", "wb") as out:
-            self.processes.append(subprocess.Popen([sys.executable, "-m", *args], env=self.env, stdout=out,
-                                                   stderr=subprocess.STDOUT, cwd=REPO_ROOT))  # fmt: skip
-
-    def coordinator(self) -> None:
-        self._start("coordinator", ["coordinator", "serve", "--broker", self.broker_url, "--db", self.db])
-
-    def agent(self, name: str, concurrency: int = 2) -> None:
-        self._start(name, ["dockercomp.agent.cli", "run", "--broker", self.broker_url, "--worker-id", name,
-                           "--concurrency", str(concurrency), "--keepalive", "2",
-                           "--health-file", str(self.logs / f"{name}.health")])  # fmt: skip
-
-    def stop(self) -> None:
-        for process in reversed(self.processes):
-            process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-    def log(self) -> str:
-        return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-3000:]}"
-                         for p in sorted(self.logs.glob("*.log")))  # fmt: skip
 
 
 @pytest.fixture
@@ -71,19 +31,13 @@ def client(tmp_path: Path) -> Iterator[Client]:
 
 
 @pytest.fixture
-def stack(client: Client, broker: BrokerProcess, tmp_path: Path) -> Iterator[Stack]:
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    running = Stack(broker.url, client.db, logs)
-    running.coordinator()
-    try:
-        yield running
-    finally:
-        running.stop()
-        print(running.log())  # shown by pytest only when the test failed
+def stack(client: Client, procs: Processes) -> Processes:
+    """`dockercomp coordinator serve` on the client's database; tests add agents (procs.agent)."""
+    procs.serve(client.db, "coordinator", options=())
+    return procs
 
 
-def test_submit_wait_and_results_in_input_order(client: Client, stack: Stack) -> None:
+def test_submit_wait_and_results_in_input_order(client: Client, stack: Processes) -> None:
     # Given two agents (both online: on a busy machine one could otherwise do the whole job
     # before the other has started) and a job of prime counts
     stack.agent("a1")
@@ -110,7 +64,7 @@ def test_submit_wait_and_results_in_input_order(client: Client, stack: Stack) ->
     assert all(w.state == "online" and w.capacity == 2 for w in workers.values())
 
 
-def test_as_completed_yields_each_task_once_as_it_finishes(client: Client, stack: Stack) -> None:
+def test_as_completed_yields_each_task_once_as_it_finishes(client: Client, stack: Processes) -> None:
     # Given one agent working one task at a time on tasks of 0.2 s
     stack.agent("solo", concurrency=1)
     job = client.submit("sleep", [[0.2]] * 6, name="naps")
@@ -128,7 +82,7 @@ def test_as_completed_yields_each_task_once_as_it_finishes(client: Client, stack
     assert unfinished_when_first_came and unfinished_when_first_came > 0
 
 
-def test_a_failing_task_is_reported_with_its_reason(client: Client, stack: Stack) -> None:
+def test_a_failing_task_is_reported_with_its_reason(client: Client, stack: Processes) -> None:
     stack.agent("a1")
     job = client.submit("add", [[1, 2], ["a", 1]], name="mixed", max_attempts=1)
     final = job.wait(timeout=60, progress=False)

@@ -24,10 +24,10 @@ from dockercomp.broker.messages import OfflineReason, Presence, PresenceState
 from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator.cli import main
 from dockercomp.coordinator.store import Store, Worker, WorkerState
-from tests.support import Watcher, connect_client, free_port
+from tests.support import REPO_ROOT, Watcher, connect_client, free_port
 from tests.support.brokers import BrokerProcess
+from tests.support.processes import Processes
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -311,21 +311,6 @@ def coordinator_cli(*args: str, env: dict[str, str], timeout: float = 30) -> sub
                           text=True, timeout=timeout, cwd=REPO_ROOT)  # fmt: skip
 
 
-def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                cwd=REPO_ROOT)  # fmt: skip
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def test_end_to_end_submit_watch_results_workers(
     cli: CliRunner, mosquitto: BrokerProcess, tmp_path: Path, db: str
 ) -> None:
@@ -339,12 +324,10 @@ def test_end_to_end_submit_watch_results_workers(
     broken = write(tmp_path / "broken.txt", "[1, 2]\n[\"a\", 1]\n")
     assert run(cli, "submit", "add", broken, "--job", "broken", "--max-attempts", "1").exit_code == 0
     # When the coordinator and two agents run
-    processes = [start(["dockercomp.coordinator", "serve", "--broker", mosquitto.url, "--db", db], env, tmp_path / "serve.log")]
+    processes = Processes(mosquitto.url, tmp_path / "logs")
+    processes.serve(db, options=())
     for name in ("w1", "w2"):
-        processes.append(start(["dockercomp.agent.cli", "run", "--broker", mosquitto.url, "--worker-id", name,
-                                "--concurrency", "2", "--keepalive", "2",
-                                "--health-file", str(tmp_path / f"{name}.health")],
-                               env, tmp_path / f"{name}.log"))  # fmt: skip
+        processes.agent(name)
     try:
         # Then `status --watch` follows the job to its end
         watched = coordinator_cli("status", "pairs", "--watch", "--interval", "0.1", "--json", env=env)
@@ -375,5 +358,4 @@ def test_end_to_end_submit_watch_results_workers(
         assert sum(w["tasks_done"] for w in workers) == 21
         assert "local/w1" in run(cli, "workers").stdout
     finally:
-        for process in reversed(processes):
-            stop(process)
+        processes.stop_all()

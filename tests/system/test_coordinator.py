@@ -5,13 +5,8 @@ read its counters; test_coordinator_faults.py also runs it as `dockercomp coordi
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,92 +14,13 @@ import pytest
 from dockercomp.broker.messages import decode_status
 from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
-from dockercomp.coordinator.store import Store, TaskState, Worker
+from dockercomp.coordinator.store import TaskState
 from tests.support import Watcher, wait_until
 from tests.support.brokers import BrokerProcess
+from tests.support.processes import Processes, finished, online
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 TOPICS = Topics()
 pytestmark = pytest.mark.timeout(120)
-
-# Fast intervals: leases checked 10x a second, lost workers purged after 1 s.
-FAST = CoordinatorSettings(lease_margin=2, lease_check=0.1, purge_after=1.0, purge_check=0.2,
-                           poll_interval=0.2, status_interval=0.2, connect_timeout=10)
-
-
-class Processes:
-    """`dockercomp agent run` (and `dockercomp coordinator serve`) child processes with their logs."""
-
-    def __init__(self, broker_url: str, logs: Path) -> None:
-        self.broker_url = broker_url
-        self.logs = logs
-        logs.mkdir(exist_ok=True)
-        self.env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
-        self.running: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        with open(self.logs / f"{name}.log", "ab") as out:
-            process = subprocess.Popen([sys.executable, "-m", *args], env=self.env, stdout=out,
-                                       stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-        self.running[name] = process
-        return process
-
-    def agent(self, name: str, concurrency: int = 2, prefetch: int | None = None) -> subprocess.Popen[bytes]:
-        extra = [] if prefetch is None else ["--prefetch", str(prefetch)]
-        return self.start(name, ["dockercomp.agent.cli", "run", "--broker", self.broker_url, "--worker-id", name,
-                                 "--concurrency", str(concurrency), "--keepalive", "2", "--grace", "1",
-                                 "--health-file", str(self.logs / f"{name}.health"), *extra])
-
-    def serve(self, db: str, name: str = "serve") -> subprocess.Popen[bytes]:
-        return self.start(name, ["dockercomp.coordinator", "serve", "--broker", self.broker_url, "--db", db,
-                                 "--lease-check", "0.2", "--lease-margin", "2", "--purge-after", "1", "-v"])
-
-    def kill(self, name: str) -> None:
-        process = self.running.pop(name)
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
-
-    def stop_all(self) -> None:
-        for process in self.running.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.running.values():
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self.running.clear()
-
-    def log(self) -> str:
-        return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-2500:]}"
-                         for p in sorted(self.logs.glob("*.log")))
-
-
-@pytest.fixture
-def procs(broker: BrokerProcess, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Processes]:
-    running = Processes(broker.url, tmp_path / "logs")
-    yield running
-    running.stop_all()
-    if getattr(getattr(request.node, "report_call", None), "failed", False):
-        print(running.log())
-
-
-@pytest.fixture
-def engine(broker: BrokerProcess, tmp_path: Path) -> Iterator[Coordinator]:
-    coordinator = Coordinator.connect(broker.url, str(tmp_path / "coordinator.db"), FAST).start()
-    yield coordinator
-    coordinator.stop()
-    assert coordinator.error is None, coordinator.error
-
-
-def online(store: Store, count: int) -> list[Worker]:
-    return wait_until(lambda: [w for w in store.workers() if w.state == "online"]
-                      if sum(w.state == "online" for w in store.workers()) >= count else None, timeout=20)
-
-
-def finished(store: Store, job, timeout: float = 60):  # noqa: ANN001
-    return wait_until(lambda: (p := store.progress(job)).state != "active" and p, timeout=timeout, interval=0.05)
 
 
 # --------------------------------------------------------------------------- the happy path

@@ -17,10 +17,10 @@ from dockercomp.broker.settings import BrokerSettings
 from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 from dockercomp.coordinator.store import Store, Worker
-from test_coordinator import Processes, finished, online
-from test_dispatch import FakeAgent
 from tests.support import Watcher, abandon, connect_client, wait_until
+from tests.support.agents import FakeAgent
 from tests.support.brokers import BrokerProcess
+from tests.support.processes import Processes, finished, online
 
 TOPICS = Topics()
 pytestmark = pytest.mark.timeout(120)
@@ -30,20 +30,9 @@ SETTINGS = CoordinatorSettings(lease_margin=1, lease_check=0.1, purge_after=1.0,
 
 
 @pytest.fixture
-def procs(broker: BrokerProcess, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Processes]:
-    running = Processes(broker.url, tmp_path / "logs")
-    yield running
-    running.stop_all()
-    if getattr(getattr(request.node, "report_call", None), "failed", False):
-        print(running.log())
-
-
-@pytest.fixture
-def engine(broker: BrokerProcess, tmp_path: Path) -> Iterator[Coordinator]:
-    coordinator = Coordinator.connect(broker.url, str(tmp_path / "coordinator.db"), SETTINGS).start()
-    yield coordinator
-    coordinator.stop()
-    assert coordinator.error is None, coordinator.error
+def coordinator_settings() -> CoordinatorSettings:
+    """For the `engine` fixture: leases end 1 s after their timeout."""
+    return SETTINGS
 
 
 @pytest.fixture

@@ -18,9 +18,8 @@ from PIL import Image
 
 from dockercomp.coordinator.api import Client
 from dockercomp.demo.run import RUN_ID_ENV
-from tests.support import wait_until
+from tests.support import REPO_ROOT, wait_until
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 # Seconds a process of the demo may take to vanish after the demo has ended.
 LEFTOVER_GRACE = 5.0

@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
-import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
-from dockercomp.broker.connection import Transport, Will
 from dockercomp.broker.memory import MemoryBroker
-from dockercomp.broker.messages import OfflineReason, Outcome, Presence, PresenceState, Result, Task, TaskError, decode_status
-from dockercomp.broker.topics import Topics, WorkerRef
+from dockercomp.broker.messages import Outcome, Result, Task, TaskError, decode_status
+from dockercomp.broker.topics import Topics
 from dockercomp.coordinator import store as store_module
 from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 from dockercomp.coordinator.store import Store, WorkerRow
+from tests.support.agents import FakeAgent
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -38,96 +36,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-def compute(function: str, args: list[Any]) -> Any:
-    if function == "add":
-        return args[0] + args[1]
-    if function == "sum":
-        return sum(args[0])
-    if function == "noop":
-        return None
-    raise KeyError(function)
-
-
-@dataclass
-class FakeAgent:
-    """A worker that speaks the protocol over any Transport: presence with seq and will,
-    tasks received, results answered at once (``auto``) or held until ``answer``."""
-
-    transport: Transport
-    worker: str
-    volunteer: str = "local"
-    capacity: int = 2
-    prefetch: int = 0
-    functions: tuple[str, ...] = ("add", "sum", "noop")
-    auto: bool = True
-    started: float = field(default_factory=time.time)
-    seq: int = 1
-    topics: Topics = TOPICS
-    received: list[Task] = field(default_factory=list)
-    held: list[Task] = field(default_factory=list)
-    answered: list[tuple[str, int]] = field(default_factory=list)
-    fail_with: Callable[[Task], TaskError | None] | None = None
-
-    def __post_init__(self) -> None:
-        self.ref = WorkerRef(self.volunteer, self.worker)
-        self._lock = threading.Lock()
-        self.transport.will_factory = lambda: Will(self.topics.presence(self.ref), self.presence("offline", "lost"))
-        self.transport.on_message = self._on_message
-        self.transport.on_connect = self.announce
-        self.transport.subscribe(self.topics.tasks(self.ref), 1)
-
-    def presence(self, state: str, reason: str | None = None) -> bytes:
-        return Presence(self.worker, self.volunteer, PresenceState(state), self.seq,
-                        OfflineReason(reason) if reason else None, host="test", version="0",
-                        cpus=2, capacity=self.capacity, functions=self.functions, started=self.started,
-                        prefetch=self.prefetch).encode()
-
-    def start(self, timeout: float = 10.0) -> "FakeAgent":
-        self.transport.start()
-        self.transport.wait_connected(timeout)
-        return self
-
-    def announce(self) -> None:
-        self.transport.publish(self.topics.presence(self.ref), self.presence("online"), qos=1, retain=True)
-
-    def shutdown(self) -> None:
-        self.transport.publish(self.topics.presence(self.ref), self.presence("offline", "shutdown"), qos=1, retain=True)
-        self.transport.close()
-
-    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        if topic != self.topics.tasks(self.ref):
-            return
-        task = Task.decode(payload)
-        with self._lock:
-            self.received.append(task)
-            if not self.auto:
-                self.held.append(task)
-                return
-        self.answer(task)
-
-    def answer(self, task: Task, outcome: Outcome = Outcome.OK, value: Any = ..., error: TaskError | None = None) -> None:
-        if value is ... and outcome is Outcome.OK:
-            failure = self.fail_with(task) if self.fail_with else None
-            if failure is not None:
-                outcome, error, value = Outcome.ERROR, failure, None
-            else:
-                value = compute(task.function, task.args)
-        self.send(Result(task.task_id, task.attempt, self.worker, self.volunteer, outcome,
-                         None if value is ... else value, error, 0.01).encode())
-        with self._lock:
-            self.answered.append((task.task_id, task.attempt))
-
-    def send(self, payload: bytes) -> None:
-        self.transport.publish(self.topics.results(self.ref), payload, qos=1)
-
-    def answer_held(self) -> int:
-        with self._lock:
-            held, self.held = self.held, []
-        for task in held:
-            self.answer(task)
-        return len(held)
 
 
 @dataclass

@@ -10,17 +10,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from dockercomp.broker.embedded import AddressInUseError, EmbeddedBroker
-from tests.support import Watcher, abandon, connect_client, port_accepts
+from tests.support import REPO_ROOT, Watcher, abandon, connect_client, port_accepts
 from tests.support.brokers import BrokerProcess
 
 pytestmark = pytest.mark.timeout(90)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 URL_LINE = re.compile(r"listening on (mqtt://127\.0\.0\.1:(\d+))")
 # Long enough for a message that is coming to arrive on loopback.
 QUIET_PERIOD = 0.3

@@ -1,21 +1,19 @@
-"""Hostile input: every decoder fuzzed, the engine and the agent fed garbage, and a live
-coordinator flooded with 10,000 malformed messages while a real job runs beside them.
+"""Hostile input against running parts: the agent (with its task processes) fed garbage, and a
+live coordinator flooded with 10,000 malformed messages while a real job runs beside them.
 
 The contract everywhere a message is received: a payload is either a complete, valid message
-or one DecodeError (InvalidTopic for topics); nothing else escapes, nothing half-valid gets
-through, every rejection is counted and the state stays consistent.
+or one DecodeError; nothing else escapes, every rejection is counted and the state stays
+consistent. The decoders and the engine's receive path are fuzzed in process in
+tests/unit/test_hostile_input.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,271 +25,19 @@ from dockercomp.agent.agent import Agent
 from dockercomp.agent.settings import AgentSettings
 from dockercomp.agent.tasks import Registry
 from dockercomp.broker.acl import Role
-from dockercomp.broker.defaults import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, PROTOCOL_VERSION
-from dockercomp.broker.errors import DecodeError, InvalidName, InvalidTopic
+from dockercomp.broker.defaults import MAX_PAYLOAD_BYTES
+from dockercomp.broker.errors import DecodeError
 from dockercomp.broker.memory import MemoryBroker
-from dockercomp.broker.messages import (
-    OfflineReason,
-    Outcome,
-    Presence,
-    PresenceState,
-    Result,
-    Task,
-    TaskError,
-    decode_status,
-    encode_status,
-    load_object,
-    peek_task_id,
-)
-from dockercomp.broker.topics import WORKER_TOPIC_KINDS, Topics, WorkerRef, validate_name
-from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
-from dockercomp.coordinator.store import Store, TaskState
+from dockercomp.broker.messages import Presence, Result, Task, decode_status
+from dockercomp.broker.topics import Topics, WorkerRef
 from tests.support import wait_until
+from tests.support.hostile import assert_sane, near_payloads, wire
+from tests.support.processes import Processes
 from tests.support.security import SecureBroker, connected
 
 TOPICS = Topics()
-INT64 = range(-(2**63), 2**63)
-
-# --------------------------------------------------------------------------- strategies
-names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}", fullmatch=True)
-finite = st.floats(allow_nan=False, allow_infinity=False)
-# Any JSON value Python's json module can write, including the NaN/Infinity tokens and
-# numbers no 64-bit column holds: what a hostile client can put on the wire.
-hostile_scalars = (st.none() | st.booleans() | st.integers() | st.integers(min_value=2**63, max_value=2**200)
-                   | st.floats() | st.text(max_size=40))
-hostile_json = st.recursive(hostile_scalars, lambda inner: st.lists(inner, max_size=4)
-                            | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=25)
-clean_json = st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | finite | st.text(max_size=40),
-                          lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
-                                                                                       max_size=4), max_leaves=25)
-
-presences = st.builds(
-    Presence, worker=names, volunteer=names, state=st.sampled_from(PresenceState),
-    seq=st.integers(0, 2**63 - 1), reason=st.none() | st.sampled_from(OfflineReason),
-    host=st.text(max_size=255), container=st.none() | st.text(max_size=128), image=st.none() | st.text(max_size=255),
-    version=st.text(max_size=64), cpus=st.integers(0, 2**63 - 1), capacity=st.integers(0, 2**63 - 1),
-    functions=st.lists(st.text(min_size=1, max_size=200), max_size=8).map(tuple),
-    started=finite)
-tasks = st.builds(
-    Task, task_id=st.text(min_size=1, max_size=128), job_id=st.text(min_size=1, max_size=128),
-    attempt=st.integers(1, 2**63 - 1), function=st.text(min_size=1, max_size=200),
-    args=st.lists(clean_json, max_size=5), timeout=st.floats(min_value=1e-6, allow_infinity=False))
-errors = st.builds(TaskError, type=st.text(min_size=1, max_size=200), message=st.text(max_size=300),
-                   traceback=st.text(max_size=300))
-results = st.one_of(
-    st.builds(Result, task_id=st.text(min_size=1, max_size=128), attempt=st.integers(1, 2**63 - 1), worker=names,
-              volunteer=names, outcome=st.just(Outcome.OK), value=clean_json, error=st.none() | errors,
-              elapsed=st.floats(min_value=0, allow_infinity=False)),
-    st.builds(Result, task_id=st.text(min_size=1, max_size=128), attempt=st.integers(1, 2**63 - 1), worker=names,
-              volunteer=names, outcome=st.sampled_from([o for o in Outcome if o is not Outcome.OK]),
-              value=st.none(), error=errors, elapsed=st.floats(min_value=0, allow_infinity=False)))
-messages = st.one_of(presences, tasks, results)
-DECODERS: list[Callable[[bytes], Any]] = [Presence.decode, Task.decode, Result.decode, decode_status,
-                                           lambda p: load_object("fuzz", p)]
 
 
-def wire(value: Any) -> bytes:
-    """JSON as a hostile client may write it: NaN and Infinity tokens included."""
-    return json.dumps(value, allow_nan=True).encode()
-
-
-def as_object(message: Presence | Task | Result) -> dict[str, Any]:
-    decoded: dict[str, Any] = json.loads(message.encode())
-    return decoded
-
-
-# --------------------------------------------------------------------------- what "valid" guarantees
-def _json_sane(value: Any, depth: int = 1) -> None:
-    assert depth <= MAX_JSON_DEPTH + 1
-    if isinstance(value, float):
-        assert math.isfinite(value)
-    elif isinstance(value, list):
-        for item in value:
-            _json_sane(item, depth + 1)
-    elif isinstance(value, dict):
-        for item in value.values():
-            _json_sane(item, depth + 1)
-
-
-def assert_sane(message: Any) -> None:
-    """What every component may rely on once decode() returned."""
-    assert message.v == PROTOCOL_VERSION
-    if isinstance(message, Presence):
-        WorkerRef(message.volunteer, message.worker)  # topic-safe names
-        assert isinstance(message.state, PresenceState) and message.seq in INT64 and message.seq >= 0
-        assert message.reason is None or isinstance(message.reason, OfflineReason)
-        assert message.cpus in INT64 and message.capacity in INT64 and min(message.cpus, message.capacity) >= 0
-        assert all(isinstance(f, str) and f for f in message.functions)
-        assert math.isfinite(message.started)
-    elif isinstance(message, Task):
-        assert isinstance(message.task_id, str) and 0 < len(message.task_id) <= 128
-        assert message.attempt in INT64 and message.attempt >= 1
-        assert isinstance(message.args, list)
-        _json_sane(message.args)
-        assert math.isfinite(message.timeout) and message.timeout > 0
-    elif isinstance(message, Result):
-        WorkerRef(message.volunteer, message.worker)
-        assert message.attempt in INT64 and message.attempt >= 1
-        assert isinstance(message.outcome, Outcome)
-        assert message.ok or message.error is not None
-        _json_sane(message.value)
-        assert math.isfinite(message.elapsed) and message.elapsed >= 0
-    # Whatever was accepted can be written out again (to the store, to status) as strict JSON.
-    if hasattr(message, "encode"):
-        message.encode()
-
-
-def decode_or_reject(decoder: Callable[[bytes], Any], payload: bytes) -> Any:
-    try:
-        decoded = decoder(payload)
-    except DecodeError as exc:
-        assert exc.reason and (exc.data is None or len(exc.data) <= 200)
-        return None
-    assert_sane(decoded) if not isinstance(decoded, dict) else None
-    return decoded
-
-
-# --------------------------------------------------------------------------- the decoders
-@settings(max_examples=400)
-@given(st.binary(max_size=2048))
-def test_any_bytes_are_a_message_or_one_decode_error(payload: bytes) -> None:
-    for decoder in DECODERS:
-        decode_or_reject(decoder, payload)
-    peeked = peek_task_id(payload)
-    assert peeked is None or (isinstance(peeked[0], str) and isinstance(peeked[1], int))
-
-
-@settings(max_examples=400)
-@given(hostile_json)
-def test_any_json_document_is_a_message_or_one_decode_error(value: Any) -> None:
-    for payload in (wire(value), wire({"v": PROTOCOL_VERSION, "x": value})):
-        for decoder in DECODERS:
-            decode_or_reject(decoder, payload)
-        peek_task_id(payload)
-
-
-@settings(max_examples=300)
-@given(messages)
-def test_every_valid_message_survives_the_round_trip(message: Presence | Task | Result) -> None:
-    decoded = type(message).decode(message.encode())
-    assert decoded == message
-    assert_sane(decoded)
-
-
-@settings(max_examples=600)
-@given(messages, st.data())
-def test_a_valid_message_with_any_field_changed_is_valid_or_rejected(message: Any, data: st.DataObject) -> None:
-    obj = as_object(message)
-    field = data.draw(st.sampled_from(sorted(obj) + ["extra"]), label="field")
-    action = data.draw(st.sampled_from(["replace", "delete"]), label="action")
-    if action == "delete":
-        obj.pop(field, None)
-    else:
-        obj[field] = data.draw(hostile_json, label="value")
-    decoded = decode_or_reject(type(message).decode, wire(obj))
-    if decoded is not None and field not in ("extra", "value", "args"):
-        # Accepted: then the field holds a value of the declared kind, never a stray type.
-        assert_sane(decoded)
-
-
-@settings(max_examples=200)
-@given(messages, st.sampled_from([Presence, Task, Result]))
-def test_a_message_of_one_kind_never_decodes_as_a_wrong_but_valid_other(message: Any, kind: Any) -> None:
-    decoded = decode_or_reject(kind.decode, message.encode())
-    if decoded is not None:
-        assert_sane(decoded)
-
-
-HOSTILE = [
-    b"", b" ", b"\x00" * 64, b"\xff\xfe\xfd", "\ufeff{}".encode(), b"null", b"[]", b"0", b'"v"', b"{",
-    b'{"v": 1}', b'{"v": "1"}', b'{"v": 2}', b'{"v": NaN}', b'{"v": 1, "seq": NaN}', b'{"v": 1, "seq": Infinity}',
-    b'{"v": 1, "seq": -Infinity}', b'{"v": 1, "seq": 1e999}', b'{"v": 1, "attempt": ' + b"9" * 400 + b"}",
-    b'{"v": 1, "attempt": ' + b"9" * 5000 + b"}", b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 40 + b"1" + b"}" * 40,
-    b'{"v": 1, "v": 2}', b'{"v": 1, "worker": "a/+/#", "volunteer": "x"}', b'{"v": 1, "worker": "$SYS"}',
-    b'{"v": 1, "task_id": "' + b"x" * (MAX_PAYLOAD_BYTES + 10) + b'"}', b"1" * (MAX_PAYLOAD_BYTES + 1),
-    b'{"v":1,"task_id":"1","attempt":true,"worker":"w","volunteer":"v","outcome":"ok"}',
-    b'{"v":1,"task_id":"1","attempt":1,"worker":"w","volunteer":"v","outcome":"ok","value":[NaN]}',
-    b'{"v":1,"task_id":"1","attempt":1,"worker":"w","volunteer":"v","outcome":"error"}',
-]
-
-
-@pytest.mark.parametrize("payload", HOSTILE, ids=lambda p: repr(p[:30]))
-def test_known_hostile_payloads_are_rejected_quickly(payload: bytes) -> None:
-    started = time.monotonic()
-    for decoder in (Presence.decode, Task.decode, Result.decode):
-        with pytest.raises(DecodeError):
-            decoder(payload)
-    peek_task_id(payload)
-    assert time.monotonic() - started < 1.0
-
-
-def test_status_decoding_checks_the_envelope_only() -> None:
-    assert decode_status(encode_status({"anything": [1, {"x": None}]}))["anything"] == [1, {"x": None}]
-    with pytest.raises(DecodeError):
-        decode_status(b'{"v": 1, "rate": NaN}')
-
-
-# --------------------------------------------------------------------------- names and topics
-@settings(max_examples=400)
-@given(st.text(max_size=120) | st.lists(st.sampled_from(["dockercomp", "workers", "+", "#", "", "$SYS", "a", "w1",
-                                                          *WORKER_TOPIC_KINDS]), max_size=7).map("/".join))
-def test_any_topic_is_a_worker_topic_or_invalid_topic(topic: str) -> None:
-    try:
-        parsed = TOPICS.parse_worker_topic(topic)
-    except InvalidTopic:
-        return
-    assert parsed.kind in WORKER_TOPIC_KINDS
-    assert TOPICS.presence(parsed.ref).rsplit("/", 1)[0] == topic.rsplit("/", 1)[0]
-    assert not any(c in parsed.ref.key for c in "+#$")
-
-
-@given(st.text(max_size=80))
-def test_any_name_is_topic_safe_or_invalid_name(name: str) -> None:
-    try:
-        validate_name(name)
-    except InvalidName:
-        return
-    assert "/" not in name and "+" not in name and "#" not in name and not name.startswith("$")
-
-
-# --------------------------------------------------------------------------- the engine's receive path
-@pytest.fixture
-def memory_engine(tmp_path: Path) -> Iterator[tuple[Coordinator, MemoryBroker]]:
-    broker = MemoryBroker()
-    engine = Coordinator(Store.open(str(tmp_path / "fuzz.db")), broker.connect("coordinator"),
-                         settings=CoordinatorSettings(connect_timeout=1, status_interval=0.01))
-    engine.open()
-    yield engine, broker
-    engine.close()
-
-
-worker_topics = st.builds(lambda v, w, kind: f"dockercomp/workers/{v}/{w}/{kind}",
-                          st.sampled_from(["lab", "mallory"]), st.sampled_from(["w1", "w2"]),
-                          st.sampled_from(["presence", "results"]))
-near_payloads = st.one_of(st.binary(max_size=300), hostile_json.map(wire), messages.map(lambda m: m.encode()),
-                          st.builds(lambda m, d: wire({**as_object(m), **d}), messages,
-                                    st.dictionaries(st.sampled_from(["task_id", "attempt", "worker", "volunteer",
-                                                                     "state", "seq", "outcome", "value"]),
-                                                    hostile_json, max_size=3)))
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(worker_topics, near_payloads), min_size=1, max_size=30))
-def test_the_engine_survives_any_message_sequence_and_stays_consistent(
-        memory_engine: tuple[Coordinator, MemoryBroker], batch: list[tuple[str, bytes]]) -> None:
-    engine, broker = memory_engine
-    if not engine.store.jobs():
-        engine.store.create_job("add", [[1, 2], [3, 4]])
-    for topic, payload in batch:
-        broker.deliver(topic, payload, False)
-    engine.step()  # raises if any message escaped its handler
-    # Consistency: the store's task states add up, and done tasks have a value.
-    for job in engine.store.jobs():
-        progress = engine.store.progress(job)
-        assert progress.done + progress.failed + progress.pending + progress.assigned + progress.cancelled \
-            == progress.total
-        for row in engine.store.results(job):
-            assert row.state in {s.value for s in TaskState}
 
 
 # --------------------------------------------------------------------------- the agent's receive path
@@ -333,7 +79,6 @@ def test_the_agent_survives_any_task_payload_and_still_works(
 
 
 # --------------------------------------------------------------------------- a live coordinator under fire
-REPO_ROOT = Path(__file__).resolve().parents[2]
 FLOOD = 10_000
 JOB_TASKS = 200
 
@@ -372,56 +117,20 @@ def malformed(i: int, job_task_id: str) -> tuple[str, bytes]:
     return TOPICS.results(worker), payload
 
 
-class Processes:
-    """`dockercomp coordinator serve` and `dockercomp agent run` as child processes, with their logs."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        logs.mkdir(exist_ok=True)
-        self.env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
-        self.running: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, args: list[str], broker_url: str) -> None:
-        # The password travels in the environment, not on a command line others can read.
-        env = {**self.env, "DOCKERCOMP_BROKER": broker_url}
-        with open(self.logs / f"{name}.log", "ab") as out:
-            self.running.append(subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=out,
-                                                 stderr=subprocess.STDOUT, cwd=REPO_ROOT))
-
-    def cli(self, *args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "dockercomp.coordinator", *args], env=self.env, cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=60, check=False)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
-
-    def stop(self) -> None:
-        for process in self.running:
-            process.terminate()
-        for process in self.running:
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-    def log(self, name: str) -> str:
-        path = self.logs / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-
 @pytest.mark.timeout(180)
 def test_a_live_coordinator_flooded_with_10000_malformed_messages_stays_responsive(
         secure_mosquitto: SecureBroker, tmp_path: Path) -> None:
     broker = secure_mosquitto
     alice, mallory, watcher = broker.add("alice"), broker.add("mallory"), broker.add("dash", Role.OBSERVER)
     db = str(tmp_path / "coordinator.db")
-    procs = Processes(tmp_path / "logs")
+    # No --broker: the password travels in the environment, not on a command line others can read.
+    procs = Processes(None, tmp_path / "logs")
     summaries: list[tuple[float, dict[str, Any]]] = []
     try:
         procs.start("serve", ["dockercomp.coordinator", "serve", "--db", db, "--lease-margin", "30"],
-                    broker.url(broker.coordinator))
+                    env={"DOCKERCOMP_BROKER": broker.url(broker.coordinator)})
         procs.start("agent", ["dockercomp.agent.cli", "run", "--worker-id", "w1", "--concurrency", "2", "--keepalive", "5",
-                              "--health-file", str(tmp_path / "agent.health")], broker.url(alice))
+                              "--health-file", str(tmp_path / "agent.health")], env={"DOCKERCOMP_BROKER": broker.url(alice)})
         inputs = tmp_path / "tasks.jsonl"
         inputs.write_text("".join(f"[{i}, {i}]\n" for i in range(JOB_TASKS)))
         with connected(broker.url(watcher), "dash", TOPICS.status_summary) as dash:
@@ -460,7 +169,7 @@ def test_a_live_coordinator_flooded_with_10000_malformed_messages_stays_responsi
         serve_log = procs.log("serve")
         assert serve_log.count("ignored ") < 200, serve_log[-3000:]
     finally:
-        procs.stop()
+        procs.stop_all()
 
 
 def test_the_flood_mix_is_all_rejected_by_the_decoders() -> None:
