@@ -37,7 +37,7 @@ from dockercomp.broker.defaults import (
     MQTTS_PORT,
     ROOT_TOPIC,
 )
-from dockercomp.broker.errors import BrokerError, InvalidName
+from dockercomp.broker.errors import InvalidName, SettingsError
 from dockercomp.broker.settings import BrokerSettings
 from dockercomp.broker.topics import validate_name
 from dockercomp.cli import CONTEXT
@@ -62,14 +62,15 @@ from dockercomp.coordinator.render import (
     write_csv,
     write_jsonl,
 )
+from dockercomp.coordinator.volunteers import mark_revoked_lost, reload_broker
 from dockercomp.exits import Exit, handled
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _broker_hint(exc: BaseException) -> BaseException | None:
-    """Broker errors of the scientist's commands point at the option that names the broker."""
-    if isinstance(exc, BrokerError) and not exc.hint:
+    """A bad broker URL points at the option that names it."""
+    if isinstance(exc, SettingsError) and not exc.hint:
         exc.hint = f"check --broker or ${BROKER_URL_ENV}"
     return None
 
@@ -445,34 +446,8 @@ def _reload_options(func: F) -> F:
                              f"[env {BROKER_URL_ENV}; default: from coordinator.env]")(func)
 
 
-def _reload(pid_file: Path | None, reload_command: str | None, as_json: bool) -> str | None:
-    """Makes the broker reload if told how; else says how. Returns what it did (None: nothing)."""
-    from dockercomp.broker.accounts import Reloader
-
-    reloader = Reloader(pid_file, reload_command)
-    if not reloader.configured:
-        click.echo("note: the broker has NOT reloaded yet, so this is not in force: run "
-                   "`docker compose kill -s HUP mosquitto` (or kill -HUP the broker), or pass "
-                   f"--pid-file / --reload-command [env {BROKER_PID_FILE_ENV} / {BROKER_RELOAD_ENV}]", err=True)
-        return None
-    done = reloader.reload()
-    if not as_json:
-        click.echo(f"broker reloaded: {done}", err=True)
-    return done
-
-
-def _mark_lost(config_dir: Path, name: str, broker_url: str | None) -> list[str] | None:
-    """After a revocation: the volunteer's workers are gone. A failure only delays their tasks
-    (until their leases expire), so it is a warning."""
-    from dockercomp.broker.accounts import Accounts
-    from dockercomp.coordinator.volunteers import mark_revoked_lost
-
-    try:
-        return mark_revoked_lost(Accounts(config_dir), name, broker_url)
-    except BrokerError as exc:
-        click.echo(f"warning: could not mark {name}'s workers lost ({exc}); their tasks return to the "
-                   "queue only when their leases expire", err=True)
-        return None
+def _warn(message: str) -> None:
+    click.echo(message, err=True)
 
 
 @main.group()
@@ -540,9 +515,9 @@ def volunteers_add(name: str, config_dir: Path, role: str, host: str | None, por
     url = broker_url_for(creds, host, port, ca_file=Path(ca_file).name if ca_file else None, root=accounts.root)
     # ... and for the installer, which takes the CA file apart and puts it in the containers.
     command = install_command(broker_url_for(creds, host, port, root=accounts.root), ca_file)
-    reloaded = _reload(pid_file, reload_command, as_json)
+    reloaded = reload_broker(pid_file, reload_command, _warn, quiet=as_json)
     # A new password cut the old connections off, without their wills (see mark_workers_lost).
-    marked = _mark_lost(config_dir, name, broker_url) if reset_password and reloaded else None
+    marked = mark_revoked_lost(config_dir, name, broker_url, _warn) if reset_password and reloaded else None
     if as_json:  # the password is shown this once: adding the account is this command's purpose
         click.echo(json.dumps({"name": creds.name, "role": creds.role.value, "password": creds.password,
                                "url": url, "ca_file": ca_file, "install_command": command, "reloaded": reloaded,
@@ -586,8 +561,8 @@ def volunteers_remove(name: str, config_dir: Path, force: bool, pid_file: Path |
     from dockercomp.broker.accounts import Accounts
 
     account = Accounts(config_dir).remove(name, allow_coordinator=force)
-    reloaded = _reload(pid_file, reload_command, as_json)
-    marked = _mark_lost(config_dir, name, broker_url) if reloaded and account.role is Role.VOLUNTEER else None
+    reloaded = reload_broker(pid_file, reload_command, _warn, quiet=as_json)
+    marked = mark_revoked_lost(config_dir, name, broker_url, _warn) if reloaded and account.role is Role.VOLUNTEER else None
     if as_json:
         click.echo(json.dumps({"name": account.name, "role": account.role.value, "removed": True,
                                "reloaded": reloaded, "marked_lost": marked}))

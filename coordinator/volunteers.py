@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
-from dockercomp.broker.accounts import Accounts, coordinator_broker
+from dockercomp.broker.accounts import Accounts, Reloader, coordinator_broker
 from dockercomp.broker.connection import MqttConnection
-from dockercomp.broker.defaults import RELOAD_TIMEOUT
-from dockercomp.broker.errors import DecodeError
+from dockercomp.broker.defaults import BROKER_PID_FILE_ENV, BROKER_RELOAD_ENV, RELOAD_TIMEOUT
+from dockercomp.broker.errors import BrokerError, DecodeError
 from dockercomp.broker.messages import OfflineReason, Presence, PresenceState
 from dockercomp.broker.settings import BrokerSettings
 from dockercomp.broker.topics import Topics
@@ -69,7 +71,30 @@ def mark_workers_lost(broker: BrokerSettings, volunteer: str, *, settle: float =
         connection.close(timeout=2)
 
 
-def mark_revoked_lost(accounts: Accounts, volunteer: str, broker_url: str | None) -> list[str]:
+def reload_broker(pid_file: Path | None, reload_command: str | None, warn: Callable[[str], None], *,
+                  quiet: bool = False) -> str | None:
+    """Makes the broker reload its files if told how (ReloadError if that fails); else warns
+    how to. Returns what it did, None when it did nothing."""
+    reloader = Reloader(pid_file, reload_command)
+    if not reloader.configured:
+        warn("note: the broker has NOT reloaded yet, so this is not in force: run "
+             "`docker compose kill -s HUP mosquitto` (or kill -HUP the broker), or pass "
+             f"--pid-file / --reload-command [env {BROKER_PID_FILE_ENV} / {BROKER_RELOAD_ENV}]")
+        return None
+    done = reloader.reload()
+    if not quiet:
+        warn(f"broker reloaded: {done}")
+    return done
+
+
+def mark_revoked_lost(config_dir: Path, volunteer: str, broker_url: str | None,
+                      warn: Callable[[str], None]) -> list[str] | None:
     """After ``volunteer`` was revoked and the broker reloaded: marks its workers lost, as the
-    coordinator account of ``accounts`` (or ``broker_url``). Raises BrokerError if unreachable."""
-    return mark_workers_lost(coordinator_broker(accounts, broker_url), volunteer)
+    coordinator account of ``config_dir`` (or ``broker_url``). A failure only delays their
+    tasks (until their leases expire), so it is a warning; returns None then."""
+    try:
+        return mark_workers_lost(coordinator_broker(Accounts(config_dir), broker_url), volunteer)
+    except BrokerError as exc:
+        warn(f"warning: could not mark {volunteer}'s workers lost ({exc}); their tasks return to the "
+             "queue only when their leases expire")
+        return None
