@@ -32,7 +32,7 @@ from dockercomp.agent.defaults import (
 from dockercomp.agent.health import check_health
 from dockercomp.agent.settings import AgentSettings
 from dockercomp.agent.tasks import Registry
-from dockercomp.broker.defaults import BROKER_URL_ENV, DEFAULT_BROKER_URL
+from dockercomp.broker.defaults import BROKER_URL_ENV, DEFAULT_BROKER_URL, KEEPALIVE_SECONDS
 from dockercomp.cli import CONTEXT, Group
 from dockercomp.exits import handled
 
@@ -66,7 +66,8 @@ def main() -> None:
                    "followed at once by the next; 0 for long tasks that other workers should get instead "
                    f"[env {PREFETCH_ENV}; default: the concurrency]")
 @click.option("--keepalive", type=click.IntRange(1, 65535),
-              help="MQTT keepalive in seconds; a killed agent is reported lost within ~1.5x this [default 10]")
+              help="MQTT keepalive in seconds; a killed agent is reported lost within ~1.5x this "
+                   f"[default {KEEPALIVE_SECONDS}]")
 @click.option("--grace", type=click.FloatRange(min=0), default=GRACE_SECONDS, show_default=True,
               help="Seconds running tasks get to finish after the first SIGTERM/SIGINT")
 @click.option("--username", envvar=USERNAME_ENV, help=f"Broker user name [env {USERNAME_ENV}]; "
