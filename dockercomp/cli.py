@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Any
 
 import click
 
@@ -30,7 +31,17 @@ ROLES: dict[str, tuple[str, str, str]] = {
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
-class Command(click.Command):
+class _HelpEverywhere:
+    """-h/--help on the command itself, not only inherited: click caches a command's help
+    option the first time it is built, so one run as a stand-alone command (a test's CliRunner,
+    `python -m dockercomp.coordinator`) would otherwise drop -h for every later run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["context_settings"] = {**CONTEXT, **(kwargs.get("context_settings") or {})}
+        super().__init__(*args, **kwargs)
+
+
+class Command(_HelpEverywhere, click.Command):
     """A command whose usage errors come out as the JSON error object when --json was given.
 
     click reports them before the command runs, so the command's own handler never sees them.
@@ -47,7 +58,7 @@ class Command(click.Command):
                          f"`{ctx.command_path} --help` lists the options"), as_json=True)
 
 
-class Group(click.Group):
+class Group(_HelpEverywhere, click.Group):
     """A role's group: its commands are :class:`Command`, its sub-groups :class:`Group`."""
 
     command_class = Command
