@@ -10,7 +10,14 @@ import os
 from dataclasses import dataclass, replace
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from dockercomp.broker.defaults import BROKER_URL_ENV, DEFAULT_BROKER_URL, KEEPALIVE_SECONDS, MQTT_PORT, MQTTS_PORT, ROOT_TOPIC
+from dockercomp.broker.defaults import (
+    BROKER_URL_ENV,
+    DEFAULT_BROKER_URL,
+    KEEPALIVE_SECONDS,
+    MQTT_PORT,
+    MQTTS_PORT,
+    ROOT_TOPIC,
+)
 from dockercomp.broker.errors import SettingsError
 
 _SCHEMES = {"mqtt": False, "tcp": False, "mqtts": True, "ssl": True}

@@ -142,10 +142,11 @@ def _job_name(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.argument("file", default="-", metavar="[FILE|-]")
 @click.option("--job", "name", metavar="NAME", callback=_job_name,
               help="Job name (letters, digits, _ . -); default job-<id>.")
-@click.option("--timeout", metavar="SECONDS", type=click.FloatRange(min=0, min_open=True), default=defaults.TASK_TIMEOUT,
-              show_default=True, help="Seconds one task may run on a worker before it is killed.")
-@click.option("--max-attempts", metavar="N", type=click.IntRange(min=1), default=defaults.MAX_ATTEMPTS, show_default=True,
-              help="Dispatches of one task before it is marked failed.")
+@click.option("--timeout", metavar="SECONDS", type=click.FloatRange(min=0, min_open=True),
+              default=defaults.TASK_TIMEOUT, show_default=True,
+              help="Seconds one task may run on a worker before it is killed.")
+@click.option("--max-attempts", metavar="N", type=click.IntRange(min=1), default=defaults.MAX_ATTEMPTS,
+              show_default=True, help="Dispatches of one task before it is marked failed.")
 @db_option
 @json_option
 @command_errors
@@ -562,7 +563,8 @@ def volunteers_remove(name: str, config_dir: Path, force: bool, pid_file: Path |
 
     account = Accounts(config_dir).remove(name, allow_coordinator=force)
     reloaded = reload_broker(pid_file, reload_command, _warn, quiet=as_json)
-    marked = mark_revoked_lost(config_dir, name, broker_url, _warn) if reloaded and account.role is Role.VOLUNTEER else None
+    revoked_volunteer = reloaded and account.role is Role.VOLUNTEER
+    marked = mark_revoked_lost(config_dir, name, broker_url, _warn) if revoked_volunteer else None
     if as_json:
         click.echo(json.dumps({"name": account.name, "role": account.role.value, "removed": True,
                                "reloaded": reloaded, "marked_lost": marked}))
