@@ -23,6 +23,7 @@ from dockercomp.broker.messages import OfflineReason, Presence, PresenceState
 from dockercomp.broker.settings import BrokerSettings
 from dockercomp.broker.topics import Topics
 from dockercomp.coordinator.defaults import REVOKE_SETTLE_SECONDS
+from dockercomp.exits import mask
 
 
 def mark_workers_lost(broker: BrokerSettings, volunteer: str, *, settle: float = REVOKE_SETTLE_SECONDS,
@@ -95,6 +96,7 @@ def mark_revoked_lost(config_dir: Path, volunteer: str, broker_url: str | None,
     try:
         return mark_workers_lost(coordinator_broker(Accounts(config_dir), broker_url), volunteer)
     except BrokerError as exc:
-        warn(f"warning: could not mark {volunteer}'s workers lost ({exc}); their tasks return to the "
+        # mask(): a malformed coordinator.env URL is quoted whole in the error, password included.
+        warn(f"warning: could not mark {volunteer}'s workers lost ({mask(str(exc))}); their tasks return to the "
              "queue only when their leases expire")
         return None
