@@ -1,8 +1,9 @@
 """`agent` command line: `dockercomp agent run`, `dockercomp agent check`, `dockercomp agent functions`.
 
 Thin: click parses options (each also from its DOCKERCOMP_* environment variable), builds
-AgentSettings, calls the library, and maps failures to one readable line and an exit code:
-0 success, 1 failure (or unhealthy), 2 the command line or environment must change.
+AgentSettings, calls the library, and leaves failures to dockercomp.exits (one line and a
+hint, or one JSON object with --json; 1 = failed or unhealthy, 2 = an option or variable
+must change).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import click
 
-from dockercomp.agent.agent import Agent
 from dockercomp.agent.defaults import (
     CONCURRENCY_ENV,
     GRACE_SECONDS,
@@ -29,14 +29,12 @@ from dockercomp.agent.defaults import (
     VOLUNTEER_ENV,
     WORKER_ID_ENV,
 )
-from dockercomp.agent.errors import ConfigError, HealthError
 from dockercomp.agent.health import check_health
 from dockercomp.agent.settings import AgentSettings
 from dockercomp.agent.tasks import Registry
-from dockercomp.broker.defaults import BROKER_URL_ENV
-
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
+from dockercomp.broker.defaults import BROKER_URL_ENV, DEFAULT_BROKER_URL, KEEPALIVE_SECONDS
+from dockercomp.cli import CONTEXT, Group
+from dockercomp.exits import handled
 
 
 def _setup_logging(verbose: int) -> None:
@@ -49,13 +47,13 @@ def _setup_logging(verbose: int) -> None:
         logging.getLogger("paho").setLevel(logging.WARNING)
 
 
-@click.group()
+@click.group(cls=Group, context_settings=CONTEXT)
 def main() -> None:
     """dockercomp worker agent: runs tasks it receives over MQTT."""
 
 
 @main.command()
-@click.option("--broker", "broker_url", envvar=BROKER_URL_ENV, default="mqtt://127.0.0.1:1883", show_default=True,
+@click.option("--broker", "broker_url", envvar=BROKER_URL_ENV, default=DEFAULT_BROKER_URL, show_default=True,
               help=f"Broker URL, mqtt://user:pass@host:port or mqtts://... [env {BROKER_URL_ENV}]")
 @click.option("--worker-id", envvar=WORKER_ID_ENV,
               help=f"This worker's name [env {WORKER_ID_ENV}; default: host name, plus -PID outside a container]")
@@ -68,7 +66,8 @@ def main() -> None:
                    "followed at once by the next; 0 for long tasks that other workers should get instead "
                    f"[env {PREFETCH_ENV}; default: the concurrency]")
 @click.option("--keepalive", type=click.IntRange(1, 65535),
-              help="MQTT keepalive in seconds; a killed agent is reported lost within ~1.5x this [default 10]")
+              help="MQTT keepalive in seconds; a killed agent is reported lost within ~1.5x this "
+                   f"[default {KEEPALIVE_SECONDS}]")
 @click.option("--grace", type=click.FloatRange(min=0), default=GRACE_SECONDS, show_default=True,
               help="Seconds running tasks get to finish after the first SIGTERM/SIGINT")
 @click.option("--username", envvar=USERNAME_ENV, help=f"Broker user name [env {USERNAME_ENV}]; "
@@ -76,6 +75,7 @@ def main() -> None:
 @click.option("--health-file", envvar=HEALTH_FILE_ENV, type=click.Path(dir_okay=False),
               help=f"Where `dockercomp agent check` finds this agent's health [env {HEALTH_FILE_ENV}; default {HEALTH_FILE}]")
 @click.option("-v", "--verbose", count=True, help="Log every task (-v) and MQTT packets (-vv).")
+@handled
 def run(broker_url: str, worker_id: str | None, volunteer: str | None, concurrency: int | None,
         prefetch: int | None, keepalive: int | None, grace: float, username: str | None, health_file: str | None,
         verbose: int) -> None:
@@ -84,16 +84,14 @@ def run(broker_url: str, worker_id: str | None, volunteer: str | None, concurren
     The first SIGTERM or Ctrl-C drains: no new tasks, running ones get --grace seconds, then
     an offline presence and a clean disconnect. A second one stops at once.
     """
+    from dockercomp.agent.agent import Agent  # not needed by `check`, which Docker runs every 15 s
+
     _setup_logging(verbose)
-    try:
-        settings = AgentSettings.from_options(
-            broker_url, worker_id=worker_id, volunteer=volunteer, concurrency=concurrency, prefetch=prefetch,
-            keepalive=keepalive, grace=grace, username=username, password=os.environ.get(PASSWORD_ENV) or None,
-            health_file=health_file,
-        )
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+    settings = AgentSettings.from_options(
+        broker_url, worker_id=worker_id, volunteer=volunteer, concurrency=concurrency, prefetch=prefetch,
+        keepalive=keepalive, grace=grace, username=username, password=os.environ.get(PASSWORD_ENV) or None,
+        health_file=health_file,
+    )
     agent = Agent(settings, Registry.load())
     agent.install_signal_handlers()
     sys.exit(agent.run())
@@ -103,16 +101,10 @@ def run(broker_url: str, worker_id: str | None, volunteer: str | None, concurren
 @click.option("--health-file", envvar=HEALTH_FILE_ENV, default=HEALTH_FILE, show_default=True,
               type=click.Path(dir_okay=False), help=f"The file `dockercomp agent run` writes [env {HEALTH_FILE_ENV}]")
 @click.option("--json", "as_json", is_flag=True, help="Print the health as JSON.")
+@handled
 def check(health_file: str, as_json: bool) -> None:
-    """Exit 0 if this machine's agent is running and connected, else 1 with the reason."""
-    try:
-        health = check_health(Path(health_file))
-    except HealthError as exc:
-        if as_json:
-            click.echo(json.dumps({"healthy": False, "reason": str(exc)}))
-        else:
-            click.echo(f"unhealthy: {exc}")
-        sys.exit(EXIT_FAILURE)
+    """Exit 0 if this machine's agent is running and connected, else 1 with the reason on stderr."""
+    health = check_health(Path(health_file))
     if as_json:
         click.echo(json.dumps({"healthy": True, **asdict(health)}))
     else:
@@ -121,6 +113,7 @@ def check(health_file: str, as_json: bool) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the functions as JSON.")
+@handled
 def functions(as_json: bool) -> None:
     """List the task functions this worker offers (built-ins and installed packages)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from dockercomp.exits import Exit
+
 
 class AgentError(Exception):
     """Base of every error the agent raises; the message says what to do next."""
 
+    #: Exit code of a command that stops on this error (dockercomp.exits).
+    exit_code: int = Exit.FAILED
+
 
 class ConfigError(AgentError, ValueError):
     """An option or environment variable of `dockercomp agent run` is invalid."""
+
+    exit_code = Exit.USAGE
 
     def __init__(self, option: str, reason: str) -> None:
         self.option = option
@@ -43,4 +50,7 @@ class BadArguments(TaskRefused):
 
 
 class HealthError(AgentError):
-    """`dockercomp agent check` found this machine's agent not healthy; the message says why."""
+    """`dockercomp agent check` found this machine's agent not healthy; the message says why.
+
+    Exits 1 (Exit.FAILED): Docker's HEALTHCHECK knows only 0 (healthy) and 1 (unhealthy).
+    """

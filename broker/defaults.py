@@ -39,13 +39,18 @@ MAX_UNACKED_PUBLISHES = 2000
 # Environment variable holding the broker URL for every CLI.
 BROKER_URL_ENV = "DOCKERCOMP_BROKER"
 
-# --- Running in public: accounts, ACL and TLS files (dockercomp coordinator volunteers / certs) ------
+# Broker URL of every role when neither --broker nor $DOCKERCOMP_BROKER is given: a broker on
+# this machine (`dockercomp broker serve`, or docker-compose's Mosquitto published on loopback).
+DEFAULT_BROKER_URL = f"mqtt://127.0.0.1:{MQTT_PORT}"
+
+# --- Running in public: accounts, ACL and TLS files (broker/accounts.py, broker/certs.py) ----------
 
 # Directory holding passwd, acl, accounts.json and certs/; docker-compose mounts it into the
 # broker at /mosquitto/security/ (the paths mosquitto.conf names).
 BROKER_CONFIG_DIR = "broker-config"
 
-# Environment variable overriding BROKER_CONFIG_DIR for `dockercomp coordinator volunteers` / `certs`.
+# Environment variable overriding BROKER_CONFIG_DIR for `dockercomp coordinator volunteers` and
+# `dockercomp broker certs`.
 BROKER_CONFIG_ENV = "DOCKERCOMP_BROKER_CONFIG"
 
 # Environment variables telling `dockercomp coordinator volunteers` how to make the broker reload its
@@ -59,3 +64,13 @@ COORDINATOR_ACCOUNT = "coordinator"
 # Validity of the private CA and of the broker's server certificate, in days.
 CA_DAYS = 3650
 SERVER_CERT_DAYS = 825
+
+# Seconds a reload command may take (docker compose can be slow to start).
+RELOAD_TIMEOUT = 60.0
+
+# Host name of the broker inside docker-compose's network (the service name), written into
+# coordinator.env / worker.env by `volunteers init`.
+COMPOSE_BROKER_HOST = "mosquitto"
+
+# The script volunteers run; the scientist hands them installer/install_me.sh.
+INSTALL_SCRIPT = "install_me.sh"

@@ -1,20 +1,33 @@
-"""Errors raised by the broker package: transport failures apart from bad data."""
+"""Errors raised by the broker package: transport failures apart from bad data, and the
+administration's (accounts, ACL, certificates, reloads).
+
+Each carries the exit code a command maps it to (dockercomp.exits) and a ``hint``.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from dockercomp.exits import Exit
+
 
 class BrokerError(Exception):
     """Base of every error raised by dockercomp's MQTT layer."""
+
+    exit_code: int = Exit.BROKER
+    hint: str = ""
 
 
 class SettingsError(BrokerError, ValueError):
     """A broker URL or setting is invalid; the message says which part and why."""
 
+    exit_code = Exit.USAGE
+
 
 class InvalidName(BrokerError, ValueError):
     """A worker, volunteer or job name cannot be used as a topic level."""
+
+    exit_code = Exit.USAGE
 
     def __init__(self, what: str, value: Any, reason: str) -> None:
         self.what = what
@@ -46,7 +59,52 @@ class DecodeError(BrokerError, ValueError):
 class ConnectionFailed(BrokerError):
     """The broker could not be reached or refused us; the message says what to do next."""
 
+    hint = "check --broker or $DOCKERCOMP_BROKER, and that the broker is running"
+
     def __init__(self, url: str, reason: str) -> None:
         self.url = url
         self.reason = reason
         super().__init__(f"cannot connect to the MQTT broker at {url}: {reason}")
+
+
+# --------------------------------------------------------------------------- administration
+class AdminError(BrokerError):
+    """Accounts, ACL, certificates or a reload failed; ``hint`` says what to do next.
+
+    ``str()`` is the message and the hint on one line (for logs); the CLI shows them apart.
+    """
+
+    exit_code = Exit.USAGE
+
+    def __init__(self, message: str, hint: str = "", *, exit_code: int | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        if exit_code is not None:
+            self.exit_code = exit_code
+        super().__init__(f"{message}; {hint}" if hint else message)
+
+
+class AccountError(AdminError):
+    """An account cannot be added or removed as asked (bad or reserved name, exists already)."""
+
+
+class UnknownAccount(AccountError, LookupError):
+    """No account of that name in the password file."""
+
+    exit_code = Exit.NOT_FOUND
+
+
+class AccountsFileError(AdminError):
+    """accounts.json (or another file of the broker's directory) cannot be read or written."""
+
+    exit_code = Exit.FILES
+
+
+class ReloadError(AdminError):
+    """The files changed but the broker did not reload them: the change is not in force yet."""
+
+    exit_code = Exit.BROKER
+
+
+class CertificateError(AdminError):
+    """The certificate files cannot be made or read; the message says which and why."""

@@ -295,7 +295,7 @@ _TLS_OPTION = re.compile(
 # Access settings: the open config allows anonymous clients and drops the files.
 _ANONYMOUS = re.compile(r"^\s*allow_anonymous\b")
 _ACCESS_FILE = re.compile(r"^\s*(password_file|acl_file)\b")
-# Where the shipped config expects the files `dockercomp coordinator volunteers`/`certs` make.
+# Where the shipped config expects the files `dockercomp coordinator volunteers` / `dockercomp broker certs` make.
 SECURITY_PREFIX = "/mosquitto/security/"
 
 

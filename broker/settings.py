@@ -10,7 +10,14 @@ import os
 from dataclasses import dataclass, replace
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from dockercomp.broker.defaults import BROKER_URL_ENV, KEEPALIVE_SECONDS, MQTT_PORT, MQTTS_PORT, ROOT_TOPIC
+from dockercomp.broker.defaults import (
+    BROKER_URL_ENV,
+    DEFAULT_BROKER_URL,
+    KEEPALIVE_SECONDS,
+    MQTT_PORT,
+    MQTTS_PORT,
+    ROOT_TOPIC,
+)
 from dockercomp.broker.errors import SettingsError
 
 _SCHEMES = {"mqtt": False, "tcp": False, "mqtts": True, "ssl": True}
@@ -37,10 +44,10 @@ class BrokerSettings:
             raise SettingsError(f"broker URL {url!r} is malformed: {exc}") from None
         if parts.scheme not in _SCHEMES:
             raise SettingsError(
-                f"broker URL {url!r} must start with mqtt:// or mqtts:// (e.g. mqtt://127.0.0.1:1883)"
+                f"broker URL {url!r} must start with mqtt:// or mqtts:// (e.g. {DEFAULT_BROKER_URL})"
             )
         if not parts.hostname:
-            raise SettingsError(f"broker URL {url!r} names no host (e.g. mqtt://127.0.0.1:1883)")
+            raise SettingsError(f"broker URL {url!r} names no host (e.g. {DEFAULT_BROKER_URL})")
         tls = _SCHEMES[parts.scheme]
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         unknown = set(query) - {"ca", "insecure", "keepalive", "root"}
@@ -66,7 +73,7 @@ class BrokerSettings:
         )
 
     @classmethod
-    def from_env(cls, default: str = "mqtt://127.0.0.1:1883") -> "BrokerSettings":
+    def from_env(cls, default: str = DEFAULT_BROKER_URL) -> "BrokerSettings":
         return cls.from_url(os.environ.get(BROKER_URL_ENV) or default)
 
     def with_credentials(self, username: str | None, password: str | None) -> "BrokerSettings":

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from dockercomp.broker.connection import MqttConnection
-from dockercomp.broker.defaults import BROKER_URL_ENV
+from dockercomp.broker.defaults import BROKER_URL_ENV, DEFAULT_BROKER_URL
 from dockercomp.broker.errors import BrokerError
 from dockercomp.broker.settings import BrokerSettings
 from dockercomp.broker.topics import Topics, WorkerRef
-from dockercomp.coordinator.defaults import DB_PATH, DB_URL_ENV
+from dockercomp.coordinator.defaults import DB_PATH, DB_URL_ENV, WAIT_POLL_INTERVAL
 from dockercomp.coordinator.errors import CoordinatorError
 from dockercomp.coordinator.store import (
     FINISHED_STATES,
@@ -40,10 +40,10 @@ from dockercomp.coordinator.store import (
 )
 
 # Broker used when neither --broker/broker= nor DOCKERCOMP_BROKER says otherwise.
-DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+DEFAULT_BROKER = DEFAULT_BROKER_URL
 
 # Seconds between two looks at the store while waiting for a job (a COUNT query each).
-POLL_INTERVAL = 0.25
+POLL_INTERVAL = WAIT_POLL_INTERVAL
 
 # Seconds `purge` waits for the broker before reporting it unreachable.
 BROKER_CONNECT_TIMEOUT = 5.0

@@ -1,36 +1,54 @@
-"""`coordinator` command line: the scientist's commands, thin over coordinator.api.
+"""`dockercomp coordinator`: the scientist's commands, thin over coordinator.api.
 
-Each command parses, calls the API, and prints a rich table (or one JSON document with
-``--json``). Failures print one line saying what to do and exit with a code scripts can
-tell apart: 2 usage or bad input, 3 unknown job, 4 database problem, 5 broker unreachable,
-130 interrupted. `dockercomp coordinator serve` (the engine) is coordinator.serve's command.
+Each command parses, calls the library, and prints a rich table (or one JSON document with
+``--json``). Failures go through dockercomp.exits: one line saying what to do (one JSON
+object on stderr with --json) and an exit code from the table shared by every role.
+`serve` runs the engine; `volunteers` manages the broker accounts (dockercomp.broker.accounts)
+and, on revocation, marks the volunteer's workers lost (coordinator.volunteers).
 """
 
 from __future__ import annotations
 
-import functools
+import json
 import logging
-import os
+import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from types import FrameType
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console, Group
 from rich.live import Live
 
-from dockercomp.broker.errors import BrokerError, InvalidName
-from dockercomp.broker.errors import SettingsError as BrokerSettingsError
+from dockercomp.broker.acl import Role
+from dockercomp.broker.defaults import (
+    BROKER_CONFIG_DIR,
+    BROKER_CONFIG_ENV,
+    BROKER_PID_FILE_ENV,
+    BROKER_RELOAD_ENV,
+    BROKER_URL_ENV,
+    COMPOSE_BROKER_HOST,
+    DEFAULT_BROKER_URL,
+    DEFAULT_VOLUNTEER,
+    MQTTS_PORT,
+    ROOT_TOPIC,
+)
+from dockercomp.broker.errors import InvalidName, SettingsError
 from dockercomp.broker.settings import BrokerSettings
 from dockercomp.broker.topics import validate_name
+from dockercomp.cli import CONTEXT
+from dockercomp.cli import Group as CommandGroup
+from dockercomp.coordinator import defaults
 from dockercomp.coordinator.api import BROKER_CONNECT_TIMEOUT, Client, default_broker, default_db
-from dockercomp.coordinator.defaults import DB_PATH, DB_URL_ENV, MAX_ATTEMPTS, TASK_TIMEOUT
-from dockercomp.coordinator.errors import CoordinatorError
-from dockercomp.coordinator.inputs import read_arguments
+from dockercomp.coordinator.errors import CoordinatorError, PresenceNotCleared
+from dockercomp.coordinator.inputs import open_input, read_arguments
 from dockercomp.coordinator.render import (
+    accounts_table,
+    clear_presence_commands,
     count_progress_bar,
     dumps,
     job_view,
@@ -38,69 +56,39 @@ from dockercomp.coordinator.render import (
     progress_dict,
     results_table,
     worker_dict,
+    workers_line,
     workers_table,
+    write_atomically,
     write_csv,
     write_jsonl,
 )
-from dockercomp.coordinator.certs import certs
-from dockercomp.coordinator.serve import serve
-from dockercomp.coordinator.volunteers import volunteers
-
-# Exit codes beyond those carried by CoordinatorError.exit_code (2 input, 3 job, 4 store).
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_BROKER = 5
-EXIT_INTERRUPTED = 130
-
-# Inputs larger than this many bytes get a progress bar while being read and stored.
-LARGE_INPUT_BYTES = 1_000_000
-
-# Seconds between refreshes of `status --watch`.
-WATCH_INTERVAL = 1.0
+from dockercomp.coordinator.volunteers import mark_revoked_lost, reload_broker
+from dockercomp.exits import Exit, handled
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _fail(message: str, code: int) -> None:
-    """One readable line on stderr, then exit with `code` (no traceback)."""
-    click.echo(f"error: {message}", err=True)
-    raise SystemExit(code)
+def _broker_hint(exc: BaseException) -> BaseException | None:
+    """A bad broker URL points at the option that names it."""
+    if isinstance(exc, SettingsError) and not exc.hint:
+        exc.hint = f"check --broker or ${BROKER_URL_ENV}"
+    return None
 
 
-def _errors_to_exit_codes(func: F) -> F:
-    """Maps the errors a user can cause or fix to one line and a distinct exit code."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except CoordinatorError as exc:
-            _fail(str(exc), exc.exit_code)
-        except BrokerSettingsError as exc:
-            _fail(f"{exc} (check --broker or $DOCKERCOMP_BROKER)", EXIT_USAGE)
-        except BrokerError as exc:
-            _fail(f"{exc} (check --broker or $DOCKERCOMP_BROKER)", EXIT_BROKER)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            raise SystemExit(EXIT_INTERRUPTED) from None
-
-    return wrapper  # type: ignore[return-value]
+#: The error handler of every coordinator command (dockercomp.exits).
+command_errors = handled(translate=_broker_hint)
 
 
 def db_option(func: F) -> F:
     return click.option(
-        "--db", "db", metavar="PATH|URL", envvar=DB_URL_ENV, default=default_db,
-        show_default=f"${DB_URL_ENV} or {DB_PATH}",
+        "--db", "db", metavar="PATH|URL", envvar=defaults.DB_URL_ENV, default=default_db,
+        show_default=f"${defaults.DB_URL_ENV} or {defaults.DB_PATH}",
         help="Coordinator database: a SQLite file or postgresql://user@host/db (the same as `serve --db`).",
     )(func)  # fmt: skip
 
 
 def json_option(func: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")(func)
-
-
-def _open(db: str) -> Client:
-    return Client(db)
 
 
 def _stdout() -> Console:
@@ -116,7 +104,14 @@ def _echo_json(data: Any) -> None:
     click.echo(dumps(data))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose < 2:
+        logging.getLogger("peewee").setLevel(logging.WARNING)
+
+
+@click.group(cls=CommandGroup, context_settings=CONTEXT)
 @click.version_option(package_name="dockercomp")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug) on stderr.")
 def main(verbose: int) -> None:
@@ -129,13 +124,7 @@ def main(verbose: int) -> None:
                              dockercomp coordinator results primes -o primes.csv
     """
     if verbose:  # otherwise left to the command: `serve -v` configures its own logging
-        level = logging.INFO if verbose == 1 else logging.DEBUG
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-main.add_command(serve)
-main.add_command(volunteers)
-main.add_command(certs)
+        _setup_logging(verbose)
 
 
 # ----------------------------------------------------------------------------------- submit
@@ -148,33 +137,19 @@ def _job_name(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         raise click.BadParameter(exc.reason) from None
 
 
-def _open_input(path: str) -> tuple[IO[bytes], str, int]:
-    """(binary stream, name for messages, size in bytes or 0 when unknown)."""
-    if path == "-":
-        if sys.stdin.isatty():
-            raise click.UsageError("no input: give a FILE, or pipe lines in (`... | dockercomp coordinator submit FUNCTION -`)")
-        return sys.stdin.buffer, "<stdin>", 0
-    try:
-        stream = open(path, "rb")  # noqa: SIM115 - closed by the caller
-    except OSError as exc:
-        _fail(f"cannot read {path}: {exc.strerror or exc} — check the path", EXIT_USAGE)
-        raise  # unreachable, for type checkers
-    size = os.fstat(stream.fileno()).st_size
-    return stream, path, size
-
-
 @main.command(short_help="Store a job: one task per input line.")
 @click.argument("function")
 @click.argument("file", default="-", metavar="[FILE|-]")
 @click.option("--job", "name", metavar="NAME", callback=_job_name,
               help="Job name (letters, digits, _ . -); default job-<id>.")
-@click.option("--timeout", metavar="SECONDS", type=click.FloatRange(min=0, min_open=True), default=TASK_TIMEOUT,
-              show_default=True, help="Seconds one task may run on a worker before it is killed.")
-@click.option("--max-attempts", metavar="N", type=click.IntRange(min=1), default=MAX_ATTEMPTS, show_default=True,
-              help="Dispatches of one task before it is marked failed.")
+@click.option("--timeout", metavar="SECONDS", type=click.FloatRange(min=0, min_open=True),
+              default=defaults.TASK_TIMEOUT, show_default=True,
+              help="Seconds one task may run on a worker before it is killed.")
+@click.option("--max-attempts", metavar="N", type=click.IntRange(min=1), default=defaults.MAX_ATTEMPTS,
+              show_default=True, help="Dispatches of one task before it is marked failed.")
 @db_option
 @json_option
-@_errors_to_exit_codes
+@command_errors
 def submit(function: str, file: str, name: str | None, timeout: float, max_attempts: int,
            db: str, as_json: bool) -> None:  # fmt: skip
     """Store a job: one task per line of FILE (or stdin), each line a JSON array of arguments.
@@ -184,8 +159,8 @@ def submit(function: str, file: str, name: str | None, timeout: float, max_attem
     Blank lines are skipped; a bad line stops everything (nothing is stored) and is named.
     The job is durable when this returns; `dockercomp coordinator serve` need not be running.
     """
-    stream, source, size = _open_input(file)
-    large = size > LARGE_INPUT_BYTES and not as_json
+    stream, source, size = open_input(file)
+    large = size > defaults.LARGE_INPUT_BYTES and not as_json
     err = _stderr()
     try:
         with count_progress_bar("reading", size, err, enabled=large and err.is_terminal) as advance:
@@ -193,7 +168,7 @@ def submit(function: str, file: str, name: str | None, timeout: float, max_attem
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
-    with _open(db) as client, count_progress_bar(
+    with Client(db) as client, count_progress_bar(
         "storing", len(args_list), err, enabled=large and err.is_terminal
     ) as stored:
         job = client.submit(function, args_list, name=name, timeout=timeout, max_attempts=max_attempts,
@@ -210,27 +185,17 @@ def submit(function: str, file: str, name: str | None, timeout: float, max_attem
 
 
 # ----------------------------------------------------------------------------------- status
-def _workers_line(client: Client, unfinished: bool) -> str:
-    workers = client.workers()
-    online = sum(1 for w in workers if w.state == "online")
-    lost = sum(1 for w in workers if w.state == "lost")
-    line = f"Workers: {online} online, {lost} lost (`dockercomp coordinator workers` for details)."
-    if unfinished and online == 0:
-        line += "\nNo worker is online: start one with `dockercomp agent run --broker URL` (and `dockercomp coordinator serve`)."
-    return line
-
-
 @main.command(short_help="Progress of every job, or of one.")
 @click.argument("job", required=False)
 @click.option("--watch", is_flag=True, help="Refresh until the job(s) finish (Ctrl-C stops watching).")
-@click.option("--interval", type=click.FloatRange(min=0.05), default=WATCH_INTERVAL, show_default=True,
+@click.option("--interval", type=click.FloatRange(min=0.05), default=defaults.WATCH_INTERVAL, show_default=True,
               help="Seconds between refreshes with --watch.")
 @db_option
 @json_option
-@_errors_to_exit_codes
+@command_errors
 def status(job: str | None, watch: bool, interval: float, db: str, as_json: bool) -> None:
     """Progress of every job, or of one JOB (id or name) with a progress bar."""
-    with _open(db) as client:
+    with Client(db) as client:
         if job is not None:
             one = client.job(job)  # UnknownJob before anything is shown
 
@@ -246,7 +211,7 @@ def status(job: str | None, watch: bool, interval: float, db: str, as_json: bool
                 if not jobs:
                     view: Any = "No jobs yet: submit one with `dockercomp coordinator submit FUNCTION FILE`."
                 else:
-                    view = Group(jobs_table(progresses), _workers_line(client, not done))
+                    view = Group(jobs_table(progresses), workers_line(client.workers(), not done))
                 return [progress_dict(p) for p in progresses], view, done
 
         data, view, finished = snapshot()
@@ -283,10 +248,10 @@ def status(job: str | None, watch: bool, interval: float, db: str, as_json: bool
 @main.command(short_help="Workers seen: state, capacity, work done.")
 @db_option
 @json_option
-@_errors_to_exit_codes
+@command_errors
 def workers(db: str, as_json: bool) -> None:
     """Every worker the coordinator has seen: state, capacity, tasks held and done."""
-    with _open(db) as client:
+    with Client(db) as client:
         found = client.workers()
     if as_json:
         _echo_json([worker_dict(w) for w in found])
@@ -298,19 +263,6 @@ def workers(db: str, as_json: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------- results
-def _write_atomically(path: Path, write: Callable[[IO[str]], int]) -> int:
-    """Writes via a temporary file renamed into place: no half-written results file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or Path("."))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
-            count = write(out)
-        os.replace(tmp, path)
-        return count
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @main.command(short_help="Each task of a job: value, worker, errors.")
 @click.argument("job")
 @click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]), default=None,
@@ -319,7 +271,7 @@ def _write_atomically(path: Path, write: Callable[[IO[str]], int]) -> int:
               help="Write to this file instead of the screen ('-' for stdout).")
 @db_option
 @json_option
-@_errors_to_exit_codes
+@command_errors
 def results(job: str, fmt: str | None, output: str | None, db: str, as_json: bool) -> None:
     """Every task of JOB in input order: args, state, value, worker, attempts, elapsed, errors.
 
@@ -331,7 +283,7 @@ def results(job: str, fmt: str | None, output: str | None, db: str, as_json: boo
         fmt = "table" if output is None else ("csv" if output.lower().endswith(".csv") else "jsonl")
     if fmt == "table" and output not in (None, "-"):
         raise click.UsageError("a table is for the screen: with -o use --format jsonl or csv")
-    with _open(db) as client:
+    with Client(db) as client:
         handle = client.job(job)
         rows = handle.results()
         progress = handle.progress()
@@ -343,7 +295,7 @@ def results(job: str, fmt: str | None, output: str | None, db: str, as_json: boo
     if output in (None, "-"):
         writer(rows, sys.stdout)
         return
-    count = _write_atomically(Path(output), lambda out: writer(rows, out))
+    count = write_atomically(Path(output), lambda out: writer(rows, out))
     click.echo(f"Wrote {count} results of job {handle.name} to {output} ({fmt}; {progress.done} done, "
                f"{progress.failed} failed, {progress.total - progress.finished} unfinished).", err=True)  # fmt: skip
 
@@ -353,10 +305,10 @@ def results(job: str, fmt: str | None, output: str | None, db: str, as_json: boo
 @click.argument("job")
 @db_option
 @json_option
-@_errors_to_exit_codes
+@command_errors
 def cancel(job: str, db: str, as_json: bool) -> None:
     """Cancel the unfinished tasks of JOB (pending ones are never sent; running ones are dropped)."""
-    with _open(db) as client:
+    with Client(db) as client:
         handle = client.job(job)
         count = handle.cancel()
         progress = handle.progress()
@@ -373,10 +325,10 @@ def cancel(job: str, db: str, as_json: bool) -> None:
 @click.argument("job")
 @db_option
 @json_option
-@_errors_to_exit_codes
+@command_errors
 def retry(job: str, db: str, as_json: bool) -> None:
     """Send the failed tasks of JOB again, with a fresh attempt budget."""
-    with _open(db) as client:
+    with Client(db) as client:
         handle = client.job(job)
         count = handle.retry()
     if as_json:
@@ -392,21 +344,21 @@ def retry(job: str, db: str, as_json: bool) -> None:
 @main.command(short_help="Purge lost workers and their retained presence.")
 @click.option("--older-than", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Only workers lost for more than this many seconds.")
-@click.option("--broker", envvar="DOCKERCOMP_BROKER", default=default_broker,
-              show_default="$DOCKERCOMP_BROKER or mqtt://127.0.0.1:1883",
+@click.option("--broker", envvar=BROKER_URL_ENV, default=default_broker,
+              show_default=f"${BROKER_URL_ENV} or {DEFAULT_BROKER_URL}",
               help="Broker whose retained presence of the purged workers is cleared.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=BROKER_CONNECT_TIMEOUT, show_default=True,
               help="Seconds to wait for the broker.")
 @db_option
 @json_option
-@_errors_to_exit_codes
+@command_errors
 def purge(older_than: float, broker: str, timeout: float, db: str, as_json: bool) -> None:
     """Purge lost workers now, and clear their retained presence on the broker.
 
     The store is purged even when the broker is unreachable; the command then says which
     retained messages are left and exits with code 5.
     """
-    with _open(db) as client:
+    with Client(db) as client:
         report = client.purge(older_than, broker=broker, connect_timeout=timeout)
     keys = [w.key for w in report.purged]
     if as_json:
@@ -420,14 +372,207 @@ def purge(older_than: float, broker: str, timeout: float, db: str, as_json: bool
             click.echo(f"Cleared their retained presence on {report.broker_url}.")
     if not report.cleared:
         where = BrokerSettings.from_url(report.broker_url)
-        commands = "\n".join(f"  mosquitto_pub -h {where.host} -p {where.port} -r -n -t {topic}"
-                              for topic in report.topics)  # fmt: skip
-        click.echo(
-            f"error: their retained presence is still on the broker: {report.broker_error}\n"
-            f"Clear it by hand once the broker is reachable:\n{commands}",
-            err=True,
-        )
-        raise SystemExit(EXIT_BROKER)
+        raise PresenceNotCleared(f"their retained presence is still on the broker: {report.broker_error}",
+                                 "clear it by hand once the broker is reachable:\n"
+                                 + clear_presence_commands(where, report.topics))
+
+
+# ------------------------------------------------------------------------------------ serve
+@main.command(short_help="Run the engine: dispatch tasks, collect results.")
+@click.option("--broker", envvar=BROKER_URL_ENV, default=DEFAULT_BROKER_URL, show_default=True,
+              help=f"Broker URL, mqtt[s]://user:pass@host:port (or ${BROKER_URL_ENV}).")
+@click.option("--db", envvar=defaults.DB_URL_ENV, default=defaults.DB_PATH, show_default=True,
+              help=f"SQLite file or postgresql://user:pass@host:port/db (or ${defaults.DB_URL_ENV}).")
+@click.option("--purge-after", type=float, default=defaults.PURGE_AFTER, show_default=True, metavar="S",
+              help="Seconds a lost worker is kept before it is purged and its presence cleared.")
+@click.option("--lease-check", type=float, default=defaults.LEASE_CHECK_INTERVAL, show_default=True,
+              metavar="S", help="Seconds between checks for expired leases.")
+@click.option("--lease-margin", type=float, default=defaults.LEASE_MARGIN, show_default=True, metavar="S",
+              help="Seconds added to a task's timeout before its lease expires and it is sent again.")
+@click.option("--client-id", default=None, help="MQTT client id (default: derived from host and pid).")
+@click.option("-v", "--verbose", count=True, help="-v: workers, jobs and leases; -vv: debug.")
+@command_errors
+def serve(broker: str, db: str, purge_after: float, lease_check: float, lease_margin: float,
+          client_id: str | None, verbose: int) -> None:
+    """Hand out tasks to workers, collect their results, and publish status, until stopped.
+
+    First SIGINT/SIGTERM: stop taking messages, publish the last status and an offline
+    presence, disconnect cleanly. A second one: exit at once (the broker publishes our will).
+    """
+    from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
+
+    _setup_logging(verbose)
+    settings = CoordinatorSettings(purge_after=purge_after, lease_check=lease_check, lease_margin=lease_margin)
+    coordinator = Coordinator.connect(broker, db, settings, client_id=client_id)
+    signals = 0
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            coordinator.request_stop()
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    coordinator.start()
+    click.echo(f"coordinator serving {coordinator.store.url} via {coordinator.transport_url} "
+               f"(Ctrl-C to stop)", err=True)
+    try:
+        coordinator.wait()
+    except KeyboardInterrupt:
+        click.echo("stopped at once", err=True)
+        raise SystemExit(Exit.INTERRUPTED) from None
+    if coordinator.error is not None:
+        raise CoordinatorError(f"the coordinator stopped: {coordinator.error}")
+    click.echo("coordinator stopped", err=True)
+
+
+# ------------------------------------------------------------------------------- volunteers
+def _dir_option(func: F) -> F:
+    return click.option("--dir", "config_dir", envvar=BROKER_CONFIG_ENV, default=BROKER_CONFIG_DIR,
+                        show_default=True, type=click.Path(file_okay=False, path_type=Path),
+                        help=f"Broker config directory (passwd, acl, certs/) [env {BROKER_CONFIG_ENV}]")(func)
+
+
+def _reload_options(func: F) -> F:
+    func = click.option("--reload-command", envvar=BROKER_RELOAD_ENV,
+                        help="Command that makes the broker reload, e.g. 'docker compose kill -s HUP "
+                             f"mosquitto' [env {BROKER_RELOAD_ENV}]")(func)
+    func = click.option("--pid-file", envvar=BROKER_PID_FILE_ENV, type=click.Path(dir_okay=False, path_type=Path),
+                        help=f"The broker's pid file; it gets SIGHUP [env {BROKER_PID_FILE_ENV}]")(func)
+    return click.option("--broker", "broker_url", envvar=BROKER_URL_ENV,
+                        help="The coordinator's broker URL, to mark a revoked volunteer's workers lost "
+                             f"[env {BROKER_URL_ENV}; default: from coordinator.env]")(func)
+
+
+def _warn(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@main.group()
+def volunteers() -> None:
+    """Broker accounts of volunteers (and of the coordinator and observers)."""
+
+
+@volunteers.command("init")
+@_dir_option
+@click.option("--root", default=ROOT_TOPIC, show_default=True, help="Topic root the ACL covers.")
+@click.option("--broker-host", default=COMPOSE_BROKER_HOST, show_default=True,
+              help="Broker host name the coordinator uses (in its .env file).")
+@click.option("--local-workers/--no-local-workers", default=True, show_default=True,
+              help=f"Also make the '{DEFAULT_VOLUNTEER}' volunteer for docker-compose's own workers.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was created as JSON.")
+@command_errors
+def volunteers_init(config_dir: Path, root: str, broker_host: str, local_workers: bool, as_json: bool) -> None:
+    """Create the coordinator's account, the ACL and .env files (run once, before the broker)."""
+    from dockercomp.broker.accounts import Accounts
+
+    accounts = Accounts(config_dir, root)
+    created = accounts.init(local_workers=local_workers, broker_host=broker_host)
+    if as_json:
+        click.echo(json.dumps({"dir": str(config_dir), "created": [c.name for c in created],
+                               "env_files": [str(accounts.env_file(c.name)) for c in created]}))
+        return
+    for creds in created:
+        click.echo(f"created account {creds.name!r} ({creds.role.value}); its broker URL is in "
+                   f"{accounts.env_file(creds.name)}")
+    if not created:
+        click.echo(f"{config_dir} is set up already; the ACL was rewritten")
+    if not accounts.certs.server_cert.exists():
+        click.echo("next: `dockercomp broker certs init --host YOUR.HOST.NAME` for the TLS listener")
+
+
+@volunteers.command("add")
+@click.argument("name")
+@_dir_option
+@click.option("--role", type=click.Choice([r.value for r in Role]), default=Role.VOLUNTEER.value, show_default=True,
+              help="volunteer: runs workers; observer: reads status only.")
+@click.option("--host", help="Broker host name volunteers connect to [default: the TLS certificate's first name]")
+@click.option("--port", type=click.IntRange(1, 65535), default=MQTTS_PORT, show_default=True,
+              help="Broker port volunteers connect to.")
+@click.option("--reset-password", is_flag=True, help="Give an existing account a new password (revokes the old).")
+@_reload_options
+@click.option("--json", "as_json", is_flag=True, help="Print the account, URL and install command as JSON.")
+@command_errors
+def volunteers_add(name: str, config_dir: Path, role: str, host: str | None, port: int, reset_password: bool,
+                   pid_file: Path | None, reload_command: str | None, broker_url: str | None, as_json: bool) -> None:
+    """Create an account and print the one-line install command for that volunteer."""
+    from dockercomp.broker.accounts import Accounts, broker_url_for, install_command
+    from dockercomp.broker.certs import certificate_hosts
+
+    accounts = Accounts(config_dir)
+    certs = accounts.certs
+    if host is None:
+        hosts = certificate_hosts(certs.server_cert) if certs.server_cert.exists() else []
+        if not hosts:
+            raise click.UsageError("pass --host: the name volunteers reach the broker by "
+                                   "(or run `dockercomp broker certs init --host NAME` first)")
+        host = hosts[0]
+    creds = accounts.add(name, Role(role), reset=reset_password)
+    ca_file = str(certs.ca_cert) if certs.ca_cert.exists() else None
+    # For `dockercomp agent run` on their machine (?ca= the path they saved ca.crt to) ...
+    url = broker_url_for(creds, host, port, ca_file=Path(ca_file).name if ca_file else None, root=accounts.root)
+    # ... and for the installer, which takes the CA file apart and puts it in the containers.
+    command = install_command(broker_url_for(creds, host, port, root=accounts.root), ca_file)
+    reloaded = reload_broker(pid_file, reload_command, _warn, quiet=as_json)
+    # A new password cut the old connections off, without their wills (see mark_workers_lost).
+    marked = mark_revoked_lost(config_dir, name, broker_url, _warn) if reset_password and reloaded else None
+    if as_json:  # the password is shown this once: adding the account is this command's purpose
+        click.echo(json.dumps({"name": creds.name, "role": creds.role.value, "password": creds.password,
+                               "url": url, "ca_file": ca_file, "install_command": command, "reloaded": reloaded,
+                               "marked_lost": marked}))
+        return
+    click.echo(f"account {creds.name!r} ({creds.role.value}) {'has a new password' if reset_password else 'created'}; "
+               "the password is shown only now:")
+    click.echo(f"  broker URL: {url}")
+    if creds.role is Role.VOLUNTEER:
+        click.echo(f"send {creds.name} (privately) install_me.sh" + (f" and {ca_file}" if ca_file else "")
+                   + ", and this command:")
+        click.echo(command)
+
+
+@volunteers.command("list")
+@_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@command_errors
+def volunteers_list(config_dir: Path, as_json: bool) -> None:
+    """Show every account and its role."""
+    from dockercomp.broker.accounts import Accounts
+
+    rows = Accounts(config_dir).all()
+    if as_json:
+        click.echo(json.dumps([{**asdict(a), "role": a.role.value} for a in rows]))
+    else:
+        Console().print(accounts_table(rows, str(config_dir)))
+
+
+@volunteers.command("remove")
+@click.argument("name")
+@_dir_option
+@click.option("--force", is_flag=True, help="Allow removing the coordinator's own account.")
+@_reload_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@command_errors
+def volunteers_remove(name: str, config_dir: Path, force: bool, pid_file: Path | None, reload_command: str | None,
+                      broker_url: str | None, as_json: bool) -> None:
+    """Revoke an account: on reload its workers are disconnected and cannot reconnect, and the
+    coordinator hands their tasks to other workers."""
+    from dockercomp.broker.accounts import Accounts
+
+    account = Accounts(config_dir).remove(name, allow_coordinator=force)
+    reloaded = reload_broker(pid_file, reload_command, _warn, quiet=as_json)
+    revoked_volunteer = reloaded and account.role is Role.VOLUNTEER
+    marked = mark_revoked_lost(config_dir, name, broker_url, _warn) if revoked_volunteer else None
+    if as_json:
+        click.echo(json.dumps({"name": account.name, "role": account.role.value, "removed": True,
+                               "reloaded": reloaded, "marked_lost": marked}))
+        return
+    click.echo(f"removed account {account.name!r} ({account.role.value})"
+               + ("; its clients were disconnected" if reloaded else ""))
+    if marked:
+        click.echo(f"marked {len(marked)} worker(s) lost, so their tasks go to others: {', '.join(marked)}")
 
 
 if __name__ == "__main__":

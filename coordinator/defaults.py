@@ -68,3 +68,17 @@ REJECT_LOG_WINDOW = 60.0
 
 # MQTT client id prefix of the coordinator (the host name and pid are appended).
 CLIENT_ID_PREFIX = "dockercomp-coordinator"
+
+# Seconds without a new retained presence after which all of a revoked volunteer's presences
+# were received (they arrive right after the subscription).
+REVOKE_SETTLE_SECONDS = 0.5
+
+# Seconds between refreshes of `dockercomp coordinator status --watch`: a person reads it.
+WATCH_INTERVAL = 1.0
+
+# Seconds between polls of the database by the Python API's wait(): short enough that a
+# notebook sees a finished job at once, one small indexed query each.
+WAIT_POLL_INTERVAL = 0.25
+
+# Inputs larger than this many bytes get a progress bar while `submit` reads and stores them.
+LARGE_INPUT_BYTES = 1_000_000

@@ -6,18 +6,22 @@ coordinator's own: the store, unknown jobs, bad input, bad settings.
 
 from __future__ import annotations
 
+from dockercomp.exits import Exit
+
 
 class CoordinatorError(Exception):
     """Base of every error the coordinator raises on purpose; ``str()`` is one readable line."""
 
-    #: Process exit code a CLI uses for this error.
-    exit_code = 1
+    #: Process exit code a CLI uses for this error (dockercomp.exits).
+    exit_code: int = Exit.FAILED
+    #: What to do next; the CLI prints it on its own line (StoreError also keeps it in str()).
+    hint: str = ""
 
 
 class SettingsError(CoordinatorError, ValueError):
     """A coordinator setting is out of range; the message names it and the accepted values."""
 
-    exit_code = 2
+    exit_code = Exit.USAGE
 
 
 class StoreError(CoordinatorError):
@@ -26,7 +30,7 @@ class StoreError(CoordinatorError):
     ``hint`` says what to do next (already part of the message).
     """
 
-    exit_code = 4
+    exit_code = Exit.STORE
 
     def __init__(self, message: str, hint: str = "") -> None:
         self.message = message
@@ -40,7 +44,7 @@ class InvalidInput(StoreError, ValueError):
     ``line`` is the 0-based index of the offending argument list, when there is one.
     """
 
-    exit_code = 2
+    exit_code = Exit.USAGE
 
     def __init__(self, message: str, hint: str = "", line: int | None = None) -> None:
         self.line = line
@@ -54,7 +58,7 @@ class StoreLocked(StoreError):
 class UnknownJob(StoreError, LookupError):
     """No job has that id or name. ``known`` lists the names that exist (newest first)."""
 
-    exit_code = 3
+    exit_code = Exit.NOT_FOUND
 
     def __init__(self, wanted: str | int, known: list[str]) -> None:
         self.wanted = wanted
@@ -65,3 +69,17 @@ class UnknownJob(StoreError, LookupError):
         else:
             hint = "no job was submitted yet (`dockercomp coordinator submit FUNCTION FILE`)"
         super().__init__(f"no job {wanted!r}", hint)
+
+
+class PresenceNotCleared(CoordinatorError):
+    """Workers were purged from the store, but their retained presence is still on the broker.
+
+    ``hint`` holds the mosquitto_pub commands that clear it by hand.
+    """
+
+    exit_code = Exit.BROKER
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(message)

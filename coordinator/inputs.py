@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
@@ -119,3 +121,18 @@ def read_arguments(
         raise InvalidInput(f"{source}: no arguments found",
                            "give one JSON array of arguments per line, such as [1, 2]")
     return args_list
+
+
+def open_input(path: str) -> tuple[IO[bytes], str, int]:
+    """(binary stream, name for messages, size in bytes or 0 when unknown) of FILE or ``-``
+    (stdin, which must not be a terminal: a forgotten FILE would wait for typing)."""
+    if path == "-":
+        if sys.stdin.isatty():
+            raise InvalidInput("no input", "give a FILE, or pipe lines in "
+                               "(`... | dockercomp coordinator submit FUNCTION -`)")
+        return sys.stdin.buffer, "<stdin>", 0
+    try:
+        stream = open(path, "rb")  # noqa: SIM115 - closed by the caller
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror or exc}", "check the path") from None
+    return stream, path, os.fstat(stream.fileno()).st_size

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from rich import box
@@ -31,6 +34,8 @@ from rich.text import Text
 from dockercomp.coordinator.store import JobProgress, ResultRow
 
 if TYPE_CHECKING:
+    from dockercomp.broker.accounts import Account
+    from dockercomp.broker.settings import BrokerSettings
     from dockercomp.coordinator.api import WorkerInfo
 
 # Characters of a value or argument list shown in a table cell before it is cut.
@@ -271,3 +276,42 @@ def count_progress_bar(
     task = bar.add_task(description, total=max(total, 1))
     with bar:
         yield lambda n: bar.update(task, completed=n)
+
+
+# ------------------------------------------------------------------------- files and lines
+def write_atomically(path: Path, write: Callable[[IO[str]], int]) -> int:
+    """Writes via a temporary file renamed into place: no half-written results file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or Path("."))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
+            count = write(out)
+        os.replace(tmp, path)
+        return count
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def workers_line(workers: list[WorkerInfo], unfinished: bool) -> str:
+    """The line under `status`'s jobs table; says how to start a worker when none is online."""
+    online = sum(1 for w in workers if w.state == "online")
+    lost = sum(1 for w in workers if w.state == "lost")
+    line = f"Workers: {online} online, {lost} lost (`dockercomp coordinator workers` for details)."
+    if unfinished and online == 0:
+        line += ("\nNo worker is online: start one with `dockercomp agent run --broker URL` "
+                 "(and `dockercomp coordinator serve`).")
+    return line
+
+
+def clear_presence_commands(broker: BrokerSettings, topics: list[str]) -> str:
+    """The mosquitto_pub lines that clear retained presences by hand (`purge` with no broker)."""
+    return "\n".join(f"  mosquitto_pub -h {broker.host} -p {broker.port} -r -n -t {topic}" for topic in topics)
+
+
+def accounts_table(accounts: list[Account], where: str) -> Table:
+    """`dockercomp coordinator volunteers list`: every broker account and its role."""
+    table = Table("account", "role", "created", title=f"{len(accounts)} broker accounts in {where}")
+    for account in accounts:
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(account.created)) if account.created else "-"
+        table.add_row(account.name, account.role.value, created)
+    return table

@@ -4,16 +4,21 @@ Loading lazily keeps `dockercomp agent check` (run by Docker's health check ever
 volunteer's machine) from importing the coordinator's database layer, and lets a role whose
 extra is not installed (the worker image has no peewee, no amqtt) fail with the pip command
 that adds it instead of an ImportError for everything.
+
+Every role's group is a :class:`Group` (the shared click layer): -h/--help everywhere, and a
+command line click cannot parse still honours --json (dockercomp.exits has the codes).
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+from typing import Any
 
 import click
 
 from dockercomp import __version__
+from dockercomp.exits import Exit, Failure, fail
 
 # Role group -> (module:attribute of its click group, the pip extra that brings its dependencies).
 ROLES: dict[str, tuple[str, str, str]] = {
@@ -24,6 +29,42 @@ ROLES: dict[str, tuple[str, str, str]] = {
     "installer": ("dockercomp.installer.cli:main", "installer", "Start and manage worker containers on this machine."),
 }
 CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+class _HelpEverywhere:
+    """-h/--help on the command itself, not only inherited: click caches a command's help
+    option the first time it is built, so one run as a stand-alone command (a test's CliRunner,
+    `python -m dockercomp.coordinator`) would otherwise drop -h for every later run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["context_settings"] = {**CONTEXT, **(kwargs.get("context_settings") or {})}
+        super().__init__(*args, **kwargs)
+
+
+class Command(_HelpEverywhere, click.Command):
+    """A command whose usage errors come out as the JSON error object when --json was given.
+
+    click reports them before the command runs, so the command's own handler never sees them.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        as_json = "--json" in args
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            if not as_json:
+                raise
+            fail(Failure(Exit.USAGE, type(exc).__name__, exc.format_message(),
+                         f"`{ctx.command_path} --help` lists the options"), as_json=True)
+
+
+class Group(_HelpEverywhere, click.Group):
+    """A role's group: its commands are :class:`Command`, its sub-groups :class:`Group`."""
+
+    command_class = Command
+
+
+Group.group_class = Group
 
 
 class RoleGroup(click.Group):
@@ -43,9 +84,9 @@ class RoleGroup(click.Group):
             if not exc.name or exc.name.startswith("dockercomp"):
                 raise
             hint = f"pip install 'dockercomp[{extra}]'" if extra else "reinstall dockercomp"
-            click.echo(f"error: `dockercomp {name}` needs the Python package {exc.name!r}, which is not "
-                       f"installed; install it with: {hint}", err=True)
-            sys.exit(2)
+            fail(Failure(Exit.USAGE, "MissingExtra", f"`dockercomp {name}` needs the Python package "
+                         f"{exc.name!r}, which is not installed", f"install it with: {hint}"),
+                 as_json="--json" in sys.argv)
         return command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:

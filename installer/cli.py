@@ -1,24 +1,26 @@
 """`installer`: runs dockercomp worker containers on a volunteer's machine.
 
 The click layer only parses options, builds a WorkerSpec and calls Fleet; every failure
-becomes one line, the fix, and a distinct exit code (see installer.errors), never a traceback.
+becomes one line, the fix, and a distinct exit code (installer.errors, dockercomp.exits),
+never a traceback.
 """
 
 from __future__ import annotations
 
-import functools
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 import docker.errors
 from rich.console import Console
 
+from dockercomp.agent.defaults import PASSWORD_ENV, USERNAME_ENV, VOLUNTEER_ENV
+from dockercomp.broker.defaults import BROKER_URL_ENV
+from dockercomp.cli import CONTEXT, Group
+from dockercomp.exits import Exit, handled
 from dockercomp.installer import defaults as d
 from dockercomp.installer.engine import connect, diagnose, engine_cpus
-from dockercomp.installer.errors import ConfigError, InstallerError
+from dockercomp.installer.errors import ConfigError, InstallerError, NoSuchWorker
 from dockercomp.installer.fleet import Fleet
 from dockercomp.installer.image import ensure_image
 from dockercomp.installer.logs import show
@@ -26,42 +28,31 @@ from dockercomp.installer.preflight import check_broker
 from dockercomp.installer.report import status_json, status_table, summary
 from dockercomp.installer.spec import WorkerSpec, parse_broker, read_ca
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
 def _say(message: str) -> None:
     click.echo(f"installer: {message}", err=True)
 
 
-def _fail(message: str, fix: str, code: int) -> None:
-    click.echo(f"installer: error: {message}", err=True)
-    if fix:
-        click.echo(f"installer: fix: {fix}", err=True)
-    sys.exit(code)
+def _docker_errors(exc: BaseException) -> BaseException | None:
+    """Docker SDK failures (they carry no exit code) as installer errors."""
+    if isinstance(exc, docker.errors.APIError):
+        return InstallerError(f"Docker refused: {exc.explanation or exc}",
+                              "check the options given; `docker info` shows the engine")
+    if isinstance(exc, docker.errors.DockerException):  # the engine went away mid-operation
+        return diagnose(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        interrupted = InstallerError("interrupted; containers already changed stay as they are",
+                                     "run the command again to finish")
+        interrupted.exit_code = Exit.INTERRUPTED
+        return interrupted
+    return None
 
 
-def handled(command: F) -> F:
-    """Maps failures to one readable message and the exit code of their kind."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except InstallerError as exc:
-            _fail(exc.message, exc.fix, exc.exit_code)
-        except docker.errors.APIError as exc:
-            _fail(f"Docker refused: {exc.explanation or exc}", "check the options given; `docker info` shows the engine", 1)
-        except docker.errors.DockerException as exc:  # the engine went away mid-operation
-            problem = diagnose(exc)
-            _fail(problem.message, problem.fix, problem.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted; containers already changed stay as they are", "run the command again to finish", 130)
-
-    return wrapper  # type: ignore[return-value]
+#: The error handler of every installer command.
+installer_errors = handled(translate=_docker_errors)
 
 
-@click.group()
-@click.option("--instance", envvar="DOCKERCOMP_INSTANCE", default=d.INSTANCE, show_default=True,
+@click.group(cls=Group, context_settings=CONTEXT)
+@click.option("--instance", envvar=d.INSTANCE_ENV, default=d.INSTANCE, show_default=True,
               help="Name of this installation; each instance manages only its own workers.")
 @click.pass_context
 def main(ctx: click.Context, instance: str) -> None:
@@ -70,7 +61,7 @@ def main(ctx: click.Context, instance: str) -> None:
 
 
 @main.command()
-@click.option("--broker", envvar="DOCKERCOMP_BROKER", help="mqtt://HOST:PORT (or mqtts://USER:PASS@HOST:8883) of the scientist's broker.")
+@click.option("--broker", envvar=BROKER_URL_ENV, help="mqtt://HOST:PORT (or mqtts://USER:PASS@HOST:8883) of the scientist's broker.")
 @click.option("--ca-file", type=click.Path(dir_okay=False, path_type=Path), help="The broker's CA certificate (ca.crt from the scientist).")
 @click.option("--workers", type=click.IntRange(min=0), help="Number of worker containers [default: CPUs, or the current number].")
 @click.option("--cpus-per-worker", type=float, help=f"CPU limit per worker [default: {d.CPUS_PER_WORKER:g}].")
@@ -79,13 +70,13 @@ def main(ctx: click.Context, instance: str) -> None:
 @click.option("--image-archive", type=click.Path(dir_okay=False, path_type=Path), help="Load the image from a `docker save` file.")
 @click.option("--network", type=click.Choice(d.NETWORKS), help=f"Container network [default: {d.NETWORK}].")
 @click.option("--concurrency", type=click.IntRange(min=1), help="Tasks each worker runs at once [default: its CPUs].")
-@click.option("--volunteer", envvar="DOCKERCOMP_VOLUNTEER", help="Your volunteer name [default: the broker user name].")
-@click.option("--username", envvar="DOCKERCOMP_USERNAME", help="Broker user name.")
-@click.option("--password", envvar="DOCKERCOMP_PASSWORD", help="Broker password (prefer the env variable).")
+@click.option("--volunteer", envvar=VOLUNTEER_ENV, help="Your volunteer name [default: the broker user name].")
+@click.option("--username", envvar=USERNAME_ENV, help="Broker user name.")
+@click.option("--password", envvar=PASSWORD_ENV, help="Broker password (prefer the env variable).")
 @click.option("--grace", type=click.IntRange(min=0), help=f"Seconds a stopping worker gets to drain [default: {d.GRACE_SECONDS}].")
 @click.option("--skip-broker-check", is_flag=True, help="Do not test the TCP connection to the broker first.")
 @click.pass_obj
-@handled
+@installer_errors
 def up(instance: str, broker: str | None, ca_file: Path | None, workers: int | None, cpus_per_worker: float | None,
        memory: str | None, image: str | None, image_archive: Path | None, network: str | None,
        concurrency: int | None, volunteer: str | None, username: str | None, password: str | None,
@@ -121,7 +112,7 @@ def up(instance: str, broker: str | None, ca_file: Path | None, workers: int | N
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_obj
-@handled
+@installer_errors
 def status(instance: str, as_json: bool) -> None:
     """Show the worker containers, their health and worker ids."""
     rows = Fleet(connect(), instance).status()
@@ -137,20 +128,20 @@ def status(instance: str, as_json: bool) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
 @click.option("--tail", type=click.IntRange(min=0), help="Only the last N lines of each worker.")
 @click.pass_obj
-@handled
+@installer_errors
 def logs(instance: str, worker: str | None, follow: bool, tail: int | None) -> None:
     """Print the output of WORKER (worker id, container name or slot), or of all workers."""
     fleet = Fleet(connect(), instance)
     containers = fleet.find(worker) if worker else fleet.containers()
     if worker and not containers:
-        raise InstallerError(f"no worker matches {worker!r}", "`dockercomp installer status` lists the workers")
+        raise NoSuchWorker(f"no worker matches {worker!r}", "`dockercomp installer status` lists the workers")
     show(containers, sys.stdout, follow=follow, tail=tail)
 
 
 @main.command()
 @click.option("--grace", type=click.IntRange(min=0), help="Seconds each worker gets to drain [default: as configured].")
 @click.pass_obj
-@handled
+@installer_errors
 def down(instance: str, grace: int | None) -> None:
     """Drain and remove every worker container (other containers are never touched)."""
     removed = Fleet(connect(), instance, say=_say).down(grace)
@@ -163,7 +154,7 @@ def down(instance: str, grace: int | None) -> None:
 @click.option("--health-timeout", type=click.FloatRange(min=0), default=d.HEALTH_TIMEOUT_SECONDS, show_default=True,
               help="Seconds each new worker gets to become healthy before the upgrade halts.")
 @click.pass_obj
-@handled
+@installer_errors
 def upgrade(instance: str, image: str | None, image_archive: Path | None, health_timeout: float) -> None:
     """Fetch the newest image and replace the workers one at a time (rolling)."""
     client = connect()

@@ -48,11 +48,8 @@ LABEL_WORKER_ID = f"{LABEL_PREFIX}.worker-id"
 LABEL_CONFIG = f"{LABEL_PREFIX}.config-hash"
 LABEL_SPEC = f"{LABEL_PREFIX}.spec"
 
-# Environment variables the agent reads inside the container (see the Dockerfile).
-ENV_BROKER = "DOCKERCOMP_BROKER"
-ENV_WORKER_ID = "DOCKERCOMP_WORKER_ID"
-ENV_VOLUNTEER = "DOCKERCOMP_VOLUNTEER"
-ENV_CONCURRENCY = "DOCKERCOMP_CONCURRENCY"
-ENV_USERNAME = "DOCKERCOMP_USERNAME"
-ENV_PASSWORD = "DOCKERCOMP_PASSWORD"
-ENV_IMAGE = "DOCKERCOMP_IMAGE"  # shown in the agent's presence
+# Environment variable naming the installation (--instance).
+INSTANCE_ENV = "DOCKERCOMP_INSTANCE"
+
+# The environment variables the agent reads inside the container are the agent's own
+# (dockercomp.agent.defaults: *_ENV) and the broker's (dockercomp.broker.defaults.BROKER_URL_ENV).

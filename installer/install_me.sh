@@ -30,7 +30,7 @@ NETWORK=""
 SELF="$0"
 
 say() { printf 'install_me: %s\n' "$*"; }
-die() {  # die CODE MESSAGE [FIX]
+die() {  # die CODE MESSAGE [FIX]; CODE from the table of dockercomp/exits.py (README "Exit codes")
     code="$1"; shift
     printf 'install_me: error: %s\n' "$1" >&2
     [ $# -lt 2 ] || printf 'install_me: fix: %s\n' "$2" >&2
@@ -152,12 +152,12 @@ ensure_docker() {
     docker_answers && return 0
     # Tell "no permission" from "not running": the fixes differ.
     if docker info 2>&1 | grep -qi 'permission denied'; then
-        die 3 "you have no permission to use Docker" \
+        die 7 "you have no permission to use Docker" \
             "sudo usermod -aG docker $(id -un), log out and in again, then re-run this script"
     fi
     say "the Docker engine is not running; starting it"
     start_docker
-    docker_answers || die 3 "the Docker engine does not start" \
+    docker_answers || die 7 "the Docker engine does not start" \
         "see 'sudo journalctl -u docker' (or /var/log/dockerd.log), fix it, then re-run"
 }
 

@@ -20,6 +20,15 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from dockercomp.agent.defaults import (
+    CONCURRENCY_ENV,
+    IMAGE_ENV,
+    PASSWORD_ENV,
+    USERNAME_ENV,
+    VOLUNTEER_ENV,
+    WORKER_ID_ENV,
+)
+from dockercomp.broker.defaults import BROKER_URL_ENV
 from dockercomp.broker.errors import SettingsError
 from dockercomp.broker.settings import BrokerSettings
 from dockercomp.installer import defaults as d
@@ -132,11 +141,11 @@ class WorkerSpec:
         known = {f.name for f in fields(cls)}
         data = {k: v for k, v in json.loads(labels[d.LABEL_SPEC]).items() if k in known}
         env = dict(item.split("=", 1) for item in config.get("Env") or [] if "=" in item)
-        data["password"] = env.get(d.ENV_PASSWORD)
+        data["password"] = env.get(PASSWORD_ENV)
         # The label's URL has its password masked; the container's own URL has it.
         masked = BrokerSettings.from_url(data["broker"])
         if masked.password is not None:
-            real = BrokerSettings.from_url(env[d.ENV_BROKER])
+            real = BrokerSettings.from_url(env[BROKER_URL_ENV])
             data["broker"] = replace(masked, password=real.password).full_url
         return cls(**data)
 
@@ -158,12 +167,12 @@ class WorkerSpec:
     def environment(self, worker: str) -> dict[str, str]:
         ca = CONTAINER_CA if self.ca_pem else None
         env = {
-            d.ENV_BROKER: replace(self.broker_settings, ca_file=ca).full_url,
-            d.ENV_WORKER_ID: worker,
-            d.ENV_CONCURRENCY: str(self.effective_concurrency),
-            d.ENV_IMAGE: self.image,
+            BROKER_URL_ENV: replace(self.broker_settings, ca_file=ca).full_url,
+            WORKER_ID_ENV: worker,
+            CONCURRENCY_ENV: str(self.effective_concurrency),
+            IMAGE_ENV: self.image,
         }
-        optional = {d.ENV_VOLUNTEER: self.volunteer, d.ENV_USERNAME: self.username, d.ENV_PASSWORD: self.password}
+        optional = {VOLUNTEER_ENV: self.volunteer, USERNAME_ENV: self.username, PASSWORD_ENV: self.password}
         env.update({k: v for k, v in optional.items() if v})
         return env
 

@@ -42,6 +42,7 @@ from dockercomp.coordinator.api import Client, Job
 from dockercomp.coordinator.errors import CoordinatorError
 from dockercomp.coordinator.render import job_progress_bar
 from dockercomp.coordinator.store import ResultRow
+from dockercomp.exits import Exit
 
 # The demo's job name in its store.
 JOB_NAME = "mandelbrot"
@@ -59,9 +60,9 @@ POLL_INTERVAL = 0.2
 # Lines of a dead child's log shown in the error.
 LOG_TAIL_LINES = 15
 
-# Exit codes: 1 the demo failed, 130 interrupted (Ctrl-C or SIGTERM).
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
+# Exit codes, from the table every dockercomp command shares: the demo failed, or was interrupted.
+EXIT_FAILED = Exit.FAILED
+EXIT_INTERRUPTED = Exit.INTERRUPTED
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """Brokers running the shipped access policy: accounts, ACL and (Mosquitto) TLS.
 
 The files are made exactly as a scientist makes them (`dockercomp coordinator volunteers init`,
-`dockercomp coordinator certs init`, through their library functions) in the test's temporary
+`dockercomp broker certs init`, through their library functions) in the test's temporary
 directory; Mosquitto runs the repository's mosquitto.conf with only paths and ports moved
 (tests/support/brokers.py, secure mode), amqtt runs `dockercomp broker serve --password-file
 --acl-file`. tests/conftest.py registers this module as a plugin, so the fixtures
@@ -24,8 +24,8 @@ from dockercomp.broker.connection import MqttConnection
 from dockercomp.broker.defaults import COORDINATOR_ACCOUNT
 from dockercomp.broker.errors import ConnectionFailed
 from dockercomp.broker.settings import BrokerSettings
-from dockercomp.coordinator.certs import CertPaths, init_certs
-from dockercomp.coordinator.volunteers import Accounts, Credentials, Reloader
+from dockercomp.broker.certs import CertPaths, init_certs
+from dockercomp.broker.accounts import Accounts, Credentials, Reloader
 
 from . import require, wait_until
 from .brokers import AmqttProcess, BrokerProcess, MosquittoProcess, find_mosquitto
@@ -169,7 +169,7 @@ def accepts(url: str) -> bool:
 
 
 def make_config(directory: Path) -> tuple[Accounts, Credentials]:
-    """What `dockercomp coordinator volunteers init` + `dockercomp coordinator certs init` make."""
+    """What `dockercomp coordinator volunteers init` + `dockercomp broker certs init` make."""
     accounts = Accounts(directory)
     created = {c.name: c for c in accounts.init(local_workers=False)}
     init_certs(directory, CERT_HOSTS)

@@ -464,16 +464,18 @@ def test_agent_check_follows_the_agent(mosquitto: BrokerProcess, agents: Callabl
 
     mosquitto.kill()
     wait_until(lambda: not json.loads(agent.health_file.read_text())["connected"], timeout=10)
+    # Unhealthy is exit 1 (Docker's HEALTHCHECK knows only 0 and 1), the reason on stderr.
     down = run_cli("check", "--json", env=env)
-    assert down.returncode == 1 and json.loads(down.stdout)["healthy"] is False
-    assert "not been connected" in json.loads(down.stdout)["reason"]
+    error = json.loads(down.stderr)["error"]
+    assert down.returncode == 1 and down.stdout == "" and error["code"] == 1
+    assert error["kind"] == "HealthError" and "not been connected" in error["message"]
 
     agent.process.kill()  # type: ignore[union-attr]
     agent.wait()
     gone = run_cli("check", env=env)
-    assert gone.returncode == 1 and "is not running" in gone.stdout
+    assert gone.returncode == 1 and "is not running" in gone.stderr
     missing = run_cli("check", env={"DOCKERCOMP_HEALTH_FILE": str(tmp_path / "nothing.json")})
-    assert missing.returncode == 1 and "no health file" in missing.stdout and "dockercomp agent run" in missing.stdout
+    assert missing.returncode == 1 and "no health file" in missing.stderr and "dockercomp agent run" in missing.stderr
 
 
 def test_agent_functions_lists_built_ins_and_installed_packages(plugin_dir: Path) -> None:

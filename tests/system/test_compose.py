@@ -123,8 +123,9 @@ class Stack:
         return json.loads(self.run("exec", "-T", "coordinator", "dockercomp", "coordinator", *args, "--json", stdin=stdin))
 
 
-def accounts_command(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dockercomp.coordinator", *args], cwd=REPO_ROOT, capture_output=True,
+def dockercomp_command(*args: str) -> subprocess.CompletedProcess[str]:
+    """`dockercomp ARGS` as the scientist runs it, from the repository."""
+    return subprocess.run([sys.executable, "-m", "dockercomp", *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=120, check=False)
 
 
@@ -136,13 +137,13 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     compose_file = project_copy(tmp_path / "project")
     config = compose_file.parent / "broker-config"
     if "/mosquitto/security/" in (REPO_ROOT / "mosquitto.conf").read_text():
-        require(accounts_command("volunteers", "--help").returncode == 0,
-                "`dockercomp coordinator volunteers` and `dockercomp coordinator certs`", "finish the running-in-public issue")
+        require(dockercomp_command("coordinator", "volunteers", "--help").returncode == 0,
+                "`dockercomp coordinator volunteers` and `dockercomp broker certs`", "finish the running-in-public issue")
         for name in ("coordinator.env", "worker.env"):
             (config / name).unlink()
-        for args in (["volunteers", "init", "--dir", str(config)],
-                     ["certs", "init", "--dir", str(config), "--host", "localhost"]):
-            made = accounts_command(*args)
+        for args in (["coordinator", "volunteers", "init", "--dir", str(config)],
+                     ["broker", "certs", "init", "--dir", str(config), "--host", "localhost"]):
+            made = dockercomp_command(*args)
             assert made.returncode == 0, made.stdout + made.stderr
     # The broker image that can be had here, and no published port (parallel runs, busy 8883).
     data = yaml.safe_load(compose_file.read_text())

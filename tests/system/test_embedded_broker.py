@@ -201,9 +201,10 @@ def test_serve_on_a_busy_port_says_what_to_do() -> None:
 
     assert process.returncode == 2
     assert out == ""
-    assert err.count("\n") == 1, err  # one readable line, no traceback
-    assert f"127.0.0.1:{port} is already in use" in err
-    assert "--port" in err
+    # One readable line and its hint, no traceback.
+    error, hint = err.splitlines()
+    assert error.startswith("error: ") and f"127.0.0.1:{port} is already in use" in error
+    assert hint.startswith("hint: ") and "--port" in hint
 
 
 def test_serve_rejects_an_invalid_port() -> None:

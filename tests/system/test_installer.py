@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dockercomp.exits import Exit
 from dockercomp.broker.settings import BrokerSettings
 from dockercomp.installer.errors import BrokerUnreachable
 from dockercomp.installer.preflight import check_broker
@@ -29,12 +30,12 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 @pytest.mark.parametrize("command", [["status"], ["up", "--broker", BROKER], ["down"], ["logs"]])
-def test_an_unreachable_engine_gives_one_clear_message_and_exit_code_3(command: list[str]) -> None:
+def test_an_unreachable_engine_gives_one_clear_message_and_the_docker_exit_code(command: list[str]) -> None:
     result = run_cli(*command, env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
-    assert result.returncode == 3
+    assert result.returncode == Exit.DOCKER == 7
     assert "Traceback" not in result.stderr + result.stdout
     assert "error: the Docker engine is not running" in result.stderr
-    assert "fix:" in result.stderr
+    assert "hint:" in result.stderr
 
 
 def test_an_unreachable_broker_is_reported_before_anything_starts() -> None:

@@ -2,7 +2,7 @@
 
 Mosquitto runs the shipped mosquitto.conf policy unchanged (only paths and ports moved) and
 amqtt runs `dockercomp broker serve --password-file --acl-file` on the same generated files; the
-accounts and certificates are made by `dockercomp coordinator volunteers` / `dockercomp coordinator certs`.
+accounts and certificates are made by `dockercomp coordinator volunteers` / `dockercomp broker certs`.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from dockercomp.broker.messages import OfflineReason, Outcome, Presence, Presenc
 from dockercomp.broker.passwords import PasswordFile
 from dockercomp.broker.settings import BrokerSettings
 from dockercomp.broker.topics import Topics, WorkerRef
-from dockercomp.coordinator.certs import certificate_hosts
-from dockercomp.coordinator.certs import certs as certs_cli
+from dockercomp.broker.accounts import Accounts, Credentials, Reloader
+from dockercomp.broker.certs import certificate_hosts
+from dockercomp.broker.cli import certs as certs_cli
+from dockercomp.coordinator.cli import volunteers as volunteers_cli
 from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 from dockercomp.coordinator.store import TaskState
-from dockercomp.coordinator.volunteers import Accounts, Credentials, Reloader
-from dockercomp.coordinator.volunteers import volunteers as volunteers_cli
 from tests.support import require, wait_until
 from tests.support.brokers import MOSQUITTO_CONF, MosquittoProcess, find_mosquitto
 from tests.support.security import (
@@ -301,7 +301,7 @@ def test_volunteers_cli_rejects_bad_names_and_says_what_to_do(tmp_path: Path) ->
     assert reserved.exit_code == 2 and "coordinator's account" in reserved.output
     stale = runner.invoke(volunteers_cli, ["add", "bob", "--dir", config, "--host", "h",
                                            "--pid-file", str(tmp_path / "missing.pid")])
-    assert stale.exit_code == 4 and "is the broker running" in stale.output
+    assert stale.exit_code == 5 and "is the broker running" in stale.output  # Exit.BROKER
 
 
 def test_reload_command_failure_is_reported(tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from dockercomp.agent.defaults import CONCURRENCY_ENV, PASSWORD_ENV, WORKER_ID_ENV
+from dockercomp.broker.defaults import BROKER_URL_ENV
 from dockercomp.broker.topics import validate_name
 from dockercomp.installer import cli
 from dockercomp.installer import defaults as d
@@ -116,7 +118,7 @@ def test_spec_label_keeps_the_password_out_but_the_container_still_gets_it() -> 
     fleet_of(client).up(secret, 1)
     (container,) = client.containers.records.values()
     assert "s3cret" not in container.labels[d.LABEL_SPEC]
-    assert container.environment[d.ENV_PASSWORD] == "s3cret"
+    assert container.environment[PASSWORD_ENV] == "s3cret"
     assert WorkerSpec.from_container(container.attrs) == secret
 
 
@@ -127,7 +129,7 @@ def test_a_password_in_the_broker_url_stays_out_of_labels_and_reruns_change_noth
     fleet.up(spec(broker=url), 1)
     (container,) = client.containers.records.values()
     assert "pa%3Ass" not in container.labels[d.LABEL_SPEC]
-    assert container.environment[d.ENV_BROKER] == "mqtts://alice:pa%3Ass@broker.example.org:8883"
+    assert container.environment[BROKER_URL_ENV] == "mqtts://alice:pa%3Ass@broker.example.org:8883"
     assert WorkerSpec.from_container(container.attrs).broker == url
     assert fleet.up(spec(broker=url), 1).kept == ["dockercomp-worker-1"]
 
@@ -143,7 +145,7 @@ def test_a_private_ca_is_copied_into_each_container_before_it_starts(tmp_path: P
         fleet_of(client).up(spec(broker=broker, ca_pem=ca_pem), 1)
         (container,) = client.containers.records.values()
         assert container.files[CONTAINER_CA] == PEM.encode()
-        assert container.environment[d.ENV_BROKER].endswith(f"?ca={CONTAINER_CA}")
+        assert container.environment[BROKER_URL_ENV].endswith(f"?ca={CONTAINER_CA}")
         order = [call[0] for call in client.calls]
         assert order.index("put_archive") < order.index("start")
         assert WorkerSpec.from_container(container.attrs).ca_pem == PEM
@@ -166,11 +168,11 @@ def test_up_creates_exactly_n_labelled_limited_workers_with_unique_ids() -> None
     assert changes.created == ["dockercomp-worker-1", "dockercomp-worker-2", "dockercomp-worker-3"]
     records = list(client.containers.records.values())
     assert {c.status for c in records} == {"running"}
-    assert len({c.environment[d.ENV_WORKER_ID] for c in records}) == 3
+    assert len({c.environment[WORKER_ID_ENV] for c in records}) == 3
     for c in records:
         assert c.labels[d.LABEL_MANAGED_BY] == "installer"
-        assert c.labels[d.LABEL_WORKER_ID] == c.environment[d.ENV_WORKER_ID]
-        assert c.environment[d.ENV_BROKER] == BROKER and c.environment[d.ENV_CONCURRENCY] == "2"
+        assert c.labels[d.LABEL_WORKER_ID] == c.environment[WORKER_ID_ENV]
+        assert c.environment[BROKER_URL_ENV] == BROKER and c.environment[CONCURRENCY_ENV] == "2"
         assert c.host_config["restart_policy"] == {"Name": "unless-stopped"}
         assert c.host_config["nano_cpus"] == 500_000_000 and c.host_config["mem_limit"] == "256m"
         assert c.stop_timeout == 7

@@ -1,6 +1,6 @@
 """TLS for a self-hosted broker: a private CA and a server certificate it signs.
 
-``dockercomp coordinator certs init --host broker.example.org`` writes, into ``broker-config/certs/``::
+``dockercomp broker certs init --host broker.example.org`` writes, into ``broker-config/certs/``::
 
     ca.crt       the CA certificate: give it to volunteers (agents verify the broker with it)
     ca.key       the CA's private key: only needed to issue server certificates; keep it here
@@ -20,33 +20,22 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import json
-import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-import click
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from dockercomp.broker.defaults import (
-    BROKER_CONFIG_DIR,
-    BROKER_CONFIG_ENV,
-    CA_DAYS,
-    SERVER_CERT_DAYS,
-)
+from dockercomp.broker.defaults import CA_DAYS, SERVER_CERT_DAYS
+from dockercomp.broker.errors import CertificateError
 from dockercomp.broker.passwords import atomic_write
-from dockercomp.coordinator.errors import CoordinatorError
+from dockercomp.exits import Exit
 
+# Sub-directory of the broker's config directory holding the files below.
 CERTS_SUBDIR = "certs"
-EXIT_USAGE = 2
-
-
-class CertificateError(CoordinatorError):
-    """The certificate files cannot be made or read; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +97,8 @@ def _subject_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             if not host or any(c in host for c in "/:@ ") or host.startswith("."):
-                raise CertificateError(f"{host!r} is neither a host name nor an IP address") from None
+                raise CertificateError(f"{host!r} is neither a host name nor an IP address",
+                                       "give each --host as a DNS name or an IP address") from None
             names.append(x509.DNSName(host))
     return names
 
@@ -139,12 +129,14 @@ def _load_ca(paths: CertPaths) -> tuple[ec.EllipticCurvePrivateKey, x509.Certifi
         cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
         key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
     except FileNotFoundError as exc:
-        raise CertificateError(f"{exc.filename} is missing: restore it, or start over with --new-ca "
-                               "(volunteers then need the new ca.crt)") from None
+        raise CertificateError(f"{exc.filename} is missing", "restore it, or start over with --new-ca "
+                               "(volunteers then need the new ca.crt)", exit_code=Exit.FILES) from None
     except ValueError as exc:
-        raise CertificateError(f"cannot read the CA in {paths.directory}: {exc}") from None
+        raise CertificateError(f"cannot read the CA in {paths.directory}: {exc}", "restore it, or use --new-ca",
+                               exit_code=Exit.FILES) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise CertificateError(f"{paths.ca_key} is not an EC key made by `certs init`; use --new-ca")
+        raise CertificateError(f"{paths.ca_key} is not an EC key made by `certs init`", "use --new-ca",
+                               exit_code=Exit.FILES)
     return key, cert
 
 
@@ -174,7 +166,8 @@ def init_certs(config_dir: str | Path, hosts: Sequence[str], *, new_ca: bool = F
     """Makes (or keeps) the CA and issues a server certificate for ``hosts``."""
     hosts = list(dict.fromkeys(h.strip() for h in hosts if h.strip()))
     if not hosts:
-        raise CertificateError("name at least one --host: the name volunteers use to reach the broker")
+        raise CertificateError("no host name given", "name at least one --host: the name volunteers use to "
+                               "reach the broker")
     _subject_names(hosts)  # reject bad names before touching any file
     paths = CertPaths.under(config_dir)
     created = new_ca or not paths.ca_cert.exists()
@@ -205,35 +198,3 @@ def certificate_hosts(path: str | Path) -> list[str]:
         return []
     return [*names.get_values_for_type(x509.DNSName),
             *(str(ip) for ip in names.get_values_for_type(x509.IPAddress))]
-
-
-# --------------------------------------------------------------------------- CLI
-@click.group()
-def certs() -> None:
-    """TLS certificates for a self-hosted broker."""
-
-
-@certs.command("init")
-@click.option("--dir", "config_dir", envvar=BROKER_CONFIG_ENV, default=BROKER_CONFIG_DIR, show_default=True,
-              type=click.Path(file_okay=False, path_type=Path),
-              help=f"Broker config directory; files go to DIR/certs/ [env {BROKER_CONFIG_ENV}]")
-@click.option("--host", "hosts", multiple=True, required=True,
-              help="Name or IP address volunteers use to reach the broker (repeat for several).")
-@click.option("--new-ca", is_flag=True, help="Replace the CA too (every volunteer then needs the new ca.crt).")
-@click.option("--days", type=click.IntRange(min=1), default=SERVER_CERT_DAYS, show_default=True,
-              help="Validity of the server certificate.")
-@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
-def init_command(config_dir: Path, hosts: tuple[str, ...], new_ca: bool, days: int, as_json: bool) -> None:
-    """Make a CA (once) and a server certificate for the broker's TLS listener (8883)."""
-    try:
-        issued = init_certs(config_dir, hosts, new_ca=new_ca, server_days=days)
-    except CertificateError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    if as_json:
-        click.echo(json.dumps(asdict(issued)))
-        return
-    click.echo(("created a new CA: " if issued.ca_created else "kept the existing CA: ") + issued.ca_cert)
-    click.echo(f"server certificate for {', '.join(issued.hosts)} (until {issued.expires}): {issued.server_cert}")
-    click.echo("next: restart the broker to load it (docker compose restart mosquitto), and give volunteers "
-               f"{issued.ca_cert}; their broker URL ends in ?ca=/path/to/ca.crt")
