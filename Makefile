@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench image system venv clean
+.PHONY: test demo bench image system venv dist clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ demo: venv
 # bench/results/. Smaller runs: make bench BENCH_ARGS=--quick (see python -m bench --help).
 bench: system venv
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# The sdist and the wheel in dist/ (PyPA's build from the package index; offline, the wheel
+# alone through pip). The wheel's top level is only dockercomp/ (tests/system/test_wheel.py).
+dist: venv
+	rm -rf dist
+	if $(BIN)/pip install -q build; then $(BIN)/python -m build --outdir dist .; \
+	else $(BIN)/pip wheel -q --no-deps --wheel-dir dist .; fi
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
