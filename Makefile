@@ -21,10 +21,12 @@ system:
 test: system venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The worker image dockercomp/worker:latest; works offline (with no image registry it builds
-# a local Debian base once per machine). Skips the build when the image matches the sources.
+# The images dockercomp/worker:latest (the agent, for volunteers) and dockercomp/coordinator:latest
+# (for docker-compose.yml); works offline (with no image registry it builds a local Debian base
+# once per machine). Skips a build when the image matches the sources.
 image: venv
 	PYTHON=$(BIN)/python sh scripts/build-image.sh
+	PYTHON=$(BIN)/python ROLE=coordinator sh scripts/build-image.sh
 
 demo: venv
 	$(BIN)/python -m dockercomp.demo
