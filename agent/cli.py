@@ -137,5 +137,6 @@ def functions(as_json: bool) -> None:
         if row["summary"]:
             click.echo(f"    {row['summary']}")
 
+
 if __name__ == "__main__":
     main()
