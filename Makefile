@@ -4,12 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench image system venv clean
+.PHONY: test test-fast demo bench image system venv dist clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,demo,postgres]'
+	$(BIN)/pip install -q -e '.[all,test,demo,postgres]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -26,10 +26,12 @@ test: system venv
 test-fast: venv
 	$(BIN)/python -m pytest tests/unit tests/contract -m "not real and not postgres" $(PYTEST_ARGS)
 
-# The worker image dockercomp/worker:latest; works offline (with no image registry it builds
-# a local Debian base once per machine). Skips the build when the image matches the sources.
+# The images dockercomp/worker:latest (the agent, for volunteers) and dockercomp/coordinator:latest
+# (for docker-compose.yml); works offline (with no image registry it builds a local Debian base
+# once per machine). Skips a build when the image matches the sources.
 image: venv
 	PYTHON=$(BIN)/python sh scripts/build-image.sh
+	PYTHON=$(BIN)/python ROLE=coordinator sh scripts/build-image.sh
 
 demo: venv
 	$(BIN)/python -m dockercomp.demo
@@ -38,6 +40,13 @@ demo: venv
 # bench/results/. Smaller runs: make bench BENCH_ARGS=--quick (see python -m bench --help).
 bench: system venv
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# The sdist and the wheel in dist/ (PyPA's build from the package index; offline, the wheel
+# alone through pip). The wheel's top level is only dockercomp/ (tests/system/test_wheel.py).
+dist: venv
+	rm -rf dist
+	if $(BIN)/pip install -q build; then $(BIN)/python -m build --outdir dist .; \
+	else $(BIN)/pip wheel -q --no-deps --wheel-dir dist .; fi
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -123,14 +123,12 @@ def functions(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table("function", "source", "what it does", title=f"{len(rows)} task functions")
+    # Plain text, not a rich table: the worker image installs only the agent's dependencies.
+    click.echo(f"{len(rows)} task functions")
     for row in rows:
-        table.add_row(escape(row["signature"]), escape(row["source"]), escape(row["summary"]))
-    Console().print(table)
+        click.echo(f"\n{row['signature']}  [{row['source']}]")
+        if row["summary"]:
+            click.echo(f"    {row['summary']}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ USERNAME="${DOCKERCOMP_USERNAME:-}"
 PASSWORD="${DOCKERCOMP_PASSWORD:-}"
 IMAGE="${DOCKERCOMP_WORKER_IMAGE:-}"            # empty: the installer's default image
 CA_FILE="${DOCKERCOMP_CA_FILE:-}"               # the broker's private CA (ca.crt), if it has one
-PACKAGE="${DOCKERCOMP_PACKAGE:-dockercomp}"     # pip requirement that provides `installer`
+PACKAGE="${DOCKERCOMP_PACKAGE:-dockercomp[installer]}"  # pip requirement with the installer's extra
 # -------------------------------------------------------------------------------------------
 
 HOME_DIR="${DOCKERCOMP_HOME:-${XDG_DATA_HOME:-$HOME/.local/share}/dockercomp}"

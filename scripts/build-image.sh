@@ -1,7 +1,9 @@
 #!/bin/sh
-# Builds the dockercomp worker image (Dockerfile at the repo root), also with no image registry.
-# Usage: build-image.sh [IMAGE]          (default dockercomp/worker:latest)
+# Builds a dockercomp image (Dockerfile at the repo root), also with no image registry.
+# Usage: build-image.sh [IMAGE]          (default dockercomp/ROLE:latest)
 # Environment:
+#   ROLE        the Dockerfile stage: worker (default; the agent alone, for volunteers) or
+#               coordinator (the engine with its database drivers, for docker-compose.yml).
 #   BASE_IMAGE  base to build FROM; default python:3.11-slim when it is present or pullable,
 #               else a Debian base made locally by build-base-image.sh (once per machine).
 #   PYTHON      interpreter with pip that builds the wheels (default .venv/bin/python).
@@ -11,7 +13,19 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-image="${1:-${IMAGE:-dockercomp/worker:latest}}"
+role="${ROLE:-worker}"
+# What each stage installs from its wheels, as the Dockerfile does ("." is this checkout).
+requirements() {
+    case "$1" in
+        worker) echo ". setuptools wheel" ;;
+        coordinator) echo ".[coordinator,broker,postgres]" ;;
+    esac
+}
+if [ -z "$(requirements "$role")" ]; then
+    echo "build-image: ROLE must be worker or coordinator, not $role" >&2
+    exit 2
+fi
+image="${1:-${IMAGE:-dockercomp/$role:latest}}"
 label=org.dockercomp.source-hash
 local_base=dockercomp-base:bookworm
 official_base=python:3.11-slim
@@ -21,7 +35,7 @@ sh scripts/ensure-docker.sh
 
 # Everything that ends up in the image; bytecode caches would change the hash for nothing.
 source_hash="$(
-    find agent broker coordinator installer setup.cfg pyproject.toml Dockerfile \
+    find dockercomp agent broker coordinator installer setup.cfg pyproject.toml README.md Dockerfile \
         -type f ! -name '*.pyc' ! -path '*/__pycache__/*' 2>/dev/null | LC_ALL=C sort |
         xargs sha256sum | sha256sum | cut -c1-16
 )"
@@ -63,14 +77,20 @@ if [ "$host_py" != "$image_py" ]; then
     exit 1
 fi
 
-echo "build-image: building wheels with $PYTHON into $wheels"
-rm -rf "$wheels"
-mkdir -p "$wheels"
-"$PYTHON" -m pip wheel -qq --disable-pip-version-check --wheel-dir "$wheels" . setuptools wheel
+# Each stage gets only its own role's wheels. The classic builder builds every stage before the
+# target, and the worker stage comes first, so a coordinator build needs the worker's too.
+rm -rf "$wheels" build/lib  # setuptools never prunes build/lib: a deleted module would linger
+stages=worker
+[ "$role" = worker ] || stages="worker $role"
+for stage in $stages; do
+    echo "build-image: building wheels for the $stage with $PYTHON into $wheels/$stage"
+    # shellcheck disable=SC2046  # the requirements are words
+    "$PYTHON" -m pip wheel -qq --disable-pip-version-check --wheel-dir "$wheels/$stage" $(requirements "$stage")
+done
 
 echo "build-image: building $image FROM $BASE_IMAGE"
 previous="$(docker image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)"
-docker build --quiet \
+docker build --quiet --target "$role" \
     --build-arg "BASE_IMAGE=$BASE_IMAGE" \
     --label "$label=$source_hash" \
     --tag "$image" . >/dev/null

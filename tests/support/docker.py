@@ -28,8 +28,9 @@ import pytest
 
 from tests.support import REPO_ROOT, missing, require
 
-# The image `make image` builds; the tests use the very same one.
+# The images `make image` builds; the tests use the very same ones.
 WORKER_IMAGE = "dockercomp/worker:latest"
+COORDINATOR_IMAGE = "dockercomp/coordinator:latest"
 # Seconds the image build may take: a first build also debootstraps the base (~1 min).
 IMAGE_BUILD_TIMEOUT = 900
 # Label the installer puts on its containers: the tests clean up by it.
@@ -61,11 +62,11 @@ def connect_docker() -> Any:
     return client
 
 
-def build_worker_image(image: str = WORKER_IMAGE) -> str:
+def build_worker_image(image: str = WORKER_IMAGE, role: str = "worker") -> str:
     """scripts/build-image.sh with this interpreter's pip; a no-op when the image is current."""
     if image in _built:
         return _built[image]
-    env = dict(os.environ, PYTHON=sys.executable)
+    env = dict(os.environ, PYTHON=sys.executable, ROLE=role)
     try:
         result = subprocess.run(
             ["sh", "scripts/build-image.sh", image], cwd=REPO_ROOT, env=env,
@@ -79,6 +80,11 @@ def build_worker_image(image: str = WORKER_IMAGE) -> str:
     return image
 
 
+def build_coordinator_image() -> str:
+    """The coordinator's image (the Dockerfile's `coordinator` stage), as docker-compose.yml runs it."""
+    return build_worker_image(COORDINATOR_IMAGE, role="coordinator")
+
+
 def run_in_image(image: str, *command: str, entrypoint: str = "", timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """`docker run --rm` of a one-off command in `image` (entrypoint replaced when given)."""
     args = ["docker", "run", "--rm", "--network", "host"]
@@ -89,7 +95,7 @@ def run_in_image(image: str, *command: str, entrypoint: str = "", timeout: float
 
 def agent_runs_in(image: str) -> bool:
     """True when the image's agent CLI starts (it is being written alongside this issue)."""
-    return run_in_image(image, "--help", entrypoint="agent", timeout=60).returncode == 0
+    return run_in_image(image, "agent", "run", "--help", entrypoint="dockercomp", timeout=60).returncode == 0
 
 
 def coordinator_cli_works() -> bool:

@@ -22,7 +22,10 @@ import yaml
 
 from tests.support import require, wait_until
 from tests.support.docker import (
+    COORDINATOR_IMAGE,
     REPO_ROOT,
+    WORKER_IMAGE,
+    build_coordinator_image,
     build_worker_image,
     compose_command,
     connect_docker,
@@ -57,6 +60,13 @@ def test_the_coordinator_keeps_its_database_in_a_volume_and_talks_to_the_broker(
     mounts = {v.split(":")[1]: v.split(":")[0] for v in coordinator["volumes"]}
     assert any(db.startswith(path + "/") for path in mounts)
     assert all(name in load()["volumes"] for name in mounts.values())
+
+
+def test_each_service_runs_its_roles_image() -> None:
+    # Volunteers' workers hold only the agent; the coordinator's database layer has its own image.
+    services = load()["services"]
+    assert services["coordinator"]["image"] == COORDINATOR_IMAGE
+    assert services["worker"]["image"] == WORKER_IMAGE
 
 
 def test_the_worker_service_can_be_scaled() -> None:
@@ -134,6 +144,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     command = find_compose()
     client = connect_docker()
     build_worker_image()
+    build_coordinator_image()
     compose_file = project_copy(tmp_path / "project")
     config = compose_file.parent / "broker-config"
     if "/mosquitto/security/" in (REPO_ROOT / "mosquitto.conf").read_text():

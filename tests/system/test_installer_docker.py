@@ -311,7 +311,7 @@ def test_a_killed_container_loses_nothing_and_its_worker_is_purged(
 def test_install_me_with_docker_present_ends_with_workers_online(
     installation: Installation, mosquitto: BrokerProcess, worker_image: str, tmp_path: Path
 ) -> None:
-    env = dict(installation.env, DOCKERCOMP_HOME=str(tmp_path / "home"), DOCKERCOMP_PACKAGE=str(REPO_ROOT))
+    env = dict(installation.env, DOCKERCOMP_HOME=str(tmp_path / "home"), DOCKERCOMP_PACKAGE=f"{REPO_ROOT}[installer]")
     command = ["sh", str(REPO_ROOT / "installer" / "install_me.sh"), "--yes", "--broker", mosquitto.url,
                "--network", "host", "--workers", "2"]
     with Watcher(mosquitto.url, PRESENCE) as watcher:
