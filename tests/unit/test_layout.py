@@ -58,13 +58,7 @@ def test_the_agent_and_the_coordinator_never_import_each_other() -> None:
     assert offenders(("coordinator",), re.compile(r"dockercomp\.agent(\..*)?")) == []
 
 
-@pytest.mark.parametrize("folder", [
-    pytest.param(folder, marks=pytest.mark.xfail(
-        strict=True, reason="bench/harness.py still borrows tests.support.brokers; issue #9 item 8 "
-                            "makes the broker-process helpers a shipped module (then drop this mark)"))
-    if folder == "bench" else folder
-    for folder in NON_TEST_FOLDERS
-])
+@pytest.mark.parametrize("folder", NON_TEST_FOLDERS)
 def test_nothing_outside_tests_imports_tests(folder: str) -> None:
     assert offenders((folder,), re.compile(r"tests(\..*)?")) == []
 
