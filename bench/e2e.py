@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dockercomp.agent.defaults import HEALTH_FILE_ENV, VOLUNTEER_ENV
+
 from bench.defaults import FUNCTION, PHASE_TIMEOUT, START_TIMEOUT, VOLUNTEER
 from bench.errors import BenchError
 from bench.harness import Child, CpuMeter, Latency, console_script, descendants, proc_sample, wait_for
@@ -73,9 +75,9 @@ class E2ERun:
 
 def agent_env(workdir: Path, name: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["DOCKERCOMP_VOLUNTEER"] = VOLUNTEER
+    env[VOLUNTEER_ENV] = VOLUNTEER
     # One health file per agent: they would overwrite each other's in /tmp.
-    env["DOCKERCOMP_HEALTH_FILE"] = str(workdir / f"{name}.health.json")
+    env[HEALTH_FILE_ENV] = str(workdir / f"{name}.health.json")
     return env
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 # Frames every stack shares (thread start-up, the CLI): on the stack 100 % of the time, saying nothing.
-_PLUMBING = ("(threading.py)", "(<frozen runpy>)", "(click/", "(coordinator/cli.py)", "(coordinator/serve.py)",
+_PLUMBING = ("(threading.py)", "(<frozen runpy>)", "(click/", "(coordinator/cli.py)",
              "(agent/cli.py)", "(multiprocessing/spawn.py)", "(multiprocessing/process.py)")
 _LINE = re.compile(r"^(?P<stack>.*) (?P<count>\d+)$")
 _LOCATION = re.compile(r" \((?P<file>[^():]+)(?::\d+)?\)$")

@@ -513,16 +513,3 @@ class Store(ABC):
     @abstractmethod
     def task_exists(self, task_id: int) -> bool:
         ...
-
-
-_MODEL_NAMES = frozenset({"Worker", "Job", "Task", "Attempt", "Result", "MODELS", "BaseModel", "database_proxy"})
-
-
-def __getattr__(name: str) -> Any:
-    # The peewee models moved to sqlstore.py; callers of old (tests, bench) still find them
-    # here, without making this interface module import peewee.
-    if name in _MODEL_NAMES:
-        from dockercomp.coordinator import sqlstore
-
-        return getattr(sqlstore, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,7 @@ import pytest
 
 from dockercomp.broker.processes import BrokerProcess
 from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
-from dockercomp.coordinator.store import JobProgress, Store, Worker
+from dockercomp.coordinator.store import JobProgress, Store, WorkerRow
 from tests.support import REPO_ROOT, wait_until
 
 # Seconds a child gets to exit after SIGTERM before it is killed, and a one-shot command to finish.
@@ -108,7 +108,7 @@ class Processes:
                          for p in sorted(self.logs.glob("*.log")))
 
 
-def online(store: Store, count: int) -> list[Worker]:
+def online(store: Store, count: int) -> list[WorkerRow]:
     """Waits until at least `count` workers are online in the store; returns those online."""
     return wait_until(lambda: [w for w in store.workers() if w.state == "online"]
                       if sum(w.state == "online" for w in store.workers()) >= count else None, timeout=20)

@@ -23,7 +23,8 @@ from click.testing import CliRunner, Result
 from dockercomp.broker.messages import OfflineReason, Presence, PresenceState
 from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator.cli import main
-from dockercomp.coordinator.store import Store, Worker, WorkerState
+from dockercomp.coordinator.sqlstore import Worker
+from dockercomp.coordinator.store import Store, WorkerState
 from tests.support import REPO_ROOT, Watcher, connect_client, free_port
 from tests.support.brokers import BrokerProcess
 from tests.support.processes import Processes

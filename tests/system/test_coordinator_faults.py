@@ -16,7 +16,8 @@ from dockercomp.broker.messages import Outcome, Presence, PresenceState, Offline
 from dockercomp.broker.settings import BrokerSettings
 from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
-from dockercomp.coordinator.store import Store, Worker
+from dockercomp.coordinator.sqlstore import Worker
+from dockercomp.coordinator.store import Store
 from tests.support import Watcher, abandon, connect_client, wait_until
 from tests.support.agents import FakeAgent
 from tests.support.brokers import BrokerProcess
