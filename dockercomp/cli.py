@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -28,6 +28,9 @@ ROLES: dict[str, tuple[str, str, str]] = {
                     "Submit jobs, run the engine, read results, manage volunteers."),
     "installer": ("dockercomp.installer.cli:main", "installer", "Start and manage worker containers on this machine."),
 }
+# Third-party packages that only the extras bring (see setup.cfg): an ImportError for one of
+# them means an extra is missing, not a bug.
+EXTRA_PACKAGES = frozenset({"amqtt", "cryptography", "peewee", "rich", "docker", "psycopg2", "PIL"})
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
@@ -81,18 +84,34 @@ class RoleGroup(click.Group):
         try:
             command = getattr(importlib.import_module(module), attribute)
         except ImportError as exc:
-            if not exc.name or exc.name.startswith("dockercomp"):
-                raise
-            hint = f"pip install 'dockercomp[{extra}]'" if extra else "reinstall dockercomp"
-            fail(Failure(Exit.USAGE, "MissingExtra", f"`dockercomp {name}` needs the Python package "
-                         f"{exc.name!r}, which is not installed", f"install it with: {hint}"),
-                 as_json="--json" in sys.argv)
+            _missing_dependency(name, exc)
         return command
+
+    def invoke(self, ctx: click.Context) -> Any:
+        # Some commands import their dependency only when they run (`broker serve`: amqtt,
+        # `broker certs`: cryptography), so the same hint is owed there too.
+        try:
+            return super().invoke(ctx)
+        except ImportError as exc:
+            _missing_dependency(ctx.invoked_subcommand or "", exc)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Help must not import the roles (their dependencies may be missing): say it from ROLES.
         with formatter.section("Roles"):
             formatter.write_dl([(name, help_) for name, (_, _, help_) in ROLES.items()])
+
+
+def _missing_dependency(role: str, exc: ImportError) -> NoReturn:
+    """Exit with the pip command that brings a role's missing third-party package; re-raise
+    anything else (a bug of ours, or a scientist's task module, must show its traceback)."""
+    top = (exc.name or "").partition(".")[0]
+    if role not in ROLES or top not in EXTRA_PACKAGES:
+        raise exc
+    extra = ROLES[role][1]
+    hint = f"pip install 'dockercomp[{extra}]'" if extra else "reinstall dockercomp"
+    fail(Failure(Exit.USAGE, "MissingExtra", f"`dockercomp {role}` needs the Python package "
+                 f"{top!r}, which is not installed", f"install it with: {hint}"),
+         as_json="--json" in sys.argv)
 
 
 @click.group(cls=RoleGroup, context_settings=CONTEXT)

@@ -177,7 +177,7 @@ def test_a_second_build_of_unchanged_sources_is_skipped(worker_image: str) -> No
 def test_agent_check_fails_when_no_agent_runs(worker_image: str) -> None:
     require_agent(worker_image)
     result = run_in_image(worker_image, "agent", "check", entrypoint="dockercomp")
-    assert result.returncode == 1 and "no health file" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 1 and "no health file" in result.stderr, result.stdout + result.stderr
 
 
 @pytest.mark.docker

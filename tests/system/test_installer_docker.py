@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from dockercomp.exits import Exit
 from tests.support import Watcher, wait_until
 from tests.support.brokers import BrokerProcess
 from tests.support.docker import (
@@ -140,7 +141,7 @@ def test_status_and_logs_describe_the_workers(installation: Installation, mosqui
     named = installation.run("logs", row["worker_id"], "--tail", "5", check=False)
     assert named.returncode == 0
     unknown = installation.run("logs", "no-such-worker", check=False)
-    assert unknown.returncode == 1 and "dockercomp installer status" in unknown.stderr
+    assert unknown.returncode == Exit.NOT_FOUND and "dockercomp installer status" in unknown.stderr
 
 
 # --- workers online (need the agent) -------------------------------------------------------

@@ -133,7 +133,7 @@ def test_the_base_install_runs_the_agents_commands(base_venv: Path, tmp_path: Pa
     assert listed.stdout.startswith("7 task functions") and "count_primes(lo: int, hi: int) -> int" in listed.stdout
     health = tmp_path / "none.json"
     checked = run(dockercomp, "agent", "check", env=dict(os.environ, DOCKERCOMP_HEALTH_FILE=str(health)))
-    assert checked.returncode == 1 and "no health file" in checked.stdout
+    assert checked.returncode == 1 and "no health file" in checked.stderr
 
 
 @pytest.mark.slow
