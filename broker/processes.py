@@ -21,6 +21,7 @@ import sys
 import time
 import weakref
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 # Lowest port free_port() hands out (well clear of 1883, 8883, 5432 and other services).
@@ -147,6 +148,18 @@ def find_mosquitto() -> str | None:
     return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
 
 
+def stop_process(process: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> None:
+    """Send ``sig`` to a server process still running and wait for it; SIGKILL if it takes
+    longer than ``timeout`` (a server that ignores its stop signal must not hang a test run)."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+
+
 class BrokerProcess:
     """A broker child process on 127.0.0.1 with `.url`, `.start()`, `.stop()`, `.kill()`.
 
@@ -223,13 +236,7 @@ class BrokerProcess:
         process = self._process
         if process is None:
             return
-        if process.poll() is None:
-            process.send_signal(sig)
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(STOP_TIMEOUT)
+        stop_process(process, sig)
         self._process = None
         _live.discard(self)
 

@@ -41,7 +41,7 @@ BROKER_KINDS = ["mosquitto", "amqtt"]
 
 # secure_mosquitto / secure_amqtt / secure_broker: the shipped access policy (accounts, ACL, TLS);
 # procs / engine / coordinator_settings: dockercomp's processes and an in-process coordinator.
-pytest_plugins = ("tests.support.security", "tests.support.processes")
+pytest_plugins = ("tests.support.security", "tests.support.processes", "tests.support.docker")
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

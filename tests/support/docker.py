@@ -404,3 +404,15 @@ class FakeDocker:
 
     def info(self) -> dict[str, Any]:
         return {"NCPU": self.cpus}
+
+
+# Fixtures for the Docker tests (a plugin of tests/conftest.py): one engine client and one
+# built worker image per module.
+@pytest.fixture(scope="module")
+def docker_client() -> Any:
+    return connect_docker()
+
+
+@pytest.fixture(scope="module")
+def worker_image(docker_client: Any) -> str:
+    return build_worker_image()

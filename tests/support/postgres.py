@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dockercomp.broker.processes import start_on_a_free_port
+from dockercomp.broker.processes import start_on_a_free_port, stop_process
 
 # User that owns and runs the server when we are root.
 SYSTEM_USER = "postgres"
@@ -182,12 +182,7 @@ class PostgresServer:
     def stop(self) -> None:
         """Fast shutdown (SIGINT: abort transactions, disconnect) and remove all files."""
         process = self._process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGINT)  # = "fast" shutdown for the postmaster
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(STOP_TIMEOUT)
+        if process is not None:
+            stop_process(process, signal.SIGINT, STOP_TIMEOUT)  # SIGINT = "fast" shutdown for the postmaster
         self._process = None
         shutil.rmtree(self.root, ignore_errors=True)

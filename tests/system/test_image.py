@@ -22,8 +22,6 @@ from tests.support.brokers import BrokerProcess
 from tests.support.docker import (
     REPO_ROOT,
     build_coordinator_image,
-    build_worker_image,
-    connect_docker,
     require_agent,
     run_in_image,
 )
@@ -34,16 +32,6 @@ pytestmark = pytest.mark.timeout(900)
 DOCKERFILE = (REPO_ROOT / "Dockerfile").read_text()
 # The other roles' packages: a volunteer's container holds none of them.
 ROLE_ONLY_PACKAGES = ("amqtt", "peewee", "cryptography", "rich", "docker", "psycopg2", "PIL")
-
-
-@pytest.fixture(scope="module")
-def docker_client() -> Any:
-    return connect_docker()
-
-
-@pytest.fixture(scope="module")
-def worker_image(docker_client: Any) -> str:
-    return build_worker_image()
 
 
 @pytest.fixture(scope="module")

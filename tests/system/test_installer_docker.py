@@ -23,8 +23,6 @@ from tests.support.brokers import BrokerProcess
 from tests.support.docker import (
     REPO_ROOT,
     Installation,
-    build_worker_image,
-    connect_docker,
     require_agent,
     require_coordinator,
     start_decoy,
@@ -39,16 +37,6 @@ ONLINE_TIMEOUT = 90.0
 JOB_TIMEOUT = 240.0
 # Seconds the test coordinator keeps a lost worker before purging it (production: minutes).
 PURGE_AFTER = 5.0
-
-
-@pytest.fixture(scope="module")
-def docker_client() -> Any:
-    return connect_docker()
-
-
-@pytest.fixture(scope="module")
-def worker_image(docker_client: Any) -> str:
-    return build_worker_image()
 
 
 @pytest.fixture
