@@ -37,7 +37,7 @@ class Exit(IntEnum):
         return member
 
     OK = 0, "success"
-    FAILED = 1, "failed for another reason (`agent check`: the agent is unhealthy; Docker reads only 0/1)"
+    FAILED = 1, "failed for another reason (`dockercomp agent check`: the agent is unhealthy; Docker reads only 0/1)"
     USAGE = 2, "the command line, an option, an input file or the environment must change"
     NOT_FOUND = 3, "no such job, account or worker"
     STORE = 4, "the coordinator's database cannot be opened, read or written"
