@@ -1,0 +1,230 @@
+"""`dockercomp coordinator` commands about jobs: submit, status, results, cancel, retry.
+
+Registered on the `main` group of coordinator/cli.py (which imports this module).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Group
+from rich.live import Live
+
+from dockercomp.broker.errors import InvalidName
+from dockercomp.broker.topics import validate_name
+from dockercomp.coordinator import defaults
+from dockercomp.coordinator.api import Client
+from dockercomp.coordinator.cli import _echo_json, _stderr, _stdout, command_errors, db_option, json_option, main
+from dockercomp.coordinator.inputs import open_input, read_arguments
+from dockercomp.coordinator.render import (
+    count_progress_bar,
+    job_view,
+    jobs_table,
+    progress_dict,
+    results_table,
+    workers_line,
+    write_atomically,
+    write_csv,
+    write_jsonl,
+)
+
+
+# ----------------------------------------------------------------------------------- submit
+def _job_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return validate_name(value, "job name")
+    except InvalidName as exc:
+        raise click.BadParameter(exc.reason) from None
+
+
+@main.command(short_help="Store a job: one task per input line.")
+@click.argument("function")
+@click.argument("file", default="-", metavar="[FILE|-]")
+@click.option("--job", "name", metavar="NAME", callback=_job_name,
+              help="Job name (letters, digits, _ . -); default job-<id>.")
+@click.option("--timeout", metavar="SECONDS", type=click.FloatRange(min=0, min_open=True),
+              default=defaults.TASK_TIMEOUT, show_default=True,
+              help="Seconds one task may run on a worker before it is killed.")
+@click.option("--max-attempts", metavar="N", type=click.IntRange(min=1), default=defaults.MAX_ATTEMPTS,
+              show_default=True, help="Dispatches of one task before it is marked failed.")
+@db_option
+@json_option
+@command_errors
+def submit(function: str, file: str, name: str | None, timeout: float, max_attempts: int,
+           db: str, as_json: bool) -> None:  # fmt: skip
+    """Store a job: one task per line of FILE (or stdin), each line a JSON array of arguments.
+
+    \b
+    Example: printf '[0, 100000]\\n[100000, 200000]\\n' | dockercomp coordinator submit count_primes -
+    Blank lines are skipped; a bad line stops everything (nothing is stored) and is named.
+    The job is durable when this returns; `dockercomp coordinator serve` need not be running.
+    """
+    stream, source, size = open_input(file)
+    large = size > defaults.LARGE_INPUT_BYTES and not as_json
+    err = _stderr()
+    try:
+        with count_progress_bar("reading", size, err, enabled=large and err.is_terminal) as advance:
+            args_list = read_arguments(stream, source, on_line=advance)
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+    with Client(db) as client, count_progress_bar(
+        "storing", len(args_list), err, enabled=large and err.is_terminal
+    ) as stored:
+        job = client.submit(function, args_list, name=name, timeout=timeout, max_attempts=max_attempts,
+                            on_progress=stored)  # fmt: skip
+        where = client.store.url  # password masked
+    if as_json:
+        _echo_json({"job_id": job.id, "name": job.name, "function": job.function, "tasks": job.total,
+                    "timeout": job.timeout, "max_attempts": job.max_attempts, "db": where})  # fmt: skip
+        return
+    click.echo(f"Submitted job {job.name} (id {job.id}): {job.total} task{'s' * (job.total != 1)} of "
+               f"{job.function}, stored in {where}.")  # fmt: skip
+    click.echo(f"Follow it with `dockercomp coordinator status {job.name} --watch`; "
+               f"fetch results with `dockercomp coordinator results {job.name}`.")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------- status
+@main.command(short_help="Progress of every job, or of one.")
+@click.argument("job", required=False)
+@click.option("--watch", is_flag=True, help="Refresh until the job(s) finish (Ctrl-C stops watching).")
+@click.option("--interval", type=click.FloatRange(min=0.05), default=defaults.WATCH_INTERVAL, show_default=True,
+              help="Seconds between refreshes with --watch.")
+@db_option
+@json_option
+@command_errors
+def status(job: str | None, watch: bool, interval: float, db: str, as_json: bool) -> None:
+    """Progress of every job, or of one JOB (id or name) with a progress bar."""
+    with Client(db) as client:
+        if job is not None:
+            one = client.job(job)  # UnknownJob before anything is shown
+
+            def snapshot() -> tuple[Any, Any, bool]:
+                progress = one.progress()
+                return progress_dict(progress), job_view(progress), progress.finished >= progress.total
+        else:
+
+            def snapshot() -> tuple[Any, Any, bool]:
+                jobs = client.jobs()
+                progresses = [j.progress() for j in jobs]
+                done = all(p.finished >= p.total for p in progresses)
+                if not jobs:
+                    view: Any = "No jobs yet: submit one with `dockercomp coordinator submit FUNCTION FILE`."
+                else:
+                    view = Group(jobs_table(progresses), workers_line(client.workers(), not done))
+                return [progress_dict(p) for p in progresses], view, done
+
+        data, view, finished = snapshot()
+        if not watch:
+            if as_json:
+                _echo_json(data)
+            else:
+                _stdout().print(view)
+            return
+        try:
+            if as_json:
+                last = None
+                while True:
+                    if data != last:
+                        _echo_json(data)
+                        last = data
+                    if finished:
+                        return
+                    time.sleep(interval)
+                    data, view, finished = snapshot()
+            console = _stdout()
+            with Live(view, console=console, auto_refresh=False) as live:
+                while not finished:
+                    time.sleep(interval)
+                    data, view, finished = snapshot()
+                    live.update(view, refresh=True)
+            if not console.is_terminal:
+                console.line()  # Live drew its last frame without ending the line
+        except KeyboardInterrupt:
+            return  # Ctrl-C ends watching; it is not an error
+
+
+# ---------------------------------------------------------------------------------- results
+@main.command(short_help="Each task of a job: value, worker, errors.")
+@click.argument("job")
+@click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]), default=None,
+              help="table (default on screen), jsonl (default with -o), or csv.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, allow_dash=True),
+              help="Write to this file instead of the screen ('-' for stdout).")
+@db_option
+@json_option
+@command_errors
+def results(job: str, fmt: str | None, output: str | None, db: str, as_json: bool) -> None:
+    """Every task of JOB in input order: args, state, value, worker, attempts, elapsed, errors.
+
+    --json is short for --format jsonl (one JSON object per line).
+    """
+    if as_json:
+        fmt = fmt or "jsonl"
+    if fmt is None:
+        fmt = "table" if output is None else ("csv" if output.lower().endswith(".csv") else "jsonl")
+    if fmt == "table" and output not in (None, "-"):
+        raise click.UsageError("a table is for the screen: with -o use --format jsonl or csv")
+    with Client(db) as client:
+        handle = client.job(job)
+        rows = handle.results()
+        progress = handle.progress()
+    if fmt == "table":
+        _stdout().print(results_table(rows, f"Results of {handle.name} ({progress.done} done, "
+                                            f"{progress.failed} failed, {progress.total} tasks)"))  # fmt: skip
+        return
+    writer = write_jsonl if fmt == "jsonl" else write_csv
+    if output in (None, "-"):
+        writer(rows, sys.stdout)
+        return
+    count = write_atomically(Path(output), lambda out: writer(rows, out))
+    click.echo(f"Wrote {count} results of job {handle.name} to {output} ({fmt}; {progress.done} done, "
+               f"{progress.failed} failed, {progress.total - progress.finished} unfinished).", err=True)  # fmt: skip
+
+
+# ------------------------------------------------------------------------- cancel / retry
+@main.command(short_help="Cancel the unfinished tasks of a job.")
+@click.argument("job")
+@db_option
+@json_option
+@command_errors
+def cancel(job: str, db: str, as_json: bool) -> None:
+    """Cancel the unfinished tasks of JOB (pending ones are never sent; running ones are dropped)."""
+    with Client(db) as client:
+        handle = client.job(job)
+        count = handle.cancel()
+        progress = handle.progress()
+    if as_json:
+        _echo_json({"job": handle.name, "cancelled": count, "progress": progress_dict(progress)})
+    elif count:
+        click.echo(f"Cancelled {count} unfinished task{'s' * (count != 1)} of job {handle.name}; "
+                   f"{progress.done} done and {progress.failed} failed are kept.")  # fmt: skip
+    else:
+        click.echo(f"Nothing to cancel: every task of job {handle.name} has already finished.")
+
+
+@main.command(short_help="Send the failed tasks of a job again.")
+@click.argument("job")
+@db_option
+@json_option
+@command_errors
+def retry(job: str, db: str, as_json: bool) -> None:
+    """Send the failed tasks of JOB again, with a fresh attempt budget."""
+    with Client(db) as client:
+        handle = client.job(job)
+        count = handle.retry()
+    if as_json:
+        _echo_json({"job": handle.name, "retried": count})
+    elif count:
+        click.echo(f"{count} failed task{'s' * (count != 1)} of job {handle.name} pending again; a running "
+                   f"`dockercomp coordinator serve` sends them within a second.")  # fmt: skip
+    else:
+        click.echo(f"Nothing to retry: job {handle.name} has no failed task.")
+
+
