@@ -10,12 +10,48 @@ missing tables but never touches existing ones.
 from __future__ import annotations
 
 import os
+import threading
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import peewee as pw
 
-from dockercomp.coordinator.defaults import SQLITE_BUSY_TIMEOUT_MS
-from dockercomp.coordinator.errors import StoreError
+from dockercomp.coordinator.defaults import DB_URL_ENV, SQLITE_BUSY_TIMEOUT_MS
+from dockercomp.coordinator.errors import DatabaseMissing, StoreError
+
+class ThreadDatabaseProxy(pw.DatabaseProxy):
+    """A database proxy bound per thread: a coordinator engine thread and an API client in the
+    same process may each use their own Store (even on different databases) without one
+    rebinding the other's queries. A thread that never bound uses the last store bound."""
+
+    __slots__ = ("_local", "_fallback")
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_local", threading.local())
+        object.__setattr__(self, "_fallback", None)
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def obj(self) -> pw.Database | None:
+        bound = getattr(self._local, "db", None)
+        return bound if bound is not None else self._fallback
+
+    @obj.setter
+    def obj(self, value: pw.Database | None) -> None:
+        self._local.db = value
+        if value is not None:
+            object.__setattr__(self, "_fallback", value)
+
+    def bound_here(self) -> pw.Database | None:
+        return getattr(self._local, "db", None)
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        object.__setattr__(self, attr, value)
+
+
+# The models' database (sqlstore.BaseModel), bound per thread by each SqlStore.
+database_proxy = ThreadDatabaseProxy()
+
 
 # Columns added after the first release: (table, column, SQL type and default). Each is added
 # when missing; rows that existed before get the default.
@@ -37,6 +73,23 @@ def connect(url: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> pw.Datab
     if url.startswith(("postgresql://", "postgres://")):
         return _open_postgres(url)
     return _open_sqlite(_sqlite_path(url), busy_timeout_ms)
+
+
+def missing(url: str, where: str) -> DatabaseMissing:
+    """The error of a command that only reads when there is no database at ``where``."""
+    return DatabaseMissing(f"no coordinator database at {where}",
+                           f"pass --db PATH|URL (or set ${DB_URL_ENV}) to the database `serve` uses; "
+                           "only `submit` and `serve` create one")
+
+
+def check_exists(url: str) -> None:
+    """DatabaseMissing, naming the absolute path, when a SQLite file does not exist (a
+    PostgreSQL database is checked once connected: SqlStore.open)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return
+    path = _sqlite_path(url)
+    if path not in ("", ":memory:") and not os.path.exists(path):
+        raise missing(url, os.path.abspath(path))
 
 
 def describe(url: str) -> str:

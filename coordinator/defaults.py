@@ -82,3 +82,11 @@ WAIT_POLL_INTERVAL = 0.25
 
 # Inputs larger than this many bytes get a progress bar while `submit` reads and stores them.
 LARGE_INPUT_BYTES = 1_000_000
+
+# Seconds between two heartbeats of `serve` in the store: `status` tells a stopped coordinator
+# within a few of them, for one one-row write.
+HEARTBEAT_INTERVAL = 2.0
+
+# Heartbeats missed before `status` and `workers` say the coordinator is not running: a busy
+# engine step or a slow disk may delay one, rarely three.
+HEARTBEAT_MISSED = 3

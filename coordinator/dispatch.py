@@ -68,8 +68,13 @@ class JobBook:
     def poll(self) -> list[JobInfo]:
         """Pick up new jobs and changes made by the CLI; returns the jobs that changed."""
         changed = []
-        for row in self.store.jobs():
+        rows = self.store.jobs()
+        for gone in set(self.by_id) - {row.id for row in rows}:
+            del self.by_id[gone]  # deleted (`coordinator delete`, or replaced by a new submit)
+        for row in rows:
             job = self.by_id.get(row.id)
+            if job is not None and job.created_at != row.created_at:
+                job = None  # another job took a deleted one's id (a database made before ids were kept unique)
             if job is not None and job.revision == row.revision and job.state == row.state and job.total == row.total:
                 job.drained = False
                 continue
@@ -99,7 +104,8 @@ class JobBook:
                 log.warning("job %s: task counts drifted; recounted from the store", job.name)
                 continue
             self.store.finish_job(job.id, now)
-            job.state, job.finished_at = JobState.DONE.value, now
+            failed = job.counts[TaskState.FAILED.value]  # as the store decides: failed tasks fail the job
+            job.state, job.finished_at = (JobState.FAILED if failed else JobState.DONE).value, now
             finished.append(job)
         return finished
 

@@ -71,6 +71,25 @@ class UnknownJob(StoreError, LookupError):
         super().__init__(f"no job {wanted!r}", hint)
 
 
+class UnknownTask(StoreError, LookupError):
+    """The job has no task with that index."""
+
+    exit_code = Exit.NOT_FOUND
+
+
+class DatabaseMissing(StoreError):
+    """A command that only reads found no database where it looked (only `submit` and `serve`
+    create one); the message names the path or URL."""
+
+    exit_code = Exit.NOT_FOUND
+
+
+class JobBusy(StoreError):
+    """A job cannot be deleted (or replaced) while workers hold some of its tasks."""
+
+    exit_code = Exit.USAGE
+
+
 class PresenceNotCleared(CoordinatorError):
     """Workers were purged from the store, but their retained presence is still on the broker.
 

@@ -16,12 +16,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator
 
-from dockercomp.coordinator.errors import UnknownJob
+from dockercomp.coordinator.errors import UnknownJob, UnknownTask
+from dockercomp.coordinator.heartbeat import Heartbeat
 from dockercomp.coordinator.store import (
     ALLOWED_FROM,
     FAILED_OUTCOMES,
     AttemptOutcome,
     AttemptRecord,
+    AttemptRow,
     Changes,
     JobRow,
     JobState,
@@ -34,7 +36,9 @@ from dockercomp.coordinator.store import (
     WorkerRow,
     WorkerState,
     check_worker_fields,
+    error_detail,
     error_entry,
+    job_busy,
     name_taken,
     no_tasks,
 )
@@ -93,6 +97,7 @@ class MemoryStore(Store):
         self._job_tasks: dict[int, list[int]] = {}  # job id -> task ids in input order
         self._task_attempts: dict[tuple[int, int], int] = {}  # (task id, number) -> attempt id
         self._next = {"worker": 1, "job": 1, "task": 1, "attempt": 1}
+        self._heartbeat: Heartbeat | None = None
 
     def _new_id(self, table: str) -> int:
         value = self._next[table]
@@ -125,11 +130,15 @@ class MemoryStore(Store):
 
     # -- jobs ----------------------------------------------------------------------------------
     def _insert_job(self, function: str, name: str | None, timeout: float, max_attempts: int,
-                    batches: Iterator[list[tuple[int, str]]], on_progress: Callable[[int], None] | None) -> JobRow:
+                    batches: Iterator[list[tuple[int, str]]], on_progress: Callable[[int], None] | None,
+                    replace: bool = False) -> JobRow:
         now = time.time()
         with self.transaction():
-            if name is not None and any(job.name == name for job in self._jobs.values()):
-                raise name_taken(name)
+            old = next((job for job in self._jobs.values() if job.name == name), None) if name else None
+            if old is not None:
+                if not replace:
+                    raise name_taken(old.name)
+                self.delete_job(old)
             job_id = self._new_id("job")
             ids = self._job_tasks[job_id] = []
             pending = TaskState.PENDING.value
@@ -172,22 +181,68 @@ class MemoryStore(Store):
 
     def results(self, job: JobRow) -> Iterator[ResultRow]:
         with self._lock:
-            rows = []
-            for task in self._job_tasks_of(job.id):
-                result = self._results.get(task.id)
-                errors = []
-                for number in range(1, task.attempts + 1):
-                    attempt = self._attempts.get(self._task_attempts.get((task.id, number), 0))
-                    if attempt is not None and attempt.outcome in FAILED_OUTCOMES:
-                        worker = self._workers[attempt.worker_id].key
-                        errors.append(error_entry(number, worker, attempt.outcome, attempt.error))
-                rows.append(ResultRow(
-                    task_id=task.id, index=task.index, args=json.loads(task.args), state=task.state,
-                    value=json.loads(result.value) if result else None,
-                    worker=self._workers[result.worker_id].key if result else None, attempts=task.attempts,
-                    elapsed=result.elapsed if result else None, errors=errors,
-                ))
+            rows = [self._result_row(task) for task in self._job_tasks_of(job.id)]
         return iter(rows)
+
+    def _result_row(self, task: _Task) -> ResultRow:
+        result = self._results.get(task.id)
+        errors = []
+        for attempt in self._attempts_of(task):
+            if attempt.outcome in FAILED_OUTCOMES:
+                worker = self._workers[attempt.worker_id].key
+                errors.append(error_entry(attempt.number, worker, attempt.outcome, attempt.error))
+        return ResultRow(
+            task_id=task.id, index=task.index, args=json.loads(task.args), state=task.state,
+            value=json.loads(result.value) if result else None,
+            worker=self._workers[result.worker_id].key if result else None, attempts=task.attempts,
+            elapsed=result.elapsed if result else None, errors=errors,
+        )
+
+    def _attempts_of(self, task: _Task) -> list[_Attempt]:
+        found = (self._attempts.get(self._task_attempts.get((task.id, n), 0)) for n in range(1, task.attempts + 1))
+        return [attempt for attempt in found if attempt is not None]
+
+    def running_count(self, job_id: int) -> int:
+        with self._lock:
+            held: dict[int, int] = {}
+            running = 0
+            for attempt_id in sorted(self._attempts):  # in the order they were sent
+                attempt = self._attempts[attempt_id]
+                if attempt.outcome != AttemptOutcome.OPEN.value:
+                    continue
+                ahead = held.get(attempt.worker_id, 0)
+                held[attempt.worker_id] = ahead + 1
+                if ahead < self._workers[attempt.worker_id].capacity and self._tasks[attempt.task_id].job_id == job_id:
+                    running += 1
+            return running
+
+    def attempts(self, job: JobRow, index: int) -> tuple[ResultRow, list[AttemptRow]]:
+        with self._lock:
+            task = next((t for t in self._job_tasks_of(job.id) if t.index == index), None)
+            if task is None:
+                raise UnknownTask(f"job {job.name!r} has no task #{index}",
+                                  f"its tasks are numbered 0 to {job.total - 1} (input order)")
+            rows = [AttemptRow(a.number, self._workers[a.worker_id].key, a.sent_at, a.finished_at, a.outcome,
+                               error_detail(a.error) if a.outcome in FAILED_OUTCOMES else {})
+                    for a in self._attempts_of(task)]
+            return self._result_row(task), rows
+
+    def delete_job(self, job: JobRow) -> int:
+        with self.transaction():
+            tasks = self._job_tasks_of(job.id)
+            attempts = [a for task in tasks for a in self._attempts_of(task)]
+            held = sum(1 for a in attempts if a.outcome == AttemptOutcome.OPEN.value)
+            if held:
+                raise job_busy(job.name, held)
+            for attempt in attempts:
+                del self._attempts[attempt.id]
+                del self._task_attempts[(attempt.task_id, attempt.number)]
+            for task in tasks:
+                del self._tasks[task.id]
+                self._results.pop(task.id, None)
+            del self._job_tasks[job.id]
+            del self._jobs[job.id]
+            return len(tasks)
 
     def task_ids(self, job_id: int, states: Iterable[str]) -> set[int]:
         wanted = set(states)
@@ -284,7 +339,17 @@ class MemoryStore(Store):
         with self._lock:
             job = self._jobs.get(job_id)
             if job is not None and job.state == JobState.ACTIVE.value:
-                self._jobs[job_id] = replace(job, state=JobState.DONE.value, finished_at=now)
+                failed = any(task.state == TaskState.FAILED.value for task in self._job_tasks_of(job_id))
+                state = JobState.FAILED if failed else JobState.DONE
+                self._jobs[job_id] = replace(job, state=state.value, finished_at=now)
+
+    def beat(self, heartbeat: Heartbeat) -> None:
+        with self._lock:
+            self._heartbeat = heartbeat
+
+    def heartbeat(self) -> Heartbeat | None:
+        with self._lock:
+            return self._heartbeat
 
     def pending_tasks(self, job_id: int, limit: int) -> list[PendingRow]:
         rows: list[PendingRow] = []

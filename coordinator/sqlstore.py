@@ -17,20 +17,22 @@ from __future__ import annotations
 import io
 import json
 import os
-import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator
 
 import peewee as pw
 
-from dockercomp.coordinator import database
-from dockercomp.coordinator.errors import StoreError, StoreLocked, UnknownJob
+from dockercomp.coordinator import database, heartbeat
+from dockercomp.coordinator.database import database_proxy
+from dockercomp.coordinator.errors import StoreError, StoreLocked, UnknownJob, UnknownTask
+from dockercomp.coordinator.heartbeat import Heartbeat
 from dockercomp.coordinator.store import (
     ALLOWED_FROM,
     FAILED_OUTCOMES,
     AttemptOutcome,
     AttemptRecord,
+    AttemptRow,
     Changes,
     JobRow,
     JobState,
@@ -45,7 +47,9 @@ from dockercomp.coordinator.store import (
     check_worker_fields,
     decode_functions,
     dump_json,
+    error_detail,
     error_entry,
+    job_busy,
     name_taken,
     no_tasks,
 )
@@ -56,37 +60,16 @@ _RESULTS_CHUNK = 1000
 _IN_CHUNK = 900
 
 
-class ThreadDatabaseProxy(pw.DatabaseProxy):
-    """A database proxy bound per thread: a coordinator engine thread and an API client in the
-    same process may each use their own Store (even on different databases) without one
-    rebinding the other's queries. A thread that never bound uses the last store bound."""
-
-    __slots__ = ("_local", "_fallback")
-
-    def __init__(self) -> None:
-        object.__setattr__(self, "_local", threading.local())
-        object.__setattr__(self, "_fallback", None)
-        super().__init__()
-
-    @property  # type: ignore[override]
-    def obj(self) -> pw.Database | None:
-        bound = getattr(self._local, "db", None)
-        return bound if bound is not None else self._fallback
-
-    @obj.setter
-    def obj(self, value: pw.Database | None) -> None:
-        self._local.db = value
-        if value is not None:
-            object.__setattr__(self, "_fallback", value)
-
-    def bound_here(self) -> pw.Database | None:
-        return getattr(self._local, "db", None)
-
-    def __setattr__(self, attr: str, value: Any) -> None:
-        object.__setattr__(self, attr, value)
 
 
-database_proxy = ThreadDatabaseProxy()
+class NeverReusedId(pw.AutoField):
+    """An id never given twice: SQLite otherwise hands a deleted job's (or task's) highest id to
+    the next one, and a late result for a deleted task could then match a new task's attempt
+    (PostgreSQL sequences never go back). Databases made before `delete` existed lack it."""
+
+    def ddl(self, ctx: Any) -> Any:
+        node = super().ddl(ctx)
+        return pw.NodeList((node, pw.SQL("AUTOINCREMENT"))) if isinstance(database_proxy.obj, pw.SqliteDatabase) else node
 
 
 class BaseModel(pw.Model):
@@ -118,6 +101,7 @@ class Worker(BaseModel):
 
 
 class Job(BaseModel):
+    id = NeverReusedId()
     name = pw.CharField(max_length=64, unique=True)
     function = pw.CharField(max_length=200)
     timeout = pw.DoubleField()
@@ -130,6 +114,7 @@ class Job(BaseModel):
 
 
 class Task(BaseModel):
+    id = NeverReusedId()
     job = pw.ForeignKeyField(Job, backref="tasks", on_delete="CASCADE")
     index = pw.IntegerField()  # line number in the submitted input, from 0
     args = pw.TextField()  # JSON list
@@ -146,6 +131,7 @@ class Task(BaseModel):
 
 
 class Attempt(BaseModel):
+    id = NeverReusedId()
     # Found by task through the unique (task, number) index: no index of its own.
     task = pw.ForeignKeyField(Task, backref="attempt_rows", on_delete="CASCADE", index=False)
     number = pw.IntegerField()  # 1 for the first dispatch of the task
@@ -213,14 +199,22 @@ class SqlStore(Store):
         self.url = url
 
     @classmethod
-    def open(cls, url: str, busy_timeout_ms: int = database.SQLITE_BUSY_TIMEOUT_MS) -> "SqlStore":  # type: ignore[override]
-        """Creates tables if missing. Raises StoreError with what to do on failure."""
+    def open(cls, url: str, busy_timeout_ms: int = database.SQLITE_BUSY_TIMEOUT_MS,  # type: ignore[override]
+             create: bool = True) -> "SqlStore":
+        """Creates tables if missing. Raises StoreError with what to do on failure, and
+        DatabaseMissing without ``create`` when there is no coordinator database yet."""
         url = str(url)
+        if not create:
+            database.check_exists(url)  # before connecting: SQLite would create the file
         store = cls(database.connect(url, busy_timeout_ms), database.describe(url))
         with store._errors("open the database"):
             database_proxy.initialize(store.db)
             store.db.connect(reuse_if_open=True)
+            if not create and not store.db.table_exists("job"):
+                store.db.close()
+                raise database.missing(url, store.url)
             store.db.create_tables(MODELS, safe=True)
+            heartbeat.create_table(store.db)
             database.upgrade(store.db)
         return store
 
@@ -271,11 +265,15 @@ class SqlStore(Store):
 
     # -- jobs ----------------------------------------------------------------------------------
     def _insert_job(self, function: str, name: str | None, timeout: float, max_attempts: int,
-                    batches: Iterator[list[tuple[int, str]]], on_progress: Callable[[int], None] | None) -> JobRow:
+                    batches: Iterator[list[tuple[int, str]]], on_progress: Callable[[int], None] | None,
+                    replace: bool = False) -> JobRow:
         now = time.time()
         with self._errors("store the job"), self.db.atomic():
-            if name is not None and Job.select().where(Job.name == name).exists():
-                raise name_taken(name)
+            old = Job.get_or_none(Job.name == name) if name is not None else None
+            if old is not None:
+                if not replace:
+                    raise name_taken(old.name)
+                self._delete_job(old.id, old.name)
             job = Job.create(name=name or f"job-new-{os.getpid()}-{now}", function=function,
                              timeout=timeout, max_attempts=max_attempts, created_at=now)
             if name is None:
@@ -347,27 +345,77 @@ class SqlStore(Store):
                              .order_by(Task.index).limit(_RESULTS_CHUNK).tuples())
                 if not tasks:
                     return
-                ids = [t[0] for t in tasks]
-                accepted = {
-                    task_id: (value, elapsed, key)
-                    for task_id, value, elapsed, key in (
-                        Result.select(Result.task, Result.value, Result.elapsed, Worker.key)
-                        .join(Worker).where(Result.task.in_(ids)).tuples())
-                }
-                errors: dict[int, list[dict[str, Any]]] = {}
-                failed = (Attempt.select(Attempt.task, Attempt.number, Attempt.outcome, Attempt.error, Worker.key)
-                          .join(Worker).where(Attempt.task.in_(ids) & Attempt.outcome.in_(FAILED_OUTCOMES))
-                          .order_by(Attempt.task, Attempt.number).tuples())
-                for task_id, number, outcome, error, key in failed:
-                    errors.setdefault(task_id, []).append(error_entry(number, key, outcome, error))
-            for task_id, index, args, state, attempts in tasks:
-                value, elapsed, key = accepted.get(task_id, (None, None, None))
-                yield ResultRow(
-                    task_id=task_id, index=index, args=json.loads(args), state=state,
-                    value=json.loads(value) if value is not None else None, worker=key,
-                    attempts=attempts, elapsed=elapsed, errors=errors.get(task_id, []),
-                )
+            rows = self._result_rows(tasks)
+            yield from rows
             last_index = tasks[-1][1]
+
+    def _result_rows(self, tasks: list[tuple[int, int, str, str, int]]) -> list[ResultRow]:
+        """ResultRows of these (id, index, args, state, attempts) tasks, in their order."""
+        with self._errors("read results"):
+            ids = [t[0] for t in tasks]
+            accepted = {
+                task_id: (value, elapsed, key)
+                for task_id, value, elapsed, key in (
+                    Result.select(Result.task, Result.value, Result.elapsed, Worker.key)
+                    .join(Worker).where(Result.task.in_(ids)).tuples())
+            }
+            errors: dict[int, list[dict[str, Any]]] = {}
+            failed = (Attempt.select(Attempt.task, Attempt.number, Attempt.outcome, Attempt.error, Worker.key)
+                      .join(Worker).where(Attempt.task.in_(ids) & Attempt.outcome.in_(FAILED_OUTCOMES))
+                      .order_by(Attempt.task, Attempt.number).tuples())
+            for task_id, number, outcome, error, key in failed:
+                errors.setdefault(task_id, []).append(error_entry(number, key, outcome, error))
+        rows = []
+        for task_id, index, args, state, attempts in tasks:
+            value, elapsed, key = accepted.get(task_id, (None, None, None))
+            rows.append(ResultRow(
+                task_id=task_id, index=index, args=json.loads(args), state=state,
+                value=json.loads(value) if value is not None else None, worker=key,
+                attempts=attempts, elapsed=elapsed, errors=errors.get(task_id, []),
+            ))
+        return rows
+
+    def running_count(self, job_id: int) -> int:
+        p = self.db.param
+        sql = ("SELECT COUNT(*) FROM (SELECT t.job_id, w.capacity, "
+               "ROW_NUMBER() OVER (PARTITION BY a.worker_id ORDER BY a.id) AS n "
+               "FROM attempt a JOIN task t ON t.id = a.task_id JOIN worker w ON w.id = a.worker_id "
+               f"WHERE a.outcome = {p}) held WHERE held.job_id = {p} AND held.n <= held.capacity")
+        with self._errors("count running tasks"):
+            return int(self.db.execute_sql(sql, (AttemptOutcome.OPEN.value, job_id)).fetchone()[0])
+
+    def attempts(self, job: JobRow, index: int) -> tuple[ResultRow, list[AttemptRow]]:
+        with self._errors("read attempts"):
+            task = Task.get_or_none((Task.job == job.id) & (Task.index == index))
+            if task is None:
+                raise UnknownTask(f"job {job.name!r} has no task #{index}",
+                                  f"its tasks are numbered 0 to {job.total - 1} (input order)")
+            rows = [AttemptRow(number, key, sent_at, finished_at, outcome,
+                               error_detail(error) if outcome in FAILED_OUTCOMES else {})
+                    for number, key, sent_at, finished_at, outcome, error in (
+                        Attempt.select(Attempt.number, Worker.key, Attempt.sent_at, Attempt.finished_at,
+                                       Attempt.outcome, Attempt.error)
+                        .join(Worker).where(Attempt.task == task.id).order_by(Attempt.number).tuples())]
+        [result] = self._result_rows([(task.id, task.index, task.args, task.state, task.attempts)])
+        return result, rows
+
+    def delete_job(self, job: JobRow) -> int:
+        with self._errors("delete the job"), self.db.atomic():
+            return self._delete_job(job.id, job.name)
+
+    def _delete_job(self, job_id: int, name: str) -> int:
+        """Inside a transaction: JobBusy while a worker holds a task, else delete it all."""
+        p = self.db.param
+        tasks = f"SELECT id FROM task WHERE job_id = {p}"
+        held = self.db.execute_sql(f"SELECT COUNT(*) FROM attempt WHERE outcome = {p} AND task_id IN ({tasks})",
+                                   (AttemptOutcome.OPEN.value, job_id)).fetchone()[0]
+        if held:
+            raise job_busy(name, held)
+        self.db.execute_sql(f"DELETE FROM result WHERE task_id IN ({tasks})", (job_id,))
+        self.db.execute_sql(f"DELETE FROM attempt WHERE task_id IN ({tasks})", (job_id,))
+        count = self.db.execute_sql(f"DELETE FROM task WHERE job_id = {p}", (job_id,)).rowcount
+        self.db.execute_sql(f"DELETE FROM job WHERE id = {p}", (job_id,))
+        return int(count)
 
     def task_ids(self, job_id: int, states: Iterable[str]) -> set[int]:
         with self._errors("read tasks"):
@@ -440,8 +488,17 @@ class SqlStore(Store):
     # -- the engine: jobs and dispatch --------------------------------------------------------------
     def finish_job(self, job_id: int, now: float) -> None:
         self.bind()
-        Job.update(state=JobState.DONE.value, finished_at=now).where(
+        failed = Task.select(pw.SQL("1")).where((Task.job == job_id) & (Task.state == TaskState.FAILED.value)).exists()
+        Job.update(state=JobState.FAILED.value if failed else JobState.DONE.value, finished_at=now).where(
             (Job.id == job_id) & (Job.state == JobState.ACTIVE.value)).execute()
+
+    def beat(self, beat: Heartbeat) -> None:
+        with self._errors("record the heartbeat"), self.db.atomic():
+            heartbeat.write(self.db, beat)
+
+    def heartbeat(self) -> Heartbeat | None:
+        with self._errors("read the heartbeat"):
+            return heartbeat.read(self.db)
 
     def pending_tasks(self, job_id: int, limit: int) -> list[PendingRow]:
         p = self.db.param

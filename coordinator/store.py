@@ -30,7 +30,8 @@ from dockercomp.broker.errors import InvalidName
 from dockercomp.broker.messages import json_depth
 from dockercomp.broker.topics import validate_name
 from dockercomp.coordinator.defaults import INSERT_BATCH, MAX_ATTEMPTS, SQLITE_BUSY_TIMEOUT_MS, TASK_TIMEOUT
-from dockercomp.coordinator.errors import InvalidInput, StoreError
+from dockercomp.coordinator.errors import InvalidInput, JobBusy, StoreError
+from dockercomp.coordinator.heartbeat import Heartbeat
 
 # URL scheme of the in-memory store.
 MEMORY_URL = "memory://"
@@ -45,7 +46,8 @@ class WorkerState(str, Enum):
 
 class JobState(str, Enum):
     ACTIVE = "active"  # has tasks not yet finished
-    DONE = "done"  # every task finished (done or failed)
+    DONE = "done"  # every task finished, none failed
+    FAILED = "failed"  # every task finished, some failed (`retry` makes it active again)
     CANCELLED = "cancelled"  # cancelled by the scientist; pending tasks will not be sent
 
 
@@ -139,6 +141,18 @@ class WorkerRow:
 
 
 @dataclass(frozen=True)
+class AttemptRow:
+    """One dispatch of a task as `show JOB TASK` lists it."""
+
+    number: int
+    worker: str  # "volunteer/worker"
+    sent_at: float
+    finished_at: float | None
+    outcome: str  # AttemptOutcome value
+    error: dict[str, Any]  # {type, message, traceback} for a failed attempt, else {}
+
+
+@dataclass(frozen=True)
 class JobProgress:
     job_id: int
     name: str
@@ -152,10 +166,18 @@ class JobProgress:
     cancelled: int
     created_at: float
     finished_at: float | None
+    # Of the assigned tasks, those running on a worker (the first `capacity` attempts each
+    # worker holds); the rest wait in a worker's prefetch queue.
+    running: int = 0
 
     @property
     def finished(self) -> int:
         return self.done + self.failed + self.cancelled
+
+    @property
+    def queued(self) -> int:
+        """Assigned tasks waiting in a worker's prefetch queue (not running yet)."""
+        return max(0, self.assigned - self.running)
 
 
 @dataclass(frozen=True)
@@ -316,6 +338,12 @@ def name_taken(name: str) -> InvalidInput:
                         "pick another --job NAME (`dockercomp coordinator status` lists them)")
 
 
+def job_busy(name: str, held: int) -> JobBusy:
+    return JobBusy(f"job {name!r} still has {held} task(s) on workers",
+                   f"cancel it (`dockercomp coordinator cancel {name}`) and retry once its workers answered "
+                   "(within a task's timeout)")
+
+
 def no_tasks() -> InvalidInput:
     return InvalidInput("the input holds no tasks", "give one JSON array of arguments per line")
 
@@ -330,6 +358,17 @@ def encoded_batches(args_list: Iterable[Any], size: int = INSERT_BATCH) -> Itera
             batch = []
     if batch:
         yield batch
+
+
+def error_detail(error: str | None) -> dict[str, Any]:
+    """A stored attempt error ({type, message, traceback} JSON); damaged text is kept as the message."""
+    if not error:
+        return {}
+    try:
+        detail = json.loads(error)
+    except ValueError:
+        return {"message": error}
+    return detail if isinstance(detail, dict) else {"message": str(detail)}
 
 
 def error_entry(number: int, worker: str, outcome: str, error: str | None) -> dict[str, Any]:
@@ -360,10 +399,11 @@ class Store(ABC):
     failures: tuple[type[BaseException], ...] = (StoreError,)
 
     @classmethod
-    def open(cls, url: str) -> "Store":
+    def open(cls, url: str, create: bool = True) -> "Store":
         """``memory://`` for the in-memory store; else a SQLite path (``coordinator.db``,
         ``sqlite:///path``) or ``postgresql://...``, creating tables if missing. Raises
-        StoreError with what to do on failure."""
+        StoreError with what to do on failure; with ``create=False`` (commands that only
+        read) DatabaseMissing instead of creating a database that does not exist yet."""
         url = str(url)
         if url.startswith(MEMORY_URL):
             from dockercomp.coordinator.memstore import MemoryStore
@@ -372,7 +412,7 @@ class Store(ABC):
         from dockercomp.coordinator.sqlstore import SqlStore  # peewee only for a database
 
         # Read here, at call time: tests shorten it by patching this module.
-        return SqlStore.open(url, SQLITE_BUSY_TIMEOUT_MS)
+        return SqlStore.open(url, SQLITE_BUSY_TIMEOUT_MS, create=create)
 
     @property
     def is_postgres(self) -> bool:
@@ -398,18 +438,22 @@ class Store(ABC):
     # -- jobs (CLI submit/status/results/cancel/retry; Python API) ---------------------------
     def create_job(self, function: str, args_list: Iterable[list[Any]], *, name: str | None = None,
                    timeout: float = TASK_TIMEOUT, max_attempts: int = MAX_ATTEMPTS,
-                   on_progress: Callable[[int], None] | None = None) -> JobRow:
+                   on_progress: Callable[[int], None] | None = None, replace: bool = False) -> JobRow:
         """Store a job and all its tasks in one transaction (nothing half-submitted), durable
-        when it returns. ``name`` defaults to ``job-<id>``. Raises InvalidInput on bad input."""
+        when it returns. ``name`` defaults to ``job-<id>``. Raises InvalidInput on bad input.
+        ``replace``: a job of that name is deleted in the same transaction (kept when this
+        fails; JobBusy while it has tasks on workers)."""
         check_job_options(function, name, timeout, max_attempts)
         return self._insert_job(function, name, float(timeout), max_attempts, encoded_batches(args_list),
-                                on_progress)
+                                on_progress, replace)
 
     @abstractmethod
     def _insert_job(self, function: str, name: str | None, timeout: float, max_attempts: int,
-                    batches: Iterator[list[tuple[int, str]]], on_progress: Callable[[int], None] | None) -> JobRow:
-        """create_job once the options are checked: raises name_taken(), no_tasks(), or what
-        ``batches`` raises, and then stores nothing."""
+                    batches: Iterator[list[tuple[int, str]]], on_progress: Callable[[int], None] | None,
+                    replace: bool = False) -> JobRow:
+        """create_job once the options are checked: raises name_taken() (unless ``replace``:
+        then the old job is deleted as by delete_job), no_tasks(), or what ``batches``
+        raises, and then stores nothing."""
 
     @abstractmethod
     def get_job(self, id_or_name: str | int) -> JobRow:
@@ -431,7 +475,23 @@ class Store(ABC):
             total=fresh.total, pending=counts["pending"], assigned=counts["assigned"],
             done=counts["done"], failed=counts["failed"], cancelled=counts["cancelled"],
             created_at=fresh.created_at, finished_at=fresh.finished_at,
+            running=self.running_count(fresh.id) if counts["assigned"] else 0,
         )
+
+    @abstractmethod
+    def running_count(self, job_id: int) -> int:
+        """The job's open attempts that run on their worker now: per worker, the first
+        ``capacity`` of its open attempts (by when they were sent); the others are queued."""
+
+    @abstractmethod
+    def attempts(self, job: JobRow, index: int) -> tuple[ResultRow, list[AttemptRow]]:
+        """Task number ``index`` (input order, from 0) of the job and every attempt of it, with
+        each failed one's error and traceback. UnknownTask when the job has no such task."""
+
+    @abstractmethod
+    def delete_job(self, job: JobRow) -> int:
+        """Delete the job with its tasks, attempts and results, at once; returns the tasks
+        deleted. JobBusy (nothing deleted) while a worker holds one of its tasks."""
 
     @abstractmethod
     def results(self, job: JobRow) -> Iterator[ResultRow]:
@@ -482,7 +542,16 @@ class Store(ABC):
     # -- the engine: jobs and dispatch ---------------------------------------------------------
     @abstractmethod
     def finish_job(self, job_id: int, now: float) -> None:
-        """Mark an active job done."""
+        """Mark an active job done, or failed when some of its tasks failed."""
+
+    # -- the engine: its heartbeat --------------------------------------------------------------
+    @abstractmethod
+    def beat(self, heartbeat: Heartbeat) -> None:
+        """Record the engine's heartbeat (replacing the previous one)."""
+
+    @abstractmethod
+    def heartbeat(self) -> Heartbeat | None:
+        """The engine's latest heartbeat; None if no `serve` ever ran on this store."""
 
     @abstractmethod
     def pending_tasks(self, job_id: int, limit: int) -> list[PendingRow]:

@@ -18,7 +18,16 @@ from pathlib import Path
 import pytest
 
 from dockercomp.coordinator import store as store_module
-from dockercomp.coordinator.errors import InvalidInput, StoreError, StoreLocked, UnknownJob
+from dockercomp.coordinator.errors import (
+    DatabaseMissing,
+    InvalidInput,
+    JobBusy,
+    StoreError,
+    StoreLocked,
+    UnknownJob,
+    UnknownTask,
+)
+from dockercomp.coordinator.heartbeat import Heartbeat
 from dockercomp.coordinator.store import (
     AttemptOutcome,
     Changes,
@@ -239,7 +248,7 @@ def test_retry_returns_failed_tasks_with_a_fresh_budget(store: Store) -> None:
     close(store, send(store, t1, 2, worker), worker, AttemptOutcome.ERROR, t1, TaskState.FAILED,
           {"type": "E", "message": "2"})
     store.finish_job(job.id, time.time())
-    assert store.get_job(job.id).state == "done"
+    assert store.get_job(job.id).state == "failed"  # a job that ended with failed tasks says so
 
     assert store.retry_failed(job) == 1
     progress = store.progress(job)
@@ -486,3 +495,106 @@ def test_sqlite_two_stores_in_two_threads_never_cross(tmp_path: Path) -> None:
 def test_postgres_unreachable_server_says_what_to_do() -> None:
     with pytest.raises(StoreError, match="PostgreSQL server running"):
         Store.open(f"postgresql://postgres@127.0.0.1:{free_port()}/nothing")
+
+
+# --------------------------------------------------------------------------- issue 10 (first use)
+def test_a_task_lists_its_attempts_with_errors_and_tracebacks(store: Store) -> None:
+    job = store.create_job("add", [[1, 2], [3, 4]])
+    w1, w2 = add_worker(store, "alice/w1"), add_worker(store, "bob/w2")
+    _, t1 = task_ids(store, job)
+    close(store, send(store, t1, 1, w1), w1, AttemptOutcome.ERROR, t1, TaskState.PENDING,
+          {"type": "ValueError", "message": "bad", "traceback": "Traceback ...\nValueError: bad"})
+    finish(store, t1, w2, 7, number=2)
+
+    row, attempts = store.attempts(job, 1)
+    assert (row.index, row.state, row.value, row.worker) == (1, "done", 7, "bob/w2")
+    assert [(a.number, a.worker, a.outcome) for a in attempts] == [(1, "alice/w1", "error"), (2, "bob/w2", "ok")]
+    assert attempts[0].error == {"type": "ValueError", "message": "bad", "traceback": "Traceback ...\nValueError: bad"}
+    assert attempts[1].error == {} and attempts[1].finished_at is not None
+    assert store.attempts(job, 0)[1] == []
+    with pytest.raises(UnknownTask, match="no task #2"):
+        store.attempts(job, 2)
+
+
+def test_running_counts_the_first_capacity_attempts_of_each_worker(store: Store) -> None:
+    # capacity 2 (add_worker): of 3 tasks sent to one worker, the third waits in its queue
+    job = store.create_job("add", [[i, i] for i in range(5)])
+    worker = add_worker(store, "local/w1")
+    t0, t1, t2, t3, _ = task_ids(store, job)
+    for task_id in (t0, t1, t2):
+        send(store, task_id, 1, worker)
+    progress = store.progress(job)
+    assert (progress.assigned, progress.running, progress.queued) == (3, 2, 1)
+    finish(store, t3, worker, 6)  # an attempt that ended frees no slot twice
+    close(store, store.find_attempt(t0, 1).attempt_id, worker, AttemptOutcome.ERROR, t0, TaskState.PENDING)
+    progress = store.progress(job)
+    assert (progress.assigned, progress.running, progress.queued) == (2, 2, 0)
+
+
+def test_a_finished_job_is_deleted_with_everything_it_holds(store: Store) -> None:
+    job = store.create_job("add", [[1, 1], [2, 2]], name="twice")
+    other = store.create_job("add", [[3, 3]])
+    worker = add_worker(store, "local/w1")
+    t0, t1 = task_ids(store, job)
+    finish(store, t0, worker, 2)
+    close(store, send(store, t1, 1, worker), worker, AttemptOutcome.ERROR, t1, TaskState.FAILED, {"type": "E"})
+
+    assert store.delete_job(job) == 2
+    with pytest.raises(UnknownJob):
+        store.get_job("twice")
+    assert [j.name for j in store.jobs()] == [other.name]
+    assert [r.index for r in store.results(other)] == [0]
+    again = store.create_job("add", [[9, 9]], name="twice")  # the name is free again
+    assert [r.args for r in store.results(again)] == [[9, 9]]
+
+
+def test_a_job_with_tasks_on_workers_is_not_deleted(store: Store) -> None:
+    job = store.create_job("add", [[1, 1]], name="busy")
+    worker = add_worker(store, "local/w1")
+    send(store, task_ids(store, job)[0], 1, worker)
+    with pytest.raises(JobBusy, match="1 task"):
+        store.delete_job(job)
+    assert store.get_job("busy").total == 1
+
+
+def test_replace_swaps_a_job_all_or_nothing(store: Store) -> None:
+    old = store.create_job("add", [[1, 1]], name="cell")
+    with pytest.raises(InvalidInput, match="already exists"):
+        store.create_job("add", [[2, 2]], name="cell")
+    # a bad replacement leaves the old job as it was
+    with pytest.raises(InvalidInput, match="line 2"):
+        store.create_job("add", [[2, 2], "bad"], name="cell", replace=True)
+    assert [r.args for r in store.results(store.get_job("cell"))] == [[1, 1]]
+    new = store.create_job("mul", [[2, 2], [3, 3]], name="cell", replace=True)
+    assert new.id != old.id and store.get_job("cell").function == "mul"
+    assert [r.args for r in store.results(new)] == [[2, 2], [3, 3]]
+    assert [j.name for j in store.jobs()] == ["cell"]
+
+
+def test_the_heartbeat_is_kept_and_replaced(store: Store) -> None:
+    assert store.heartbeat() is None
+    beat = Heartbeat(started=1.0, beat_at=2.0, stopped_at=None, connected=True, host="h", pid=7, broker="mqtt://b")
+    store.beat(beat)
+    assert store.heartbeat() == beat
+    stopped = Heartbeat(1.0, 4.0, 4.5, False, "h", 7, "mqtt://b")
+    store.beat(stopped)
+    assert store.heartbeat() == stopped
+
+
+def test_sqlite_a_reader_never_creates_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere" / ".." / "coordinator.db"
+    with pytest.raises(DatabaseMissing, match=f"no coordinator database at {tmp_path / 'coordinator.db'}") as caught:
+        Store.open(str(tmp_path / "coordinator.db"), create=False)
+    assert "--db" in caught.value.hint and "DOCKERCOMP_DB" in caught.value.hint
+    assert not (tmp_path / "coordinator.db").exists()
+    Store.open(str(tmp_path / "coordinator.db")).close()  # submit and serve create it
+    Store.open(str(path.resolve()), create=False).close()
+
+
+@pytest.mark.real
+@pytest.mark.postgres
+def test_postgres_a_reader_never_creates_the_tables(postgres_db: str) -> None:
+    with pytest.raises(DatabaseMissing, match="no coordinator database"):
+        Store.open(postgres_db, create=False)
+    Store.open(postgres_db).close()
+    Store.open(postgres_db, create=False).close()
