@@ -28,8 +28,10 @@ from dockercomp.broker.settings import BrokerSettings
 from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator.defaults import DB_PATH, DB_URL_ENV, WAIT_POLL_INTERVAL
 from dockercomp.coordinator.errors import CoordinatorError
+from dockercomp.coordinator.heartbeat import Liveness, liveness
 from dockercomp.coordinator.store import (
     FINISHED_STATES,
+    AttemptRow,
     JobProgress,
     JobRow,
     ResultRow,
@@ -52,13 +54,15 @@ BROKER_CONNECT_TIMEOUT = 5.0
 class JobTimeout(CoordinatorError, TimeoutError):
     """``Job.wait``/``as_completed`` gave up; the job goes on, wait again to keep following it."""
 
-    def __init__(self, progress: JobProgress, waited: float) -> None:
+    def __init__(self, progress: JobProgress, waited: float, why: str = "") -> None:
         self.progress = progress
         self.waited = waited
-        hint = "" if progress.done else " — are workers online? (`dockercomp coordinator workers`)"
+        self.why = why  # what holds the job up, when known (Job.stalled)
+        if not why and not progress.done:
+            why = "are workers online? (`dockercomp coordinator workers`)"
         super().__init__(
             f"job {progress.name!r} not finished after {waited:.0f} s: "
-            f"{progress.finished}/{progress.total} tasks finished{hint}"
+            f"{progress.finished}/{progress.total} tasks finished" + (f" — {why}" if why else "")
         )
 
 
@@ -153,13 +157,15 @@ class Client:
         poll_interval: float = POLL_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        create: bool = True,
     ) -> None:
         self.db = db or default_db()
         self.broker = broker or default_broker()
         self.poll_interval = poll_interval
         self.clock = clock
         self.sleep = sleep
-        self.store = Store.open(self.db)
+        # create=False: DatabaseMissing (naming the path) instead of a new, empty database.
+        self.store = Store.open(self.db, create=create)
 
     # -- jobs --------------------------------------------------------------------------------
     def submit(
@@ -171,15 +177,18 @@ class Client:
         timeout: float = 60.0,
         max_attempts: int = 3,
         on_progress: Callable[[int], None] | None = None,
+        replace: bool = False,
     ) -> Job:
         """Store a job: one task per argument list, all or nothing, durable on return.
 
         Raises InvalidInput naming the first unusable argument list, a bad option or a name
         already taken (nothing is stored then), and StoreError when the database fails.
+        ``replace=True``: a job of that name is deleted in the same transaction (rerunning a
+        notebook cell); if anything fails, the old job stays as it was.
         """
         row = self.store.create_job(
             function, [list(args) if isinstance(args, tuple) else args for args in args_list],  # type: ignore[misc]
-            name=name, timeout=timeout, max_attempts=max_attempts, on_progress=on_progress,
+            name=name, timeout=timeout, max_attempts=max_attempts, on_progress=on_progress, replace=replace,
         )
         return Job(self, row)
 
@@ -190,7 +199,25 @@ class Client:
     def jobs(self) -> list[Job]:
         return [Job(self, row) for row in self.store.jobs()]
 
-    # -- workers -------------------------------------------------------------------------------
+    # -- the coordinator and its workers ---------------------------------------------------------
+    def liveness(self) -> Liveness:
+        """Whether `dockercomp coordinator serve` runs on this store now (its heartbeat)."""
+        return liveness(self.store.heartbeat())
+
+    def offering(self, function: str) -> list[str]:
+        """Keys of the online workers that offer ``function``."""
+        return [row.key for row in self.store.workers()
+                if row.state == WorkerState.ONLINE.value and function in row.functions]
+
+    def unroutable(self, function: str) -> str:
+        """"no online worker offers 'f'" (with the functions they do offer), or "" when one does."""
+        if self.offering(function):
+            return ""
+        offered = sorted({f for row in self.store.workers() if row.state == WorkerState.ONLINE.value
+                          for f in row.functions})
+        return (f"no online worker offers {function!r}"
+                + (f" (they offer: {', '.join(offered)})" if offered else " (no worker is online)"))
+
     def workers(self) -> list[WorkerInfo]:
         """Every worker ever seen, with how many tasks each holds right now."""
         in_flight = self.store.inflight()
@@ -298,6 +325,24 @@ class Job:
         """Give failed tasks a fresh attempt budget; returns how many go back to pending."""
         return self._store.retry_failed(self._row())
 
+    def delete(self) -> int:
+        """Delete the job with its tasks and results; returns how many tasks. JobBusy while
+        workers hold some of its tasks (cancel it first)."""
+        return self._store.delete_job(self._row())
+
+    def attempts(self, index: int) -> tuple[ResultRow, list[AttemptRow]]:
+        """Task ``index`` (input order) and every attempt of it, with errors and tracebacks."""
+        return self._store.attempts(self._row(), index)
+
+    def stalled(self) -> str:
+        """Why the job makes no progress, when it can be told: no online worker offers its
+        function, or the coordinator is not running; "" otherwise."""
+        why = self._client.unroutable(self.function)
+        alive = self._client.liveness()
+        if not alive.running:
+            why = "; ".join(filter(None, [why, alive.sentence()]))
+        return why
+
     # -- waiting -------------------------------------------------------------------------------
     def wait(self, timeout: float | None = None, progress: bool = True) -> JobProgress:
         """Block until every task is finished; returns the final counts.
@@ -325,7 +370,7 @@ class Job:
                 return current
             waited = clock() - started
             if timeout is not None and waited >= timeout:
-                raise JobTimeout(current, waited)
+                raise JobTimeout(current, waited, self.stalled())
             sleep(self._client.poll_interval)
 
     def as_completed(self, timeout: float | None = None) -> Iterator[ResultRow]:
@@ -345,7 +390,7 @@ class Job:
                 return
             waited = clock() - started
             if timeout is not None and waited >= timeout:
-                raise JobTimeout(self.progress(), waited)
+                raise JobTimeout(self.progress(), waited, self.stalled())
             sleep(self._client.poll_interval)
 
     def _finished_count(self) -> int:

@@ -40,6 +40,7 @@ from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator import defaults
 from dockercomp.coordinator.dispatch import Dispatcher, JobBook
 from dockercomp.coordinator.errors import CoordinatorError
+from dockercomp.coordinator.heartbeat import Heartbeat
 from dockercomp.coordinator.ledger import Ledger
 from dockercomp.coordinator.leases import Leases, PayloadBuilder
 from dockercomp.coordinator.registry import PresenceChange, WorkerRegistry
@@ -96,7 +97,7 @@ class Coordinator:
         self._offline_since: float | None = None  # when the broker connection was lost
         self._last_batch = 0  # messages handled by the last step: is traffic flowing?
         self.started = clock()
-        self._next_poll = self._next_lease = self._next_purge = float("-inf")
+        self._next_poll = self._next_lease = self._next_purge = self._next_beat = float("-inf")
         self._identity = {"host": socket.gethostname(), "pid": os.getpid(), "version": _version()}
         # Topic parsing validates names with regular expressions: remember the answers.
         self._parse_topic = lru_cache(maxsize=8192)(self.topics.parse_worker_topic)
@@ -220,7 +221,15 @@ class Coordinator:
         except BrokerError as exc:
             log.warning("could not say goodbye to the broker: %s", exc)
         self.transport.close(defaults.STOP_FLUSH_TIMEOUT)
+        try:  # `status` then says since when the coordinator is not running
+            self.store.beat(self._heartbeat(self.clock(), stopped=True))
+        except self.store.failures as exc:
+            log.warning("could not record the stop in the store: %s", exc)
         self.store.close()
+
+    def _heartbeat(self, now: float, stopped: bool = False) -> Heartbeat:
+        return Heartbeat(self.started, now, now if stopped else None, not stopped and self.transport.connected,
+                         self._identity["host"], self._identity["pid"], self.transport_url)
 
     def _load(self) -> None:
         self.workers.load()
@@ -281,6 +290,9 @@ class Coordinator:
         return items
 
     def _step(self, items: list[tuple[str, bytes]], now: float) -> None:
+        if now >= self._next_beat:
+            self._next_beat = now + defaults.HEARTBEAT_INTERVAL
+            self.store.beat(self._heartbeat(now))
         if now >= self._next_poll:
             self._next_poll = now + self.settings.poll_interval
             for job in self.jobs.poll():

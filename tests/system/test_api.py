@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dockercomp.coordinator.api import Client, JobTimeout, TasksFailed, connect
-from dockercomp.coordinator.errors import InvalidInput, UnknownJob
+from dockercomp.coordinator.errors import DatabaseMissing, InvalidInput, UnknownJob
 from dockercomp.coordinator.store import JobProgress
 from tests.support import wait_until
 from tests.support.processes import Processes
@@ -93,6 +93,11 @@ def test_a_failing_task_is_reported_with_its_reason(client: Client, stack: Proce
     failed = job.results()[1]
     assert failed.state == "failed" and failed.errors[0]["type"] == "TypeError"
     assert failed.errors[0]["worker"] == "local/a1"
+    # the job says it ended with failures, and the attempt keeps the worker's traceback
+    assert job.state == "failed"
+    row, attempts = job.attempts(1)
+    assert row.state == "failed" and [a.outcome for a in attempts] == ["error"]
+    assert "Traceback" in attempts[0].error["traceback"] and "TypeError" in attempts[0].error["traceback"]
 
 
 def test_cancel_stops_a_job_nobody_computes(client: Client) -> None:
@@ -111,7 +116,9 @@ def test_wait_without_workers_times_out_with_a_hint(tmp_path: Path) -> None:
         with pytest.raises(JobTimeout) as caught:
             job.wait(timeout=5, progress=False)
         assert caught.value.progress.pending == 1
-        assert "not finished after 5 s" in str(caught.value) and "dockercomp coordinator workers" in str(caught.value)
+        assert "not finished after 5 s" in str(caught.value)
+        assert "no online worker offers 'add' (no worker is online)" in str(caught.value)
+        assert "The coordinator has never run on this database" in str(caught.value)
         with pytest.raises(JobTimeout):
             list(job.as_completed(timeout=5))
 
@@ -132,3 +139,53 @@ def test_tuples_and_generators_are_accepted(client: Client) -> None:
     job = client.submit("add", ((i, i) for i in range(3)), name="gen")
     assert [row.args for row in job.results()] == [[0, 0], [1, 1], [2, 2]]
     assert job.progress().pending == 3
+
+
+def test_a_misspelt_function_is_named_while_workers_are_online(client: Client, stack: Processes) -> None:
+    # Given two workers online that offer count_primes (among others)
+    stack.agent("a1")
+    stack.agent("a2")
+    wait_until(lambda: len(client.offering("count_primes")) == 2, timeout=30)
+    # When a job names a function no worker offers
+    job = client.submit("count_prime", [[0, 100]], name="typo")
+    # Then waiting for it says so, naming what the workers do offer
+    with pytest.raises(JobTimeout) as caught:
+        job.wait(timeout=0.5, progress=False)
+    assert "no online worker offers 'count_prime' (they offer: " in str(caught.value)
+    assert "count_primes" in caught.value.why and "workers online?" not in str(caught.value)
+    assert job.stalled().startswith("no online worker offers 'count_prime'")
+    assert client.submit("count_primes", [[0, 100]]).stalled() == ""
+
+
+def test_the_heartbeat_says_whether_serve_runs(client: Client, stack: Processes) -> None:
+    # Given `serve` running on the client's database
+    assert wait_until(lambda: client.liveness().live, timeout=30)
+    beat = client.liveness().beat
+    assert beat is not None and beat.stopped_at is None and beat.broker.startswith("mqtt://")
+    # When it stops
+    stack.stop_all()
+    # Then the store says so, and since when
+    alive = client.liveness()
+    assert not alive.running and alive.since is not None and alive.beat.stopped_at == alive.since
+    assert "The coordinator is not running: it stopped" in alive.sentence()
+
+
+def test_replace_reruns_a_cell_and_a_bad_replacement_keeps_the_old_job(client: Client) -> None:
+    first = client.submit("add", [[1, 2]], name="cell")
+    with pytest.raises(InvalidInput, match="already exists"):
+        client.submit("add", [[1, 2]], name="cell")
+    with pytest.raises(InvalidInput, match="line 2"):
+        client.submit("add", [[3, 4], {"a": 1}], name="cell", replace=True)
+    assert [row.args for row in client.job("cell").results()] == [[1, 2]]
+    second = client.submit("add", [[3, 4], [5, 6]], name="cell", replace=True)
+    assert second.id != first.id and client.job("cell").total == 2
+    assert second.delete() == 2
+    with pytest.raises(UnknownJob):
+        client.job("cell")
+
+
+def test_reading_a_missing_database_never_creates_it(tmp_path: Path) -> None:
+    path = tmp_path / "typo.db"
+    with pytest.raises(DatabaseMissing, match=f"no coordinator database at {path}"):
+        Client(str(path), create=False)
+    assert not path.exists()
