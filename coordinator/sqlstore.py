@@ -26,6 +26,8 @@ import peewee as pw
 
 from dockercomp.coordinator import database
 from dockercomp.coordinator.errors import StoreError, StoreLocked, UnknownJob
+from dockercomp.coordinator.replication import SINGLE, Replication
+from dockercomp.coordinator.sqlreplicas import ReplicaQueries
 from dockercomp.coordinator.store import (
     ALLOWED_FROM,
     FAILED_OUTCOMES,
@@ -127,6 +129,7 @@ class Job(BaseModel):
     finished_at = pw.DoubleField(null=True)
     total = pw.IntegerField(default=0)
     revision = pw.IntegerField(default=0)  # JobRow.revision
+    replication = pw.TextField(null=True)  # Replication JSON; NULL: one replica (added later: database.py)
 
 
 class Task(BaseModel):
@@ -155,6 +158,8 @@ class Attempt(BaseModel):
     finished_at = pw.DoubleField(null=True)
     outcome = pw.CharField(max_length=16, default=AttemptOutcome.OPEN.value, index=True)
     error = pw.TextField(null=True)  # JSON {type, message, traceback}
+    value = pw.TextField(null=True)  # replicated jobs: the value returned, JSON (added later)
+    elapsed = pw.DoubleField(null=True)  # replicated jobs: its CPU-seconds, the credit (added later)
 
     class Meta:
         indexes = ((("task", "number"), True),)
@@ -169,7 +174,13 @@ class Result(BaseModel):
     received_at = pw.DoubleField()
 
 
-MODELS = [Worker, Job, Task, Attempt, Result]
+class Quarantine(BaseModel):
+    volunteer = pw.CharField(max_length=64, unique=True)
+    reason = pw.TextField()
+    since = pw.DoubleField()
+
+
+MODELS = [Worker, Job, Task, Attempt, Result, Quarantine]
 
 
 def _chunks(items: list[Any], size: int = _IN_CHUNK) -> Iterator[list[Any]]:
@@ -183,7 +194,7 @@ def _marks(param: str, values: Iterable[Any]) -> str:
 
 def _job_row(row: Job) -> JobRow:
     return JobRow(row.id, row.name, row.function, row.timeout, row.max_attempts, row.state, row.created_at,
-                  row.finished_at, row.total, row.revision)
+                  row.finished_at, row.total, row.revision, Replication.from_json(row.replication))
 
 
 def _worker_row(row: Worker) -> WorkerRow:
@@ -203,7 +214,7 @@ def _worker_columns(fields: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-class SqlStore(Store):
+class SqlStore(ReplicaQueries, Store):
     """The store on SQLite or PostgreSQL (``Store.open(url)``)."""
 
     failures = (StoreError, pw.PeeweeException)
@@ -271,13 +282,15 @@ class SqlStore(Store):
 
     # -- jobs ----------------------------------------------------------------------------------
     def _insert_job(self, function: str, name: str | None, timeout: float, max_attempts: int,
-                    batches: Iterator[list[tuple[int, str]]], on_progress: Callable[[int], None] | None) -> JobRow:
+                    batches: Iterator[list[tuple[int, str]]], on_progress: Callable[[int], None] | None,
+                    replication: Replication = SINGLE) -> JobRow:
         now = time.time()
         with self._errors("store the job"), self.db.atomic():
             if name is not None and Job.select().where(Job.name == name).exists():
                 raise name_taken(name)
             job = Job.create(name=name or f"job-new-{os.getpid()}-{now}", function=function,
-                             timeout=timeout, max_attempts=max_attempts, created_at=now)
+                             timeout=timeout, max_attempts=max_attempts, created_at=now,
+                             replication=replication.to_json())
             if name is None:
                 job.name = f"job-{job.id}"
                 job.save(only=[Job.name])
@@ -326,8 +339,9 @@ class SqlStore(Store):
     def jobs(self) -> list[JobRow]:
         with self._errors("read jobs"):
             query = Job.select(Job.id, Job.name, Job.function, Job.timeout, Job.max_attempts, Job.state,
-                               Job.created_at, Job.finished_at, Job.total, Job.revision).order_by(Job.id).tuples()
-            return [JobRow(*row) for row in query]
+                               Job.created_at, Job.finished_at, Job.total, Job.revision,
+                               Job.replication).order_by(Job.id).tuples()
+            return [JobRow(*row[:-1], Replication.from_json(row[-1])) for row in query]
 
     def task_counts(self, job_id: int) -> dict[str, int]:
         counts = {state.value: 0 for state in TaskState}
@@ -356,16 +370,19 @@ class SqlStore(Store):
                 }
                 errors: dict[int, list[dict[str, Any]]] = {}
                 failed = (Attempt.select(Attempt.task, Attempt.number, Attempt.outcome, Attempt.error, Worker.key)
-                          .join(Worker).where(Attempt.task.in_(ids) & Attempt.outcome.in_(FAILED_OUTCOMES))
+                          .join(Worker).where(Attempt.task.in_(ids) & (Attempt.outcome.in_(FAILED_OUTCOMES) | (
+                              (Attempt.outcome == AttemptOutcome.UNVALIDATED.value) & Attempt.error.is_null(False))))
                           .order_by(Attempt.task, Attempt.number).tuples())
                 for task_id, number, outcome, error, key in failed:
                     errors.setdefault(task_id, []).append(error_entry(number, key, outcome, error))
+                replicas = self.replica_values(ids) if not job.replication.single else {}
             for task_id, index, args, state, attempts in tasks:
                 value, elapsed, key = accepted.get(task_id, (None, None, None))
                 yield ResultRow(
                     task_id=task_id, index=index, args=json.loads(args), state=state,
                     value=json.loads(value) if value is not None else None, worker=key,
                     attempts=attempts, elapsed=elapsed, errors=errors.get(task_id, []),
+                    replicas=replicas.get(task_id, []),
                 )
             last_index = tasks[-1][1]
 
@@ -493,6 +510,7 @@ class SqlStore(Store):
         for part in _chunks(changes.results, 500):
             db.execute_sql("INSERT INTO result (task_id, attempt_id, worker_id, value, elapsed, received_at) "
                            f"VALUES {', '.join([row] * len(part))}", [v for result in part for v in result])
+        self.write_replicas(changes, now)
         for ids in _chunks(changes.ok_attempts):
             db.execute_sql(f"UPDATE attempt SET outcome = {p}, finished_at = {p} WHERE id IN ({_marks(p, ids)})",
                            [AttemptOutcome.OK.value, now, *ids])
