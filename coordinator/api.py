@@ -29,6 +29,7 @@ from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator.defaults import DB_PATH, DB_URL_ENV, WAIT_POLL_INTERVAL
 from dockercomp.coordinator.errors import CoordinatorError
 from dockercomp.coordinator.heartbeat import Liveness, liveness
+from dockercomp.coordinator.replication import Replication
 from dockercomp.coordinator.store import (
     FINISHED_STATES,
     AttemptRow,
@@ -178,8 +179,19 @@ class Client:
         max_attempts: int = 3,
         on_progress: Callable[[int], None] | None = None,
         replace: bool = False,
+        replicas: int = 1,
+        quorum: int | None = None,
+        max_replicas: int | None = None,
+        distinct: str = "volunteer",
+        validator: str | None = None,
+        adaptive: bool = False,
     ) -> Job:
         """Store a job: one task per argument list, all or nothing, durable on return.
+
+        Replication (docs/running-in-public.md): each task goes to ``replicas`` distinct
+        volunteers (``distinct="worker"``: workers) and is done when ``quorum`` values agree
+        (canonical JSON, or the ``validator`` named); more replicas up to ``max_replicas``
+        otherwise. ``adaptive``: a trusted volunteer's value is accepted alone, bar spot checks.
 
         Raises InvalidInput naming the first unusable argument list, a bad option or a name
         already taken (nothing is stored then), and StoreError when the database fails.
@@ -189,6 +201,7 @@ class Client:
         row = self.store.create_job(
             function, [list(args) if isinstance(args, tuple) else args for args in args_list],  # type: ignore[misc]
             name=name, timeout=timeout, max_attempts=max_attempts, on_progress=on_progress, replace=replace,
+            replication=Replication.make(replicas, quorum, max_replicas, distinct, validator, adaptive),
         )
         return Job(self, row)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ from dockercomp.broker.topics import validate_name
 from dockercomp.coordinator import defaults
 from dockercomp.coordinator.api import Client
 from dockercomp.coordinator.cli import _echo_json, _stderr, _stdout, command_errors, db_option, json_option, main
+from dockercomp.coordinator.cli_trust import replication_options
 from dockercomp.coordinator.inputs import open_input, read_arguments
+from dockercomp.coordinator.replication import Replication
 from dockercomp.coordinator.render import (
     count_progress_bar,
     job_view,
@@ -56,8 +59,9 @@ def _job_name(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @db_option
 @json_option
 @command_errors
+@replication_options
 def submit(function: str, file: str, name: str | None, timeout: float, max_attempts: int,
-           db: str, as_json: bool) -> None:  # fmt: skip
+           db: str, as_json: bool, replication: Replication) -> None:  # fmt: skip
     """Store a job: one task per line of FILE (or stdin), each line a JSON array of arguments.
 
     \b
@@ -78,11 +82,12 @@ def submit(function: str, file: str, name: str | None, timeout: float, max_attem
         "storing", len(args_list), err, enabled=large and err.is_terminal
     ) as stored:
         job = client.submit(function, args_list, name=name, timeout=timeout, max_attempts=max_attempts,
-                            on_progress=stored)  # fmt: skip
+                            on_progress=stored, **asdict(replication))  # fmt: skip
         where = client.store.url  # password masked
     if as_json:
         _echo_json({"job_id": job.id, "name": job.name, "function": job.function, "tasks": job.total,
-                    "timeout": job.timeout, "max_attempts": job.max_attempts, "db": where})  # fmt: skip
+                    "timeout": job.timeout, "max_attempts": job.max_attempts, "db": where,
+                    "replication": asdict(replication)})  # fmt: skip
         return
     click.echo(f"Submitted job {job.name} (id {job.id}): {job.total} task{'s' * (job.total != 1)} of "
                f"{job.function}, stored in {where}.")  # fmt: skip

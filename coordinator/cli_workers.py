@@ -28,6 +28,7 @@ from dockercomp.broker.defaults import (
 from dockercomp.broker.settings import BrokerSettings
 from dockercomp.coordinator.api import BROKER_CONNECT_TIMEOUT, Client, default_broker
 from dockercomp.coordinator.cli import F, _echo_json, _stdout, command_errors, db_option, json_option, main
+from dockercomp.coordinator.cli_trust import register as register_trust_commands
 from dockercomp.coordinator.errors import PresenceNotCleared
 from dockercomp.coordinator.render import accounts_table, clear_presence_commands, worker_dict, workers_table
 from dockercomp.coordinator.volunteers import mark_revoked_lost, reload_broker
@@ -114,6 +115,8 @@ def _warn(message: str) -> None:
 def volunteers() -> None:
     """Broker accounts of volunteers (and of the coordinator and observers)."""
 
+
+register_trust_commands(volunteers)  # volunteers stats / release (cli_trust.py)
 
 @volunteers.command("init")
 @_dir_option

@@ -57,6 +57,9 @@ database_proxy = ThreadDatabaseProxy()
 # when missing; rows that existed before get the default.
 ADDED_COLUMNS: list[tuple[str, str, str]] = [
     ("worker", "prefetch", "INTEGER NOT NULL DEFAULT 0"),
+    ("job", "replication", "TEXT"),
+    ("attempt", "value", "TEXT"),
+    ("attempt", "elapsed", "DOUBLE PRECISION"),
 ]
 # Indexes of the first release that no query uses but every dispatch and result updated:
 # (table, index). Dropping them cut the engine's database time by a fifth.

@@ -90,3 +90,24 @@ HEARTBEAT_INTERVAL = 2.0
 # Heartbeats missed before `status` and `workers` say the coordinator is not running: a busy
 # engine step or a slow disk may delay one, rarely three.
 HEARTBEAT_MISSED = 3
+# Most replicas of one task: past this, disagreement is a broken function, not a cheater.
+MAX_REPLICAS = 10
+
+# Validated results in a row after which a volunteer is trusted (adaptive replication): BOINC's
+# usual figure, enough that a 1-in-3 cheater rarely gets there by luck ((2/3)^10 < 2 %).
+TRUST_AFTER = 10
+
+# Share of a trusted volunteer's tasks still replicated as a spot check (adaptive replication).
+SPOT_CHECK = 0.1
+
+# Closed attempts of a volunteer in one job before its failure/invalid rate may quarantine it:
+# fewer is noise.
+QUARANTINE_MIN_RESULTS = 6
+
+# A volunteer is quarantined when its failure or invalid rate in a job is at least this ...
+QUARANTINE_MIN_RATE = 0.25
+
+# ... and this many times the rate of the job's other volunteers (plus QUARANTINE_MARGIN):
+# "far above the others", so a function that fails everywhere quarantines nobody.
+QUARANTINE_FACTOR = 3.0
+QUARANTINE_MARGIN = 0.1

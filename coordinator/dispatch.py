@@ -18,7 +18,11 @@ import logging
 from dataclasses import dataclass, field
 
 from dockercomp.coordinator.leases import Lease, Leases, PayloadBuilder
+from dockercomp.coordinator.quorum import Quorum
 from dockercomp.coordinator.registry import WorkerRegistry, WorkerSlot
+from dockercomp.coordinator.replicas import ReplicaDispatch
+from dockercomp.coordinator.replication import SINGLE, Replication
+from dockercomp.coordinator.trust import Trust
 from dockercomp.coordinator.store import JobState, NewAttempt, PendingRow, Store, TaskState
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,10 @@ class JobInfo:
     counts: dict[str, int] = field(default_factory=lambda: {s.value: 0 for s in TaskState})
     # No pending task left at the last look; reset on every poll and whenever one is returned.
     drained: bool = False
+    replication: Replication = SINGLE
+    # Single-replica tasks returned by a failure -> the volunteer that failed them: their retry
+    # goes to another volunteer when one has room.
+    avoid: dict[int, str] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
@@ -58,6 +66,8 @@ class JobBook:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.by_id: dict[int, JobInfo] = {}
+        self.trust = Trust(store)
+        self.quorum = Quorum(self.trust)
 
     def get(self, job_id: int) -> JobInfo | None:
         return self.by_id.get(job_id)
@@ -68,6 +78,7 @@ class JobBook:
     def poll(self) -> list[JobInfo]:
         """Pick up new jobs and changes made by the CLI; returns the jobs that changed."""
         changed = []
+        self.trust.refresh()
         rows = self.store.jobs()
         for gone in set(self.by_id) - {row.id for row in rows}:
             del self.by_id[gone]  # deleted (`coordinator delete`, or replaced by a new submit)
@@ -81,9 +92,12 @@ class JobBook:
             if job is None:
                 job = self.by_id[row.id] = JobInfo(row.id, row.name, row.function, row.timeout, row.max_attempts,
                                                    row.state, row.revision, row.total, row.created_at,
-                                                   row.finished_at)
+                                                   row.finished_at, replication=row.replication)
             job.state, job.revision, job.total, job.finished_at = row.state, row.revision, row.total, row.finished_at
             job.counts = self.store.task_counts(row.id)
+            job.avoid.clear()
+            if not job.replication.single:
+                self.quorum.load_job(self.store, job)
             job.drained = False
             changed.append(job)
         return changed
@@ -126,17 +140,18 @@ class Dispatcher:
         self.lease_margin = lease_margin
         self._cursor = 0  # where the next round starts in the worker order: fairness over time
         self.served: set[int] = set()  # workers sent something by the last round (status)
+        self.replicas = ReplicaDispatch(self)
 
     def has_work(self, workers: WorkerRegistry, jobs: JobBook, leases: Leases) -> bool:
         """Cheap in-memory check: could a dispatch round send anything?"""
-        free = {f for w in workers.dispatchable() if leases.count(w.id) < w.limit for f in w.functions}
+        free = {f for w in _allowed(workers, jobs) if leases.count(w.id) < w.limit for f in w.functions}
         return bool(free) and any(not job.drained and job.function in free for job in jobs.active())
 
     def dispatch(self, workers: WorkerRegistry, jobs: JobBook, leases: Leases, now: float) -> list[tuple[str, bytes]]:
         """Open attempts for as many pending tasks as workers have room for; returns the
         (topic, payload) messages to publish once the transaction is committed."""
         self.served = set()
-        order = workers.dispatchable()
+        order = _allowed(workers, jobs)
         if not order:
             return []
         start = self._cursor % len(order)
@@ -151,12 +166,19 @@ class Dispatcher:
             wanted = sum(w.limit - held[w.id] for w in candidates)
             if not wanted:
                 continue
+            if not job.replication.single:
+                served, sent = self.replicas.dispatch(job, jobs.quorum, candidates, held, leases, now)
+                sends += sent
+                last_served = served or last_served
+                continue
             rows = self.store.pending_tasks(job.id, wanted)
             if len(rows) < wanted:
                 job.drained = True
             if not rows:
                 continue
             plan = _round_robin(rows, candidates, held)
+            if job.avoid:
+                _avoid_repeats(plan, job.avoid, candidates, held)
             last_served = plan[-1][0]
             sends += self._open(job, plan, leases, now)
         if last_served is not None:
@@ -218,3 +240,31 @@ def _round_robin(rows: list[PendingRow], candidates: list[WorkerSlot],
             else:
                 turn += 1
     return plan
+
+
+def _allowed(workers: WorkerRegistry, jobs: JobBook) -> list[WorkerSlot]:
+    """Dispatchable workers, less those of quarantined volunteers."""
+    order = workers.dispatchable()
+    quarantined = jobs.trust.quarantined
+    return [w for w in order if w.ref.volunteer not in quarantined] if quarantined else order
+
+
+def _avoid_repeats(plan: list[tuple[WorkerSlot, PendingRow, int]], avoid: dict[int, str],
+                   candidates: list[WorkerSlot], held: dict[int, int]) -> None:
+    """Move each retried task off the volunteer that just failed it: swap workers with another
+    entry of the plan, else take a candidate with room left; when neither can, it stays (no
+    other volunteer can take it now). Updates ``plan`` and ``held``."""
+    for i, (worker, row, ahead) in enumerate(plan):
+        bad = avoid.pop(row[0], None)
+        if bad is None or worker.ref.volunteer != bad:
+            continue
+        for j, (other, other_row, other_ahead) in enumerate(plan):
+            if other.ref.volunteer != bad and avoid.get(other_row[0]) != worker.ref.volunteer:
+                plan[i], plan[j] = (other, row, other_ahead), (worker, other_row, ahead)
+                break
+        else:
+            spare = next((w for w in candidates if w.ref.volunteer != bad and held[w.id] < w.limit), None)
+            if spare is not None:
+                plan[i] = (spare, row, held[spare.id])
+                held[spare.id] += 1
+                held[worker.id] -= 1

@@ -50,6 +50,8 @@ class Ledger:
         self.leases = leases if leases is not None else Leases()
         self.changes = Changes()
         self.finished = 0
+        self.now = 0.0  # the step's clock, for rules called without one (close_failed)
+        jobs.quorum.ledger = self
 
     def reset(self, leases: Leases) -> None:
         """Start over from the store's open attempts (after a load or a failed transaction)."""
@@ -58,7 +60,12 @@ class Ledger:
 
     def flush(self, now: float) -> None:
         """Write what this step decided (inside the caller's transaction)."""
+        self.now = now
         self.store.apply(self.changes, now)
+
+    def worker_key(self, worker_id: int) -> str:
+        slot = self.workers.by_id.get(worker_id)
+        return slot.key if slot is not None else f"worker #{worker_id}"
 
     # -- rejections ----------------------------------------------------------------------------
     def reject(self, kind: Rejection, ref: WorkerRef, detail: str, level: int = logging.WARNING) -> None:
@@ -73,6 +80,7 @@ class Ledger:
     # -- results -------------------------------------------------------------------------------
     def on_result(self, ref: WorkerRef, result: Result, now: float) -> None:
         """A decoded result from ``ref`` (the topic it came on names the sender)."""
+        self.now = now
         what = f"result for task {result.task_id} attempt {result.attempt}"
         digits = result.task_id.isascii() and result.task_id.isdigit() and len(result.task_id) < 19
         task_id = int(result.task_id) if digits else None
@@ -96,7 +104,12 @@ class Ledger:
             self.changes.close(lease.attempt_id, AttemptOutcome.CANCELLED, None, None)
             self.status.worker_changed(slot.id)
             return
-        if result.ok:
+        if result.ok and not job.replication.single:
+            self.leases.remove(lease)
+            self.jobs.quorum.on_value(self, job, lease, slot, result, now)
+            self.status.worker_changed(slot.id)
+            self.status.job_changed(job.id)
+        elif result.ok:
             self.leases.remove(lease)
             self._accept(lease.attempt_id, task_id, lease.job_id, TaskState.ASSIGNED, slot, result, now)
         else:
@@ -120,6 +133,11 @@ class Ledger:
             self.reject(Rejection.DUPLICATE, ref, f"{what}: the task already has its result", logging.INFO)
             return
         job = self.jobs.get(record.job_id)
+        if job is not None and not job.replication.single:
+            # A replica's late value: its slot was re-issued already; counting it too would let
+            # one volunteer vote twice.
+            self.reject(Rejection.LATE, ref, f"{what}: replica already closed ({record.outcome})", logging.INFO)
+            return
         if not (result.ok and job is not None and job.state != JobState.CANCELLED.value
                 and record.task_state in _OPEN_TO_LATE):
             self.reject(Rejection.LATE, ref, f"{what}: attempt already closed ({record.outcome}), "
@@ -141,6 +159,7 @@ class Ledger:
         self.status.worker_changed(slot.id)
         job = self.jobs.get(job_id)
         if job is not None:
+            self.jobs.trust.accepted(job_id, slot.ref.volunteer)
             job.move(previous.value, TaskState.DONE.value)
             self.status.job_changed(job.id)
         self.finished += 1
@@ -158,6 +177,13 @@ class Ledger:
         job = self.jobs.get(lease.job_id)
         if job is None or not job.active:
             return  # cancelled meanwhile: the task stays cancelled
+        if not job.replication.single:
+            self.jobs.quorum.on_failure(self, job, lease, outcome, self.now)
+            self.status.job_changed(job.id)
+            return
+        if worker is not None:
+            self.jobs.trust.failed(job.id, worker.ref.volunteer, outcome, self.now)
+            job.avoid[lease.task_id] = worker.ref.volunteer  # the retry goes elsewhere if it can
         if lease.budget_used() >= job.max_attempts:
             self.changes.set_task(lease.task_id, TaskState.FAILED)
             job.move(TaskState.ASSIGNED.value, TaskState.FAILED.value)
@@ -175,6 +201,7 @@ class Ledger:
 
     def expire(self, now: float) -> None:
         """Close the attempts whose lease deadline has passed."""
+        self.now = now
         for lease in self.leases.expired(now):
             worker = self.workers.by_id.get(lease.worker_id)
             name = worker.key if worker else f"worker #{lease.worker_id}"

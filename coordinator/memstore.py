@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from dockercomp.coordinator.errors import UnknownJob, UnknownTask
 from dockercomp.coordinator.heartbeat import Heartbeat
+from dockercomp.coordinator.replication import SINGLE, ReplicaAttempt, Replication, VolunteerStats
 from dockercomp.coordinator.store import (
     ALLOWED_FROM,
     FAILED_OUTCOMES,
@@ -67,6 +68,8 @@ class _Attempt:
     finished_at: float | None = None
     outcome: str = AttemptOutcome.OPEN.value
     error: str | None = None
+    value: str | None = None  # replicated jobs: the value this attempt returned (JSON)
+    elapsed: float | None = None
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,8 @@ class _Result:
     received_at: float
 
 
-_TABLES = ("_workers", "_jobs", "_tasks", "_attempts", "_results", "_job_tasks", "_task_attempts")
+_TABLES = ("_workers", "_jobs", "_tasks", "_attempts", "_results", "_job_tasks", "_task_attempts", "_quarantined")
+
 
 
 class MemoryStore(Store):
@@ -96,6 +100,7 @@ class MemoryStore(Store):
         self._results: dict[int, _Result] = {}  # by task id: one accepted result per task
         self._job_tasks: dict[int, list[int]] = {}  # job id -> task ids in input order
         self._task_attempts: dict[tuple[int, int], int] = {}  # (task id, number) -> attempt id
+        self._quarantined: dict[str, tuple[str, float]] = {}  # volunteer -> (reason, since)
         self._next = {"worker": 1, "job": 1, "task": 1, "attempt": 1}
         self._heartbeat: Heartbeat | None = None
 
@@ -131,7 +136,7 @@ class MemoryStore(Store):
     # -- jobs ----------------------------------------------------------------------------------
     def _insert_job(self, function: str, name: str | None, timeout: float, max_attempts: int,
                     batches: Iterator[list[tuple[int, str]]], on_progress: Callable[[int], None] | None,
-                    replace: bool = False) -> JobRow:
+                    replace: bool = False, replication: Replication = SINGLE) -> JobRow:
         now = time.time()
         with self.transaction():
             old = next((job for job in self._jobs.values() if job.name == name), None) if name else None
@@ -152,7 +157,7 @@ class MemoryStore(Store):
             if not ids:
                 raise no_tasks()
             job = self._jobs[job_id] = JobRow(job_id, name or f"job-{job_id}", function, timeout, max_attempts,
-                                              JobState.ACTIVE.value, now, None, len(ids), 0)
+                                              JobState.ACTIVE.value, now, None, len(ids), 0, replication)
             return job
 
     def get_job(self, id_or_name: str | int) -> JobRow:
@@ -187,15 +192,20 @@ class MemoryStore(Store):
     def _result_row(self, task: _Task) -> ResultRow:
         result = self._results.get(task.id)
         errors = []
+        replicas = []
         for attempt in self._attempts_of(task):
-            if attempt.outcome in FAILED_OUTCOMES:
-                worker = self._workers[attempt.worker_id].key
+            worker = self._workers[attempt.worker_id].key
+            if attempt.outcome in FAILED_OUTCOMES or (attempt.error and
+                                                      attempt.outcome == AttemptOutcome.UNVALIDATED.value):
                 errors.append(error_entry(attempt.number, worker, attempt.outcome, attempt.error))
+            if attempt.value is not None:
+                replicas.append({"attempt": attempt.number, "worker": worker,
+                                 "outcome": attempt.outcome, "value": json.loads(attempt.value)})
         return ResultRow(
             task_id=task.id, index=task.index, args=json.loads(task.args), state=task.state,
             value=json.loads(result.value) if result else None,
             worker=self._workers[result.worker_id].key if result else None, attempts=task.attempts,
-            elapsed=result.elapsed if result else None, errors=errors,
+            elapsed=result.elapsed if result else None, errors=errors, replicas=replicas,
         )
 
     def _attempts_of(self, task: _Task) -> list[_Attempt]:
@@ -404,6 +414,12 @@ class MemoryStore(Store):
                 if task_id in self._results:
                     raise ValueError(f"task {task_id} already has its result")  # as the unique index
                 self._results[task_id] = _Result(task_id, attempt_id, worker_id, value, elapsed, received_at)
+            for attempt_id, value, elapsed, error in changes.reported:
+                attempt = self._attempts[attempt_id]
+                self._attempts[attempt_id] = replace(attempt, outcome=AttemptOutcome.UNVALIDATED.value, value=value,
+                                                     elapsed=elapsed, error=error, finished_at=now)
+            for attempt_id in changes.invalid_attempts:
+                self._close(attempt_id, AttemptOutcome.INVALID.value, None, now)
             for attempt_id in changes.ok_attempts:
                 self._close(attempt_id, AttemptOutcome.OK.value, None, now)
             for attempt_id in changes.superseded_attempts:
@@ -437,6 +453,65 @@ class MemoryStore(Store):
 
     def task_exists(self, task_id: int) -> bool:
         return task_id in self._tasks
+
+    # -- replication, trust and credit --------------------------------------------------------------
+    def replica_attempts(self, job_id: int) -> list[ReplicaAttempt]:
+        with self._lock:
+            rows = []
+            for task in self._job_tasks_of(job_id):
+                if task.state != TaskState.ASSIGNED.value:
+                    continue
+                for number in range(1, task.attempts + 1):
+                    a = self._attempts.get(self._task_attempts.get((task.id, number), 0))
+                    if a is not None:
+                        rows.append(ReplicaAttempt(task.id, task.args, task.retries_from, a.id, number, a.worker_id,
+                                                   a.outcome, a.value, a.elapsed))
+            return rows
+
+    def replica_counts(self, job_id: int) -> tuple[int, int, int]:
+        finished = values = waiting = 0
+        with self._lock:
+            for task in self._job_tasks_of(job_id):
+                attempts = [self._attempts[i] for n in range(1, task.attempts + 1)
+                            if (i := self._task_attempts.get((task.id, n))) is not None]
+                if task.state in (TaskState.DONE.value, TaskState.FAILED.value):
+                    finished += 1
+                    values += sum(1 for a in attempts if a.value is not None or a.outcome == AttemptOutcome.OK.value)
+                elif task.state == TaskState.ASSIGNED.value:
+                    waiting += not any(a.outcome == AttemptOutcome.OPEN.value for a in attempts)
+        return finished, values, waiting
+
+    def volunteer_stats(self) -> list[VolunteerStats]:
+        with self._lock:
+            tally: dict[str, list[Any]] = {}
+            for worker in self._workers.values():
+                tally.setdefault(worker.volunteer, [0, 0, 0, 0, 0.0])[0] += 1
+            for a in self._attempts.values():
+                counts = tally[self._workers[a.worker_id].volunteer]
+                if a.outcome == AttemptOutcome.OK.value and a.elapsed is not None:
+                    counts[1] += 1
+                    counts[4] += a.elapsed
+                elif a.outcome == AttemptOutcome.INVALID.value:
+                    counts[2] += 1
+                elif a.outcome in FAILED_OUTCOMES:
+                    counts[3] += 1
+            for name in self._quarantined:
+                tally.setdefault(name, [0, 0, 0, 0, 0.0])
+            rows = [VolunteerStats(name, *counts, *self._quarantined.get(name, (None, None)))
+                    for name, counts in tally.items()]
+        return sorted(rows, key=lambda r: (-r.credit, r.volunteer))
+
+    def quarantines(self) -> dict[str, str]:
+        with self._lock:
+            return {name: reason for name, (reason, _) in self._quarantined.items()}
+
+    def quarantine(self, volunteer: str, reason: str, now: float) -> None:
+        with self._lock:
+            self._quarantined.setdefault(volunteer, (reason, now))
+
+    def release(self, volunteer: str) -> bool:
+        with self._lock:
+            return self._quarantined.pop(volunteer, None) is not None
 
 
 def _normal(fields: dict[str, Any]) -> dict[str, Any]:

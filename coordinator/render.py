@@ -72,6 +72,7 @@ def row_dict(row: ResultRow) -> dict[str, Any]:
         "index": row.index, "task_id": row.task_id, "args": row.args, "state": row.state,
         "value": row.value, "worker": row.worker, "attempts": row.attempts,
         "elapsed": row.elapsed, "errors": row.errors,
+        **({"replicas": row.replicas} if row.replicas else {}),
     }  # fmt: skip
 
 
@@ -183,6 +184,10 @@ def job_view(progress: JobProgress, now: float | None = None) -> RenderableType:
         ("running ", "cyan"), str(p.assigned), " · ", ("pending ", "yellow"), str(p.pending),
         " · ", ("cancelled ", "magenta"), str(p.cancelled),
     )  # fmt: skip
+    if p.replication is not None or p.waiting:
+        factor = f"{p.replication:.2f} values per finished task" if p.replication is not None else "no task finished"
+        waiting = f" · {p.waiting} task(s) wait for another volunteer to come online" if p.waiting else ""
+        counts.append(f"\nreplication: {factor}{waiting}")
     ended = p.finished_at if p.finished_at else now
     timing = Text(f"created {ago(p.created_at, now)}, "
                   + (f"finished in {duration(ended - p.created_at)}" if p.finished_at
@@ -225,6 +230,14 @@ def _error_summary(row: ResultRow) -> str:
     return cut(f"{kind}: {message}".rstrip(": "), CELL_CHARS) + more
 
 
+def _replica_summary(row: ResultRow) -> str:
+    """Replicated tasks: how many values agreed, e.g. " (2/3 agree)"."""
+    if not row.replicas:
+        return ""
+    agreed = sum(1 for r in row.replicas if r["outcome"] == "ok")
+    return f" ({agreed}/{len(row.replicas)} agree)"
+
+
 def results_table(rows: list[ResultRow], title: str) -> Table:
     table = _table(title)
     for name, justify in (("#", "right"), ("args", "left"), ("state", "left"), ("value", "left"),
@@ -234,7 +247,7 @@ def results_table(rows: list[ResultRow], title: str) -> Table:
     for row in rows:
         table.add_row(
             str(row.index), cut(dumps(row.args)), state_text(row.state),
-            cut(dumps(row.value)) if row.state == "done" else "", row.worker or "",
+            cut(dumps(row.value)) if row.state == "done" else "", (row.worker or "") + _replica_summary(row),
             str(row.attempts), "" if row.elapsed is None else f"{row.elapsed:.3f}s",
             _error_summary(row),
         )  # fmt: skip

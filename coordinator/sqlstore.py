@@ -27,6 +27,8 @@ from dockercomp.coordinator import database, heartbeat
 from dockercomp.coordinator.database import database_proxy
 from dockercomp.coordinator.errors import StoreError, StoreLocked, UnknownJob, UnknownTask
 from dockercomp.coordinator.heartbeat import Heartbeat
+from dockercomp.coordinator.replication import SINGLE, Replication
+from dockercomp.coordinator.sqlreplicas import ReplicaQueries
 from dockercomp.coordinator.store import (
     ALLOWED_FROM,
     FAILED_OUTCOMES,
@@ -111,6 +113,7 @@ class Job(BaseModel):
     finished_at = pw.DoubleField(null=True)
     total = pw.IntegerField(default=0)
     revision = pw.IntegerField(default=0)  # JobRow.revision
+    replication = pw.TextField(null=True)  # Replication JSON; NULL: one replica (added later: database.py)
 
 
 class Task(BaseModel):
@@ -141,6 +144,8 @@ class Attempt(BaseModel):
     finished_at = pw.DoubleField(null=True)
     outcome = pw.CharField(max_length=16, default=AttemptOutcome.OPEN.value, index=True)
     error = pw.TextField(null=True)  # JSON {type, message, traceback}
+    value = pw.TextField(null=True)  # replicated jobs: the value returned, JSON (added later)
+    elapsed = pw.DoubleField(null=True)  # replicated jobs: its CPU-seconds, the credit (added later)
 
     class Meta:
         indexes = ((("task", "number"), True),)
@@ -155,7 +160,13 @@ class Result(BaseModel):
     received_at = pw.DoubleField()
 
 
-MODELS = [Worker, Job, Task, Attempt, Result]
+class Quarantine(BaseModel):
+    volunteer = pw.CharField(max_length=64, unique=True)
+    reason = pw.TextField()
+    since = pw.DoubleField()
+
+
+MODELS = [Worker, Job, Task, Attempt, Result, Quarantine]
 
 
 def _chunks(items: list[Any], size: int = _IN_CHUNK) -> Iterator[list[Any]]:
@@ -169,7 +180,7 @@ def _marks(param: str, values: Iterable[Any]) -> str:
 
 def _job_row(row: Job) -> JobRow:
     return JobRow(row.id, row.name, row.function, row.timeout, row.max_attempts, row.state, row.created_at,
-                  row.finished_at, row.total, row.revision)
+                  row.finished_at, row.total, row.revision, Replication.from_json(row.replication))
 
 
 def _worker_row(row: Worker) -> WorkerRow:
@@ -189,7 +200,7 @@ def _worker_columns(fields: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-class SqlStore(Store):
+class SqlStore(ReplicaQueries, Store):
     """The store on SQLite or PostgreSQL (``Store.open(url)``)."""
 
     failures = (StoreError, pw.PeeweeException)
@@ -266,7 +277,7 @@ class SqlStore(Store):
     # -- jobs ----------------------------------------------------------------------------------
     def _insert_job(self, function: str, name: str | None, timeout: float, max_attempts: int,
                     batches: Iterator[list[tuple[int, str]]], on_progress: Callable[[int], None] | None,
-                    replace: bool = False) -> JobRow:
+                    replace: bool = False, replication: Replication = SINGLE) -> JobRow:
         now = time.time()
         with self._errors("store the job"), self.db.atomic():
             old = Job.get_or_none(Job.name == name) if name is not None else None
@@ -275,7 +286,8 @@ class SqlStore(Store):
                     raise name_taken(old.name)
                 self._delete_job(old.id, old.name)
             job = Job.create(name=name or f"job-new-{os.getpid()}-{now}", function=function,
-                             timeout=timeout, max_attempts=max_attempts, created_at=now)
+                             timeout=timeout, max_attempts=max_attempts, created_at=now,
+                             replication=replication.to_json())
             if name is None:
                 job.name = f"job-{job.id}"
                 job.save(only=[Job.name])
@@ -324,8 +336,9 @@ class SqlStore(Store):
     def jobs(self) -> list[JobRow]:
         with self._errors("read jobs"):
             query = Job.select(Job.id, Job.name, Job.function, Job.timeout, Job.max_attempts, Job.state,
-                               Job.created_at, Job.finished_at, Job.total, Job.revision).order_by(Job.id).tuples()
-            return [JobRow(*row) for row in query]
+                               Job.created_at, Job.finished_at, Job.total, Job.revision,
+                               Job.replication).order_by(Job.id).tuples()
+            return [JobRow(*row[:-1], Replication.from_json(row[-1])) for row in query]
 
     def task_counts(self, job_id: int) -> dict[str, int]:
         counts = {state.value: 0 for state in TaskState}
@@ -345,12 +358,12 @@ class SqlStore(Store):
                              .order_by(Task.index).limit(_RESULTS_CHUNK).tuples())
                 if not tasks:
                     return
-            rows = self._result_rows(tasks)
+            rows = self._result_rows(tasks, job)
             yield from rows
             last_index = tasks[-1][1]
 
-    def _result_rows(self, tasks: list[tuple[int, int, str, str, int]]) -> list[ResultRow]:
-        """ResultRows of these (id, index, args, state, attempts) tasks, in their order."""
+    def _result_rows(self, tasks: list[tuple[int, int, str, str, int]], job: JobRow) -> list[ResultRow]:
+        """ResultRows of these (id, index, args, state, attempts) tasks of ``job``, in their order."""
         with self._errors("read results"):
             ids = [t[0] for t in tasks]
             accepted = {
@@ -361,10 +374,12 @@ class SqlStore(Store):
             }
             errors: dict[int, list[dict[str, Any]]] = {}
             failed = (Attempt.select(Attempt.task, Attempt.number, Attempt.outcome, Attempt.error, Worker.key)
-                      .join(Worker).where(Attempt.task.in_(ids) & Attempt.outcome.in_(FAILED_OUTCOMES))
+                      .join(Worker).where(Attempt.task.in_(ids) & (Attempt.outcome.in_(FAILED_OUTCOMES) | (
+                          (Attempt.outcome == AttemptOutcome.UNVALIDATED.value) & Attempt.error.is_null(False))))
                       .order_by(Attempt.task, Attempt.number).tuples())
             for task_id, number, outcome, error, key in failed:
                 errors.setdefault(task_id, []).append(error_entry(number, key, outcome, error))
+            replicas = self.replica_values(ids) if not job.replication.single else {}
         rows = []
         for task_id, index, args, state, attempts in tasks:
             value, elapsed, key = accepted.get(task_id, (None, None, None))
@@ -372,6 +387,7 @@ class SqlStore(Store):
                 task_id=task_id, index=index, args=json.loads(args), state=state,
                 value=json.loads(value) if value is not None else None, worker=key,
                 attempts=attempts, elapsed=elapsed, errors=errors.get(task_id, []),
+                replicas=replicas.get(task_id, []),
             ))
         return rows
 
@@ -396,7 +412,7 @@ class SqlStore(Store):
                         Attempt.select(Attempt.number, Worker.key, Attempt.sent_at, Attempt.finished_at,
                                        Attempt.outcome, Attempt.error)
                         .join(Worker).where(Attempt.task == task.id).order_by(Attempt.number).tuples())]
-        [result] = self._result_rows([(task.id, task.index, task.args, task.state, task.attempts)])
+        [result] = self._result_rows([(task.id, task.index, task.args, task.state, task.attempts)], job)
         return result, rows
 
     def delete_job(self, job: JobRow) -> int:
@@ -550,6 +566,7 @@ class SqlStore(Store):
         for part in _chunks(changes.results, 500):
             db.execute_sql("INSERT INTO result (task_id, attempt_id, worker_id, value, elapsed, received_at) "
                            f"VALUES {', '.join([row] * len(part))}", [v for result in part for v in result])
+        self.write_replicas(changes, now)
         for ids in _chunks(changes.ok_attempts):
             db.execute_sql(f"UPDATE attempt SET outcome = {p}, finished_at = {p} WHERE id IN ({_marks(p, ids)})",
                            [AttemptOutcome.OK.value, now, *ids])

@@ -32,6 +32,7 @@ from dockercomp.broker.topics import validate_name
 from dockercomp.coordinator.defaults import INSERT_BATCH, MAX_ATTEMPTS, SQLITE_BUSY_TIMEOUT_MS, TASK_TIMEOUT
 from dockercomp.coordinator.errors import InvalidInput, JobBusy, StoreError
 from dockercomp.coordinator.heartbeat import Heartbeat
+from dockercomp.coordinator.replication import SINGLE, ReplicaAttempt, Replication, VolunteerStats
 
 # URL scheme of the in-memory store.
 MEMORY_URL = "memory://"
@@ -70,6 +71,8 @@ class AttemptOutcome(str, Enum):
     LOST = "lost"  # the worker died (will) while it held the attempt
     CANCELLED = "cancelled"  # the job was cancelled while it ran
     SUPERSEDED = "superseded"  # another attempt of the task delivered the accepted result
+    UNVALIDATED = "unvalidated"  # a replica's value, kept, waiting for a quorum to agree on one
+    INVALID = "invalid"  # a replica's value that disagreed with the task's canonical result
 
 
 # Outcomes that are a failed attempt's reason (shown in ResultRow.errors).
@@ -113,6 +116,7 @@ class JobRow:
     # Bumped by every change made outside the engine (cancel, retry), so a running engine
     # notices it on its next poll and recounts the job's tasks.
     revision: int
+    replication: Replication = SINGLE
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,10 @@ class JobProgress:
     # Of the assigned tasks, those running on a worker (the first `capacity` attempts each
     # worker holds); the rest wait in a worker's prefetch queue.
     running: int = 0
+    # Replicated jobs: values received per finished task so far (None: single replica), and
+    # tasks waiting for another volunteer to come online (they hold no open attempt).
+    replication: float | None = None
+    waiting: int = 0
 
     @property
     def finished(self) -> int:
@@ -193,6 +201,9 @@ class ResultRow:
     attempts: int
     elapsed: float | None
     errors: list[dict[str, Any]]  # one per failed attempt: {attempt, worker, outcome, type, message}
+    # Replicated jobs: every value received, {attempt, worker, outcome, value} (outcome ok:
+    # agreed with the canonical value, invalid: disagreed, unvalidated: no quorum (yet)).
+    replicas: list[dict[str, Any]] = field(default_factory=list)
 
 
 # A pending task as dispatch takes it: task id, args JSON, attempts so far, retries_from.
@@ -244,10 +255,16 @@ class Changes:
     task_states: dict[int, str] = field(default_factory=dict)
     worker_done: Counter[int] = field(default_factory=Counter)
     worker_failed: Counter[int] = field(default_factory=Counter)
+    # Replicas: values received (attempt id, value JSON, elapsed), written before ok_attempts
+    # so a replica both reported and validated in one step keeps its value.
+    # (attempt id, value JSON, elapsed, error JSON when the task failed on it: no quorum, validator).
+    reported: list[tuple[int, str, float, str | None]] = field(default_factory=list)
+    invalid_attempts: list[int] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.results or self.ok_attempts or self.superseded_attempts or self.closed_attempts
-                    or self.task_states or self.worker_done or self.worker_failed)
+                    or self.task_states or self.worker_done or self.worker_failed or self.reported
+                    or self.invalid_attempts)
 
     def accept(self, task_id: int, attempt_id: int, worker_id: int, value_json: str, elapsed: float, now: float) -> None:
         self.results.append((task_id, attempt_id, worker_id, value_json, elapsed, now))
@@ -277,6 +294,8 @@ class Changes:
         self.task_states.clear()
         self.worker_done.clear()
         self.worker_failed.clear()
+        self.reported.clear()
+        self.invalid_attempts.clear()
 
 
 # --------------------------------------------------------------------------- input
@@ -438,19 +457,20 @@ class Store(ABC):
     # -- jobs (CLI submit/status/results/cancel/retry; Python API) ---------------------------
     def create_job(self, function: str, args_list: Iterable[list[Any]], *, name: str | None = None,
                    timeout: float = TASK_TIMEOUT, max_attempts: int = MAX_ATTEMPTS,
-                   on_progress: Callable[[int], None] | None = None, replace: bool = False) -> JobRow:
+                   on_progress: Callable[[int], None] | None = None, replace: bool = False,
+                   replication: Replication = SINGLE) -> JobRow:
         """Store a job and all its tasks in one transaction (nothing half-submitted), durable
         when it returns. ``name`` defaults to ``job-<id>``. Raises InvalidInput on bad input.
         ``replace``: a job of that name is deleted in the same transaction (kept when this
         fails; JobBusy while it has tasks on workers)."""
         check_job_options(function, name, timeout, max_attempts)
         return self._insert_job(function, name, float(timeout), max_attempts, encoded_batches(args_list),
-                                on_progress, replace)
+                                on_progress, replace, replication)
 
     @abstractmethod
     def _insert_job(self, function: str, name: str | None, timeout: float, max_attempts: int,
                     batches: Iterator[list[tuple[int, str]]], on_progress: Callable[[int], None] | None,
-                    replace: bool = False) -> JobRow:
+                    replace: bool = False, replication: Replication = SINGLE) -> JobRow:
         """create_job once the options are checked: raises name_taken() (unless ``replace``:
         then the old job is deleted as by delete_job), no_tasks(), or what ``batches``
         raises, and then stores nothing."""
@@ -476,7 +496,14 @@ class Store(ABC):
             done=counts["done"], failed=counts["failed"], cancelled=counts["cancelled"],
             created_at=fresh.created_at, finished_at=fresh.finished_at,
             running=self.running_count(fresh.id) if counts["assigned"] else 0,
+            **self._replica_progress(fresh),
         )
+
+    def _replica_progress(self, job: JobRow) -> dict[str, Any]:
+        if job.replication.single:
+            return {}
+        finished, values, waiting = self.replica_counts(job.id)
+        return {"replication": round(values / finished, 3) if finished else None, "waiting": waiting}
 
     @abstractmethod
     def running_count(self, job_id: int) -> int:
@@ -582,3 +609,29 @@ class Store(ABC):
     @abstractmethod
     def task_exists(self, task_id: int) -> bool:
         ...
+
+    # -- replication, trust and credit (issue 11) -------------------------------------------------
+    @abstractmethod
+    def replica_attempts(self, job_id: int) -> list[ReplicaAttempt]:
+        """Every attempt of the job's assigned tasks, by task and number (votes on start)."""
+
+    @abstractmethod
+    def replica_counts(self, job_id: int) -> tuple[int, int, int]:
+        """(tasks done or failed, values received for them, assigned tasks holding no open
+        attempt: waiting for another volunteer)."""
+
+    @abstractmethod
+    def volunteer_stats(self) -> list[VolunteerStats]:
+        """Every volunteer with a worker or a quarantine, by credit then name."""
+
+    @abstractmethod
+    def quarantines(self) -> dict[str, str]:
+        """The quarantined volunteers and why."""
+
+    @abstractmethod
+    def quarantine(self, volunteer: str, reason: str, now: float) -> None:
+        """Quarantine a volunteer (the engine) until ``release``."""
+
+    @abstractmethod
+    def release(self, volunteer: str) -> bool:
+        """Lift a volunteer's quarantine (an operator); False if it was not quarantined."""

@@ -38,6 +38,7 @@ from dockercomp.coordinator.store import (
     WorkerState,
     dump_json,
 )
+from dockercomp.coordinator.replication import Replication
 from tests.support import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -598,3 +599,64 @@ def test_postgres_a_reader_never_creates_the_tables(postgres_db: str) -> None:
         Store.open(postgres_db, create=False)
     Store.open(postgres_db).close()
     Store.open(postgres_db, create=False).close()
+# --------------------------------------------------------------------------- replication (issue 11)
+def test_replication_options_replica_values_quorum_and_credit(store: Store) -> None:
+    replication = Replication.make(replicas=2, quorum=2, validator="tolerance")
+    job = store.create_job("add", [[1], [2]], replication=replication)
+    assert store.get_job(job.id).replication == replication
+    assert [j.replication for j in store.jobs()] == [replication]
+    single = store.create_job("add", [[1]])
+    assert store.get_job(single.id).replication.single
+    a, b, c = add_worker(store, "alice/w"), add_worker(store, "bob/w"), add_worker(store, "carol/w")
+    first, second = task_ids(store, job)
+    now = time.time()
+    opened = [store.open_attempts([(first, n, w.id, now + 10)], now)[first] for n, w in ((1, a), (2, b), (3, c))]
+    store.open_attempts([(second, 1, a.id, now + 10)], now)
+    # three values for the first task: two agree, one does not
+    changes = Changes()
+    changes.reported += [(opened[0], "3", 2.0, None), (opened[1], "4", 1.5, None), (opened[2], "3", 2.5, None)]
+    store.apply(changes, now)
+    assert store.replica_counts(job.id) == (0, 0, 1)  # the first waits for no open replica
+    assert [(r.number, r.outcome, r.value) for r in store.replica_attempts(job.id) if r.task_id == first] == [
+        (1, "unvalidated", "3"), (2, "unvalidated", "4"), (3, "unvalidated", "3")]
+    changes.accept(first, opened[0], a.id, "3", 2.0, now)
+    changes.ok_attempts.append(opened[2])
+    changes.invalid_attempts.append(opened[1])
+    store.apply(changes, now)
+    row = next(iter(store.results(store.get_job(job.id))))
+    assert (row.state, row.value) == ("done", 3)
+    assert [(r["worker"], r["outcome"], r["value"]) for r in row.replicas] == [
+        ("alice/w", "ok", 3), ("bob/w", "invalid", 4), ("carol/w", "ok", 3)]
+    assert store.replica_counts(job.id) == (1, 3, 0)
+    progress = store.progress(job)
+    assert (progress.replication, progress.waiting) == (3.0, 0)
+    stats = {s.volunteer: (s.workers, s.validated, s.invalid, s.failed, s.credit) for s in store.volunteer_stats()}
+    assert stats == {"alice": (1, 1, 0, 0, 2.0), "bob": (1, 0, 1, 0, 0.0), "carol": (1, 1, 0, 0, 2.5)}
+    assert [s.volunteer for s in store.volunteer_stats()] == ["carol", "alice", "bob"]
+
+
+def test_a_task_failed_without_quorum_shows_the_reason_with_its_values(store: Store) -> None:
+    job = store.create_job("add", [[1]], replication=Replication.make(replicas=2, quorum=2, max_replicas=2))
+    a, b = add_worker(store, "alice/w"), add_worker(store, "bob/w")
+    [task] = task_ids(store, job)
+    now = time.time()
+    one = store.open_attempts([(task, 1, a.id, now + 10)], now)[task]
+    two = store.open_attempts([(task, 2, b.id, now + 10)], now)[task]
+    changes = Changes()
+    changes.reported += [(one, "1", 1.0, None), (two, "2", 1.0, dump_json({"type": "NoQuorum", "message": "no"}))]
+    changes.set_task(task, TaskState.FAILED)
+    store.apply(changes, now)
+    [row] = store.results(job)
+    assert row.state == "failed" and [r["value"] for r in row.replicas] == [1, 2]
+    assert [(e["attempt"], e["worker"], e["type"]) for e in row.errors] == [(2, "bob/w", "NoQuorum")]
+
+
+def test_quarantine_until_released(store: Store) -> None:
+    assert store.quarantines() == {} and not store.release("mallory")
+    store.quarantine("mallory", "job 1: 4 of 6 results invalid", 100.0)
+    store.quarantine("mallory", "again", 200.0)  # the first reason stays
+    assert store.quarantines() == {"mallory": "job 1: 4 of 6 results invalid"}
+    [stats] = store.volunteer_stats()
+    assert (stats.volunteer, stats.workers, stats.quarantined, stats.quarantined_at) == (
+        "mallory", 0, "job 1: 4 of 6 results invalid", 100.0)
+    assert store.release("mallory") and store.quarantines() == {}
