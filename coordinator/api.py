@@ -174,11 +174,16 @@ class Client:
     ) -> Job:
         """Store a job: one task per argument list, all or nothing, durable on return.
 
+        ``args_list`` may be any iterable, a generator included: it is read once, in batches,
+        as the tasks are stored (memory stays flat however many tasks it yields).
+
         Raises InvalidInput naming the first unusable argument list, a bad option or a name
         already taken (nothing is stored then), and StoreError when the database fails.
         """
+        # Streamed: the store pulls ``args_list`` batch by batch inside its transaction, so a
+        # generator of a million tasks never sits in memory whole (tuples are taken as lists).
         row = self.store.create_job(
-            function, [list(args) if isinstance(args, tuple) else args for args in args_list],  # type: ignore[misc]
+            function, args_list,  # type: ignore[arg-type]
             name=name, timeout=timeout, max_attempts=max_attempts, on_progress=on_progress,
         )
         return Job(self, row)

@@ -13,11 +13,13 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
 
 from dockercomp.coordinator import store as store_module
+from dockercomp.coordinator.defaults import INSERT_BATCH
 from dockercomp.coordinator.errors import InvalidInput, StoreError, StoreLocked, UnknownJob
 from dockercomp.coordinator.store import (
     AttemptOutcome,
@@ -486,3 +488,24 @@ def test_sqlite_two_stores_in_two_threads_never_cross(tmp_path: Path) -> None:
 def test_postgres_unreachable_server_says_what_to_do() -> None:
     with pytest.raises(StoreError, match="PostgreSQL server running"):
         Store.open(f"postgresql://postgres@127.0.0.1:{free_port()}/nothing")
+
+
+@pytest.mark.parametrize("failure", ["bad argument", "generator raises"])
+def test_a_stream_that_fails_after_several_batches_stores_nothing(store: Store, failure: str) -> None:
+    # issue 10 item 16: generators are stored batch by batch inside one transaction, so a
+    # failure late in the stream must still leave no job and no task behind.
+    class Broken(Exception):
+        pass
+
+    def tasks() -> Iterator[Any]:
+        yield from ([i] for i in range(2 * INSERT_BATCH + 1))
+        if failure == "bad argument":
+            yield {"not": "a list"}
+        raise Broken("the scientist's generator failed")
+
+    stored: list[int] = []
+    with pytest.raises(InvalidInput if failure == "bad argument" else Broken):
+        store.create_job("add", tasks(), name="streamed", on_progress=stored.append)
+    assert stored[:2] == [INSERT_BATCH, 2 * INSERT_BATCH]  # batches went in before the failure
+    assert store.jobs() == [] and sum(store.task_counts(1).values()) == 0
+    assert store.create_job("add", [[1]], name="streamed").total == 1  # the name was never taken

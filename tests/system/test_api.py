@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dockercomp.coordinator.api import Client, JobTimeout, TasksFailed, connect
+from dockercomp.coordinator.defaults import INSERT_BATCH
 from dockercomp.coordinator.errors import InvalidInput, UnknownJob
 from dockercomp.coordinator.store import JobProgress
 from tests.support import wait_until
@@ -132,3 +133,33 @@ def test_tuples_and_generators_are_accepted(client: Client) -> None:
     job = client.submit("add", ((i, i) for i in range(3)), name="gen")
     assert [row.args for row in job.results()] == [[0, 0], [1, 1], [2, 2]]
     assert job.progress().pending == 3
+
+
+def test_a_generator_is_streamed_into_the_store_not_read_whole_first(client: Client) -> None:
+    # issue 10 item 16: submit materialised the whole argument list (1M tasks: 153 MB RSS).
+    pulled = [0]
+    pulled_at_first_batch: list[int] = []
+
+    def tasks(n: int) -> Iterator[list[int]]:
+        for i in range(n):
+            pulled[0] += 1
+            yield [i, i]
+
+    n = 3 * INSERT_BATCH + 7
+    job = client.submit("add", tasks(n), name="streamed",
+                        on_progress=lambda stored: pulled_at_first_batch.append(pulled[0]) if not pulled_at_first_batch else None)
+    # the first batch was stored before the rest of the generator was read
+    assert pulled_at_first_batch and pulled_at_first_batch[0] <= INSERT_BATCH + 1
+    assert job.total == n == client.job("streamed").progress().pending
+
+
+def test_a_bad_argument_late_in_a_stream_leaves_no_job(client: Client) -> None:
+    def tasks() -> Iterator[object]:
+        yield from ([i] for i in range(2 * INSERT_BATCH + 3))
+        yield "not a list"
+
+    with pytest.raises(InvalidInput, match=f"line {2 * INSERT_BATCH + 4}"):
+        client.submit("add", tasks(), name="late-error")
+    assert client.jobs() == []
+    # and the name is still free: the whole job is gone, not only its last batches
+    assert client.submit("add", [[1, 2]], name="late-error").total == 1
