@@ -8,25 +8,29 @@
 [1229, 1033]
 >>> for row in job.as_completed(): ...          # as they finish
 
-Submitting only writes to the store (durable on return); a running ``dockercomp coordinator serve`` on
-the same database picks new work up within a second, and the API reads progress and results
-back from the store. Nothing here needs the broker except ``Client.purge``.
+Submitting writes to the store (durable on return); a running ``dockercomp coordinator serve`` on
+the same database picks new work up at its next poll of the jobs (0.5 s), or at once when the
+client knows the broker (``broker=`` or ``$DOCKERCOMP_BROKER``): ``submit`` then publishes a
+nudge that wakes it. The API reads progress and results back from the store; only the nudge
+and ``Client.purge`` use the broker.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from dockercomp.broker.connection import MqttConnection
 from dockercomp.broker.defaults import BROKER_URL_ENV, DEFAULT_BROKER_URL
-from dockercomp.broker.errors import BrokerError
+from dockercomp.broker.errors import BrokerError, SettingsError
 from dockercomp.broker.settings import BrokerSettings
 from dockercomp.broker.topics import Topics, WorkerRef
-from dockercomp.coordinator.defaults import DB_PATH, DB_URL_ENV, WAIT_POLL_INTERVAL
+from dockercomp.coordinator.defaults import DB_PATH, DB_URL_ENV, NUDGE_TIMEOUT, WAIT_POLL_INTERVAL
 from dockercomp.coordinator.errors import CoordinatorError
 from dockercomp.coordinator.store import (
     FINISHED_STATES,
@@ -38,6 +42,8 @@ from dockercomp.coordinator.store import (
     WorkerRow,
     WorkerState,
 )
+
+log = logging.getLogger(__name__)
 
 # Broker used when neither --broker/broker= nor DOCKERCOMP_BROKER says otherwise.
 DEFAULT_BROKER = DEFAULT_BROKER_URL
@@ -140,9 +146,11 @@ class Client:
     """A connection to the coordinator's store: submit jobs, follow them, fetch results.
 
     ``db`` is a SQLite path or ``postgresql://…`` URL (default ``$DOCKERCOMP_DB``, else
-    ``coordinator.defaults.DB_PATH`` in the current directory); ``broker`` is only used by
-    ``purge``. ``poll_interval``, ``clock`` and ``sleep`` are injectable so tests need no
-    real waiting.
+    ``coordinator.defaults.DB_PATH`` in the current directory); ``broker`` is used by ``purge``
+    and by ``submit``, which nudges a running ``serve`` over it so dispatch starts at once
+    (``nudge``: default on when the broker is known, from ``broker`` or ``$DOCKERCOMP_BROKER``;
+    without a nudge ``serve`` finds the job at its next poll). ``poll_interval``, ``clock``
+    and ``sleep`` are injectable so tests need no real waiting.
     """
 
     def __init__(
@@ -153,8 +161,10 @@ class Client:
         poll_interval: float = POLL_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        nudge: bool | None = None,
     ) -> None:
         self.db = db or default_db()
+        self.nudge = nudge if nudge is not None else bool(broker or os.environ.get(BROKER_URL_ENV))
         self.broker = broker or default_broker()
         self.poll_interval = poll_interval
         self.clock = clock
@@ -186,7 +196,30 @@ class Client:
             function, args_list,  # type: ignore[arg-type]
             name=name, timeout=timeout, max_attempts=max_attempts, on_progress=on_progress,
         )
+        if self.nudge:
+            self.nudge_coordinator()
         return Job(self, row)
+
+    def nudge_coordinator(self, timeout: float = NUDGE_TIMEOUT) -> bool:
+        """Tell a running ``serve`` that new work is stored (it polls its jobs at once);
+        True once the broker took the nudge. Never raises: without it the job is picked up at
+        the engine's next poll anyway (the broker may be down, or this account may not nudge)."""
+        try:
+            settings = BrokerSettings.from_url(self.broker)
+            connection = MqttConnection(settings, client_id=f"dockercomp-submit-{uuid.uuid4().hex[:12]}")
+        except (SettingsError, BrokerError, OSError) as exc:
+            log.warning("job stored; could not nudge the coordinator (%s): it is picked up at its next poll", exc)
+            return False
+        connection.start()
+        try:
+            connection.wait_connected(timeout)
+            connection.publish(Topics(settings.root).coordinator_nudge, b"", qos=1)
+            return connection.flush(timeout)
+        except BrokerError as exc:
+            log.warning("job stored; could not nudge the coordinator (%s): it is picked up at its next poll", exc)
+            return False
+        finally:
+            connection.close(timeout)
 
     def job(self, id_or_name: str | int) -> Job:
         """A submitted job by id or name; UnknownJob (naming the known ones) when missing."""

@@ -6,17 +6,20 @@ only the tests of waiting without workers run on the store alone (with an inject
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from dockercomp.broker.processes import BrokerProcess
 from dockercomp.coordinator.api import Client, JobTimeout, TasksFailed, connect
 from dockercomp.coordinator.defaults import INSERT_BATCH
 from dockercomp.coordinator.errors import InvalidInput, UnknownJob
+from dockercomp.coordinator.service import Coordinator
 from dockercomp.coordinator.store import JobProgress
 from tests.support import wait_until
-from tests.support.processes import Processes
+from tests.support.processes import FAST, Processes
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -163,3 +166,40 @@ def test_a_bad_argument_late_in_a_stream_leaves_no_job(client: Client) -> None:
     assert client.jobs() == []
     # and the name is still free: the whole job is gone, not only its last batches
     assert client.submit("add", [[1, 2]], name="late-error").total == 1
+
+
+@pytest.mark.parametrize("how", ["api", "cli"])
+def test_submit_nudges_a_running_serve_which_dispatches_at_once(broker: BrokerProcess, procs: Processes,
+                                                                 tmp_path: Path, how: str) -> None:
+    # issue 10 item 15: a submitted job waited for serve's next poll of the jobs table.
+    # Given an engine that would poll only every 10 minutes, and an agent online
+    db = str(tmp_path / "nudged.db")
+    settings = dataclasses.replace(FAST, poll_interval=600)
+    engine = Coordinator.connect(broker.url, db, settings).start()
+    try:
+        procs.agent("a1")
+        with Client(db, broker=broker.url, poll_interval=0.05) as client:
+            wait_until(lambda: [w.key for w in client.workers() if w.state == "online"] == ["local/a1"], timeout=30)
+            # when a job is submitted by a client that knows the broker
+            if how == "api":
+                job = client.submit("add", [[1, 2], [3, 4]], name="nudged")
+            else:
+                (tmp_path / "tasks.jsonl").write_text("[1, 2]\n[3, 4]\n")
+                procs.cli("submit", "add", str(tmp_path / "tasks.jsonl"), "--job", "nudged", "--db", db,
+                          "--broker", broker.url)
+                job = client.job("nudged")
+            # then serve dispatches it long before its next poll: the nudge woke it
+            assert job.wait(timeout=60, progress=False).done == 2
+            assert job.values() == [3, 7]
+    finally:
+        engine.stop()
+    assert engine.error is None, engine.error
+
+
+def test_a_nudge_that_cannot_be_delivered_still_stores_the_job(tmp_path: Path) -> None:
+    # Nothing listens on port 1 of this machine: the nudge fails fast and submit goes on.
+    with Client(str(tmp_path / "alone.db"), broker="mqtt://127.0.0.1:1") as client:
+        assert client.nudge
+        job = client.submit("add", [[1, 2]], name="unnudged")
+        assert client.job("unnudged").progress().pending == 1 == job.total
+        assert client.nudge_coordinator(timeout=0.2) is False
