@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from dockercomp.broker.processes import BrokerProcess
+from dockercomp.broker.topics import Topics
 from dockercomp.coordinator.api import Client, JobTimeout, TasksFailed, connect
 from dockercomp.coordinator.defaults import INSERT_BATCH
 from dockercomp.coordinator.errors import InvalidInput, UnknownJob
@@ -20,6 +21,7 @@ from dockercomp.coordinator.service import Coordinator
 from dockercomp.coordinator.store import JobProgress
 from tests.support import wait_until
 from tests.support.processes import FAST, Processes
+from tests.support.security import SecureBroker, connected, prove_subscribed
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -203,3 +205,20 @@ def test_a_nudge_that_cannot_be_delivered_still_stores_the_job(tmp_path: Path) -
         job = client.submit("add", [[1, 2]], name="unnudged")
         assert client.job("unnudged").progress().pending == 1 == job.total
         assert client.nudge_coordinator(timeout=0.2) is False
+
+
+def test_only_the_coordinator_account_may_nudge(secure_broker: SecureBroker, tmp_path: Path) -> None:
+    # The shipped policy (Mosquitto's ACL file, and the same file in force in amqtt)
+    alice = secure_broker.add("alice")
+    nudge = Topics().coordinator_nudge
+    with connected(secure_broker.url(secure_broker.coordinator), "listener", nudge) as listener:
+        prove_subscribed(listener, listener, nudge)
+        listener.received.clear()
+        # a volunteer's nudge is acknowledged (MQTT 3.1.1 has no refusal) but dropped
+        with Client(str(tmp_path / "a.db"), broker=secure_broker.url(alice)) as volunteer:
+            assert volunteer.nudge_coordinator(timeout=5)
+        # the coordinator account's, sent after it, is the only one delivered
+        with Client(str(tmp_path / "c.db"), broker=secure_broker.url(secure_broker.coordinator)) as scientist:
+            assert scientist.nudge_coordinator(timeout=5)
+        listener.wait_for(nudge)
+        assert listener.topics() == [nudge]
