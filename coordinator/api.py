@@ -204,22 +204,21 @@ class Client:
         """Tell a running ``serve`` that new work is stored (it polls its jobs at once);
         True once the broker took the nudge. Never raises: without it the job is picked up at
         the engine's next poll anyway (the broker may be down, or this account may not nudge)."""
+        connection: MqttConnection | None = None
         try:
             settings = BrokerSettings.from_url(self.broker)
+            # A fresh client id each time: two submits at once must not take over each other.
             connection = MqttConnection(settings, client_id=f"dockercomp-submit-{uuid.uuid4().hex[:12]}")
-        except (SettingsError, BrokerError, OSError) as exc:
-            log.warning("job stored; could not nudge the coordinator (%s): it is picked up at its next poll", exc)
-            return False
-        connection.start()
-        try:
+            connection.start()
             connection.wait_connected(timeout)
             connection.publish(Topics(settings.root).coordinator_nudge, b"", qos=1)
             return connection.flush(timeout)
-        except BrokerError as exc:
+        except (SettingsError, BrokerError, OSError) as exc:  # the URL names no password (masked)
             log.warning("job stored; could not nudge the coordinator (%s): it is picked up at its next poll", exc)
             return False
         finally:
-            connection.close(timeout)
+            if connection is not None:
+                connection.close(timeout)
 
     def job(self, id_or_name: str | int) -> Job:
         """A submitted job by id or name; UnknownJob (naming the known ones) when missing."""

@@ -198,13 +198,17 @@ def test_submit_nudges_a_running_serve_which_dispatches_at_once(broker: BrokerPr
     assert engine.error is None, engine.error
 
 
-def test_a_nudge_that_cannot_be_delivered_still_stores_the_job(tmp_path: Path) -> None:
+def test_a_nudge_that_cannot_be_delivered_still_stores_the_job(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
     # Nothing listens on port 1 of this machine: the nudge fails fast and submit goes on.
-    with Client(str(tmp_path / "alone.db"), broker="mqtt://127.0.0.1:1") as client:
+    with Client(str(tmp_path / "alone.db"), broker="mqtt://coordinator:s3cret@127.0.0.1:1") as client:
         assert client.nudge
         job = client.submit("add", [[1, 2]], name="unnudged")
         assert client.job("unnudged").progress().pending == 1 == job.total
         assert client.nudge_coordinator(timeout=0.2) is False
+    # said once per failed nudge, without the password
+    said = [r.getMessage() for r in caplog.records if "could not nudge" in r.getMessage()]
+    assert len(said) == 2 and not any("s3cret" in text for text in caplog.text.splitlines())
 
 
 def test_only_the_coordinator_account_may_nudge(secure_broker: SecureBroker, tmp_path: Path) -> None:
