@@ -208,6 +208,24 @@ def test_results_carry_values_workers_and_the_reason_of_every_failed_attempt(sto
     assert {w.key: (w.tasks_done, w.tasks_failed) for w in store.workers()} == {"alice/w1": (0, 2), "bob/w2": (1, 1)}
 
 
+def test_a_late_value_of_a_closed_attempt_takes_its_failure_back(store: Store) -> None:
+    # issue 10 item 4, as the ledger writes it: accept the closed attempt and count -1 failure
+    job = store.create_job("add", [[1, 2]])
+    worker = add_worker(store, "alice/w1")
+    [task] = task_ids(store, job)
+    attempt = send(store, task, 1, worker)
+    close(store, attempt, worker, AttemptOutcome.EXPIRED, task, TaskState.PENDING, {"type": "LeaseExpired"})
+    assert [(w.tasks_done, w.tasks_failed) for w in store.workers()] == [(0, 1)]
+    changes = Changes()
+    changes.worker_failed[worker.id] -= 1
+    changes.accept(task, attempt, worker.id, dump_json(3), 0.5, time.time())
+    store.apply(changes, time.time())
+    [row] = store.results(job)
+    assert (row.state, row.value, row.errors) == ("done", 3, [])
+    assert store.find_attempt(task, 1).outcome == AttemptOutcome.OK.value  # type: ignore[union-attr]
+    assert [(w.tasks_done, w.tasks_failed) for w in store.workers()] == [(1, 0)]
+
+
 def test_results_stream_large_jobs_in_order(store: Store) -> None:
     job = store.create_job("add", [[i, i] for i in range(2500)])
     assert [r.index for r in store.results(job)] == list(range(2500))
