@@ -21,6 +21,12 @@ LATENCY_SAMPLES = 1_000
 # Tasks submitted in one job for the submit-time figure (issue 6: 100,000 under 10 s).
 SUBMIT_TASKS = 100_000
 
+# One-task jobs per mode (nudge, poll) for the pickup figures: enough for a p95 of each.
+PICKUP_SAMPLES = 40
+
+# Tasks of the streaming submit (issue 10: 1,000,000 tasks with < 60 MB RSS growth).
+STREAM_TASKS = 1_000_000
+
 # Simulated workers in scale mode (issue 6: 1,000) and the processes they are packed into.
 SCALE_WORKERS = 1_000
 SCALE_PROCESSES = 4

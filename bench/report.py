@@ -125,7 +125,8 @@ def _fmt(value: Any, unit: str = "", digits: int = 0) -> str:
 
 def render(results: dict[str, Any], console: Console) -> None:
     """Human-readable tables of a results dict (the same dict the JSON file holds)."""
-    for table in (_round_trips(results), _cpu(results), _submit(results), _scale(results), _targets(results)):
+    for table in (_round_trips(results), _cpu(results), _submit(results), _stream(results), _pickup(results),
+                  _scale(results), _targets(results)):
         if table is not None:
             console.print(table)
     for run in results.get("e2e", []):
@@ -195,6 +196,31 @@ def _submit(results: dict[str, Any]) -> Table | None:
     return table
 
 
+def _stream(results: dict[str, Any]) -> Table | None:
+    rows = results.get("stream")
+    if not rows:
+        return None
+    table = _table("submitting from a generator vs a list (Python API, fresh process)", "input", "tasks",
+                   "seconds", "RSS before", "RSS growth")
+    for row in rows:
+        table.add_row(row["mode"], f"{row['tasks']:,}", _fmt(row["seconds"], digits=1),
+                      _fmt(row["rss_before_mb"], " MB", 1), _fmt(row["growth_mb"], " MB", 1))
+    return table
+
+
+def _pickup(results: dict[str, Any]) -> Table | None:
+    pickup = results.get("pickup")
+    if not pickup:
+        return None
+    table = _table(f"pickup: submit returned -> first dispatch ({pickup['samples']} one-task jobs each)",
+                   "how serve learns of the job", "p50", "p95", "max", "submit took (p50)")
+    for mode, how in (("nudge", "nudge over the broker"), ("poll", f"its poll, every {pickup['poll_interval_s']:g} s")):
+        row = pickup[mode]
+        table.add_row(how, _fmt(row["p50_ms"], " ms", 1), _fmt(row["p95_ms"], " ms", 1), _fmt(row["max_ms"], " ms", 1),
+                      _fmt(row.get("submit_p50_ms"), " ms", 1))
+    return table
+
+
 def _scale(results: dict[str, Any]) -> Table | None:
     scale = results.get("scale")
     if not scale:
@@ -225,7 +251,7 @@ def _targets(results: dict[str, Any]) -> Table | None:
     rows = results.get("targets") or []
     if not rows:
         return None
-    table = _table("issue 6 targets", "target", "goal", "measured", "met", left=4)
+    table = _table("targets (issues 6 and 10)", "target", "goal", "measured", "met", left=4)
     for target in rows:
         met = {True: "[green]yes[/]", False: "[red]NO[/]", None: "not run"}[target["met"]]
         table.add_row(target["name"], target["goal"], target["measured"], met)
@@ -246,7 +272,7 @@ def _profile(run: dict[str, Any], process: str, profile: dict[str, Any]) -> Tabl
 
 
 def targets(results: dict[str, Any]) -> list[Target]:
-    """Issue 6's targets against this run's figures."""
+    """Issue 6's and issue 10's targets against this run's figures."""
     raw = results.get("raw") or {}
     e2e = next((r for r in results.get("e2e", []) if r.get("key") == "e2e-mosquitto"), None)
     single = next((r for r in results.get("e2e", []) if r.get("key") == "e2e-window1"), None)
@@ -275,6 +301,7 @@ def targets(results: dict[str, Any]) -> list[Target]:
     else:
         out.append(Target("1,000 workers registered", "< 10 s", "not measured", None))
         out.append(Target("coordinator RSS", "< 300 MB", "not measured", None))
+    out += _issue10_targets(results)
     jobs = scale.get("jobs") or []
     if len(jobs) >= 2 and all(j.get("cpu_ms_per_task") for j in jobs):
         small, big = jobs[0], jobs[-1]
@@ -284,4 +311,23 @@ def targets(results: dict[str, Any]) -> list[Target]:
                           "flat (x1.25 at most)", f"x{growth:.2f}", growth <= 1.25))
     else:
         out.append(Target("dispatch cost 10k -> 100k tasks", "flat", "not measured", None))
+    return out
+
+
+def _issue10_targets(results: dict[str, Any]) -> list[Target]:
+    """Issue 10's pickup (item 15) and streaming-submit (item 16) targets."""
+    out = []
+    pickup = results.get("pickup")
+    if pickup:
+        p95 = pickup["nudge"]["p95_ms"]
+        out.append(Target("pickup after submit (nudge), p95", "< 50 ms", f"{p95:.1f} ms", p95 < 50.0))
+    else:
+        out.append(Target("pickup after submit (nudge), p95", "< 50 ms", "not measured", None))
+    streamed = next((r for r in results.get("stream") or [] if r.get("mode") == "generator"), None)
+    if streamed:
+        growth = streamed["growth_mb"]
+        out.append(Target(f"submit {streamed['tasks']:,} tasks from a generator: RSS growth", "< 60 MB",
+                          f"{growth:.1f} MB", growth < 60.0))
+    else:
+        out.append(Target("submit 1,000,000 tasks from a generator: RSS growth", "< 60 MB", "not measured", None))
     return out

@@ -10,7 +10,9 @@ so one broken part never hides the figures of the others):
 3. window1   coordinator + one agent of concurrency 1: one task in flight at a time
 4. amqtt     the e2e run again on the embedded amqtt broker (`dockercomp broker serve`)
 5. submit    100,000 tasks into a fresh store: Python API, then `dockercomp coordinator submit`
-6. scale     1,000 simulated workers on a fresh Mosquitto (bench/scale.py)
+6. stream    1,000,000 tasks from a generator through the API: RSS growth (bench/stream.py)
+7. pickup    submit returned -> first dispatch, with the nudge and by polling (bench/pickup.py)
+8. scale     1,000 simulated workers on a fresh Mosquitto (bench/scale.py)
 
 Mosquitto runs the repository's mosquitto.conf, moved to a free port (bench/harness.py).
 """
@@ -30,13 +32,15 @@ from typing import Any
 
 from bench import defaults
 from bench import e2e as e2e_mod
+from bench import pickup as pickup_mod
 from bench import raw as raw_mod
 from bench import scale as scale_mod
+from bench import stream as stream_mod
 from bench.errors import BenchError
 from bench.harness import console_script, start_broker
 from bench.report import SCHEMA_VERSION, load_average, machine, summary_line, targets
 
-PHASES = ("raw", "e2e", "window1", "amqtt", "submit", "scale")
+PHASES = ("raw", "e2e", "window1", "amqtt", "submit", "stream", "pickup", "scale")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class BenchOptions:
     concurrency: int = defaults.AGENT_CONCURRENCY
     latency_samples: int = defaults.LATENCY_SAMPLES
     submit_tasks: int = defaults.SUBMIT_TASKS
+    stream_tasks: int = defaults.STREAM_TASKS
+    pickup_samples: int = defaults.PICKUP_SAMPLES
     scale_workers: int = defaults.SCALE_WORKERS
     scale_processes: int = defaults.SCALE_PROCESSES
     scale_tasks: tuple[int, ...] = defaults.SCALE_TASKS
@@ -124,6 +130,8 @@ def run(options: BenchOptions, say: Say = lambda text: None) -> dict[str, Any]:
                 mosquitto.stop()
         run_.phase("amqtt", lambda: _amqtt(run_))
         run_.phase("submit", lambda: _submit(run_))
+        run_.phase("stream", lambda: _stream(run_))
+        run_.phase("pickup", lambda: _pickup(run_))
         run_.phase("scale", lambda: _scale(run_))
     finally:
         if options.keep or run_.failed:
@@ -229,6 +237,25 @@ def _submit(run_: _Run) -> None:
     rows.append({"key": "cli", "how": "dockercomp coordinator submit FILE (incl. start-up)", "tasks": n,
                  "seconds": round(seconds, 3), "tasks_per_s": round(n / seconds, 1)})
     run_.say(f"  CLI: {n:,} tasks in {seconds:.2f} s")
+
+
+def _stream(run_: _Run) -> None:
+    runs = stream_mod.measure(workdir=run_.workdir / "stream", tasks=run_.options.stream_tasks)
+    run_.results["stream"] = [r.to_json() for r in runs]
+    for r in runs:
+        run_.say(f"  {r.mode}: {r.tasks:,} tasks in {r.seconds:.1f} s, RSS +{r.growth_mb:.1f} MB")
+
+
+def _pickup(run_: _Run) -> None:
+    broker = start_broker("mosquitto", run_.workdir / "pickup")
+    try:
+        result = pickup_mod.measure(url=broker.url, workdir=run_.workdir / "pickup",
+                                    samples=run_.options.pickup_samples)
+    finally:
+        broker.stop()
+    run_.results["pickup"] = result.to_json()
+    run_.say(f"  pickup p50/p95: nudge {result.nudge.p50_ms:.1f}/{result.nudge.p95_ms:.1f} ms, "
+             f"poll {result.poll.p50_ms:.1f}/{result.poll.p95_ms:.1f} ms")
 
 
 def _scale(run_: _Run) -> None:

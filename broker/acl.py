@@ -14,7 +14,8 @@ The policy (``{root}`` is the topic root, ``dockercomp`` by default)::
     coordinator
         read   {root}/workers/+/+/presence, {root}/workers/+/+/results
         write  {root}/workers/+/+/tasks, {root}/workers/+/+/presence (clears a purged worker)
-        readwrite {root}/status/#, {root}/coordinator/presence
+        readwrite {root}/status/#, {root}/coordinator/presence, {root}/coordinator/nudge
+                                                (submit, run with the coordinator's account, nudges serve)
     observer
         deny   {root}/workers/#                 (overrides the volunteer patterns)
         read   {root}/status/#
@@ -96,6 +97,8 @@ def role_rules(role: Role, root: str = ROOT_TOPIC) -> list[Rule]:
             Rule(Access.WRITE, f"{root}/workers/+/+/tasks"),
             Rule(Access.READWRITE, f"{root}/status/#"),
             Rule(Access.READWRITE, f"{root}/coordinator/presence"),
+            # A submitter wakes the engine: only the coordinator account may (no flood by others).
+            Rule(Access.READWRITE, f"{root}/coordinator/nudge"),
         ]
     if role is Role.OBSERVER:
         # The deny beats the volunteer patterns, which apply to every account.

@@ -6,6 +6,7 @@ Layout (root ``dockercomp`` by default)::
     {root}/workers/{volunteer}/{worker}/tasks      work for one worker (coordinator -> worker)
     {root}/workers/{volunteer}/{worker}/results    results of that worker (worker -> coordinator)
     {root}/coordinator/presence                    retained coordinator presence
+    {root}/coordinator/nudge                       "a job was submitted": look now (not retained)
     {root}/status/summary                          retained overall progress
     {root}/status/jobs/{job}                       retained progress of one job
     {root}/status/workers/{volunteer}/{worker}     retained counters of one worker
@@ -129,6 +130,12 @@ class Topics:
     @property
     def coordinator_presence(self) -> str:
         return f"{self.root}/coordinator/presence"
+
+    @property
+    def coordinator_nudge(self) -> str:
+        """Where a submitter says "new work is stored": the engine polls its jobs at once
+        instead of at its next poll (a wake-up only: the payload is ignored, never retained)."""
+        return f"{self.root}/coordinator/nudge"
 
     @property
     def status_summary(self) -> str:

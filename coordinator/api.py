@@ -8,25 +8,29 @@
 [1229, 1033]
 >>> for row in job.as_completed(): ...          # as they finish
 
-Submitting only writes to the store (durable on return); a running ``dockercomp coordinator serve`` on
-the same database picks new work up within a second, and the API reads progress and results
-back from the store. Nothing here needs the broker except ``Client.purge``.
+Submitting writes to the store (durable on return); a running ``dockercomp coordinator serve`` on
+the same database picks new work up at its next poll of the jobs (0.5 s), or at once when the
+client knows the broker (``broker=`` or ``$DOCKERCOMP_BROKER``): ``submit`` then publishes a
+nudge that wakes it. The API reads progress and results back from the store; only the nudge
+and ``Client.purge`` use the broker.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from dockercomp.broker.connection import MqttConnection
 from dockercomp.broker.defaults import BROKER_URL_ENV, DEFAULT_BROKER_URL
-from dockercomp.broker.errors import BrokerError
+from dockercomp.broker.errors import BrokerError, SettingsError
 from dockercomp.broker.settings import BrokerSettings
 from dockercomp.broker.topics import Topics, WorkerRef
-from dockercomp.coordinator.defaults import DB_PATH, DB_URL_ENV, WAIT_POLL_INTERVAL
+from dockercomp.coordinator.defaults import DB_PATH, DB_URL_ENV, NUDGE_TIMEOUT, WAIT_POLL_INTERVAL
 from dockercomp.coordinator.errors import CoordinatorError
 from dockercomp.coordinator.heartbeat import Liveness, liveness
 from dockercomp.coordinator.replication import Replication
@@ -41,6 +45,8 @@ from dockercomp.coordinator.store import (
     WorkerRow,
     WorkerState,
 )
+
+log = logging.getLogger(__name__)
 
 # Broker used when neither --broker/broker= nor DOCKERCOMP_BROKER says otherwise.
 DEFAULT_BROKER = DEFAULT_BROKER_URL
@@ -145,9 +151,11 @@ class Client:
     """A connection to the coordinator's store: submit jobs, follow them, fetch results.
 
     ``db`` is a SQLite path or ``postgresql://…`` URL (default ``$DOCKERCOMP_DB``, else
-    ``coordinator.defaults.DB_PATH`` in the current directory); ``broker`` is only used by
-    ``purge``. ``poll_interval``, ``clock`` and ``sleep`` are injectable so tests need no
-    real waiting.
+    ``coordinator.defaults.DB_PATH`` in the current directory); ``broker`` is used by ``purge``
+    and by ``submit``, which nudges a running ``serve`` over it so dispatch starts at once
+    (``nudge``: default on when the broker is known, from ``broker`` or ``$DOCKERCOMP_BROKER``;
+    without a nudge ``serve`` finds the job at its next poll). ``poll_interval``, ``clock``
+    and ``sleep`` are injectable so tests need no real waiting.
     """
 
     def __init__(
@@ -159,8 +167,10 @@ class Client:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         create: bool = True,
+        nudge: bool | None = None,
     ) -> None:
         self.db = db or default_db()
+        self.nudge = nudge if nudge is not None else bool(broker or os.environ.get(BROKER_URL_ENV))
         self.broker = broker or default_broker()
         self.poll_interval = poll_interval
         self.clock = clock
@@ -192,18 +202,44 @@ class Client:
         volunteers (``distinct="worker"``: workers) and is done when ``quorum`` values agree
         (canonical JSON, or the ``validator`` named); more replicas up to ``max_replicas``
         otherwise. ``adaptive``: a trusted volunteer's value is accepted alone, bar spot checks.
+        ``args_list`` may be any iterable, a generator included: it is read once, in batches,
+        as the tasks are stored (memory stays flat however many tasks it yields).
 
         Raises InvalidInput naming the first unusable argument list, a bad option or a name
         already taken (nothing is stored then), and StoreError when the database fails.
         ``replace=True``: a job of that name is deleted in the same transaction (rerunning a
         notebook cell); if anything fails, the old job stays as it was.
         """
+        # Streamed: the store pulls ``args_list`` batch by batch inside its transaction, so a
+        # generator of a million tasks never sits in memory whole (tuples are taken as lists).
         row = self.store.create_job(
-            function, [list(args) if isinstance(args, tuple) else args for args in args_list],  # type: ignore[misc]
+            function, args_list,  # type: ignore[arg-type]
             name=name, timeout=timeout, max_attempts=max_attempts, on_progress=on_progress, replace=replace,
             replication=Replication.make(replicas, quorum, max_replicas, distinct, validator, adaptive),
         )
+        if self.nudge:
+            self.nudge_coordinator()
         return Job(self, row)
+
+    def nudge_coordinator(self, timeout: float = NUDGE_TIMEOUT) -> bool:
+        """Tell a running ``serve`` that new work is stored (it polls its jobs at once);
+        True once the broker took the nudge. Never raises: without it the job is picked up at
+        the engine's next poll anyway (the broker may be down, or this account may not nudge)."""
+        connection: MqttConnection | None = None
+        try:
+            settings = BrokerSettings.from_url(self.broker)
+            # A fresh client id each time: two submits at once must not take over each other.
+            connection = MqttConnection(settings, client_id=f"dockercomp-submit-{uuid.uuid4().hex[:12]}")
+            connection.start()
+            connection.wait_connected(timeout)
+            connection.publish(Topics(settings.root).coordinator_nudge, b"", qos=1)
+            return connection.flush(timeout)
+        except (SettingsError, BrokerError, OSError) as exc:  # the URL names no password (masked)
+            log.warning("job stored; could not nudge the coordinator (%s): it is picked up at its next poll", exc)
+            return False
+        finally:
+            if connection is not None:
+                connection.close(timeout)
 
     def job(self, id_or_name: str | int) -> Job:
         """A submitted job by id or name; UnknownJob (naming the known ones) when missing."""

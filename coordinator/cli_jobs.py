@@ -15,6 +15,7 @@ import click
 from rich.console import Group
 from rich.live import Live
 
+from dockercomp.broker.defaults import BROKER_URL_ENV
 from dockercomp.broker.errors import InvalidName
 from dockercomp.broker.topics import validate_name
 from dockercomp.coordinator import defaults
@@ -56,12 +57,15 @@ def _job_name(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Seconds one task may run on a worker before it is killed.")
 @click.option("--max-attempts", metavar="N", type=click.IntRange(min=1), default=defaults.MAX_ATTEMPTS,
               show_default=True, help="Dispatches of one task before it is marked failed.")
+@click.option("--broker", envvar=BROKER_URL_ENV, default=None, metavar="URL",
+              help=f"Broker of a running serve (or ${BROKER_URL_ENV}): nudge it to dispatch at once, "
+                   "instead of at its next poll of the database.")
 @db_option
 @json_option
 @command_errors
 @replication_options
 def submit(function: str, file: str, name: str | None, timeout: float, max_attempts: int,
-           db: str, as_json: bool, replication: Replication) -> None:  # fmt: skip
+           broker: str | None, db: str, as_json: bool, replication: Replication) -> None:  # fmt: skip
     """Store a job: one task per line of FILE (or stdin), each line a JSON array of arguments.
 
     \b
@@ -78,7 +82,7 @@ def submit(function: str, file: str, name: str | None, timeout: float, max_attem
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
-    with Client(db) as client, count_progress_bar(
+    with Client(db, broker=broker) as client, count_progress_bar(
         "storing", len(args_list), err, enabled=large and err.is_terminal
     ) as stored:
         job = client.submit(function, args_list, name=name, timeout=timeout, max_attempts=max_attempts,

@@ -40,6 +40,10 @@ PURGE_CHECK_INTERVAL = 5.0
 # within this delay (the poll is one small indexed query).
 POLL_INTERVAL = 0.5
 
+# Seconds `submit` gives the broker to take its nudge (the engine then polls at once); past
+# it the job is still stored and picked up at the next poll, so keep it short.
+NUDGE_TIMEOUT = 0.5
+
 # Seconds between status publications at most; nothing is published when nothing changed.
 STATUS_INTERVAL = 0.5
 

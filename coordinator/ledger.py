@@ -28,7 +28,15 @@ from dockercomp.coordinator.dispatch import JobBook
 from dockercomp.coordinator.leases import Lease, Leases, error_json
 from dockercomp.coordinator.registry import WorkerRegistry, WorkerSlot
 from dockercomp.coordinator.status import Rejection, Rejections, StatusPublisher
-from dockercomp.coordinator.store import AttemptOutcome, Changes, JobState, Store, TaskState, dump_json
+from dockercomp.coordinator.store import (
+    FAILED_OUTCOMES,
+    AttemptOutcome,
+    Changes,
+    JobState,
+    Store,
+    TaskState,
+    dump_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +158,11 @@ class Ledger:
             self.changes.supersede(other.attempt_id)
             self.status.worker_changed(other.worker_id)
         log.info("accepted late %s from %s (attempt was %s)", what, ref.key, record.outcome)
+        if record.outcome in FAILED_OUTCOMES:
+            # Closing it counted a failure of this worker; the attempt is now ok, so the
+            # counters (in memory and stored) must say so too.
+            slot.failed -= 1
+            self.changes.worker_failed[slot.id] -= 1
         self._accept(record.attempt_id, task_id, record.job_id, TaskState(record.task_state), slot, result, now)
 
     def _accept(self, attempt_id: int, task_id: int, job_id: int, previous: TaskState, slot: WorkerSlot,

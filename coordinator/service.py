@@ -98,6 +98,7 @@ class Coordinator:
         self._last_batch = 0  # messages handled by the last step: is traffic flowing?
         self.started = clock()
         self._next_poll = self._next_lease = self._next_purge = self._next_beat = float("-inf")
+        self._nudged = False  # a submitter said new work is stored: poll the jobs now
         self._identity = {"host": socket.gethostname(), "pid": os.getpid(), "version": _version()}
         # Topic parsing validates names with regular expressions: remember the answers.
         self._parse_topic = lru_cache(maxsize=8192)(self.topics.parse_worker_topic)
@@ -206,6 +207,7 @@ class Coordinator:
         self.transport.will_factory = lambda: Will(self.topics.coordinator_presence, self._presence("offline", "lost"))
         self.transport.subscribe(self.topics.all_presence, 1)
         self.transport.subscribe(self.topics.all_results, 1)
+        self.transport.subscribe(self.topics.coordinator_nudge, 0)
         self.transport.start()
         self.transport.wait_connected(self.settings.connect_timeout)
         log.info("coordinator ready: %d worker(s), %d job(s), %d open attempt(s) in %s",
@@ -239,7 +241,10 @@ class Coordinator:
         self.status.everything_changed(self.jobs.by_id, self.workers.by_id)
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        # Network thread: enqueue only.
+        # Network thread: enqueue only. A nudge sets the flag before its item wakes the loop,
+        # so the step that takes the item polls (_handle ignores the item itself).
+        if topic == self.topics.coordinator_nudge:
+            self._nudged = True
         self._inbox.put((topic, payload))
 
     def _presence(self, state: str, reason: str | None = None) -> bytes:
@@ -293,7 +298,8 @@ class Coordinator:
         if now >= self._next_beat:
             self._next_beat = now + defaults.HEARTBEAT_INTERVAL
             self.store.beat(self._heartbeat(now))
-        if now >= self._next_poll:
+        if now >= self._next_poll or self._nudged:
+            self._nudged = False
             self._next_poll = now + self.settings.poll_interval
             for job in self.jobs.poll():
                 self.status.job_changed(job.id)

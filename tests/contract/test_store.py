@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from dockercomp.coordinator.errors import (
     UnknownTask,
 )
 from dockercomp.coordinator.heartbeat import Heartbeat
+from dockercomp.coordinator.defaults import INSERT_BATCH
 from dockercomp.coordinator.store import (
     AttemptOutcome,
     Changes,
@@ -214,6 +216,24 @@ def test_results_carry_values_workers_and_the_reason_of_every_failed_attempt(sto
     assert (progress.done, progress.failed, progress.pending, progress.finished) == (1, 1, 1, 2)
     assert store.task_ids(job.id, ("done", "failed")) == {t0, t1}
     assert {w.key: (w.tasks_done, w.tasks_failed) for w in store.workers()} == {"alice/w1": (0, 2), "bob/w2": (1, 1)}
+
+
+def test_a_late_value_of_a_closed_attempt_takes_its_failure_back(store: Store) -> None:
+    # issue 10 item 4, as the ledger writes it: accept the closed attempt and count -1 failure
+    job = store.create_job("add", [[1, 2]])
+    worker = add_worker(store, "alice/w1")
+    [task] = task_ids(store, job)
+    attempt = send(store, task, 1, worker)
+    close(store, attempt, worker, AttemptOutcome.EXPIRED, task, TaskState.PENDING, {"type": "LeaseExpired"})
+    assert [(w.tasks_done, w.tasks_failed) for w in store.workers()] == [(0, 1)]
+    changes = Changes()
+    changes.worker_failed[worker.id] -= 1
+    changes.accept(task, attempt, worker.id, dump_json(3), 0.5, time.time())
+    store.apply(changes, time.time())
+    [row] = store.results(job)
+    assert (row.state, row.value, row.errors) == ("done", 3, [])
+    assert store.find_attempt(task, 1).outcome == AttemptOutcome.OK.value  # type: ignore[union-attr]
+    assert [(w.tasks_done, w.tasks_failed) for w in store.workers()] == [(1, 0)]
 
 
 def test_results_stream_large_jobs_in_order(store: Store) -> None:
@@ -660,3 +680,22 @@ def test_quarantine_until_released(store: Store) -> None:
     assert (stats.volunteer, stats.workers, stats.quarantined, stats.quarantined_at) == (
         "mallory", 0, "job 1: 4 of 6 results invalid", 100.0)
     assert store.release("mallory") and store.quarantines() == {}
+@pytest.mark.parametrize("failure", ["bad argument", "generator raises"])
+def test_a_stream_that_fails_after_several_batches_stores_nothing(store: Store, failure: str) -> None:
+    # issue 10 item 16: generators are stored batch by batch inside one transaction, so a
+    # failure late in the stream must still leave no job and no task behind.
+    class Broken(Exception):
+        pass
+
+    def tasks() -> Iterator[Any]:
+        yield from ([i] for i in range(2 * INSERT_BATCH + 1))
+        if failure == "bad argument":
+            yield {"not": "a list"}
+        raise Broken("the scientist's generator failed")
+
+    stored: list[int] = []
+    with pytest.raises(InvalidInput if failure == "bad argument" else Broken):
+        store.create_job("add", tasks(), name="streamed", on_progress=stored.append)
+    assert stored[:2] == [INSERT_BATCH, 2 * INSERT_BATCH]  # batches went in before the failure
+    assert store.jobs() == [] and sum(store.task_counts(1).values()) == 0
+    assert store.create_job("add", [[1]], name="streamed").total == 1  # the name was never taken

@@ -23,11 +23,12 @@ MARGIN = 2.0
 
 
 class Rules:
-    """Registry, jobs, dispatch and ledger wired as the engine wires them, over ``memory://``."""
+    """Registry, jobs, dispatch and ledger wired as the engine wires them, over ``memory://``
+    (or another store ``url``: a SQLite file for what must hold in a database too)."""
 
-    def __init__(self) -> None:
+    def __init__(self, url: str = "memory://") -> None:
         self.now = START
-        self.store = Store.open("memory://")
+        self.store = Store.open(url)
         self.topics = Topics()
         self.workers = WorkerRegistry(self.store, self.topics)
         self.jobs = JobBook(self.store)

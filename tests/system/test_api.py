@@ -6,16 +6,22 @@ only the tests of waiting without workers run on the store alone (with an inject
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from dockercomp.broker.processes import BrokerProcess
+from dockercomp.broker.topics import Topics
 from dockercomp.coordinator.api import Client, JobTimeout, TasksFailed, connect
+from dockercomp.coordinator.defaults import INSERT_BATCH
 from dockercomp.coordinator.errors import DatabaseMissing, InvalidInput, UnknownJob
+from dockercomp.coordinator.service import Coordinator
 from dockercomp.coordinator.store import JobProgress
 from tests.support import wait_until
-from tests.support.processes import Processes
+from tests.support.processes import FAST, Processes
+from tests.support.security import SecureBroker, connected, prove_subscribed
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -189,3 +195,89 @@ def test_reading_a_missing_database_never_creates_it(tmp_path: Path) -> None:
     with pytest.raises(DatabaseMissing, match=f"no coordinator database at {path}"):
         Client(str(path), create=False)
     assert not path.exists()
+def test_a_generator_is_streamed_into_the_store_not_read_whole_first(client: Client) -> None:
+    # issue 10 item 16: submit materialised the whole argument list (1M tasks: 153 MB RSS).
+    pulled = [0]
+    pulled_at_first_batch: list[int] = []
+
+    def tasks(n: int) -> Iterator[list[int]]:
+        for i in range(n):
+            pulled[0] += 1
+            yield [i, i]
+
+    n = 3 * INSERT_BATCH + 7
+    job = client.submit("add", tasks(n), name="streamed",
+                        on_progress=lambda stored: pulled_at_first_batch.append(pulled[0]) if not pulled_at_first_batch else None)
+    # the first batch was stored before the rest of the generator was read
+    assert pulled_at_first_batch and pulled_at_first_batch[0] <= INSERT_BATCH + 1
+    assert job.total == n == client.job("streamed").progress().pending
+
+
+def test_a_bad_argument_late_in_a_stream_leaves_no_job(client: Client) -> None:
+    def tasks() -> Iterator[object]:
+        yield from ([i] for i in range(2 * INSERT_BATCH + 3))
+        yield "not a list"
+
+    with pytest.raises(InvalidInput, match=f"line {2 * INSERT_BATCH + 4}"):
+        client.submit("add", tasks(), name="late-error")
+    assert client.jobs() == []
+    # and the name is still free: the whole job is gone, not only its last batches
+    assert client.submit("add", [[1, 2]], name="late-error").total == 1
+
+
+@pytest.mark.parametrize("how", ["api", "cli"])
+def test_submit_nudges_a_running_serve_which_dispatches_at_once(broker: BrokerProcess, procs: Processes,
+                                                                 tmp_path: Path, how: str) -> None:
+    # issue 10 item 15: a submitted job waited for serve's next poll of the jobs table.
+    # Given an engine that would poll only every 10 minutes, and an agent online
+    db = str(tmp_path / "nudged.db")
+    settings = dataclasses.replace(FAST, poll_interval=600)
+    engine = Coordinator.connect(broker.url, db, settings).start()
+    try:
+        procs.agent("a1")
+        with Client(db, broker=broker.url, poll_interval=0.05) as client:
+            wait_until(lambda: [w.key for w in client.workers() if w.state == "online"] == ["local/a1"], timeout=30)
+            # when a job is submitted by a client that knows the broker
+            if how == "api":
+                job = client.submit("add", [[1, 2], [3, 4]], name="nudged")
+            else:
+                (tmp_path / "tasks.jsonl").write_text("[1, 2]\n[3, 4]\n")
+                procs.cli("submit", "add", str(tmp_path / "tasks.jsonl"), "--job", "nudged", "--db", db,
+                          "--broker", broker.url)
+                job = client.job("nudged")
+            # then serve dispatches it long before its next poll: the nudge woke it
+            assert job.wait(timeout=60, progress=False).done == 2
+            assert job.values() == [3, 7]
+    finally:
+        engine.stop()
+    assert engine.error is None, engine.error
+
+
+def test_a_nudge_that_cannot_be_delivered_still_stores_the_job(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    # Nothing listens on port 1 of this machine: the nudge fails fast and submit goes on.
+    with Client(str(tmp_path / "alone.db"), broker="mqtt://coordinator:s3cret@127.0.0.1:1") as client:
+        assert client.nudge
+        job = client.submit("add", [[1, 2]], name="unnudged")
+        assert client.job("unnudged").progress().pending == 1 == job.total
+        assert client.nudge_coordinator(timeout=0.2) is False
+    # said once per failed nudge, without the password
+    said = [r.getMessage() for r in caplog.records if "could not nudge" in r.getMessage()]
+    assert len(said) == 2 and not any("s3cret" in text for text in caplog.text.splitlines())
+
+
+def test_only_the_coordinator_account_may_nudge(secure_broker: SecureBroker, tmp_path: Path) -> None:
+    # The shipped policy (Mosquitto's ACL file, and the same file in force in amqtt)
+    alice = secure_broker.add("alice")
+    nudge = Topics().coordinator_nudge
+    with connected(secure_broker.url(secure_broker.coordinator), "listener", nudge) as listener:
+        prove_subscribed(listener, listener, nudge)
+        listener.received.clear()
+        # a volunteer's nudge is acknowledged (MQTT 3.1.1 has no refusal) but dropped
+        with Client(str(tmp_path / "a.db"), broker=secure_broker.url(alice)) as volunteer:
+            assert volunteer.nudge_coordinator(timeout=5)
+        # the coordinator account's, sent after it, is the only one delivered
+        with Client(str(tmp_path / "c.db"), broker=secure_broker.url(secure_broker.coordinator)) as scientist:
+            assert scientist.nudge_coordinator(timeout=5)
+        listener.wait_for(nudge)
+        assert listener.topics() == [nudge]

@@ -21,7 +21,7 @@ SUMMARY = re.compile(r"^e2e/raw = (\d+\.\d\d) \((\d+) tasks/s vs (\d+) tasks/s\)
 
 TINY = [
     "--tasks", "200", "--workers", "2", "--window", "10", "--concurrency", "2",
-    "--latency-samples", "20", "--submit-tasks", "500",
+    "--latency-samples", "20", "--submit-tasks", "500", "--stream-tasks", "2000", "--pickup-samples", "2",
     "--scale-workers", "5", "--scale-processes", "2", "--scale-tasks", "50,100", "--scale-slice", "50",
 ]  # fmt: skip
 
@@ -72,9 +72,36 @@ def test_tiny_benchmark_run_writes_results_and_ends_with_the_summary_line(tmp_pa
     assert [row["key"] for row in results["submit"]] == ["api", "cli"]
     assert all(row["tasks"] == 500 and row["seconds"] > 0 for row in results["submit"])
 
+    _check_issue10_phases(results, stream_tasks=2000, samples=2)
+
     scale = results["scale"]
     assert scale["workers"] == 5 and scale["registered_s"] > 0 and scale["peak_rss_mb"] > 0
     assert [job["tasks"] for job in scale["jobs"]] == [50, 100]
     assert all(job["workers_used"] == 5 and job["min_per_worker"] > 0 for job in scale["jobs"])
     assert scale["answered_by_swarm"] >= 150 and scale["malformed_tasks"] == 0
     assert {target["name"] for target in results["targets"]} >= {"e2e vs raw round trip", "coordinator RSS"}
+
+
+def _check_issue10_phases(results: dict, stream_tasks: int, samples: int) -> None:
+    assert [row["mode"] for row in results["stream"]] == ["generator", "list"]
+    assert all(row["tasks"] == stream_tasks and row["peak_rss_mb"] > 0 for row in results["stream"])
+    pickup = results["pickup"]
+    assert pickup["samples"] == samples and pickup["poll_interval_s"] > 0
+    assert pickup["nudge"]["count"] == pickup["poll"]["count"] == samples
+    names = {target["name"] for target in results["targets"]}
+    assert {"pickup after submit (nudge), p95", f"submit {stream_tasks:,} tasks from a generator: RSS growth"} <= names
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_pickup_and_streaming_submit_phases_run_alone(tmp_path: Path) -> None:
+    require(find_mosquitto(), "the mosquitto binary", "apt-get install mosquitto (or run `make system`)")
+    done = subprocess.run([sys.executable, "-m", "bench", "--only", "stream", "--only", "pickup",
+                           "--stream-tasks", "2000", "--pickup-samples", "2", "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-4000:]}"
+    assert "pickup: submit returned -> first dispatch" in done.stdout
+    [path] = tmp_path.glob("*.json")
+    results = json.loads(path.read_text())
+    assert not results.get("errors")
+    _check_issue10_phases(results, stream_tasks=2000, samples=2)

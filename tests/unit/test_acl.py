@@ -25,6 +25,12 @@ ACCOUNTS = {"coordinator": Role.COORDINATOR, "alice": Role.VOLUNTEER, "dash": Ro
     ("coordinator", "dockercomp/workers/bob/w1/results", Access.READ, True),
     ("coordinator", "dockercomp/workers/bob/w1/presence", Access.WRITE, True),
     ("coordinator", "dockercomp/status/summary", Access.WRITE, True),
+    # issue 10 item 15: submit (as the coordinator account) wakes serve; nobody else may
+    ("coordinator", "dockercomp/coordinator/nudge", Access.WRITE, True),
+    ("coordinator", "dockercomp/coordinator/nudge", Access.READ, True),
+    ("alice", "dockercomp/coordinator/nudge", Access.WRITE, False),
+    ("dash", "dockercomp/coordinator/nudge", Access.WRITE, False),
+    (None, "dockercomp/coordinator/nudge", Access.WRITE, False),
     ("dash", "dockercomp/status/jobs/1", Access.READ, True),
     ("dash", "dockercomp/status/jobs/1", Access.WRITE, False),
     ("dash", "dockercomp/workers/dash/w1/presence", Access.WRITE, False),  # deny beats the pattern

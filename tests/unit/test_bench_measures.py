@@ -4,7 +4,9 @@ and the latency statistics. A tiny real run is tests/system/test_bench_smoke.py.
 from __future__ import annotations
 
 from bench.harness import Latency, percentile
+from bench.pickup import Pickup
 from bench.raw import result_template, task_id_of, task_payload
+from bench.report import targets
 from dockercomp.broker.messages import Outcome, Result, Task
 
 
@@ -26,3 +28,27 @@ def test_latency_percentiles_use_nearest_rank() -> None:
     assert percentile(values, 99) == 0.099
     assert Latency.of_seconds(values) == Latency(count=100, p50_ms=50.0, p99_ms=99.0, max_ms=100.0)
     assert percentile([], 50) == 0.0
+
+
+def test_pickup_figures_keep_negative_values_and_the_submit_time() -> None:
+    # serve may dispatch before the nudging submit has returned: a pickup can be below zero
+    pickup = Pickup.of_seconds([-0.001, 0.002, 0.010, 0.400], submits=[0.004, 0.005, 0.006, 0.007])
+    assert pickup == Pickup(count=4, p50_ms=2.0, p95_ms=400.0, max_ms=400.0, submit_p50_ms=5.0)
+
+
+def _issue10(results: dict) -> dict[str, bool | None]:
+    named = {t.name: t.met for t in targets({"e2e": [], **results})}
+    return {name: met for name, met in named.items() if "pickup" in name or "generator" in name}
+
+
+def test_issue10_targets_are_judged_from_the_pickup_and_stream_figures() -> None:
+    assert _issue10({}) == {"pickup after submit (nudge), p95": None,
+                            "submit 1,000,000 tasks from a generator: RSS growth": None}
+    nudge = {"p95_ms": 12.0}
+    streamed = [{"mode": "generator", "tasks": 1_000_000, "growth_mb": 4.0}, {"mode": "list", "growth_mb": 119.0}]
+    assert _issue10({"pickup": {"nudge": nudge}, "stream": streamed}) == {
+        "pickup after submit (nudge), p95": True, "submit 1,000,000 tasks from a generator: RSS growth": True}
+    slow = {"nudge": {"p95_ms": 61.0}}
+    fat = [{"mode": "generator", "tasks": 1_000_000, "growth_mb": 75.0}]
+    assert _issue10({"pickup": slow, "stream": fat}) == {
+        "pickup after submit (nudge), p95": False, "submit 1,000,000 tasks from a generator: RSS growth": False}

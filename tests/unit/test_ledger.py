@@ -3,10 +3,13 @@ memory store with a fake clock (no processes, no sockets)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dockercomp.broker.messages import OfflineReason, Outcome
 from dockercomp.coordinator.leases import Leases
+from dockercomp.coordinator.registry import WorkerRegistry
 from tests.support.rules import MARGIN, Rules
 
 
@@ -173,3 +176,50 @@ def test_leases_are_rebuilt_from_the_store(rules: Rules) -> None:
     assert sorted((lease.task_id, lease.number) for lease in rebuilt) == sorted(
         (int(t.task_id), t.attempt) for t in sent)
     assert {lease.payload for lease in rebuilt} == {lease.payload for lease in rules.ledger.leases}
+
+
+def _counters_match_outcomes(rules: Rules, job_ids: list[int]) -> None:
+    """Each worker's done/failed counters (in memory, stored, and as a restart loads them)
+    equal what its stored attempts say: values accepted, and failed attempts kept as errors."""
+    rules.flush()
+    done: dict[str, int] = {}
+    failed: dict[str, int] = {}
+    for job_id in job_ids:
+        for row in rules.store.results(rules.store.get_job(job_id)):
+            if row.state == "done" and row.worker:
+                done[row.worker] = done.get(row.worker, 0) + 1
+            for error in row.errors:
+                failed[error["worker"]] = failed.get(error["worker"], 0) + 1
+    stored = {w.key: (w.tasks_done, w.tasks_failed) for w in rules.store.workers()}
+    expected = {key: (done.get(key, 0), failed.get(key, 0)) for key in stored}
+    assert stored == expected
+    assert {slot.key: (slot.done, slot.failed) for slot in rules.workers} == expected
+    restarted = WorkerRegistry(rules.store, rules.topics)
+    restarted.load()
+    assert {slot.key: (slot.done, slot.failed) for slot in restarted} == expected
+
+
+@pytest.mark.parametrize("where", ["memory", "sqlite"])
+def test_a_late_value_accepted_after_its_attempt_closed_is_not_counted_as_a_failure(
+        where: str, tmp_path: Path) -> None:
+    # issue 10 item 4: the worker's tasks_failed kept the failure of an attempt it then won.
+    rules = Rules("memory://" if where == "memory" else str(tmp_path / "c.db"))
+    rules.online("w1")
+    job = rules.submit([[1, 2]], timeout=10)
+    [first] = rules.dispatch()["w1"]
+    rules.tick(20)
+    rules.ledger.expire(rules.now)  # attempt 1 expired: a failure of w1, for now
+    rules.online("w2")
+    [second] = rules.dispatch()["w2"]
+    other = rules.submit([[5, 6]], timeout=10)
+    # when w1's value arrives late (superseding w2's attempt), and w1 then fails another task
+    rules.answer("w1", first, 3)
+    [third] = rules.dispatch()["w1"]
+    rules.answer("w1", third, outcome=Outcome.ERROR)
+    # then w1 has one done and one failure, and every counter matches the stored outcomes,
+    # in memory, in the store and after a restart
+    assert rules.store.find_attempt(int(first.task_id), 1).outcome == "ok"  # type: ignore[union-attr]
+    assert rules.store.find_attempt(int(second.task_id), 2).outcome == "superseded"  # type: ignore[union-attr]
+    _counters_match_outcomes(rules, [job.id, other.id])
+    assert {w.key: (w.tasks_done, w.tasks_failed) for w in rules.store.workers()} == {
+        "local/w1": (1, 1), "local/w2": (0, 0)}
