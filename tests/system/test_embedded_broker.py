@@ -10,12 +10,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from dockercomp.broker.embedded import AddressInUseError, EmbeddedBroker
 from tests.support import REPO_ROOT, Watcher, abandon, connect_client, port_accepts, wait_until
+from dockercomp.broker.processes import AmqttProcess
+from dockercomp.broker.settings import BrokerSettings
 from tests.support.brokers import BrokerProcess
+from tests.support.security import accepts, make_config
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -296,3 +301,25 @@ def test_a_frozen_clients_will_fires(amqtt: BrokerProcess) -> None:
         finally:
             client.kill()
             client.wait()
+
+
+# --- secrets -----------------------------------------------------------------------------------
+
+
+def test_no_password_reaches_the_log_even_at_vv(tmp_path: Path) -> None:
+    # `serve -vv` logged every CONNECT packet with its clear-text password.
+    accounts, coordinator = make_config(tmp_path / "broker-config")
+    broker = AmqttProcess(tmp_path / "amqtt", security_dir=accounts.directory, verbosity=2)
+    broker.start()
+    try:
+        right = BrokerSettings(host=broker.host, port=broker.port, username=coordinator.name,
+                               password=coordinator.password)
+        assert accepts(right.full_url)
+        wrong_password = "not-" + coordinator.password[:12]
+        assert not accepts(replace(right, password=wrong_password).full_url)  # a refusal is logged too
+    finally:
+        broker.stop()
+    log = broker.log()
+    assert "<-in-- ConnectPacket" in log and f"username={coordinator.name}" in log  # -vv did log the CONNECT
+    assert coordinator.password not in log
+    assert wrong_password not in log
