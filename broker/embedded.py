@@ -259,8 +259,14 @@ def enforce_keepalive(handler: BrokerProtocolHandler, session: Session) -> None:
     def timed_out() -> None:
         log.info("client %r sent nothing for %d s (keepalive %d s): closing its connection",
                  session.client_id, session.keep_alive, keepalive)
-        # The broker's client loop sees the disconnect, publishes the will and stops the handler.
-        asyncio.ensure_future(handler.handle_connection_closed())
+        # Abort, not close: a frozen client reads nothing, so a close would first wait forever
+        # for the messages queued to it to drain. The reader then sees the connection gone, as
+        # for a killed client, and the broker publishes the will.
+        transport = getattr(getattr(handler.writer, "_writer", None), "transport", None)
+        if isinstance(transport, asyncio.BaseTransport):
+            transport.abort()
+        else:  # not a TCP stream (amqtt's websocket adapter): end the session directly
+            asyncio.ensure_future(handler.handle_connection_closed())
 
     # On the instance: amqtt builds its handler itself, so a subclass would not be used.
     setattr(handler, "handle_read_timeout", timed_out)

@@ -279,13 +279,15 @@ def test_simultaneous_connects_all_work_and_all_their_wills_fire(amqtt: BrokerPr
     assert "changed size during iteration" not in amqtt.log()
 
 
-def test_a_frozen_clients_will_fires(amqtt: BrokerProcess) -> None:
+def test_a_frozen_clients_will_fires_while_messages_pile_up_for_it(amqtt: BrokerProcess) -> None:
     # amqtt 0.12 ignored keepalive: a SIGSTOPped client stayed connected, its will never came.
+    # Tasks keep coming to a frozen agent: its socket buffers fill, which must not hold the will.
     frozen_script = (
         "import sys, paho.mqtt.client as mqtt; from paho.mqtt.enums import CallbackAPIVersion\n"
         "client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id='frozen')\n"
         "client.will_set('dockercomp/test/frozen/presence', b'lost', qos=1)\n"
-        "client.on_connect = lambda *args: print('connected', flush=True)\n"
+        "client.on_connect = lambda c, *args: c.subscribe('dockercomp/test/tasks/frozen', qos=1)\n"
+        "client.on_subscribe = lambda *args: print('subscribed', flush=True)\n"
         "client.connect(sys.argv[1], int(sys.argv[2]), keepalive=1)\n"
         "client.loop_forever()\n"
     )
@@ -294,8 +296,16 @@ def test_a_frozen_clients_will_fires(amqtt: BrokerProcess) -> None:
                                   stdout=subprocess.PIPE, text=True)
         try:
             assert client.stdout is not None
-            assert client.stdout.readline().strip() == "connected"
+            assert client.stdout.readline().strip() == "subscribed"
             client.send_signal(signal.SIGSTOP)
+            sender = connect_client(amqtt.url)
+            try:
+                sent = [sender.publish("dockercomp/test/tasks/frozen", b"x" * 64 * 1024, qos=1)
+                        for _ in range(200)]  # ~12 MB: far more than the socket buffers hold
+                sent[-1].wait_for_publish(30)  # the broker has them all
+            finally:
+                sender.disconnect()
+                sender.loop_stop()
             # 1.5 x keepalive after its last packet; generous here, test_will_timing.py holds the promise.
             watcher.wait_for(lambda m: m.payload == b"lost", timeout=20)
         finally:
