@@ -318,8 +318,6 @@ def install_command(url: str, ca_file: str | None = None) -> str:
     return " ".join(parts + ["--yes"])
 
 
-
-
 def set_env_variable(path: Path, name: str, value: str) -> None:
     """Sets NAME=value in an env file (docker-compose's .env), keeping its other lines; the
     file holds passwords, so it is owner-only."""

@@ -42,10 +42,10 @@ Mended by ``KeptAliveBroker`` below (always used):
   size during iteration" and killed that connection without its will (63 of 303 simultaneous
   connects). Every loop over that table now walks a copy.
 
-Retained messages are NOT persisted (no restart survives them, see the first point). dockercomp
-does not need them to: after the coordinator (re)connects it asks every worker to announce
-itself again (a rebirth request, docs/protocol.md), so presence lost with a restarted
-embedded broker comes back within that bound.
+Retained messages are NOT persisted (a restart forgets them all, see the first quirk), and
+dockercomp does not need them to be: whenever the coordinator (re)connects it asks every worker
+to announce itself again (a rebirth request, docs/protocol.md), so the presence a restarted
+embedded broker forgot is announced again, and a worker that does not answer is marked lost.
 
 Access control: with a ``Guard`` (``dockercomp broker serve --password-file F --acl-file F``) the broker
 checks the same Mosquitto password and ACL files as production, through the plugins in
@@ -249,7 +249,7 @@ def enforce_keepalive(handler: BrokerProtocolHandler, session: Session) -> None:
 
     amqtt's reader already waits at most ``session.keep_alive`` seconds for each packet and
     then calls ``handle_read_timeout``, which does nothing; widening the wait to 1.5x and
-    closing the connection there makes the broker publish the will as for any lost client.
+    aborting the connection there makes the broker publish the will as for any lost client.
     """
     if session.keep_alive <= 0:  # keepalive 0: the client asked never to be timed out
         return

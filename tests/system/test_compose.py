@@ -2,8 +2,9 @@
 
 Validated three ways: structurally here (always); by docker-compose itself in a fresh `git
 clone` (`make system` installs Debian's docker-compose, which CI has: Debian's docker.io has no
-`docker compose`); and by running the stack for real with --scale worker=2 and a job. Without an image registry, Mosquitto is a local stand-in
-image of Debian's mosquitto (tests/support/docker.py), put in place of eclipse-mosquitto:2.
+`docker compose`); and by running the stack for real with --scale worker=2 and a job. Without
+an image registry, Mosquitto is a local stand-in image of Debian's mosquitto
+(tests/support/docker.py), put in place of eclipse-mosquitto:2.
 """
 
 from __future__ import annotations
@@ -203,6 +204,8 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     data = yaml.safe_load(compose_file.read_text())
     data["services"]["mosquitto"]["image"] = mosquitto_image(client)
     data["services"]["mosquitto"].pop("ports", None)
+    for service in data["services"].values():  # built above; this copy has no build context
+        service.pop("build", None)
     compose_file.write_text(yaml.safe_dump(data))
     found = Stack(command, compose_file)
     try:
