@@ -256,6 +256,7 @@ time.sleep(3600)
 """
 
 
+@pytest.mark.timeout(180)  # two bounded waits of 60 s on a loaded machine
 def test_simultaneous_connects_all_work_and_all_their_wills_fire(amqtt: BrokerProcess) -> None:
     for index in range(RETAINED):
         publish(amqtt.url, f"dockercomp/test/retained/{index}", b"online", retain=True)
