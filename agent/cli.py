@@ -66,7 +66,7 @@ def main() -> None:
                    "followed at once by the next; 0 for long tasks that other workers should get instead "
                    f"[env {PREFETCH_ENV}; default: the concurrency]")
 @click.option("--keepalive", type=click.IntRange(1, 65535),
-              help="MQTT keepalive in seconds; a killed agent is reported lost within ~1.5x this "
+              help="MQTT keepalive in seconds; a frozen agent is reported lost within 2x this + 5 s "
                    f"[default {KEEPALIVE_SECONDS}]")
 @click.option("--grace", type=click.FloatRange(min=0), default=GRACE_SECONDS, show_default=True,
               help="Seconds running tasks get to finish after the first SIGTERM/SIGINT")

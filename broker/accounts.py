@@ -8,11 +8,12 @@ the broker at ``/mosquitto/security/``)::
     accounts.json   role and creation time of each account, and the topic root
     coordinator.env DOCKERCOMP_BROKER=mqtt://coordinator:PASSWORD@mosquitto:1883 (mode 0600)
     worker.env      the same for the `local` volunteer of docker-compose's own workers
+    ../.env         both URLs again, as the variables docker-compose.yml reads (mode 0600)
     certs/          the TLS CA and server certificate (broker/certs.py)
 
 Passwords are random (144 bits) and shown once: only their hashes are kept. After each
 change the broker must reload the files: ``Reloader`` sends SIGHUP to the pid in a pid
-file, or runs a command such as ``docker compose kill -s HUP mosquitto``. Mosquitto 2.0
+file, or runs a command such as ``docker-compose kill -s HUP mosquitto``. Mosquitto 2.0
 then disconnects every client of a removed account, and refuses it from then on; so does
 ``dockercomp broker serve --password-file`` (amqtt). Mosquitto publishes no will for those connections,
 so the coordinator's ``mark_workers_lost`` (coordinator/volunteers.py) does: their tasks go to
@@ -46,6 +47,8 @@ from dockercomp.broker.certs import CertPaths
 from dockercomp.broker.defaults import (
     BROKER_URL_ENV,
     COMPOSE_BROKER_HOST,
+    COMPOSE_BROKER_VARIABLES,
+    COMPOSE_ENV_FILE,
     COORDINATOR_ACCOUNT,
     DEFAULT_VOLUNTEER,
     INSTALL_SCRIPT,
@@ -155,6 +158,7 @@ class Accounts:
                                  root=self.root).full_url
             # Holds a clear-text password: owner-only.
             atomic_write(self.env_file(name), f"{BROKER_URL_ENV}={url}\n", mode=0o600)
+            set_env_variable(self.directory.parent / COMPOSE_ENV_FILE, COMPOSE_BROKER_VARIABLES[name], url)
             created.append(creds)
         with self._locked():
             self._write_acl()
@@ -314,3 +318,9 @@ def install_command(url: str, ca_file: str | None = None) -> str:
     return " ".join(parts + ["--yes"])
 
 
+def set_env_variable(path: Path, name: str, value: str) -> None:
+    """Sets NAME=value in an env file (docker-compose's .env), keeping its other lines; the
+    file holds passwords, so it is owner-only."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in lines if not line.startswith(f"{name}=")]
+    atomic_write(path, "\n".join([*kept, f"{name}={value}"]) + "\n", mode=0o600)

@@ -127,7 +127,7 @@ def certs_init(config_dir: Path, hosts: tuple[str, ...], new_ca: bool, days: int
         return
     click.echo(("created a new CA: " if issued.ca_created else "kept the existing CA: ") + issued.ca_cert)
     click.echo(f"server certificate for {', '.join(issued.hosts)} (until {issued.expires}): {issued.server_cert}")
-    click.echo("next: restart the broker to load it (docker compose restart mosquitto), and give volunteers "
+    click.echo("next: restart the broker to load it (docker-compose restart mosquitto), and give volunteers "
                f"{issued.ca_cert}; their broker URL ends in ?ca=/path/to/ca.crt")
 
 

@@ -24,7 +24,7 @@ MAX_JSON_DEPTH = 32
 MQTT_PORT = 1883
 MQTTS_PORT = 8883
 
-# MQTT keepalive in seconds: a killed worker's will fires within ~1.5x this.
+# MQTT keepalive in seconds: a frozen worker's will fires within 2x this + 5 s (docs/protocol.md).
 KEEPALIVE_SECONDS = 10
 
 # Reconnect backoff: first delay, cap, and the jitter fraction added on each try.
@@ -54,7 +54,7 @@ BROKER_CONFIG_DIR = "broker-config"
 BROKER_CONFIG_ENV = "DOCKERCOMP_BROKER_CONFIG"
 
 # Environment variables telling `dockercomp coordinator volunteers` how to make the broker reload its
-# files: a pid file to SIGHUP, or a command to run (e.g. "docker compose kill -s HUP mosquitto").
+# files: a pid file to SIGHUP, or a command to run (e.g. "docker-compose kill -s HUP mosquitto").
 BROKER_PID_FILE_ENV = "DOCKERCOMP_BROKER_PID_FILE"
 BROKER_RELOAD_ENV = "DOCKERCOMP_BROKER_RELOAD"
 
@@ -65,12 +65,19 @@ COORDINATOR_ACCOUNT = "coordinator"
 CA_DAYS = 3650
 SERVER_CERT_DAYS = 825
 
-# Seconds a reload command may take (docker compose can be slow to start).
+# Seconds a reload command may take (docker-compose can be slow to start).
 RELOAD_TIMEOUT = 60.0
 
 # Host name of the broker inside docker-compose's network (the service name), written into
 # coordinator.env / worker.env by `volunteers init`.
 COMPOSE_BROKER_HOST = "mosquitto"
+
+# The file docker-compose reads by itself from its project directory (the parent of
+# broker-config/), and the variables of it that docker-compose.yml puts into DOCKERCOMP_BROKER:
+# the broker URLs (with passwords) of the coordinator account and of the `local` volunteer's
+# workers. Variables, not env_file: a missing env_file fails `docker-compose config` on a fresh clone.
+COMPOSE_ENV_FILE = ".env"
+COMPOSE_BROKER_VARIABLES = {"coordinator": "DOCKERCOMP_COORDINATOR_BROKER", "local": "DOCKERCOMP_WORKER_BROKER"}
 
 # The script volunteers run; the scientist hands them installer/install_me.sh.
 INSTALL_SCRIPT = "install_me.sh"

@@ -31,6 +31,22 @@ amqtt 0.12 quirks, found in its source; [seen] = reproduced here with paho clien
 - [seen] On shutdown the wills of still-connected clients are queued, then discarded with a
   warning "N messages not broadcasted": subscribers never see them.
 
+Mended by ``KeptAliveBroker`` below (always used):
+
+- [seen] amqtt never enforces keepalive: its read timeout handler does nothing, so a frozen
+  client (SIGSTOP, a suspended laptop, a dead NAT path) stays connected forever and its will
+  never fires. We close a connection that sent nothing for 1.5x its keepalive (rounded up to
+  a whole second), the MQTT 3.1.1 rule Mosquitto follows; its will then fires.
+- [seen] amqtt awaits inside loops over its subscription table (sending retained messages to
+  a new client, broadcasting), so a client subscribing meanwhile raised "dictionary changed
+  size during iteration" and killed that connection without its will (63 of 303 simultaneous
+  connects). Every loop over that table now walks a copy.
+
+Retained messages are NOT persisted (a restart forgets them all, see the first quirk), and
+dockercomp does not need them to be: whenever the coordinator (re)connects it asks every worker
+to announce itself again (a rebirth request, docs/protocol.md), so the presence a restarted
+embedded broker forgot is announced again, and a worker that does not answer is marked lost.
+
 Access control: with a ``Guard`` (``dockercomp broker serve --password-file F --acl-file F``) the broker
 checks the same Mosquitto password and ACL files as production, through the plugins in
 broker/amqtt_security.py, and ``SecureBroker`` closes three amqtt gaps (retained messages
@@ -43,15 +59,19 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import signal
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
 from typing import Any
 
 from amqtt.broker import Broker
 from amqtt.contexts import Action
+from amqtt.mqtt.connect import ConnectPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.plugins.logging_amqtt import PacketLoggerPlugin
 from amqtt.session import Session
 
 from dockercomp.broker.amqtt_security import AclTopicPlugin, Guard, PasswordAuthPlugin
@@ -67,6 +87,11 @@ STOP_TIMEOUT = 10.0
 PORT_ATTEMPTS = 20
 # How often serve_forever checks whether a stop was requested, in seconds.
 _POLL_INTERVAL = 0.2
+# A client silent for this many times its keepalive is dropped (MQTT 3.1.1 section 3.1.2.10,
+# what Mosquitto does), so its will fires.
+KEEPALIVE_FACTOR = 1.5
+# Shown in packet logs in place of a CONNECT's password.
+MASK = "***"
 
 
 class EmbeddedBrokerError(Exception):
@@ -120,7 +145,8 @@ def broker_config(host: str, port: int, *, verbosity: int = 0, guard_key: str | 
     if verbosity >= 1:
         plugins["amqtt.plugins.logging_amqtt.EventLoggerPlugin"] = {}
     if verbosity >= 2:
-        plugins["amqtt.plugins.logging_amqtt.PacketLoggerPlugin"] = {}
+        # Not amqtt's own PacketLoggerPlugin: it logs each CONNECT with its clear-text password.
+        plugins[_plugin_path(MaskedPacketLogger)] = {}
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
         "plugins": plugins,
@@ -151,9 +177,103 @@ def _bind_error(exc: BaseException, host: str, port: int) -> EmbeddedBrokerError
     return EmbeddedBrokerError(f"cannot start on {host}:{port}: {cause}", host=host, port=port)
 
 
-class SecureBroker(Broker):
-    """amqtt's Broker with the access-control gaps of amqtt 0.12 closed (private methods
-    overridden: amqtt is pinned below 0.13 in setup.cfg for this reason too)."""
+class MaskedPacketLogger(PacketLoggerPlugin):
+    """amqtt's packet logger (-vv) with the password of every CONNECT masked."""
+
+    async def on_mqtt_packet_received(self, *, packet: Any, session: Session | None = None) -> None:
+        if self.context.logger.isEnabledFor(logging.DEBUG):
+            who = f"{session.client_id} " if session is not None else ""
+            self.context.logger.debug("%s<-in-- %s", who, masked_packet(packet))
+
+
+def masked_packet(packet: Any) -> str:
+    """repr(packet), with a CONNECT's password replaced by MASK."""
+    text = repr(packet)
+    password = packet.password if isinstance(packet, ConnectPacket) else None
+    if password:
+        text = text.replace(f"password={password})", f"password={MASK})").replace(password, MASK)
+    return text
+
+
+class _Snapshots(dict[str, Any]):
+    """amqtt's subscription table; every loop over it walks a copy, because amqtt awaits inside
+    those loops and a client subscribing meanwhile made them raise "dictionary changed size
+    during iteration" (the connection then died without its will)."""
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(super().__iter__()))
+
+    def keys(self) -> list[str]:  # type: ignore[override]
+        return list(super().keys())
+
+    def values(self) -> list[Any]:  # type: ignore[override]
+        return list(super().values())
+
+    def items(self) -> list[tuple[str, Any]]:  # type: ignore[override]
+        return list(super().items())
+
+
+class KeptAliveBroker(Broker):
+    """amqtt's Broker with keepalive enforced and its subscription loops made safe against
+    concurrent subscribes (private methods overridden: amqtt is pinned below 0.13 in
+    setup.cfg for this reason too). See this module's docstring."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._subscriptions = _Snapshots()
+
+    async def _handle_client_session(self, reader: Any, writer: Any, client_session: Session,
+                                     handler: Any, server: Any, listener_name: str) -> None:
+        enforce_keepalive(handler, client_session)
+        await super()._handle_client_session(reader, writer, client_session, handler, server, listener_name)
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
+                                                          session: Session) -> None:
+        # amqtt loops over the live retained table while it creates tasks; ask the topic
+        # plugins too (SecureBroker's ACL: amqtt sends retained messages unchecked).
+        topic_filter, qos = subscription
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        sends = []
+        for topic, retained in list(self._retained_messages.items()):
+            if self._matches(topic, topic_filter) and await self._topic_filtering(session, topic, Action.RECEIVE):
+                sends.append(asyncio.ensure_future(
+                    handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)))
+        if sends:
+            await asyncio.wait(sends)
+
+
+def enforce_keepalive(handler: BrokerProtocolHandler, session: Session) -> None:
+    """Makes the handler drop a client silent for KEEPALIVE_FACTOR x its keepalive.
+
+    amqtt's reader already waits at most ``session.keep_alive`` seconds for each packet and
+    then calls ``handle_read_timeout``, which does nothing; widening the wait to 1.5x and
+    aborting the connection there makes the broker publish the will as for any lost client.
+    """
+    if session.keep_alive <= 0:  # keepalive 0: the client asked never to be timed out
+        return
+    keepalive = session.keep_alive
+    session.keep_alive = math.ceil(keepalive * KEEPALIVE_FACTOR)
+
+    def timed_out() -> None:
+        log.info("client %r sent nothing for %d s (keepalive %d s): closing its connection",
+                 session.client_id, session.keep_alive, keepalive)
+        # Abort, not close: a frozen client reads nothing, so a close would first wait forever
+        # for the messages queued to it to drain. The reader then sees the connection gone, as
+        # for a killed client, and the broker publishes the will.
+        transport = getattr(getattr(handler.writer, "_writer", None), "transport", None)
+        if isinstance(transport, asyncio.BaseTransport):
+            transport.abort()
+        else:  # not a TCP stream (amqtt's websocket adapter): end the session directly
+            asyncio.ensure_future(handler.handle_connection_closed())
+
+    # On the instance: amqtt builds its handler itself, so a subclass would not be used.
+    setattr(handler, "handle_read_timeout", timed_out)
+
+
+class SecureBroker(KeptAliveBroker):
+    """KeptAliveBroker with the access-control gaps of amqtt 0.12 closed."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -185,21 +305,6 @@ class SecureBroker(Broker):
         if pending:
             await Broker._delete_session(self, client_id)
         await super()._handle_client_session(reader, writer, client_session, handler, server, listener_name)
-
-    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
-                                                          session: Session) -> None:
-        # amqtt sends retained messages without asking the topic plugins; ask them first.
-        topic_filter, qos = subscription
-        handler = self._get_handler(session)
-        if handler is None:
-            return
-        sends = []
-        for topic, retained in list(self._retained_messages.items()):
-            if self._matches(topic, topic_filter) and await self._topic_filtering(session, topic, Action.RECEIVE):
-                sends.append(asyncio.ensure_future(
-                    handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)))
-        if sends:
-            await asyncio.wait(sends)
 
     async def disconnect_revoked(self, guard: Guard) -> int:
         """Closes the connection of every client the guard no longer lets in; returns how many.
@@ -366,8 +471,7 @@ class EmbeddedBroker:
         try:
             for attempt in range(attempts):
                 port = self._requested_port or free_port(self.host)
-                # Without a guard, amqtt exactly as it comes (the anonymous test broker).
-                broker_class = SecureBroker if guard_key is not None else Broker
+                broker_class = SecureBroker if guard_key is not None else KeptAliveBroker
                 broker = broker_class(broker_config(self.host, port, verbosity=self.verbosity, guard_key=guard_key))
                 try:
                     await broker.start()

@@ -473,10 +473,13 @@ class AmqttProcess(BrokerProcess):
     name = "amqtt"
     persistent = False  # amqtt forgets retained messages on restart (broker/embedded.py)
 
-    def __init__(self, workdir: Path, host: str = "127.0.0.1", *, security_dir: Path | None = None) -> None:
+    def __init__(self, workdir: Path, host: str = "127.0.0.1", *, security_dir: Path | None = None,
+                 verbosity: int = 0) -> None:
         super().__init__(workdir, host)
         # Set: enforce security_dir/passwd and security_dir/acl, as the secure Mosquitto does.
         self.security_dir = security_dir
+        # `serve -v` (connections) or `-vv` (every packet) into the log.
+        self.verbosity = verbosity
         if security_dir is not None:
             self.pid_file = workdir / "amqtt.pid"
 
@@ -485,6 +488,8 @@ class AmqttProcess(BrokerProcess):
             sys.executable, "-m", "dockercomp.broker.cli", "serve",
             "--host", self.host, "--port", str(port),
         ]  # fmt: skip
+        if self.verbosity:
+            command.append("-" + "v" * self.verbosity)
         if self.security_dir is not None:
             command += [
                 "--password-file", str(self.security_dir / "passwd"),

@@ -1,14 +1,17 @@
 """docker-compose.yml: the scientist's stack (broker, coordinator, scalable workers).
 
-Validated three ways: structurally here (always); by docker-compose / `docker compose` itself
-(`make system` installs Debian's docker-compose as root); and by running the stack for real
-with --scale worker=2 and a job. Without an image registry, Mosquitto is a local stand-in
-image of Debian's mosquitto (tests/support/docker.py), put in place of eclipse-mosquitto:2.
+Validated three ways: structurally here (always); by docker-compose itself in a fresh `git
+clone` (`make system` installs Debian's docker-compose, which CI has: Debian's docker.io has no
+`docker compose`); and by running the stack for real with --scale worker=2 and a job. Without
+an image registry, Mosquitto is a local stand-in image of Debian's mosquitto
+(tests/support/docker.py), put in place of eclipse-mosquitto:2.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
+from dockercomp.broker.defaults import COMPOSE_BROKER_VARIABLES, COORDINATOR_ACCOUNT, DEFAULT_VOLUNTEER
 from tests.support import require, wait_until
 from tests.support.docker import (
     COORDINATOR_IMAGE,
@@ -55,18 +59,26 @@ def test_the_broker_uses_the_repository_config_and_keeps_its_data() -> None:
 def test_the_coordinator_keeps_its_database_in_a_volume_and_talks_to_the_broker() -> None:
     coordinator = load()["services"]["coordinator"]
     assert coordinator["entrypoint"] == ["dockercomp", "coordinator", "serve"]
-    assert coordinator["env_file"] == "broker-config/coordinator.env"  # its account's broker URL
+    # Its account's broker URL, from the .env that `volunteers init` writes (no env_file: a
+    # missing one fails `docker-compose config` on a fresh clone).
+    assert "env_file" not in coordinator
+    assert coordinator["environment"]["DOCKERCOMP_BROKER"].startswith(
+        "${" + COMPOSE_BROKER_VARIABLES[COORDINATOR_ACCOUNT] + ":-")
     db = coordinator["environment"]["DOCKERCOMP_DB"]
     mounts = {v.split(":")[1]: v.split(":")[0] for v in coordinator["volumes"]}
     assert any(db.startswith(path + "/") for path in mounts)
     assert all(name in load()["volumes"] for name in mounts.values())
 
 
-def test_each_service_runs_its_roles_image() -> None:
+def test_each_service_runs_its_roles_image_built_from_the_dockerfile() -> None:
     # Volunteers' workers hold only the agent; the coordinator's database layer has its own image.
     services = load()["services"]
     assert services["coordinator"]["image"] == COORDINATOR_IMAGE
     assert services["worker"]["image"] == WORKER_IMAGE
+    stages = re.findall(r"(?m)^FROM \S+ AS (\w+)", (REPO_ROOT / "Dockerfile").read_text())
+    for name in ("coordinator", "worker"):
+        build = services[name]["build"]
+        assert build["context"] == "." and build["target"] == name and name in stages
 
 
 def test_the_worker_service_can_be_scaled() -> None:
@@ -74,21 +86,16 @@ def test_the_worker_service_can_be_scaled() -> None:
     # --scale needs replicas that differ: no fixed name, no host port, no shared worker id.
     assert "container_name" not in worker and "ports" not in worker
     assert "DOCKERCOMP_WORKER_ID" not in worker.get("environment", {})
-    assert worker["env_file"] == "broker-config/worker.env"
+    assert worker["environment"]["DOCKERCOMP_BROKER"].startswith(
+        "${" + COMPOSE_BROKER_VARIABLES[DEFAULT_VOLUNTEER] + ":-")
     assert worker["restart"] == "unless-stopped"
 
 
 def project_copy(directory: Path) -> Path:
-    """The compose file and mosquitto.conf in `directory`, with the .env files that
-    `dockercomp coordinator volunteers init` writes stubbed (docker-compose refuses missing env files)."""
+    """The compose file and mosquitto.conf in `directory`, and nothing else (no .env)."""
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copy(COMPOSE_FILE, directory / "docker-compose.yml")
     shutil.copy(REPO_ROOT / "mosquitto.conf", directory / "mosquitto.conf")
-    config = directory / "broker-config"
-    config.mkdir(exist_ok=True)
-    for name in ("coordinator.env", "worker.env"):
-        if not (config / name).exists():
-            (config / name).write_text("DOCKERCOMP_BROKER=mqtt://mosquitto:1883\n")
     return directory / "docker-compose.yml"
 
 
@@ -100,15 +107,56 @@ def find_compose() -> list[str]:
     return command
 
 
-def test_compose_itself_accepts_the_file(tmp_path: Path) -> None:
+def test_compose_accepts_the_file_in_a_fresh_clone(tmp_path: Path) -> None:
+    # A fresh clone has no .env and no broker-config/: `docker-compose config` failed there
+    # ("Couldn't find env file") while the file named env_file entries.
+    # What is cloned is the last commit: commit the compose file before trusting this test.
     command = find_compose()
-    compose_file = project_copy(tmp_path)
-    result = subprocess.run([*command, "-f", str(compose_file), "config", "-q"], cwd=tmp_path,
+    require((REPO_ROOT / ".git").exists(), "a git checkout of the repository", "run the tests in a git clone")
+    clone = tmp_path / "clone"
+    # safe.directory: CI may run as another user than the checkout's owner.
+    cloned = subprocess.run(["git", "-c", "safe.directory=*", "clone", "-q", str(REPO_ROOT), str(clone)],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert cloned.returncode == 0, cloned.stderr
+    assert not (clone / ".env").exists() and not (clone / "broker-config").exists()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCKERCOMP_", "COMPOSE_"))}
+    result = subprocess.run([*command, "-f", "docker-compose.yml", "config"], cwd=clone, env=env,
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
-    services = subprocess.run([*command, "-f", str(compose_file), "config", "--services"], cwd=tmp_path,
+    services = subprocess.run([*command, "-f", "docker-compose.yml", "config", "--services"], cwd=clone, env=env,
                               capture_output=True, text=True, timeout=120, check=False)
     assert set(services.stdout.split()) == {"mosquitto", "coordinator", "worker"}
+
+
+def test_compose_opts_the_plain_listener_into_its_private_network(tmp_path: Path) -> None:
+    # mosquitto.conf binds 1883 to loopback; the stack's command runs the same file with only
+    # that line changed. Run that command here, with `cat` in place of mosquitto.
+    command = load()["services"]["mosquitto"]["command"]
+    assert command[:2] == ["sh", "-c"]
+    source = tmp_path / "mosquitto.conf"
+    shutil.copy(REPO_ROOT / "mosquitto.conf", source)
+    script = (command[2].replace("$$", "$")  # compose's escape for a literal $
+              .replace("/mosquitto/config/mosquitto.conf", str(source))
+              .replace("/tmp/mosquitto.conf", str(tmp_path / "out.conf"))
+              .replace("exec mosquitto -c", "exec cat"))
+    ran = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30, check=True)
+    before, after = source.read_text().splitlines(), ran.stdout.splitlines()
+    changed = [(old, new) for old, new in zip(before, after) if old != new]
+    assert len(before) == len(after)
+    assert changed == [("listener 1883 127.0.0.1", "listener 1883")]
+
+
+def test_init_writes_the_variables_the_compose_file_reads(tmp_path: Path) -> None:
+    config = tmp_path / "broker-config"
+    made = dockercomp_command("coordinator", "volunteers", "init", "--dir", str(config))
+    assert made.returncode == 0, made.stdout + made.stderr
+    dotenv = tmp_path / ".env"
+    assert dotenv.stat().st_mode & 0o077 == 0  # passwords: owner-only
+    values = dict(line.split("=", 1) for line in dotenv.read_text().splitlines())
+    for account, file in ((COORDINATOR_ACCOUNT, "coordinator.env"), (DEFAULT_VOLUNTEER, "worker.env")):
+        assert "DOCKERCOMP_BROKER=" + values[COMPOSE_BROKER_VARIABLES[account]] + "\n" == (config / file).read_text()
+    compose = COMPOSE_FILE.read_text()
+    assert all("${" + name + ":-" in compose for name in values)
 
 
 # --- the stack for real ---------------------------------------------------------------------
@@ -147,19 +195,17 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     build_coordinator_image()
     compose_file = project_copy(tmp_path / "project")
     config = compose_file.parent / "broker-config"
-    if "/mosquitto/security/" in (REPO_ROOT / "mosquitto.conf").read_text():
-        require(dockercomp_command("coordinator", "volunteers", "--help").returncode == 0,
-                "`dockercomp coordinator volunteers` and `dockercomp broker certs`", "finish the running-in-public issue")
-        for name in ("coordinator.env", "worker.env"):
-            (config / name).unlink()
-        for args in (["coordinator", "volunteers", "init", "--dir", str(config)],
-                     ["broker", "certs", "init", "--dir", str(config), "--host", "localhost"]):
-            made = dockercomp_command(*args)
-            assert made.returncode == 0, made.stdout + made.stderr
+    # As the scientist does: accounts (and the .env docker-compose reads), then the certificate.
+    for args in (["coordinator", "volunteers", "init", "--dir", str(config)],
+                 ["broker", "certs", "init", "--dir", str(config), "--host", "localhost"]):
+        made = dockercomp_command(*args)
+        assert made.returncode == 0, made.stdout + made.stderr
     # The broker image that can be had here, and no published port (parallel runs, busy 8883).
     data = yaml.safe_load(compose_file.read_text())
     data["services"]["mosquitto"]["image"] = mosquitto_image(client)
     data["services"]["mosquitto"].pop("ports", None)
+    for service in data["services"].values():  # built above; this copy has no build context
+        service.pop("build", None)
     compose_file.write_text(yaml.safe_dump(data))
     found = Stack(command, compose_file)
     try:

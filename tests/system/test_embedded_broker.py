@@ -10,12 +10,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from dockercomp.broker.embedded import AddressInUseError, EmbeddedBroker
-from tests.support import REPO_ROOT, Watcher, abandon, connect_client, port_accepts
+from tests.support import REPO_ROOT, Watcher, abandon, connect_client, port_accepts, wait_until
+from dockercomp.broker.processes import AmqttProcess
+from dockercomp.broker.settings import BrokerSettings
 from tests.support.brokers import BrokerProcess
+from tests.support.security import accepts, make_config
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -212,3 +217,120 @@ def test_serve_rejects_an_invalid_port() -> None:
     _, err = process.communicate(timeout=15)
     assert process.returncode == 2
     assert "Traceback" not in err
+
+
+# --- many clients at once, and frozen ones ---------------------------------------------------
+
+# Clients that connect at the same moment (303 made amqtt 0.12 crash 63 connections).
+CROWD = 300
+# Retained messages a connecting client is sent while the others subscribe.
+RETAINED = 50
+# A child process holding CROWD paho clients: each connects with a will and subscribes to its
+# own topic (a new entry in the broker's subscription table), all at once. It prints how many
+# got their SUBACK, then waits to be killed.
+CROWD_SCRIPT = """
+import sys, threading, time
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+lock, subscribed = threading.Lock(), set()
+def on_connect(client, userdata, flags, reason, props):
+    client.subscribe(f"dockercomp/test/crowd/{userdata}/tasks", qos=1)
+def on_subscribe(client, userdata, mid, reasons, props):
+    with lock:
+        subscribed.add(userdata)
+clients = []
+for i in range(count):
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"crowd-{i}", userdata=i)
+    client.will_set(f"dockercomp/test/crowd/{i}/presence", b"lost", qos=1)
+    client.on_connect, client.on_subscribe = on_connect, on_subscribe
+    client.connect_async(host, port, keepalive=60)
+    clients.append(client)
+for client in clients:
+    client.loop_start()
+deadline = time.monotonic() + 60
+while len(subscribed) < count and time.monotonic() < deadline:
+    time.sleep(0.1)
+print(len(subscribed), flush=True)
+time.sleep(3600)
+"""
+
+
+@pytest.mark.timeout(180)  # two bounded waits of 60 s on a loaded machine
+def test_simultaneous_connects_all_work_and_all_their_wills_fire(amqtt: BrokerProcess) -> None:
+    for index in range(RETAINED):
+        publish(amqtt.url, f"dockercomp/test/retained/{index}", b"online", retain=True)
+    # Its subscription matches the retained messages: amqtt sends them to every new client
+    # (embedded.py), so each connect awaits inside its loop over the subscription table.
+    with Watcher(amqtt.url, "dockercomp/test/#") as watcher:
+        crowd = subprocess.Popen([sys.executable, "-c", CROWD_SCRIPT, amqtt.host, str(amqtt.port), str(CROWD)],
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            assert crowd.stdout is not None
+            subscribed = int(crowd.stdout.readline() or 0)
+        finally:
+            crowd.kill()
+            crowd.wait()
+        assert subscribed == CROWD, f"only {subscribed} of {CROWD} clients got their SUBACK"
+
+        def wills() -> set[str]:
+            return {m.topic for m in watcher.messages if m.topic.startswith("dockercomp/test/crowd/")}
+
+        wait_until(lambda: len(wills()) == CROWD, timeout=60)
+    assert "changed size during iteration" not in amqtt.log()
+
+
+def test_a_frozen_clients_will_fires_while_messages_pile_up_for_it(amqtt: BrokerProcess) -> None:
+    # amqtt 0.12 ignored keepalive: a SIGSTOPped client stayed connected, its will never came.
+    # Tasks keep coming to a frozen agent: its socket buffers fill, which must not hold the will.
+    frozen_script = (
+        "import sys, paho.mqtt.client as mqtt; from paho.mqtt.enums import CallbackAPIVersion\n"
+        "client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id='frozen')\n"
+        "client.will_set('dockercomp/test/frozen/presence', b'lost', qos=1)\n"
+        "client.on_connect = lambda c, *args: c.subscribe('dockercomp/test/tasks/frozen', qos=1)\n"
+        "client.on_subscribe = lambda *args: print('subscribed', flush=True)\n"
+        "client.connect(sys.argv[1], int(sys.argv[2]), keepalive=1)\n"
+        "client.loop_forever()\n"
+    )
+    with Watcher(amqtt.url, "dockercomp/test/frozen/#") as watcher:
+        client = subprocess.Popen([sys.executable, "-c", frozen_script, amqtt.host, str(amqtt.port)],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert client.stdout is not None
+            assert client.stdout.readline().strip() == "subscribed"
+            client.send_signal(signal.SIGSTOP)
+            sender = connect_client(amqtt.url)
+            try:
+                sent = [sender.publish("dockercomp/test/tasks/frozen", b"x" * 64 * 1024, qos=1)
+                        for _ in range(200)]  # ~12 MB: far more than the socket buffers hold
+                sent[-1].wait_for_publish(30)  # the broker has them all
+            finally:
+                sender.disconnect()
+                sender.loop_stop()
+            # 1.5 x keepalive after its last packet; generous here, test_will_timing.py holds the promise.
+            watcher.wait_for(lambda m: m.payload == b"lost", timeout=20)
+        finally:
+            client.kill()
+            client.wait()
+
+
+# --- secrets -----------------------------------------------------------------------------------
+
+
+def test_no_password_reaches_the_log_even_at_vv(tmp_path: Path) -> None:
+    # `serve -vv` logged every CONNECT packet with its clear-text password.
+    accounts, coordinator = make_config(tmp_path / "broker-config")
+    broker = AmqttProcess(tmp_path / "amqtt", security_dir=accounts.directory, verbosity=2)
+    broker.start()
+    try:
+        right = BrokerSettings(host=broker.host, port=broker.port, username=coordinator.name,
+                               password=coordinator.password)
+        assert accepts(right.full_url)
+        wrong_password = "not-" + coordinator.password[:12]
+        assert not accepts(replace(right, password=wrong_password).full_url)  # a refusal is logged too
+    finally:
+        broker.stop()
+    log = broker.log()
+    assert "<-in-- ConnectPacket" in log and f"username={coordinator.name}" in log  # -vv did log the CONNECT
+    assert coordinator.password not in log
+    assert wrong_password not in log

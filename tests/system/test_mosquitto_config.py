@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,8 +13,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.support import Watcher, connect_client, require, wait_until
+from tests.support import Watcher, connect_client, port_accepts, require, wait_until
 from tests.support.brokers import MOSQUITTO_CONF, BrokerProcess, MosquittoProcess, find_mosquitto
+from tests.support.security import SecureBroker, accepts
 
 # Enough to overflow Mosquitto's default queue of 1000 several times, small enough to
 # run in about a second.
@@ -35,7 +37,7 @@ def test_the_settings_that_close_known_traps_are_there() -> None:
     assert setting("set_tcp_nodelay") == "true"
     assert setting("persistence") == "true"
     assert setting("persistence_location") == "/mosquitto/data/"
-    assert setting("listener").split()[0] == "1883"
+    assert setting("listener").split() == ["1883", "127.0.0.1"]  # plain MQTT: loopback unless opted in
     assert int(setting("max_queued_messages")) >= 100 * MESSAGES // 5  # far above 1000
     # In flight must be bounded: paho loses messages past 65,535 unacknowledged.
     assert 20 <= int(setting("max_inflight_messages")) < 65_535
@@ -195,3 +197,42 @@ def test_an_oversized_packet_is_refused(mosquitto: BrokerProcess) -> None:
         ok.loop_stop()
         watcher.wait_for(lambda m: m.topic == "dockercomp/test/payload")
         assert watcher.on("dockercomp/test/big") == []
+
+
+def non_loopback_address() -> str | None:
+    """An IPv4 address of this machine other than loopback (the one its default route uses)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent, only a route looked up
+        except OSError:
+            return None
+        address: str = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def test_the_plain_listener_is_reachable_on_loopback_only(tmp_path: Path) -> None:
+    # Started on the address the shipped file names (the test rewrite moves only the port);
+    # it used to bind every interface, so passwords in clear could cross any network.
+    binary = find_mosquitto()
+    require(binary, "the mosquitto binary", "apt-get install mosquitto (or run `make system`)")
+    address = non_loopback_address()
+    require(address, "a non-loopback IPv4 address to try", "run on a machine with a network interface")
+    assert address is not None
+    shipped = setting("listener").split()[1]
+    broker = MosquittoProcess(tmp_path / "broker", host=shipped, binary=binary)
+    broker.start()
+    try:
+        assert port_accepts("127.0.0.1", broker.port)
+        assert not port_accepts(address, broker.port)
+    finally:
+        broker.stop()
+
+
+def test_no_password_reaches_mosquittos_log(secure_mosquitto: SecureBroker) -> None:
+    creds = secure_mosquitto.add("alice")
+    assert accepts(secure_mosquitto.url(creds))
+    assert not accepts(secure_mosquitto.url(creds, password="wrong-" + creds.password[:10]))
+    log = secure_mosquitto.process.log()
+    assert "alice" in log  # connection_messages: the account is logged, its password is not
+    assert creds.password not in log and creds.password[:10] not in log
+    assert secure_mosquitto.coordinator.password not in log
