@@ -21,6 +21,7 @@ from dockercomp.coordinator.errors import StoreError
 # when missing; rows that existed before get the default.
 ADDED_COLUMNS: list[tuple[str, str, str]] = [
     ("worker", "prefetch", "INTEGER NOT NULL DEFAULT 0"),
+    ("attempt", "nonce", "VARCHAR(64) NOT NULL DEFAULT ''"),
 ]
 # Indexes of the first release that no query uses but every dispatch and result updated:
 # (table, index). Dropping them cut the engine's database time by a fifth.

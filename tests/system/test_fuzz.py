@@ -25,7 +25,7 @@ from dockercomp.agent.agent import Agent
 from dockercomp.agent.settings import AgentSettings
 from dockercomp.agent.tasks import Registry
 from dockercomp.broker.acl import Role
-from dockercomp.broker.defaults import MAX_PAYLOAD_BYTES
+from dockercomp.broker.defaults import MAX_PAYLOAD_BYTES, PROTOCOL_VERSION
 from dockercomp.broker.errors import DecodeError
 from dockercomp.broker.memory import MemoryBroker
 from dockercomp.broker.messages import Presence, Result, Task, decode_status
@@ -86,24 +86,25 @@ JOB_TASKS = 200
 def malformed(i: int, job_task_id: str) -> tuple[str, bytes]:
     """The i-th message of the flood: every one is something the coordinator must reject."""
     worker = WorkerRef("mallory", f"m{i % 7}")
-    base = {"v": 1, "task_id": "999999999", "attempt": 1, "worker": worker.worker, "volunteer": "mallory",
+    base = {"v": PROTOCOL_VERSION, "task_id": "999999999", "attempt": 1, "worker": worker.worker, "volunteer": "mallory",
             "outcome": "ok", "value": 1}
     kind = i % 16
     if i % 1000 == 999:  # a few oversized ones (each crosses the broker: keep the total sane)
-        return TOPICS.results(worker), b'{"v":1,"pad":"' + b"x" * (MAX_PAYLOAD_BYTES + 1) + b'"}'
+        return TOPICS.results(worker), b'{"v":%d,"pad":"' % PROTOCOL_VERSION + b"x" * (MAX_PAYLOAD_BYTES + 1) + b'"}'
     bodies: dict[int, bytes | dict[str, Any]] = {
         0: b"not json at all",
         1: b"\xff\xfe\x00\x01",
         2: b"[" * 5000 + b"]" * 5000,
         3: wire({**base, "value": math.nan}),
-        4: b'{"v":1,"task_id":"1","attempt":1e999,"worker":"m0","volunteer":"mallory","outcome":"ok"}',
+        4: b'{"v":%d,"task_id":"1","attempt":1e999,"worker":"m0","volunteer":"mallory","outcome":"ok"}'
+           % PROTOCOL_VERSION,
         5: {**base, "attempt": 10**30},
         6: {**base, "v": 99},
         7: {**base, "worker": "m+/#"},
         8: {**base, "worker": "w1", "volunteer": "alice"},  # names someone else: mismatch
         9: base,  # an unknown task, from a worker that never registered
         10: {**base, "task_id": job_task_id},  # a real task it was never sent
-        11: {"v": 1},
+        11: {"v": PROTOCOL_VERSION},
         12: b"[1, 2, 3]",
         13: {**base, "outcome": "error"},  # a failure without its error object
         14: {**base, "value": {"deep": json.loads("[" * 40 + "]" * 40)}},
@@ -112,7 +113,7 @@ def malformed(i: int, job_task_id: str) -> tuple[str, bytes]:
     body = bodies[kind]
     payload = body if isinstance(body, bytes) else wire(body)
     if kind == 15:  # presence garbage: bad state, bad seq, someone else's name
-        payload = wire({"v": 1, "worker": worker.worker, "volunteer": "mallory", "state": "zombie", "seq": -1})
+        payload = wire({"v": PROTOCOL_VERSION, "worker": worker.worker, "volunteer": "mallory", "state": "zombie", "seq": -1})
         return TOPICS.presence(worker), payload
     return TOPICS.results(worker), payload
 

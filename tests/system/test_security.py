@@ -134,7 +134,7 @@ def _presence(ref: WorkerRef) -> bytes:
 
 def _result(ref: WorkerRef, task: Task, value: object) -> bytes:
     return Result(task_id=task.task_id, attempt=task.attempt, worker=ref.worker, volunteer=ref.volunteer,
-                  outcome=Outcome.OK, value=value).encode()
+                  outcome=Outcome.OK, value=value, nonce=task.nonce).encode()
 
 
 def test_forged_results_on_another_workers_topic_never_reach_the_store(
