@@ -43,6 +43,14 @@ MAX_VOLUNTEER_CAPACITY = 4_096
 # bound is MAX_PREFETCH): enough to hide round trips on every machine of such a cluster.
 MAX_VOLUNTEER_PREFETCH = 8_192
 
+# CPUs a presence may report: more hardware threads than any machine has; the number is only
+# shown to people, and must fit the database's 32-bit column.
+MAX_REPORTED_CPUS = 65_536
+
+# Largest value an operator may give any of the caps above: keeps every sum of them far inside
+# 64 bits and each one inside the database's 32-bit columns.
+MAX_CAP_SETTING = 1_000_000
+
 # Seconds between checks for expired leases.
 LEASE_CHECK_INTERVAL = 1.0
 

@@ -22,7 +22,9 @@ from dockercomp.broker.defaults import MAX_PAYLOAD_BYTES, PROTOCOL_VERSION
 from dockercomp.broker.errors import DecodeError, InvalidTopic
 from dockercomp.broker.memory import MemoryBroker
 from dockercomp.broker.messages import (
+    OfflineReason,
     Presence,
+    PresenceState,
     Result,
     Task,
     decode_status,
@@ -30,10 +32,14 @@ from dockercomp.broker.messages import (
     load_object,
     peek_task_id,
 )
-from dockercomp.broker.topics import WORKER_TOPIC_KINDS, Topics
+from dockercomp.broker.topics import WORKER_TOPIC_KINDS, Topics, WorkerRef
+from dockercomp.coordinator import defaults
+from dockercomp.coordinator.registry import Caps, WorkerRegistry
 from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
+from dockercomp.coordinator.status import worker_status
 from dockercomp.coordinator.store import Store, TaskState
 from tests.support.hostile import as_object, assert_sane, hostile_json, messages, near_payloads, wire
+from tests.support.rules import Rules
 
 TOPICS = Topics()
 
@@ -183,3 +189,78 @@ def test_the_engine_survives_any_message_sequence_and_stays_consistent(
             == progress.total
         for row in engine.store.results(job):
             assert row.state in {s.value for s in TaskState}
+
+
+# --------------------------------------------------------------------------- hostile presence: the caps
+INT64_MAX = 2**63 - 1
+
+
+def _online(worker: str, volunteer: str, seq: int = 1, **numbers: int) -> Presence:
+    return Presence(worker=worker, volunteer=volunteer, state=PresenceState.ONLINE, seq=seq,
+                    functions=("add",), **numbers)
+
+
+def test_a_worker_gets_what_the_caps_grant_whatever_it_announces() -> None:
+    rules = Rules()
+    rules.workers.caps = Caps(capacity=8, prefetch=4, volunteer_capacity=12, volunteer_prefetch=5)
+    apply = rules.workers.apply
+    greedy, _ = apply(WorkerRef("mallory", "m1"), _online("m1", "mallory", capacity=INT64_MAX, prefetch=INT64_MAX,
+                                                          cpus=INT64_MAX), rules.now)
+    assert (greedy.capacity, greedy.prefetch, greedy.asked) == (8, 4, (INT64_MAX, INT64_MAX))
+    # A second worker of the same volunteer gets what is left of the volunteer's share ...
+    second, _ = apply(WorkerRef("mallory", "m2"), _online("m2", "mallory", capacity=2**62, prefetch=2**62), rules.now)
+    assert (second.capacity, second.prefetch) == (4, 1)
+    # ... a third nothing (it gets no work) ...
+    third, _ = apply(WorkerRef("mallory", "m3"), _online("m3", "mallory", capacity=2**62), rules.now)
+    assert third.capacity == 0 and third not in rules.workers.dispatchable()
+    # ... and another volunteer is not affected.
+    honest, _ = apply(WorkerRef("alice", "a1"), _online("a1", "alice", capacity=2, prefetch=1), rules.now)
+    assert (honest.capacity, honest.prefetch) == (2, 1)
+    # What is stored is what was granted (and fits every column).
+    stored = {row.key: (row.capacity, row.prefetch, row.cpus) for row in rules.store.workers()}
+    assert stored == {"mallory/m1": (8, 4, 65_536), "mallory/m2": (4, 1, 0), "mallory/m3": (0, 0, 0),
+                      "alice/a1": (2, 1, 0)}
+    # When the first one leaves, its share goes to the others, up to what they asked.
+    apply(WorkerRef("mallory", "m1"), Presence("m1", "mallory", PresenceState.OFFLINE, 1, OfflineReason.LOST),
+          rules.now)
+    assert [(w.capacity, w.prefetch) for w in (second, third)] == [(8, 4), (4, 0)]
+    assert sum(w.limit for w in rules.workers.dispatchable() if w.ref.volunteer == "mallory") <= 12 + 5
+
+
+def test_caps_lowered_since_the_rows_were_written_apply_on_load() -> None:
+    rules = Rules()
+    for name in ("w1", "w2"):
+        rules.workers.apply(WorkerRef("lab", name), _online(name, "lab", capacity=300, prefetch=300), rules.now)
+    again = WorkerRegistry(rules.store, rules.topics, Caps(capacity=100, prefetch=10, volunteer_capacity=150))
+    again.load()
+    assert [(w.capacity, w.prefetch) for w in again] == [(100, 10), (50, 10)]
+
+
+@pytest.mark.parametrize("capacities", [[INT64_MAX], [2**62, 2**62], [INT64_MAX, 1], [2**40] * 5])
+def test_a_hostile_capacity_cannot_crash_the_engine_on_sqlite(memory_engine: tuple[Coordinator, MemoryBroker],
+                                                              capacities: list[int]) -> None:
+    # The field report: free capacity was summed and bound as a SQL LIMIT; SQLite raised
+    # OverflowError and `serve` exited, at every restart, as the presence is retained.
+    engine, broker = memory_engine
+    job = engine.store.create_job("add", [[i, i] for i in range(20)])
+    for i, capacity in enumerate(capacities):
+        ref = WorkerRef("mallory", f"m{i}")
+        broker.deliver(TOPICS.presence(ref), _online(ref.worker, "mallory", capacity=capacity, prefetch=INT64_MAX,
+                                                     cpus=INT64_MAX, seq=INT64_MAX).encode(), True)
+    engine.step()
+    engine.step()  # the dispatch round after the presences
+    assert engine.store.progress(job).assigned == 20
+    summary = engine.summary()
+    assert 0 < summary["capacity"] <= defaults.MAX_VOLUNTEER_CAPACITY
+    # Every number the status publishes is one the decoders accept (64-bit).
+    assert_numbers_in_int64(summary)
+    for slot in engine.workers:
+        assert_numbers_in_int64(worker_status(slot, engine.leases.count(slot.id), engine.clock()))
+
+
+def assert_numbers_in_int64(value: Any) -> None:
+    if isinstance(value, dict):
+        for item in value.values():
+            assert_numbers_in_int64(item)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        assert -(2**63) <= value < 2**63
