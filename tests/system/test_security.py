@@ -30,6 +30,7 @@ from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 from dockercomp.coordinator.store import TaskState
 from tests.support import require, wait_until
 from tests.support.brokers import MOSQUITTO_CONF, MosquittoProcess, find_mosquitto
+from tests.support.processes import Processes
 from tests.support.security import (
     SecureBroker,
     connected,
@@ -176,6 +177,78 @@ def test_forged_results_on_another_workers_topic_never_reach_the_store(
         assert (row.value, row.worker, row.state) == (42, "bob/w1", TaskState.DONE.value)
     finally:
         will_carrier.close(timeout=1)
+        engine.stop()
+
+
+# --------------------------------------------------------------------------- unguessable attempts
+ATTACK_TASKS = 20
+
+
+@pytest.mark.timeout(120)
+def test_results_guessed_before_dispatch_are_all_forged_and_none_is_accepted(
+        secure_broker: SecureBroker, tmp_path: Path) -> None:
+    # The field report's attack: task ids are sequential and attempts count from 1, so a
+    # registered volunteer published results for (task_id, attempt) ahead of dispatch and 14
+    # of 20 were accepted as the tasks reached her worker. Every task message now carries a
+    # random nonce; a result must echo it.
+    alice, mallory = secure_broker.add("alice"), secure_broker.add("mallory")
+    mallory_ref = WorkerRef("mallory", "m1")
+    settings = CoordinatorSettings(lease_margin=0.5, lease_check=0.1, poll_interval=0.1, status_interval=0.2,
+                                   connect_timeout=10)
+    engine = Coordinator.connect(secure_broker.url(secure_broker.coordinator), str(tmp_path / "c.db"), settings)
+    procs = Processes(None, tmp_path / "logs")
+    published = 0
+    try:
+        with connected(secure_broker.url(mallory), "mallory/m1", TOPICS.tasks(mallory_ref)) as attacker:
+            def forge(task_id: str, attempt: int, nonce: str) -> None:
+                nonlocal published
+                attacker.connection.publish(TOPICS.results(mallory_ref), Result(
+                    task_id, attempt, "m1", "mallory", Outcome.OK, "forged", nonce=nonce).encode(), qos=1)
+                published += 1
+
+            # Given: mallory's worker registered (it gets its share of the tasks), alice's real
+            # agent, and a job whose task ids mallory can guess (a fresh database counts from 1).
+            attacker.connection.publish(TOPICS.presence(mallory_ref), _presence(mallory_ref), retain=True)
+            engine.start()
+            procs.start("agent", ["dockercomp.agent.cli", "run", "--worker-id", "w1", "--concurrency", "2",
+                                  "--keepalive", "5", "--health-file", str(tmp_path / "agent.health")],
+                        env={"DOCKERCOMP_BROKER": secure_broker.url(alice)})
+            wait_until(lambda: sum(w.state == "online" for w in engine.store.workers()) == 2, timeout=30)
+
+            # When: she publishes a result for every guessable (task_id, attempt) before dispatch ...
+            guesses = [(str(task_id), attempt) for task_id in range(1, ATTACK_TASKS + 1) for attempt in (1, 2, 3)]
+            for task_id, attempt in guesses:
+                forge(task_id, attempt, "")
+            job = engine.store.create_job("add", [[i, i] for i in range(ATTACK_TASKS)], timeout=1, max_attempts=20)
+            assert [str(t) for t in sorted(engine.store.task_ids(job.id, ["pending", "assigned"]))] == [
+                str(i) for i in range(1, ATTACK_TASKS + 1)]
+            # ... again and again while the job runs, and answers each task she is sent with the
+            # right worker and attempt but a guessed nonce.
+            answered: set[bytes] = set()
+            while engine.store.progress(job).done < ATTACK_TASKS:
+                for task_id, attempt in guesses:
+                    forge(task_id, attempt, "AAAAAAAAAAAAAAAAAAAAAA")
+                for _, payload in list(attacker.received):
+                    if payload not in answered:
+                        answered.add(payload)
+                        task = Task.decode(payload)
+                        assert len(task.nonce) >= 22
+                        forge(task.task_id, task.attempt, task.nonce[::-1])
+                time.sleep(0.05)
+                assert engine.running, engine.error
+            assert attacker.connection.flush(10)
+            assert answered, "mallory's worker was sent no task: the test proves nothing"
+
+            # Then: none was accepted: every value is alice's, and right ...
+            rows = list(engine.store.results(job))
+            assert [(row.value, row.worker) for row in rows] == [(2 * i, "alice/w1") for i in range(ATTACK_TASKS)]
+            # ... and every forgery is counted as forged, and held against mallory only.
+            wait_until(lambda: engine.rejections.counts["forged"] == published, timeout=10)
+            assert {kind: n for kind, n in engine.rejections.snapshot().items() if n} == {"forged": published}
+            assert engine.workers.get("mallory/m1").rejected == published  # type: ignore[union-attr]
+            assert engine.workers.get("alice/w1").rejected == 0  # type: ignore[union-attr]
+    finally:
+        procs.stop_all()
         engine.stop()
 
 
