@@ -61,6 +61,8 @@ class WorkerSlot:
     # (capacity, prefetch) as its presence announced them; ``capacity`` and ``prefetch`` are
     # what the caps grant (Caps.grant).
     asked: tuple[int, int] = (0, 0)
+    # The (asked, granted) last logged as capped: each change is logged once, not every presence.
+    capped_note: tuple[int, int, int, int] | None = None
 
     @property
     def key(self) -> str:
@@ -92,12 +94,13 @@ class Caps:
             capacity = min(slot.asked[0], self.capacity, room)
             prefetch = min(slot.asked[1], self.prefetch, queue)
             room, queue = room - capacity, queue - prefetch
+            note = (*slot.asked, capacity, prefetch)
+            if (capacity, prefetch) != slot.asked and note != slot.capped_note:
+                log.warning("worker %s asked for capacity %d and prefetch %d; granted %d and %d (caps: "
+                            "%d and %d per worker, %d and %d per volunteer)", slot.key, *note, self.capacity,
+                            self.prefetch, self.volunteer_capacity, self.volunteer_prefetch)
+                slot.capped_note = note
             if (capacity, prefetch) != (slot.capacity, slot.prefetch):
-                if (capacity, prefetch) != slot.asked:
-                    log.warning("worker %s asked for capacity %d and prefetch %d; granted %d and %d (caps: "
-                                "%d and %d per worker, %d and %d per volunteer)", slot.key, *slot.asked, capacity,
-                                prefetch, self.capacity, self.prefetch, self.volunteer_capacity,
-                                self.volunteer_prefetch)
                 slot.capacity, slot.prefetch = capacity, prefetch
                 changed.append(slot)
         return changed
