@@ -396,7 +396,7 @@ class Agent:
         except TaskRefused as exc:
             log.info("task %s attempt %d rejected: %s", task.task_id, task.attempt, exc)
             self._publish_result(Result(task.task_id, task.attempt, self.ref.worker, self.ref.volunteer,
-                                        Outcome.REJECTED, error=TaskError(exc.type, exc.message)))
+                                        Outcome.REJECTED, error=TaskError(exc.type, exc.message), nonce=task.nonce))
             return
         self._held[key] = task
         self.counts["received"] += 1
@@ -448,7 +448,8 @@ class Agent:
                       finished.elapsed)
         payload = self._result_payload(Result(key[0], key[1], self.ref.worker, self.ref.volunteer, finished.outcome,
                                               value=finished.value, error=finished.error,
-                                              elapsed=round(finished.elapsed, 6)))
+                                              elapsed=round(finished.elapsed, 6),
+                                              nonce=task.nonce if task is not None else ""))
         if task is not None:
             self._finished[key] = (task, payload if len(payload) <= REMEMBERED_RESULT_BYTES else None)
             while len(self._finished) > REMEMBERED_FINISHED:
@@ -462,7 +463,7 @@ class Agent:
             payload = Result(result.task_id, result.attempt, result.worker, result.volunteer, Outcome.ERROR,
                              error=TaskError("ResultTooLarge", f"the result is {len(payload)} bytes; "
                                              f"a message may carry {MAX_PAYLOAD_BYTES}"),
-                             elapsed=result.elapsed).encode()
+                             elapsed=result.elapsed, nonce=result.nonce).encode()
         return payload
 
     def _publish_result(self, result: Result) -> bytes:

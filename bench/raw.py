@@ -27,6 +27,9 @@ from bench.harness import CpuMeter, Latency, raw_client, set_nodelay
 RAW_ROOT = "bench-raw"
 _TASK_ID_KEY = b'"task_id":"'
 _PLACEHOLDER = "TASKID"
+# A fixed nonce as long as the coordinator's (22 characters): the baseline's messages are the size
+# of dockercomp's, though nothing here checks it.
+_RAW_NONCE = "r" * 22
 
 
 @dataclass(frozen=True)
@@ -56,13 +59,14 @@ class RawFigures:
 
 def task_payload(task_id: str) -> bytes:
     """The bytes dockercomp sends for one no-op task with this id."""
-    return Task(task_id=task_id, job_id="1", attempt=1, function=FUNCTION, args=[], timeout=60.0).encode()
+    return Task(task_id=task_id, job_id="1", attempt=1, function=FUNCTION, args=[], timeout=60.0,
+                nonce=_RAW_NONCE).encode()
 
 
 def result_template(worker: str) -> tuple[bytes, bytes]:
     """(prefix, suffix) of the Result an agent sends for a no-op task; the id goes between."""
     encoded = Result(task_id=_PLACEHOLDER, attempt=1, worker=worker, volunteer=VOLUNTEER,
-                     outcome=Outcome.OK, value=None, elapsed=0.000123).encode()
+                     outcome=Outcome.OK, value=None, elapsed=0.000123, nonce=_RAW_NONCE).encode()
     prefix, suffix = encoded.split(_PLACEHOLDER.encode())
     return prefix, suffix
 

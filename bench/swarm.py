@@ -33,6 +33,7 @@ _SELECT_TIMEOUT = 0.1
 # Placeholders in a simulated worker's Result template, replaced per task.
 _TASK_ID = b"TASK-ID"
 _ATTEMPT = b"987654321"
+_NONCE = b"NONCE-PLACEHOLDER"
 
 
 @dataclass
@@ -75,7 +76,8 @@ class Swarm:
             sim = _Sim(ref, client, seq, online, self.topics.tasks(ref), self.topics.results(ref),
                        self.topics.presence(ref))
             sim.result_template = Result(task_id=_TASK_ID.decode(), attempt=int(_ATTEMPT), worker=name,
-                                         volunteer=volunteer, outcome=Outcome.OK, value=None, elapsed=0.0).encode()
+                                         volunteer=volunteer, outcome=Outcome.OK, value=None, elapsed=0.0,
+                                         nonce=_NONCE.decode()).encode()
             will = Presence(worker=name, volunteer=volunteer, state=PresenceState.OFFLINE, seq=seq,
                             reason=OfflineReason.LOST)
             client.will_set(sim.presence_topic, will.encode(), qos=1, retain=True)
@@ -154,14 +156,15 @@ class Swarm:
         # and every microsecond spent here is taken from it on a small machine.
         try:
             task = json.loads(message.payload)
-            task_id, attempt = task["task_id"], task["attempt"]
-            if not isinstance(task_id, str) or not isinstance(attempt, int):
+            task_id, attempt, nonce = task["task_id"], task["attempt"], task["nonce"]
+            if not isinstance(task_id, str) or not isinstance(attempt, int) or not isinstance(nonce, str):
                 raise ValueError("bad task_id or attempt")
         except (ValueError, KeyError, TypeError):
             self.malformed += 1
             return
         sim.answered += 1
-        payload = sim.result_template.replace(_TASK_ID, task_id.encode()).replace(_ATTEMPT, str(attempt).encode())
+        payload = (sim.result_template.replace(_TASK_ID, task_id.encode()).replace(_ATTEMPT, str(attempt).encode())
+                   .replace(_NONCE, nonce.encode()))
         client.publish(sim.results_topic, payload, qos=1)
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-# Wire protocol version carried in every payload's "v" field.
-PROTOCOL_VERSION = 1
+# Wire protocol version carried in every payload's "v" field. 2: task messages carry an attempt
+# nonce that results must echo (docs/protocol.md); a v1 agent cannot answer a v2 coordinator.
+PROTOCOL_VERSION = 2
 
 # Topic root; every dockercomp topic lives below it, so one broker can host several projects.
 ROOT_TOPIC = "dockercomp"

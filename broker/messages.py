@@ -30,6 +30,10 @@ class OfflineReason(str, Enum):
     PURGED = "purged"  # the coordinator gave up on a lost worker and cleared it
 
 
+# Longest attempt nonce accepted: the coordinator sends 22 characters (16 random bytes).
+MAX_NONCE_LENGTH = 64
+
+
 class Outcome(str, Enum):
     OK = "ok"  # the function returned; value holds its result
     ERROR = "error"  # the function raised; error holds type, message, traceback
@@ -37,6 +41,15 @@ class Outcome(str, Enum):
     CRASHED = "crashed"  # the process running the function died (os._exit, segfault, OOM)
     REJECTED = "rejected"  # the worker refused the task: unknown function or malformed task
 
+
+# Failures that come from the task itself, not the worker: the same task fails the same way on
+# every worker (its arguments do not fit the function; its value cannot be sent back). The
+# coordinator fails such a task at once, without retrying it or charging the worker.
+DETERMINISTIC_ERRORS: frozenset[tuple[Outcome, str]] = frozenset({
+    (Outcome.REJECTED, "BadArguments"),  # agent.errors.BadArguments
+    (Outcome.ERROR, "ResultTooLarge"),  # agent.process.TOO_LARGE_ERROR: over MAX_PAYLOAD_BYTES
+    (Outcome.ERROR, "UnserializableResult"),  # agent.process.RESULT_ERROR: not JSON
+})
 
 _T = TypeVar("_T")
 
@@ -180,6 +193,12 @@ def _short(limit: int) -> Callable[[str], str | None]:
     return lambda value: None if len(value) <= limit else f"is longer than {limit} characters"
 
 
+def _identifier(limit: int) -> Callable[[str], str | None]:
+    """An id: not empty (an empty task id cannot be answered: peek_task_id and the agent's
+    bookkeeping need one), at most ``limit`` characters."""
+    return lambda value: "must not be empty" if not value else _short(limit)(value)
+
+
 def _dump(obj: dict[str, Any]) -> bytes:
     return _ENCODER.encode(obj).encode()
 
@@ -257,13 +276,17 @@ class Task:
     function: str
     args: list[Any] = field(default_factory=list)
     timeout: float = 60.0
+    # Secret of this attempt, drawn at random by the coordinator: the result must echo it, so
+    # nobody who was not sent the task can answer it (task ids and attempt numbers are guessable).
+    nonce: str = ""
     v: int = PROTOCOL_VERSION
 
     KIND = "task"
 
     def encode(self) -> bytes:
+        # Key order is the one coordinator.leases.PayloadBuilder writes byte for byte.
         return _dump({"v": self.v, "task_id": self.task_id, "job_id": self.job_id, "attempt": self.attempt,
-                      "function": self.function, "args": self.args, "timeout": self.timeout})
+                      "nonce": self.nonce, "function": self.function, "args": self.args, "timeout": self.timeout})
 
     @classmethod
     def decode(cls, payload: bytes | str) -> "Task":
@@ -273,12 +296,13 @@ class Task:
     def from_object(cls, obj: Mapping[str, Any], raw: bytes | str = b"") -> "Task":
         f = _Fields(cls.KIND, obj, raw)
         return cls(
-            task_id=f.get("task_id", str, check=_short(128)),
-            job_id=f.get("job_id", str, check=_short(128)),
+            task_id=f.get("task_id", str, check=_identifier(128)),
+            job_id=f.get("job_id", str, check=_identifier(128)),
             attempt=f.get("attempt", int, check=_positive),
             function=f.get("function", str, check=_short(200)),
             args=f.get("args", list, []),
             timeout=float(f.get("timeout", (int, float), 60.0, check=_positive)),
+            nonce=f.get("nonce", str, "", check=_short(MAX_NONCE_LENGTH)),
         )
 
 
@@ -321,6 +345,7 @@ class Result:
     value: Any = None
     error: TaskError | None = None
     elapsed: float = 0.0
+    nonce: str = ""  # the nonce of the task message it answers (Task.nonce)
     v: int = PROTOCOL_VERSION
 
     KIND = "result"
@@ -329,10 +354,16 @@ class Result:
     def ok(self) -> bool:
         return self.outcome is Outcome.OK
 
+    @property
+    def deterministic(self) -> bool:
+        """A failure any worker would report for this task (DETERMINISTIC_ERRORS)."""
+        return self.error is not None and (self.outcome, self.error.type) in DETERMINISTIC_ERRORS
+
     def encode(self) -> bytes:
         return _dump({"v": self.v, "task_id": self.task_id, "attempt": self.attempt, "worker": self.worker,
                       "volunteer": self.volunteer, "outcome": self.outcome.value, "value": self.value,
-                      "error": self.error.to_object() if self.error else None, "elapsed": self.elapsed})
+                      "error": self.error.to_object() if self.error else None, "elapsed": self.elapsed,
+                      "nonce": self.nonce})
 
     @classmethod
     def decode(cls, payload: bytes | str) -> "Result":
@@ -349,7 +380,12 @@ class Result:
             return None
         task_id, attempt, elapsed = obj.get("task_id"), obj.get("attempt"), obj.get("elapsed")
         worker, volunteer, value = obj.get("worker"), obj.get("volunteer"), obj.get("value")
-        if type(task_id) is not str or len(task_id) > 128:
+        nonce = obj.get("nonce")
+        if nonce is None:
+            nonce = ""
+        elif type(nonce) is not str or len(nonce) > MAX_NONCE_LENGTH:
+            return None
+        if type(task_id) is not str or not 0 < len(task_id) <= 128:
             return None
         if type(attempt) is not int or not 0 < attempt < 2**63:
             return None
@@ -369,7 +405,7 @@ class Result:
         except InvalidName:
             return None
         return cls(task_id=task_id, attempt=attempt, worker=worker, volunteer=volunteer, outcome=Outcome.OK,
-                   value=value, error=None, elapsed=elapsed)
+                   value=value, error=None, elapsed=elapsed, nonce=nonce)
 
     @classmethod
     def _decode_checked(cls, obj: dict[str, Any], payload: bytes | str) -> "Result":
@@ -390,7 +426,7 @@ class Result:
         if isinstance(value, float) and not math.isfinite(value):
             raise f.fail("field 'value' must be finite")
         return cls(
-            task_id=f.get("task_id", str, check=_short(128)),
+            task_id=f.get("task_id", str, check=_identifier(128)),
             attempt=f.get("attempt", int, check=_positive),
             worker=f.name("worker", "worker id"),
             volunteer=f.name("volunteer", "volunteer name"),
@@ -398,6 +434,7 @@ class Result:
             value=value,
             error=error,
             elapsed=float(f.get("elapsed", (int, float), 0.0, check=_non_negative)),
+            nonce=f.get("nonce", str, "", check=_short(MAX_NONCE_LENGTH)),
         )
 
 

@@ -60,6 +60,7 @@ ADDED_COLUMNS: list[tuple[str, str, str]] = [
     ("job", "replication", "TEXT"),
     ("attempt", "value", "TEXT"),
     ("attempt", "elapsed", "DOUBLE PRECISION"),
+    ("attempt", "nonce", "VARCHAR(64) NOT NULL DEFAULT ''"),
 ]
 # Indexes of the first release that no query uses but every dispatch and result updated:
 # (table, index). Dropping them cut the engine's database time by a fifth.

@@ -27,6 +27,30 @@ LEASE_MARGIN = 10.0
 # to hide any round trip, too few for one worker to hoard a job.
 MAX_PREFETCH = 1_000
 
+# Random bytes in each attempt's nonce (Task.nonce): 128 bits, beyond any guessing over a network.
+NONCE_BYTES = 16
+
+# --- Hostile presence: what a worker may claim, whatever its presence says (registry.py) --------
+# Tasks one worker may run at once: above the hardware threads of the largest common servers
+# (2 x 128-core EPYC = 512 threads), far below what overflows a counter or a SQL LIMIT.
+MAX_WORKER_CAPACITY = 512
+
+# Tasks one volunteer's workers may run at once, together: a lab's cluster of some dozens of
+# machines; a volunteer with more asks the scientist to raise --volunteer-max-capacity.
+MAX_VOLUNTEER_CAPACITY = 4_096
+
+# Tasks one volunteer's workers may have queued beyond their capacity, together (the per-worker
+# bound is MAX_PREFETCH): enough to hide round trips on every machine of such a cluster.
+MAX_VOLUNTEER_PREFETCH = 8_192
+
+# CPUs a presence may report: more hardware threads than any machine has; the number is only
+# shown to people, and must fit the database's 32-bit column.
+MAX_REPORTED_CPUS = 65_536
+
+# Largest value an operator may give any of the caps above: keeps every sum of them far inside
+# 64 bits and each one inside the database's 32-bit columns.
+MAX_CAP_SETTING = 1_000_000
+
 # Seconds between checks for expired leases.
 LEASE_CHECK_INTERVAL = 1.0
 

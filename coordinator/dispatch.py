@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from dockercomp.coordinator.leases import Lease, Leases, PayloadBuilder
+from dockercomp.coordinator.leases import Lease, Leases, PayloadBuilder, new_nonce
 from dockercomp.coordinator.quorum import Quorum
 from dockercomp.coordinator.registry import WorkerRegistry, WorkerSlot
 from dockercomp.coordinator.replicas import ReplicaDispatch
@@ -206,13 +206,15 @@ class Dispatcher:
         for start in range(0, len(plan), _OPEN_CHUNK):
             part = plan[start:start + _OPEN_CHUNK]
             deadlines = [self.deadline(worker, ahead, job.timeout, leases, now) for worker, _, ahead in part]
-            opening: list[NewAttempt] = [(task_id, tried + 1, worker.id, deadline)
-                                         for (worker, (task_id, _, tried, _), _), deadline in zip(part, deadlines)]
+            nonces = [new_nonce() for _ in part]
+            opening: list[NewAttempt] = [(task_id, tried + 1, worker.id, deadline, nonce)
+                                         for (worker, (task_id, _, tried, _), _), deadline, nonce
+                                         in zip(part, deadlines, nonces)]
             attempt_ids = self.store.open_attempts(opening, now)
-            for (worker, (task_id, args, attempts, retries_from), _), deadline in zip(part, deadlines):
-                payload = self.payloads.build(task_id, job.id, attempts + 1, job.function, args, job.timeout)
+            for (worker, (task_id, args, attempts, retries_from), _), deadline, nonce in zip(part, deadlines, nonces):
+                payload = self.payloads.build(task_id, job.id, attempts + 1, job.function, args, job.timeout, nonce)
                 leases.add(Lease(attempt_ids[task_id], task_id, attempts + 1, job.id, worker.id, now, deadline,
-                                 job.timeout, retries_from, payload))
+                                 job.timeout, retries_from, payload, nonce))
                 sends.append((worker.tasks_topic, payload))
                 self.served.add(worker.id)
         job.move(TaskState.PENDING.value, TaskState.ASSIGNED.value, len(plan))

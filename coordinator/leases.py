@@ -15,10 +15,12 @@ several per result.
 from __future__ import annotations
 
 import json
+import secrets
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
+from dockercomp.coordinator.defaults import NONCE_BYTES
 from dockercomp.coordinator.store import Store, dump_json
 
 
@@ -36,6 +38,7 @@ class Lease:
     timeout: float  # the job's time limit per task, as sent
     retries_from: int  # the task's attempt count when `retry` last renewed its budget
     payload: bytes  # the task message, kept to resend when the worker reconnects
+    nonce: str  # the attempt's secret (sent in the task message): its result must echo it
 
     @property
     def key(self) -> tuple[int, int]:
@@ -116,9 +119,10 @@ class Leases:
         """Every open attempt in the store, with its task message rebuilt for resending."""
         leases = cls()
         for row in store.open_leases():
-            payload = payloads.build(row.task_id, row.job_id, row.number, row.function, row.args, row.timeout)
+            payload = payloads.build(row.task_id, row.job_id, row.number, row.function, row.args, row.timeout,
+                                     row.nonce)
             leases.add(Lease(row.attempt_id, row.task_id, row.number, row.job_id, row.worker_id, row.sent_at,
-                             row.deadline, row.timeout, row.retries_from, payload))
+                             row.deadline, row.timeout, row.retries_from, payload, row.nonce))
         return leases
 
 
@@ -131,15 +135,30 @@ class PayloadBuilder:
         # (function, timeout) -> the text around the arguments: a job's tasks all share it.
         self._parts: dict[tuple[str, float], tuple[str, str]] = {}
 
-    def build(self, task_id: int, job_id: int, attempt: int, function: str, args_json: str, timeout: float) -> bytes:
+    def build(self, task_id: int, job_id: int, attempt: int, function: str, args_json: str, timeout: float,
+              nonce: str) -> bytes:
         parts = self._parts.get((function, timeout))
         if parts is None:
             if len(self._parts) >= 1024:  # one entry per job shape; a long-running engine sees many
                 self._parts.clear()
             parts = self._parts[(function, timeout)] = (
                 f',"function":{json.dumps(function)},"args":', f',"timeout":{json.dumps(float(timeout))}}}')
-        head = f'{self._prefix}{task_id}","job_id":"{job_id}","attempt":{attempt}'
+        # The nonce is new_nonce()'s URL-safe base64 (or "" for an attempt opened before nonces
+        # existed): nothing in it needs JSON escaping.
+        head = f'{self._prefix}{task_id}","job_id":"{job_id}","attempt":{attempt},"nonce":"{nonce}"'
         return f"{head}{parts[0]}{args_json}{parts[1]}".encode()
+
+
+def new_nonce() -> str:
+    """A fresh attempt nonce: 16 random bytes (128 bits, unguessable), URL-safe base64."""
+    return secrets.token_urlsafe(NONCE_BYTES)
+
+
+def nonce_matches(expected: str, received: str) -> bool:
+    """Whether a result carries its attempt's nonce; an attempt stored without one (opened by
+    a coordinator older than nonces) matches nothing, so its answer cannot be forged either:
+    it expires and is sent again with a nonce."""
+    return bool(expected) and secrets.compare_digest(expected.encode(), received.encode())
 
 
 def error_json(kind: str, message: str, traceback: str = "") -> str:

@@ -5,13 +5,15 @@ Every dispatch opens an attempt (a lease, leases.py); the ledger closes it, exac
 - **accept** a result of an open attempt from the worker that holds it: the task is done;
 - **close-failed** an attempt that ended without a value (the function raised, timed out,
   crashed, was refused): the task goes back to pending, or fails when its attempt budget
-  (``max_attempts`` since the last retry) is used up;
+  (``max_attempts`` since the last retry) is used up, or at once when the failure is the
+  task's own (``Result.deterministic``: bad arguments, a value that cannot be sent back);
 - **release** what a worker held when it died, shut down or restarted (closed as lost);
 - **expire** an attempt whose lease deadline passed without an answer;
 - a **late** result (for an attempt already closed) is still accepted when it is a value
   and the task has none yet (any other attempt of the task is superseded);
-- a **duplicate** (the task already has its value), a **foreign** result (from a worker
-  that never held that attempt) and an **unknown** task are **rejected**, counted and logged.
+- a **forged** result (it does not echo the nonce of an attempt that was sent), a
+  **duplicate** (the task already has its value), a **foreign** result (from a worker that
+  never held that attempt) and an **unknown** task are **rejected**, counted and logged.
 
 Pure over the store interface: the writes of one engine step gather in a ``store.Changes``
 and ``flush`` hands them to the store in one go, inside the step's transaction. No SQL, no
@@ -25,7 +27,7 @@ import logging
 from dockercomp.broker.messages import Result
 from dockercomp.broker.topics import WorkerRef
 from dockercomp.coordinator.dispatch import JobBook
-from dockercomp.coordinator.leases import Lease, Leases, error_json
+from dockercomp.coordinator.leases import Lease, Leases, error_json, nonce_matches
 from dockercomp.coordinator.registry import WorkerRegistry, WorkerSlot
 from dockercomp.coordinator.status import Rejection, Rejections, StatusPublisher
 from dockercomp.coordinator.store import (
@@ -103,6 +105,9 @@ class Ledger:
         if lease is None:
             self._late(ref, slot, task_id, result, what, now)
             return
+        if not nonce_matches(lease.nonce, result.nonce):
+            self.reject(Rejection.FORGED, ref, f"{what}: it does not carry the nonce of that attempt")
+            return
         if lease.worker_id != slot.id:
             self.reject(Rejection.FOREIGN, ref, f"{what}: that attempt was sent to another worker")
             return
@@ -122,7 +127,8 @@ class Ledger:
             self._accept(lease.attempt_id, task_id, lease.job_id, TaskState.ASSIGNED, slot, result, now)
         else:
             error = result.error.to_object() if result.error else {"type": result.outcome.value, "message": ""}
-            self.close_failed(lease, AttemptOutcome(result.outcome.value), dump_json(error))
+            self.close_failed(lease, AttemptOutcome(result.outcome.value), dump_json(error),
+                              deterministic=result.deterministic)
 
     def _late(self, ref: WorkerRef, slot: WorkerSlot, task_id: int, result: Result, what: str, now: float) -> None:
         """A result for an attempt that is not open: late, duplicate, foreign or unknown."""
@@ -130,9 +136,13 @@ class Ledger:
         record = self.store.find_attempt(task_id, result.attempt)
         if record is None:
             if self.store.task_exists(task_id):
-                self.reject(Rejection.FOREIGN, ref, f"{what}: that attempt was never sent")
+                # Nobody was sent this attempt, so no answer to it can be genuine: a guess.
+                self.reject(Rejection.FORGED, ref, f"{what}: that attempt was never sent")
             else:
                 self.reject(Rejection.UNKNOWN, ref, f"{what}: no such task")
+            return
+        if not nonce_matches(record.nonce, result.nonce):
+            self.reject(Rejection.FORGED, ref, f"{what}: it does not carry the nonce of that attempt")
             return
         if record.worker_id != slot.id:
             self.reject(Rejection.FOREIGN, ref, f"{what}: that attempt was sent to another worker")
@@ -178,26 +188,29 @@ class Ledger:
         self.finished += 1
 
     # -- attempts that end without a value -------------------------------------------------------
-    def close_failed(self, lease: Lease, outcome: AttemptOutcome, error: str) -> None:
+    def close_failed(self, lease: Lease, outcome: AttemptOutcome, error: str, deterministic: bool = False) -> None:
         """Close an open attempt that produced no value; the task goes back to pending, or
-        fails when its attempts are used up."""
+        fails when its attempts are used up. A ``deterministic`` failure (the task's own
+        fault, DETERMINISTIC_ERRORS) fails the task at once and is not held against the worker."""
         self.leases.remove(lease)
-        self.changes.close(lease.attempt_id, outcome, error, lease.worker_id)
+        self.changes.close(lease.attempt_id, outcome, error, None if deterministic else lease.worker_id)
         worker = self.workers.by_id.get(lease.worker_id)
         if worker is not None:
-            worker.failed += 1
+            if not deterministic:
+                worker.failed += 1
             self.status.worker_changed(worker.id)
         job = self.jobs.get(lease.job_id)
         if job is None or not job.active:
             return  # cancelled meanwhile: the task stays cancelled
         if not job.replication.single:
+            # Replicated: one volunteer's word, deterministic or not, never decides a task.
             self.jobs.quorum.on_failure(self, job, lease, outcome, self.now)
             self.status.job_changed(job.id)
             return
-        if worker is not None:
+        if worker is not None and not deterministic:
             self.jobs.trust.failed(job.id, worker.ref.volunteer, outcome, self.now)
             job.avoid[lease.task_id] = worker.ref.volunteer  # the retry goes elsewhere if it can
-        if lease.budget_used() >= job.max_attempts:
+        if deterministic or lease.budget_used() >= job.max_attempts:
             self.changes.set_task(lease.task_id, TaskState.FAILED)
             job.move(TaskState.ASSIGNED.value, TaskState.FAILED.value)
             self.finished += 1

@@ -70,6 +70,7 @@ class _Attempt:
     error: str | None = None
     value: str | None = None  # replicated jobs: the value this attempt returned (JSON)
     elapsed: float | None = None
+    nonce: str = ""
 
 
 @dataclass(frozen=True)
@@ -374,11 +375,12 @@ class MemoryStore(Store):
     def open_attempts(self, attempts: list[NewAttempt], now: float) -> dict[int, int]:
         opened = {}
         with self.transaction():
-            for task_id, number, worker_id, deadline in attempts:
+            for task_id, number, worker_id, deadline, nonce in attempts:
                 if (task_id, number) in self._task_attempts or worker_id not in self._workers:
                     raise ValueError(f"attempt {number} of task {task_id} cannot be opened")
                 attempt_id = self._new_id("attempt")
-                self._attempts[attempt_id] = _Attempt(attempt_id, task_id, number, worker_id, now, deadline)
+                self._attempts[attempt_id] = _Attempt(attempt_id, task_id, number, worker_id, now, deadline,
+                                                      nonce=nonce)
                 self._task_attempts[(task_id, number)] = attempt_id
                 task = self._tasks[task_id]
                 self._tasks[task_id] = replace(task, state=TaskState.ASSIGNED.value, attempts=task.attempts + 1,
@@ -396,7 +398,7 @@ class MemoryStore(Store):
                 job = self._jobs[task.job_id]
                 leases.append(OpenAttempt(attempt.id, task.id, attempt.number, job.id, attempt.worker_id,
                                           attempt.sent_at, attempt.deadline, task.retries_from, task.args,
-                                          job.function, job.timeout))
+                                          job.function, job.timeout, attempt.nonce))
             return leases
 
     def extend_deadlines(self, by: float) -> None:
@@ -449,7 +451,8 @@ class MemoryStore(Store):
             if attempt is None:
                 return None
             task = self._tasks[task_id]
-            return AttemptRecord(attempt.id, attempt.worker_id, attempt.outcome, task.state, task.job_id)
+            return AttemptRecord(attempt.id, attempt.worker_id, attempt.outcome, task.state, task.job_id,
+                                 attempt.nonce)
 
     def task_exists(self, task_id: int) -> bool:
         return task_id in self._tasks

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from dockercomp.broker.messages import OfflineReason, Presence, PresenceState
 from dockercomp.broker.topics import Topics, WorkerRef
-from dockercomp.coordinator.defaults import MAX_PREFETCH
+from dockercomp.coordinator import defaults
 from dockercomp.coordinator.store import Store, WorkerRow, WorkerState
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,11 @@ class WorkerSlot:
     rejected: int = 0
     # Presence seen since this coordinator started: until then a stored "online" is hearsay.
     confirmed: bool = False
+    # (capacity, prefetch) as its presence announced them; ``capacity`` and ``prefetch`` are
+    # what the caps grant (Caps.grant).
+    asked: tuple[int, int] = (0, 0)
+    # The (asked, granted) last logged as capped: each change is logged once, not every presence.
+    capped_note: tuple[int, int, int, int] | None = None
 
     @property
     def key(self) -> str:
@@ -69,12 +74,46 @@ class WorkerSlot:
         return self.capacity + self.prefetch
 
 
+@dataclass(frozen=True)
+class Caps:
+    """What a presence may claim, whatever it says: a worker announcing capacity 2**63-1 gets
+    ``capacity``; the online workers of one volunteer share ``volunteer_capacity`` (the
+    oldest first), so a volunteer cannot take a job by announcing many big workers."""
+
+    capacity: int = defaults.MAX_WORKER_CAPACITY
+    prefetch: int = defaults.MAX_PREFETCH
+    volunteer_capacity: int = defaults.MAX_VOLUNTEER_CAPACITY
+    volunteer_prefetch: int = defaults.MAX_VOLUNTEER_PREFETCH
+
+    def grant(self, workers: list[WorkerSlot]) -> list[WorkerSlot]:
+        """Set each of one volunteer's online workers' granted capacity and prefetch from what
+        it asked; returns those whose grant changed."""
+        room, queue = self.volunteer_capacity, self.volunteer_prefetch
+        changed = []
+        for slot in sorted(workers, key=lambda w: w.id):
+            capacity = min(slot.asked[0], self.capacity, room)
+            prefetch = min(slot.asked[1], self.prefetch, queue)
+            room, queue = room - capacity, queue - prefetch
+            note = (*slot.asked, capacity, prefetch)
+            if (capacity, prefetch) != slot.asked and note != slot.capped_note:
+                log.warning("worker %s asked for capacity %d and prefetch %d; granted %d and %d (caps: "
+                            "%d and %d per worker, %d and %d per volunteer)", slot.key, *note, self.capacity,
+                            self.prefetch, self.volunteer_capacity, self.volunteer_prefetch)
+                slot.capped_note = note
+            if (capacity, prefetch) != (slot.capacity, slot.prefetch):
+                slot.capacity, slot.prefetch = capacity, prefetch
+                changed.append(slot)
+        return changed
+
+
 class WorkerRegistry:
     """Workers known to the store, kept in memory and written through on every presence."""
 
-    def __init__(self, store: Store, topics: Topics) -> None:
+    def __init__(self, store: Store, topics: Topics, caps: Caps | None = None) -> None:
         self.store = store
         self.topics = topics
+        self.caps = caps or Caps()
+        self._of_volunteer: dict[str, list[WorkerSlot]] = {}  # each volunteer's workers: its caps' share
         self.by_key: dict[str, WorkerSlot] = {}
         self.by_id: dict[int, WorkerSlot] = {}
         # dispatchable(), kept between presence changes: sorting 1,000 workers on every
@@ -84,6 +123,7 @@ class WorkerRegistry:
     def load(self) -> None:
         self.by_key.clear()
         self.by_id.clear()
+        self._of_volunteer.clear()
         self._dispatchable = None
         for row in self.store.workers():
             try:
@@ -92,16 +132,19 @@ class WorkerRegistry:
                 log.warning("ignoring stored worker %r: its name is not valid any more", row.key)
                 continue
             self._add(row, ref, confirmed=False)
+        for volunteer in list(self._of_volunteer):
+            self._cap(volunteer)  # the caps may be lower than when the rows were written
 
     def _add(self, row: WorkerRow, ref: WorkerRef, confirmed: bool) -> WorkerSlot:
         slot = WorkerSlot(
             id=row.id, ref=ref, tasks_topic=self.topics.tasks(ref), state=row.state, seq=row.seq,
             started=row.started, capacity=row.capacity, functions=frozenset(row.functions),
             prefetch=row.prefetch, host=row.host, version=row.version, last_seen=row.last_seen, lost_at=row.lost_at,
-            done=row.tasks_done, failed=row.tasks_failed, confirmed=confirmed,
+            done=row.tasks_done, failed=row.tasks_failed, confirmed=confirmed, asked=(row.capacity, row.prefetch),
         )
         self.by_key[slot.key] = slot
         self.by_id[slot.id] = slot
+        self._of_volunteer.setdefault(ref.volunteer, []).append(slot)
         self._dispatchable = None
         return slot
 
@@ -134,8 +177,11 @@ class WorkerRegistry:
         if slot is None:
             state = WorkerState.ONLINE if online else WorkerState.LOST
             row = self.store.add_worker(ref.key, ref.volunteer, ref.worker, now, state=state.value, seq=presence.seq,
-                                        lost_at=None if online else now, **_details(presence))
-            return self._add(row, ref, confirmed=True), PresenceChange.NEW
+                                        lost_at=None if online else now, **_details(presence, self.caps))
+            slot = self._add(row, ref, confirmed=True)
+            slot.asked = (presence.capacity, presence.prefetch)
+            self._cap(ref.volunteer)
+            return slot, PresenceChange.NEW
         if presence.seq < slot.seq:
             return slot, PresenceChange.STALE
         if online:
@@ -152,21 +198,23 @@ class WorkerRegistry:
                 change = PresenceChange.UNCHANGED
             self._update(slot, presence, WorkerState.ONLINE, now)
             slot.confirmed = True
+            self._cap(ref.volunteer)
             return slot, change
         if presence.seq == slot.seq and slot.state != WorkerState.ONLINE.value:
             return slot, PresenceChange.UNCHANGED
         shutdown = presence.reason is OfflineReason.SHUTDOWN
         self._update(slot, presence, WorkerState.OFFLINE if shutdown else WorkerState.LOST, now)
         slot.confirmed = True
+        self._cap(ref.volunteer)  # its share of the volunteer's caps goes back to the others
         return slot, PresenceChange.SHUTDOWN if shutdown else PresenceChange.LOST
 
     def _update(self, slot: WorkerSlot, presence: Presence, state: WorkerState, now: float) -> None:
         online = state is WorkerState.ONLINE
         fields: dict[str, Any] = {"state": state.value, "seq": presence.seq, "last_seen": now}
         if online:
-            fields.update(_details(presence), lost_at=None, purged_at=None)
-            slot.started, slot.capacity = presence.started, presence.capacity
-            slot.prefetch = _prefetch(presence)
+            fields.update(_details(presence, self.caps), lost_at=None, purged_at=None)
+            slot.started, slot.asked = presence.started, (presence.capacity, presence.prefetch)
+            slot.capacity, slot.prefetch = fields["capacity"], fields["prefetch"]
             slot.functions = frozenset(presence.functions)
             slot.host, slot.version = presence.host, presence.version
             slot.lost_at = None
@@ -175,6 +223,13 @@ class WorkerRegistry:
             slot.lost_at = now
         self.store.update_worker(slot.id, **fields)
         slot.state, slot.seq, slot.last_seen = state.value, presence.seq, now
+
+    def _cap(self, volunteer: str) -> None:
+        """Share the volunteer's caps among its online workers again; write changed grants."""
+        online = [w for w in self._of_volunteer.get(volunteer, ()) if w.state == WorkerState.ONLINE.value]
+        for slot in self.caps.grant(online):
+            self.store.update_worker(slot.id, capacity=slot.capacity, prefetch=slot.prefetch)
+            self._dispatchable = None
 
     def purge(self, older_than: float, now: float) -> tuple[list[WorkerSlot], list[WorkerSlot]]:
         """Purge the workers lost for more than ``older_than`` seconds. Returns them (their
@@ -195,15 +250,12 @@ class WorkerRegistry:
         return slot
 
 
-def _details(presence: Presence) -> dict[str, Any]:
+def _details(presence: Presence, caps: Caps) -> dict[str, Any]:
+    """The worker row's fields from a presence, its numbers within the caps (the volunteer's
+    share is settled afterwards by ``WorkerRegistry._cap``)."""
     return {
         "host": presence.host, "container": presence.container, "image": presence.image,
-        "version": presence.version, "cpus": presence.cpus, "capacity": presence.capacity,
-        "prefetch": _prefetch(presence), "functions": sorted(presence.functions),
-        "started": presence.started,
+        "version": presence.version, "cpus": min(presence.cpus, defaults.MAX_REPORTED_CPUS),
+        "capacity": min(presence.capacity, caps.capacity), "prefetch": min(presence.prefetch, caps.prefetch),
+        "functions": sorted(presence.functions), "started": presence.started,
     }
-
-
-def _prefetch(presence: Presence) -> int:
-    """What the worker asks to have queued, within MAX_PREFETCH."""
-    return min(presence.prefetch, MAX_PREFETCH)

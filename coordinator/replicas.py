@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dockercomp.coordinator.leases import Lease, Leases
+from dockercomp.coordinator.leases import Lease, Leases, new_nonce
 from dockercomp.coordinator.quorum import Quorum, Votes
 from dockercomp.coordinator.registry import WorkerSlot
 from dockercomp.coordinator.store import NewAttempt, TaskState
@@ -90,14 +90,16 @@ class ReplicaDispatch:
         sends = []
         for part in rounds:
             deadlines = [d.deadline(worker, ahead, job.timeout, leases, now) for _, worker, ahead in part]
-            opening: list[NewAttempt] = [(votes.task_id, votes.number + 1, worker.id, deadline)
-                                         for (votes, worker, _), deadline in zip(part, deadlines)]
+            nonces = [new_nonce() for _ in part]
+            opening: list[NewAttempt] = [(votes.task_id, votes.number + 1, worker.id, deadline, nonce)
+                                         for (votes, worker, _), deadline, nonce in zip(part, deadlines, nonces)]
             attempt_ids = d.store.open_attempts(opening, now)
-            for (votes, worker, _), deadline in zip(part, deadlines):
+            for (votes, worker, _), deadline, nonce in zip(part, deadlines, nonces):
                 number = votes.number + 1
-                payload = d.payloads.build(votes.task_id, job.id, number, job.function, votes.args, job.timeout)
+                payload = d.payloads.build(votes.task_id, job.id, number, job.function, votes.args, job.timeout,
+                                           nonce)
                 lease = Lease(attempt_ids[votes.task_id], votes.task_id, number, job.id, worker.id, now, deadline,
-                              job.timeout, votes.retries_from, payload)
+                              job.timeout, votes.retries_from, payload, nonce)
                 leases.add(lease)
                 quorum.opened(votes, lease, worker)
                 sends.append((worker.tasks_topic, payload))

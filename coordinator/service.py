@@ -43,7 +43,7 @@ from dockercomp.coordinator.errors import CoordinatorError
 from dockercomp.coordinator.heartbeat import Heartbeat
 from dockercomp.coordinator.ledger import Ledger
 from dockercomp.coordinator.leases import Leases, PayloadBuilder
-from dockercomp.coordinator.registry import PresenceChange, WorkerRegistry
+from dockercomp.coordinator.registry import Caps, PresenceChange, WorkerRegistry
 from dockercomp.coordinator.settings import CoordinatorSettings  # re-exported: the engine's settings
 from dockercomp.coordinator.status import RateMeter, Rejection, Rejections, StatusPublisher, summary_status
 from dockercomp.coordinator.store import Store, WorkerState
@@ -77,7 +77,9 @@ class Coordinator:
         self.topics = topics or Topics()
         self.settings = settings or CoordinatorSettings()
         self.clock = clock
-        self.workers = WorkerRegistry(store, self.topics)
+        caps = Caps(self.settings.max_capacity, self.settings.max_prefetch, self.settings.volunteer_max_capacity,
+                    self.settings.volunteer_max_prefetch)
+        self.workers = WorkerRegistry(store, self.topics, caps)
         self.jobs = JobBook(store)
         self.payloads = PayloadBuilder(PROTOCOL_VERSION)
         self.dispatcher = Dispatcher(store, self.payloads, self.settings.lease_margin)

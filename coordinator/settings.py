@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any, Callable, TypeVar
+
+import click
 
 from dockercomp.coordinator import defaults
 from dockercomp.coordinator.errors import SettingsError
+
+# Settings that are counts of tasks a worker or volunteer may hold, not seconds (registry.Caps).
+CAP_FIELDS = ("max_capacity", "max_prefetch", "volunteer_max_capacity", "volunteer_max_prefetch")
 
 
 @dataclass(frozen=True)
@@ -23,11 +29,42 @@ class CoordinatorSettings:
     busy_batch: int = defaults.BUSY_BATCH
     gather: float = defaults.GATHER_DELAY
     connect_timeout: float = defaults.CONNECT_TIMEOUT
+    # What a presence may claim, whatever it says (hostile or mistaken volunteers): per worker
+    # and per volunteer, tasks running (capacity) and queued beyond that (prefetch).
+    max_capacity: int = defaults.MAX_WORKER_CAPACITY
+    max_prefetch: int = defaults.MAX_PREFETCH
+    volunteer_max_capacity: int = defaults.MAX_VOLUNTEER_CAPACITY
+    volunteer_max_prefetch: int = defaults.MAX_VOLUNTEER_PREFETCH
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name in CAP_FIELDS:
+                whole = isinstance(value, int) and not isinstance(value, bool)
+                lowest = 1 if "capacity" in f.name else 0
+                if not whole or not lowest <= value <= defaults.MAX_CAP_SETTING:
+                    raise SettingsError(f"{f.name.replace('_', '-')} must be a whole number from {lowest} to "
+                                        f"{defaults.MAX_CAP_SETTING}, got {value!r}")
+                continue
             number = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
             zero_ok = f.name in ("purge_after", "lease_margin", "gather")
             if not number or value < 0 or (value == 0 and not zero_ok):
                 raise SettingsError(f"{f.name.replace('_', '-')} must be a positive number of seconds, got {value!r}")
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def cap_options(command: _F) -> _F:
+    """The serve options for CAP_FIELDS (--max-capacity, ...), passed as keyword arguments."""
+    helps = {
+        "max_capacity": "Most tasks one worker may run at once, whatever its presence announces.",
+        "max_prefetch": "Most tasks one worker may have queued beyond its capacity.",
+        "volunteer_max_capacity": "Most tasks the workers of one volunteer may run at once, together.",
+        "volunteer_max_prefetch": "Most tasks the workers of one volunteer may have queued, together.",
+    }
+    for name in reversed(CAP_FIELDS):
+        default = CoordinatorSettings.__dataclass_fields__[name].default
+        command = click.option(f"--{name.replace('_', '-')}", name, type=int, default=default, show_default=True,
+                               metavar="N", help=helps[name])(command)
+    return command

@@ -146,6 +146,8 @@ class Attempt(BaseModel):
     error = pw.TextField(null=True)  # JSON {type, message, traceback}
     value = pw.TextField(null=True)  # replicated jobs: the value returned, JSON (added later)
     elapsed = pw.DoubleField(null=True)  # replicated jobs: its CPU-seconds, the credit (added later)
+    # The attempt's secret, echoed by its result (added later: database.py; "" before nonces).
+    nonce = pw.CharField(max_length=64, default="")
 
     class Meta:
         indexes = ((("task", "number"), True),)
@@ -526,14 +528,14 @@ class SqlStore(ReplicaQueries, Store):
 
     def open_attempts(self, attempts: list[NewAttempt], now: float) -> dict[int, int]:
         db, p = self.db, self.db.param
-        row = f"({p}, {p}, {p}, {p}, {p}, {p})"
+        row = f"({p}, {p}, {p}, {p}, {p}, {p}, {p})"
         opened: dict[int, int] = {}
         for part in _chunks(attempts, 500):
             values: list[Any] = []
-            for task_id, number, worker_id, deadline in part:
-                values += (task_id, number, worker_id, now, deadline, AttemptOutcome.OPEN.value)
+            for task_id, number, worker_id, deadline, nonce in part:
+                values += (task_id, number, worker_id, now, deadline, AttemptOutcome.OPEN.value, nonce)
             inserted = db.execute_sql(
-                "INSERT INTO attempt (task_id, number, worker_id, sent_at, deadline, outcome) "
+                "INSERT INTO attempt (task_id, number, worker_id, sent_at, deadline, outcome, nonce) "
                 f"VALUES {', '.join([row] * len(part))} RETURNING id, task_id", values).fetchall()
             opened.update((task_id, attempt_id) for attempt_id, task_id in inserted)
             task_ids = [a[0] for a in part]
@@ -544,7 +546,8 @@ class SqlStore(ReplicaQueries, Store):
     def open_leases(self) -> list[OpenAttempt]:
         self.bind()
         query = (Attempt.select(Attempt.id, Attempt.task, Attempt.number, Task.job, Attempt.worker, Attempt.sent_at,
-                                Attempt.deadline, Task.retries_from, Task.args, Job.function, Job.timeout)
+                                Attempt.deadline, Task.retries_from, Task.args, Job.function, Job.timeout,
+                                Attempt.nonce)
                  .join(Task).join(Job)
                  .where(Attempt.outcome == AttemptOutcome.OPEN.value).tuples())
         return [OpenAttempt(*row) for row in query]
@@ -601,7 +604,7 @@ class SqlStore(ReplicaQueries, Store):
 
     def find_attempt(self, task_id: int, number: int) -> AttemptRecord | None:
         self.bind()
-        row = (Attempt.select(Attempt.id, Attempt.worker, Attempt.outcome, Task.state, Task.job)
+        row = (Attempt.select(Attempt.id, Attempt.worker, Attempt.outcome, Task.state, Task.job, Attempt.nonce)
                .join(Task).where((Attempt.task == task_id) & (Attempt.number == number)).tuples().first())
         return AttemptRecord(*row) if row else None
 

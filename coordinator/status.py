@@ -33,6 +33,7 @@ class Rejection(str, Enum):
     MISMATCH = "mismatch"  # the payload names another worker than the topic it came on
     UNKNOWN = "unknown"  # a result for a task that does not exist
     FOREIGN = "foreign"  # a result from a worker that never held that attempt
+    FORGED = "forged"  # a result without its attempt's nonce: for an attempt never sent, or a guess
     DUPLICATE = "duplicate"  # another result for a task that already has its accepted result
     LATE = "late"  # an answer for a closed attempt that cannot count (a failure, or the task is over)
     STALE = "stale"  # a presence older than the worker's current connection (a stale will)

@@ -208,8 +208,8 @@ class ResultRow:
 
 # A pending task as dispatch takes it: task id, args JSON, attempts so far, retries_from.
 PendingRow = tuple[int, str, int, int]
-# An attempt to open: task id, attempt number, worker id, lease deadline.
-NewAttempt = tuple[int, int, int, float]
+# An attempt to open: task id, attempt number, worker id, lease deadline, nonce.
+NewAttempt = tuple[int, int, int, float, str]
 
 
 @dataclass(frozen=True)
@@ -227,6 +227,7 @@ class OpenAttempt:
     args: str  # JSON text as stored
     function: str
     timeout: float
+    nonce: str  # the attempt's secret, sent in its task message ("" if opened before nonces)
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,7 @@ class AttemptRecord:
     outcome: str
     task_state: str
     job_id: int
+    nonce: str  # the attempt's secret: a late result must echo it too
 
 
 @dataclass

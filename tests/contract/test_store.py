@@ -77,7 +77,8 @@ def task_ids(store: Store, job: JobRow) -> list[int]:
 def send(store: Store, task_id: int, number: int, worker: WorkerRow, deadline: float | None = None) -> int:
     """What dispatch records when it sends a task: its attempt id."""
     now = time.time()
-    return store.open_attempts([(task_id, number, worker.id, deadline or now + 60)], now)[task_id]
+    return store.open_attempts([(task_id, number, worker.id, deadline or now + 60, f"n{task_id}-{number}")],
+                               now)[task_id]
 
 
 def close(store: Store, attempt_id: int, worker: WorkerRow, outcome: AttemptOutcome, task_id: int,
@@ -328,20 +329,22 @@ def test_dispatch_takes_the_oldest_pending_tasks_and_opens_their_attempts(store:
     assert store.pending_tasks(job.id, 2) == [(ids[0], "[0]", 0, 0), (ids[1], "[1]", 0, 0)]
 
     now = time.time()
-    opened = store.open_attempts([(ids[0], 1, worker.id, now + 10), (ids[1], 1, worker.id, now + 20)], now)
+    opened = store.open_attempts([(ids[0], 1, worker.id, now + 10, "secret-a"), (ids[1], 1, worker.id, now + 20,
+                                                                                "secret-b")], now)
 
     assert sorted(opened) == ids[:2] and len(set(opened.values())) == 2
     assert [row[0] for row in store.pending_tasks(job.id, 10)] == ids[2:]
     assert store.task_counts(job.id) == {"pending": 3, "assigned": 2, "done": 0, "failed": 0, "cancelled": 0}
     leases = sorted(store.open_leases(), key=lambda lease: lease.task_id)
     assert [(lease.attempt_id, lease.task_id, lease.number, lease.job_id, lease.worker_id, lease.args,
-             lease.function, lease.timeout, lease.deadline) for lease in leases] == [
-        (opened[ids[0]], ids[0], 1, job.id, worker.id, "[0]", "add", 7.0, now + 10),
-        (opened[ids[1]], ids[1], 1, job.id, worker.id, "[1]", "add", 7.0, now + 20)]
+             lease.function, lease.timeout, lease.deadline, lease.nonce) for lease in leases] == [
+        (opened[ids[0]], ids[0], 1, job.id, worker.id, "[0]", "add", 7.0, now + 10, "secret-a"),
+        (opened[ids[1]], ids[1], 1, job.id, worker.id, "[1]", "add", 7.0, now + 20, "secret-b")]
     record = store.find_attempt(ids[0], 1)
     assert record is not None
-    assert (record.attempt_id, record.worker_id, record.outcome, record.task_state, record.job_id) == (
-        opened[ids[0]], worker.id, "open", "assigned", job.id)
+    # The nonce is kept with the attempt: a late result is checked against it after a restart.
+    assert (record.attempt_id, record.worker_id, record.outcome, record.task_state, record.job_id,
+            record.nonce) == (opened[ids[0]], worker.id, "open", "assigned", job.id, "secret-a")
     assert store.find_attempt(ids[0], 2) is None
     assert store.task_exists(ids[4]) and not store.task_exists(ids[4] + 1000)
 
@@ -630,8 +633,8 @@ def test_replication_options_replica_values_quorum_and_credit(store: Store) -> N
     a, b, c = add_worker(store, "alice/w"), add_worker(store, "bob/w"), add_worker(store, "carol/w")
     first, second = task_ids(store, job)
     now = time.time()
-    opened = [store.open_attempts([(first, n, w.id, now + 10)], now)[first] for n, w in ((1, a), (2, b), (3, c))]
-    store.open_attempts([(second, 1, a.id, now + 10)], now)
+    opened = [store.open_attempts([(first, n, w.id, now + 10, f"n{n}")], now)[first] for n, w in ((1, a), (2, b), (3, c))]
+    store.open_attempts([(second, 1, a.id, now + 10, "n")], now)
     # three values for the first task: two agree, one does not
     changes = Changes()
     changes.reported += [(opened[0], "3", 2.0, None), (opened[1], "4", 1.5, None), (opened[2], "3", 2.5, None)]
@@ -660,8 +663,8 @@ def test_a_task_failed_without_quorum_shows_the_reason_with_its_values(store: St
     a, b = add_worker(store, "alice/w"), add_worker(store, "bob/w")
     [task] = task_ids(store, job)
     now = time.time()
-    one = store.open_attempts([(task, 1, a.id, now + 10)], now)[task]
-    two = store.open_attempts([(task, 2, b.id, now + 10)], now)[task]
+    one = store.open_attempts([(task, 1, a.id, now + 10, "n1")], now)[task]
+    two = store.open_attempts([(task, 2, b.id, now + 10, "n2")], now)[task]
     changes = Changes()
     changes.reported += [(one, "1", 1.0, None), (two, "2", 1.0, dump_json({"type": "NoQuorum", "message": "no"}))]
     changes.set_task(task, TaskState.FAILED)

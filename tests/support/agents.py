@@ -90,7 +90,7 @@ class FakeAgent:
             else:
                 value = compute(task.function, task.args)
         self.send(Result(task.task_id, task.attempt, self.worker, self.volunteer, outcome,
-                         None if value is ... else value, error, 0.01).encode())
+                         None if value is ... else value, error, 0.01, nonce=task.nonce).encode())
         with self._lock:
             self.answered.append((task.task_id, task.attempt))
 

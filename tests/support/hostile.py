@@ -30,7 +30,7 @@ clean_json = st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**6
 
 presences = st.builds(
     Presence, worker=names, volunteer=names, state=st.sampled_from(PresenceState),
-    seq=st.integers(0, 2**63 - 1), reason=st.none() | st.sampled_from(OfflineReason),
+    seq=st.integers(0, 2**63 - 1), reason=st.none() | st.sampled_from(OfflineReason), prefetch=st.integers(0, 2**63 - 1),
     host=st.text(max_size=255), container=st.none() | st.text(max_size=128), image=st.none() | st.text(max_size=255),
     version=st.text(max_size=64), cpus=st.integers(0, 2**63 - 1), capacity=st.integers(0, 2**63 - 1),
     functions=st.lists(st.text(min_size=1, max_size=200), max_size=8).map(tuple),
@@ -38,16 +38,18 @@ presences = st.builds(
 tasks = st.builds(
     Task, task_id=st.text(min_size=1, max_size=128), job_id=st.text(min_size=1, max_size=128),
     attempt=st.integers(1, 2**63 - 1), function=st.text(min_size=1, max_size=200),
-    args=st.lists(clean_json, max_size=5), timeout=st.floats(min_value=1e-6, allow_infinity=False))
+    args=st.lists(clean_json, max_size=5), timeout=st.floats(min_value=1e-6, allow_infinity=False),
+    nonce=st.text(max_size=64))
 errors = st.builds(TaskError, type=st.text(min_size=1, max_size=200), message=st.text(max_size=300),
                    traceback=st.text(max_size=300))
 results = st.one_of(
     st.builds(Result, task_id=st.text(min_size=1, max_size=128), attempt=st.integers(1, 2**63 - 1), worker=names,
               volunteer=names, outcome=st.just(Outcome.OK), value=clean_json, error=st.none() | errors,
-              elapsed=st.floats(min_value=0, allow_infinity=False)),
+              elapsed=st.floats(min_value=0, allow_infinity=False), nonce=st.text(max_size=64)),
     st.builds(Result, task_id=st.text(min_size=1, max_size=128), attempt=st.integers(1, 2**63 - 1), worker=names,
               volunteer=names, outcome=st.sampled_from([o for o in Outcome if o is not Outcome.OK]),
-              value=st.none(), error=errors, elapsed=st.floats(min_value=0, allow_infinity=False)))
+              value=st.none(), error=errors, elapsed=st.floats(min_value=0, allow_infinity=False),
+              nonce=st.text(max_size=64)))
 messages = st.one_of(presences, tasks, results)
 
 
@@ -87,7 +89,7 @@ def assert_sane(message: Any) -> None:
     elif isinstance(message, Task):
         assert isinstance(message.task_id, str) and 0 < len(message.task_id) <= 128
         assert message.attempt in INT64 and message.attempt >= 1
-        assert isinstance(message.args, list)
+        assert isinstance(message.args, list) and isinstance(message.nonce, str) and len(message.nonce) <= 64
         _json_sane(message.args)
         assert math.isfinite(message.timeout) and message.timeout > 0
     elif isinstance(message, Result):
@@ -95,6 +97,7 @@ def assert_sane(message: Any) -> None:
         assert message.attempt in INT64 and message.attempt >= 1
         assert isinstance(message.outcome, Outcome)
         assert message.ok or message.error is not None
+        assert isinstance(message.nonce, str) and len(message.nonce) <= 64
         _json_sane(message.value)
         assert math.isfinite(message.elapsed) and message.elapsed >= 0
     # Whatever was accepted can be written out again (to the store, to status) as strict JSON.

@@ -57,10 +57,12 @@ class Rules:
         return self.workers.apply(WorkerRef("local", name), presence, self.now)
 
     def answer(self, name: str, task: Task, value: Any = None, outcome: Outcome = Outcome.OK,
-               task_id: str | None = None) -> None:
-        error = None if outcome is Outcome.OK else TaskError(outcome.value, "it broke")
+               task_id: str | None = None, nonce: str | None = None, error_type: str | None = None) -> None:
+        """``name`` answers ``task``, echoing its nonce unless ``nonce`` is given."""
+        error = None if outcome is Outcome.OK else TaskError(error_type or outcome.value, "it broke")
         result = Result(task_id=task.task_id if task_id is None else task_id, attempt=task.attempt, worker=name,
-                        volunteer="local", outcome=outcome, value=value, error=error, elapsed=0.1)
+                        volunteer="local", outcome=outcome, value=value, error=error, elapsed=0.1,
+                        nonce=task.nonce if nonce is None else nonce)
         self.ledger.on_result(WorkerRef("local", name), result, self.now)
 
     # -- what the engine does each step --------------------------------------------------------

@@ -30,6 +30,7 @@ from dockercomp.agent.errors import HealthError
 from dockercomp.agent.health import check_health
 from dockercomp.agent.settings import AgentSettings
 from dockercomp.agent.tasks import Registry
+from dockercomp.broker.defaults import PROTOCOL_VERSION
 from dockercomp.broker.memory import MemoryBroker
 from dockercomp.broker.messages import (
     OfflineReason,
@@ -417,7 +418,7 @@ def test_every_kind_of_bad_task_gets_its_documented_answer_and_the_agent_keeps_s
             task("52", "die"),
             task("53", "os.system", "rm -rf /"),  # never imported: only registered names exist
             task("54", "add", 1),
-            b'{"v":1,"task_id":"55","attempt":3,"function":"add","args":"not a list"}',
+            b'{"v":%d,"task_id":"55","attempt":3,"function":"add","args":"not a list"}' % PROTOCOL_VERSION,
             b"\x00\xffnot even json",
         ):
             send_task(broker.url, "w7", bad)

@@ -260,14 +260,17 @@ def test_duplicate_late_foreign_unknown_and_malformed_results_change_nothing(
 
     holder.answer(second, value=999)  # duplicate
     holder.answer(first, value=5)  # a late success for a task already done: duplicate too
-    other.send(Result(second.task_id, second.attempt, "other", "local", Outcome.OK, 5).encode())  # foreign
+    # foreign: the right nonce, from a worker that was not sent the attempt
+    other.send(Result(second.task_id, second.attempt, "other", "local", Outcome.OK, 5, nonce=second.nonce).encode())
+    holder.send(Result(second.task_id, second.attempt, "holder", "local", Outcome.OK, 5).encode())  # forged: no nonce
     holder.send(Result("424242", 1, "holder", "local", Outcome.OK, 5).encode())  # unknown task
-    holder.send(b'{"v":1,"task_id":')  # malformed
+    holder.send(b'{"v":2,"task_id":')  # malformed
     holder.send(Result(second.task_id, second.attempt, "other", "local", Outcome.OK, 5).encode())  # mismatch
-    wait_until(lambda: sum(engine.rejections.counts.values()) >= 7, timeout=10)
+    wait_until(lambda: sum(engine.rejections.counts.values()) >= 8, timeout=10)
 
     assert engine.rejections.snapshot() == {
-        "malformed": 1, "mismatch": 1, "unknown": 1, "foreign": 1, "duplicate": 2, "late": 1, "stale": 0}
+        "malformed": 1, "mismatch": 1, "unknown": 1, "foreign": 1, "forged": 1, "duplicate": 2, "late": 1,
+        "stale": 0}
     after = (list(store.results(job)), counts_per_attempt_outcome(store),
              [(w.key, w.tasks_done, w.tasks_failed) for w in store.workers()])
     assert after == before

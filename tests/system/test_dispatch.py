@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from dockercomp.broker.defaults import PROTOCOL_VERSION
 from dockercomp.broker.memory import MemoryBroker
 from dockercomp.broker.messages import Outcome, Result, Task, TaskError, decode_status
 from dockercomp.broker.topics import Topics
@@ -151,7 +152,9 @@ def test_task_message_is_the_protocol_task_byte_for_byte(rig: Rig) -> None:
 
     raw = [p for t, p, _ in rig.broker.published if t == TOPICS.tasks(agent.ref)][0]
     task = agent.received[0]
-    assert task == Task(task.task_id, str(job.id), 1, "sum", [[1, 2.5, "x", None, {"k": [True]}]], 12.5)
+    assert task == Task(task.task_id, str(job.id), 1, "sum", [[1, 2.5, "x", None, {"k": [True]}]], 12.5,
+                        nonce=task.nonce)
+    assert len(task.nonce) >= 22  # the attempt's secret, 16 random bytes
     assert raw == task.encode()
 
 
@@ -308,15 +311,19 @@ def test_bad_results_are_rejected_counted_and_change_nothing(rig: Rig) -> None:
     task = holder.received[0]
     before = snapshot(rig.store)
 
-    # from a worker that never held that attempt
-    other.send(Result(task.task_id, task.attempt, "other", "local", Outcome.OK, 5).encode())
-    # for a task that does not exist, and an attempt that was never sent
+    # from a worker that never held that attempt (with its nonce, so not a guess)
+    other.send(Result(task.task_id, task.attempt, "other", "local", Outcome.OK, 5, nonce=task.nonce).encode())
+    # for a task that does not exist
     holder.send(Result("987654", 1, "holder", "local", Outcome.OK, 5).encode())
     holder.send(Result("not-a-number", 1, "holder", "local", Outcome.OK, 5).encode())
+    # forged: an attempt that was never sent, and the held attempt without its nonce
     holder.send(Result(task.task_id, 7, "holder", "local", Outcome.OK, 5).encode())
+    holder.send(Result(task.task_id, task.attempt, "holder", "local", Outcome.OK, 5, nonce="guess").encode())
     # malformed in several ways
-    for junk in (b"", b"{", b"[1]", b'{"v":99}', json.dumps({"v": 1, "task_id": task.task_id}).encode(), b"\xff" * 10,
-                 b'{"v":1,"task_id":"1","attempt":1,"worker":"holder","volunteer":"local","outcome":"error"}'):
+    for junk in (b"", b"{", b"[1]", b'{"v":99}', json.dumps({"v": PROTOCOL_VERSION, "task_id": task.task_id}).encode(),
+                 b"\xff" * 10,
+                 b'{"v":%d,"task_id":"1","attempt":1,"worker":"holder","volunteer":"local","outcome":"error"}'
+                 % PROTOCOL_VERSION):
         holder.send(junk)
     # a payload naming another worker than its topic
     holder.send(Result(task.task_id, task.attempt, "other", "local", Outcome.OK, 5).encode())
@@ -324,7 +331,8 @@ def test_bad_results_are_rejected_counted_and_change_nothing(rig: Rig) -> None:
 
     assert snapshot(rig.store) == before
     assert rig.coordinator.rejections.snapshot() == {
-        "malformed": 7, "mismatch": 1, "unknown": 2, "foreign": 2, "duplicate": 0, "late": 0, "stale": 0}
+        "malformed": 7, "mismatch": 1, "unknown": 2, "foreign": 1, "forged": 2, "duplicate": 0, "late": 0,
+        "stale": 0}
     # and the real answer still counts
     holder.answer_held()
     rig.step(0.5)
@@ -570,7 +578,8 @@ def test_status_topics_are_retained_and_describe_progress(rig: Rig) -> None:
     assert summary["workers"]["online"] == 1 and summary["capacity"] == 2
     assert summary["tasks"] == {"pending": 0, "assigned": 0, "done": 4, "failed": 0, "cancelled": 0}
     assert summary["jobs"]["done"] == 1 and summary["rate"] > 0
-    assert set(summary["rejected"]) == {"malformed", "mismatch", "unknown", "foreign", "duplicate", "late", "stale"}
+    assert set(summary["rejected"]) == {"malformed", "mismatch", "unknown", "foreign", "forged", "duplicate", "late",
+                                        "stale"}
     job_status = decode_status(rig.broker.retained[TOPICS.status_job(str(job.id))])
     assert (job_status["name"], job_status["state"], job_status["done"], job_status["total"]) == ("four", "done", 4, 4)
     worker_status = decode_status(rig.broker.retained[TOPICS.status_worker(agent.ref)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from click.testing import CliRunner
 
 from dockercomp.broker.acl import Role
 from dockercomp.broker.connection import MqttConnection, Will
-from dockercomp.broker.messages import OfflineReason, Outcome, Presence, PresenceState, Result, Task
+from dockercomp.broker.messages import OfflineReason, Outcome, Presence, PresenceState, Result, Task, TaskError
 from dockercomp.broker.passwords import PasswordFile
 from dockercomp.broker.settings import BrokerSettings
 from dockercomp.broker.topics import Topics, WorkerRef
@@ -30,6 +31,8 @@ from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 from dockercomp.coordinator.store import TaskState
 from tests.support import require, wait_until
 from tests.support.brokers import MOSQUITTO_CONF, MosquittoProcess, find_mosquitto
+from tests.support.agents import FakeAgent
+from tests.support.processes import Processes, finished
 from tests.support.security import (
     SecureBroker,
     connected,
@@ -134,7 +137,7 @@ def _presence(ref: WorkerRef) -> bytes:
 
 def _result(ref: WorkerRef, task: Task, value: object) -> bytes:
     return Result(task_id=task.task_id, attempt=task.attempt, worker=ref.worker, volunteer=ref.volunteer,
-                  outcome=Outcome.OK, value=value).encode()
+                  outcome=Outcome.OK, value=value, nonce=task.nonce).encode()
 
 
 def test_forged_results_on_another_workers_topic_never_reach_the_store(
@@ -176,6 +179,146 @@ def test_forged_results_on_another_workers_topic_never_reach_the_store(
         assert (row.value, row.worker, row.state) == (42, "bob/w1", TaskState.DONE.value)
     finally:
         will_carrier.close(timeout=1)
+        engine.stop()
+
+
+# --------------------------------------------------------------------------- unguessable attempts
+ATTACK_TASKS = 20
+
+
+@pytest.mark.timeout(120)
+def test_results_guessed_before_dispatch_are_all_forged_and_none_is_accepted(
+        secure_broker: SecureBroker, tmp_path: Path) -> None:
+    # The field report's attack: task ids are sequential and attempts count from 1, so a
+    # registered volunteer published results for (task_id, attempt) ahead of dispatch and 14
+    # of 20 were accepted as the tasks reached her worker. Every task message now carries a
+    # random nonce; a result must echo it.
+    alice, mallory = secure_broker.add("alice"), secure_broker.add("mallory")
+    mallory_ref = WorkerRef("mallory", "m1")
+    settings = CoordinatorSettings(lease_margin=0.5, lease_check=0.1, poll_interval=0.1, status_interval=0.2,
+                                   connect_timeout=10)
+    engine = Coordinator.connect(secure_broker.url(secure_broker.coordinator), str(tmp_path / "c.db"), settings)
+    procs = Processes(None, tmp_path / "logs")
+    published = 0
+    try:
+        with connected(secure_broker.url(mallory), "mallory/m1", TOPICS.tasks(mallory_ref)) as attacker:
+            def forge(task_id: str, attempt: int, nonce: str) -> None:
+                nonlocal published
+                attacker.connection.publish(TOPICS.results(mallory_ref), Result(
+                    task_id, attempt, "m1", "mallory", Outcome.OK, "forged", nonce=nonce).encode(), qos=1)
+                published += 1
+
+            # Given: mallory's worker registered (it gets its share of the tasks), alice's real
+            # agent, and a job whose task ids mallory can guess (a fresh database counts from 1).
+            attacker.connection.publish(TOPICS.presence(mallory_ref), _presence(mallory_ref), retain=True)
+            engine.start()
+            procs.start("agent", ["dockercomp.agent.cli", "run", "--worker-id", "w1", "--concurrency", "2",
+                                  "--keepalive", "5", "--health-file", str(tmp_path / "agent.health")],
+                        env={"DOCKERCOMP_BROKER": secure_broker.url(alice)})
+            wait_until(lambda: sum(w.state == "online" for w in engine.store.workers()) == 2, timeout=30)
+
+            # When: she publishes a result for every guessable (task_id, attempt) before dispatch ...
+            guesses = [(str(task_id), attempt) for task_id in range(1, ATTACK_TASKS + 1) for attempt in (1, 2, 3)]
+            for task_id, attempt in guesses:
+                forge(task_id, attempt, "")
+            job = engine.store.create_job("add", [[i, i] for i in range(ATTACK_TASKS)], timeout=1, max_attempts=20)
+            assert [str(t) for t in sorted(engine.store.task_ids(job.id, ["pending", "assigned"]))] == [
+                str(i) for i in range(1, ATTACK_TASKS + 1)]
+            # ... again and again while the job runs, and answers each task she is sent with the
+            # right worker and attempt but a guessed nonce.
+            answered: set[bytes] = set()
+            while engine.store.progress(job).done < ATTACK_TASKS:
+                for task_id, attempt in guesses:
+                    forge(task_id, attempt, "AAAAAAAAAAAAAAAAAAAAAA")
+                for _, payload in list(attacker.received):
+                    if payload not in answered:
+                        answered.add(payload)
+                        task = Task.decode(payload)
+                        assert len(task.nonce) >= 22
+                        forge(task.task_id, task.attempt, task.nonce[::-1])
+                time.sleep(0.05)
+                assert engine.running, engine.error
+            assert attacker.connection.flush(10)
+            assert answered, "mallory's worker was sent no task: the test proves nothing"
+
+            # Then: none was accepted: every value is alice's, and right ...
+            rows = list(engine.store.results(job))
+            assert [(row.value, row.worker) for row in rows] == [(2 * i, "alice/w1") for i in range(ATTACK_TASKS)]
+            # ... and every forgery is counted as forged, and held against mallory only.
+            wait_until(lambda: engine.rejections.counts["forged"] == published, timeout=10)
+            assert {kind: n for kind, n in engine.rejections.snapshot().items() if n} == {"forged": published}
+            assert engine.workers.get("mallory/m1").rejected == published  # type: ignore[union-attr]
+            assert engine.workers.get("alice/w1").rejected == 0  # type: ignore[union-attr]
+    finally:
+        procs.stop_all()
+        engine.stop()
+
+
+# --------------------------------------------------------------------------- hostile presence
+SINK_TASKS = 200
+
+
+def _most_held_at_once(db: Path, volunteer: str) -> int:
+    """The most attempts the volunteer's workers held open at one time, from the stored attempts."""
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT a.sent_at, a.finished_at FROM attempt a JOIN worker w ON w.id = a.worker_id "
+                            "WHERE w.volunteer = ?", (volunteer,)).fetchall()
+    events = sorted([(sent, 1) for sent, _ in rows] + [(finished, -1) for _, finished in rows if finished],
+                    key=lambda event: (event[0], event[1]))  # a close before an open at the same instant
+    held = most = 0
+    for _, change in events:
+        held += change
+        most = max(most, held)
+    return most
+
+
+@pytest.mark.timeout(120)
+def test_a_volunteer_announcing_huge_capacity_and_failing_everything_gets_only_its_capped_share(
+        secure_mosquitto: SecureBroker, tmp_path: Path) -> None:
+    # The field report: two fake workers of one volunteer announcing capacity 10**6 and answering
+    # every task with an error failed 185 of 200 tasks in 1.1 s. The caps bound what such a
+    # volunteer holds at any moment (here set low, as an operator may); which worker a retry goes
+    # to is dispatch's rule (retries avoid the volunteer that failed the task).
+    broker = secure_mosquitto
+    alice, mallory = broker.add("alice"), broker.add("mallory")
+    settings = CoordinatorSettings(lease_margin=30, lease_check=0.2, poll_interval=0.1, status_interval=0.2,
+                                   connect_timeout=10, volunteer_max_capacity=2, volunteer_max_prefetch=0)
+    db = tmp_path / "c.db"
+    engine = Coordinator.connect(broker.url(broker.coordinator), str(db), settings).start()
+    procs = Processes(None, tmp_path / "logs")
+    sinks = [FakeAgent(MqttConnection(BrokerSettings.from_url(broker.url(mallory)), f"mallory/sink{i}"),
+                       f"sink{i}", volunteer="mallory", capacity=10**6, prefetch=10**6, functions=("add",),
+                       fail_with=lambda task: TaskError("RuntimeError", "nothing computed here"))
+             for i in (1, 2)]
+    try:
+        for sink in sinks:
+            sink.start()
+        procs.start("agent", ["dockercomp.agent.cli", "run", "--worker-id", "w1", "--concurrency", "2",
+                              "--keepalive", "5", "--health-file", str(tmp_path / "agent.health")],
+                    env={"DOCKERCOMP_BROKER": broker.url(alice)})
+        wait_until(lambda: sum(w.state == "online" for w in engine.store.workers()) == 3, timeout=30)
+        granted = {w.key: (w.capacity, w.prefetch) for w in engine.store.workers()}
+        assert granted["mallory/sink1"] == (2, 0) and granted["mallory/sink2"] == (0, 0)
+
+        job = engine.store.create_job("add", [[i, i] for i in range(SINK_TASKS)])
+        progress = finished(engine.store, job, timeout=90)
+        assert engine.running, engine.error
+
+        # Then: mallory never held more than her volunteer's cap at once (she asked for 2 * 10**6) ...
+        assert _most_held_at_once(db, "mallory") <= 2
+        assert sum(len(sink.received) for sink in sinks) > 0  # she did get her share, and failed it
+        # ... every task ended, every value stored is right and alice's, and every failure was
+        # mallory's, counted against her workers only.
+        assert progress.done + progress.failed == SINK_TASKS
+        rows = list(engine.store.results(job))
+        assert all(row.value == 2 * row.index and row.worker == "alice/w1" for row in rows if row.state == "done")
+        assert {e["worker"] for row in rows for e in row.errors} <= {"mallory/sink1", "mallory/sink2"}
+        failed = {w.key: w.tasks_failed for w in engine.store.workers()}
+        assert failed["alice/w1"] == 0 and failed["mallory/sink1"] + failed["mallory/sink2"] > 0
+    finally:
+        for sink in sinks:
+            sink.transport.close(timeout=1)
+        procs.stop_all()
         engine.stop()
 
 

@@ -17,7 +17,7 @@ def test_raw_baseline_sends_dockercomp_sized_payloads() -> None:
     answer = prefix + task_id_of(task) + suffix
 
     # Then they are real dockercomp messages, the same bytes the coordinator and agent send
-    assert Task.decode(task) == Task(task_id="12345", job_id="1", attempt=1, function="noop", args=[])
+    assert Task.decode(task) == Task(task_id="12345", job_id="1", attempt=1, function="noop", args=[], nonce="r" * 22)
     decoded = Result.decode(answer)
     assert (decoded.task_id, decoded.outcome, decoded.worker) == ("12345", Outcome.OK, "w0")
 

@@ -22,7 +22,9 @@ from dockercomp.broker.defaults import MAX_PAYLOAD_BYTES, PROTOCOL_VERSION
 from dockercomp.broker.errors import DecodeError, InvalidTopic
 from dockercomp.broker.memory import MemoryBroker
 from dockercomp.broker.messages import (
+    OfflineReason,
     Presence,
+    PresenceState,
     Result,
     Task,
     decode_status,
@@ -30,10 +32,14 @@ from dockercomp.broker.messages import (
     load_object,
     peek_task_id,
 )
-from dockercomp.broker.topics import WORKER_TOPIC_KINDS, Topics
+from dockercomp.broker.topics import WORKER_TOPIC_KINDS, Topics, WorkerRef
+from dockercomp.coordinator import defaults
+from dockercomp.coordinator.registry import Caps, WorkerRegistry
 from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
+from dockercomp.coordinator.status import worker_status
 from dockercomp.coordinator.store import Store, TaskState
 from tests.support.hostile import as_object, assert_sane, hostile_json, messages, near_payloads, wire
+from tests.support.rules import Rules
 
 TOPICS = Topics()
 
@@ -102,17 +108,19 @@ def test_a_message_of_one_kind_never_decodes_as_a_wrong_but_valid_other(message:
         assert_sane(decoded)
 
 
-HOSTILE = [
+# "%d" stands for the current protocol version: these fail on their content, not their envelope.
+HOSTILE = [payload.replace(b"%d", b"%d" % PROTOCOL_VERSION) for payload in [
     b"", b" ", b"\x00" * 64, b"\xff\xfe\xfd", "\ufeff{}".encode(), b"null", b"[]", b"0", b'"v"', b"{",
-    b'{"v": 1}', b'{"v": "1"}', b'{"v": 2}', b'{"v": NaN}', b'{"v": 1, "seq": NaN}', b'{"v": 1, "seq": Infinity}',
-    b'{"v": 1, "seq": -Infinity}', b'{"v": 1, "seq": 1e999}', b'{"v": 1, "attempt": ' + b"9" * 400 + b"}",
-    b'{"v": 1, "attempt": ' + b"9" * 5000 + b"}", b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 40 + b"1" + b"}" * 40,
-    b'{"v": 1, "v": 2}', b'{"v": 1, "worker": "a/+/#", "volunteer": "x"}', b'{"v": 1, "worker": "$SYS"}',
-    b'{"v": 1, "task_id": "' + b"x" * (MAX_PAYLOAD_BYTES + 10) + b'"}', b"1" * (MAX_PAYLOAD_BYTES + 1),
-    b'{"v":1,"task_id":"1","attempt":true,"worker":"w","volunteer":"v","outcome":"ok"}',
-    b'{"v":1,"task_id":"1","attempt":1,"worker":"w","volunteer":"v","outcome":"ok","value":[NaN]}',
-    b'{"v":1,"task_id":"1","attempt":1,"worker":"w","volunteer":"v","outcome":"error"}',
-]
+    b'{"v": 1}', b'{"v": "1"}', b'{"v": 2}', b'{"v": NaN}', b'{"v": %d, "seq": NaN}', b'{"v": %d, "seq": Infinity}',
+    b'{"v": %d, "seq": -Infinity}', b'{"v": %d, "seq": 1e999}', b'{"v": %d, "attempt": ' + b"9" * 400 + b"}",
+    b'{"v": %d, "attempt": ' + b"9" * 5000 + b"}", b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 40 + b"1" + b"}" * 40,
+    b'{"v": %d, "v": 1}', b'{"v": %d, "worker": "a/+/#", "volunteer": "x"}', b'{"v": %d, "worker": "$SYS"}',
+    b'{"v": %d, "task_id": "' + b"x" * (MAX_PAYLOAD_BYTES + 10) + b'"}', b"1" * (MAX_PAYLOAD_BYTES + 1),
+    b'{"v":%d,"task_id":"1","attempt":true,"worker":"w","volunteer":"v","outcome":"ok"}',
+    b'{"v":%d,"task_id":"1","attempt":1,"worker":"w","volunteer":"v","outcome":"ok","value":[NaN]}',
+    b'{"v":%d,"task_id":"1","attempt":1,"worker":"w","volunteer":"v","outcome":"error"}',
+    b'{"v":%d,"task_id":"","job_id":"1","attempt":1,"function":"f","worker":"w","volunteer":"v","outcome":"ok"}',
+]]
 
 
 @pytest.mark.parametrize("payload", HOSTILE, ids=lambda p: repr(p[:30]))
@@ -181,3 +189,78 @@ def test_the_engine_survives_any_message_sequence_and_stays_consistent(
             == progress.total
         for row in engine.store.results(job):
             assert row.state in {s.value for s in TaskState}
+
+
+# --------------------------------------------------------------------------- hostile presence: the caps
+INT64_MAX = 2**63 - 1
+
+
+def _online(worker: str, volunteer: str, seq: int = 1, **numbers: int) -> Presence:
+    return Presence(worker=worker, volunteer=volunteer, state=PresenceState.ONLINE, seq=seq,
+                    functions=("add",), **numbers)
+
+
+def test_a_worker_gets_what_the_caps_grant_whatever_it_announces() -> None:
+    rules = Rules()
+    rules.workers.caps = Caps(capacity=8, prefetch=4, volunteer_capacity=12, volunteer_prefetch=5)
+    apply = rules.workers.apply
+    greedy, _ = apply(WorkerRef("mallory", "m1"), _online("m1", "mallory", capacity=INT64_MAX, prefetch=INT64_MAX,
+                                                          cpus=INT64_MAX), rules.now)
+    assert (greedy.capacity, greedy.prefetch, greedy.asked) == (8, 4, (INT64_MAX, INT64_MAX))
+    # A second worker of the same volunteer gets what is left of the volunteer's share ...
+    second, _ = apply(WorkerRef("mallory", "m2"), _online("m2", "mallory", capacity=2**62, prefetch=2**62), rules.now)
+    assert (second.capacity, second.prefetch) == (4, 1)
+    # ... a third nothing (it gets no work) ...
+    third, _ = apply(WorkerRef("mallory", "m3"), _online("m3", "mallory", capacity=2**62), rules.now)
+    assert third.capacity == 0 and third not in rules.workers.dispatchable()
+    # ... and another volunteer is not affected.
+    honest, _ = apply(WorkerRef("alice", "a1"), _online("a1", "alice", capacity=2, prefetch=1), rules.now)
+    assert (honest.capacity, honest.prefetch) == (2, 1)
+    # What is stored is what was granted (and fits every column).
+    stored = {row.key: (row.capacity, row.prefetch, row.cpus) for row in rules.store.workers()}
+    assert stored == {"mallory/m1": (8, 4, 65_536), "mallory/m2": (4, 1, 0), "mallory/m3": (0, 0, 0),
+                      "alice/a1": (2, 1, 0)}
+    # When the first one leaves, its share goes to the others, up to what they asked.
+    apply(WorkerRef("mallory", "m1"), Presence("m1", "mallory", PresenceState.OFFLINE, 1, OfflineReason.LOST),
+          rules.now)
+    assert [(w.capacity, w.prefetch) for w in (second, third)] == [(8, 4), (4, 0)]
+    assert sum(w.limit for w in rules.workers.dispatchable() if w.ref.volunteer == "mallory") <= 12 + 5
+
+
+def test_caps_lowered_since_the_rows_were_written_apply_on_load() -> None:
+    rules = Rules()
+    for name in ("w1", "w2"):
+        rules.workers.apply(WorkerRef("lab", name), _online(name, "lab", capacity=300, prefetch=300), rules.now)
+    again = WorkerRegistry(rules.store, rules.topics, Caps(capacity=100, prefetch=10, volunteer_capacity=150))
+    again.load()
+    assert [(w.capacity, w.prefetch) for w in again] == [(100, 10), (50, 10)]
+
+
+@pytest.mark.parametrize("capacities", [[INT64_MAX], [2**62, 2**62], [INT64_MAX, 1], [2**40] * 5])
+def test_a_hostile_capacity_cannot_crash_the_engine_on_sqlite(memory_engine: tuple[Coordinator, MemoryBroker],
+                                                              capacities: list[int]) -> None:
+    # The field report: free capacity was summed and bound as a SQL LIMIT; SQLite raised
+    # OverflowError and `serve` exited, at every restart, as the presence is retained.
+    engine, broker = memory_engine
+    job = engine.store.create_job("add", [[i, i] for i in range(20)])
+    for i, capacity in enumerate(capacities):
+        ref = WorkerRef("mallory", f"m{i}")
+        broker.deliver(TOPICS.presence(ref), _online(ref.worker, "mallory", capacity=capacity, prefetch=INT64_MAX,
+                                                     cpus=INT64_MAX, seq=INT64_MAX).encode(), True)
+    engine.step()
+    engine.step()  # the dispatch round after the presences
+    assert engine.store.progress(job).assigned == 20
+    summary = engine.summary()
+    assert 0 < summary["capacity"] <= defaults.MAX_VOLUNTEER_CAPACITY
+    # Every number the status publishes is one the decoders accept (64-bit).
+    assert_numbers_in_int64(summary)
+    for slot in engine.workers:
+        assert_numbers_in_int64(worker_status(slot, engine.leases.count(slot.id), engine.clock()))
+
+
+def assert_numbers_in_int64(value: Any) -> None:
+    if isinstance(value, dict):
+        for item in value.values():
+            assert_numbers_in_int64(item)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        assert -(2**63) <= value < 2**63

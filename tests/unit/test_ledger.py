@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dockercomp.broker.messages import OfflineReason, Outcome
+from dockercomp.broker.messages import OfflineReason, Outcome, Task
 from dockercomp.coordinator.leases import Leases
 from dockercomp.coordinator.registry import WorkerRegistry
 from tests.support.rules import MARGIN, Rules
@@ -115,13 +115,99 @@ def test_results_that_cannot_count_are_rejected_and_change_nothing(rules: Rules,
     assert rules.states(job) == ["assigned"] and len(rules.ledger.leases) == 1
 
 
-def test_an_attempt_never_sent_is_foreign(rules: Rules) -> None:
+def test_an_attempt_never_sent_is_forged(rules: Rules) -> None:
     rules.online("w1")
     job = rules.submit([[1, 2]])
     [task] = rules.dispatch()["w1"]
     task_never_sent = type(task)(task_id=task.task_id, job_id=task.job_id, attempt=5, function="add")
     rules.answer("w1", task_never_sent, 3)
-    assert rules.rejections.counts == {"foreign": 1} and rules.states(job) == ["assigned"]
+    assert rules.rejections.counts == {"forged": 1} and rules.states(job) == ["assigned"]
+
+
+@pytest.mark.parametrize("nonce", ["", "guessed-nonce-000000000", "x" * 64])
+def test_a_result_without_its_attempts_nonce_is_forged_even_from_the_holder(rules: Rules, nonce: str) -> None:
+    # given a task sent to w1, with its secret nonce
+    rules.online("w1")
+    job = rules.submit([[1, 2]])
+    [task] = rules.dispatch()["w1"]
+    assert len(task.nonce) >= 22
+    # when w1 (the right worker, the right attempt) answers with another nonce
+    rules.answer("w1", task, 999, nonce=nonce)
+    # then the answer is forged: not stored, counted against w1, the attempt still open
+    assert rules.rejections.counts == {"forged": 1} and rules.states(job) == ["assigned"]
+    assert rules.workers.get("local/w1").rejected == 1  # type: ignore[union-attr]
+    # and the genuine answer still counts
+    rules.answer("w1", task, 3)
+    assert rules.states(job) == ["done"] and [r.value for r in rules.store.results(job)] == [3]
+
+
+def test_a_late_result_is_checked_against_the_stored_nonce(rules: Rules) -> None:
+    # given an attempt whose lease expired (it is closed: only the store knows its nonce)
+    rules.online("w1")
+    job = rules.submit([[1, 2]], timeout=10)
+    [task] = rules.dispatch()["w1"]
+    rules.tick(20)
+    rules.ledger.expire(rules.now)
+    # when a late value comes with a wrong nonce, it is forged; with the right one, it counts
+    rules.answer("w1", task, 999, nonce="not-the-nonce")
+    assert rules.rejections.counts == {"forged": 1} and rules.states(job) == ["pending"]
+    rules.answer("w1", task, 3)
+    assert rules.states(job) == ["done"] and [r.value for r in rules.store.results(job)] == [3]
+
+
+def test_rebuilt_leases_keep_their_nonce(rules: Rules) -> None:
+    # given a task sent, and the engine restarted (leases rebuilt from the store)
+    rules.online("w1")
+    job = rules.submit([[1, 2]])
+    [task] = rules.dispatch()["w1"]
+    rules.flush()
+    rules.ledger.reset(Leases.load(rules.store, rules.dispatcher.payloads))
+    [lease] = list(rules.ledger.leases)
+    assert lease.nonce == task.nonce and Task.decode(lease.payload) == task
+    # then a guess is still forged, and the worker's echo of the resent task counts
+    rules.answer("w1", task, 999, nonce="")
+    assert rules.rejections.counts == {"forged": 1}
+    rules.answer("w1", task, 3)
+    assert rules.states(job) == ["done"]
+
+
+def test_nonces_are_unique_per_attempt(rules: Rules) -> None:
+    rules.online("w1", capacity=50)
+    rules.submit([[i, i] for i in range(50)], max_attempts=2)
+    sent = rules.dispatch()["w1"]
+    for task in sent:
+        rules.answer("w1", task, outcome=Outcome.ERROR)
+    again = rules.dispatch()["w1"]
+    nonces = [t.nonce for t in sent + again]
+    assert len(set(nonces)) == 100
+
+
+@pytest.mark.parametrize(("outcome", "error_type"), [
+    (Outcome.REJECTED, "BadArguments"), (Outcome.ERROR, "ResultTooLarge"), (Outcome.ERROR, "UnserializableResult")])
+def test_a_deterministic_failure_fails_the_task_at_once_without_charging_the_worker(
+        rules: Rules, outcome: Outcome, error_type: str) -> None:
+    rules.online("w1")
+    job = rules.submit([[1, 2]], max_attempts=3)
+    rules.answer("w1", rules.dispatch()["w1"][0], outcome=outcome, error_type=error_type)
+    # then the task failed on its first attempt, with that reason, and w1 is not held to blame
+    assert rules.states(job) == ["failed"]
+    [row] = rules.store.results(job)
+    assert [(e["attempt"], e["outcome"], e["type"]) for e in row.errors] == [(1, outcome.value, error_type)]
+    assert rules.dispatch() == {}
+    assert rules.workers.get("local/w1").failed == 0  # type: ignore[union-attr]
+    assert [w.tasks_failed for w in rules.store.workers()] == [0]
+
+
+@pytest.mark.parametrize(("outcome", "error_type"), [
+    (Outcome.ERROR, "BadArguments"),  # a task's own exception that happens to have that name
+    (Outcome.REJECTED, "UnknownFunction"),  # another worker may offer the function
+    (Outcome.REJECTED, "QueueFull"), (Outcome.ERROR, "ValueError")])
+def test_other_failures_are_retried_and_charged(rules: Rules, outcome: Outcome, error_type: str) -> None:
+    rules.online("w1")
+    job = rules.submit([[1, 2]], max_attempts=3)
+    rules.answer("w1", rules.dispatch()["w1"][0], outcome=outcome, error_type=error_type)
+    assert rules.states(job) == ["pending"]
+    assert rules.workers.get("local/w1").failed == 1  # type: ignore[union-attr]
 
 
 def test_a_lost_worker_releases_what_it_held(rules: Rules) -> None:

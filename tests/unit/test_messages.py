@@ -24,6 +24,7 @@ from dockercomp.broker.messages import (
     encode_status,
     peek_task_id,
 )
+from dockercomp.coordinator.leases import PayloadBuilder, new_nonce
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -69,6 +70,52 @@ def test_task_round_trip() -> None:
     assert Task.decode(TASK.encode()) == TASK
 
 
+# --- attempt nonces ---------------------------------------------------------------------------------
+def test_the_nonce_travels_in_the_task_and_back_in_its_result() -> None:
+    task = Task(task_id="42", job_id="7", attempt=2, function="add", args=[1, 2], nonce="s3cr3t-nonce_AAAAAAAAAA")
+    assert Task.decode(task.encode()).nonce == "s3cr3t-nonce_AAAAAAAAAA"
+    for outcome, error in ((Outcome.OK, None), (Outcome.ERROR, TaskError("E", "m"))):
+        result = Result("42", 2, "w1", "alice", outcome, value=3 if error is None else None, error=error,
+                        nonce=task.nonce)
+        assert Result.decode(result.encode()) == result
+
+
+def test_a_missing_nonce_decodes_as_empty_and_matches_no_attempt() -> None:
+    assert Task.decode(payload(TASK, nonce=...)).nonce == ""
+    assert Result.decode(payload(ERROR_RESULT, nonce=...)).nonce == ""
+    ok = Result("42", 1, "w1", "alice", Outcome.OK, value=1)
+    assert Result.decode(payload(ok, nonce=...)).nonce == ""
+
+
+@pytest.mark.parametrize("bad", [7, True, ["x"], {"n": 1}, "x" * 65])
+def test_a_nonce_that_is_not_a_short_string_is_rejected(bad: Any) -> None:
+    ok = Result("42", 1, "w1", "alice", Outcome.OK, value=1)
+    for message in (TASK, ERROR_RESULT, ok):
+        with pytest.raises(DecodeError, match="nonce"):
+            type(message).decode(payload(message, nonce=bad))
+
+
+def test_the_coordinators_task_payload_is_what_task_encode_writes() -> None:
+    # The engine writes task messages from stored JSON without encoding (PayloadBuilder): the
+    # bytes must be exactly a Task's, nonce included, or agents would decode something else.
+    nonce = new_nonce()
+    built = PayloadBuilder(PROTOCOL_VERSION).build(42, 7, 3, "count_primes", "[0, 1000]", 30.0, nonce)
+    assert built == Task("42", "7", 3, "count_primes", [0, 1000], 30.0, nonce=nonce).encode().replace(
+        b"[0,1000]", b"[0, 1000]")
+    assert Task.decode(built).nonce == nonce and len(nonce) >= 22
+
+
+def test_deterministic_failures_are_the_tasks_own() -> None:
+    def result(outcome: Outcome, kind: str) -> Result:
+        return Result("1", 1, "w", "v", outcome, error=TaskError(kind, "m"))
+    assert result(Outcome.REJECTED, "BadArguments").deterministic
+    assert result(Outcome.ERROR, "ResultTooLarge").deterministic
+    assert result(Outcome.ERROR, "UnserializableResult").deterministic
+    assert not result(Outcome.REJECTED, "UnknownFunction").deterministic
+    assert not result(Outcome.ERROR, "BadArguments").deterministic
+    assert not result(Outcome.CRASHED, "ResultTooLarge").deterministic
+
+
 def test_results_round_trip_for_a_value_and_for_an_error() -> None:
     ok = Result("42", 1, "w1", "alice", Outcome.OK, value={"data": [1, 2.5, None, "x"]}, elapsed=1.5)
     assert Result.decode(ok.encode()) == ok
@@ -88,7 +135,7 @@ def test_status_round_trip_checks_only_the_envelope() -> None:
 
 
 def test_optional_task_fields_have_documented_defaults() -> None:
-    task = Task.decode(b'{"v":1,"task_id":"1","job_id":"1","attempt":1,"function":"noop"}')
+    task = Task.decode(b'{"v":%d,"task_id":"1","job_id":"1","attempt":1,"function":"noop"}' % PROTOCOL_VERSION)
     assert task.args == [] and task.timeout == 60.0
 
 
@@ -109,7 +156,8 @@ def test_decode_accepts_str_as_well_as_bytes() -> None:
         (b'{"v": 1, "x": NaN}', "not valid JSON"),
         (b'{"v": 1, "x": 1e999}', "not valid JSON"),
         (b'{"task_id": "1"}', "unsupported protocol version None"),
-        (b'{"v": 2, "task_id": "1"}', "unsupported protocol version 2"),
+        (b'{"v": 1, "task_id": "1"}', "unsupported protocol version 1"),
+        (b'{"v": 3, "task_id": "1"}', "unsupported protocol version 3"),
         (b"{" * 5000, "not valid JSON"),
         (json.dumps({"v": 1, "x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}).encode(),
          "nested deeper"),
@@ -210,11 +258,12 @@ def test_decode_error_carries_the_offending_data() -> None:
 
 def test_peek_reads_the_id_of_a_task_that_is_otherwise_malformed() -> None:
     assert peek_task_id(payload(TASK, function=...)) == ("42", 2)
-    assert peek_task_id(b'{"v":1,"task_id":"9"}') == ("9", 1)  # attempt defaults to 1
+    assert peek_task_id(b'{"v":%d,"task_id":"9"}' % PROTOCOL_VERSION) == ("9", 1)  # attempt defaults to 1
 
 
 @pytest.mark.parametrize("bad", [b"garbage", b'{"v":1}', b'{"v":1,"task_id":9}', b'{"v":1,"task_id":""}',
-                                 b'{"v":1,"task_id":"9","attempt":"2"}', b'{"v":2,"task_id":"9"}'])
+                                 b'{"v":1,"task_id":"9","attempt":"2"}', b'{"v":1,"task_id":"9"}',
+                                 b'{"v":3,"task_id":"9"}'])
 def test_peek_gives_up_when_no_usable_id_is_there(bad: bytes) -> None:
     assert peek_task_id(bad) is None
 
@@ -288,9 +337,10 @@ _RESULT_VALUES = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=5), st.lists(st.integers(), max_size=3),
     st.sampled_from(["ok", "error", "w-1", "", "a/b", "x" * 65, "x" * 129]),
 )
-_RESULT_KEYS = st.sampled_from(["v", "task_id", "attempt", "worker", "volunteer", "outcome", "value", "error", "elapsed"])
+_RESULT_KEYS = st.sampled_from(["v", "task_id", "attempt", "worker", "volunteer", "outcome", "value", "error", "elapsed",
+                                "nonce"])
 _GOOD_RESULT = {"v": PROTOCOL_VERSION, "task_id": "12", "attempt": 1, "worker": "w1", "volunteer": "vol",
-                "outcome": "ok", "elapsed": 0.5}
+                "outcome": "ok", "elapsed": 0.5, "nonce": "Zm9vYmFyYmF6cXV4cXV1eA"}
 
 
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])

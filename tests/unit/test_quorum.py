@@ -31,7 +31,7 @@ class Crowd(Rules):
         volunteer, name = key.split("/")
         error = None if outcome is Outcome.OK else TaskError(outcome.value, "it broke")
         result = Result(task_id=task.task_id, attempt=task.attempt, worker=name, volunteer=volunteer,
-                        outcome=outcome, value=value, error=error, elapsed=2.0)
+                        outcome=outcome, value=value, error=error, elapsed=2.0, nonce=task.nonce)
         self.ledger.on_result(WorkerRef(volunteer, name), result, self.now)
 
     def job(self, args: list[list[Any]], max_attempts: int = 3, **options: Any) -> JobRow:
