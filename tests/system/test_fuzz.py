@@ -32,7 +32,7 @@ from dockercomp.broker.messages import Outcome, Presence, PresenceState, Result,
 from dockercomp.coordinator.settings import CoordinatorSettings
 from dockercomp.broker.topics import Topics, WorkerRef
 from tests.support import wait_until
-from tests.support.hostile import assert_sane, near_payloads, wire
+from tests.support.hostile import assert_int64, assert_sane, near_payloads, wire
 from tests.support.processes import Processes
 from tests.support.security import SecureBroker, connected
 
@@ -340,11 +340,3 @@ def test_the_extremes_of_every_numeric_field_leave_the_coordinator_running_and_r
         assert "Traceback" not in procs.log("serve")
     finally:
         procs.stop_all()
-
-
-def assert_int64(value: Any) -> None:
-    if isinstance(value, dict):
-        for item in value.values():
-            assert_int64(item)
-    elif isinstance(value, int) and not isinstance(value, bool):
-        assert -(2**63) <= value < 2**63, value

@@ -38,7 +38,7 @@ from dockercomp.coordinator.registry import Caps, WorkerRegistry
 from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 from dockercomp.coordinator.status import worker_status
 from dockercomp.coordinator.store import Store, TaskState
-from tests.support.hostile import as_object, assert_sane, hostile_json, messages, near_payloads, wire
+from tests.support.hostile import as_object, assert_int64, assert_sane, hostile_json, messages, near_payloads, wire
 from tests.support.rules import Rules
 
 TOPICS = Topics()
@@ -253,14 +253,6 @@ def test_a_hostile_capacity_cannot_crash_the_engine_on_sqlite(memory_engine: tup
     summary = engine.summary()
     assert 0 < summary["capacity"] <= defaults.MAX_VOLUNTEER_CAPACITY
     # Every number the status publishes is one the decoders accept (64-bit).
-    assert_numbers_in_int64(summary)
+    assert_int64(summary)
     for slot in engine.workers:
-        assert_numbers_in_int64(worker_status(slot, engine.leases.count(slot.id), engine.clock()))
-
-
-def assert_numbers_in_int64(value: Any) -> None:
-    if isinstance(value, dict):
-        for item in value.values():
-            assert_numbers_in_int64(item)
-    elif isinstance(value, int) and not isinstance(value, bool):
-        assert -(2**63) <= value < 2**63
+        assert_int64(worker_status(slot, engine.leases.count(slot.id), engine.clock()))
