@@ -29,7 +29,9 @@ from dockercomp.broker.defaults import MAX_PAYLOAD_BYTES, PROTOCOL_VERSION
 from dockercomp.broker.errors import DecodeError
 from dockercomp.broker.memory import MemoryBroker
 from dockercomp.broker.messages import Outcome, Presence, PresenceState, Result, Task, decode_status
+from dockercomp.coordinator.service import Coordinator
 from dockercomp.coordinator.settings import CoordinatorSettings
+from dockercomp.coordinator.store import Store
 from dockercomp.broker.topics import Topics, WorkerRef
 from tests.support import wait_until
 from tests.support.hostile import assert_int64, assert_sane, near_payloads, wire
@@ -340,3 +342,28 @@ def test_the_extremes_of_every_numeric_field_leave_the_coordinator_running_and_r
         assert "Traceback" not in procs.log("serve")
     finally:
         procs.stop_all()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_every_decodable_extreme_presence_is_stored_on_each_database(kind: str, tmp_path: Path,
+                                                                    request: pytest.FixtureRequest) -> None:
+    # PostgreSQL's integer columns are 32-bit where SQLite's are 64: what the caps grant and the
+    # cpus a presence reports must fit both, and a job still runs on what was granted.
+    url = str(tmp_path / "c.db") if kind == "sqlite" else request.getfixturevalue("postgres_db")
+    broker = MemoryBroker()
+    engine = Coordinator(Store.open(url), broker.connect("coordinator"),
+                         settings=CoordinatorSettings(connect_timeout=1, status_interval=0.01))
+    engine.open()
+    try:
+        job = engine.store.create_job("add", [[i, i] for i in range(EXTREME_JOB)])
+        decodable = [(ref, payload) for ref, payload, ok in extreme_presences() if ok]
+        for ref, payload in decodable:
+            broker.deliver(TOPICS.presence(ref), payload, True)
+        engine.step()
+        engine.step()
+        assert len(engine.store.workers()) == len(decodable)  # (a step that failed would have raised)
+        assert engine.store.progress(job).assigned == EXTREME_JOB
+        assert_int64(engine.summary())
+    finally:
+        engine.close()
