@@ -110,3 +110,16 @@ near_payloads = st.one_of(st.binary(max_size=300), hostile_json.map(wire), messa
                                     st.dictionaries(st.sampled_from(["task_id", "attempt", "worker", "volunteer",
                                                                      "state", "seq", "outcome", "value"]),
                                                     hostile_json, max_size=3)))
+
+
+def assert_int64(value: Any) -> None:
+    """Every integer in a decoded JSON document (a status payload) is one the decoders accept."""
+    if isinstance(value, dict):
+        for item in value.values():
+            assert_int64(item)
+    elif isinstance(value, list):
+        for item in value:
+            assert_int64(item)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        assert -(2**63) <= value < 2**63, value
+

@@ -29,10 +29,12 @@ from dockercomp.broker.defaults import MAX_PAYLOAD_BYTES, PROTOCOL_VERSION
 from dockercomp.broker.errors import DecodeError
 from dockercomp.broker.memory import MemoryBroker
 from dockercomp.broker.messages import Outcome, Presence, PresenceState, Result, Task, decode_status
+from dockercomp.coordinator.service import Coordinator
 from dockercomp.coordinator.settings import CoordinatorSettings
+from dockercomp.coordinator.store import Store
 from dockercomp.broker.topics import Topics, WorkerRef
 from tests.support import wait_until
-from tests.support.hostile import assert_sane, near_payloads, wire
+from tests.support.hostile import assert_int64, assert_sane, near_payloads, wire
 from tests.support.processes import Processes
 from tests.support.security import SecureBroker, connected
 
@@ -216,6 +218,16 @@ def extreme_presences() -> list[tuple[WorkerRef, bytes, bool]]:
     return out
 
 
+def extreme_tasks() -> list[bytes]:
+    """Tasks with the extremes of attempt and timeout (ids the coordinator never made): what a
+    coordinator bug or a compromised coordinator account could send an agent."""
+    base = json.loads(Task("x", "1", 1, "add", [1, 2], 60.0, nonce="n" * 22).encode())
+    bodies = [{**base, "task_id": f"x-attempt-{i}", "attempt": value} for i, value in enumerate(INT_EXTREMES)]
+    bodies += [{**base, "task_id": f"x-timeout-{i}", "timeout": value}
+               for i, value in enumerate(FLOAT_EXTREMES + INT_EXTREMES)]
+    return [wire(body) for body in bodies]
+
+
 def extreme_results(task_ids: list[int]) -> list[bytes]:
     """Results no coordinator may accept: extremes of attempt, elapsed and task id, on real tasks."""
     first = str(task_ids[0])
@@ -233,6 +245,7 @@ def test_the_extremes_of_every_numeric_field_leave_the_coordinator_running_and_r
         secure_mosquitto: SecureBroker, tmp_path: Path) -> None:
     broker = secure_mosquitto
     alice, mallory, watcher = broker.add("alice"), broker.add("mallory"), broker.add("dash", Role.OBSERVER)
+    alice_ref = WorkerRef("alice", "w1")
     db = str(tmp_path / "coordinator.db")
     procs = Processes(None, tmp_path / "logs")
     serve_env = {"DOCKERCOMP_BROKER": broker.url(broker.coordinator)}
@@ -285,6 +298,18 @@ def test_the_extremes_of_every_numeric_field_leave_the_coordinator_running_and_r
             wait_until(lambda: serving() and summaries and summaries[-1]["workers"]["online"] == 1 + len(accepted)
                        and summaries[-1]["rejected"]["malformed"] == len(presences) - len(accepted), timeout=30)
 
+            # The agent, sent tasks with the extremes of attempt and timeout, answers what it can
+            # read (each answer is rejected by the coordinator: no such task) and keeps serving.
+            with connected(broker.url(broker.coordinator), "coordinator-probe", TOPICS.results(alice_ref)) as probe:
+                for payload in extreme_tasks():
+                    probe.connection.publish(TOPICS.tasks(alice_ref), payload, qos=1)
+                def agent_answers() -> int:
+                    return sum(b'"task_id":"x-' in payload for _, payload in probe.received)
+                wait_until(lambda: agent_answers() >= 10, timeout=30)
+                time.sleep(1.5)  # the tiny timeouts' answers, and nothing more, arrive
+                answers = agent_answers()
+            assert procs.running["agent"].poll() is None, procs.log("agent")[-3000:]
+
             # When: a job runs, and mallory sends results with the extremes of every number.
             inputs = tmp_path / "tasks.jsonl"
             inputs.write_text("".join(f"[{i}, {i}]\n" for i in range(EXTREME_JOB)))
@@ -305,7 +330,8 @@ def test_the_extremes_of_every_numeric_field_leave_the_coordinator_running_and_r
         # published is within what its decoders accept, capacity within the caps.
         rows = [json.loads(line) for line in procs.cli("results", "extremes", "--db", db, "--json").splitlines()]
         assert [row["value"] for row in rows] == [2 * i for i in range(EXTREME_JOB)]
-        assert sum(final["rejected"].values()) == len(presences) - len(accepted) + len(bad), final["rejected"]
+        assert sum(final["rejected"].values()) == len(presences) - len(accepted) + len(bad) + answers, \
+            final["rejected"]
         for summary in summaries:
             assert_int64(summary)
             assert summary["capacity"] <= 2 + CoordinatorSettings().volunteer_max_capacity
@@ -318,9 +344,26 @@ def test_the_extremes_of_every_numeric_field_leave_the_coordinator_running_and_r
         procs.stop_all()
 
 
-def assert_int64(value: Any) -> None:
-    if isinstance(value, dict):
-        for item in value.values():
-            assert_int64(item)
-    elif isinstance(value, int) and not isinstance(value, bool):
-        assert -(2**63) <= value < 2**63, value
+@pytest.mark.postgres
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_every_decodable_extreme_presence_is_stored_on_each_database(kind: str, tmp_path: Path,
+                                                                    request: pytest.FixtureRequest) -> None:
+    # PostgreSQL's integer columns are 32-bit where SQLite's are 64: what the caps grant and the
+    # cpus a presence reports must fit both, and a job still runs on what was granted.
+    url = str(tmp_path / "c.db") if kind == "sqlite" else request.getfixturevalue("postgres_db")
+    broker = MemoryBroker()
+    engine = Coordinator(Store.open(url), broker.connect("coordinator"),
+                         settings=CoordinatorSettings(connect_timeout=1, status_interval=0.01))
+    engine.open()
+    try:
+        job = engine.store.create_job("add", [[i, i] for i in range(EXTREME_JOB)])
+        decodable = [(ref, payload) for ref, payload, ok in extreme_presences() if ok]
+        for ref, payload in decodable:
+            broker.deliver(TOPICS.presence(ref), payload, True)
+        engine.step()
+        engine.step()
+        assert len(engine.store.workers()) == len(decodable)  # (a step that failed would have raised)
+        assert engine.store.progress(job).assigned == EXTREME_JOB
+        assert_int64(engine.summary())
+    finally:
+        engine.close()

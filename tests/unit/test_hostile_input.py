@@ -34,11 +34,12 @@ from dockercomp.broker.messages import (
 )
 from dockercomp.broker.topics import WORKER_TOPIC_KINDS, Topics, WorkerRef
 from dockercomp.coordinator import defaults
+from dockercomp.coordinator.errors import SettingsError
 from dockercomp.coordinator.registry import Caps, WorkerRegistry
 from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 from dockercomp.coordinator.status import worker_status
 from dockercomp.coordinator.store import Store, TaskState
-from tests.support.hostile import as_object, assert_sane, hostile_json, messages, near_payloads, wire
+from tests.support.hostile import as_object, assert_int64, assert_sane, hostile_json, messages, near_payloads, wire
 from tests.support.rules import Rules
 
 TOPICS = Topics()
@@ -253,14 +254,26 @@ def test_a_hostile_capacity_cannot_crash_the_engine_on_sqlite(memory_engine: tup
     summary = engine.summary()
     assert 0 < summary["capacity"] <= defaults.MAX_VOLUNTEER_CAPACITY
     # Every number the status publishes is one the decoders accept (64-bit).
-    assert_numbers_in_int64(summary)
+    assert_int64(summary)
     for slot in engine.workers:
-        assert_numbers_in_int64(worker_status(slot, engine.leases.count(slot.id), engine.clock()))
+        assert_int64(worker_status(slot, engine.leases.count(slot.id), engine.clock()))
 
 
-def assert_numbers_in_int64(value: Any) -> None:
-    if isinstance(value, dict):
-        for item in value.values():
-            assert_numbers_in_int64(item)
-    elif isinstance(value, int) and not isinstance(value, bool):
-        assert -(2**63) <= value < 2**63
+@pytest.mark.parametrize(("name", "value"), [("max_capacity", 0), ("max_capacity", 10**7), ("max_prefetch", -1),
+                                             ("volunteer_max_capacity", 2**63), ("volunteer_max_prefetch", 1.5),
+                                             ("max_capacity", True)])
+def test_the_caps_are_whole_numbers_within_what_the_database_holds(name: str, value: Any) -> None:
+    with pytest.raises(SettingsError, match=name.replace("_", "-")):
+        CoordinatorSettings(**{name: value})
+
+
+def test_serve_takes_the_caps_as_options() -> None:
+    from click.testing import CliRunner
+
+    from dockercomp.coordinator.cli import serve
+    text = CliRunner().invoke(serve, ["--help"], terminal_width=200).output
+    for option, default in (("--max-capacity", 512), ("--max-prefetch", 1000), ("--volunteer-max-capacity", 4096),
+                            ("--volunteer-max-prefetch", 8192)):
+        assert option in text and f"[default: {default}]" in text
+    refused = CliRunner().invoke(serve, ["--max-capacity", "0", "--db", "unused.db"])
+    assert refused.exit_code == 2 and "max-capacity must be a whole number" in refused.output
