@@ -24,9 +24,9 @@ from dockercomp.broker.errors import SettingsError
 from dockercomp.cli import CONTEXT
 from dockercomp.cli import Group as CommandGroup
 from dockercomp.coordinator import defaults
-from dockercomp.coordinator.api import default_db
+from dockercomp.coordinator.api import Client, default_db
 from dockercomp.coordinator.errors import CoordinatorError
-from dockercomp.coordinator.render import dumps
+from dockercomp.coordinator.render import WIDE_COLUMNS, dumps
 from dockercomp.exits import Exit, handled
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -55,9 +55,24 @@ def json_option(func: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")(func)
 
 
-def _stdout() -> Console:
-    # Built per call: click's test runner swaps sys.stdout for each invocation.
-    return Console(soft_wrap=False)
+def wide_option(func: F) -> F:
+    return click.option("--wide", is_flag=True,
+                        help="Never cut a table to the terminal's width (always so when piped).")(func)
+
+
+def _stdout(wide: bool = False) -> Console:
+    # Built per call: click's test runner swaps sys.stdout for each invocation. Piped (or
+    # --wide), tables take the width they need: rich would otherwise cut them at 80 columns.
+    console = Console(soft_wrap=False)
+    if wide or not console.is_terminal:
+        return Console(soft_wrap=False, width=WIDE_COLUMNS)
+    return console
+
+
+def reader(db: str) -> Client:
+    """A client for a command that only reads or changes what exists: it never creates a
+    database (DatabaseMissing names the path it looked at)."""
+    return Client(db, create=False)
 
 
 def _stderr() -> Console:

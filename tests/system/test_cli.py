@@ -57,6 +57,8 @@ def write(path: Path, text: str) -> str:
 
 def job_names(cli: CliRunner) -> list[str]:
     result = run(cli, "status", "--json")
+    if result.exit_code == 3 and "no coordinator database" in result.stderr:
+        return []  # nothing was ever stored: not even the database was created
     assert result.exit_code == 0, result.output
     return [job["name"] for job in json.loads(result.stdout)]
 
@@ -148,13 +150,14 @@ def test_status_lists_jobs_and_shows_one_with_a_bar(cli: CliRunner, tmp_path: Pa
 
     one = run(cli, "status", "second")
     assert "Job second (id 2) · add · active" in one.stdout
-    assert "done 0 · failed 0 · running 0 · pending 2 · cancelled 0" in one.stdout
+    assert "done 0 · failed 0 · running 0 · queued 0 · pending 2 · cancelled 0" in one.stdout
 
     data = json.loads(run(cli, "status", "2", "--json").stdout)
     assert (data["name"], data["total"], data["pending"], data["percent"]) == ("second", 2, 2, 0.0)
 
 
-def test_status_of_an_empty_store_says_how_to_start(cli: CliRunner) -> None:
+def test_status_of_an_empty_store_says_how_to_start(cli: CliRunner, db: str) -> None:
+    Store.open(db).close()  # as `serve` leaves it before the first submit
     result = run(cli, "status")
     assert result.exit_code == 0 and "No jobs yet" in result.stdout
     assert json.loads(run(cli, "status", "--json").stdout) == []
@@ -214,6 +217,7 @@ def add_worker(db: str, name: str, state: WorkerState, lost_ago: float | None = 
 
 
 def test_workers_table_and_json(cli: CliRunner, db: str) -> None:
+    Store.open(db).close()
     assert "No worker has been seen yet" in run(cli, "workers").stdout
     add_worker(db, "w1", WorkerState.ONLINE)
     add_worker(db, "w2", WorkerState.LOST, lost_ago=1)
@@ -278,7 +282,8 @@ def test_purge_with_the_broker_down_purges_the_store_and_says_what_is_left(cli: 
     assert [w["state"] for w in json.loads(run(cli, "workers", "--json").stdout)] == ["purged"]
 
 
-def test_a_bad_broker_url_is_a_usage_error(cli: CliRunner) -> None:
+def test_a_bad_broker_url_is_a_usage_error(cli: CliRunner, db: str) -> None:
+    Store.open(db).close()
     result = run(cli, "purge", "--broker", "http://example.org")
     assert result.exit_code == 2 and "mqtt://" in result.stderr
 
@@ -288,7 +293,7 @@ def test_a_locked_database_says_so(cli: CliRunner, db: str, tmp_path: Path, monk
     import dockercomp.coordinator.store
 
     monkeypatch.setattr(dockercomp.coordinator.store, "SQLITE_BUSY_TIMEOUT_MS", 100)
-    run(cli, "status")  # creates the database
+    Store.open(db).close()
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
     try:
@@ -301,8 +306,20 @@ def test_a_locked_database_says_so(cli: CliRunner, db: str, tmp_path: Path, monk
 
 
 def test_an_unusable_database_path_says_what_to_do(cli: CliRunner, tmp_path: Path) -> None:
-    result = run(cli, "status", "--db", str(tmp_path / "no" / "such" / "dir" / "x.db"))
+    result = run(cli, "submit", "add", "--db", str(tmp_path / "no" / "such" / "dir" / "x.db"), input="[1]\n")
     assert result.exit_code == 4 and "does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["status"], ["status", "j"], ["workers"], ["results", "j"], ["show", "j", "0"],
+                                     ["cancel", "j"], ["retry", "j"], ["delete", "j"], ["purge"]])
+def test_only_submit_and_serve_create_a_database(cli: CliRunner, tmp_path: Path, db: str, command: list[str]) -> None:
+    # Given no database where the command looks (here $DOCKERCOMP_DB; by default ./coordinator.db)
+    result = run(cli, *command)
+    # Then it fails naming the path and how to point at the right one, and creates nothing
+    assert result.exit_code == 3, result.output
+    assert f"no coordinator database at {db}" in result.stderr and "--db" in result.stderr
+    assert "DOCKERCOMP_DB" in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------ end to end
