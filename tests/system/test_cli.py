@@ -25,7 +25,7 @@ from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator.cli import main
 from dockercomp.coordinator.sqlstore import Worker
 from dockercomp.coordinator.store import Store, WorkerState
-from tests.support import REPO_ROOT, Watcher, connect_client, free_port
+from tests.support import REPO_ROOT, Watcher, connect_client, free_port, wait_until
 from tests.support.brokers import BrokerProcess
 from tests.support.processes import Processes
 
@@ -364,7 +364,20 @@ def test_end_to_end_submit_watch_results_workers(
         assert "Results of pairs (20 done, 0 failed, 20 tasks)" in table and "local/w" in table
         # and a task that raised is failed, with the reason
         watched_broken = run(cli, "status", "broken", "--watch", "--interval", "0.05", "--json")
-        assert json.loads(watched_broken.stdout.splitlines()[-1])["failed"] == 1
+        final = json.loads(watched_broken.stdout.splitlines()[-1])
+        assert (final["failed"], final["state"]) == (1, "failed")  # the job says it ended with failures
+        assert watched_broken.exit_code == 12  # Exit.JOB_FAILED: a script notices
+        assert "failed" in run(cli, "status", "broken").stdout.splitlines()[0]
+        # and the failed attempt's traceback can be read
+        errors = run(cli, "results", "broken", "--errors")
+        assert "Tasks with failed attempts of broken" in errors.stdout and "show broken INDEX" in errors.stdout
+        assert [json.loads(line)["index"] for line in run(cli, "results", "broken", "--errors", "--json").stdout.splitlines()] == [1]
+        shown = run(cli, "show", "broken", "1")
+        assert shown.exit_code == 0 and "attempt 1 on local/w" in shown.stdout
+        assert "Traceback (most recent call last)" in shown.stdout and "TypeError" in shown.stdout
+        detail = json.loads(run(cli, "show", "broken", "1", "--json").stdout)
+        assert "Traceback" in detail["attempt_list"][0]["error"]["traceback"]
+        assert run(cli, "show", "broken", "7").exit_code == 3
         failed = [json.loads(line) for line in run(cli, "results", "broken", "--json").stdout.splitlines()]
         assert [r["state"] for r in failed] == ["done", "failed"]
         assert failed[1]["errors"][0]["type"] == "TypeError"
@@ -374,6 +387,111 @@ def test_end_to_end_submit_watch_results_workers(
         workers = json.loads(run(cli, "workers", "--json").stdout)
         assert {w["key"]: w["state"] for w in workers} == {"local/w1": "online", "local/w2": "online"}
         assert sum(w["tasks_done"] for w in workers) == 21
-        assert "local/w1" in run(cli, "workers").stdout
+        live = run(cli, "workers").stdout
+        assert "local/w1" in live and "now" in live and "last known" not in live
+        assert "not running" not in run(cli, "status").stdout
+    finally:
+        processes.stop_all()
+    # When `serve` has stopped, `workers` and `status` say so and show the states as last known
+    stopped = run(cli, "workers").stdout
+    assert "The coordinator is not running: it stopped" in stopped
+    assert "(last known)" in stopped and "online?" in stopped and " now" not in stopped
+    assert "The coordinator is not running: it stopped" in run(cli, "status").stdout
+    assert "Workers as last known:" in run(cli, "status").stdout
+
+
+# ------------------------------------------------------------------------------ first use (issue 10)
+def test_submit_warns_when_no_known_worker_offers_the_function(cli: CliRunner, db: str) -> None:
+    Store.open(db).close()
+    add_worker(db, "w1", WorkerState.ONLINE)  # offers add and sleep
+    # When a job names a function no worker offers (a typo)
+    result = run(cli, "submit", "count_prime", "-", "--job", "typo", input="[0, 100]\n")
+    # Then it is stored, with a warning that names what the workers offer
+    assert result.exit_code == 0 and "Submitted job typo" in result.stdout
+    assert "warning: no known worker offers 'count_prime' (known workers offer: add, sleep)" in result.stderr
+    # and `status` says why it does not move
+    assert "Stalled: no online worker offers 'count_prime' (they offer: add, sleep)" in run(cli, "status", "typo").stdout
+    assert "Stalled: job typo: no online worker offers 'count_prime'" in run(cli, "status").stdout
+    # while a function a worker offers gets no warning
+    assert "warning" not in run(cli, "submit", "add", "-", input="[1, 2]\n").stderr
+
+
+def test_a_cancelled_job_never_shows_100_percent(cli: CliRunner) -> None:
+    run(cli, "submit", "add", "-", "--job", "c", input="[1, 2]\n[3, 4]\n")
+    run(cli, "cancel", "c")
+    data = json.loads(run(cli, "status", "c", "--json").stdout)
+    assert (data["state"], data["cancelled"], data["percent"]) == ("cancelled", 2, 0.0)
+    assert "0/2 0%" in run(cli, "status", "c").stdout and "100%" not in run(cli, "status").stdout
+
+
+def test_results_json_is_one_document_and_jsonl_one_object_per_line(cli: CliRunner, tmp_path: Path) -> None:
+    run(cli, "submit", "add", "-", "--job", "f", input="[1, 2]\n[3, 4]\n")
+    assert run(cli, "results", "f", "-o", str(tmp_path / "r.json")).exit_code == 0
+    document = json.loads((tmp_path / "r.json").read_text())
+    assert [row["args"] for row in document] == [[1, 2], [3, 4]]
+    assert run(cli, "results", "f", "-o", str(tmp_path / "r.jsonl")).exit_code == 0
+    lines = (tmp_path / "r.jsonl").read_text().splitlines()
+    assert [json.loads(line)["args"] for line in lines] == [[1, 2], [3, 4]]
+    assert json.loads(run(cli, "results", "f", "--format", "json").stdout)[1]["index"] == 1
+
+
+def test_tables_are_not_cut_when_piped(cli: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")  # what a pipe used to get
+    name = "a-rather-long-job-name-for-the-lab-notebook-2026-12-01"
+    run(cli, "submit", "add", "-", "--job", name, input="[1, 2]\n")
+    table = run(cli, "status").stdout
+    assert name in table and "…" not in table
+    assert max(len(line) for line in table.splitlines()) > 80
+
+
+def test_delete_and_replace_a_job(cli: CliRunner, db: str) -> None:
+    run(cli, "submit", "add", "-", "--job", "cell", input="[1, 2]\n")
+    # a second submit under the same name is refused, unless it replaces the job
+    assert run(cli, "submit", "add", "-", "--job", "cell", input="[3, 4]\n").exit_code == 2
+    bad = run(cli, "submit", "add", "-", "--job", "cell", "--replace", input="[3, 4]\n\"x\"\n")
+    assert bad.exit_code == 2 and "line 2" in bad.stderr
+    assert [json.loads(line)["args"] for line in run(cli, "results", "cell", "--json").stdout.splitlines()] == [[1, 2]]
+    replaced = run(cli, "submit", "add", "-", "--job", "cell", "--replace", "--json", input="[3, 4]\n[5, 6]\n")
+    assert replaced.exit_code == 0 and json.loads(replaced.stdout)["tasks"] == 2
+    assert job_names(cli) == ["cell"]
+    # delete removes it with its results
+    deleted = run(cli, "delete", "cell")
+    assert deleted.exit_code == 0 and "Deleted job cell" in deleted.stdout and "2 tasks" in deleted.stdout
+    assert job_names(cli) == [] and run(cli, "delete", "cell").exit_code == 3
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM task").fetchone() == (0,)
+
+
+def test_a_job_held_by_a_worker_is_not_deleted(cli: CliRunner, db: str) -> None:
+    run(cli, "submit", "add", "-", "--job", "busy", input="[1, 2]\n")
+    add_worker(db, "w1", WorkerState.ONLINE)
+    store = Store.open(db)
+    task_id = next(store.results(store.get_job("busy"))).task_id
+    store.open_attempts([(task_id, 1, 1, time.time() + 60)], time.time())
+    store.close()
+    result = run(cli, "delete", "busy")
+    assert result.exit_code == 2 and "still has 1 task(s) on workers" in result.stderr
+    assert "cancel" in result.stderr and job_names(cli) == ["busy"]
+
+
+@pytest.mark.timeout(180)
+def test_running_and_queued_are_shown_apart(cli: CliRunner, mosquitto: BrokerProcess, tmp_path: Path, db: str) -> None:
+    # Given one agent running 1 task at a time with room for 3 more in its queue
+    processes = Processes(mosquitto.url, tmp_path / "logs")
+    processes.serve(db, options=())
+    processes.agent("solo", concurrency=1, prefetch=3)
+    try:
+        wait_until(lambda: run(cli, "workers", "--json").exit_code == 0
+                   and any(w["state"] == "online" for w in json.loads(run(cli, "workers", "--json").stdout)),
+                   timeout=90, interval=0.2)
+        # When it is handed 6 slow tasks (slow enough that none ends before we look)
+        run(cli, "submit", "sleep", "-", "--job", "slow", "--timeout", "300", input="[60]\n" * 6)
+        data = wait_until(lambda: (d := json.loads(run(cli, "status", "slow", "--json").stdout))["assigned"] == 4
+                          and d, timeout=90, interval=0.1)
+        # Then one runs and three wait in its queue
+        assert (data["running"], data["queued"], data["pending"]) == (1, 3, 2)
+        assert "running 1 · queued 3 · pending 2" in run(cli, "status", "slow").stdout
+        [worker] = json.loads(run(cli, "workers", "--json").stdout)
+        assert (worker["in_flight"], worker["running"], worker["queued"]) == (4, 1, 3)
+        run(cli, "cancel", "slow")
     finally:
         processes.stop_all()
