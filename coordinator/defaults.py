@@ -90,3 +90,7 @@ HEARTBEAT_INTERVAL = 2.0
 # Heartbeats missed before `status` and `workers` say the coordinator is not running: a busy
 # engine step or a slow disk may delay one, rarely three.
 HEARTBEAT_MISSED = 3
+
+# Seconds a job's function may be offered by no online worker before `serve` fails its pending
+# tasks; 0 (never): workers may legitimately come online long after a job was submitted.
+FAIL_UNROUTABLE = 0.0

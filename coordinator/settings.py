@@ -23,11 +23,14 @@ class CoordinatorSettings:
     busy_batch: int = defaults.BUSY_BATCH
     gather: float = defaults.GATHER_DELAY
     connect_timeout: float = defaults.CONNECT_TIMEOUT
+    # Seconds a job's function may go unoffered by every online worker before its pending
+    # tasks fail (unroutable.py); 0: they wait for such a worker forever.
+    fail_unroutable: float = defaults.FAIL_UNROUTABLE
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             number = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-            zero_ok = f.name in ("purge_after", "lease_margin", "gather")
+            zero_ok = f.name in ("purge_after", "lease_margin", "gather", "fail_unroutable")
             if not number or value < 0 or (value == 0 and not zero_ok):
                 raise SettingsError(f"{f.name.replace('_', '-')} must be a positive number of seconds, got {value!r}")

@@ -489,6 +489,11 @@ class Store(ABC):
         each failed one's error and traceback. UnknownTask when the job has no such task."""
 
     @abstractmethod
+    def fail_pending(self, job_id: int, reason: str, now: float) -> int:
+        """Fail the job's pending tasks for want of a worker (unroutable.py), each keeping
+        ``reason`` as its error; returns how many."""
+
+    @abstractmethod
     def delete_job(self, job: JobRow) -> int:
         """Delete the job with its tasks, attempts and results, at once; returns the tasks
         deleted. JobBusy (nothing deleted) while a worker holds one of its tasks."""

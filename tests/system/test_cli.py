@@ -495,3 +495,29 @@ def test_running_and_queued_are_shown_apart(cli: CliRunner, mosquitto: BrokerPro
         run(cli, "cancel", "slow")
     finally:
         processes.stop_all()
+
+
+def test_serve_fails_a_job_no_worker_can_run_with_the_reason(
+    cli: CliRunner, mosquitto: BrokerProcess, tmp_path: Path, db: str
+) -> None:
+    # Given `serve --fail-unroutable 1` and one agent online, which offers add but not count_prime
+    processes = Processes(mosquitto.url, tmp_path / "logs")
+    processes.serve(db, options=("--fail-unroutable", "1"))
+    processes.agent("w1")
+    try:
+        wait_until(lambda: run(cli, "workers", "--json").exit_code == 0
+                   and any(w["state"] == "online" for w in json.loads(run(cli, "workers", "--json").stdout)),
+                   timeout=90, interval=0.2)
+        run(cli, "submit", "count_prime", "-", "--job", "typo", input="[0, 100]\n[100, 200]\n")
+        run(cli, "submit", "add", "-", "--job", "fine", input="[1, 2]\n")
+        # When its function stays unoffered for a second, its tasks fail and the watch says so
+        watched = run(cli, "status", "typo", "--watch", "--interval", "0.1", "--json")
+        assert watched.exit_code == 12
+        assert json.loads(watched.stdout.splitlines()[-1])["failed"] == 2
+        rows = [json.loads(line) for line in run(cli, "results", "typo", "--json").stdout.splitlines()]
+        assert [r["errors"][-1]["message"] for r in rows] == ["no online worker offers 'count_prime'"] * 2
+        assert "Unroutable: no online worker offers" in run(cli, "results", "typo").stdout
+        # while a job a worker can run is not touched
+        assert run(cli, "status", "fine", "--watch", "--interval", "0.1").exit_code == 0
+    finally:
+        processes.stop_all()
