@@ -98,17 +98,18 @@ def submit(function: str, file: str, name: str | None, timeout: float, max_attem
                             on_progress=stored, replace=replace)  # fmt: skip
         where = client.store.url  # password masked
         unknown = _nobody_offers(client, function)
-    if unknown:  # stored all the same: the worker offering it may simply not be running yet
-        click.echo(f"warning: {unknown}; its tasks wait until a worker that offers it connects "
-                   f"(or `dockercomp coordinator delete {job.name}`).", err=True)
     if as_json:
         _echo_json({"job_id": job.id, "name": job.name, "function": job.function, "tasks": job.total,
-                    "timeout": job.timeout, "max_attempts": job.max_attempts, "db": where})  # fmt: skip
+                    "timeout": job.timeout, "max_attempts": job.max_attempts, "db": where,
+                    "warning": unknown or None})  # fmt: skip
         return
     click.echo(f"Submitted job {job.name} (id {job.id}): {job.total} task{'s' * (job.total != 1)} of "
                f"{job.function}, stored in {where}.")  # fmt: skip
     click.echo(f"Follow it with `dockercomp coordinator status {job.name} --watch`; "
                f"fetch results with `dockercomp coordinator results {job.name}`.")  # fmt: skip
+    if unknown:  # stored all the same: the worker offering it may simply not be running yet
+        click.echo(f"warning: {unknown}; its tasks wait until a worker that offers it connects "
+                   f"(or `dockercomp coordinator delete {job.name}`).", err=True)
 
 
 def _nobody_offers(client: Client, function: str) -> str:

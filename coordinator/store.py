@@ -335,7 +335,8 @@ def check_worker_fields(fields: dict[str, Any]) -> None:
 
 def name_taken(name: str) -> InvalidInput:
     return InvalidInput(f"a job named {name!r} already exists",
-                        "pick another --job NAME (`dockercomp coordinator status` lists them)")
+                        "pick another --job NAME (`dockercomp coordinator status` lists them), or replace that "
+                        "job: `submit --replace` (API: replace=True)")
 
 
 def job_busy(name: str, held: int) -> JobBusy:
