@@ -521,3 +521,27 @@ def test_serve_fails_a_job_no_worker_can_run_with_the_reason(
         assert run(cli, "status", "fine", "--watch", "--interval", "0.1").exit_code == 0
     finally:
         processes.stop_all()
+
+
+def test_with_the_broker_down_worker_states_are_last_known(
+    cli: CliRunner, mosquitto: BrokerProcess, tmp_path: Path, db: str
+) -> None:
+    # Given `serve` and an agent on a broker
+    processes = Processes(mosquitto.url, tmp_path / "logs")
+    processes.serve(db, options=())
+    processes.agent("w1")
+    try:
+        wait_until(lambda: run(cli, "workers", "--json").exit_code == 0
+                   and any(w["state"] == "online" for w in json.loads(run(cli, "workers", "--json").stdout)),
+                   timeout=90, interval=0.2)
+        assert "last known" not in run(cli, "workers").stdout
+        # When the broker dies (no will fires: the store keeps the agent online; serve keeps
+        # running and says in its heartbeat that it is cut off)
+        mosquitto.kill()
+        shown = wait_until(lambda: "not connected to its broker" in (out := run(cli, "workers").stdout) and out,
+                           timeout=30, interval=0.2)
+        # Then `workers` no longer claims the agent is online now
+        assert "online?" in shown and "(last known)" in shown and mosquitto.url in shown, shown
+        assert "not connected to its broker" in run(cli, "status").stdout
+    finally:
+        processes.stop_all()
