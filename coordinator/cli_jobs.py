@@ -313,8 +313,6 @@ def retry(job: str, db: str, as_json: bool) -> None:
         click.echo(f"Nothing to retry: job {handle.name} has no failed task.")
 
 
-
-
 @main.command(short_help="Delete a job with its results.")
 @click.argument("job")
 @db_option

@@ -401,6 +401,15 @@ def test_end_to_end_submit_watch_results_workers(
 
 
 # ------------------------------------------------------------------------------ first use (issue 10)
+def wait_online(cli: CliRunner) -> None:
+    """Until `workers` shows a worker online (serve may not have created the database yet)."""
+    def seen() -> bool:
+        listed = run(cli, "workers", "--json")
+        return listed.exit_code == 0 and any(w["state"] == "online" for w in json.loads(listed.stdout))
+
+    wait_until(seen, timeout=90, interval=0.2)
+
+
 def test_submit_warns_when_no_known_worker_offers_the_function(cli: CliRunner, db: str) -> None:
     Store.open(db).close()
     add_worker(db, "w1", WorkerState.ONLINE)  # offers add and sleep
@@ -480,9 +489,7 @@ def test_running_and_queued_are_shown_apart(cli: CliRunner, mosquitto: BrokerPro
     processes.serve(db, options=())
     processes.agent("solo", concurrency=1, prefetch=3)
     try:
-        wait_until(lambda: run(cli, "workers", "--json").exit_code == 0
-                   and any(w["state"] == "online" for w in json.loads(run(cli, "workers", "--json").stdout)),
-                   timeout=90, interval=0.2)
+        wait_online(cli)
         # When it is handed 6 slow tasks (slow enough that none ends before we look)
         run(cli, "submit", "sleep", "-", "--job", "slow", "--timeout", "300", input="[60]\n" * 6)
         data = wait_until(lambda: (d := json.loads(run(cli, "status", "slow", "--json").stdout))["assigned"] == 4
@@ -505,9 +512,7 @@ def test_serve_fails_a_job_no_worker_can_run_with_the_reason(
     processes.serve(db, options=("--fail-unroutable", "1"))
     processes.agent("w1")
     try:
-        wait_until(lambda: run(cli, "workers", "--json").exit_code == 0
-                   and any(w["state"] == "online" for w in json.loads(run(cli, "workers", "--json").stdout)),
-                   timeout=90, interval=0.2)
+        wait_online(cli)
         run(cli, "submit", "count_prime", "-", "--job", "typo", input="[0, 100]\n[100, 200]\n")
         run(cli, "submit", "add", "-", "--job", "fine", input="[1, 2]\n")
         # When its function stays unoffered for a second, its tasks fail and the watch says so
@@ -531,9 +536,7 @@ def test_with_the_broker_down_worker_states_are_last_known(
     processes.serve(db, options=())
     processes.agent("w1")
     try:
-        wait_until(lambda: run(cli, "workers", "--json").exit_code == 0
-                   and any(w["state"] == "online" for w in json.loads(run(cli, "workers", "--json").stdout)),
-                   timeout=90, interval=0.2)
+        wait_online(cli)
         assert "last known" not in run(cli, "workers").stdout
         # When the broker dies (no will fires: the store keeps the agent online; serve keeps
         # running and says in its heartbeat that it is cut off)
