@@ -273,7 +273,10 @@ def attempts_view(job: str, row: ResultRow, attempts: list[AttemptRow], now: flo
                          f" · value {cut(dumps(row.value))}" if row.state == "done" else "")  # fmt: skip
     parts: list[RenderableType] = [head]
     if not attempts:
-        parts.append(Text("Never sent to a worker yet.", style="dim"))
+        parts.append(Text("Never sent to a worker.", style="dim"))
+    for error in row.errors:
+        if error.get("attempt") is None:  # failed without an attempt (unroutable.py)
+            parts.append(Text(f"  {error.get('type')}: {error.get('message')}", style="red"))
     for attempt in attempts:
         took = f", took {duration(attempt.finished_at - attempt.sent_at)}" if attempt.finished_at else ""
         parts.append(Text.assemble(f"attempt {attempt.number} on {attempt.worker}: ", state_text(attempt.outcome),

@@ -522,6 +522,8 @@ def test_serve_fails_a_job_no_worker_can_run_with_the_reason(
         rows = [json.loads(line) for line in run(cli, "results", "typo", "--json").stdout.splitlines()]
         assert [r["errors"][-1]["message"] for r in rows] == ["no online worker offers 'count_prime'"] * 2
         assert "Unroutable: no online worker offers" in run(cli, "results", "typo").stdout
+        shown = run(cli, "show", "typo", "0").stdout
+        assert "Never sent to a worker." in shown and "Unroutable: no online worker offers 'count_prime'" in shown
         # while a job a worker can run is not touched
         assert run(cli, "status", "fine", "--watch", "--interval", "0.1").exit_code == 0
     finally:
