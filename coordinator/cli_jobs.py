@@ -1,4 +1,4 @@
-"""`dockercomp coordinator` commands about jobs: submit, status, results, cancel, retry.
+"""`dockercomp coordinator` commands about jobs: submit, status, results, show, cancel, retry, delete.
 
 Registered on the `main` group of coordinator/cli.py (which imports this module).
 """
