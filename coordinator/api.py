@@ -21,6 +21,7 @@ import logging
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,10 @@ DEFAULT_BROKER = DEFAULT_BROKER_URL
 # Seconds between two looks at the store while waiting for a job (a COUNT query each).
 POLL_INTERVAL = WAIT_POLL_INTERVAL
 
+# Seconds of waiting before, and between, looks at why a job does not progress (a few queries
+# each): long enough for agents and `serve` started with the job to have connected.
+STALL_CHECK_INTERVAL = 5.0
+
 # Seconds `purge` waits for the broker before reporting it unreachable.
 BROKER_CONNECT_TIMEOUT = 5.0
 
@@ -71,6 +76,11 @@ class JobTimeout(CoordinatorError, TimeoutError):
             f"job {progress.name!r} not finished after {waited:.0f} s: "
             f"{progress.finished}/{progress.total} tasks finished" + (f" — {why}" if why else "")
         )
+
+
+class JobStalled(UserWarning):
+    """Warned once by ``Job.wait``/``as_completed`` when the job cannot move: no online worker
+    offers its function, or `serve` is not running (the message says which)."""
 
 
 class TasksFailed(CoordinatorError):
@@ -411,12 +421,14 @@ class Job:
     ) -> JobProgress:
         clock, sleep = self._client.clock, self._client.sleep
         started = clock()
+        watch = _StallWatch(self, clock)
         while True:
             current = self.progress()
             if update is not None:
                 update(current)
             if _is_finished(current):
                 return current
+            watch.check()
             waited = clock() - started
             if timeout is not None and waited >= timeout:
                 raise JobTimeout(current, waited, self.stalled())
@@ -428,6 +440,7 @@ class Job:
         clock, sleep = self._client.clock, self._client.sleep
         started = clock()
         seen: set[int] = set()
+        watch = _StallWatch(self, clock)
         while True:
             finished = self._finished_count()
             if finished > len(seen):
@@ -437,6 +450,7 @@ class Job:
                     yield row
             if len(seen) >= self.total:
                 return
+            watch.check()
             waited = clock() - started
             if timeout is not None and waited >= timeout:
                 raise JobTimeout(self.progress(), waited, self.stalled())
@@ -469,11 +483,31 @@ class Job:
         return [row.value for row in rows]
 
 
+class _StallWatch:
+    """Asks ``Job.stalled`` now and then while waiting, and warns (JobStalled) the first time it
+    says something: a misspelt function would otherwise keep a notebook cell waiting forever."""
+
+    def __init__(self, job: Job, clock: Callable[[], float]) -> None:
+        self.job = job
+        self.clock = clock
+        self.due = clock() + STALL_CHECK_INTERVAL  # workers and `serve` may be starting up just now
+        self.warned = False
+
+    def check(self) -> None:
+        if self.warned or self.clock() < self.due:
+            return
+        self.due = self.clock() + STALL_CHECK_INTERVAL
+        why = self.job.stalled()
+        if why:
+            self.warned = True
+            warnings.warn(f"job {self.job.name!r} cannot progress: {why}", JobStalled, stacklevel=4)
+
+
 def _is_finished(progress: JobProgress) -> bool:
     return progress.finished >= progress.total
 
 
 __all__ = [
-    "Client", "Job", "JobTimeout", "PurgeReport", "TasksFailed", "WorkerInfo", "WorkerState",
+    "Client", "Job", "JobStalled", "JobTimeout", "PurgeReport", "TasksFailed", "WorkerInfo", "WorkerState",
     "connect", "default_broker", "default_db",
 ]  # fmt: skip

@@ -24,9 +24,9 @@ from dockercomp.broker.errors import SettingsError
 from dockercomp.cli import CONTEXT
 from dockercomp.cli import Group as CommandGroup
 from dockercomp.coordinator import defaults
-from dockercomp.coordinator.api import default_db
+from dockercomp.coordinator.api import Client, default_db
 from dockercomp.coordinator.errors import CoordinatorError
-from dockercomp.coordinator.render import dumps
+from dockercomp.coordinator.render import WIDE_COLUMNS, dumps
 from dockercomp.coordinator.settings import cap_options
 from dockercomp.exits import Exit, handled
 
@@ -56,9 +56,24 @@ def json_option(func: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")(func)
 
 
-def _stdout() -> Console:
-    # Built per call: click's test runner swaps sys.stdout for each invocation.
-    return Console(soft_wrap=False)
+def wide_option(func: F) -> F:
+    return click.option("--wide", is_flag=True,
+                        help="Never cut a table to the terminal's width (always so when piped).")(func)
+
+
+def _stdout(wide: bool = False) -> Console:
+    # Built per call: click's test runner swaps sys.stdout for each invocation. Piped (or
+    # --wide), tables take the width they need: rich would otherwise cut them at 80 columns.
+    console = Console(soft_wrap=False)
+    if wide or not console.is_terminal:
+        return Console(soft_wrap=False, width=WIDE_COLUMNS)
+    return console
+
+
+def reader(db: str) -> Client:
+    """A client for a command that only reads or changes what exists: it never creates a
+    database (DatabaseMissing names the path it looked at)."""
+    return Client(db, create=False)
 
 
 def _stderr() -> Console:
@@ -104,11 +119,14 @@ def main(verbose: int) -> None:
 @click.option("--lease-margin", type=float, default=defaults.LEASE_MARGIN, show_default=True, metavar="S",
               help="Seconds added to a task's timeout before its lease expires and it is sent again.")
 @cap_options
+@click.option("--fail-unroutable", type=click.FloatRange(min=0), default=defaults.FAIL_UNROUTABLE, show_default=True,
+              metavar="S", help="Fail the pending tasks of a job whose function no online worker has offered "
+                                "for S seconds (a misspelt function); 0: never.")
 @click.option("--client-id", default=None, help="MQTT client id (default: derived from host and pid).")
 @click.option("-v", "--verbose", count=True, help="-v: workers, jobs and leases; -vv: debug.")
 @command_errors
 def serve(broker: str, db: str, purge_after: float, lease_check: float, lease_margin: float,
-          client_id: str | None, verbose: int, **caps: int) -> None:
+          fail_unroutable: float, client_id: str | None, verbose: int, **caps: int) -> None:
     """Hand out tasks to workers, collect their results, and publish status, until stopped.
 
     First SIGINT/SIGTERM: stop taking messages, publish the last status and an offline
@@ -118,7 +136,7 @@ def serve(broker: str, db: str, purge_after: float, lease_check: float, lease_ma
 
     _setup_logging(verbose)
     settings = CoordinatorSettings(purge_after=purge_after, lease_check=lease_check, lease_margin=lease_margin,
-                                   **caps)
+                                   fail_unroutable=fail_unroutable, **caps)
     coordinator = Coordinator.connect(broker, db, settings, client_id=client_id)
     signals = 0
 

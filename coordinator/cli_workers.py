@@ -26,8 +26,8 @@ from dockercomp.broker.defaults import (
     ROOT_TOPIC,
 )
 from dockercomp.broker.settings import BrokerSettings
-from dockercomp.coordinator.api import BROKER_CONNECT_TIMEOUT, Client, default_broker
-from dockercomp.coordinator.cli import F, _echo_json, _stdout, command_errors, db_option, json_option, main
+from dockercomp.coordinator.api import BROKER_CONNECT_TIMEOUT, default_broker
+from dockercomp.coordinator.cli import F, _echo_json, _stdout, command_errors, db_option, json_option, main, reader, wide_option
 from dockercomp.coordinator.cli_trust import register as register_trust_commands
 from dockercomp.coordinator.errors import PresenceNotCleared
 from dockercomp.coordinator.render import accounts_table, clear_presence_commands, worker_dict, workers_table
@@ -38,18 +38,24 @@ from dockercomp.coordinator.volunteers import mark_revoked_lost, reload_broker
 @main.command(short_help="Workers seen: state, capacity, work done.")
 @db_option
 @json_option
+@wide_option
 @command_errors
-def workers(db: str, as_json: bool) -> None:
-    """Every worker the coordinator has seen: state, capacity, tasks held and done."""
-    with Client(db) as client:
+def workers(db: str, as_json: bool, wide: bool) -> None:
+    """Every worker the coordinator has seen: state, capacity, tasks running and queued on it,
+    tasks done. With `serve` stopped or cut off from its broker, states are the last known."""
+    with reader(db) as client:
         found = client.workers()
+        alive = client.liveness()
     if as_json:
         _echo_json([worker_dict(w) for w in found])
-    elif not found:
+        return
+    if not found:
         click.echo("No worker has been seen yet: workers appear once `dockercomp coordinator serve` is running "
                    "and an agent connects (`dockercomp agent run --broker URL`).")  # fmt: skip
     else:
-        _stdout().print(workers_table(found))
+        _stdout(wide).print(workers_table(found, live=alive.live))
+    if not alive.live:
+        click.echo(alive.sentence())
 
 
 # ------------------------------------------------------------------------------------ purge
@@ -70,7 +76,7 @@ def purge(older_than: float, broker: str, timeout: float, db: str, as_json: bool
     The store is purged even when the broker is unreachable; the command then says which
     retained messages are left and exits with code 5.
     """
-    with Client(db) as client:
+    with reader(db) as client:
         report = client.purge(older_than, broker=broker, connect_timeout=timeout)
     keys = [w.key for w in report.purged]
     if as_json:

@@ -53,6 +53,16 @@ class ThreadDatabaseProxy(pw.DatabaseProxy):
 database_proxy = ThreadDatabaseProxy()
 
 
+class NeverReusedId(pw.AutoField):
+    """An id never given twice: SQLite otherwise hands a deleted job's (or task's) highest id to
+    the next one, and a late result for a deleted task could then match a new task's attempt
+    (PostgreSQL sequences never go back). Databases made before `delete` existed lack it."""
+
+    def ddl(self, ctx: Any) -> Any:
+        node = super().ddl(ctx)
+        return pw.NodeList((node, pw.SQL("AUTOINCREMENT"))) if isinstance(database_proxy.obj, pw.SqliteDatabase) else node
+
+
 # Columns added after the first release: (table, column, SQL type and default). Each is added
 # when missing; rows that existed before get the default.
 ADDED_COLUMNS: list[tuple[str, str, str]] = [

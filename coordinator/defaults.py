@@ -139,3 +139,7 @@ QUARANTINE_MIN_RATE = 0.25
 # "far above the others", so a function that fails everywhere quarantines nobody.
 QUARANTINE_FACTOR = 3.0
 QUARANTINE_MARGIN = 0.1
+
+# Seconds a job's function may be offered by no online worker before `serve` fails its pending
+# tasks; 0 (never): workers may legitimately come online long after a job was submitted.
+FAIL_UNROUTABLE = 0.0

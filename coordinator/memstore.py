@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator
 
+from dockercomp.coordinator import unroutable
 from dockercomp.coordinator.errors import UnknownJob, UnknownTask
 from dockercomp.coordinator.heartbeat import Heartbeat
 from dockercomp.coordinator.replication import SINGLE, ReplicaAttempt, Replication, VolunteerStats
@@ -83,8 +84,8 @@ class _Result:
     received_at: float
 
 
-_TABLES = ("_workers", "_jobs", "_tasks", "_attempts", "_results", "_job_tasks", "_task_attempts", "_quarantined")
-
+_TABLES = ("_workers", "_jobs", "_tasks", "_attempts", "_results", "_job_tasks", "_task_attempts", "_quarantined",
+           "_unroutable")
 
 
 class MemoryStore(Store):
@@ -104,6 +105,7 @@ class MemoryStore(Store):
         self._quarantined: dict[str, tuple[str, float]] = {}  # volunteer -> (reason, since)
         self._next = {"worker": 1, "job": 1, "task": 1, "attempt": 1}
         self._heartbeat: Heartbeat | None = None
+        self._unroutable: dict[int, str] = {}  # task id -> why it failed without an attempt
 
     def _new_id(self, table: str) -> int:
         value = self._next[table]
@@ -202,6 +204,8 @@ class MemoryStore(Store):
             if attempt.value is not None:
                 replicas.append({"attempt": attempt.number, "worker": worker,
                                  "outcome": attempt.outcome, "value": json.loads(attempt.value)})
+        if task.state == TaskState.FAILED.value and task.id in self._unroutable:
+            errors.append(unroutable.error_entry(self._unroutable[task.id]))
         return ResultRow(
             task_id=task.id, index=task.index, args=json.loads(task.args), state=task.state,
             value=json.loads(result.value) if result else None,
@@ -238,6 +242,14 @@ class MemoryStore(Store):
                     for a in self._attempts_of(task)]
             return self._result_row(task), rows
 
+    def fail_pending(self, job_id: int, reason: str, now: float) -> int:
+        with self.transaction():
+            pending = [task for task in self._job_tasks_of(job_id) if task.state == TaskState.PENDING.value]
+            for task in pending:
+                self._tasks[task.id] = replace(task, state=TaskState.FAILED.value, updated_at=now)
+                self._unroutable[task.id] = reason
+            return len(pending)
+
     def delete_job(self, job: JobRow) -> int:
         with self.transaction():
             tasks = self._job_tasks_of(job.id)
@@ -251,6 +263,7 @@ class MemoryStore(Store):
             for task in tasks:
                 del self._tasks[task.id]
                 self._results.pop(task.id, None)
+                self._unroutable.pop(task.id, None)
             del self._job_tasks[job.id]
             del self._jobs[job.id]
             return len(tasks)

@@ -31,7 +31,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from dockercomp.coordinator.store import JobProgress, ResultRow
+from dockercomp.coordinator.store import AttemptRow, JobProgress, ResultRow
 
 if TYPE_CHECKING:
     from dockercomp.broker.accounts import Account
@@ -41,9 +41,13 @@ if TYPE_CHECKING:
 # Characters of a value or argument list shown in a table cell before it is cut.
 CELL_CHARS = 40
 
+# Width a table may take when written to a pipe or file, or with --wide: wider than any real
+# row, so no column is cut (rich would otherwise assume 80 columns when it sees no terminal).
+WIDE_COLUMNS = 10_000
+
 # Colour of each task/job/worker state in tables.
 STATE_STYLES = {
-    "pending": "yellow", "assigned": "cyan", "done": "green", "failed": "red",
+    "pending": "yellow", "assigned": "cyan", "done": "green", "failed": "red", "ok": "green",
     "cancelled": "magenta", "active": "cyan", "online": "green", "lost": "red",
     "offline": "dim", "purged": "dim",
 }  # fmt: skip
@@ -57,13 +61,23 @@ def progress_dict(progress: JobProgress) -> dict[str, Any]:
     """A job's progress for --json: every JobProgress field plus derived ones."""
     data = asdict(progress)
     data["finished"] = progress.finished
-    data["running"] = progress.assigned
-    data["percent"] = round(100.0 * progress.finished / progress.total, 1) if progress.total else 100.0
+    data["queued"] = progress.queued
+    data["percent"] = round(_fraction(progress) * 100.0, 1)
     return data
 
 
+def _fraction(progress: JobProgress) -> float:
+    """Share of the tasks computed (done or failed): a cancelled task was not, so a cancelled
+    job never shows 100 %."""
+    return (progress.done + progress.failed) / progress.total if progress.total else 1.0
+
+
 def worker_dict(worker: WorkerInfo) -> dict[str, Any]:
-    return asdict(worker)
+    """A worker for --json; ``running`` and ``queued`` split what it holds (in_flight)."""
+    data = asdict(worker)
+    data["running"] = min(worker.in_flight, worker.capacity)
+    data["queued"] = worker.in_flight - data["running"]
+    return data
 
 
 def row_dict(row: ResultRow) -> dict[str, Any]:
@@ -79,6 +93,17 @@ def row_dict(row: ResultRow) -> dict[str, Any]:
 def dumps(data: Any) -> str:
     """Compact JSON, one line (for --json output and JSON lines files)."""
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+def write_json(rows: Iterable[ResultRow], out: IO[str]) -> int:
+    """One JSON document: an array of the rows as `results --format jsonl` writes them, streamed."""
+    count = 0
+    out.write("[")
+    for row in rows:
+        out.write(("," if count else "") + "\n" + dumps(row_dict(row)))
+        count += 1
+    out.write("\n]\n")
+    return count
 
 
 def write_jsonl(rows: Iterable[ResultRow], out: IO[str]) -> int:
@@ -134,7 +159,11 @@ def state_text(state: str) -> Text:
 
 
 def _percent(progress: JobProgress) -> str:
-    return f"{100.0 * progress.finished / progress.total:.0f}%" if progress.total else "100%"
+    return f"{100.0 * _fraction(progress):.0f}%"
+
+
+def _computed(progress: JobProgress) -> int:
+    return progress.done + progress.failed
 
 
 # -------------------------------------------------------------------------- tables
@@ -158,31 +187,31 @@ def jobs_table(progresses: list[JobProgress], now: float | None = None) -> Table
     table.add_column("function", overflow="ellipsis", min_width=8, max_width=20)
     table.add_column("state", no_wrap=True)
     table.add_column("progress", no_wrap=True)
-    for name in ("failed", "running", "pending"):
+    for name in ("failed", "running", "queued", "pending"):
         table.add_column(name, justify="right", min_width=len(name))
     table.add_column("age", justify="right", no_wrap=True)
     for p in progresses:
         table.add_row(
             str(p.job_id), p.name, p.function, state_text(p.state),
-            Text.assemble(text_bar(p.finished, p.total, 6), f" {p.finished}/{p.total} {_percent(p)}"),
-            Text(str(p.failed), style="red" if p.failed else ""), str(p.assigned), str(p.pending),
+            Text.assemble(text_bar(_computed(p), p.total, 6), f" {_computed(p)}/{p.total} {_percent(p)}"),
+            Text(str(p.failed), style="red" if p.failed else ""), str(p.running), str(p.queued), str(p.pending),
             duration(max(0.0, now - p.created_at)),
         )  # fmt: skip
     return table
 
 
-def job_view(progress: JobProgress, now: float | None = None) -> RenderableType:
-    """One job: a title line, a progress bar and the counts per state."""
+def job_view(progress: JobProgress, now: float | None = None, stalled: str = "") -> RenderableType:
+    """One job: a title line, a progress bar, the counts per state, and why it is stalled."""
     now = time.time() if now is None else now
     p = progress
     title = Text.assemble(
         ("Job ", "bold"), (p.name, "bold cyan"), f" (id {p.job_id}) · {p.function} · ", state_text(p.state)
     )
-    bar = Text.assemble(text_bar(p.finished, p.total, 40), f" {p.finished}/{p.total} {_percent(p)}")
+    bar = Text.assemble(text_bar(_computed(p), p.total, 40), f" {_computed(p)}/{p.total} {_percent(p)}")
     counts = Text.assemble(
         ("done ", "green"), str(p.done), " · ", ("failed ", "red"), str(p.failed), " · ",
-        ("running ", "cyan"), str(p.assigned), " · ", ("pending ", "yellow"), str(p.pending),
-        " · ", ("cancelled ", "magenta"), str(p.cancelled),
+        ("running ", "cyan"), str(p.running), " · ", ("queued ", "cyan"), str(p.queued), " · ",
+        ("pending ", "yellow"), str(p.pending), " · ", ("cancelled ", "magenta"), str(p.cancelled),
     )  # fmt: skip
     if p.replication is not None or p.waiting:
         factor = f"{p.replication:.2f} values per finished task" if p.replication is not None else "no task finished"
@@ -192,31 +221,42 @@ def job_view(progress: JobProgress, now: float | None = None) -> RenderableType:
     timing = Text(f"created {ago(p.created_at, now)}, "
                   + (f"finished in {duration(ended - p.created_at)}" if p.finished_at
                      else f"running for {duration(ended - p.created_at)}"), style="dim")  # fmt: skip
-    return Group(title, bar, counts, timing)
+    lines: list[RenderableType] = [title, bar, counts, timing]
+    if p.failed and p.finished >= p.total:
+        lines.append(Text(f"{p.failed} task(s) failed: `dockercomp coordinator results {p.name} --errors` lists "
+                          f"them, `dockercomp coordinator show {p.name} INDEX` shows their tracebacks.", style="red"))
+    if stalled and p.finished < p.total:
+        lines.append(Text(f"Stalled: {stalled.rstrip('.')}.", style="yellow"))
+    return Group(*lines)
 
 
-def workers_table(workers: list[WorkerInfo], now: float | None = None) -> Table:
+def workers_table(workers: list[WorkerInfo], now: float | None = None, live: bool = True) -> Table:
+    """``live``: the coordinator runs and hears its broker; otherwise the states are the last
+    known ones, and the title and the "last seen" column say so."""
     now = time.time() if now is None else now
-    table = _table("Workers")
+    table = _table("Workers" if live else "Workers (last known: the coordinator is not watching them)")
     table.add_column("worker", no_wrap=True)
     table.add_column("state", no_wrap=True)
     table.add_column("host", overflow="ellipsis", max_width=24)
-    for name in ("capacity", "prefetch", "in flight", "done", "failed"):
+    for name in ("capacity", "prefetch", "running", "queued", "done", "failed"):
         table.add_column(name, justify="right", min_width=len(name))
     table.add_column("last seen", justify="right", no_wrap=True)
     for w in workers:
+        running = min(w.in_flight, w.capacity)  # the agent runs the first `capacity` it holds
         table.add_row(
-            w.key, state_text(w.state), cut(w.host, 30), str(w.capacity), str(w.prefetch), str(w.in_flight),
+            w.key, state_text(w.state if live or w.state != "online" else "online?"), cut(w.host, 30),
+            str(w.capacity), str(w.prefetch), str(running), str(w.in_flight - running),
             str(w.tasks_done), Text(str(w.tasks_failed), style="red" if w.tasks_failed else ""),
-            _seen(w, now),
+            _seen(w, now, live),
         )  # fmt: skip
     return table
 
 
-def _seen(worker: WorkerInfo, now: float) -> str:
-    """An online worker is connected now; the others were last heard of when they left."""
+def _seen(worker: WorkerInfo, now: float, live: bool = True) -> str:
+    """An online worker is connected now (as far as a running coordinator knows); the others
+    were last heard of when they left."""
     if worker.state == "online":
-        return "now"
+        return "now" if live else f"{ago(worker.last_seen, now)} (last known)"
     return ago(worker.purged_at or worker.lost_at or worker.last_seen, now)
 
 
@@ -236,6 +276,32 @@ def _replica_summary(row: ResultRow) -> str:
         return ""
     agreed = sum(1 for r in row.replicas if r["outcome"] == "ok")
     return f" ({agreed}/{len(row.replicas)} agree)"
+def attempts_view(job: str, row: ResultRow, attempts: list[AttemptRow], now: float | None = None) -> RenderableType:
+    """`show JOB TASK`: the task, then each attempt with its error and traceback."""
+    now = time.time() if now is None else now
+    head = Text.assemble(("Task ", "bold"), (f"#{row.index}", "bold cyan"), f" of job {job} · args {cut(dumps(row.args))} · ",
+                         state_text(row.state),
+                         f" · value {cut(dumps(row.value))}" if row.state == "done" else "")  # fmt: skip
+    parts: list[RenderableType] = [head]
+    if not attempts:
+        parts.append(Text("Never sent to a worker.", style="dim"))
+    for error in row.errors:
+        if error.get("attempt") is None:  # failed without an attempt (unroutable.py)
+            parts.append(Text(f"  {error.get('type')}: {error.get('message')}", style="red"))
+    for attempt in attempts:
+        took = f", took {duration(attempt.finished_at - attempt.sent_at)}" if attempt.finished_at else ""
+        parts.append(Text.assemble(f"attempt {attempt.number} on {attempt.worker}: ", state_text(attempt.outcome),
+                                   (f" (sent {ago(attempt.sent_at, now)}{took})", "dim")))  # fmt: skip
+        if attempt.error:
+            kind, message = attempt.error.get("type") or attempt.outcome, attempt.error.get("message") or ""
+            parts.append(Text(f"  {kind}: {message}".rstrip(": "), style="red"))
+            if attempt.error.get("traceback"):
+                parts.append(Text("  " + str(attempt.error["traceback"]).rstrip().replace("\n", "\n  "), style="dim"))
+    return Group(*parts)
+
+
+def attempt_dict(attempt: AttemptRow) -> dict[str, Any]:
+    return asdict(attempt)
 
 
 def results_table(rows: list[ResultRow], title: str) -> Table:
@@ -305,11 +371,12 @@ def write_atomically(path: Path, write: Callable[[IO[str]], int]) -> int:
         raise
 
 
-def workers_line(workers: list[WorkerInfo], unfinished: bool) -> str:
+def workers_line(workers: list[WorkerInfo], unfinished: bool, live: bool = True) -> str:
     """The line under `status`'s jobs table; says how to start a worker when none is online."""
     online = sum(1 for w in workers if w.state == "online")
     lost = sum(1 for w in workers if w.state == "lost")
-    line = f"Workers: {online} online, {lost} lost (`dockercomp coordinator workers` for details)."
+    known = "" if live else " as last known"
+    line = f"Workers{known}: {online} online, {lost} lost (`dockercomp coordinator workers` for details)."
     if unfinished and online == 0:
         line += ("\nNo worker is online: start one with `dockercomp agent run --broker URL` "
                  "(and `dockercomp coordinator serve`).")

@@ -47,6 +47,7 @@ from dockercomp.coordinator.registry import Caps, PresenceChange, WorkerRegistry
 from dockercomp.coordinator.settings import CoordinatorSettings  # re-exported: the engine's settings
 from dockercomp.coordinator.status import RateMeter, Rejection, Rejections, StatusPublisher, summary_status
 from dockercomp.coordinator.store import Store, WorkerState
+from dockercomp.coordinator.unroutable import UnroutableJobs
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class Coordinator:
         self.rate = RateMeter(self.settings.rate_window)
         self.status = StatusPublisher(self.topics, self.settings.status_interval)
         self.ledger = Ledger(store, self.workers, self.jobs, self.status, self.rejections)
+        self.unroutable = UnroutableJobs(store, self.settings.fail_unroutable) if self.settings.fail_unroutable else None
         self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -323,6 +325,9 @@ class Coordinator:
                     if self._offline_since is None:  # no result can reach us while cut off
                         self.ledger.expire(now)
                 self.ledger.flush(now)
+                if self.unroutable is not None and lease_due:
+                    for job in self.unroutable.check(self.jobs, self.workers, now):
+                        self.status.job_changed(job.id)
                 if purge_due:
                     self._next_purge = now + self.settings.purge_check
                     clears = self._purge(now)

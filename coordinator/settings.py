@@ -35,6 +35,9 @@ class CoordinatorSettings:
     max_prefetch: int = defaults.MAX_PREFETCH
     volunteer_max_capacity: int = defaults.MAX_VOLUNTEER_CAPACITY
     volunteer_max_prefetch: int = defaults.MAX_VOLUNTEER_PREFETCH
+    # Seconds a job's function may go unoffered by every online worker before its pending
+    # tasks fail (unroutable.py); 0: they wait for such a worker forever.
+    fail_unroutable: float = defaults.FAIL_UNROUTABLE
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -47,7 +50,7 @@ class CoordinatorSettings:
                                         f"{defaults.MAX_CAP_SETTING}, got {value!r}")
                 continue
             number = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-            zero_ok = f.name in ("purge_after", "lease_margin", "gather")
+            zero_ok = f.name in ("purge_after", "lease_margin", "gather", "fail_unroutable")
             if not number or value < 0 or (value == 0 and not zero_ok):
                 raise SettingsError(f"{f.name.replace('_', '-')} must be a positive number of seconds, got {value!r}")
 

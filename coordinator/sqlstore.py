@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import peewee as pw
 
-from dockercomp.coordinator import database, heartbeat
-from dockercomp.coordinator.database import database_proxy
+from dockercomp.coordinator import database, heartbeat, unroutable
+from dockercomp.coordinator.database import NeverReusedId, database_proxy
 from dockercomp.coordinator.errors import StoreError, StoreLocked, UnknownJob, UnknownTask
 from dockercomp.coordinator.heartbeat import Heartbeat
 from dockercomp.coordinator.replication import SINGLE, Replication
@@ -62,16 +62,6 @@ _RESULTS_CHUNK = 1000
 _IN_CHUNK = 900
 
 
-
-
-class NeverReusedId(pw.AutoField):
-    """An id never given twice: SQLite otherwise hands a deleted job's (or task's) highest id to
-    the next one, and a late result for a deleted task could then match a new task's attempt
-    (PostgreSQL sequences never go back). Databases made before `delete` existed lack it."""
-
-    def ddl(self, ctx: Any) -> Any:
-        node = super().ddl(ctx)
-        return pw.NodeList((node, pw.SQL("AUTOINCREMENT"))) if isinstance(database_proxy.obj, pw.SqliteDatabase) else node
 
 
 class BaseModel(pw.Model):
@@ -228,6 +218,7 @@ class SqlStore(ReplicaQueries, Store):
                 raise database.missing(url, store.url)
             store.db.create_tables(MODELS, safe=True)
             heartbeat.create_table(store.db)
+            unroutable.create_table(store.db)
             database.upgrade(store.db)
         return store
 
@@ -382,6 +373,9 @@ class SqlStore(ReplicaQueries, Store):
             for task_id, number, outcome, error, key in failed:
                 errors.setdefault(task_id, []).append(error_entry(number, key, outcome, error))
             replicas = self.replica_values(ids) if not job.replication.single else {}
+            failed_ids = [t[0] for t in tasks if t[3] == TaskState.FAILED.value]
+            for task_id, text in unroutable.reasons(self.db, failed_ids).items():
+                errors.setdefault(task_id, []).append(unroutable.error_entry(text))
         rows = []
         for task_id, index, args, state, attempts in tasks:
             value, elapsed, key = accepted.get(task_id, (None, None, None))
@@ -417,6 +411,10 @@ class SqlStore(ReplicaQueries, Store):
         [result] = self._result_rows([(task.id, task.index, task.args, task.state, task.attempts)], job)
         return result, rows
 
+    def fail_pending(self, job_id: int, reason: str, now: float) -> int:
+        self.bind()
+        return unroutable.fail_pending(self.db, job_id, reason, now)
+
     def delete_job(self, job: JobRow) -> int:
         with self._errors("delete the job"), self.db.atomic():
             return self._delete_job(job.id, job.name)
@@ -429,6 +427,7 @@ class SqlStore(ReplicaQueries, Store):
                                    (AttemptOutcome.OPEN.value, job_id)).fetchone()[0]
         if held:
             raise job_busy(name, held)
+        unroutable.forget_job(self.db, job_id)
         self.db.execute_sql(f"DELETE FROM result WHERE task_id IN ({tasks})", (job_id,))
         self.db.execute_sql(f"DELETE FROM attempt WHERE task_id IN ({tasks})", (job_id,))
         count = self.db.execute_sql(f"DELETE FROM task WHERE job_id = {p}", (job_id,)).rowcount

@@ -356,7 +356,8 @@ def check_worker_fields(fields: dict[str, Any]) -> None:
 
 def name_taken(name: str) -> InvalidInput:
     return InvalidInput(f"a job named {name!r} already exists",
-                        "pick another --job NAME (`dockercomp coordinator status` lists them)")
+                        "pick another --job NAME (`dockercomp coordinator status` lists them), or replace that "
+                        "job: `submit --replace` (API: replace=True)")
 
 
 def job_busy(name: str, held: int) -> JobBusy:
@@ -516,6 +517,11 @@ class Store(ABC):
     def attempts(self, job: JobRow, index: int) -> tuple[ResultRow, list[AttemptRow]]:
         """Task number ``index`` (input order, from 0) of the job and every attempt of it, with
         each failed one's error and traceback. UnknownTask when the job has no such task."""
+
+    @abstractmethod
+    def fail_pending(self, job_id: int, reason: str, now: float) -> int:
+        """Fail the job's pending tasks for want of a worker (unroutable.py), each keeping
+        ``reason`` as its error; returns how many."""
 
     @abstractmethod
     def delete_job(self, job: JobRow) -> int:

@@ -39,7 +39,7 @@ class Exit(IntEnum):
     OK = 0, "success"
     FAILED = 1, "failed for another reason (`dockercomp agent check`: the agent is unhealthy; Docker reads only 0/1)"
     USAGE = 2, "the command line, an option, an input file or the environment must change"
-    NOT_FOUND = 3, "no such job, account or worker"
+    NOT_FOUND = 3, "no such job, task, account, worker or coordinator database"
     STORE = 4, "the coordinator's database cannot be opened, read or written"
     BROKER = 5, "the MQTT broker is unreachable, refused us, or did not reload its files"
     FILES = 6, "a configuration file (accounts, certificates) cannot be read or written"
@@ -47,6 +47,7 @@ class Exit(IntEnum):
     IMAGE = 8, "the worker image is not here and could not be pulled, loaded or built"
     CONFLICT = 9, "a name is taken by something dockercomp does not own"
     HALTED = 10, "a rolling upgrade stopped at a worker that did not become healthy"
+    JOB_FAILED = 12, "`coordinator status JOB --watch`: the job finished with failed tasks"
     INTERRUPTED = 130, "stopped by Ctrl-C or a second signal (128 + SIGINT)"
 
 

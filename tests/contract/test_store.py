@@ -702,3 +702,23 @@ def test_a_stream_that_fails_after_several_batches_stores_nothing(store: Store, 
     assert stored[:2] == [INSERT_BATCH, 2 * INSERT_BATCH]  # batches went in before the failure
     assert store.jobs() == [] and sum(store.task_counts(1).values()) == 0
     assert store.create_job("add", [[1]], name="streamed").total == 1  # the name was never taken
+
+
+def test_unroutable_pending_tasks_fail_with_the_reason(store: Store) -> None:
+    job = store.create_job("count_prime", [[1], [2], [3]], name="typo")
+    worker = add_worker(store, "local/w1")
+    t0, _, _ = task_ids(store, job)
+    finish(store, t0, worker, 1)
+    assert store.fail_pending(job.id, "no online worker offers 'count_prime'", time.time()) == 2
+    rows = list(store.results(job))
+    assert [r.state for r in rows] == ["done", "failed", "failed"]
+    assert rows[0].errors == []
+    assert rows[1].errors == [{"attempt": None, "worker": None, "outcome": "unroutable", "type": "Unroutable",
+                               "message": "no online worker offers 'count_prime'"}]
+    store.finish_job(job.id, time.time())
+    assert store.get_job(job.id).state == "failed"
+    # a retry makes them pending again, without the old reason
+    assert store.retry_failed(job) == 2
+    assert [r.errors for r in store.results(job)][1:] == [[], []]
+    assert store.fail_pending(job.id, "again", time.time()) == 2
+    assert store.delete_job(store.get_job(job.id)) == 3

@@ -14,7 +14,7 @@ import pytest
 
 from dockercomp.broker.processes import BrokerProcess
 from dockercomp.broker.topics import Topics
-from dockercomp.coordinator.api import Client, JobTimeout, TasksFailed, connect
+from dockercomp.coordinator.api import Client, JobStalled, JobTimeout, TasksFailed, connect
 from dockercomp.coordinator.defaults import INSERT_BATCH
 from dockercomp.coordinator.errors import DatabaseMissing, InvalidInput, UnknownJob
 from dockercomp.coordinator.service import Coordinator
@@ -119,14 +119,14 @@ def test_wait_without_workers_times_out_with_a_hint(tmp_path: Path) -> None:
     with connect(str(tmp_path / "idle.db"), clock=lambda: now[0],
                  sleep=lambda s: now.__setitem__(0, now[0] + s)) as client:  # fmt: skip
         job = client.submit("add", [[1, 2]], name="idle")
-        with pytest.raises(JobTimeout) as caught:
-            job.wait(timeout=5, progress=False)
+        with pytest.raises(JobTimeout) as caught, pytest.warns(JobStalled, match="no worker is online"):
+            job.wait(timeout=10, progress=False)
         assert caught.value.progress.pending == 1
-        assert "not finished after 5 s" in str(caught.value)
+        assert "not finished after 10 s" in str(caught.value)
         assert "no online worker offers 'add' (no worker is online)" in str(caught.value)
         assert "The coordinator has never run on this database" in str(caught.value)
-        with pytest.raises(JobTimeout):
-            list(job.as_completed(timeout=5))
+        with pytest.raises(JobTimeout), pytest.warns(JobStalled):
+            list(job.as_completed(timeout=10))
 
 
 def test_bad_submissions_store_nothing(client: Client) -> None:
@@ -155,8 +155,8 @@ def test_a_misspelt_function_is_named_while_workers_are_online(client: Client, s
     # When a job names a function no worker offers
     job = client.submit("count_prime", [[0, 100]], name="typo")
     # Then waiting for it says so, naming what the workers do offer
-    with pytest.raises(JobTimeout) as caught:
-        job.wait(timeout=0.5, progress=False)
+    with pytest.raises(JobTimeout) as caught, pytest.warns(JobStalled, match="no online worker offers 'count_prime'"):
+        job.wait(timeout=6, progress=False)  # warned after 5 s (STALL_CHECK_INTERVAL)
     assert "no online worker offers 'count_prime' (they offer: " in str(caught.value)
     assert "count_primes" in caught.value.why and "workers online?" not in str(caught.value)
     assert job.stalled().startswith("no online worker offers 'count_prime'")

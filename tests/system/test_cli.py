@@ -25,7 +25,7 @@ from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator.cli import main
 from dockercomp.coordinator.sqlstore import Worker
 from dockercomp.coordinator.store import Store, WorkerState
-from tests.support import REPO_ROOT, Watcher, connect_client, free_port
+from tests.support import REPO_ROOT, Watcher, connect_client, free_port, wait_until
 from tests.support.brokers import BrokerProcess
 from tests.support.processes import Processes
 
@@ -57,6 +57,8 @@ def write(path: Path, text: str) -> str:
 
 def job_names(cli: CliRunner) -> list[str]:
     result = run(cli, "status", "--json")
+    if result.exit_code == 3 and "no coordinator database" in result.stderr:
+        return []  # nothing was ever stored: not even the database was created
     assert result.exit_code == 0, result.output
     return [job["name"] for job in json.loads(result.stdout)]
 
@@ -148,13 +150,14 @@ def test_status_lists_jobs_and_shows_one_with_a_bar(cli: CliRunner, tmp_path: Pa
 
     one = run(cli, "status", "second")
     assert "Job second (id 2) · add · active" in one.stdout
-    assert "done 0 · failed 0 · running 0 · pending 2 · cancelled 0" in one.stdout
+    assert "done 0 · failed 0 · running 0 · queued 0 · pending 2 · cancelled 0" in one.stdout
 
     data = json.loads(run(cli, "status", "2", "--json").stdout)
     assert (data["name"], data["total"], data["pending"], data["percent"]) == ("second", 2, 2, 0.0)
 
 
-def test_status_of_an_empty_store_says_how_to_start(cli: CliRunner) -> None:
+def test_status_of_an_empty_store_says_how_to_start(cli: CliRunner, db: str) -> None:
+    Store.open(db).close()  # as `serve` leaves it before the first submit
     result = run(cli, "status")
     assert result.exit_code == 0 and "No jobs yet" in result.stdout
     assert json.loads(run(cli, "status", "--json").stdout) == []
@@ -214,6 +217,7 @@ def add_worker(db: str, name: str, state: WorkerState, lost_ago: float | None = 
 
 
 def test_workers_table_and_json(cli: CliRunner, db: str) -> None:
+    Store.open(db).close()
     assert "No worker has been seen yet" in run(cli, "workers").stdout
     add_worker(db, "w1", WorkerState.ONLINE)
     add_worker(db, "w2", WorkerState.LOST, lost_ago=1)
@@ -278,7 +282,8 @@ def test_purge_with_the_broker_down_purges_the_store_and_says_what_is_left(cli: 
     assert [w["state"] for w in json.loads(run(cli, "workers", "--json").stdout)] == ["purged"]
 
 
-def test_a_bad_broker_url_is_a_usage_error(cli: CliRunner) -> None:
+def test_a_bad_broker_url_is_a_usage_error(cli: CliRunner, db: str) -> None:
+    Store.open(db).close()
     result = run(cli, "purge", "--broker", "http://example.org")
     assert result.exit_code == 2 and "mqtt://" in result.stderr
 
@@ -288,7 +293,7 @@ def test_a_locked_database_says_so(cli: CliRunner, db: str, tmp_path: Path, monk
     import dockercomp.coordinator.store
 
     monkeypatch.setattr(dockercomp.coordinator.store, "SQLITE_BUSY_TIMEOUT_MS", 100)
-    run(cli, "status")  # creates the database
+    Store.open(db).close()
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
     try:
@@ -301,8 +306,20 @@ def test_a_locked_database_says_so(cli: CliRunner, db: str, tmp_path: Path, monk
 
 
 def test_an_unusable_database_path_says_what_to_do(cli: CliRunner, tmp_path: Path) -> None:
-    result = run(cli, "status", "--db", str(tmp_path / "no" / "such" / "dir" / "x.db"))
+    result = run(cli, "submit", "add", "--db", str(tmp_path / "no" / "such" / "dir" / "x.db"), input="[1]\n")
     assert result.exit_code == 4 and "does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["status"], ["status", "j"], ["workers"], ["results", "j"], ["show", "j", "0"],
+                                     ["cancel", "j"], ["retry", "j"], ["delete", "j"], ["purge"]])
+def test_only_submit_and_serve_create_a_database(cli: CliRunner, tmp_path: Path, db: str, command: list[str]) -> None:
+    # Given no database where the command looks (here $DOCKERCOMP_DB; by default ./coordinator.db)
+    result = run(cli, *command)
+    # Then it fails naming the path and how to point at the right one, and creates nothing
+    assert result.exit_code == 3, result.output
+    assert f"no coordinator database at {db}" in result.stderr and "--db" in result.stderr
+    assert "DOCKERCOMP_DB" in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -347,7 +364,20 @@ def test_end_to_end_submit_watch_results_workers(
         assert "Results of pairs (20 done, 0 failed, 20 tasks)" in table and "local/w" in table
         # and a task that raised is failed, with the reason
         watched_broken = run(cli, "status", "broken", "--watch", "--interval", "0.05", "--json")
-        assert json.loads(watched_broken.stdout.splitlines()[-1])["failed"] == 1
+        final = json.loads(watched_broken.stdout.splitlines()[-1])
+        assert (final["failed"], final["state"]) == (1, "failed")  # the job says it ended with failures
+        assert watched_broken.exit_code == 12  # Exit.JOB_FAILED: a script notices
+        assert "failed" in run(cli, "status", "broken").stdout.splitlines()[0]
+        # and the failed attempt's traceback can be read
+        errors = run(cli, "results", "broken", "--errors")
+        assert "Tasks with failed attempts of broken" in errors.stdout and "show broken INDEX" in errors.stdout
+        assert [json.loads(line)["index"] for line in run(cli, "results", "broken", "--errors", "--json").stdout.splitlines()] == [1]
+        shown = run(cli, "show", "broken", "1")
+        assert shown.exit_code == 0 and "attempt 1 on local/w" in shown.stdout
+        assert "Traceback (most recent call last)" in shown.stdout and "TypeError" in shown.stdout
+        detail = json.loads(run(cli, "show", "broken", "1", "--json").stdout)
+        assert "Traceback" in detail["attempt_list"][0]["error"]["traceback"]
+        assert run(cli, "show", "broken", "7").exit_code == 3
         failed = [json.loads(line) for line in run(cli, "results", "broken", "--json").stdout.splitlines()]
         assert [r["state"] for r in failed] == ["done", "failed"]
         assert failed[1]["errors"][0]["type"] == "TypeError"
@@ -357,6 +387,166 @@ def test_end_to_end_submit_watch_results_workers(
         workers = json.loads(run(cli, "workers", "--json").stdout)
         assert {w["key"]: w["state"] for w in workers} == {"local/w1": "online", "local/w2": "online"}
         assert sum(w["tasks_done"] for w in workers) == 21
-        assert "local/w1" in run(cli, "workers").stdout
+        live = run(cli, "workers").stdout
+        assert "local/w1" in live and "now" in live and "last known" not in live
+        assert "not running" not in run(cli, "status").stdout
+    finally:
+        processes.stop_all()
+    # When `serve` has stopped, `workers` and `status` say so and show the states as last known
+    stopped = run(cli, "workers").stdout
+    assert "The coordinator is not running: it stopped" in stopped
+    assert "(last known)" in stopped and "online?" in stopped and " now" not in stopped
+    assert "The coordinator is not running: it stopped" in run(cli, "status").stdout
+    assert "Workers as last known:" in run(cli, "status").stdout
+
+
+# ------------------------------------------------------------------------------ first use (issue 10)
+def wait_online(cli: CliRunner) -> None:
+    """Until `workers` shows a worker online (serve may not have created the database yet)."""
+    def seen() -> bool:
+        listed = run(cli, "workers", "--json")
+        return listed.exit_code == 0 and any(w["state"] == "online" for w in json.loads(listed.stdout))
+
+    wait_until(seen, timeout=90, interval=0.2)
+
+
+def test_submit_warns_when_no_known_worker_offers_the_function(cli: CliRunner, db: str) -> None:
+    Store.open(db).close()
+    add_worker(db, "w1", WorkerState.ONLINE)  # offers add and sleep
+    # When a job names a function no worker offers (a typo)
+    result = run(cli, "submit", "count_prime", "-", "--job", "typo", input="[0, 100]\n")
+    # Then it is stored, with a warning that names what the workers offer
+    assert result.exit_code == 0 and "Submitted job typo" in result.stdout
+    assert "warning: no known worker offers 'count_prime' (known workers offer: add, sleep)" in result.stderr
+    # and `status` says why it does not move
+    assert "Stalled: no online worker offers 'count_prime' (they offer: add, sleep)" in run(cli, "status", "typo").stdout
+    assert "Stalled: job typo: no online worker offers 'count_prime'" in run(cli, "status").stdout
+    # while a function a worker offers gets no warning
+    assert "warning" not in run(cli, "submit", "add", "-", input="[1, 2]\n").stderr
+
+
+def test_a_cancelled_job_never_shows_100_percent(cli: CliRunner) -> None:
+    run(cli, "submit", "add", "-", "--job", "c", input="[1, 2]\n[3, 4]\n")
+    run(cli, "cancel", "c")
+    data = json.loads(run(cli, "status", "c", "--json").stdout)
+    assert (data["state"], data["cancelled"], data["percent"]) == ("cancelled", 2, 0.0)
+    assert "0/2 0%" in run(cli, "status", "c").stdout and "100%" not in run(cli, "status").stdout
+
+
+def test_results_json_is_one_document_and_jsonl_one_object_per_line(cli: CliRunner, tmp_path: Path) -> None:
+    run(cli, "submit", "add", "-", "--job", "f", input="[1, 2]\n[3, 4]\n")
+    assert run(cli, "results", "f", "-o", str(tmp_path / "r.json")).exit_code == 0
+    document = json.loads((tmp_path / "r.json").read_text())
+    assert [row["args"] for row in document] == [[1, 2], [3, 4]]
+    assert run(cli, "results", "f", "-o", str(tmp_path / "r.jsonl")).exit_code == 0
+    lines = (tmp_path / "r.jsonl").read_text().splitlines()
+    assert [json.loads(line)["args"] for line in lines] == [[1, 2], [3, 4]]
+    assert json.loads(run(cli, "results", "f", "--format", "json").stdout)[1]["index"] == 1
+
+
+def test_tables_are_not_cut_when_piped(cli: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")  # what a pipe used to get
+    name = "a-rather-long-job-name-for-the-lab-notebook-2026-12-01"
+    run(cli, "submit", "add", "-", "--job", name, input="[1, 2]\n")
+    table = run(cli, "status").stdout
+    assert name in table and "…" not in table
+    assert max(len(line) for line in table.splitlines()) > 80
+
+
+def test_delete_and_replace_a_job(cli: CliRunner, db: str) -> None:
+    run(cli, "submit", "add", "-", "--job", "cell", input="[1, 2]\n")
+    # a second submit under the same name is refused, unless it replaces the job
+    assert run(cli, "submit", "add", "-", "--job", "cell", input="[3, 4]\n").exit_code == 2
+    bad = run(cli, "submit", "add", "-", "--job", "cell", "--replace", input="[3, 4]\n\"x\"\n")
+    assert bad.exit_code == 2 and "line 2" in bad.stderr
+    assert [json.loads(line)["args"] for line in run(cli, "results", "cell", "--json").stdout.splitlines()] == [[1, 2]]
+    replaced = run(cli, "submit", "add", "-", "--job", "cell", "--replace", "--json", input="[3, 4]\n[5, 6]\n")
+    assert replaced.exit_code == 0 and json.loads(replaced.stdout)["tasks"] == 2
+    assert job_names(cli) == ["cell"]
+    # delete removes it with its results
+    deleted = run(cli, "delete", "cell")
+    assert deleted.exit_code == 0 and "Deleted job cell" in deleted.stdout and "2 tasks" in deleted.stdout
+    assert job_names(cli) == [] and run(cli, "delete", "cell").exit_code == 3
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM task").fetchone() == (0,)
+
+
+def test_a_job_held_by_a_worker_is_not_deleted(cli: CliRunner, db: str) -> None:
+    run(cli, "submit", "add", "-", "--job", "busy", input="[1, 2]\n")
+    add_worker(db, "w1", WorkerState.ONLINE)
+    store = Store.open(db)
+    task_id = next(store.results(store.get_job("busy"))).task_id
+    store.open_attempts([(task_id, 1, 1, time.time() + 60)], time.time())
+    store.close()
+    result = run(cli, "delete", "busy")
+    assert result.exit_code == 2 and "still has 1 task(s) on workers" in result.stderr
+    assert "cancel" in result.stderr and job_names(cli) == ["busy"]
+
+
+@pytest.mark.timeout(180)
+def test_running_and_queued_are_shown_apart(cli: CliRunner, mosquitto: BrokerProcess, tmp_path: Path, db: str) -> None:
+    # Given one agent running 1 task at a time with room for 3 more in its queue
+    processes = Processes(mosquitto.url, tmp_path / "logs")
+    processes.serve(db, options=())
+    processes.agent("solo", concurrency=1, prefetch=3)
+    try:
+        wait_online(cli)
+        # When it is handed 6 slow tasks (slow enough that none ends before we look)
+        run(cli, "submit", "sleep", "-", "--job", "slow", "--timeout", "300", input="[60]\n" * 6)
+        data = wait_until(lambda: (d := json.loads(run(cli, "status", "slow", "--json").stdout))["assigned"] == 4
+                          and d, timeout=90, interval=0.1)
+        # Then one runs and three wait in its queue
+        assert (data["running"], data["queued"], data["pending"]) == (1, 3, 2)
+        assert "running 1 · queued 3 · pending 2" in run(cli, "status", "slow").stdout
+        [worker] = json.loads(run(cli, "workers", "--json").stdout)
+        assert (worker["in_flight"], worker["running"], worker["queued"]) == (4, 1, 3)
+        run(cli, "cancel", "slow")
+    finally:
+        processes.stop_all()
+
+
+def test_serve_fails_a_job_no_worker_can_run_with_the_reason(
+    cli: CliRunner, mosquitto: BrokerProcess, tmp_path: Path, db: str
+) -> None:
+    # Given `serve --fail-unroutable 1` and one agent online, which offers add but not count_prime
+    processes = Processes(mosquitto.url, tmp_path / "logs")
+    processes.serve(db, options=("--fail-unroutable", "1"))
+    processes.agent("w1")
+    try:
+        wait_online(cli)
+        run(cli, "submit", "count_prime", "-", "--job", "typo", input="[0, 100]\n[100, 200]\n")
+        run(cli, "submit", "add", "-", "--job", "fine", input="[1, 2]\n")
+        # When its function stays unoffered for a second, its tasks fail and the watch says so
+        watched = run(cli, "status", "typo", "--watch", "--interval", "0.1", "--json")
+        assert watched.exit_code == 12
+        assert json.loads(watched.stdout.splitlines()[-1])["failed"] == 2
+        rows = [json.loads(line) for line in run(cli, "results", "typo", "--json").stdout.splitlines()]
+        assert [r["errors"][-1]["message"] for r in rows] == ["no online worker offers 'count_prime'"] * 2
+        assert "Unroutable: no online worker offers" in run(cli, "results", "typo").stdout
+        shown = run(cli, "show", "typo", "0").stdout
+        assert "Never sent to a worker." in shown and "Unroutable: no online worker offers 'count_prime'" in shown
+        # while a job a worker can run is not touched
+        assert run(cli, "status", "fine", "--watch", "--interval", "0.1").exit_code == 0
+    finally:
+        processes.stop_all()
+
+
+def test_with_the_broker_down_worker_states_are_last_known(
+    cli: CliRunner, mosquitto: BrokerProcess, tmp_path: Path, db: str
+) -> None:
+    # Given `serve` and an agent on a broker
+    processes = Processes(mosquitto.url, tmp_path / "logs")
+    processes.serve(db, options=())
+    processes.agent("w1")
+    try:
+        wait_online(cli)
+        assert "last known" not in run(cli, "workers").stdout
+        # When the broker dies (no will fires: the store keeps the agent online; serve keeps
+        # running and says in its heartbeat that it is cut off)
+        mosquitto.kill()
+        shown = wait_until(lambda: "not connected to its broker" in (out := run(cli, "workers").stdout) and out,
+                           timeout=30, interval=0.2)
+        # Then `workers` no longer claims the agent is online now
+        assert "online?" in shown and "(last known)" in shown and mosquitto.url in shown, shown
+        assert "not connected to its broker" in run(cli, "status").stdout
     finally:
         processes.stop_all()

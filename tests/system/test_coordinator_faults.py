@@ -230,7 +230,7 @@ def test_hanging_task_fails_after_max_attempts_with_each_reason(
 
     progress = finished(store, job, timeout=15)
 
-    assert (progress.state, progress.failed) == ("done", 1)
+    assert (progress.state, progress.failed) == ("failed", 1)
     [row] = list(store.results(job))
     assert row.state == "failed" and row.attempts == 3
     assert [(e["attempt"], e["outcome"]) for e in row.errors] == [(1, "expired"), (2, "expired"), (3, "expired")]

@@ -348,7 +348,7 @@ def test_error_results_are_retried_then_fail_with_every_reason(rig: Rig) -> None
     assert row.state == "failed" and row.attempts == 3
     assert [(e["attempt"], e["outcome"], e["type"], e["message"]) for e in row.errors] == [
         (1, "error", "ValueError", "bad 1"), (2, "error", "ValueError", "bad 2"), (3, "error", "ValueError", "bad 3")]
-    assert rig.store.progress(job).state == "done"
+    assert rig.store.progress(job).state == "failed"  # it ended with a failed task
 
     # retry gives a fresh budget; the running engine picks it up (the worker is healthy now)
     assert rig.store.retry_failed(job) == 1

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from dockercomp import __version__
 from dockercomp.cli import ROLES
 from dockercomp.cli import main as dockercomp
+from dockercomp.coordinator.store import Store
 from dockercomp.exits import Exit
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -47,11 +48,15 @@ def test_the_readme_documents_the_table_as_it_is() -> None:
 # ------------------------------------------------------------------ failures, one per role
 def failing_cases(tmp: Path) -> list[tuple[list[str], dict[str, str], Exit, str]]:
     """(arguments, environment, expected code, expected kind): a real failure of each role."""
+    Store.open(str(tmp / "c.db")).close()  # only submit and serve create a database
+    (tmp / "in.txt").write_text("[1]\n")
     return [
         (["broker", "certs", "init", "--dir", str(tmp / "cfg"), "--host", "not a host", "--json"], {},
          Exit.USAGE, "CertificateError"),
         (["coordinator", "status", "nope", "--db", str(tmp / "c.db"), "--json"], {}, Exit.NOT_FOUND, "UnknownJob"),
-        (["coordinator", "status", "--db", str(tmp / "no" / "dir" / "c.db"), "--json"], {}, Exit.STORE, "StoreError"),
+        (["coordinator", "submit", "f", str(tmp / "in.txt"), "--db", str(tmp / "no" / "dir" / "c.db"), "--json"], {},
+         Exit.STORE, "StoreError"),
+        (["coordinator", "status", "--db", str(tmp / "none.db"), "--json"], {}, Exit.NOT_FOUND, "DatabaseMissing"),
         (["coordinator", "volunteers", "remove", "alice", "--dir", str(tmp / "cfg"), "--json"], {},
          Exit.NOT_FOUND, "UnknownAccount"),
         (["coordinator", "submit", "--json"], {}, Exit.USAGE, "MissingParameter"),
@@ -61,7 +66,8 @@ def failing_cases(tmp: Path) -> list[tuple[list[str], dict[str, str], Exit, str]
     ]
 
 
-CASES = ["broker-certs", "coordinator-unknown-job", "coordinator-store", "coordinator-unknown-account",
+CASES = ["broker-certs", "coordinator-unknown-job", "coordinator-store", "coordinator-no-database",
+         "coordinator-unknown-account",
          "coordinator-usage", "agent-unhealthy", "installer-no-docker"]
 
 
@@ -77,6 +83,7 @@ def test_a_failure_under_json_is_one_json_object_on_stderr_with_the_code(case: i
 
 
 def test_without_json_a_failure_is_one_line_and_its_hint(tmp_path: Path) -> None:
+    Store.open(str(tmp_path / "c.db")).close()
     done = run("coordinator", "status", "nope", "--db", str(tmp_path / "c.db"))
     assert done.returncode == Exit.NOT_FOUND
     assert done.stderr.splitlines() == [
@@ -84,6 +91,7 @@ def test_without_json_a_failure_is_one_line_and_its_hint(tmp_path: Path) -> None
 
 
 def test_a_password_in_a_bad_url_is_never_printed(tmp_path: Path) -> None:
+    Store.open(str(tmp_path / "c.db")).close()
     for extra in ([], ["--json"]):
         done = run("coordinator", "purge", "--broker", "http://alice:s3cret@example.org", "--db",
                    str(tmp_path / "c.db"), *extra)
