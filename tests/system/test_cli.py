@@ -475,7 +475,7 @@ def test_a_job_held_by_a_worker_is_not_deleted(cli: CliRunner, db: str) -> None:
     add_worker(db, "w1", WorkerState.ONLINE)
     store = Store.open(db)
     task_id = next(store.results(store.get_job("busy"))).task_id
-    store.open_attempts([(task_id, 1, 1, time.time() + 60)], time.time())
+    store.open_attempts([(task_id, 1, 1, time.time() + 60, "nonce")], time.time())
     store.close()
     result = run(cli, "delete", "busy")
     assert result.exit_code == 2 and "still has 1 task(s) on workers" in result.stderr
