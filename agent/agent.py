@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 # Error types of `rejected` results the agent itself sends (see docs/protocol.md).
 MALFORMED_TASK = "MalformedTask"
 QUEUE_FULL = "QueueFull"
+# Error type of `released` results: handed back by a shutdown, without using an attempt.
+RELEASED_ERROR = "Shutdown"
 
 TaskKey = tuple[str, int]  # (task_id, attempt)
 
@@ -129,6 +131,7 @@ class Agent:
         self._presence_lock = threading.Lock()
         self._seq = 0
         self._left = False  # the final offline presence is out: never re-announce
+        self._draining = False  # the draining presence is out (or due): never announce online again
         self._connected = False
         self._announced = False  # an online presence was published at least once
         self._link_since = wall()
@@ -162,7 +165,9 @@ class Agent:
     def _on_connect(self) -> None:
         with self._presence_lock:
             if not self._left:
-                online = self._presence(PresenceState.ONLINE, None, self._seq)
+                # A reconnection while draining must not announce it ready for work again.
+                state = PresenceState.DRAINING if self._draining else PresenceState.ONLINE
+                online = self._presence(state, None, self._seq)
                 self.transport.publish(self.presence_topic, online.encode(), qos=1, retain=True)
                 self._announced = True
             seq = self._seq
@@ -270,21 +275,34 @@ class Agent:
             pass
 
     def _begin_drain(self) -> float:
+        # Say so first (retained, this connection's seq): the coordinator stops sending work
+        # before this agent turns any away, and tasks already on their way come back released.
+        with self._presence_lock:
+            self._draining = True
+            announce = self._announced and not self._left and self.transport.connected
+            draining = self._presence(PresenceState.DRAINING, None, self._seq)
+        if announce:
+            try:
+                self.transport.publish(self.presence_topic, draining.encode(), qos=1, retain=True)
+            except BrokerError as exc:
+                log.warning("could not publish the draining presence: %s", exc)
         self.state = AgentState.DRAINING
         dropped = self.runner.drop_queued()
-        for job in dropped:
-            self._held.pop(cast(TaskKey, job.key), None)
         running = len(self.runner.running)
         log.warning("draining: no new tasks; %d running task(s) get up to %g s to finish%s "
                     "(signal again to stop at once)", running, self.settings.grace,
-                    f"; {len(dropped)} queued task(s) dropped, the coordinator reassigns them" if dropped else "")
+                    f"; {len(dropped)} queued task(s) handed back unrun" if dropped else "")
+        if dropped:
+            self._report_all([Finished(job.key, Outcome.RELEASED, error=TaskError(
+                RELEASED_ERROR, "queued on a worker that shut down; never started")) for job in dropped])
         return self._clock() + self.settings.grace
 
     def _abort_running(self, reason: str) -> None:
         killed = self.runner.kill_running(reason)
         if killed:
             names = ", ".join(f"{key[0]} attempt {key[1]}" for key in (f.key for f in killed))  # type: ignore[index]
-            log.warning("killed %d task(s) %s: %s (reported as crashed, type Shutdown)", len(killed), reason, names)
+            log.warning("killed %d task(s) %s: %s (handed back: released, no attempt used)", len(killed), reason,
+                        names)
         if killed:
             self._report_all(killed)
 
@@ -365,10 +383,6 @@ class Agent:
             self._malformed(payload, exc)
             return
         key: TaskKey = (task.task_id, task.attempt)
-        if self.state is AgentState.DRAINING:
-            self.counts["ignored"] += 1
-            log.info("draining: task %s attempt %d not taken (the coordinator reassigns it)", *key)
-            return
         if key in self._held:
             self.counts["duplicates"] += 1
             log.info("task %s attempt %d received again while held; ignored", *key)
@@ -386,6 +400,13 @@ class Agent:
             # Same id, other content (a new coordinator database), or a result too big to keep:
             # this is work to do.
             del self._finished[key]
+        if self.state is AgentState.DRAINING:
+            # Sent before the coordinator saw the draining presence: hand it back at once.
+            self.counts["released"] += 1
+            log.info("draining: task %s attempt %d handed back unrun", *key)
+            self._publish_result(Result(task.task_id, task.attempt, self.ref.worker, self.ref.volunteer,
+                                        Outcome.RELEASED, error=TaskError(RELEASED_ERROR, "sent to a draining worker")))
+            return
         try:
             self.registry.check(task.function, task.args)
             # It holds at most `concurrency` running tasks plus the queued: count only near the limit.

@@ -21,6 +21,9 @@ from dockercomp.broker.topics import validate_name
 
 class PresenceState(str, Enum):
     ONLINE = "online"  # connected and taking work
+    # Connected, finishing what it runs, taking no new work (shutting down): published before
+    # it stops taking tasks, so the coordinator stops sending before any task is turned away.
+    DRAINING = "draining"
     OFFLINE = "offline"  # gone; see OfflineReason
 
 
@@ -36,6 +39,9 @@ class Outcome(str, Enum):
     TIMEOUT = "timeout"  # the function ran past the task's time limit and was killed
     CRASHED = "crashed"  # the process running the function died (os._exit, segfault, OOM)
     REJECTED = "rejected"  # the worker refused the task: unknown function or malformed task
+    # The worker hands the task back unrun or cut short by its own shutdown (queued, arriving
+    # while draining, killed at the end of the grace period): it does not use an attempt.
+    RELEASED = "released"
 
 
 _T = TypeVar("_T")

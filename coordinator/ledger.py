@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 
-from dockercomp.broker.messages import Result
+from dockercomp.broker.messages import Outcome, Result
 from dockercomp.broker.topics import WorkerRef
 from dockercomp.coordinator.dispatch import JobBook
 from dockercomp.coordinator.leases import Lease, Leases, error_json
@@ -99,6 +99,8 @@ class Ledger:
         if result.ok:
             self.leases.remove(lease)
             self._accept(lease.attempt_id, task_id, lease.job_id, TaskState.ASSIGNED, slot, result, now)
+        elif result.outcome is Outcome.RELEASED:
+            self.hand_back(lease, dump_json(result.error.to_object() if result.error else None))
         else:
             error = result.error.to_object() if result.error else {"type": result.outcome.value, "message": ""}
             self.close_failed(lease, AttemptOutcome(result.outcome.value), dump_json(error))
@@ -172,6 +174,21 @@ class Ledger:
         """Everything ``slot`` held is lost with it (will, goodbye, restart)."""
         for lease in self.leases.of_worker(slot.id):
             self.close_failed(lease, AttemptOutcome.LOST, error_json("WorkerLost", message))
+
+    def hand_back(self, lease: Lease, error: str | None) -> None:
+        """Close an attempt a worker handed back on a clean shutdown (released): the task goes
+        back to pending with its attempt budget unchanged, and the worker is not blamed."""
+        self.leases.remove(lease)
+        self.changes.close(lease.attempt_id, AttemptOutcome.RELEASED, error, None)
+        self.status.worker_changed(lease.worker_id)
+        job = self.jobs.get(lease.job_id)
+        if job is None or not job.active:
+            return  # cancelled meanwhile: the task stays cancelled
+        self.changes.uncharge(lease.task_id)
+        self.changes.set_task(lease.task_id, TaskState.PENDING)
+        job.move(TaskState.ASSIGNED.value, TaskState.PENDING.value)
+        job.drained = False
+        self.status.job_changed(job.id)
 
     def expire(self, now: float) -> None:
         """Close the attempts whose lease deadline has passed."""

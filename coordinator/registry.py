@@ -29,6 +29,7 @@ class PresenceChange(str, Enum):
     NEW = "new"  # first presence ever seen from this worker
     ONLINE = "online"  # online again after being lost, offline or purged (same process)
     RECONNECTED = "reconnected"  # a new connection of the same process, or first seen since we started
+    DRAINING = "draining"  # shutting down: keeps its work, gets no more
     RESTARTED = "restarted"  # a new agent process: whatever the old one held is gone
     LOST = "lost"  # its will: the connection dropped without goodbye
     SHUTDOWN = "shutdown"  # it said goodbye
@@ -132,12 +133,20 @@ class WorkerRegistry:
         online = presence.state is PresenceState.ONLINE
         self._dispatchable = None
         if slot is None:
-            state = WorkerState.ONLINE if online else WorkerState.LOST
+            state = WorkerState.ONLINE if online else (
+                WorkerState.DRAINING if presence.state is PresenceState.DRAINING else WorkerState.LOST)
             row = self.store.add_worker(ref.key, ref.volunteer, ref.worker, now, state=state.value, seq=presence.seq,
-                                        lost_at=None if online else now, **_details(presence))
+                                        lost_at=None if state is not WorkerState.LOST else now, **_details(presence))
             return self._add(row, ref, confirmed=True), PresenceChange.NEW
         if presence.seq < slot.seq:
             return slot, PresenceChange.STALE
+        if presence.state is PresenceState.DRAINING:
+            if presence.seq == slot.seq and slot.state not in (WorkerState.ONLINE.value, WorkerState.DRAINING.value):
+                return slot, PresenceChange.STALE  # its goodbye or will was already seen
+            change = PresenceChange.UNCHANGED if slot.state == WorkerState.DRAINING.value else PresenceChange.DRAINING
+            self._update(slot, presence, WorkerState.DRAINING, now)
+            slot.confirmed = True
+            return slot, change
         if online:
             if presence.seq == slot.seq and slot.state != WorkerState.ONLINE.value:
                 # This connection's will or goodbye was already seen: the online is older news.
@@ -153,7 +162,7 @@ class WorkerRegistry:
             self._update(slot, presence, WorkerState.ONLINE, now)
             slot.confirmed = True
             return slot, change
-        if presence.seq == slot.seq and slot.state != WorkerState.ONLINE.value:
+        if presence.seq == slot.seq and slot.state not in (WorkerState.ONLINE.value, WorkerState.DRAINING.value):
             return slot, PresenceChange.UNCHANGED
         shutdown = presence.reason is OfflineReason.SHUTDOWN
         self._update(slot, presence, WorkerState.OFFLINE if shutdown else WorkerState.LOST, now)
@@ -161,7 +170,7 @@ class WorkerRegistry:
         return slot, PresenceChange.SHUTDOWN if shutdown else PresenceChange.LOST
 
     def _update(self, slot: WorkerSlot, presence: Presence, state: WorkerState, now: float) -> None:
-        online = state is WorkerState.ONLINE
+        online = state is WorkerState.ONLINE or state is WorkerState.DRAINING
         fields: dict[str, Any] = {"state": state.value, "seq": presence.seq, "last_seen": now}
         if online:
             fields.update(_details(presence), lost_at=None, purged_at=None)

@@ -41,7 +41,7 @@ from dockercomp.coordinator import defaults
 from dockercomp.coordinator.dispatch import Dispatcher, JobBook
 from dockercomp.coordinator.errors import CoordinatorError
 from dockercomp.coordinator.ledger import Ledger
-from dockercomp.coordinator.leases import Leases, PayloadBuilder
+from dockercomp.coordinator.leases import Leases, PayloadBuilder, error_json
 from dockercomp.coordinator.registry import PresenceChange, WorkerRegistry
 from dockercomp.coordinator.settings import CoordinatorSettings  # re-exported: the engine's settings
 from dockercomp.coordinator.status import RateMeter, Rejection, Rejections, StatusPublisher, summary_status
@@ -424,12 +424,21 @@ class Coordinator:
         if change is PresenceChange.STALE:
             self.ledger.reject(Rejection.STALE, ref, f"{presence.state.value} presence of connection {presence.seq}, "
                          f"older than the current one ({slot.seq})", logging.INFO)
-        elif change in (PresenceChange.LOST, PresenceChange.SHUTDOWN):
+        elif change is PresenceChange.LOST:
+            log.info("worker %s lost its connection; returning %d task(s) it held", ref.key,
+                     self.leases.count(slot.id))
+            self.ledger.release(slot, f"worker {ref.key} lost its connection (will) while holding the task")
+        elif change is PresenceChange.SHUTDOWN:
+            # A clean goodbye: what it still holds was sent after it stopped taking work (or its
+            # answer is lost); handed back without using an attempt.
             held = self.leases.of_worker(slot.id)
-            log.info("worker %s %s; returning %d task(s) it held", ref.key,
-                     "lost its connection" if change is PresenceChange.LOST else "shut down", len(held))
-            why = "lost its connection (will)" if change is PresenceChange.LOST else "shut down"
-            self.ledger.release(slot, f"worker {ref.key} {why} while holding the task")
+            log.info("worker %s shut down; returning %d task(s) it held (no attempt used)", ref.key, len(held))
+            error = error_json("WorkerShutdown", f"worker {ref.key} shut down while holding the task")
+            for lease in held:
+                self.ledger.hand_back(lease, error)
+        elif change is PresenceChange.DRAINING:
+            log.info("worker %s is draining: no new work; its %d task(s) keep running", ref.key,
+                     self.leases.count(slot.id))
         elif change is PresenceChange.RESTARTED:
             log.info("worker %s restarted; returning %d task(s) the old process held",
                      ref.key, self.leases.count(slot.id))

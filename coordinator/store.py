@@ -38,6 +38,7 @@ MEMORY_URL = "memory://"
 
 class WorkerState(str, Enum):
     ONLINE = "online"  # retained online presence seen; may receive work
+    DRAINING = "draining"  # shutting down: its work still counts, it gets no new work
     LOST = "lost"  # its will fired (or a lease/keepalive says so): in-flight work was returned
     OFFLINE = "offline"  # said goodbye on shutdown
     PURGED = "purged"  # lost for longer than the grace period; its retained presence cleared
@@ -68,6 +69,9 @@ class AttemptOutcome(str, Enum):
     LOST = "lost"  # the worker died (will) while it held the attempt
     CANCELLED = "cancelled"  # the job was cancelled while it ran
     SUPERSEDED = "superseded"  # another attempt of the task delivered the accepted result
+    # Handed back by a worker's clean shutdown (released result, or held at its goodbye): not
+    # counted against the task's max_attempts (its retries_from moves up by one) nor the worker.
+    RELEASED = "released"
 
 
 # Outcomes that are a failed attempt's reason (shown in ResultRow.errors).
@@ -222,10 +226,12 @@ class Changes:
     task_states: dict[int, str] = field(default_factory=dict)
     worker_done: Counter[int] = field(default_factory=Counter)
     worker_failed: Counter[int] = field(default_factory=Counter)
+    # Per task, attempts closed without using its budget (released): retries_from += n.
+    uncharged: Counter[int] = field(default_factory=Counter)
 
     def __bool__(self) -> bool:
         return bool(self.results or self.ok_attempts or self.superseded_attempts or self.closed_attempts
-                    or self.task_states or self.worker_done or self.worker_failed)
+                    or self.task_states or self.worker_done or self.worker_failed or self.uncharged)
 
     def accept(self, task_id: int, attempt_id: int, worker_id: int, value_json: str, elapsed: float, now: float) -> None:
         self.results.append((task_id, attempt_id, worker_id, value_json, elapsed, now))
@@ -247,6 +253,10 @@ class Changes:
     def set_task(self, task_id: int, state: TaskState) -> None:
         self.task_states[task_id] = state.value
 
+    def uncharge(self, task_id: int) -> None:
+        """The task's latest attempt does not count against its budget (released)."""
+        self.uncharged[task_id] += 1
+
     def clear(self) -> None:
         self.results.clear()
         self.ok_attempts.clear()
@@ -255,6 +265,7 @@ class Changes:
         self.task_states.clear()
         self.worker_done.clear()
         self.worker_failed.clear()
+        self.uncharged.clear()
 
 
 # --------------------------------------------------------------------------- input
