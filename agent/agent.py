@@ -132,6 +132,7 @@ class Agent:
         self._seq = 0
         self._left = False  # the final offline presence is out: never re-announce
         self._draining = False  # the draining presence is out (or due): never announce online again
+        self._fatal: BrokerError | None = None  # the transport gave up (refused credentials, TLS mismatch)
         self._connected = False
         self._announced = False  # an online presence was published at least once
         self._link_since = wall()
@@ -212,7 +213,8 @@ class Agent:
 
     # -- main loop ---------------------------------------------------------------------------------
     def run(self) -> int:
-        """Serve until stopped; returns the process exit code (0 after a drained shutdown)."""
+        """Serve until stopped; returns the process exit code (0 after a drained shutdown).
+        Raises ConnectionRejected when the broker refuses this agent in a way retrying cannot mend."""
         log.info("agent %s starting: %d task process(es), prefetch %d, functions %s, broker %s", self.ref.key,
                  self.settings.concurrency, self.settings.prefetch, ", ".join(self.registry.names),
                  self.settings.broker.url)
@@ -229,6 +231,8 @@ class Agent:
         try:
             while True:
                 self._handle_inbox()
+                if self._fatal is not None:
+                    break
                 level = self.stop_level
                 if level >= 2:
                     self._abort_running("the worker was stopped at once (second signal)")
@@ -264,7 +268,9 @@ class Agent:
             log.exception("agent %s failed; leaving", self.ref.key)
             failed = True
         finally:
-            self._leave(fast=failed or self.stop_level >= 2)
+            self._leave(fast=failed or self.stop_level >= 2 or self._fatal is not None)
+        if self._fatal is not None:
+            raise self._fatal  # the command turns it into one line and its exit code
         return 1 if failed else 0
 
     def _drain_wake_pipe(self) -> None:
@@ -363,6 +369,9 @@ class Agent:
                 self._write_health()
             elif kind == "disconnected":
                 self._connected, self._link_since, self._last_error = False, self._wall(), event[1]
+                if self.transport.failure is not None:  # retrying cannot help: stop (run raises it)
+                    self._fatal = self.transport.failure
+                    continue
                 log.warning("broker connection lost (%s); %d task(s) keep running, results wait for "
                             "the reconnection", event[1], len(self._held))
                 self._write_health()

@@ -41,12 +41,13 @@ class Exit(IntEnum):
     USAGE = 2, "the command line, an option, an input file or the environment must change"
     NOT_FOUND = 3, "no such job, account or worker"
     STORE = 4, "the coordinator's database cannot be opened, read or written"
-    BROKER = 5, "the MQTT broker is unreachable, refused us, or did not reload its files"
+    BROKER = 5, "the MQTT broker is unreachable or did not reload its files"
     FILES = 6, "a configuration file (accounts, certificates) cannot be read or written"
     DOCKER = 7, "the Docker engine is missing, stopped, or refuses this user"
     IMAGE = 8, "the worker image is not here and could not be pulled, loaded or built"
     CONFLICT = 9, "a name is taken by something dockercomp does not own"
     HALTED = 10, "a rolling upgrade stopped at a worker that did not become healthy"
+    REFUSED = 11, "the MQTT broker refuses this client for good (credentials, TLS): retrying cannot help"
     INTERRUPTED = 130, "stopped by Ctrl-C or a second signal (128 + SIGINT)"
 
 
