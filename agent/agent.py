@@ -54,6 +54,7 @@ from dockercomp.broker.messages import (
     Outcome,
     Presence,
     PresenceState,
+    Rebirth,
     Result,
     Task,
     TaskError,
@@ -102,6 +103,7 @@ class Agent:
         self.task_topic = self.topics.tasks(self.ref)
         self.result_topic = self.topics.results(self.ref)
         self.presence_topic = self.topics.presence(self.ref)
+        self.rebirth_topic = self.topics.coordinator_rebirth
         self.transport = transport or MqttConnection(settings.broker, settings.client_id)
         # The worker's prefetch, spread over its task processes: each may hold its share of
         # tasks beyond the one it runs, so it starts the next without waiting for this loop.
@@ -224,6 +226,7 @@ class Agent:
         self.transport.on_disconnect = self._on_disconnect
         self.transport.on_message = self._on_message
         self.transport.subscribe(self.task_topic, qos=1)
+        self.transport.subscribe(self.rebirth_topic, qos=1)
         self.transport.start()
         drain_deadline: float | None = None
         next_health = self._clock()
@@ -378,6 +381,9 @@ class Agent:
 
     def _on_task_message(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic != self.task_topic:
+            if topic == self.rebirth_topic and not retained:  # checked here: off the tasks' path
+                self._answer_rebirth(payload)
+                return
             # amqtt sends a new client the retained messages of *other* clients' filters.
             log.debug("ignored a message on %s (not subscribed here)", topic)
             return
@@ -431,6 +437,28 @@ class Agent:
         self._held[key] = task
         self.counts["received"] += 1
         self.runner.submit(Job(key, task.function, task.args, task.timeout, label=f"task {key[0]} attempt {key[1]}"))
+
+    def _answer_rebirth(self, payload: bytes) -> None:
+        """The coordinator asks for a proof of life: publish the presence again (same seq)."""
+        try:
+            request = Rebirth.decode(payload)
+        except DecodeError as exc:
+            log.warning("ignored a malformed rebirth request: %s", exc.reason)
+            return
+        if not request.asks(self.ref.key):
+            return
+        with self._presence_lock:
+            if self._left or not self._announced:
+                return  # not announced yet: the presence on CONNACK answers it
+            state = PresenceState.DRAINING if self._draining else PresenceState.ONLINE
+            presence = self._presence(state, None, self._seq)
+        try:
+            self.transport.publish(self.presence_topic, presence.encode(), qos=1, retain=True)
+        except BrokerError as exc:
+            log.warning("could not answer the rebirth request: %s", exc)
+            return
+        self.counts["rebirths"] += 1
+        log.info("answered a rebirth request: %s (seq %d)", state.value, presence.seq)
 
     def _malformed(self, payload: bytes, exc: DecodeError) -> None:
         self.counts["malformed"] += 1

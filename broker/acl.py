@@ -11,10 +11,13 @@ The policy (``{root}`` is the topic root, ``dockercomp`` by default)::
         write  {root}/workers/%u/+/results      its workers' results
         read   {root}/workers/%u/+/tasks        its workers' tasks, nobody else's
         read   {root}/status/workers/%u/#       the status of its own workers
+        read   {root}/coordinator/rebirth       rebirth requests (a pattern without %u: every
+                                                client may read them; they name only workers)
     coordinator
         read   {root}/workers/+/+/presence, {root}/workers/+/+/results
         write  {root}/workers/+/+/tasks, {root}/workers/+/+/presence (clears a purged worker)
         readwrite {root}/status/#, {root}/coordinator/presence
+        write  {root}/coordinator/rebirth       only the coordinator asks workers to announce
     observer
         deny   {root}/workers/#                 (overrides the volunteer patterns)
         read   {root}/status/#
@@ -83,6 +86,9 @@ def volunteer_patterns(root: str = ROOT_TOPIC) -> list[Rule]:
         Rule(Access.WRITE, f"{root}/workers/%u/+/results"),
         Rule(Access.READ, f"{root}/workers/%u/+/tasks"),
         Rule(Access.READ, f"{root}/status/workers/%u/#"),
+        # No %u: Mosquitto grants it to every client, anonymous ones too. Harmless: a rebirth
+        # request carries worker keys at most, which the status topics publish anyway.
+        Rule(Access.READ, f"{root}/coordinator/rebirth"),
     ]
 
 
@@ -96,6 +102,7 @@ def role_rules(role: Role, root: str = ROOT_TOPIC) -> list[Rule]:
             Rule(Access.WRITE, f"{root}/workers/+/+/tasks"),
             Rule(Access.READWRITE, f"{root}/status/#"),
             Rule(Access.READWRITE, f"{root}/coordinator/presence"),
+            Rule(Access.WRITE, f"{root}/coordinator/rebirth"),
         ]
     if role is Role.OBSERVER:
         # The deny beats the volunteer patterns, which apply to every account.

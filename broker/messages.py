@@ -254,6 +254,32 @@ class Presence:
 
 
 @dataclass(frozen=True)
+class Rebirth:
+    """The coordinator asks workers to publish their presence again (Sparkplug B's rebirth):
+    a retained presence replayed by the broker is no proof of life, a fresh one is. Not
+    retained. ``workers`` names the ``volunteer/worker`` keys asked; empty asks every worker."""
+
+    workers: tuple[str, ...] = ()
+    v: int = PROTOCOL_VERSION
+
+    KIND = "rebirth"
+
+    def encode(self) -> bytes:
+        return _dump({"v": self.v, "workers": list(self.workers)})
+
+    def asks(self, key: str) -> bool:
+        return not self.workers or key in self.workers
+
+    @classmethod
+    def decode(cls, payload: bytes | str) -> "Rebirth":
+        f = _Fields(cls.KIND, load_object(cls.KIND, payload), payload)
+        workers = f.get("workers", list, [])
+        if len(workers) > 10_000 or not all(isinstance(x, str) and 0 < len(x) <= 200 for x in workers):
+            raise f.fail("field 'workers' must be a list of at most 10000 worker keys")
+        return cls(workers=tuple(workers))
+
+
+@dataclass(frozen=True)
 class Task:
     """One attempt at one task, sent to one worker's task topic."""
 

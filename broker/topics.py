@@ -6,6 +6,7 @@ Layout (root ``dockercomp`` by default)::
     {root}/workers/{volunteer}/{worker}/tasks      work for one worker (coordinator -> worker)
     {root}/workers/{volunteer}/{worker}/results    results of that worker (worker -> coordinator)
     {root}/coordinator/presence                    retained coordinator presence
+    {root}/coordinator/rebirth                     "announce yourselves again" (coordinator -> workers)
     {root}/status/summary                          retained overall progress
     {root}/status/jobs/{job}                       retained progress of one job
     {root}/status/workers/{volunteer}/{worker}     retained counters of one worker
@@ -129,6 +130,10 @@ class Topics:
     @property
     def coordinator_presence(self) -> str:
         return f"{self.root}/coordinator/presence"
+
+    @property
+    def coordinator_rebirth(self) -> str:
+        return f"{self.root}/coordinator/rebirth"
 
     @property
     def status_summary(self) -> str:

@@ -190,9 +190,12 @@ class Ledger:
         job.drained = False
         self.status.job_changed(job.id)
 
-    def expire(self, now: float) -> None:
-        """Close the attempts whose lease deadline has passed."""
+    def expire(self, now: float) -> set[int]:
+        """Close the attempts whose lease deadline has passed; returns the ids of the workers
+        that held them (they must show life before they get more work)."""
+        holders: set[int] = set()
         for lease in self.leases.expired(now):
+            holders.add(lease.worker_id)
             worker = self.workers.by_id.get(lease.worker_id)
             name = worker.key if worker else f"worker #{lease.worker_id}"
             limit = lease.deadline - lease.sent_at
@@ -200,3 +203,4 @@ class Ledger:
                      lease.task_id, lease.number, name)
             self.close_failed(lease, AttemptOutcome.EXPIRED,
                               error_json("LeaseExpired", f"no result from {name} within {limit:g} s"))
+        return holders

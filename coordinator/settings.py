@@ -23,6 +23,7 @@ class CoordinatorSettings:
     busy_batch: int = defaults.BUSY_BATCH
     gather: float = defaults.GATHER_DELAY
     connect_timeout: float = defaults.CONNECT_TIMEOUT
+    rebirth_timeout: float = defaults.REBIRTH_TIMEOUT
 
     def __post_init__(self) -> None:
         for f in fields(self):

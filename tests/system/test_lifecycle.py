@@ -1,22 +1,27 @@
 """A worker's life cycle as the coordinator sees it, over real brokers and real agent
-processes: a clean shutdown hands its work back without using attempts (issue 10, item 1).
+processes: a clean shutdown hands its work back without using attempts (issue 10, item 1),
+and a worker that died unseen is found out by a rebirth request (item 2).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
 
 import pytest
 
-from dockercomp.coordinator.service import Coordinator
+from dockercomp.broker.messages import Presence, PresenceState, Rebirth
+from dockercomp.broker.topics import Topics, WorkerRef
+from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 from dockercomp.coordinator.store import Store
-from tests.support import wait_until
+from tests.support import Watcher, connect_client, wait_until
 from tests.support.brokers import BrokerProcess
 from tests.support.processes import Processes, finished, online
 
 pytestmark = pytest.mark.timeout(120)
+TOPICS = Topics()
 
 
 def agent(procs: Processes, name: str, *options: str) -> subprocess.Popen[bytes]:
@@ -58,3 +63,78 @@ def test_a_clean_shutdown_mid_job_uses_no_attempt(engine: Coordinator, procs: Pr
     results = list(store.results(job))
     assert all(r.attempts >= 1 for r in results)
     assert sum(r.worker == "local/heir" for r in results) >= 1, [(r.worker, r.attempts, r.errors) for r in results]
+
+
+# --------------------------------------------------------------------------- zombies (item 2)
+REBIRTH = CoordinatorSettings(lease_margin=2, lease_check=0.1, purge_after=600, purge_check=0.2, poll_interval=0.2,
+                              status_interval=0.2, connect_timeout=10, rebirth_timeout=6)
+
+
+@pytest.fixture
+def coordinator_settings() -> CoordinatorSettings:
+    """For the `engine` fixture: fast leases, a short rebirth bound, no purge during the test."""
+    return REBIRTH
+
+
+def attempts_of(store: Store, worker_key: str, since: float) -> int:
+    store.bind()
+    return store.db.execute_sql(
+        "SELECT count(*) FROM attempt a JOIN worker w ON w.id = a.worker_id WHERE w.key = ? AND a.sent_at > ?",
+        (worker_key, since)).fetchone()[0]
+
+
+def test_a_worker_that_died_with_the_broker_down_is_not_a_zombie(
+        engine: Coordinator, procs: Processes, broker: BrokerProcess) -> None:
+    """The field report's run: the broker stops (Mosquitto saves its retained messages), one
+    agent dies while it is down (no will can fire), the broker comes back with that agent's
+    retained `online` presence (amqtt: with none). The coordinator asks every worker to
+    announce itself; the dead one does not answer and is marked lost within the bound, gets
+    no attempt meanwhile, and every task is done by the live one."""
+    store = engine.store
+    procs.agent("live")
+    procs.agent("zombie")
+    online(store, 2)
+    job = store.create_job("sleep", [[0.2]] * 30, timeout=20)
+    wait_until(lambda: store.progress(job).done >= 4 and store.inflight().get("local/zombie", 0) > 0, timeout=30)
+
+    if broker.persistent:
+        # Mosquitto writes its database on SIGUSR1, as its autosave would: the zombie's online
+        # presence is in it. Then a crash (SIGKILL; a clean stop would publish every will).
+        os.kill(broker.pid, signal.SIGUSR1)  # type: ignore[arg-type]
+        wait_until(lambda: "Saving in-memory database" in broker.log(), timeout=10)
+    broker.kill()
+    procs.kill("zombie")
+    broker.start()
+    restarted = time.time()
+    if broker.persistent:  # the stale proof of life the coordinator must not believe
+        with Watcher(broker.url, TOPICS.presence(WorkerRef("local", "zombie"))) as watcher:
+            stale = Presence.decode(watcher.wait_for(lambda m: bool(m.payload)).payload)
+        assert stale.state is PresenceState.ONLINE
+
+    wait_until(lambda: {w.key: w.state for w in store.workers()}["local/zombie"] == "lost",
+               timeout=REBIRTH.rebirth_timeout + 15)
+    progress = finished(store, job, timeout=60)
+
+    assert (progress.done, progress.failed) == (30, 0)
+    assert attempts_of(store, "local/zombie", restarted) == 0  # no attempt fed to the dead worker
+    assert {w.key: w.state for w in store.workers()}["local/live"] == "online"
+
+
+def test_an_agent_answers_a_rebirth_request_with_its_presence(procs: Processes, broker: BrokerProcess) -> None:
+    presence_topic = TOPICS.presence(WorkerRef("local", "w1"))
+    with Watcher(broker.url, presence_topic) as watcher:
+        agent(procs, "w1")
+        first = Presence.decode(watcher.wait_for(lambda m: bool(m.payload)).payload)
+        client = connect_client(broker.url)
+        try:
+            # Addressed to another worker: no answer. Then to everyone: the same presence again.
+            client.publish(TOPICS.coordinator_rebirth, Rebirth(("local/other",)).encode(), qos=1).wait_for_publish(5)
+            client.publish(TOPICS.coordinator_rebirth, Rebirth().encode(), qos=1).wait_for_publish(5)
+            wait_until(lambda: len(watcher.messages) >= 2, timeout=10)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        time.sleep(0.3)  # room for a wrong extra answer to arrive
+        answers = [Presence.decode(m.payload) for m in watcher.messages]
+    assert [(p.state, p.seq) for p in answers] == [(PresenceState.ONLINE, first.seq)] * 2
+    assert "answered a rebirth request" in procs.log("w1")
