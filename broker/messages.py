@@ -150,6 +150,13 @@ class _Fields:
                 raise self.fail(f"field {name!r} {problem}")
         return value
 
+    def strings(self, name: str, most: int, what: str) -> list[str]:
+        """An optional list of at most ``most`` non-empty strings of up to 200 characters."""
+        values = self.get(name, list, [])
+        if len(values) > most or not all(isinstance(x, str) and 0 < len(x) <= 200 for x in values):
+            raise self.fail(f"field {name!r} must be a list of at most {most} {what}")
+        return values
+
     def name(self, field_name: str, what: str) -> str:
         value = self.get(field_name, str)
         try:
@@ -231,9 +238,7 @@ class Presence:
     @classmethod
     def decode(cls, payload: bytes | str) -> "Presence":
         f = _Fields(cls.KIND, load_object(cls.KIND, payload), payload)
-        functions = f.get("functions", list, [])
-        if len(functions) > 1000 or not all(isinstance(x, str) and 0 < len(x) <= 200 for x in functions):
-            raise f.fail("field 'functions' must be a list of at most 1000 short strings")
+        functions = f.strings("functions", 1000, "short strings")
         state = f.enum("state", PresenceState)
         return cls(
             worker=f.name("worker", "worker id"),
@@ -273,10 +278,7 @@ class Rebirth:
     @classmethod
     def decode(cls, payload: bytes | str) -> "Rebirth":
         f = _Fields(cls.KIND, load_object(cls.KIND, payload), payload)
-        workers = f.get("workers", list, [])
-        if len(workers) > 10_000 or not all(isinstance(x, str) and 0 < len(x) <= 200 for x in workers):
-            raise f.fail("field 'workers' must be a list of at most 10000 worker keys")
-        return cls(workers=tuple(workers))
+        return cls(workers=tuple(f.strings("workers", 10_000, "worker keys")))
 
 
 @dataclass(frozen=True)

@@ -389,11 +389,13 @@ def purge(older_than: float, broker: str, timeout: float, db: str, as_json: bool
               metavar="S", help="Seconds between checks for expired leases.")
 @click.option("--lease-margin", type=float, default=defaults.LEASE_MARGIN, show_default=True, metavar="S",
               help="Seconds added to a task's timeout before its lease expires and it is sent again.")
+@click.option("--rebirth-timeout", type=float, default=defaults.REBIRTH_TIMEOUT, show_default=True, metavar="S",
+              help="Seconds a worker has to answer a rebirth request before it is presumed lost.")
 @click.option("--client-id", default=None, help="MQTT client id (default: derived from host and pid).")
 @click.option("-v", "--verbose", count=True, help="-v: workers, jobs and leases; -vv: debug.")
 @command_errors
 def serve(broker: str, db: str, purge_after: float, lease_check: float, lease_margin: float,
-          client_id: str | None, verbose: int) -> None:
+          rebirth_timeout: float, client_id: str | None, verbose: int) -> None:
     """Hand out tasks to workers, collect their results, and publish status, until stopped.
 
     First SIGINT/SIGTERM: stop taking messages, publish the last status and an offline
@@ -402,7 +404,8 @@ def serve(broker: str, db: str, purge_after: float, lease_check: float, lease_ma
     from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 
     _setup_logging(verbose)
-    settings = CoordinatorSettings(purge_after=purge_after, lease_check=lease_check, lease_margin=lease_margin)
+    settings = CoordinatorSettings(purge_after=purge_after, lease_check=lease_check, lease_margin=lease_margin,
+                                   rebirth_timeout=rebirth_timeout)
     coordinator = Coordinator.connect(broker, db, settings, client_id=client_id)
     signals = 0
 

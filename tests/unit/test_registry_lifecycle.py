@@ -4,7 +4,10 @@ fake clock."""
 
 from __future__ import annotations
 
-from dockercomp.broker.messages import OfflineReason, Presence, PresenceState
+import pytest
+
+from dockercomp.broker.errors import DecodeError
+from dockercomp.broker.messages import OfflineReason, Presence, PresenceState, Rebirth
 from dockercomp.broker.topics import WorkerRef
 from dockercomp.coordinator.registry import PresenceChange, WorkerSlot
 from tests.support.rules import Rules
@@ -66,3 +69,11 @@ def test_a_worker_asked_after_an_expired_lease_gets_work_again_once_it_answers()
     assert rules.workers.dispatchable() == []
     say(rules, PresenceState.ONLINE)
     assert rules.workers.dispatchable() == [slot] and rules.workers.awaiting == {}
+
+
+def test_a_rebirth_request_round_trips_and_a_bad_one_is_refused() -> None:
+    assert Rebirth.decode(Rebirth().encode()).asks("local/w1")
+    targeted = Rebirth.decode(Rebirth(("local/w2",)).encode())
+    assert targeted.asks("local/w2") and not targeted.asks("local/w1")
+    with pytest.raises(DecodeError, match="'workers' must be a list"):
+        Rebirth.decode(b'{"v":1,"workers":[""]}')
