@@ -45,7 +45,7 @@ CELL_CHARS = 40
 STATE_STYLES = {
     "pending": "yellow", "assigned": "cyan", "done": "green", "failed": "red",
     "cancelled": "magenta", "active": "cyan", "online": "green", "lost": "red",
-    "offline": "dim", "purged": "dim",
+    "offline": "dim", "purged": "dim", "draining": "yellow",
 }  # fmt: skip
 
 # Columns of `dockercomp coordinator results --format csv`, in order (JSON-valued ones as JSON text).
