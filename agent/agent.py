@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Hashable
 from enum import Enum
 from types import FrameType
-from typing import Any, cast
+from typing import Any
 
 from dockercomp.agent.defaults import (
     CLOSE_FLUSH_SECONDS,

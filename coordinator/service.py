@@ -376,11 +376,11 @@ class Coordinator:
             # to publish its presence again (after the subscriptions, so the answers reach us).
             self._rebirth = []
             self.workers.ask_all(now)
+            # A restarted broker may have forgotten every retained status: publish them all.
+            self.status.everything_changed(self.jobs.by_id, self.workers.by_id)
         if self._rebirth is not None:
             self._publish(self.topics.coordinator_rebirth, Rebirth(tuple(self._rebirth)).encode())
             self._rebirth = None
-            # A restarted broker may have forgotten every retained status: publish them all.
-            self.status.everything_changed(self.jobs.by_id, self.workers.by_id)
         resend, self._resend = self._resend, []
         # One batch: one wake-up of the network thread, whose writes are then joined.
         for topic, reason in self.transport.publish_many(resend + sends):

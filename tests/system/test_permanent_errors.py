@@ -69,3 +69,18 @@ def test_a_missing_ca_file_is_named(secure_mosquitto: SecureBroker, command: str
     [line] = errors(done)
     assert f"the CA file {missing} does not exist" in line
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_tls_to_the_plain_port_and_an_untrusted_certificate_stop_too(secure_mosquitto: SecureBroker, command: str,
+                                                                    tmp_path: Path) -> None:
+    alice = secure_mosquitto.add("alice")
+    ca = secure_mosquitto.certs.ca_cert
+    tls_to_plain = secure_mosquitto.url(alice).replace("mqtt://", "mqtts://") + f"?ca={ca}"
+    done = run(command, tls_to_plain, tmp_path)
+    assert done.returncode == Exit.REFUSED, done.stderr
+    assert "that port speaks plain MQTT" in errors(done)[0]
+
+    done = run(command, secure_mosquitto.tls_url(alice, ca=False), tmp_path)  # the system trust store
+    assert done.returncode == Exit.REFUSED, done.stderr
+    assert "certificate not trusted" in errors(done)[0]
