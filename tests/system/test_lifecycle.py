@@ -12,11 +12,14 @@ import time
 
 import pytest
 
+from dockercomp.broker.connection import MqttConnection
 from dockercomp.broker.messages import Presence, PresenceState, Rebirth
+from dockercomp.broker.settings import BrokerSettings
 from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 from dockercomp.coordinator.store import Store
 from tests.support import Watcher, connect_client, wait_until
+from tests.support.agents import FakeAgent
 from tests.support.brokers import BrokerProcess
 from tests.support.processes import Processes, finished, online
 
@@ -138,3 +141,34 @@ def test_an_agent_answers_a_rebirth_request_with_its_presence(procs: Processes, 
         answers = [Presence.decode(m.payload) for m in watcher.messages]
     assert [(p.state, p.seq) for p in answers] == [(PresenceState.ONLINE, first.seq)] * 2
     assert "answered a rebirth request" in procs.log("w1")
+
+
+def test_a_worker_whose_lease_expired_gets_no_work_until_it_shows_life(
+        engine: Coordinator, broker: BrokerProcess) -> None:
+    """A worker that takes tasks and never answers (dead without a will, as after a broker
+    restart) is not fed attempt after attempt: after its first lease expires it is asked to
+    show life, gets nothing meanwhile, and is lost when it stays silent."""
+    store = engine.store
+    made: list[FakeAgent] = []
+
+    def fake(name: str, **kwargs: object) -> FakeAgent:
+        transport = MqttConnection(BrokerSettings.from_url(broker.url), f"fake-{name}")
+        made.append(FakeAgent(transport, name, capacity=1, functions=("add",), **kwargs).start())  # type: ignore[arg-type]
+        return made[-1]
+
+    try:
+        mute = fake("mute", auto=False, rebirth=False)
+        online(store, 1)
+        job = store.create_job("add", [[1, 2]], timeout=0.5, max_attempts=3)
+        wait_until(lambda: {w.key: w.state for w in store.workers()}["local/mute"] == "lost",
+                   timeout=REBIRTH.rebirth_timeout + 15)
+        fake("helper")
+        progress = finished(store, job, timeout=30)
+    finally:
+        for agent in made:
+            agent.transport.close(1)
+
+    assert (progress.done, progress.failed) == (1, 0)
+    assert [task.attempt for task in mute.received] == [1]  # one lease lost to it, not three
+    [row] = list(store.results(job))
+    assert row.worker == "local/helper" and [e["outcome"] for e in row.errors] == ["expired"]
