@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Hashable
 from enum import Enum
 from types import FrameType
-from typing import Any, cast
+from typing import Any
 
 from dockercomp.agent.defaults import (
     CLOSE_FLUSH_SECONDS,
@@ -54,6 +54,7 @@ from dockercomp.broker.messages import (
     Outcome,
     Presence,
     PresenceState,
+    Rebirth,
     Result,
     Task,
     TaskError,
@@ -66,6 +67,8 @@ log = logging.getLogger(__name__)
 # Error types of `rejected` results the agent itself sends (see docs/protocol.md).
 MALFORMED_TASK = "MalformedTask"
 QUEUE_FULL = "QueueFull"
+# Error type of `released` results: handed back by a shutdown, without using an attempt.
+RELEASED_ERROR = "Shutdown"
 
 TaskKey = tuple[str, int]  # (task_id, attempt)
 
@@ -100,6 +103,7 @@ class Agent:
         self.task_topic = self.topics.tasks(self.ref)
         self.result_topic = self.topics.results(self.ref)
         self.presence_topic = self.topics.presence(self.ref)
+        self.rebirth_topic = self.topics.coordinator_rebirth
         self.transport = transport or MqttConnection(settings.broker, settings.client_id)
         # The worker's prefetch, spread over its task processes: each may hold its share of
         # tasks beyond the one it runs, so it starts the next without waiting for this loop.
@@ -129,6 +133,8 @@ class Agent:
         self._presence_lock = threading.Lock()
         self._seq = 0
         self._left = False  # the final offline presence is out: never re-announce
+        self._draining = False  # the draining presence is out (or due): never announce online again
+        self._fatal: BrokerError | None = None  # the transport gave up (refused credentials, TLS mismatch)
         self._connected = False
         self._announced = False  # an online presence was published at least once
         self._link_since = wall()
@@ -162,7 +168,9 @@ class Agent:
     def _on_connect(self) -> None:
         with self._presence_lock:
             if not self._left:
-                online = self._presence(PresenceState.ONLINE, None, self._seq)
+                # A reconnection while draining must not announce it ready for work again.
+                state = PresenceState.DRAINING if self._draining else PresenceState.ONLINE
+                online = self._presence(state, None, self._seq)
                 self.transport.publish(self.presence_topic, online.encode(), qos=1, retain=True)
                 self._announced = True
             seq = self._seq
@@ -207,7 +215,8 @@ class Agent:
 
     # -- main loop ---------------------------------------------------------------------------------
     def run(self) -> int:
-        """Serve until stopped; returns the process exit code (0 after a drained shutdown)."""
+        """Serve until stopped; returns the process exit code (0 after a drained shutdown).
+        Raises ConnectionRejected when the broker refuses this agent in a way retrying cannot mend."""
         log.info("agent %s starting: %d task process(es), prefetch %d, functions %s, broker %s", self.ref.key,
                  self.settings.concurrency, self.settings.prefetch, ", ".join(self.registry.names),
                  self.settings.broker.url)
@@ -217,6 +226,7 @@ class Agent:
         self.transport.on_disconnect = self._on_disconnect
         self.transport.on_message = self._on_message
         self.transport.subscribe(self.task_topic, qos=1)
+        self.transport.subscribe(self.rebirth_topic, qos=1)
         self.transport.start()
         drain_deadline: float | None = None
         next_health = self._clock()
@@ -224,6 +234,8 @@ class Agent:
         try:
             while True:
                 self._handle_inbox()
+                if self._fatal is not None:
+                    break
                 level = self.stop_level
                 if level >= 2:
                     self._abort_running("the worker was stopped at once (second signal)")
@@ -259,7 +271,9 @@ class Agent:
             log.exception("agent %s failed; leaving", self.ref.key)
             failed = True
         finally:
-            self._leave(fast=failed or self.stop_level >= 2)
+            self._leave(fast=failed or self.stop_level >= 2 or self._fatal is not None)
+        if self._fatal is not None:
+            raise self._fatal  # the command turns it into one line and its exit code
         return 1 if failed else 0
 
     def _drain_wake_pipe(self) -> None:
@@ -270,21 +284,34 @@ class Agent:
             pass
 
     def _begin_drain(self) -> float:
+        # Say so first (retained, this connection's seq): the coordinator stops sending work
+        # before this agent turns any away, and tasks already on their way come back released.
+        with self._presence_lock:
+            self._draining = True
+            announce = self._announced and not self._left and self.transport.connected
+            draining = self._presence(PresenceState.DRAINING, None, self._seq)
+        if announce:
+            try:
+                self.transport.publish(self.presence_topic, draining.encode(), qos=1, retain=True)
+            except BrokerError as exc:
+                log.warning("could not publish the draining presence: %s", exc)
         self.state = AgentState.DRAINING
         dropped = self.runner.drop_queued()
-        for job in dropped:
-            self._held.pop(cast(TaskKey, job.key), None)
         running = len(self.runner.running)
         log.warning("draining: no new tasks; %d running task(s) get up to %g s to finish%s "
                     "(signal again to stop at once)", running, self.settings.grace,
-                    f"; {len(dropped)} queued task(s) dropped, the coordinator reassigns them" if dropped else "")
+                    f"; {len(dropped)} queued task(s) handed back unrun" if dropped else "")
+        if dropped:
+            self._report_all([Finished(job.key, Outcome.RELEASED, error=TaskError(
+                RELEASED_ERROR, "queued on a worker that shut down; never started")) for job in dropped])
         return self._clock() + self.settings.grace
 
     def _abort_running(self, reason: str) -> None:
         killed = self.runner.kill_running(reason)
         if killed:
             names = ", ".join(f"{key[0]} attempt {key[1]}" for key in (f.key for f in killed))  # type: ignore[index]
-            log.warning("killed %d task(s) %s: %s (reported as crashed, type Shutdown)", len(killed), reason, names)
+            log.warning("killed %d task(s) %s: %s (handed back: released, no attempt used)", len(killed), reason,
+                        names)
         if killed:
             self._report_all(killed)
 
@@ -345,12 +372,18 @@ class Agent:
                 self._write_health()
             elif kind == "disconnected":
                 self._connected, self._link_since, self._last_error = False, self._wall(), event[1]
+                if self.transport.failure is not None:  # retrying cannot help: stop (run raises it)
+                    self._fatal = self.transport.failure
+                    continue
                 log.warning("broker connection lost (%s); %d task(s) keep running, results wait for "
                             "the reconnection", event[1], len(self._held))
                 self._write_health()
 
     def _on_task_message(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic != self.task_topic:
+            if topic == self.rebirth_topic and not retained:  # checked here: off the tasks' path
+                self._answer_rebirth(payload)
+                return
             # amqtt sends a new client the retained messages of *other* clients' filters.
             log.debug("ignored a message on %s (not subscribed here)", topic)
             return
@@ -365,10 +398,6 @@ class Agent:
             self._malformed(payload, exc)
             return
         key: TaskKey = (task.task_id, task.attempt)
-        if self.state is AgentState.DRAINING:
-            self.counts["ignored"] += 1
-            log.info("draining: task %s attempt %d not taken (the coordinator reassigns it)", *key)
-            return
         if key in self._held:
             self.counts["duplicates"] += 1
             log.info("task %s attempt %d received again while held; ignored", *key)
@@ -386,6 +415,13 @@ class Agent:
             # Same id, other content (a new coordinator database), or a result too big to keep:
             # this is work to do.
             del self._finished[key]
+        if self.state is AgentState.DRAINING:
+            # Sent before the coordinator saw the draining presence: hand it back at once.
+            self.counts["released"] += 1
+            log.info("draining: task %s attempt %d handed back unrun", *key)
+            self._publish_result(Result(task.task_id, task.attempt, self.ref.worker, self.ref.volunteer,
+                                        Outcome.RELEASED, error=TaskError(RELEASED_ERROR, "sent to a draining worker")))
+            return
         try:
             self.registry.check(task.function, task.args)
             # It holds at most `concurrency` running tasks plus the queued: count only near the limit.
@@ -401,6 +437,28 @@ class Agent:
         self._held[key] = task
         self.counts["received"] += 1
         self.runner.submit(Job(key, task.function, task.args, task.timeout, label=f"task {key[0]} attempt {key[1]}"))
+
+    def _answer_rebirth(self, payload: bytes) -> None:
+        """The coordinator asks for a proof of life: publish the presence again (same seq)."""
+        try:
+            request = Rebirth.decode(payload)
+        except DecodeError as exc:
+            log.warning("ignored a malformed rebirth request: %s", exc.reason)
+            return
+        if not request.asks(self.ref.key):
+            return
+        with self._presence_lock:
+            if self._left or not self._announced:
+                return  # not announced yet: the presence on CONNACK answers it
+            state = PresenceState.DRAINING if self._draining else PresenceState.ONLINE
+            presence = self._presence(state, None, self._seq)
+        try:
+            self.transport.publish(self.presence_topic, presence.encode(), qos=1, retain=True)
+        except BrokerError as exc:
+            log.warning("could not answer the rebirth request: %s", exc)
+            return
+        self.counts["rebirths"] += 1
+        log.info("answered a rebirth request: %s (seq %d)", state.value, presence.seq)
 
     def _malformed(self, payload: bytes, exc: DecodeError) -> None:
         self.counts["malformed"] += 1

@@ -81,8 +81,11 @@ def run(broker_url: str, worker_id: str | None, volunteer: str | None, concurren
         verbose: int) -> None:
     """Connect to the broker and run tasks until stopped.
 
-    The first SIGTERM or Ctrl-C drains: no new tasks, running ones get --grace seconds, then
-    an offline presence and a clean disconnect. A second one stops at once.
+    The first SIGTERM or Ctrl-C drains: a draining presence (the coordinator sends no more),
+    queued tasks are handed back unrun, running ones get --grace seconds (then are killed and
+    handed back: no task loses an attempt), then an offline presence and a clean disconnect.
+    A second one stops at once. A broker that refuses this agent for good (password, TLS)
+    stops it with exit code 11 (a missing ?ca= file: 6).
     """
     from dockercomp.agent.agent import Agent  # not needed by `check`, which Docker runs every 15 s
 

@@ -262,8 +262,9 @@ class Runner:
         return finished
 
     def kill_running(self, reason: str) -> list[Finished]:
-        """Kill every running job (grace period over); each is reported ``crashed`` with
-        error type Shutdown. Jobs not started are not reported. The pool is left stopped."""
+        """Kill every running job (grace period over); each is reported ``released`` (handed
+        back to the coordinator without using an attempt) with error type Shutdown. Jobs not
+        started are not reported. The pool is left stopped."""
         finished: list[Finished] = []
         self._started = False  # nothing is restarted from here on
         for slot in self._slots:
@@ -272,7 +273,7 @@ class Runner:
             now = self._clock()
             if slot.sent:
                 job = slot.sent[0][1]
-                finished.append(Finished(job.key, Outcome.CRASHED,
+                finished.append(Finished(job.key, Outcome.RELEASED,
                                          error=TaskError(SHUTDOWN_ERROR, reason), elapsed=now - slot.since))
             self._kill(slot)
             self._set(slot, SlotState.DEAD, None)

@@ -2,8 +2,8 @@
 
 Each simulated worker behaves like a real agent on the wire: a last will with a retained
 offline (lost) presence, a retained online presence with the same ``seq`` on CONNACK
-(capacity 1, offering the no-op function), a QoS 1 subscription to its task topic, and a
-Result (outcome ok, value None; the bytes an agent sends) for every task, at once. It runs no task process: scale
+(capacity 1, offering the no-op function; again when a rebirth request asks), a QoS 1
+subscription to its task topic, and a Result (outcome ok, value None; the bytes an agent sends) for every task, at once. It runs no task process: scale
 mode measures the coordinator, not the agents.
 
 All clients of one process share one ``selectors`` loop driven through paho's external-loop
@@ -22,7 +22,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from dockercomp.broker.messages import OfflineReason, Outcome, Presence, PresenceState, Result
+from dockercomp.broker.messages import OfflineReason, Outcome, Presence, PresenceState, Rebirth, Result
 from dockercomp.broker.topics import Topics, WorkerRef
 from bench.defaults import FUNCTION, KEEPALIVE, VOLUNTEER
 
@@ -84,6 +84,8 @@ class Swarm:
             client.user_data_set(sim)
             client.on_connect = self._on_connect
             client.on_message = self._on_message
+            # A callback of its own: the tasks' on_message stays as it was.
+            client.message_callback_add(self.topics.coordinator_rebirth, self._on_rebirth)
             client.on_socket_open = self._on_socket_open
             client.on_socket_close = self._on_socket_close
             client.on_socket_register_write = self._on_register_write
@@ -145,11 +147,15 @@ class Swarm:
     def _on_connect(self, client: mqtt.Client, sim: _Sim, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
             return
-        client.subscribe(sim.tasks_topic, 1)
+        client.subscribe([(sim.tasks_topic, 1), (self.topics.coordinator_rebirth, 1)])
         client.publish(sim.presence_topic, sim.online.encode(), qos=1, retain=True)
         if not sim.connected:
             sim.connected = True
             self.connected += 1
+
+    def _on_rebirth(self, client: mqtt.Client, sim: _Sim, message: Any) -> None:
+        if not message.retain and Rebirth.decode(message.payload).asks(sim.ref.key):
+            client.publish(sim.presence_topic, sim.online.encode(), qos=1, retain=True)
 
     def _on_message(self, client: mqtt.Client, sim: _Sim, message: Any) -> None:
         # A light parse, not Task.decode: the coordinator's cost is what scale mode measures,

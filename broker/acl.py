@@ -11,11 +11,14 @@ The policy (``{root}`` is the topic root, ``dockercomp`` by default)::
         write  {root}/workers/%u/+/results      its workers' results
         read   {root}/workers/%u/+/tasks        its workers' tasks, nobody else's
         read   {root}/status/workers/%u/#       the status of its own workers
+        read   {root}/coordinator/rebirth       rebirth requests (a pattern without %u: every
+                                                client may read them; they name only workers)
     coordinator
         read   {root}/workers/+/+/presence, {root}/workers/+/+/results
         write  {root}/workers/+/+/tasks, {root}/workers/+/+/presence (clears a purged worker)
         readwrite {root}/status/#, {root}/coordinator/presence, {root}/coordinator/nudge
                                                 (submit, run with the coordinator's account, nudges serve)
+        write  {root}/coordinator/rebirth       only the coordinator asks workers to announce
     observer
         deny   {root}/workers/#                 (overrides the volunteer patterns)
         read   {root}/status/#
@@ -84,6 +87,9 @@ def volunteer_patterns(root: str = ROOT_TOPIC) -> list[Rule]:
         Rule(Access.WRITE, f"{root}/workers/%u/+/results"),
         Rule(Access.READ, f"{root}/workers/%u/+/tasks"),
         Rule(Access.READ, f"{root}/status/workers/%u/#"),
+        # No %u: Mosquitto grants it to every client, anonymous ones too. Harmless: a rebirth
+        # request carries worker keys at most, which the status topics publish anyway.
+        Rule(Access.READ, f"{root}/coordinator/rebirth"),
     ]
 
 
@@ -99,6 +105,7 @@ def role_rules(role: Role, root: str = ROOT_TOPIC) -> list[Rule]:
             Rule(Access.READWRITE, f"{root}/coordinator/presence"),
             # A submitter wakes the engine: only the coordinator account may (no flood by others).
             Rule(Access.READWRITE, f"{root}/coordinator/nudge"),
+            Rule(Access.WRITE, f"{root}/coordinator/rebirth"),
         ]
     if role is Role.OBSERVER:
         # The deny beats the volunteer patterns, which apply to every account.

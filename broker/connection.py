@@ -31,7 +31,8 @@ from dockercomp.broker.defaults import (
     RECONNECT_JITTER,
     RECONNECT_MAX_SECONDS,
 )
-from dockercomp.broker.errors import BrokerError, ConnectionFailed
+from dockercomp.broker.diagnosis import ca_file_problem, describe_connect_error, speaks
+from dockercomp.broker.errors import BrokerError, ConnectionFailed, ConnectionRejected
 from dockercomp.broker.settings import BrokerSettings
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class Transport(ABC):
     on_disconnect: Callable[[str], None] | None = None
     #: Called before every connection attempt; its Will (or None) is registered with the broker.
     will_factory: Callable[[], Will | None] | None = None
+    #: Set when the transport gave up for good (ConnectionRejected), before on_disconnect is called.
+    failure: ConnectionFailed | None = None
 
     @abstractmethod
     def start(self) -> None:
@@ -102,23 +105,6 @@ class Transport(ABC):
     @property
     def unacked(self) -> int:
         return 0
-
-
-def describe_connect_error(exc: BaseException) -> str:
-    """A cause a person can act on."""
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused: is the broker running there? (`dockercomp broker serve` starts a local one)"
-    if isinstance(exc, socket.gaierror):
-        return "unknown host name: check the broker URL"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate not trusted ({exc.verify_message}): pass ?ca=/path/to/ca.pem in the URL"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS handshake failed ({exc.reason}): is that a TLS port, and mqtts:// the right scheme?"
-    if isinstance(exc, (TimeoutError, socket.timeout)):
-        return "no answer (timed out): check host, port and firewall"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return str(exc) or type(exc).__name__
 
 
 def backoff_delays(
@@ -308,10 +294,13 @@ class MqttConnection(Transport):
         if settings.username:
             self._client.username_pw_set(settings.username, settings.password)
         if settings.tls:
-            self._client.tls_set(
-                ca_certs=settings.ca_file,
-                cert_reqs=ssl.CERT_NONE if settings.insecure else ssl.CERT_REQUIRED,
-            )
+            try:
+                self._client.tls_set(
+                    ca_certs=settings.ca_file,
+                    cert_reqs=ssl.CERT_NONE if settings.insecure else ssl.CERT_REQUIRED,
+                )
+            except (OSError, ssl.SSLError) as exc:  # paho reads the file here: the name is ours to give
+                raise ca_file_problem(settings, exc) from None
             self._client.tls_insecure_set(settings.insecure)
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
@@ -325,6 +314,10 @@ class MqttConnection(Transport):
         self._last_error = "not connected yet"
         self._thread: threading.Thread | None = None
         self._network_thread_id: int | None = None
+        # Until the first connection succeeds, an error that retrying cannot mend ends the
+        # transport (failure); after it, every error is retried (a broker restart, a reload).
+        self._ever_connected = False
+        self.failure: ConnectionFailed | None = None
 
     # -- Transport -------------------------------------------------------------------------
     def start(self) -> None:
@@ -339,8 +332,12 @@ class MqttConnection(Transport):
         self._thread.start()
 
     def wait_connected(self, timeout: float) -> None:
-        if not self._connected.wait(timeout):
-            raise ConnectionFailed(self.settings.url, self._last_error)
+        deadline = time.monotonic() + timeout
+        while not self._connected.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+            if self.failure is not None:
+                raise self.failure
+            if time.monotonic() >= deadline:
+                raise ConnectionFailed(self.settings.url, self._last_error)
 
     @property
     def connected(self) -> bool:
@@ -447,12 +444,14 @@ class MqttConnection(Transport):
                 self._client.will_set(will.topic, will.payload, will.qos, will.retain)
             else:
                 self._client.will_clear()
+            reached = False  # the TCP connection was made: a failure after it is the broker's answer
             try:
                 if first:
                     self._client.connect(self.settings.host, self.settings.port, self.settings.keepalive)
                     first = False
                 else:
                     self._client.reconnect()
+                reached = True
                 self._set_nodelay()
                 stop_since: float | None = None
                 while True:
@@ -468,14 +467,49 @@ class MqttConnection(Transport):
                         delays = self._backoff()
             except Exception as exc:  # noqa: BLE001 - any failure means: wait, then reconnect
                 self._last_error = describe_connect_error(exc)
-                if isinstance(exc, OSError) or isinstance(exc, ssl.SSLError):
+                if self.failure is None and not self._ever_connected:
+                    self.failure = self._permanent(exc)
+                if self.failure is None and isinstance(exc, (OSError, ssl.SSLError)):
                     log.warning("broker %s unreachable: %s; retrying", self.settings.url, self._last_error)
-                else:
+                elif self.failure is None:
                     log.exception("MQTT network loop failed; reconnecting")
+            else:
+                if (reached and self.failure is None and not self._ever_connected and not self.settings.tls
+                        and not self._stopping.is_set() and not self._last_error.startswith("the broker refused")):
+                    # Closed before any CONNACK: a TLS listener drops a plain CONNECT like this.
+                    if speaks(self.settings.host, self.settings.port, tls=True):
+                        self.failure = ConnectionRejected(
+                            self.settings.url, "that port speaks TLS, and this URL plain MQTT",
+                            "use mqtts:// (with ?ca=/path/to/ca.crt for a private CA) or the broker's plain port")
             self._connected.clear()
+            if self.failure is not None:
+                self._give_up()
+                break
             if self._stopping.is_set():
                 break
             self._stopping.wait(next(delays))
+
+    def _permanent(self, exc: BaseException) -> ConnectionRejected | None:
+        """The error as one retrying cannot mend, or None for one worth retrying."""
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return ConnectionRejected(self.settings.url, self._last_error,
+                                      "pass the broker's CA certificate as ?ca=/path/to/ca.crt, and connect "
+                                      "by a host name the certificate names")
+        if (self.settings.tls and isinstance(exc, (ssl.SSLError, ConnectionResetError, EOFError))
+                and speaks(self.settings.host, self.settings.port, tls=False)):
+            return ConnectionRejected(self.settings.url, "that port speaks plain MQTT, and this URL TLS",
+                                      "use mqtt:// for this port, or the broker's TLS port (8883)")
+        return None
+
+    def _give_up(self) -> None:
+        """Stop for good (network thread): say why once, and tell the owner."""
+        assert self.failure is not None
+        log.error("%s; not retrying (%s)", self.failure, self.failure.hint)
+        if self.on_disconnect is not None:
+            try:
+                self.on_disconnect(self.failure.reason)
+            except Exception:  # noqa: BLE001
+                log.exception("on_disconnect callback failed")
 
     def _set_nodelay(self) -> None:
         # Nagle + delayed ACK cost ~3.6x throughput with many small messages in flight.
@@ -489,13 +523,21 @@ class MqttConnection(Transport):
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if reason_code.is_failure:
             self._last_error = f"the broker refused the connection: {reason_code}"
-            if "authori" in str(reason_code).lower() or "password" in str(reason_code).lower():
+            credentials = "authori" in str(reason_code).lower() or "password" in str(reason_code).lower()
+            if credentials:
                 self._last_error += " (check the user name and password in the broker URL)"
-            log.warning("%s", self._last_error)
+            if credentials and not self._ever_connected:
+                self.failure = ConnectionRejected(
+                    self.settings.url, f"the broker refused the user name or password ({reason_code})",
+                    "check the user name and password (in the URL, --username or the password variable); "
+                    "the broker's operator can re-issue them")
+            else:
+                log.warning("%s", self._last_error)
             return
         if self._subscriptions:
             client.subscribe(list(self._subscriptions.items()))
         self._last_error = ""
+        self._ever_connected = True
         self._connected.set()
         log.info("connected to %s as %s", self.settings.url, self.client_id)
         if self.on_connect is not None:
@@ -514,6 +556,8 @@ class MqttConnection(Transport):
         # it is what the user must fix (e.g. the password).
         if was_connected or not self._last_error.startswith("the broker refused"):
             self._last_error = reason
+        if self.failure is not None:
+            return  # _run stops and reports it once
         if was_connected:
             log.warning("%s from %s; reconnecting", reason, self.settings.url)
         if self.on_disconnect is not None:

@@ -82,3 +82,6 @@ COMPOSE_BROKER_VARIABLES = {"coordinator": "DOCKERCOMP_COORDINATOR_BROKER", "loc
 
 # The script volunteers run; the scientist hands them installer/install_me.sh.
 INSTALL_SCRIPT = "install_me.sh"
+# Seconds a one-off probe of the broker's port may take (is it TLS? plain MQTT?), asked only
+# after a first connection failed in a way a protocol mismatch explains.
+PROBE_TIMEOUT_SECONDS = 2.0

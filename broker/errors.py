@@ -67,6 +67,19 @@ class ConnectionFailed(BrokerError):
         super().__init__(f"cannot connect to the MQTT broker at {url}: {reason}")
 
 
+class ConnectionRejected(ConnectionFailed):
+    """A connection error that retrying cannot mend (refused credentials, plain MQTT to a TLS
+    port, an untrusted certificate, a missing CA file): agent and coordinator stop on it."""
+
+    exit_code = Exit.REFUSED
+
+    def __init__(self, url: str, reason: str, hint: str, exit_code: int | None = None) -> None:
+        super().__init__(url, reason)
+        self.hint = hint
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
 # --------------------------------------------------------------------------- administration
 class AdminError(BrokerError):
     """Accounts, ACL, certificates or a reload failed; ``hint`` says what to do next.

@@ -21,6 +21,9 @@ from dockercomp.broker.topics import validate_name
 
 class PresenceState(str, Enum):
     ONLINE = "online"  # connected and taking work
+    # Connected, finishing what it runs, taking no new work (shutting down): published before
+    # it stops taking tasks, so the coordinator stops sending before any task is turned away.
+    DRAINING = "draining"
     OFFLINE = "offline"  # gone; see OfflineReason
 
 
@@ -40,6 +43,9 @@ class Outcome(str, Enum):
     TIMEOUT = "timeout"  # the function ran past the task's time limit and was killed
     CRASHED = "crashed"  # the process running the function died (os._exit, segfault, OOM)
     REJECTED = "rejected"  # the worker refused the task: unknown function or malformed task
+    # The worker hands the task back unrun or cut short by its own shutdown (queued, arriving
+    # while draining, killed at the end of the grace period): it does not use an attempt.
+    RELEASED = "released"
 
 
 # Failures that come from the task itself, not the worker: the same task fails the same way on
@@ -157,6 +163,13 @@ class _Fields:
                 raise self.fail(f"field {name!r} {problem}")
         return value
 
+    def strings(self, name: str, most: int, what: str) -> list[str]:
+        """An optional list of at most ``most`` non-empty strings of up to 200 characters."""
+        values = self.get(name, list, [])
+        if len(values) > most or not all(isinstance(x, str) and 0 < len(x) <= 200 for x in values):
+            raise self.fail(f"field {name!r} must be a list of at most {most} {what}")
+        return values
+
     def name(self, field_name: str, what: str) -> str:
         value = self.get(field_name, str)
         try:
@@ -244,9 +257,7 @@ class Presence:
     @classmethod
     def decode(cls, payload: bytes | str) -> "Presence":
         f = _Fields(cls.KIND, load_object(cls.KIND, payload), payload)
-        functions = f.get("functions", list, [])
-        if len(functions) > 1000 or not all(isinstance(x, str) and 0 < len(x) <= 200 for x in functions):
-            raise f.fail("field 'functions' must be a list of at most 1000 short strings")
+        functions = f.strings("functions", 1000, "short strings")
         state = f.enum("state", PresenceState)
         return cls(
             worker=f.name("worker", "worker id"),
@@ -264,6 +275,29 @@ class Presence:
             started=float(f.get("started", (int, float), 0.0)),
             prefetch=f.get("prefetch", int, 0, check=_non_negative),
         )
+
+
+@dataclass(frozen=True)
+class Rebirth:
+    """The coordinator asks workers to publish their presence again (Sparkplug B's rebirth):
+    a retained presence replayed by the broker is no proof of life, a fresh one is. Not
+    retained. ``workers`` names the ``volunteer/worker`` keys asked; empty asks every worker."""
+
+    workers: tuple[str, ...] = ()
+    v: int = PROTOCOL_VERSION
+
+    KIND = "rebirth"
+
+    def encode(self) -> bytes:
+        return _dump({"v": self.v, "workers": list(self.workers)})
+
+    def asks(self, key: str) -> bool:
+        return not self.workers or key in self.workers
+
+    @classmethod
+    def decode(cls, payload: bytes | str) -> "Rebirth":
+        f = _Fields(cls.KIND, load_object(cls.KIND, payload), payload)
+        return cls(workers=tuple(f.strings("workers", 10_000, "worker keys")))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Layout (root ``dockercomp`` by default)::
     {root}/workers/{volunteer}/{worker}/results    results of that worker (worker -> coordinator)
     {root}/coordinator/presence                    retained coordinator presence
     {root}/coordinator/nudge                       "a job was submitted": look now (not retained)
+    {root}/coordinator/rebirth                     "announce yourselves again" (coordinator -> workers)
     {root}/status/summary                          retained overall progress
     {root}/status/jobs/{job}                       retained progress of one job
     {root}/status/workers/{volunteer}/{worker}     retained counters of one worker
@@ -136,6 +137,10 @@ class Topics:
         """Where a submitter says "new work is stored": the engine polls its jobs at once
         instead of at its next poll (a wake-up only: the payload is ignored, never retained)."""
         return f"{self.root}/coordinator/nudge"
+
+    @property
+    def coordinator_rebirth(self) -> str:
+        return f"{self.root}/coordinator/rebirth"
 
     @property
     def status_summary(self) -> str:

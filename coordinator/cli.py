@@ -122,11 +122,14 @@ def main(verbose: int) -> None:
 @click.option("--fail-unroutable", type=click.FloatRange(min=0), default=defaults.FAIL_UNROUTABLE, show_default=True,
               metavar="S", help="Fail the pending tasks of a job whose function no online worker has offered "
                                 "for S seconds (a misspelt function); 0: never.")
+@click.option("--rebirth-timeout", type=float, default=defaults.REBIRTH_TIMEOUT, show_default=True, metavar="S",
+              help="Seconds a worker has to answer a rebirth request before it is presumed lost.")
 @click.option("--client-id", default=None, help="MQTT client id (default: derived from host and pid).")
 @click.option("-v", "--verbose", count=True, help="-v: workers, jobs and leases; -vv: debug.")
 @command_errors
 def serve(broker: str, db: str, purge_after: float, lease_check: float, lease_margin: float,
-          fail_unroutable: float, client_id: str | None, verbose: int, **caps: int) -> None:
+          fail_unroutable: float, rebirth_timeout: float, client_id: str | None, verbose: int,
+          **caps: int) -> None:
     """Hand out tasks to workers, collect their results, and publish status, until stopped.
 
     First SIGINT/SIGTERM: stop taking messages, publish the last status and an offline
@@ -136,7 +139,7 @@ def serve(broker: str, db: str, purge_after: float, lease_check: float, lease_ma
 
     _setup_logging(verbose)
     settings = CoordinatorSettings(purge_after=purge_after, lease_check=lease_check, lease_margin=lease_margin,
-                                   fail_unroutable=fail_unroutable, **caps)
+                                   fail_unroutable=fail_unroutable, rebirth_timeout=rebirth_timeout, **caps)
     coordinator = Coordinator.connect(broker, db, settings, client_id=client_id)
     signals = 0
 

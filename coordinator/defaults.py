@@ -54,6 +54,12 @@ MAX_CAP_SETTING = 1_000_000
 # Seconds between checks for expired leases.
 LEASE_CHECK_INTERVAL = 1.0
 
+# Seconds a worker has to answer a rebirth request (sent when the coordinator (re)connects,
+# and to a worker whose lease expired) before it is presumed dead and its work returned: a
+# live agent in reconnect backoff retries within 30 s x 1.5 (broker.defaults RECONNECT_*),
+# plus one default keepalive for the connection to be made and its presence to arrive.
+REBIRTH_TIMEOUT = 55.0
+
 # Seconds a lost worker stays "lost" before it is purged and its retained presence cleared.
 PURGE_AFTER = 300.0
 

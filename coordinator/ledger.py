@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 
-from dockercomp.broker.messages import Result
+from dockercomp.broker.messages import Outcome, Result
 from dockercomp.broker.topics import WorkerRef
 from dockercomp.coordinator.dispatch import JobBook
 from dockercomp.coordinator.leases import Lease, Leases, error_json, nonce_matches
@@ -125,6 +125,8 @@ class Ledger:
         elif result.ok:
             self.leases.remove(lease)
             self._accept(lease.attempt_id, task_id, lease.job_id, TaskState.ASSIGNED, slot, result, now)
+        elif result.outcome is Outcome.RELEASED:
+            self.hand_back(lease, dump_json(result.error.to_object() if result.error else None))
         else:
             error = result.error.to_object() if result.error else {"type": result.outcome.value, "message": ""}
             self.close_failed(lease, AttemptOutcome(result.outcome.value), dump_json(error),
@@ -225,10 +227,32 @@ class Ledger:
         for lease in self.leases.of_worker(slot.id):
             self.close_failed(lease, AttemptOutcome.LOST, error_json("WorkerLost", message))
 
-    def expire(self, now: float) -> None:
-        """Close the attempts whose lease deadline has passed."""
+    def hand_back(self, lease: Lease, error: str | None) -> None:
+        """Close an attempt a worker handed back on a clean shutdown (released): the task goes
+        back to pending with its attempt budget unchanged, and the worker is not blamed."""
+        self.leases.remove(lease)
+        self.changes.close(lease.attempt_id, AttemptOutcome.RELEASED, error, None)
+        self.status.worker_changed(lease.worker_id)
+        job = self.jobs.get(lease.job_id)
+        if job is None or not job.active:
+            return  # cancelled meanwhile: the task stays cancelled
+        if not job.replication.single:
+            self.jobs.quorum.on_release(job, lease)  # the replica is opened again, elsewhere
+            self.status.job_changed(job.id)
+            return
+        self.changes.uncharge(lease.task_id)
+        self.changes.set_task(lease.task_id, TaskState.PENDING)
+        job.move(TaskState.ASSIGNED.value, TaskState.PENDING.value)
+        job.drained = False
+        self.status.job_changed(job.id)
+
+    def expire(self, now: float) -> set[int]:
+        """Close the attempts whose lease deadline has passed; returns the ids of the workers
+        that held them (they must show life before they get more work)."""
         self.now = now
+        holders: set[int] = set()
         for lease in self.leases.expired(now):
+            holders.add(lease.worker_id)
             worker = self.workers.by_id.get(lease.worker_id)
             name = worker.key if worker else f"worker #{lease.worker_id}"
             limit = lease.deadline - lease.sent_at
@@ -236,3 +260,4 @@ class Ledger:
                      lease.task_id, lease.number, name)
             self.close_failed(lease, AttemptOutcome.EXPIRED,
                               error_json("LeaseExpired", f"no result from {name} within {limit:g} s"))
+        return holders

@@ -452,6 +452,10 @@ class MemoryStore(Store):
             for worker_id, n in changes.worker_failed.items():
                 worker = self._workers[worker_id]
                 self._workers[worker_id] = replace(worker, tasks_failed=worker.tasks_failed + n)
+            for task_id, n in changes.uncharged.items():
+                task = self._tasks.get(task_id)
+                if task is not None:
+                    self._tasks[task_id] = replace(task, retries_from=task.retries_from + n)
         changes.clear()
 
     def _close(self, attempt_id: int, outcome: str, error: str | None, now: float) -> None:

@@ -228,6 +228,15 @@ class Quorum:
         self._recheck(votes)
         job.drained = False
 
+    def on_release(self, job: "JobInfo", lease: Lease) -> None:
+        """A replica handed back on a clean shutdown: it is owed again, and no failure counts."""
+        votes = self.tasks.get(lease.task_id)
+        if votes is None:
+            return
+        votes.open.pop(lease.attempt_id, None)
+        self._recheck(votes)
+        job.drained = False
+
     # -- decisions ------------------------------------------------------------------------------
     def _groups(self, replication: Replication, votes: list[Vote]) -> list[list[Vote]]:
         """Votes in groups that agree; a group's first vote is its representative."""

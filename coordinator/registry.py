@@ -6,8 +6,12 @@ presence means for the work a worker holds (``PresenceChange``) is decided here 
 connection sequence (``seq``, Sparkplug B's bdSeq: a will carries the number of the
 connection it belongs to) and its process start time; the ledger acts on it.
 
-A stored "online" is hearsay until the worker's presence is seen by this coordinator
-(``confirmed``): only confirmed workers get work. Lost workers are purged after a grace period.
+A stored "online" is hearsay until a live presence of the worker is seen by this coordinator
+(``confirmed``): only confirmed workers get work. A retained presence the broker replays on
+subscribe is no proof of life (the worker may have died while the broker was down, so no
+will fired): the coordinator asks every worker to announce itself again (a rebirth request)
+and presumes lost those that stay silent past a deadline (``awaiting``). Lost workers are
+purged after a grace period.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class PresenceChange(str, Enum):
     NEW = "new"  # first presence ever seen from this worker
     ONLINE = "online"  # online again after being lost, offline or purged (same process)
     RECONNECTED = "reconnected"  # a new connection of the same process, or first seen since we started
+    DRAINING = "draining"  # shutting down: keeps its work, gets no more
     RESTARTED = "restarted"  # a new agent process: whatever the old one held is gone
     LOST = "lost"  # its will: the connection dropped without goodbye
     SHUTDOWN = "shutdown"  # it said goodbye
@@ -63,6 +68,9 @@ class WorkerSlot:
     asked: tuple[int, int] = (0, 0)
     # The (asked, granted) last logged as capped: each change is logged once, not every presence.
     capped_note: tuple[int, int, int, int] | None = None
+    # Marked lost for not answering a rebirth request (not by a will): a live online presence
+    # of the same connection brings it back.
+    presumed: bool = False
 
     @property
     def key(self) -> str:
@@ -119,6 +127,10 @@ class WorkerRegistry:
         # dispatchable(), kept between presence changes: sorting 1,000 workers on every
         # engine step was a visible share of the dispatch cost at scale.
         self._dispatchable: list[WorkerSlot] | None = None
+        # Workers asked to show life (rebirth): worker id -> when silence makes them lost.
+        self.awaiting: dict[int, float] = {}
+        # Seconds a worker known only from a replayed presence has to show life.
+        self.answer_timeout = float("inf")
 
     def load(self) -> None:
         self.by_key.clear()
@@ -167,25 +179,79 @@ class WorkerRegistry:
         """Until its presence is seen again, no worker gets work (after a broker outage)."""
         for worker in self.by_id.values():
             worker.confirmed = False
+        self.awaiting.clear()  # nobody could answer while we were cut off: a new round starts
         self._dispatchable = None
 
-    def apply(self, ref: WorkerRef, presence: Presence, now: float) -> tuple[WorkerSlot, PresenceChange]:
-        """Record a presence message; says what it means for the work the worker holds."""
+    def ask_all(self, now: float) -> None:
+        """A rebirth request went out to everyone: each online worker not confirmed yet must
+        answer within ``answer_timeout``."""
+        deadline = now + self.answer_timeout
+        for worker in self.by_id.values():
+            if not worker.confirmed and worker.state in _ALIVE:
+                self.awaiting[worker.id] = min(self.awaiting.get(worker.id, deadline), deadline)
+
+    def ask(self, slot: WorkerSlot, now: float) -> None:
+        """Ask one worker to show life (its lease expired): no work until it does."""
+        slot.confirmed = False
+        self._dispatchable = None
+        self.awaiting.setdefault(slot.id, now + self.answer_timeout)
+
+    def silent(self, now: float) -> list[WorkerSlot]:
+        """The workers whose deadline to answer passed without a live presence (taken off the
+        list: the caller marks them lost)."""
+        due = [worker_id for worker_id, deadline in self.awaiting.items() if deadline <= now]
+        silent = []
+        for worker_id in due:
+            del self.awaiting[worker_id]
+            slot = self.by_id.get(worker_id)
+            if slot is not None and not slot.confirmed and slot.state in _ALIVE:
+                silent.append(slot)
+        return silent
+
+    def presume_lost(self, slot: WorkerSlot, now: float) -> None:
+        """Mark a silent worker lost (as its will would have); its work is the caller's to return."""
+        self._dispatchable = None
+        self.store.update_worker(slot.id, state=WorkerState.LOST.value, last_seen=slot.last_seen, lost_at=now)
+        slot.state, slot.lost_at, slot.presumed = WorkerState.LOST.value, now, True
+        self._cap(slot.ref.volunteer)  # its share of the volunteer's caps goes back to the others
+
+    def apply(self, ref: WorkerRef, presence: Presence, now: float,
+              live: bool = True) -> tuple[WorkerSlot, PresenceChange]:
+        """Record a presence message; says what it means for the work the worker holds.
+        ``live``: published just now, not a retained one the broker replays on subscribe; only
+        a live online (or draining) presence confirms a worker."""
         slot = self.by_key.get(ref.key)
         online = presence.state is PresenceState.ONLINE
         self._dispatchable = None
+        # Presumed lost for its silence, it now answers on the same connection: alive after all.
+        revived = False
+        if slot is not None and live and presence.state is not PresenceState.OFFLINE:
+            self.awaiting.pop(slot.id, None)
+            revived = slot.presumed and presence.seq == slot.seq and slot.state == WorkerState.LOST.value
         if slot is None:
-            state = WorkerState.ONLINE if online else WorkerState.LOST
+            state = WorkerState.ONLINE if online else (
+                WorkerState.DRAINING if presence.state is PresenceState.DRAINING else WorkerState.LOST)
             row = self.store.add_worker(ref.key, ref.volunteer, ref.worker, now, state=state.value, seq=presence.seq,
-                                        lost_at=None if online else now, **_details(presence, self.caps))
-            slot = self._add(row, ref, confirmed=True)
+                                        lost_at=None if state is not WorkerState.LOST else now,
+                                        **_details(presence, self.caps))
+            slot = self._add(row, ref, confirmed=live)
             slot.asked = (presence.capacity, presence.prefetch)
             self._cap(ref.volunteer)
+            self._await_if_replayed(slot, live, now)
             return slot, PresenceChange.NEW
         if presence.seq < slot.seq:
             return slot, PresenceChange.STALE
+        if presence.state is PresenceState.DRAINING:
+            if presence.seq == slot.seq and slot.state not in _ALIVE and not revived:
+                return slot, PresenceChange.STALE  # its goodbye or will was already seen
+            change = PresenceChange.UNCHANGED if slot.state == WorkerState.DRAINING.value else PresenceChange.DRAINING
+            self._update(slot, presence, WorkerState.DRAINING, now)
+            slot.confirmed = slot.confirmed or live
+            self._cap(ref.volunteer)  # a draining worker takes nothing: its share goes to the others
+            self._await_if_replayed(slot, live, now)
+            return slot, change
         if online:
-            if presence.seq == slot.seq and slot.state != WorkerState.ONLINE.value:
+            if presence.seq == slot.seq and slot.state != WorkerState.ONLINE.value and not revived:
                 # This connection's will or goodbye was already seen: the online is older news.
                 return slot, PresenceChange.STALE
             if slot.started and presence.started and presence.started != slot.started:
@@ -197,10 +263,11 @@ class WorkerRegistry:
             else:
                 change = PresenceChange.UNCHANGED
             self._update(slot, presence, WorkerState.ONLINE, now)
-            slot.confirmed = True
+            slot.confirmed = slot.confirmed or live
             self._cap(ref.volunteer)
+            self._await_if_replayed(slot, live, now)
             return slot, change
-        if presence.seq == slot.seq and slot.state != WorkerState.ONLINE.value:
+        if presence.seq == slot.seq and slot.state not in (WorkerState.ONLINE.value, WorkerState.DRAINING.value):
             return slot, PresenceChange.UNCHANGED
         shutdown = presence.reason is OfflineReason.SHUTDOWN
         self._update(slot, presence, WorkerState.OFFLINE if shutdown else WorkerState.LOST, now)
@@ -208,8 +275,13 @@ class WorkerRegistry:
         self._cap(ref.volunteer)  # its share of the volunteer's caps goes back to the others
         return slot, PresenceChange.SHUTDOWN if shutdown else PresenceChange.LOST
 
+    def _await_if_replayed(self, slot: WorkerSlot, live: bool, now: float) -> None:
+        """Known from a replayed presence only: it must show life like the others asked."""
+        if not live and not slot.confirmed and slot.state in _ALIVE:
+            self.awaiting.setdefault(slot.id, now + self.answer_timeout)
+
     def _update(self, slot: WorkerSlot, presence: Presence, state: WorkerState, now: float) -> None:
-        online = state is WorkerState.ONLINE
+        online = state is WorkerState.ONLINE or state is WorkerState.DRAINING
         fields: dict[str, Any] = {"state": state.value, "seq": presence.seq, "last_seen": now}
         if online:
             fields.update(_details(presence, self.caps), lost_at=None, purged_at=None)
@@ -221,6 +293,7 @@ class WorkerRegistry:
         elif state is WorkerState.LOST:
             fields["lost_at"] = now
             slot.lost_at = now
+        slot.presumed = False
         self.store.update_worker(slot.id, **fields)
         slot.state, slot.seq, slot.last_seen = state.value, presence.seq, now
 
@@ -248,6 +321,10 @@ class WorkerRegistry:
             slot.state = WorkerState.PURGED.value
             self._dispatchable = None
         return slot
+
+
+# Worker states that hold work and must show life when asked.
+_ALIVE = (WorkerState.ONLINE.value, WorkerState.DRAINING.value)
 
 
 def _details(presence: Presence, caps: Caps) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from typing import Any, Callable, TypeVar
 from dockercomp.broker.connection import MqttConnection, Transport, Will
 from dockercomp.broker.defaults import PROTOCOL_VERSION
 from dockercomp.broker.errors import BrokerError, DecodeError, InvalidTopic
-from dockercomp.broker.messages import Presence, Result, encode_status
+from dockercomp.broker.messages import Presence, Rebirth, Result, encode_status
 from dockercomp.broker.settings import BrokerSettings
 from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator import defaults
@@ -42,7 +42,7 @@ from dockercomp.coordinator.dispatch import Dispatcher, JobBook
 from dockercomp.coordinator.errors import CoordinatorError
 from dockercomp.coordinator.heartbeat import Heartbeat
 from dockercomp.coordinator.ledger import Ledger
-from dockercomp.coordinator.leases import Leases, PayloadBuilder
+from dockercomp.coordinator.leases import Leases, PayloadBuilder, error_json
 from dockercomp.coordinator.registry import Caps, PresenceChange, WorkerRegistry
 from dockercomp.coordinator.settings import CoordinatorSettings  # re-exported: the engine's settings
 from dockercomp.coordinator.status import RateMeter, Rejection, Rejections, StatusPublisher, summary_status
@@ -57,6 +57,14 @@ _Sent = TypeVar("_Sent", Presence, Result)
 # Queue items telling the engine that the transport (re)connected or lost its connection.
 _CONNECTED = ("", b"connected")
 _DISCONNECTED = ("", b"disconnected")
+
+
+class _Replayed(bytes):
+    """The payload of a retained message the broker replayed on subscribe (not published
+    just now): a presence like this is no proof of life. A bytes subclass, so the inbox and
+    every message that is not a presence are handled as before, at no cost."""
+
+
 # Seconds the engine waits after a failed database transaction before trying again.
 _RETRY_DELAY = 1.0
 
@@ -89,6 +97,8 @@ class Coordinator:
         self.status = StatusPublisher(self.topics, self.settings.status_interval)
         self.ledger = Ledger(store, self.workers, self.jobs, self.status, self.rejections)
         self.unroutable = UnroutableJobs(store, self.settings.fail_unroutable) if self.settings.fail_unroutable else None
+        self.workers.answer_timeout = self.settings.rebirth_timeout
+        self._rebirth: list[str] | None = None  # worker keys to ask to show life ([] = everyone)
         self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -249,7 +259,7 @@ class Coordinator:
         # so the step that takes the item polls (_handle ignores the item itself).
         if topic == self.topics.coordinator_nudge:
             self._nudged = True
-        self._inbox.put((topic, payload))
+        self._inbox.put((topic, _Replayed(payload) if retained else payload))
 
     def _presence(self, state: str, reason: str | None = None) -> bytes:
         return encode_status({"state": state, "reason": reason, "started": self.started, **self._identity})
@@ -323,7 +333,8 @@ class Coordinator:
                 if lease_due:
                     self._next_lease = now + self.settings.lease_check
                     if self._offline_since is None:  # no result can reach us while cut off
-                        self.ledger.expire(now)
+                        self._ask_expired(self.ledger.expire(now), now)
+                        self._presume_silent_lost(now)
                 self.ledger.flush(now)
                 if self.unroutable is not None and lease_due:
                     for job in self.unroutable.check(self.jobs, self.workers, now):
@@ -340,7 +351,7 @@ class Coordinator:
                              job.counts["done"], job.counts["failed"])
                     self.status.job_changed(job.id)
             self.rate.record(self.ledger.finished, now)
-        self._send(sends, clears)
+        self._send(sends, clears, now)
         self._publish_status(now)
 
     def _connection_changed(self, connected: bool, now: float) -> None:
@@ -361,12 +372,40 @@ class Coordinator:
         self.workers.unconfirm_all()
         log.info("reconnected after %.1f s; leases extended by as much", outage)
 
-    def _send(self, sends: list[tuple[str, bytes]], clears: list[str]) -> None:
+    def _ask_expired(self, holders: set[int], now: float) -> None:
+        """A worker that let a lease expire may be dead without a will (its broker restarted):
+        no more work until it answers a rebirth request addressed to it."""
+        for worker_id in holders:
+            slot = self.workers.by_id.get(worker_id)
+            if slot is not None and slot.state == WorkerState.ONLINE.value:
+                log.info("worker %s let a lease expire: no new work until it shows life", slot.key)
+                self.workers.ask(slot, now)
+                if self._rebirth != []:  # [] already asks everyone
+                    self._rebirth = (self._rebirth or []) + [slot.key]
+
+    def _presume_silent_lost(self, now: float) -> None:
+        """Workers that did not answer a rebirth request in time are lost, as by their will."""
+        for slot in self.workers.silent(now):
+            log.warning("worker %s did not answer the rebirth request within %g s: presumed lost; returning "
+                        "%d task(s) it held", slot.key, self.settings.rebirth_timeout, self.leases.count(slot.id))
+            self.workers.presume_lost(slot, now)
+            self.status.worker_changed(slot.id)
+            self.ledger.release(slot, f"worker {slot.key} did not answer a rebirth request within "
+                                      f"{self.settings.rebirth_timeout:g} s while holding the task")
+
+    def _send(self, sends: list[tuple[str, bytes]], clears: list[str], now: float) -> None:
         if self._announce:
             self._announce = False
             self._publish(self.topics.coordinator_presence, self._presence("online"), retain=True)
+            # A retained presence replayed on subscribe is no proof of life: ask every worker
+            # to publish its presence again (after the subscriptions, so the answers reach us).
+            self._rebirth = []
+            self.workers.ask_all(now)
             # A restarted broker may have forgotten every retained status: publish them all.
             self.status.everything_changed(self.jobs.by_id, self.workers.by_id)
+        if self._rebirth is not None:
+            self._publish(self.topics.coordinator_rebirth, Rebirth(tuple(self._rebirth)).encode())
+            self._rebirth = None
         resend, self._resend = self._resend, []
         # One batch: one wake-up of the network thread, whose writes are then joined.
         for topic, reason in self.transport.publish_many(resend + sends):
@@ -407,6 +446,7 @@ class Coordinator:
             return False
         self._needs_reload = False
         self.transport.subscribe(self.topics.all_presence, 1)
+        self._announce = True  # every worker is unconfirmed again: ask them all to show life
         log.info("state reloaded: %d open attempt(s)", len(self.leases))
         return True
 
@@ -444,22 +484,32 @@ class Coordinator:
         presence = self._decode_from(ref, "presence", Presence.decode, payload)
         if presence is None:
             return
-        slot, change = self.workers.apply(ref, presence, now)
+        live = not isinstance(payload, _Replayed)
+        slot, change = self.workers.apply(ref, presence, now, live)
         self.status.worker_changed(slot.id)
         if change is PresenceChange.STALE:
             self.ledger.reject(Rejection.STALE, ref, f"{presence.state.value} presence of connection {presence.seq}, "
                          f"older than the current one ({slot.seq})", logging.INFO)
-        elif change in (PresenceChange.LOST, PresenceChange.SHUTDOWN):
+        elif change is PresenceChange.LOST:
+            log.info("worker %s lost its connection; returning %d task(s) it held", ref.key,
+                     self.leases.count(slot.id))
+            self.ledger.release(slot, f"worker {ref.key} lost its connection (will) while holding the task")
+        elif change is PresenceChange.SHUTDOWN:
+            # A clean goodbye: what it still holds was sent after it stopped taking work (or its
+            # answer is lost); handed back without using an attempt.
             held = self.leases.of_worker(slot.id)
-            log.info("worker %s %s; returning %d task(s) it held", ref.key,
-                     "lost its connection" if change is PresenceChange.LOST else "shut down", len(held))
-            why = "lost its connection (will)" if change is PresenceChange.LOST else "shut down"
-            self.ledger.release(slot, f"worker {ref.key} {why} while holding the task")
+            log.info("worker %s shut down; returning %d task(s) it held (no attempt used)", ref.key, len(held))
+            error = error_json("WorkerShutdown", f"worker {ref.key} shut down while holding the task")
+            for lease in held:
+                self.ledger.hand_back(lease, error)
+        elif change is PresenceChange.DRAINING:
+            log.info("worker %s is draining: no new work; its %d task(s) keep running", ref.key,
+                     self.leases.count(slot.id))
         elif change is PresenceChange.RESTARTED:
             log.info("worker %s restarted; returning %d task(s) the old process held",
                      ref.key, self.leases.count(slot.id))
             self.ledger.release(slot, f"worker {ref.key} restarted while holding the task")
-        elif change is PresenceChange.RECONNECTED or change is PresenceChange.ONLINE:
+        elif live and (change is PresenceChange.RECONNECTED or change is PresenceChange.ONLINE):
             # It may have missed tasks sent while it was away; it ignores those it still holds.
             self._resend += [(slot.tasks_topic, lease.payload) for lease in self.leases.of_worker(slot.id)]
         if change in (PresenceChange.NEW, PresenceChange.ONLINE) and slot.state == WorkerState.ONLINE.value:

@@ -38,6 +38,7 @@ class CoordinatorSettings:
     # Seconds a job's function may go unoffered by every online worker before its pending
     # tasks fail (unroutable.py); 0: they wait for such a worker forever.
     fail_unroutable: float = defaults.FAIL_UNROUTABLE
+    rebirth_timeout: float = defaults.REBIRTH_TIMEOUT
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -590,6 +590,9 @@ class SqlStore(ReplicaQueries, Store):
                                f"AND state IN ({_marks(p, sources)})", [state, now, *part, *sources])
         self._add_counts("tasks_done", changes.worker_done)
         self._add_counts("tasks_failed", changes.worker_failed)
+        if changes.uncharged:
+            db.cursor().executemany(f"UPDATE task SET retries_from = retries_from + {p} WHERE id = {p}",
+                                    [(n, task_id) for task_id, n in changes.uncharged.items()])
         changes.clear()
 
     def _add_counts(self, column: str, counts: dict[int, int]) -> None:

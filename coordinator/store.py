@@ -40,6 +40,7 @@ MEMORY_URL = "memory://"
 
 class WorkerState(str, Enum):
     ONLINE = "online"  # retained online presence seen; may receive work
+    DRAINING = "draining"  # shutting down: its work still counts, it gets no new work
     LOST = "lost"  # its will fired (or a lease/keepalive says so): in-flight work was returned
     OFFLINE = "offline"  # said goodbye on shutdown
     PURGED = "purged"  # lost for longer than the grace period; its retained presence cleared
@@ -73,6 +74,9 @@ class AttemptOutcome(str, Enum):
     SUPERSEDED = "superseded"  # another attempt of the task delivered the accepted result
     UNVALIDATED = "unvalidated"  # a replica's value, kept, waiting for a quorum to agree on one
     INVALID = "invalid"  # a replica's value that disagreed with the task's canonical result
+    # Handed back by a worker's clean shutdown (released result, or held at its goodbye): not
+    # counted against the task's max_attempts (its retries_from moves up by one) nor the worker.
+    RELEASED = "released"
 
 
 # Outcomes that are a failed attempt's reason (shown in ResultRow.errors).
@@ -263,10 +267,13 @@ class Changes:
     reported: list[tuple[int, str, float, str | None]] = field(default_factory=list)
     invalid_attempts: list[int] = field(default_factory=list)
 
+    # Per task, attempts closed without using its budget (released): retries_from += n.
+    uncharged: Counter[int] = field(default_factory=Counter)
+
     def __bool__(self) -> bool:
         return bool(self.results or self.ok_attempts or self.superseded_attempts or self.closed_attempts
                     or self.task_states or self.worker_done or self.worker_failed or self.reported
-                    or self.invalid_attempts)
+                    or self.invalid_attempts or self.uncharged)
 
     def accept(self, task_id: int, attempt_id: int, worker_id: int, value_json: str, elapsed: float, now: float) -> None:
         self.results.append((task_id, attempt_id, worker_id, value_json, elapsed, now))
@@ -288,6 +295,10 @@ class Changes:
     def set_task(self, task_id: int, state: TaskState) -> None:
         self.task_states[task_id] = state.value
 
+    def uncharge(self, task_id: int) -> None:
+        """The task's latest attempt does not count against its budget (released)."""
+        self.uncharged[task_id] += 1
+
     def clear(self) -> None:
         self.results.clear()
         self.ok_attempts.clear()
@@ -298,6 +309,7 @@ class Changes:
         self.worker_failed.clear()
         self.reported.clear()
         self.invalid_attempts.clear()
+        self.uncharged.clear()
 
 
 # --------------------------------------------------------------------------- input

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from dockercomp.broker.connection import Transport, Will
-from dockercomp.broker.messages import OfflineReason, Outcome, Presence, PresenceState, Result, Task, TaskError
+from dockercomp.broker.messages import OfflineReason, Outcome, Presence, PresenceState, Rebirth, Result, Task, TaskError
 from dockercomp.broker.topics import Topics, WorkerRef
 
 TOPICS = Topics()
@@ -44,6 +44,7 @@ class FakeAgent:
     held: list[Task] = field(default_factory=list)
     answered: list[tuple[str, int]] = field(default_factory=list)
     fail_with: Callable[[Task], TaskError | None] | None = None
+    rebirth: bool = True  # answers rebirth requests, as a live agent does (False: a zombie)
 
     def __post_init__(self) -> None:
         self.ref = WorkerRef(self.volunteer, self.worker)
@@ -52,6 +53,7 @@ class FakeAgent:
         self.transport.on_message = self._on_message
         self.transport.on_connect = self.announce
         self.transport.subscribe(self.topics.tasks(self.ref), 1)
+        self.transport.subscribe(self.topics.coordinator_rebirth, 1)
 
     def presence(self, state: str, reason: str | None = None) -> bytes:
         return Presence(self.worker, self.volunteer, PresenceState(state), self.seq,
@@ -72,6 +74,10 @@ class FakeAgent:
         self.transport.close()
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        if topic == self.topics.coordinator_rebirth:
+            if self.rebirth and not retained and Rebirth.decode(payload).asks(self.ref.key):
+                self.announce()
+            return
         if topic != self.topics.tasks(self.ref):
             return
         task = Task.decode(payload)

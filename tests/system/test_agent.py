@@ -268,15 +268,19 @@ def test_sigterm_lets_the_running_task_finish_then_says_goodbye(
         started(agent, "10", "sleep")
 
         agent.signal(signal.SIGTERM)
-        send_task(broker.url, "w3", task("11", "add", 1, 2))  # arrives while draining: not taken
+        # It says it is draining (retained, same connection) before it turns any task away.
+        draining = presence(watcher.wait_for(is_presence(PresenceState.DRAINING)))
+        send_task(broker.url, "w3", task("11", "add", 1, 2))  # arrives while draining: handed back
         assert agent.wait(20) == 0
         goodbye = watcher.wait_for(is_presence(PresenceState.OFFLINE))
         outputs = [m for m in watcher.messages if m.topic.endswith(("/results", "/presence"))]
 
     assert presence(goodbye).reason is OfflineReason.SHUTDOWN
+    assert draining.seq == presence(goodbye).seq
     finished = Result.decode(outputs[-2].payload)  # the result came right before the goodbye
     assert (finished.task_id, finished.outcome, finished.value) == ("10", Outcome.OK, 1.0)
-    assert not any(is_result("11")(m) for m in outputs)
+    released = Result.decode(next(m for m in outputs if is_result("11")(m)).payload)
+    assert released.outcome is Outcome.RELEASED and released.error is not None  # not run, no attempt used
     assert not agent.health_file.exists()  # `dockercomp agent check` now fails: nothing runs here
 
 
@@ -297,7 +301,7 @@ def test_a_second_signal_stops_at_once_and_reports_the_killed_task(
         assert time.monotonic() - signalled_at < 3
         killed = result_of(watcher, "20")
         goodbye = presence(watcher.wait_for(is_presence(PresenceState.OFFLINE)))
-    assert killed.outcome is Outcome.CRASHED and killed.error is not None and killed.error.type == "Shutdown"
+    assert killed.outcome is Outcome.RELEASED and killed.error is not None and killed.error.type == "Shutdown"
     assert goodbye.reason is OfflineReason.SHUTDOWN
 
 
@@ -313,7 +317,7 @@ def test_tasks_still_running_when_the_grace_period_ends_are_killed_and_reported(
         assert agent.wait(10) == 0
         killed = result_of(watcher, "30")
         watcher.wait_for(is_presence(PresenceState.OFFLINE, OfflineReason.SHUTDOWN))
-    assert killed.outcome is Outcome.CRASHED and "grace period" in killed.error.message  # type: ignore[union-attr]
+    assert killed.outcome is Outcome.RELEASED and "grace period" in killed.error.message  # type: ignore[union-attr]
 
 
 # --- broker restart ---------------------------------------------------------------------------------------------
@@ -631,7 +635,7 @@ def test_the_presence_announces_capacity_and_prefetch(
     assert (Presence.decode(broker.retained[told.presence_topic]).prefetch, told.runner.prefetch) == (2, 2)
 
 
-def test_draining_drops_the_tasks_sent_ahead_to_a_busy_process_unanswered(
+def test_draining_hands_back_the_tasks_sent_ahead_to_a_busy_process_unrun(
     prefetching_agent: tuple[Agent, MemoryBroker, list[Result]],
 ) -> None:
     agent, broker, results = prefetching_agent
@@ -644,7 +648,9 @@ def test_draining_drops_the_tasks_sent_ahead_to_a_busy_process_unanswered(
     agent.stop()  # the first signal: drain
     wait_until(lambda: agent.state is AgentState.STOPPED, timeout=10)
     goodbye = Presence.decode(broker.retained[agent.presence_topic])
-    assert [(r.task_id, r.outcome) for r in results] == [("1", Outcome.OK)]
+    # Released (no attempt used) as soon as the drain begins, before the running one ends.
+    assert [(r.task_id, r.outcome) for r in results] == [("2", Outcome.RELEASED), ("3", Outcome.RELEASED),
+                                                         ("4", Outcome.RELEASED), ("1", Outcome.OK)]
     assert goodbye.reason is OfflineReason.SHUTDOWN
 
 

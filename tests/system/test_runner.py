@@ -207,7 +207,7 @@ def test_draining_helpers_drop_queued_and_kill_running(runner: Runner) -> None:
     assert [job.key for job in runner.drop_queued()] == [2, 3]
     killed = runner.kill_running("grace period over")
     assert sorted(f.key for f in killed) == [0, 1]  # type: ignore[type-var]
-    assert all(f.outcome is Outcome.CRASHED and f.error.type == SHUTDOWN_ERROR for f in killed)  # type: ignore[union-attr]
+    assert all(f.outcome is Outcome.RELEASED and f.error.type == SHUTDOWN_ERROR for f in killed)  # type: ignore[union-attr]
     assert runner.pids() == []
 
 

@@ -38,6 +38,12 @@ ACCOUNTS = {"coordinator": Role.COORDINATOR, "alice": Role.VOLUNTEER, "dash": Ro
     (None, "dockercomp/status/summary", Access.READ, True),
     (None, "dockercomp/workers/x/y/presence", Access.READ, False),
     ("mallory", "$SYS/broker/clients/connected", Access.READ, False),
+    # Rebirth requests: every worker reads them, only the coordinator writes them.
+    ("alice", "dockercomp/coordinator/rebirth", Access.READ, True),
+    ("alice", "dockercomp/coordinator/rebirth", Access.WRITE, False),
+    ("coordinator", "dockercomp/coordinator/rebirth", Access.WRITE, True),
+    ("dash", "dockercomp/coordinator/rebirth", Access.WRITE, False),
+    (None, "dockercomp/coordinator/rebirth", Access.WRITE, False),
 ])
 def test_the_generated_acl(user: str | None, topic: str, access: Access, allowed: bool) -> None:
     acl = Acl.parse(render_acl(ACCOUNTS))

@@ -213,7 +213,7 @@ def test_task_field_problems_name_the_field(changes: dict[str, Any], reason: str
 @pytest.mark.parametrize(
     "changes, reason",
     [
-        ({"state": "sleeping"}, "'state' must be one of online, offline"),
+        ({"state": "sleeping"}, "'state' must be one of online, draining, offline"),
         ({"reason": "bored"}, "'reason' must be one of lost, shutdown, purged"),
         ({"worker": "a/b"}, "invalid worker id"),
         ({"worker": "+"}, "invalid worker id"),
@@ -233,7 +233,7 @@ def test_presence_field_problems_name_the_field(changes: dict[str, Any], reason:
 @pytest.mark.parametrize(
     "changes, reason",
     [
-        ({"outcome": "maybe"}, "'outcome' must be one of ok, error, timeout, crashed, rejected"),
+        ({"outcome": "maybe"}, "'outcome' must be one of ok, error, timeout, crashed, rejected, released"),
         ({"error": ...}, "outcome 'error' needs an 'error' object"),
         ({"error": {"message": "no type"}}, "missing field 'type'"),
         ({"error": "boom"}, "'error' must be an object"),
