@@ -216,6 +216,10 @@ def test_results_guessed_before_dispatch_are_all_forged_and_none_is_accepted(
                                   "--keepalive", "5", "--health-file", str(tmp_path / "agent.health")],
                         env={"DOCKERCOMP_BROKER": secure_broker.url(alice)})
             wait_until(lambda: sum(w.state == "online" for w in engine.store.workers()) == 2, timeout=30)
+            # A presence replayed from before the engine connected is no proof of life (rebirth):
+            # mallory's worker announces itself again, live, as a real agent answering would.
+            attacker.connection.publish(TOPICS.presence(mallory_ref), _presence(mallory_ref), retain=True)
+            wait_until(lambda: (slot := engine.workers.get("mallory/m1")) is not None and slot.confirmed, timeout=30)
 
             # When: she publishes a result for every guessable (task_id, attempt) before dispatch ...
             guesses = [(str(task_id), attempt) for task_id in range(1, ATTACK_TASKS + 1) for attempt in (1, 2, 3)]
