@@ -104,7 +104,7 @@ def _dir_option(func: F) -> F:
 
 def _reload_options(func: F) -> F:
     func = click.option("--reload-command", envvar=BROKER_RELOAD_ENV,
-                        help="Command that makes the broker reload, e.g. 'docker compose kill -s HUP "
+                        help="Command that makes the broker reload, e.g. 'docker-compose kill -s HUP "
                              f"mosquitto' [env {BROKER_RELOAD_ENV}]")(func)
     func = click.option("--pid-file", envvar=BROKER_PID_FILE_ENV, type=click.Path(dir_okay=False, path_type=Path),
                         help=f"The broker's pid file; it gets SIGHUP [env {BROKER_PID_FILE_ENV}]")(func)

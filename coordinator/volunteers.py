@@ -79,7 +79,7 @@ def reload_broker(pid_file: Path | None, reload_command: str | None, warn: Calla
     reloader = Reloader(pid_file, reload_command)
     if not reloader.configured:
         warn("note: the broker has NOT reloaded yet, so this is not in force: run "
-             "`docker compose kill -s HUP mosquitto` (or kill -HUP the broker), or pass "
+             "`docker-compose kill -s HUP mosquitto` (or kill -HUP the broker), or pass "
              f"--pid-file / --reload-command [env {BROKER_PID_FILE_ENV} / {BROKER_RELOAD_ENV}]")
         return None
     done = reloader.reload()

@@ -47,11 +47,12 @@ from tests.support.brokers import BrokerProcess
 pytestmark = pytest.mark.timeout(90)
 
 VOLUNTEER = "lab"
-KEEPALIVE = 2  # seconds; a lost agent must be reported within 1.5x this
+KEEPALIVE = 2  # seconds; a killed agent (socket closed) is reported at once, a frozen one later
 WILL_MARGIN = 1.5  # seconds on top of 1.5 x keepalive: broker timer granularity, loaded CI
-# Mosquitto 2.0.11 checks keepalives coarsely: a frozen client with keepalive 1, 2 or 4 was
-# dropped after 2.5-4.6 s, 3.6-4.6 s and 8.6-10.4 s here (1.5 x keepalive would be 1.5, 3, 6).
-FROZEN_MARGIN = 3.5
+# Mosquitto 2.0.11 checks keepalives coarsely: a frozen client with keepalive 2 or 5 was
+# dropped after 3.4-5.8 s and 6.6-11.3 s here; what dockercomp promises (docs/protocol.md,
+# `agent run --help`) is 2 x keepalive + 5 s, and test_will_timing.py holds both brokers to it.
+FROZEN_LIMIT = 2 * KEEPALIVE + 5.0
 TOPICS = Topics()
 
 # A scientist's task package, installed the way pip would: a module plus a dist-info
@@ -225,12 +226,11 @@ def test_a_killed_agent_is_reported_lost_at_once_and_its_restart_has_a_higher_se
     assert retained.retain and presence(retained).seq == again.seq and presence(retained).state is PresenceState.ONLINE
 
 
-def test_a_frozen_agent_is_reported_lost_within_one_and_a_half_keepalives_then_outranks_its_will(
+def test_a_frozen_agent_is_reported_lost_within_the_promised_bound_then_outranks_its_will(
     mosquitto: BrokerProcess, agents: Callable[..., AgentProcess]
 ) -> None:
-    # Mosquitto only: amqtt 0.12 ignores its keepalive read timeout (BrokerProtocolHandler.
-    # handle_read_timeout is `pass`), so there a silent client is never dropped and its will
-    # fires only when the TCP connection closes (see docs/protocol.md).
+    # Mosquitto here, for its log line below; the embedded broker's enforced keepalive is held
+    # to the same bound by test_will_timing.py.
     broker = mosquitto
     with Watcher(broker.url, worker_filter("w2")) as watcher:
         agent = agents("w2", broker.url)
@@ -238,13 +238,13 @@ def test_a_frozen_agent_is_reported_lost_within_one_and_a_half_keepalives_then_o
 
         agent.signal(signal.SIGSTOP)  # hung or cut off: the socket stays open, only keepalive tells
         stopped_at = time.monotonic()
-        limit = 1.5 * KEEPALIVE + FROZEN_MARGIN
+        limit = FROZEN_LIMIT
         will = presence(watcher.wait_for(is_presence(PresenceState.OFFLINE), timeout=limit))
         assert time.monotonic() - stopped_at <= limit
         assert will.reason is OfflineReason.LOST and will.seq == online.seq
         # The keepalive did it, not a closed socket (a stopped process closes nothing). No lower
         # bound on the time: the agent's last PINGREQ went out up to one keepalive before the
-        # stop, so the broker's 1.5 x keepalive can run out after only half a keepalive.
+        # stop, so the broker's timer can run out after only half a keepalive.
         # (Mosquitto names the client by its id, lab/w2/TOKEN.)
         wait_until(lambda: re.search(r"Client lab/w2(/\S+)? has exceeded timeout", broker.log()), timeout=5)
 
