@@ -1,8 +1,8 @@
 """Reputation: which volunteers are trusted (adaptive replication), which are quarantined,
 and the credit each earned.
 
-- **Trusted:** ``TRUST_AFTER`` validated results in a row (agreeing with a quorum); one invalid
-  result makes a volunteer untrusted again. Kept in memory: a restarted coordinator trusts
+- **Trusted:** ``TRUST_AFTER`` validated results in a row (agreeing with a quorum) and no value
+  in a dispute still undecided; one invalid result makes a volunteer untrusted again. Kept in memory: a restarted coordinator trusts
   nobody until it is earned again (the safe direction).
 - **Quarantined:** per job, a volunteer with at least ``QUARANTINE_MIN_RESULTS`` closed attempts
   whose failure or invalid rate is far above the rate of the job's other volunteers gets no
@@ -37,6 +37,10 @@ class Trust:
         self.store = store
         self.quarantined: dict[str, str] = {}  # volunteer -> reason
         self.streak: dict[str, int] = {}  # validated results in a row
+        # Values of a volunteer in tasks whose replicas disagree, not yet decided: one of them
+        # may turn out invalid, so the results after it do not make a streak yet (values are
+        # decided out of order: a disputed one waits for a tie-breaker).
+        self.disputed: dict[str, int] = {}
         self.credit: dict[str, float] = {}  # CPU-seconds validated since start (status topic)
         self.changed: set[str] = set()  # volunteers whose record changed since the last status
         self._tally: dict[int, dict[str, list[int]]] = {}  # job -> volunteer -> [closed, invalid, failed]
@@ -57,7 +61,18 @@ class Trust:
         return True
 
     def trusted(self, volunteer: str) -> bool:
-        return self.streak.get(volunteer, 0) >= defaults.TRUST_AFTER and volunteer not in self.quarantined
+        return (self.streak.get(volunteer, 0) >= defaults.TRUST_AFTER and not self.disputed.get(volunteer)
+                and volunteer not in self.quarantined)
+
+    def dispute(self, volunteer: str) -> None:
+        self.disputed[volunteer] = self.disputed.get(volunteer, 0) + 1
+
+    def settle(self, volunteer: str) -> None:
+        left = self.disputed.get(volunteer, 0) - 1
+        if left > 0:
+            self.disputed[volunteer] = left
+        else:
+            self.disputed.pop(volunteer, None)
 
     # -- what happened to a volunteer's attempt -------------------------------------------------
     def accepted(self, job_id: int, volunteer: str) -> None:

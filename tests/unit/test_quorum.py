@@ -286,3 +286,15 @@ def test_one_invalid_result_makes_a_trusted_volunteer_untrusted(crowd: Crowd) ->
     assert trust.trusted("v")
     trust.invalid(1, "v", 0.0)
     assert not trust.trusted("v")
+
+
+def test_a_value_in_dispute_keeps_a_volunteer_untrusted_until_it_is_decided(crowd: Crowd) -> None:
+    # values are decided out of order: a disputed one waits for its tie-breaker while later
+    # ones validate; those must not make a streak over the one that may prove invalid
+    trust = crowd.jobs.trust
+    for _ in range(defaults.TRUST_AFTER):
+        trust.validated(1, "v", 1.0)
+    trust.dispute("v")
+    assert not trust.trusted("v")
+    trust.settle("v")
+    assert trust.trusted("v")

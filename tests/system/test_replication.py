@@ -1,0 +1,115 @@
+"""Replication end to end (issue 11): real brokers (Mosquitto and amqtt), a real SQLite file,
+real `dockercomp agent run` processes of four volunteers, one of them cheating through a
+test task plugin (installed the way pip would: a module plus a dist-info with entry points).
+The engine runs in this process so the tests can read its trust state.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from dockercomp.coordinator.replication import Replication
+from dockercomp.coordinator.service import Coordinator
+from tests.support import REPO_ROOT
+from tests.support.processes import Processes, finished, online
+
+pytestmark = pytest.mark.timeout(180)
+
+# answer(x) is 10 x; a cheater's (CHEAT names a counter file) is wrong for every third answer
+# it gives: about a third of its tasks, never ten right in a row, so it cannot earn trust by
+# luck and make the adaptive test flaky (a file, as the agent may run tasks in several processes).
+PLUGIN_MODULE = textwrap.dedent('''
+    import fcntl
+    import os
+
+    def answer(x):
+        path = os.environ.get("CHEAT")
+        if not path:
+            return 10 * x
+        with open(path, "a+") as counter:
+            fcntl.flock(counter, fcntl.LOCK_EX)
+            counter.seek(0)
+            n = int(counter.read() or 0) + 1
+            counter.seek(0)
+            counter.truncate()
+            counter.write(str(n))
+        return 10 * x + 1 if n % 3 == 0 else 10 * x
+''')
+PLUGIN_ENTRY_POINTS = "[dockercomp.tasks]\nanswer = trusttasks:answer\n"
+HONEST = ("h1", "h2", "h3")
+
+
+@pytest.fixture(scope="module")
+def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("site")
+    (root / "trusttasks.py").write_text(PLUGIN_MODULE)
+    dist = root / "trusttasks-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: trusttasks\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(PLUGIN_ENTRY_POINTS)
+    return root
+
+
+def volunteers(procs: Processes, plugin_dir: Path, engine: Coordinator) -> None:
+    """One cheater and three honest volunteers, one worker each. The cheater starts first: a
+    fresh agent is slow to its first results, and one that came last could see the job done
+    by the others before it answered enough to be judged."""
+    path = f"{plugin_dir}:{REPO_ROOT}"
+    for count, volunteer in enumerate(("cheat", *HONEST), start=1):
+        procs.start(volunteer, ["dockercomp.agent.cli", "run", "--broker", procs.broker_url or "", "--volunteer",
+                                volunteer, "--worker-id", "w", "--concurrency", "2", "--keepalive", "2"],
+                    env={"PYTHONPATH": path, "CHEAT": str(procs.logs / "cheat.count") if volunteer == "cheat" else ""})
+        online(engine.store, count)
+
+
+def test_a_cheater_among_honest_volunteers_is_outvoted_quarantined_and_not_credited(
+        engine: Coordinator, procs: Processes, plugin_dir: Path) -> None:
+    volunteers(procs, plugin_dir, engine)
+    store = engine.store
+    job = store.create_job("answer", [[i] for i in range(120)], replication=Replication.make(replicas=2, quorum=2))
+    progress = finished(store, job, timeout=120)
+
+    assert (progress.state, progress.done, progress.failed) == ("done", 120, 0)
+    rows = list(store.results(job))
+    assert [r.value for r in rows] == [10 * i for i in range(120)]  # every accepted value is right
+    cheats = [(r.args[0], rep) for r in rows for rep in r.replicas if rep["worker"] == "cheat/w"]
+    assert any(rep["outcome"] == "invalid" for _, rep in cheats)
+    for x, rep in cheats:  # a wrong value is never validated; a right one may be
+        assert rep["outcome"] == ("invalid" if rep["value"] != 10 * x else "ok"), (x, rep)
+    assert all(rep["outcome"] == "ok" for r in rows for rep in r.replicas if rep["worker"] != "cheat/w")
+    # the cheater is quarantined, with the reason, and no credit for a wrong value
+    stats = {s.volunteer: s for s in store.volunteer_stats()}
+    assert "invalid" in store.quarantines().get("cheat", ""), stats
+    stats = {s.volunteer: s for s in store.volunteer_stats()}
+    assert stats["cheat"].validated == sum(rep["outcome"] == "ok" for _, rep in cheats)
+    assert stats["cheat"].invalid == sum(rep["outcome"] == "invalid" for _, rep in cheats)
+    assert all(stats[h].validated > 0 and stats[h].invalid == 0 and stats[h].credit > 0 for h in HONEST)
+    # quarantined: a new job goes to the honest ones only
+    again = store.create_job("answer", [[i] for i in range(12)], replication=Replication.make(replicas=2, quorum=2))
+    assert finished(store, again).done == 12
+    assert all(rep["worker"] != "cheat/w" for r in store.results(again) for rep in r.replicas)
+
+
+def test_adaptive_replication_falls_below_1_3_once_honest_volunteers_are_trusted(
+        engine: Coordinator, procs: Processes, plugin_dir: Path) -> None:
+    volunteers(procs, plugin_dir, engine)
+    store = engine.store
+    job = store.create_job("answer", [[i] for i in range(400)],
+                           replication=Replication.make(replicas=2, quorum=2, adaptive=True))
+    progress = finished(store, job, timeout=150)
+
+    assert (progress.state, progress.done) == ("done", 400)
+    rows = list(store.results(job))
+    assert [r.value for r in rows] == [10 * i for i in range(400)]  # no wrong value accepted
+    assert all(engine.jobs.trust.trusted(h) for h in HONEST)
+    assert not engine.jobs.trust.trusted("cheat")
+    # Trust is earned over the first tasks (ten validated results each, while prefetched tasks
+    # were already sent replicated): the factor is that of the second half of the job, once
+    # honest volunteers are trusted; spot checks keep it above 1.
+    later = rows[200:]
+    factor = sum(len(r.replicas) for r in later) / len(later)
+    assert 1.0 < factor < 1.3, factor
+    assert progress.replication is not None and progress.replication < 1.6, progress  # the whole job, in status
