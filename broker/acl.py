@@ -11,6 +11,7 @@ The policy (``{root}`` is the topic root, ``dockercomp`` by default)::
         write  {root}/workers/%u/+/results      its workers' results
         read   {root}/workers/%u/+/tasks        its workers' tasks, nobody else's
         read   {root}/status/workers/%u/#       the status of its own workers
+        read   {root}/status/volunteers/%u      its own credit, trust and quarantine
     coordinator
         read   {root}/workers/+/+/presence, {root}/workers/+/+/results
         write  {root}/workers/+/+/tasks, {root}/workers/+/+/presence (clears a purged worker)
@@ -83,6 +84,7 @@ def volunteer_patterns(root: str = ROOT_TOPIC) -> list[Rule]:
         Rule(Access.WRITE, f"{root}/workers/%u/+/results"),
         Rule(Access.READ, f"{root}/workers/%u/+/tasks"),
         Rule(Access.READ, f"{root}/status/workers/%u/#"),
+        Rule(Access.READ, f"{root}/status/volunteers/%u"),
     ]
 
 

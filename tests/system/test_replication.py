@@ -11,10 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from dockercomp.broker.acl import Role
+from dockercomp.broker.messages import decode_status
+from dockercomp.broker.topics import Topics
 from dockercomp.coordinator.replication import Replication
 from dockercomp.coordinator.service import Coordinator
+from dockercomp.coordinator.store import Store
+from dockercomp.coordinator.trust import Trust
 from tests.support import REPO_ROOT
 from tests.support.processes import Processes, finished, online
+from tests.support.security import SecureBroker, connected, prove_subscribed
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -40,6 +46,7 @@ PLUGIN_MODULE = textwrap.dedent('''
 ''')
 PLUGIN_ENTRY_POINTS = "[dockercomp.tasks]\nanswer = trusttasks:answer\n"
 HONEST = ("h1", "h2", "h3")
+TOPICS = Topics()
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +120,28 @@ def test_adaptive_replication_falls_below_1_3_once_honest_volunteers_are_trusted
     factor = sum(len(r.replicas) for r in later) / len(later)
     assert 1.0 < factor < 1.3, factor
     assert progress.replication is not None and progress.replication < 1.6, progress  # the whole job, in status
+
+
+def test_a_volunteers_status_is_retained_for_itself_and_observers_only(secure_broker: SecureBroker) -> None:
+    # given the engine's record of two volunteers, published by the coordinator's account
+    alice, bob = secure_broker.add("alice"), secure_broker.add("bob")
+    dashboard = secure_broker.add("dashboard", Role.OBSERVER)
+    trust = Trust(Store.open("memory://"))
+    trust.validated(1, "alice", 2.5)
+    trust.invalid(1, "bob", 0.0)
+    with connected(secure_broker.url(secure_broker.coordinator), "coord") as coord:
+        trust.publish(coord.connection, TOPICS, 100.0)
+        assert not trust.changed
+        # retained: whoever connects afterwards gets it
+        with connected(secure_broker.url(dashboard), "dash", "dockercomp/status/volunteers/#") as dash, \
+                connected(secure_broker.url(alice), "alice/w1", "dockercomp/status/volunteers/#") as mine:
+            status = decode_status(dash.wait_for(TOPICS.status_volunteer("bob")))
+            assert (status["invalid"], status["trusted"], status["credit"]) == (1, False, 0)
+            status = decode_status(mine.wait_for(TOPICS.status_volunteer("alice")))
+            assert (status["validated"], status["credit"], status["streak"]) == (1, 2.5, 1)
+            dash.wait_for(TOPICS.status_volunteer("alice"))
+            # alice's subscription covers bob's topic too: the ACL filters each delivery
+            prove_subscribed(coord, mine, TOPICS.status_volunteer("alice"))
+            assert TOPICS.status_volunteer("bob") not in mine.topics()
+    with connected(secure_broker.url(bob), "bob/w1", "dockercomp/status/volunteers/#") as his:
+        assert decode_status(his.wait_for(TOPICS.status_volunteer("bob")))["volunteer"] == "bob"
