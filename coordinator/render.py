@@ -206,10 +206,13 @@ def workers_table(workers: list[WorkerInfo], now: float | None = None) -> Table:
     table.add_column("last seen", justify="right", no_wrap=True)
     for w in workers:
         table.add_row(
-            w.key, state_text(w.state), cut(w.host, 30), str(w.capacity), str(w.prefetch), str(w.in_flight),
+            w.key, Text("quarantined", style="red") if w.quarantined else state_text(w.state), cut(w.host, 30), str(w.capacity), str(w.prefetch), str(w.in_flight),
             str(w.tasks_done), Text(str(w.tasks_failed), style="red" if w.tasks_failed else ""),
             _seen(w, now),
         )  # fmt: skip
+    held = sorted({(w.volunteer, w.quarantined) for w in workers if w.quarantined})
+    if held:
+        table.caption = "\n".join(f"{volunteer} quarantined: {reason}" for volunteer, reason in held)
     return table
 
 
@@ -310,6 +313,10 @@ def workers_line(workers: list[WorkerInfo], unfinished: bool) -> str:
     online = sum(1 for w in workers if w.state == "online")
     lost = sum(1 for w in workers if w.state == "lost")
     line = f"Workers: {online} online, {lost} lost (`dockercomp coordinator workers` for details)."
+    held = sorted({(w.volunteer, w.quarantined) for w in workers if w.quarantined})
+    for volunteer, reason in held:
+        line += (f"\nVolunteer {volunteer} is quarantined (no new work): {reason}; "
+                 f"`dockercomp coordinator volunteers release {volunteer}` lifts it.")
     if unfinished and online == 0:
         line += ("\nNo worker is online: start one with `dockercomp agent run --broker URL` "
                  "(and `dockercomp coordinator serve`).")

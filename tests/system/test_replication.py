@@ -6,6 +6,7 @@ The engine runs in this process so the tests can read its trust state.
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from dockercomp.coordinator.replication import Replication
 from dockercomp.coordinator.service import Coordinator
 from dockercomp.coordinator.store import Store
 from dockercomp.coordinator.trust import Trust
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, wait_until
 from tests.support.processes import Processes, finished, online
 from tests.support.security import SecureBroker, connected, prove_subscribed
 
@@ -73,7 +74,7 @@ def volunteers(procs: Processes, plugin_dir: Path, engine: Coordinator) -> None:
 
 
 def test_a_cheater_among_honest_volunteers_is_outvoted_quarantined_and_not_credited(
-        engine: Coordinator, procs: Processes, plugin_dir: Path) -> None:
+        engine: Coordinator, procs: Processes, plugin_dir: Path, tmp_path: Path) -> None:
     volunteers(procs, plugin_dir, engine)
     store = engine.store
     job = store.create_job("answer", [[i] for i in range(120)], replication=Replication.make(replicas=2, quorum=2))
@@ -98,6 +99,15 @@ def test_a_cheater_among_honest_volunteers_is_outvoted_quarantined_and_not_credi
     again = store.create_job("answer", [[i] for i in range(12)], replication=Replication.make(replicas=2, quorum=2))
     assert finished(store, again).done == 12
     assert all(rep["worker"] != "cheat/w" for r in store.results(again) for rep in r.replicas)
+
+    # the CLI shows it: workers, status, the leaderboard; an operator lifts the quarantine
+    db = str(tmp_path / "coordinator.db")
+    assert "quarantined" in procs.cli("workers", "--db", db)
+    assert "Volunteer cheat is quarantined (no new work): job 1:" in procs.cli("status", "--db", db)
+    board = {row["volunteer"]: row for row in json.loads(procs.cli("volunteers", "stats", "--db", db, "--json"))}
+    assert board["cheat"]["quarantined"] and board["cheat"]["credit"] == round(stats["cheat"].credit, 3)
+    procs.cli("volunteers", "release", "cheat", "--db", db)
+    wait_until(lambda: "cheat" not in engine.jobs.trust.quarantined)
 
 
 def test_adaptive_replication_falls_below_1_3_once_honest_volunteers_are_trusted(
