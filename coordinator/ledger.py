@@ -160,6 +160,8 @@ class Ledger:
         job = self.jobs.get(job_id)
         if job is not None:
             self.jobs.trust.accepted(job_id, slot.ref.volunteer)
+            if job.avoid:
+                job.drained = False  # a slot freed up: a retry waiting for another volunteer may go
             job.move(previous.value, TaskState.DONE.value)
             self.status.job_changed(job.id)
         self.finished += 1

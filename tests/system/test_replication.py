@@ -44,8 +44,13 @@ PLUGIN_MODULE = textwrap.dedent('''
             counter.truncate()
             counter.write(str(n))
         return 10 * x + 1 if n % 3 == 0 else 10 * x
+
+    def flaky(x):
+        if os.environ.get("BROKEN"):
+            raise RuntimeError("this machine is broken")
+        return x
 ''')
-PLUGIN_ENTRY_POINTS = "[dockercomp.tasks]\nanswer = trusttasks:answer\n"
+PLUGIN_ENTRY_POINTS = "[dockercomp.tasks]\nanswer = trusttasks:answer\nflaky = trusttasks:flaky\n"
 HONEST = ("h1", "h2", "h3")
 TOPICS = Topics()
 
@@ -108,6 +113,25 @@ def test_a_cheater_among_honest_volunteers_is_outvoted_quarantined_and_not_credi
     assert board["cheat"]["quarantined"] and board["cheat"]["credit"] == round(stats["cheat"].credit, 3)
     procs.cli("volunteers", "release", "cheat", "--db", db)
     wait_until(lambda: "cheat" not in engine.jobs.trust.quarantined)
+
+
+def test_a_retry_never_goes_back_to_the_volunteer_that_just_failed_the_task(
+        engine: Coordinator, procs: Processes, plugin_dir: Path) -> None:
+    # given a broken volunteer with many fast slots (every task fails at once) and a sound one
+    path = f"{plugin_dir}:{REPO_ROOT}"
+    for count, (volunteer, slots, broken) in enumerate((("broken", "4", "1"), ("sound", "1", "")), start=1):
+        procs.start(volunteer, ["dockercomp.agent.cli", "run", "--broker", procs.broker_url or "", "--volunteer",
+                                volunteer, "--worker-id", "w", "--concurrency", slots, "--keepalive", "2"],
+                    env={"PYTHONPATH": path, "BROKEN": broken})
+        online(engine.store, count)
+    store = engine.store
+    job = store.create_job("flaky", [[i] for i in range(60)], max_attempts=2)
+    progress = finished(store, job, timeout=120)
+    # then every task the broken one failed was retried on the sound one, and succeeded
+    rows = list(store.results(job))
+    assert (progress.done, progress.failed) == (60, 0), [r.errors for r in rows if r.errors][:3]
+    assert all(r.worker == "sound/w" for r in rows)
+    assert any(r.errors for r in rows)  # the broken one did get (and fail) tasks
 
 
 def test_adaptive_replication_falls_below_1_3_once_honest_volunteers_are_trusted(

@@ -298,3 +298,24 @@ def test_a_value_in_dispute_keeps_a_volunteer_untrusted_until_it_is_decided(crow
     assert not trust.trusted("v")
     trust.settle("v")
     assert trust.trusted("v")
+
+
+def test_a_retry_waits_for_a_busy_volunteer_rather_than_going_back_to_the_one_that_failed_it(crowd: Crowd) -> None:
+    # given a broken volunteer with many slots, failing every task at once, and a busy sound one
+    crowd.join("broken/w", capacity=4)
+    crowd.join("sound/w", capacity=1)
+    job = crowd.job([[i] for i in range(30)], max_attempts=2)
+    for _ in range(200):
+        sent = crowd.sent() or (crowd.jobs.poll() and {}) or crowd.sent()
+        if not sent:
+            break
+        for key, tasks in sent.items():
+            for task in tasks:
+                if key == "broken/w":
+                    crowd.reply(key, task, outcome=Outcome.ERROR)
+                else:
+                    crowd.reply(key, task, 1)
+    # then no task went twice to the broken one: every task is done, by the sound one
+    rows = crowd.rows(job)
+    assert [r.state for r in rows] == ["done"] * 30 and {r.worker for r in rows} == {"sound/w"}
+    assert all(len(r.errors) <= 1 for r in rows)
