@@ -4,6 +4,7 @@ memory store on a fake clock (no processes, no sockets)."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -319,3 +320,22 @@ def test_a_retry_waits_for_a_busy_volunteer_rather_than_going_back_to_the_one_th
     rows = crowd.rows(job)
     assert [r.state for r in rows] == ["done"] * 30 and {r.worker for r in rows} == {"sound/w"}
     assert all(len(r.errors) <= 1 for r in rows)
+
+
+def test_a_validator_registered_as_an_entry_point_is_found_by_name(
+        crowd: Crowd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # given a scientist's package installed the way pip would, registering "same_sign"
+    (tmp_path / "labvalid.py").write_text("def same_sign(a, b):\n    return (a >= 0) == (b >= 0)\n")
+    dist = tmp_path / "labvalid-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: labvalid\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[dockercomp.validators]\nsame_sign = labvalid:same_sign\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    crowd.join("a/w")
+    crowd.join("b/w")
+    job = crowd.job([[1]], replicas=2, quorum=2, validator="same_sign")
+    sent = crowd.sent()
+    crowd.reply("a/w", sent["a/w"][0], 5)
+    crowd.reply("b/w", sent["b/w"][0], 7)
+    [row] = crowd.rows(job)
+    assert (row.state, row.value) == ("done", 5)  # they agree by the validator, not by equality
