@@ -11,6 +11,7 @@ so one broken part never hides the figures of the others):
 4. amqtt     the e2e run again on the embedded amqtt broker (`dockercomp broker serve`)
 5. submit    100,000 tasks into a fresh store: Python API, then `dockercomp coordinator submit`
 6. scale     1,000 simulated workers on a fresh Mosquitto (bench/scale.py)
+7. replicas  results/s of `--replicas 2 --quorum 2` jobs vs single-replica ones (bench/replicas.py)
 
 Mosquitto runs the repository's mosquitto.conf, moved to a free port (bench/harness.py).
 """
@@ -31,12 +32,13 @@ from typing import Any
 from bench import defaults
 from bench import e2e as e2e_mod
 from bench import raw as raw_mod
+from bench import replicas as replicas_mod
 from bench import scale as scale_mod
 from bench.errors import BenchError
 from bench.harness import console_script, start_broker
 from bench.report import SCHEMA_VERSION, load_average, machine, summary_line, targets
 
-PHASES = ("raw", "e2e", "window1", "amqtt", "submit", "scale")
+PHASES = ("raw", "e2e", "window1", "amqtt", "submit", "scale", "replicas")
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ def run(options: BenchOptions, say: Say = lambda text: None) -> dict[str, Any]:
         run_.phase("amqtt", lambda: _amqtt(run_))
         run_.phase("submit", lambda: _submit(run_))
         run_.phase("scale", lambda: _scale(run_))
+        run_.phase("replicas", lambda: replicas_mod.phase(run_))  # bench/replicas.py
     finally:
         if options.keep or run_.failed:
             say(f"logs and databases kept in {workdir}")
