@@ -13,8 +13,9 @@ from dockercomp.broker.messages import Outcome, Presence, PresenceState, Result,
 from dockercomp.broker.topics import WorkerRef
 from dockercomp.coordinator import defaults
 from dockercomp.coordinator.errors import InvalidInput
+from dockercomp.coordinator.leases import Leases
 from dockercomp.coordinator.replication import Replication, tolerance
-from dockercomp.coordinator.store import JobRow
+from dockercomp.coordinator.store import JobRow, Store
 from tests.support.rules import Rules
 
 
@@ -339,3 +340,33 @@ def test_a_validator_registered_as_an_entry_point_is_found_by_name(
     crowd.reply("b/w", sent["b/w"][0], 7)
     [row] = crowd.rows(job)
     assert (row.state, row.value) == ("done", 5)  # they agree by the validator, not by equality
+
+
+def test_a_restarted_engine_rebuilds_the_votes_from_the_store(
+        crowd: Crowd, monkeypatch: pytest.MonkeyPatch) -> None:
+    # given a replicated task with one value in and one replica open
+    for key in ("a/w", "b/w"):
+        crowd.join(key)
+    job = crowd.job([[1], [2]], replicas=2, quorum=2)
+    sent = crowd.sent()
+    crowd.reply("a/w", sent["a/w"][0], 10)
+    crowd.flush()
+    # when a new engine loads the same store, as Coordinator._load does
+    monkeypatch.setattr(Store, "open", classmethod(lambda cls, url: crowd.store))
+    again = Crowd()
+    again.workers.load()
+    again.ledger.reset(Leases.load(again.store, again.dispatcher.payloads))
+    again.jobs.poll()
+    again.seq = dict(crowd.seq)
+    for key in ("a/w", "b/w", "c/w"):
+        again.join(key)
+    # then b's open replica still counts, a does not vote twice, and every task completes
+    again.reply("b/w", sent["b/w"][0], 10)
+    while more := again.sent():
+        for key, tasks in more.items():
+            for task in tasks:
+                assert not (key == "a/w" and task.task_id == sent["a/w"][0].task_id)
+                again.reply(key, task, 10 * int(task.args[0]))
+    rows = again.rows(job)
+    assert [(r.state, r.value) for r in rows] == [("done", 10), ("done", 20)]
+    assert all(len({rep["worker"] for rep in r.replicas}) == len(r.replicas) for r in rows)
