@@ -20,6 +20,7 @@ from dockercomp.coordinator.service import Coordinator
 from dockercomp.coordinator.store import Store
 from dockercomp.coordinator.trust import Trust
 from tests.support import REPO_ROOT, wait_until
+from tests.support.plugins import install_package
 from tests.support.processes import Processes, finished, online
 from tests.support.security import SecureBroker, connected, prove_subscribed
 
@@ -57,13 +58,7 @@ TOPICS = Topics()
 
 @pytest.fixture(scope="module")
 def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("site")
-    (root / "trusttasks.py").write_text(PLUGIN_MODULE)
-    dist = root / "trusttasks-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: trusttasks\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(PLUGIN_ENTRY_POINTS)
-    return root
+    return install_package(tmp_path_factory.mktemp("site"), "trusttasks", PLUGIN_MODULE, PLUGIN_ENTRY_POINTS)
 
 
 def volunteers(procs: Processes, plugin_dir: Path, engine: Coordinator) -> None:

@@ -16,6 +16,7 @@ from dockercomp.coordinator.errors import InvalidInput
 from dockercomp.coordinator.leases import Leases
 from dockercomp.coordinator.replication import Replication, tolerance
 from dockercomp.coordinator.store import JobRow, Store
+from tests.support.plugins import install_package
 from tests.support.rules import Rules
 
 
@@ -326,11 +327,8 @@ def test_a_retry_waits_for_a_busy_volunteer_rather_than_going_back_to_the_one_th
 def test_a_validator_registered_as_an_entry_point_is_found_by_name(
         crowd: Crowd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # given a scientist's package installed the way pip would, registering "same_sign"
-    (tmp_path / "labvalid.py").write_text("def same_sign(a, b):\n    return (a >= 0) == (b >= 0)\n")
-    dist = tmp_path / "labvalid-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: labvalid\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[dockercomp.validators]\nsame_sign = labvalid:same_sign\n")
+    install_package(tmp_path, "labvalid", "def same_sign(a, b):\n    return (a >= 0) == (b >= 0)\n",
+                    "[dockercomp.validators]\nsame_sign = labvalid:same_sign\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     crowd.join("a/w")
     crowd.join("b/w")
