@@ -283,7 +283,7 @@ class Quorum:
 
     def _accept_alone(self, ledger: "Ledger", job: "JobInfo", votes: Votes, vote: Vote, now: float) -> None:
         ledger.changes.accept(votes.task_id, vote.attempt_id, vote.worker_id, vote.value_json, vote.elapsed, now)
-        self.trust.credited(vote.volunteer, vote.elapsed)
+        self.trust.accepted_alone(vote.volunteer, vote.elapsed)
         slot = ledger.workers.by_id.get(vote.worker_id)
         if slot is not None:
             slot.done += 1

@@ -100,6 +100,11 @@ class Trust:
         self.credited(volunteer, elapsed)
         self._total(volunteer)[0] += 1
 
+    def accepted_alone(self, volunteer: str, elapsed: float) -> None:
+        """A trusted volunteer's value accepted without replicas (adaptive): credited, no streak."""
+        self.credited(volunteer, elapsed)
+        self._total(volunteer)[0] += 1
+
     def credited(self, volunteer: str, elapsed: float) -> None:
         self.credit[volunteer] = self.credit.get(volunteer, 0.0) + max(0.0, elapsed)
         self._total(volunteer)[2] += max(0.0, elapsed)
