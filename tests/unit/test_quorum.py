@@ -3,15 +3,19 @@ memory store on a fake clock (no processes, no sockets)."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from dockercomp.broker.messages import Outcome, Presence, PresenceState, Result, Task, TaskError
 from dockercomp.broker.topics import WorkerRef
 from dockercomp.coordinator import defaults
+from dockercomp.coordinator.api import Client
+from dockercomp.coordinator.cli import main as coordinator_cli
 from dockercomp.coordinator.errors import InvalidInput
 from dockercomp.coordinator.leases import Leases
 from dockercomp.coordinator.replication import Replication, tolerance
@@ -368,3 +372,24 @@ def test_a_restarted_engine_rebuilds_the_votes_from_the_store(
     rows = again.rows(job)
     assert [(r.state, r.value) for r in rows] == [("done", 10), ("done", 20)]
     assert all(len({rep["worker"] for rep in r.replicas}) == len(r.replicas) for r in rows)
+
+
+def test_submit_takes_the_replication_options_from_the_cli_and_the_api(tmp_path: Path) -> None:
+    db = str(tmp_path / "c.db")
+    runner = CliRunner()
+    done = runner.invoke(coordinator_cli, ["submit", "add", "-", "--db", db, "--replicas", "3", "--quorum", "2",
+                                           "--validator", "tolerance", "--adaptive", "--json"], input="[1, 2]\n")
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["replication"] == {"replicas": 3, "quorum": 2, "max_replicas": 6,
+                                                      "distinct": "volunteer", "validator": "tolerance",
+                                                      "adaptive": True}
+    refused = runner.invoke(coordinator_cli, ["submit", "add", "-", "--db", db, "--replicas", "2", "--quorum", "3"],
+                            input="[1, 2]\n")
+    assert refused.exit_code == 2 and "quorum <= replicas" in refused.output
+    with Client(db) as client:
+        job = client.submit("add", [[1, 2]], replicas=2, quorum=2, distinct="worker")
+        assert client.store.get_job(job.id).replication == Replication(2, 2, 4, "worker", None, False)
+        assert client.store.get_job(1).replication.adaptive
+        assert client.store.get_job(job.id).replication != client.store.get_job(1).replication
+    missing = runner.invoke(coordinator_cli, ["volunteers", "release", "nobody", "--db", db])
+    assert missing.exit_code == 3 and "not quarantined" in missing.output
