@@ -393,3 +393,32 @@ def test_submit_takes_the_replication_options_from_the_cli_and_the_api(tmp_path:
         assert client.store.get_job(job.id).replication != client.store.get_job(1).replication
     missing = runner.invoke(coordinator_cli, ["volunteers", "release", "nobody", "--db", db])
     assert missing.exit_code == 3 and "not quarantined" in missing.output
+
+
+def test_cancel_and_retry_of_a_replicated_job(crowd: Crowd) -> None:
+    for key in ("a/w", "b/w", "c/w"):
+        crowd.join(key)
+    job = crowd.job([[1]], replicas=2, quorum=2, max_replicas=2)
+    sent = crowd.sent()
+    # no quorum within max replicas: failed with both values
+    for value, (key, [task]) in enumerate(sent.items()):
+        crowd.reply(key, task, value)
+    assert crowd.states(job) == ["failed"]
+    # retry: a fresh round of replicas, which may agree this time
+    assert crowd.store.retry_failed(crowd.store.get_job(job.id)) == 1
+    crowd.jobs.poll()
+    again = crowd.sent()
+    assert len(again) == 2
+    for key, [task] in again.items():
+        crowd.reply(key, task, 7)
+    [row] = crowd.rows(job)
+    assert (row.state, row.value, row.attempts) == ("done", 7, 4)
+    # cancel while replicas are out: their answers only free the workers
+    other = crowd.job([[2]], replicas=2, quorum=2)
+    out = crowd.sent()
+    crowd.store.cancel_job(crowd.store.get_job(other.id))
+    crowd.jobs.poll()
+    for key, [task] in out.items():
+        crowd.reply(key, task, 1)
+    assert crowd.states(other) == ["cancelled"] and len(crowd.ledger.leases) == 0
+    assert not crowd.jobs.quorum.tasks
