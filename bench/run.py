@@ -13,6 +13,7 @@ so one broken part never hides the figures of the others):
 6. stream    1,000,000 tasks from a generator through the API: RSS growth (bench/stream.py)
 7. pickup    submit returned -> first dispatch, with the nudge and by polling (bench/pickup.py)
 8. scale     1,000 simulated workers on a fresh Mosquitto (bench/scale.py)
+9. replicas  results/s of `--replicas 2 --quorum 2` jobs vs single-replica ones (bench/replicas.py)
 
 Mosquitto runs the repository's mosquitto.conf, moved to a free port (bench/harness.py).
 """
@@ -34,13 +35,14 @@ from bench import defaults
 from bench import e2e as e2e_mod
 from bench import pickup as pickup_mod
 from bench import raw as raw_mod
+from bench import replicas as replicas_mod
 from bench import scale as scale_mod
 from bench import stream as stream_mod
 from bench.errors import BenchError
 from bench.harness import console_script, start_broker
 from bench.report import SCHEMA_VERSION, load_average, machine, summary_line, targets
 
-PHASES = ("raw", "e2e", "window1", "amqtt", "submit", "stream", "pickup", "scale")
+PHASES = ("raw", "e2e", "window1", "amqtt", "submit", "stream", "pickup", "scale", "replicas")
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,7 @@ def run(options: BenchOptions, say: Say = lambda text: None) -> dict[str, Any]:
         run_.phase("stream", lambda: _stream(run_))
         run_.phase("pickup", lambda: _pickup(run_))
         run_.phase("scale", lambda: _scale(run_))
+        run_.phase("replicas", lambda: replicas_mod.phase(run_))  # bench/replicas.py
     finally:
         if options.keep or run_.failed:
             say(f"logs and databases kept in {workdir}")

@@ -13,6 +13,7 @@ The policy (``{root}`` is the topic root, ``dockercomp`` by default)::
         read   {root}/status/workers/%u/#       the status of its own workers
         read   {root}/coordinator/rebirth       rebirth requests (a pattern without %u: every
                                                 client may read them; they name only workers)
+        read   {root}/status/volunteers/%u      its own credit, trust and quarantine
     coordinator
         read   {root}/workers/+/+/presence, {root}/workers/+/+/results
         write  {root}/workers/+/+/tasks, {root}/workers/+/+/presence (clears a purged worker)
@@ -90,6 +91,7 @@ def volunteer_patterns(root: str = ROOT_TOPIC) -> list[Rule]:
         # No %u: Mosquitto grants it to every client, anonymous ones too. Harmless: a rebirth
         # request carries worker keys at most, which the status topics publish anyway.
         Rule(Access.READ, f"{root}/coordinator/rebirth"),
+        Rule(Access.READ, f"{root}/status/volunteers/%u"),
     ]
 
 

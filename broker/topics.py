@@ -11,6 +11,7 @@ Layout (root ``dockercomp`` by default)::
     {root}/status/summary                          retained overall progress
     {root}/status/jobs/{job}                       retained progress of one job
     {root}/status/workers/{volunteer}/{worker}     retained counters of one worker
+    {root}/status/volunteers/{volunteer}           retained credit, trust, quarantine of one volunteer
 
 The volunteer is its own level, equal to the volunteer's broker user name, so a Mosquitto ACL
 can confine a volunteer's workers with ``pattern write dockercomp/workers/%u/+/results``.
@@ -151,6 +152,9 @@ class Topics:
 
     def status_worker(self, ref: WorkerRef) -> str:
         return f"{self.root}/status/workers/{ref.volunteer}/{ref.worker}"
+
+    def status_volunteer(self, volunteer: str) -> str:
+        return f"{self.root}/status/volunteers/{validate_name(volunteer, 'volunteer name')}"
 
     @property
     def all_status(self) -> str:

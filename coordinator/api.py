@@ -133,15 +133,16 @@ class WorkerInfo:
     last_seen: float
     lost_at: float | None
     purged_at: float | None
+    quarantined: str | None = None  # why its volunteer gets no work (until released)
 
     @classmethod
-    def from_row(cls, row: WorkerRow, in_flight: int) -> WorkerInfo:
+    def from_row(cls, row: WorkerRow, in_flight: int, quarantined: str | None = None) -> WorkerInfo:
         return cls(
             key=row.key, volunteer=row.volunteer, name=row.name, state=row.state, host=row.host,
             container=row.container, image=row.image, version=row.version, cpus=row.cpus,
             capacity=row.capacity, prefetch=row.prefetch, functions=list(row.functions), in_flight=in_flight,
             tasks_done=row.tasks_done, tasks_failed=row.tasks_failed, first_seen=row.first_seen,
-            last_seen=row.last_seen, lost_at=row.lost_at, purged_at=row.purged_at,
+            last_seen=row.last_seen, lost_at=row.lost_at, purged_at=row.purged_at, quarantined=quarantined,
         )  # fmt: skip
 
 
@@ -280,7 +281,9 @@ class Client:
     def workers(self) -> list[WorkerInfo]:
         """Every worker ever seen, with how many tasks each holds right now."""
         in_flight = self.store.inflight()
-        return [WorkerInfo.from_row(row, in_flight.get(row.key, 0)) for row in self.store.workers()]
+        held = self.store.quarantines()
+        return [WorkerInfo.from_row(row, in_flight.get(row.key, 0), held.get(row.volunteer))
+                for row in self.store.workers()]
 
     def purge(
         self,

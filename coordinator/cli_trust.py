@@ -85,12 +85,15 @@ def register(group: click.Group) -> None:
         if not rows:
             click.echo("No volunteer has been seen yet.")
             return
-        table = Table(title="Volunteers")
-        for column in ("volunteer", "workers", "validated", "invalid", "failed", "credit (CPU-s)", "quarantined"):
+        table = Table(title="Volunteers by credit (CPU-seconds of validated results)")
+        for column in ("volunteer", "workers", "validated", "invalid", "failed", "credit", "quarantined"):
             table.add_column(column, justify="left" if column in ("volunteer", "quarantined") else "right")
         for row in rows:
             table.add_row(row.volunteer, str(row.workers), str(row.validated), str(row.invalid), str(row.failed),
-                          f"{row.credit:.1f}", row.quarantined or "")
+                          f"{row.credit:.3f}", "yes" if row.quarantined else "")
+        held = [f"{row.volunteer}: {row.quarantined} (`dockercomp coordinator volunteers release {row.volunteer}`)"
+                for row in rows if row.quarantined]
+        table.caption = "\n".join(held) or None
         _stdout().print(table)
 
     @group.command("release")

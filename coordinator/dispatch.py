@@ -178,7 +178,11 @@ class Dispatcher:
                 continue
             plan = _round_robin(rows, candidates, held)
             if job.avoid:
-                _avoid_repeats(plan, job.avoid, candidates, held)
+                able = {w.ref.volunteer for w in order if job.function in w.functions}
+                plan = _avoid_repeats(plan, job.avoid, candidates, held, able)
+                if not plan:
+                    job.drained = True  # until a slot frees up (Ledger._accept) or the next poll
+                    continue
             last_served = plan[-1][0]
             sends += self._open(job, plan, leases, now)
         if last_served is not None:
@@ -252,21 +256,33 @@ def _allowed(workers: WorkerRegistry, jobs: JobBook) -> list[WorkerSlot]:
 
 
 def _avoid_repeats(plan: list[tuple[WorkerSlot, PendingRow, int]], avoid: dict[int, str],
-                   candidates: list[WorkerSlot], held: dict[int, int]) -> None:
+                   candidates: list[WorkerSlot], held: dict[int, int],
+                   able: set[str]) -> list[tuple[WorkerSlot, PendingRow, int]]:
     """Move each retried task off the volunteer that just failed it: swap workers with another
-    entry of the plan, else take a candidate with room left; when neither can, it stays (no
-    other volunteer can take it now). Updates ``plan`` and ``held``."""
+    entry of the plan, else take a candidate with room left; else, while another volunteer
+    online (``able``: those that run the function) could take it later, the task waits for
+    it; only when none is online does it go back to the same volunteer. Returns the plan;
+    updates ``held``."""
+    off = {row[0]: avoid[row[0]] for _, row, _ in plan if row[0] in avoid}  # task -> volunteer to avoid
+    waiting: set[int] = set()
     for i, (worker, row, ahead) in enumerate(plan):
-        bad = avoid.pop(row[0], None)
+        bad = off.get(row[0])
         if bad is None or worker.ref.volunteer != bad:
             continue
-        for j, (other, other_row, other_ahead) in enumerate(plan):
-            if other.ref.volunteer != bad and avoid.get(other_row[0]) != worker.ref.volunteer:
-                plan[i], plan[j] = (other, row, other_ahead), (worker, other_row, ahead)
-                break
-        else:
-            spare = next((w for w in candidates if w.ref.volunteer != bad and held[w.id] < w.limit), None)
-            if spare is not None:
-                plan[i] = (spare, row, held[spare.id])
-                held[spare.id] += 1
-                held[worker.id] -= 1
+        swap = next((j for j, (other, other_row, _) in enumerate(plan) if j not in waiting
+                     and other.ref.volunteer != bad and off.get(other_row[0]) != bad), None)
+        spare = next((w for w in candidates if w.ref.volunteer != bad and held[w.id] < w.limit), None)
+        if swap is not None:
+            other, other_row, other_ahead = plan[swap]
+            plan[i], plan[swap] = (other, row, other_ahead), (worker, other_row, ahead)
+        elif spare is not None:
+            plan[i] = (spare, row, held[spare.id])
+            held[spare.id] += 1
+            held[worker.id] -= 1
+        elif able - {bad}:
+            waiting.add(i)  # another volunteer is online, only busy: the task waits for it
+            held[worker.id] -= 1
+    kept = [entry for i, entry in enumerate(plan) if i not in waiting]
+    for _, row, _ in kept:
+        avoid.pop(row[0], None)
+    return kept

@@ -15,6 +15,11 @@ Every dispatch opens an attempt (a lease, leases.py); the ledger closes it, exac
   **duplicate** (the task already has its value), a **foreign** result (from a worker that
   never held that attempt) and an **unknown** task are **rejected**, counted and logged.
 
+A replicated job's values go to the quorum (quorum.py), which decides the task's canonical
+result; its failed replicas are re-issued there too. A single-replica task's retry avoids the
+volunteer that just failed it (``JobInfo.avoid``, dispatch.py); trust.py keeps the rates that
+quarantine a volunteer.
+
 Pure over the store interface: the writes of one engine step gather in a ``store.Changes``
 and ``flush`` hands them to the store in one go, inside the step's transaction. No SQL, no
 transport; a clock is passed in as ``now``.
@@ -185,6 +190,8 @@ class Ledger:
         job = self.jobs.get(job_id)
         if job is not None:
             self.jobs.trust.accepted(job_id, slot.ref.volunteer)
+            if job.avoid:
+                job.drained = False  # a slot freed up: a retry waiting for another volunteer may go
             job.move(previous.value, TaskState.DONE.value)
             self.status.job_changed(job.id)
         self.finished += 1
@@ -220,6 +227,8 @@ class Ledger:
             self.changes.set_task(lease.task_id, TaskState.PENDING)
             job.move(TaskState.ASSIGNED.value, TaskState.PENDING.value)
             job.drained = False
+            if worker is not None:
+                job.avoid[lease.task_id] = worker.ref.volunteer  # the retry goes elsewhere if it can
         self.status.job_changed(job.id)
 
     def release(self, slot: WorkerSlot, message: str) -> None:

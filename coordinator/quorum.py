@@ -66,6 +66,7 @@ class Votes:
     votes: list[Vote] = field(default_factory=list)
     failures: int = 0
     volunteers: set[str] = field(default_factory=set)  # had a replica: get no other
+    disputed: set[str] = field(default_factory=set)  # volunteers whose value here is in a dispute (Trust)
     workers: set[int] = field(default_factory=set)
 
     def missing(self) -> int:
@@ -95,7 +96,7 @@ class Quorum:
         their open replicas."""
         slots = self.ledger.workers.by_id if self.ledger is not None else {}
         for task_id in [t for t, v in self.tasks.items() if v.job_id == job.id]:
-            del self.tasks[task_id]
+            self._settle(self.tasks.pop(task_id))
         self.wanting.pop(job.id, None)
         if job.replication.single or not job.active:
             return
@@ -156,7 +157,13 @@ class Quorum:
     def want(self, job_id: int) -> list[Votes]:
         return list(self.wanting.get(job_id, {}).values())
 
+    def _settle(self, votes: Votes) -> None:
+        for volunteer in votes.disputed:
+            self.trust.settle(volunteer)
+        votes.disputed.clear()
+
     def _done(self, votes: Votes, ledger: "Ledger") -> None:
+        self._settle(votes)
         self.tasks.pop(votes.task_id, None)
         wanting = self.wanting.get(votes.job_id)
         if wanting is not None:
@@ -191,6 +198,11 @@ class Quorum:
             self._fail(ledger, job, votes, "ValidatorError", message)
             return
         best = max(groups, key=len)
+        if len(groups) > 1:
+            for v in votes.votes:
+                if v.volunteer not in votes.disputed:
+                    votes.disputed.add(v.volunteer)
+                    self.trust.dispute(v.volunteer)
         if len(best) >= replication.quorum:
             self._accept(ledger, job, votes, best, now)
             return
@@ -280,7 +292,7 @@ class Quorum:
 
     def _accept_alone(self, ledger: "Ledger", job: "JobInfo", votes: Votes, vote: Vote, now: float) -> None:
         ledger.changes.accept(votes.task_id, vote.attempt_id, vote.worker_id, vote.value_json, vote.elapsed, now)
-        self.trust.credited(vote.volunteer, vote.elapsed)
+        self.trust.accepted_alone(vote.volunteer, vote.elapsed)
         slot = ledger.workers.by_id.get(vote.worker_id)
         if slot is not None:
             slot.done += 1

@@ -244,11 +244,15 @@ def workers_table(workers: list[WorkerInfo], now: float | None = None, live: boo
     for w in workers:
         running = min(w.in_flight, w.capacity)  # the agent runs the first `capacity` it holds
         table.add_row(
-            w.key, state_text(w.state if live or w.state != "online" else "online?"), cut(w.host, 30),
+            w.key, Text("quarantined", style="red") if w.quarantined
+            else state_text(w.state if live or w.state != "online" else "online?"), cut(w.host, 30),
             str(w.capacity), str(w.prefetch), str(running), str(w.in_flight - running),
             str(w.tasks_done), Text(str(w.tasks_failed), style="red" if w.tasks_failed else ""),
             _seen(w, now, live),
         )  # fmt: skip
+    held = sorted({(w.volunteer, w.quarantined) for w in workers if w.quarantined})
+    if held:
+        table.caption = "\n".join(f"{volunteer} quarantined: {reason}" for volunteer, reason in held)
     return table
 
 
@@ -377,6 +381,10 @@ def workers_line(workers: list[WorkerInfo], unfinished: bool, live: bool = True)
     lost = sum(1 for w in workers if w.state == "lost")
     known = "" if live else " as last known"
     line = f"Workers{known}: {online} online, {lost} lost (`dockercomp coordinator workers` for details)."
+    held = sorted({(w.volunteer, w.quarantined) for w in workers if w.quarantined})
+    for volunteer, reason in held:
+        line += (f"\nVolunteer {volunteer} is quarantined (no new work): {reason}; "
+                 f"`dockercomp coordinator volunteers release {volunteer}` lifts it.")
     if unfinished and online == 0:
         line += ("\nNo worker is online: start one with `dockercomp agent run --broker URL` "
                  "(and `dockercomp coordinator serve`).")

@@ -428,6 +428,7 @@ class Coordinator:
                             lambda: summary_status(list(self.workers), list(self.jobs.by_id.values()),
                                                    len(self.leases), self.rejections.snapshot(),
                                                    self.rate.rate(now), self.started, now), now)
+        self.jobs.trust.publish(self.transport, self.topics, now)  # status/volunteers/{volunteer}
 
     def _reload(self) -> bool:
         """Rebuild memory from the store after a failed transaction; True once it worked.

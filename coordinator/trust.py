@@ -1,8 +1,8 @@
 """Reputation: which volunteers are trusted (adaptive replication), which are quarantined,
 and the credit each earned.
 
-- **Trusted:** ``TRUST_AFTER`` validated results in a row (agreeing with a quorum); one invalid
-  result makes a volunteer untrusted again. Kept in memory: a restarted coordinator trusts
+- **Trusted:** ``TRUST_AFTER`` validated results in a row (agreeing with a quorum) and no value
+  in a dispute still undecided; one invalid result makes a volunteer untrusted again. Kept in memory: a restarted coordinator trusts
   nobody until it is earned again (the safe direction).
 - **Quarantined:** per job, a volunteer with at least ``QUARANTINE_MIN_RESULTS`` closed attempts
   whose failure or invalid rate is far above the rate of the job's other volunteers gets no
@@ -17,7 +17,12 @@ Pure: no transport; writes go to the store inside the engine's transaction.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+from dockercomp.broker.connection import Transport
+from dockercomp.broker.errors import BrokerError, InvalidName
+from dockercomp.broker.messages import encode_status
+from dockercomp.broker.topics import Topics
 from dockercomp.coordinator import defaults
 from dockercomp.coordinator.store import AttemptOutcome, Store
 
@@ -37,8 +42,15 @@ class Trust:
         self.store = store
         self.quarantined: dict[str, str] = {}  # volunteer -> reason
         self.streak: dict[str, int] = {}  # validated results in a row
+        # Values of a volunteer in tasks whose replicas disagree, not yet decided: one of them
+        # may turn out invalid, so the results after it do not make a streak yet (values are
+        # decided out of order: a disputed one waits for a tie-breaker).
+        self.disputed: dict[str, int] = {}
         self.credit: dict[str, float] = {}  # CPU-seconds validated since start (status topic)
         self.changed: set[str] = set()  # volunteers whose record changed since the last status
+        # volunteer -> [validated, invalid, credit]: the store's totals at start plus what this
+        # engine decided since (the status topic; read from the store once, not per publication).
+        self.totals: dict[str, list[Any]] | None = None
         self._tally: dict[int, dict[str, list[int]]] = {}  # job -> volunteer -> [closed, invalid, failed]
 
     def refresh(self) -> bool:
@@ -57,7 +69,18 @@ class Trust:
         return True
 
     def trusted(self, volunteer: str) -> bool:
-        return self.streak.get(volunteer, 0) >= defaults.TRUST_AFTER and volunteer not in self.quarantined
+        return (self.streak.get(volunteer, 0) >= defaults.TRUST_AFTER and not self.disputed.get(volunteer)
+                and volunteer not in self.quarantined)
+
+    def dispute(self, volunteer: str) -> None:
+        self.disputed[volunteer] = self.disputed.get(volunteer, 0) + 1
+
+    def settle(self, volunteer: str) -> None:
+        left = self.disputed.get(volunteer, 0) - 1
+        if left > 0:
+            self.disputed[volunteer] = left
+        else:
+            self.disputed.pop(volunteer, None)
 
     # -- what happened to a volunteer's attempt -------------------------------------------------
     def accepted(self, job_id: int, volunteer: str) -> None:
@@ -75,16 +98,51 @@ class Trust:
         self.accepted(job_id, volunteer)
         self.streak[volunteer] = self.streak.get(volunteer, 0) + 1
         self.credited(volunteer, elapsed)
+        self._total(volunteer)[0] += 1
+
+    def accepted_alone(self, volunteer: str, elapsed: float) -> None:
+        """A trusted volunteer's value accepted without replicas (adaptive): credited, no streak."""
+        self.credited(volunteer, elapsed)
+        self._total(volunteer)[0] += 1
 
     def credited(self, volunteer: str, elapsed: float) -> None:
         self.credit[volunteer] = self.credit.get(volunteer, 0.0) + max(0.0, elapsed)
+        self._total(volunteer)[2] += max(0.0, elapsed)
         self.changed.add(volunteer)
+
+    def _total(self, volunteer: str) -> list[Any]:
+        if self.totals is None:
+            self.totals = {s.volunteer: [s.validated, s.invalid, s.credit] for s in self.store.volunteer_stats()}
+        return self.totals.setdefault(volunteer, [0, 0, 0.0])
+
+    def status(self, volunteer: str, now: float) -> dict[str, Any]:
+        """The retained status of one volunteer (docs/protocol.md, "Status topics")."""
+        validated, invalid, credit = self._total(volunteer)
+        return {"volunteer": volunteer, "credit": round(credit, 3), "validated": validated, "invalid": invalid,
+                "streak": self.streak.get(volunteer, 0), "trusted": self.trusted(volunteer),
+                "quarantined": self.quarantined.get(volunteer), "updated": round(now, 3)}
+
+    def publish(self, transport: Transport, topics: Topics, now: float) -> None:
+        """Publish the retained status of the volunteers whose record changed."""
+        while self.changed:
+            volunteer = self.changed.pop()
+            try:
+                topic = topics.status_volunteer(volunteer)
+            except InvalidName:
+                continue  # a quarantine stored by hand under a name no topic can carry
+            try:
+                transport.publish(topic, encode_status(self.status(volunteer, now)), qos=1, retain=True)
+            except BrokerError as exc:
+                self.changed.add(volunteer)
+                log.warning("could not publish the status of volunteer %s: %s", volunteer, exc)
+                return
 
     def invalid(self, job_id: int, volunteer: str, now: float) -> None:
         if self.streak.get(volunteer, 0) >= defaults.TRUST_AFTER:
             log.warning("volunteer %s returned an invalid result: no longer trusted", volunteer)
         self.streak[volunteer] = 0
         self.changed.add(volunteer)
+        self._total(volunteer)[1] += 1
         self._count(job_id, volunteer, _INVALID, now)
 
     def failed(self, job_id: int, volunteer: str, outcome: AttemptOutcome, now: float) -> None:

@@ -79,6 +79,9 @@ def test_tiny_benchmark_run_writes_results_and_ends_with_the_summary_line(tmp_pa
     assert [job["tasks"] for job in scale["jobs"]] == [50, 100]
     assert all(job["workers_used"] == 5 and job["min_per_worker"] > 0 for job in scale["jobs"])
     assert scale["answered_by_swarm"] >= 150 and scale["malformed_tasks"] == 0
+    replicas = results["replicas"]  # issue 11: replicated results/s vs single-replica, same run
+    assert [(r["key"], r["results"]) for r in replicas["runs"]] == [("single", 200), ("replicas2", 200)] * 2
+    assert replicas["ratio"] > 0
     assert {target["name"] for target in results["targets"]} >= {"e2e vs raw round trip", "coordinator RSS"}
 
 

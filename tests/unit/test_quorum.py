@@ -3,17 +3,24 @@ memory store on a fake clock (no processes, no sockets)."""
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from dockercomp.broker.messages import Outcome, Presence, PresenceState, Result, Task, TaskError
 from dockercomp.broker.topics import WorkerRef
 from dockercomp.coordinator import defaults
+from dockercomp.coordinator.api import Client
+from dockercomp.coordinator.cli import main as coordinator_cli
 from dockercomp.coordinator.errors import InvalidInput
+from dockercomp.coordinator.leases import Leases
 from dockercomp.coordinator.replication import Replication, tolerance
-from dockercomp.coordinator.store import JobRow
+from dockercomp.coordinator.store import JobRow, Store
+from tests.support.plugins import install_package
 from tests.support.rules import Rules
 
 
@@ -286,3 +293,132 @@ def test_one_invalid_result_makes_a_trusted_volunteer_untrusted(crowd: Crowd) ->
     assert trust.trusted("v")
     trust.invalid(1, "v", 0.0)
     assert not trust.trusted("v")
+
+
+def test_a_value_in_dispute_keeps_a_volunteer_untrusted_until_it_is_decided(crowd: Crowd) -> None:
+    # values are decided out of order: a disputed one waits for its tie-breaker while later
+    # ones validate; those must not make a streak over the one that may prove invalid
+    trust = crowd.jobs.trust
+    for _ in range(defaults.TRUST_AFTER):
+        trust.validated(1, "v", 1.0)
+    trust.dispute("v")
+    assert not trust.trusted("v")
+    trust.settle("v")
+    assert trust.trusted("v")
+
+
+def test_a_retry_waits_for_a_busy_volunteer_rather_than_going_back_to_the_one_that_failed_it(crowd: Crowd) -> None:
+    # given a broken volunteer with many slots, failing every task at once, and a busy sound one
+    crowd.join("broken/w", capacity=4)
+    crowd.join("sound/w", capacity=1)
+    job = crowd.job([[i] for i in range(30)], max_attempts=2)
+    for _ in range(200):
+        sent = crowd.sent() or (crowd.jobs.poll() and {}) or crowd.sent()
+        if not sent:
+            break
+        for key, tasks in sent.items():
+            for task in tasks:
+                if key == "broken/w":
+                    crowd.reply(key, task, outcome=Outcome.ERROR)
+                else:
+                    crowd.reply(key, task, 1)
+    # then no task went twice to the broken one: every task is done, by the sound one
+    rows = crowd.rows(job)
+    assert [r.state for r in rows] == ["done"] * 30 and {r.worker for r in rows} == {"sound/w"}
+    assert all(len(r.errors) <= 1 for r in rows)
+
+
+def test_a_validator_registered_as_an_entry_point_is_found_by_name(
+        crowd: Crowd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # given a scientist's package installed the way pip would, registering "same_sign"
+    install_package(tmp_path, "labvalid", "def same_sign(a, b):\n    return (a >= 0) == (b >= 0)\n",
+                    "[dockercomp.validators]\nsame_sign = labvalid:same_sign\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    crowd.join("a/w")
+    crowd.join("b/w")
+    job = crowd.job([[1]], replicas=2, quorum=2, validator="same_sign")
+    sent = crowd.sent()
+    crowd.reply("a/w", sent["a/w"][0], 5)
+    crowd.reply("b/w", sent["b/w"][0], 7)
+    [row] = crowd.rows(job)
+    assert (row.state, row.value) == ("done", 5)  # they agree by the validator, not by equality
+
+
+def test_a_restarted_engine_rebuilds_the_votes_from_the_store(
+        crowd: Crowd, monkeypatch: pytest.MonkeyPatch) -> None:
+    # given a replicated task with one value in and one replica open
+    for key in ("a/w", "b/w"):
+        crowd.join(key)
+    job = crowd.job([[1], [2]], replicas=2, quorum=2)
+    sent = crowd.sent()
+    crowd.reply("a/w", sent["a/w"][0], 10)
+    crowd.flush()
+    # when a new engine loads the same store, as Coordinator._load does
+    monkeypatch.setattr(Store, "open", classmethod(lambda cls, url: crowd.store))
+    again = Crowd()
+    again.workers.load()
+    again.ledger.reset(Leases.load(again.store, again.dispatcher.payloads))
+    again.jobs.poll()
+    again.seq = dict(crowd.seq)
+    for key in ("a/w", "b/w", "c/w"):
+        again.join(key)
+    # then b's open replica still counts, a does not vote twice, and every task completes
+    again.reply("b/w", sent["b/w"][0], 10)
+    while more := again.sent():
+        for key, tasks in more.items():
+            for task in tasks:
+                assert not (key == "a/w" and task.task_id == sent["a/w"][0].task_id)
+                again.reply(key, task, 10 * int(task.args[0]))
+    rows = again.rows(job)
+    assert [(r.state, r.value) for r in rows] == [("done", 10), ("done", 20)]
+    assert all(len({rep["worker"] for rep in r.replicas}) == len(r.replicas) for r in rows)
+
+
+def test_submit_takes_the_replication_options_from_the_cli_and_the_api(tmp_path: Path) -> None:
+    db = str(tmp_path / "c.db")
+    runner = CliRunner()
+    done = runner.invoke(coordinator_cli, ["submit", "add", "-", "--db", db, "--replicas", "3", "--quorum", "2",
+                                           "--validator", "tolerance", "--adaptive", "--json"], input="[1, 2]\n")
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["replication"] == {"replicas": 3, "quorum": 2, "max_replicas": 6,
+                                                      "distinct": "volunteer", "validator": "tolerance",
+                                                      "adaptive": True}
+    refused = runner.invoke(coordinator_cli, ["submit", "add", "-", "--db", db, "--replicas", "2", "--quorum", "3"],
+                            input="[1, 2]\n")
+    assert refused.exit_code == 2 and "quorum <= replicas" in refused.output
+    with Client(db) as client:
+        job = client.submit("add", [[1, 2]], replicas=2, quorum=2, distinct="worker")
+        assert client.store.get_job(job.id).replication == Replication(2, 2, 4, "worker", None, False)
+        assert client.store.get_job(1).replication.adaptive
+        assert client.store.get_job(job.id).replication != client.store.get_job(1).replication
+    missing = runner.invoke(coordinator_cli, ["volunteers", "release", "nobody", "--db", db])
+    assert missing.exit_code == 3 and "not quarantined" in missing.output
+
+
+def test_cancel_and_retry_of_a_replicated_job(crowd: Crowd) -> None:
+    for key in ("a/w", "b/w", "c/w"):
+        crowd.join(key)
+    job = crowd.job([[1]], replicas=2, quorum=2, max_replicas=2)
+    sent = crowd.sent()
+    # no quorum within max replicas: failed with both values
+    for value, (key, [task]) in enumerate(sent.items()):
+        crowd.reply(key, task, value)
+    assert crowd.states(job) == ["failed"]
+    # retry: a fresh round of replicas, which may agree this time
+    assert crowd.store.retry_failed(crowd.store.get_job(job.id)) == 1
+    crowd.jobs.poll()
+    again = crowd.sent()
+    assert len(again) == 2
+    for key, [task] in again.items():
+        crowd.reply(key, task, 7)
+    [row] = crowd.rows(job)
+    assert (row.state, row.value, row.attempts) == ("done", 7, 4)
+    # cancel while replicas are out: their answers only free the workers
+    other = crowd.job([[2]], replicas=2, quorum=2)
+    out = crowd.sent()
+    crowd.store.cancel_job(crowd.store.get_job(other.id))
+    crowd.jobs.poll()
+    for key, [task] in out.items():
+        crowd.reply(key, task, 1)
+    assert crowd.states(other) == ["cancelled"] and len(crowd.ledger.leases) == 0
+    assert not crowd.jobs.quorum.tasks
