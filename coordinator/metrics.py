@@ -28,12 +28,20 @@ Each Coordinator has its own CollectorRegistry (tests run several in one process
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter as PromCounter, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -55,28 +63,45 @@ log = logging.getLogger(__name__)
 NAMESPACE = "dockercomp"
 
 
-class EngineMetrics:
-    """What the engine feeds (counters, histograms), in ``registry``; one per Coordinator."""
+class Buckets:
+    """A histogram only the engine's thread writes: a bisect and two additions per value, no
+    lock (prometheus_client's Histogram takes one per observe, several times the cost). A
+    scrape copies the counts in one call and derives the count from them, so ``_count`` always
+    equals the ``+Inf`` bucket; ``_sum`` may lag by the value being added."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
-        self.attempts_closed = PromCounter(
-            "attempts_closed", "Attempts closed, by final outcome: ok/error/timeout/crashed/rejected are "
-            "workers' results; expired, lost, cancelled, superseded, invalid are closed by the coordinator.",
-            ["outcome"], namespace=NAMESPACE, registry=registry)
-        self.dispatches = PromCounter("dispatches", "Task messages sent to workers (attempts opened).",
-                                      namespace=NAMESPACE, registry=registry)
-        self.messages = PromCounter("messages", "Messages from the broker handled by the engine "
-                                    "(presence, results, nudges).", namespace=NAMESPACE, registry=registry)
-        self.steps = Histogram("engine_step_seconds", "Wall time of one engine step (one transaction).",
-                               namespace=NAMESPACE, registry=registry, buckets=defaults.METRICS_STEP_BUCKETS)
-        self.latency = Histogram("result_latency_seconds", "From a task message sent to its result handled "
-                                 "by the engine, for results that close their open attempt.",
-                                 namespace=NAMESPACE, registry=registry, buckets=defaults.METRICS_LATENCY_BUCKETS)
-        # Pre-create every outcome: a series that appears only on its first event breaks
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = [*sorted(bounds), float("inf")]
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # first bound >= value: Prometheus' `le`
+        self.total += value
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        counts, running, buckets = list(self.counts), 0, []
+        for bound, n in zip(self.bounds, counts):
+            running += n
+            buckets.append((floatToGoString(bound), running))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.total)
+
+
+class EngineMetrics(Collector):
+    """What the engine feeds (counters, histograms), exported by ``collect``; one per Coordinator.
+
+    Plain numbers written by the engine's thread alone, read by the scrape: no locks on the
+    engine's path. Counters are added once per step (``committed``), not per message."""
+
+    def __init__(self) -> None:
+        # Every outcome from the start: a series that appears only on its first event breaks
         # rate() and alerts written as `... > 0`.
-        self._closed = {o.value: self.attempts_closed.labels(o.value) for o in AttemptOutcome
-                        if o is not AttemptOutcome.OPEN}
+        self.closed: dict[str, int] = {o.value: 0 for o in AttemptOutcome if o is not AttemptOutcome.OPEN}
+        self.dispatches = 0
+        self.messages = 0
+        self.steps = Buckets(defaults.METRICS_STEP_BUCKETS)
+        self.latency = Buckets(defaults.METRICS_LATENCY_BUCKETS)
         self._pending: Counter[str] = Counter()  # this step's closings, until it commits
         self._latencies: list[float] = []
 
@@ -100,23 +125,24 @@ class EngineMetrics:
             return None
         return leases.get(int(task_id), result.attempt)
 
-    def result_handled(self, leases: Leases, lease: Lease | None, now: float) -> None:
+    def result_handled(self, leases: Leases, lease: Lease, now: float) -> None:
         """After the ledger: the result closed ``lease`` (it was not rejected) -> its latency."""
-        if lease is not None and leases.get(lease.task_id, lease.number) is not lease:
+        if leases.get(lease.task_id, lease.number) is not lease:
             self._latencies.append(now - lease.sent_at)
 
     def committed(self, dispatched: int) -> None:
         """The step's transaction committed: its figures count."""
-        if dispatched:
-            self.dispatches.inc(dispatched)
-        for outcome, n in self._pending.items():
-            child = self._closed.get(outcome)
-            (child if child is not None else self.attempts_closed.labels(outcome)).inc(n)
-        self._pending.clear()
-        observe = self.latency.observe
-        for seconds in self._latencies:
-            observe(seconds)
-        self._latencies.clear()
+        self.dispatches += dispatched
+        if self._pending:
+            closed = self.closed
+            for outcome, n in self._pending.items():
+                closed[outcome] = closed.get(outcome, 0) + n
+            self._pending.clear()
+        if self._latencies:
+            observe = self.latency.observe
+            for seconds in self._latencies:
+                observe(seconds)
+            self._latencies.clear()
 
     def rolled_back(self) -> None:
         """The step's transaction failed: what it decided did not happen."""
@@ -124,9 +150,26 @@ class EngineMetrics:
         self._latencies.clear()
 
     def stepped(self, messages: int, seconds: float) -> None:
-        if messages:
-            self.messages.inc(messages)
+        self.messages += messages
         self.steps.observe(seconds)
+
+    # -- read by the scrape's thread ------------------------------------------------------------
+    def collect(self) -> Iterator[Metric]:
+        prefix = f"{NAMESPACE}_"
+        closed = CounterMetricFamily(f"{prefix}attempts_closed", "Attempts closed, by final outcome: "
+                                     "ok/error/timeout/crashed/rejected are workers' results; expired, lost, "
+                                     "cancelled, superseded, invalid are closed by the coordinator.",
+                                     labels=["outcome"])
+        for outcome, n in list(self.closed.items()):
+            closed.add_metric([outcome], n)
+        yield closed
+        yield CounterMetricFamily(f"{prefix}dispatches", "Task messages sent to workers (attempts opened).",
+                                  value=self.dispatches)
+        yield CounterMetricFamily(f"{prefix}messages", "Messages from the broker handled by the engine "
+                                  "(presence, results, nudges).", value=self.messages)
+        yield self.steps.family(f"{prefix}engine_step_seconds", "Wall time of one engine step (one transaction).")
+        yield self.latency.family(f"{prefix}result_latency_seconds", "From a task message sent to its result "
+                                  "handled by the engine, for results that close their open attempt.")
 
 
 _T = TypeVar("_T")
@@ -206,7 +249,8 @@ class MetricsServer:
 
     def __init__(self, coordinator: "Coordinator", host: str = defaults.METRICS_HOST, port: int = 0) -> None:
         self.registry = CollectorRegistry()
-        self.metrics = EngineMetrics(self.registry)
+        self.metrics = EngineMetrics()
+        self.registry.register(self.metrics)
         self.registry.register(EngineCollector(coordinator))
         # The process's own figures (CPU, memory, open files, GC): Prometheus users expect them.
         ProcessCollector(registry=self.registry)

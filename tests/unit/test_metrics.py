@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dockercomp.broker.memory import MemoryBroker
 from dockercomp.broker.messages import Outcome, Result, TaskError
 from dockercomp.broker.topics import Topics
-from dockercomp.coordinator.metrics import MetricsServer
+from dockercomp.coordinator.metrics import Buckets, MetricsServer
 from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 from dockercomp.coordinator.store import Changes, Store
 from tests.support.agents import FakeAgent
@@ -112,3 +112,15 @@ def test_a_rolled_back_step_counts_nothing() -> None:
     server.metrics.rolled_back()
     server.metrics.committed(0)
     assert samples(server)[("dockercomp_attempts_closed_total", (("outcome", "ok"),))] == 0
+
+
+def test_buckets_count_a_value_in_the_first_bucket_whose_bound_it_does_not_exceed() -> None:
+    buckets = Buckets((0.1, 1.0))
+    for value in (0.05, 0.1, 0.5, 1.0, 7.0):
+        buckets.observe(value)
+    family = buckets.family("x_seconds", "x")
+    got = {(s.name, s.labels.get("le")): s.value for s in family.samples}
+    assert got[("x_seconds_bucket", "0.1")] == 2  # Prometheus' `le`: 0.1 itself is in it
+    assert got[("x_seconds_bucket", "1.0")] == 4
+    assert got[("x_seconds_bucket", "+Inf")] == got[("x_seconds_count", None)] == 5
+    assert got[("x_seconds_sum", None)] == 8.65
