@@ -201,7 +201,8 @@ def _metrics(run_: _Run, broker: Any) -> None:
                                  concurrency=o.concurrency, broker_pid=broker.pid)
     run_.results["metrics"] = result.to_json()
     run_.say(f"  metrics on/off: {result.ratio:.3f} (best {max(result.on_tasks_per_s):,.0f} vs "
-             f"{max(result.off_tasks_per_s):,.0f} tasks/s; {result.scrapes} scrapes)")
+             f"{max(result.off_tasks_per_s):,.0f} tasks/s; {result.scrapes} scrapes); coordinator CPU per task "
+             f"off/on: {result.cpu_ratio:.3f}")
 
 
 def _window1(run_: _Run, broker: Any) -> None:
