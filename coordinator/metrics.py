@@ -97,7 +97,9 @@ class EngineMetrics(Collector):
     def __init__(self) -> None:
         # Every outcome from the start: a series that appears only on its first event breaks
         # rate() and alerts written as `... > 0`.
-        self.closed: dict[str, int] = {o.value: 0 for o in AttemptOutcome if o is not AttemptOutcome.OPEN}
+        # (Not OPEN, nor UNVALIDATED: a replica's value awaiting its quorum is not closed yet.)
+        self.closed: dict[str, int] = {o.value: 0 for o in AttemptOutcome
+                                       if o not in (AttemptOutcome.OPEN, AttemptOutcome.UNVALIDATED)}
         self.dispatches = 0
         self.messages = 0
         self.steps = Buckets(defaults.METRICS_STEP_BUCKETS)

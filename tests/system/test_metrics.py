@@ -5,6 +5,9 @@ parsed with Prometheus' own text parser; every figure compared with what the sto
 from __future__ import annotations
 
 import re
+import socket
+import subprocess
+import sys
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -17,7 +20,7 @@ from dockercomp.broker.messages import Outcome, Result
 from dockercomp.broker.settings import BrokerSettings
 from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator.store import Store
-from tests.support import wait_until
+from tests.support import REPO_ROOT, wait_until
 from tests.support.brokers import BrokerProcess
 from tests.support.processes import Processes, finished, online
 
@@ -124,3 +127,16 @@ def test_metrics_match_the_store_after_a_job_rejections_and_a_killed_agent(
     wait_until(lambda: any(w.state == "lost" for w in store.workers()), timeout=20)
     samples = agree(url, store)
     assert series(samples, "dockercomp_workers", "state") == {"online": 1, "lost": 1}
+
+
+def test_a_taken_metrics_port_is_a_usage_error_with_a_hint(procs: Processes, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "dockercomp.coordinator", "serve", "--broker", procs.broker_url or "",
+                               "--db", str(tmp_path / "c.db"), "--metrics-port", str(port)],
+                              env=procs.env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in done.stderr
+    assert "hint: choose another --metrics-port" in done.stderr
