@@ -13,18 +13,11 @@ from dockercomp.broker.topics import Topics
 from dockercomp.coordinator.metrics import Buckets, MetricsServer
 from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 from dockercomp.coordinator.store import Changes, Store
+from tests.support import FakeClock
 from tests.support.agents import FakeAgent
 
 TOPICS = Topics()
 SETTINGS = CoordinatorSettings(lease_margin=5, connect_timeout=1)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def samples(server: MetricsServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -33,14 +26,14 @@ def samples(server: MetricsServer) -> dict[tuple[str, tuple[tuple[str, str], ...
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def run(coordinator: Coordinator, clock: Clock, times: int = 6) -> None:
+def run(coordinator: Coordinator, clock: FakeClock, times: int = 6) -> None:
     for _ in range(times):
         clock.now += 0.5
         coordinator.step()
 
 
 def test_counters_and_gauges_follow_the_engine() -> None:
-    broker, clock = MemoryBroker(), Clock()
+    broker, clock = MemoryBroker(), FakeClock()
     store = Store.open("memory://")
     coordinator = Coordinator(store, broker.connect("coordinator"), TOPICS, SETTINGS, clock)
     server = MetricsServer(coordinator)  # not started: no socket in a unit test
@@ -80,7 +73,7 @@ def test_counters_and_gauges_follow_the_engine() -> None:
 
 
 def test_per_job_series_exist_only_while_a_job_is_active() -> None:
-    broker, clock = MemoryBroker(), Clock()
+    broker, clock = MemoryBroker(), FakeClock()
     store = Store.open("memory://")
     coordinator = Coordinator(store, broker.connect("coordinator"), TOPICS, SETTINGS, clock)
     server = MetricsServer(coordinator)
@@ -104,7 +97,7 @@ def test_per_job_series_exist_only_while_a_job_is_active() -> None:
 
 def test_a_rolled_back_step_counts_nothing() -> None:
     store = Store.open("memory://")
-    coordinator = Coordinator(store, MemoryBroker().connect("coordinator"), TOPICS, SETTINGS, Clock())
+    coordinator = Coordinator(store, MemoryBroker().connect("coordinator"), TOPICS, SETTINGS, FakeClock())
     server = MetricsServer(coordinator)
     changes = Changes()
     changes.ok_attempts.append(1)
