@@ -4,9 +4,10 @@ Two kinds, chosen for what they cost the engine:
 
 - **Counters and histograms** the engine feeds as it works, never per message where a step
   will do: attempts closed (by outcome: the results and everything else that closes one),
-  tasks dispatched, messages handled, engine step time, result latency. Each step's figures
-  are held back until its transaction commits (``committed``): a rolled-back step is not
-  counted, and its messages are not counted twice when they are handled again.
+  tasks dispatched, messages handled, engine step time, result latency. They are plain
+  numbers only the engine's thread writes (no lock on its path; the scrape reads them), and
+  each step's figures are held back until its transaction commits (``committed``): a
+  rolled-back step is not counted, nor are its messages counted twice when handled again.
 - **Gauges** (tasks and jobs by state, workers by state, capacity, in flight, rejections, up,
   info) cost the engine nothing: ``EngineCollector`` computes them when Prometheus scrapes,
   from the engine's in-memory mirrors (JobBook, WorkerRegistry, Leases, Rejections). The
@@ -41,11 +42,11 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
-from prometheus_client.utils import floatToGoString
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from dockercomp.broker.defaults import PROTOCOL_VERSION
 from dockercomp.coordinator import defaults
@@ -247,7 +248,9 @@ def _by_state(name: str, documentation: str, counts: Counter[str], states: Itera
 
 
 class MetricsServer:
-    """`/metrics` over HTTP for one coordinator, in a thread of prometheus_client's."""
+    """`/metrics` over HTTP for one coordinator, in a thread of prometheus_client's. Made
+    before the coordinator starts: it hooks itself into the engine (``Coordinator.metrics``,
+    ``Ledger.on_flush``), which the engine's thread then feeds."""
 
     def __init__(self, coordinator: "Coordinator", host: str = defaults.METRICS_HOST, port: int = 0) -> None:
         self.registry = CollectorRegistry()
