@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,9 @@ def agent_env(workdir: Path, name: str) -> dict[str, str]:
     return env
 
 
-def start_coordinator(url: str, db: Path, workdir: Path, name: str = "coordinator") -> Child:
-    return Child(name, [*console_script("coordinator"), "serve", "--broker", url, "--db", str(db)],
+def start_coordinator(url: str, db: Path, workdir: Path, name: str = "coordinator",
+                      serve_args: Sequence[str] = ()) -> Child:
+    return Child(name, [*console_script("coordinator"), "serve", "--broker", url, "--db", str(db), *serve_args],
                  workdir / f"{name}.log")
 
 
@@ -171,7 +173,8 @@ def run_job(client: Any, coordinator: Child, agents: list[Child], tasks: int, na
 
 
 def measure(*, key: str, label: str, broker_name: str, url: str, workdir: Path, tasks: int, agents: int,
-            concurrency: int, broker_pid: int | None = None, profile: bool = False) -> E2ERun:
+            concurrency: int, broker_pid: int | None = None, profile: bool = False,
+            serve_args: Sequence[str] = ()) -> E2ERun:
     """One end-to-end run on the broker at ``url`` with ``concurrency`` tasks in flight per
     agent (``agent_shape``: task processes + prefetch); every process started here is stopped here."""
     from dockercomp.coordinator.api import Client
@@ -184,7 +187,7 @@ def measure(*, key: str, label: str, broker_name: str, url: str, workdir: Path, 
 
     workdir.mkdir(parents=True, exist_ok=True)
     db = workdir / f"{key}.db"
-    coordinator = start_coordinator(url, db, workdir)
+    coordinator = start_coordinator(url, db, workdir, serve_args=serve_args)
     children: list[Child] = [coordinator]
     client: Any = None
     spies: list[subprocess.Popen[bytes]] = []

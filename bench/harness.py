@@ -123,7 +123,9 @@ class Child:
 
 def console_script(name: str) -> list[str]:
     """argv prefix running one of our console scripts with this interpreter."""
-    modules = {"coordinator": "dockercomp.coordinator.cli", "agent": "dockercomp.agent.cli", "broker": "dockercomp.broker.cli"}
+    # The package, not its cli module: run as __main__, cli.py would be a second copy of itself,
+    # on which the commands of cli_jobs.py (submit, ...) are not registered.
+    modules = {"coordinator": "dockercomp.coordinator", "agent": "dockercomp.agent.cli", "broker": "dockercomp.broker.cli"}
     return [sys.executable, "-m", modules[name]]
 
 

@@ -302,6 +302,14 @@ def targets(results: dict[str, Any]) -> list[Target]:
         out.append(Target("1,000 workers registered", "< 10 s", "not measured", None))
         out.append(Target("coordinator RSS", "< 300 MB", "not measured", None))
     out += _issue10_targets(results)
+    overhead = results.get("metrics") or {}
+    if overhead.get("ratio"):
+        out.append(Target("e2e with /metrics vs without", ">= 97 %", f"{overhead['ratio'] * 100:.1f} %",
+                          overhead["ratio"] >= 0.97))
+    if overhead.get("cpu_ratio"):
+        # The same, as coordinator CPU per task: what a loaded shared machine disturbs least.
+        out.append(Target("coordinator CPU/task without /metrics vs with", ">= 97 %",
+                          f"{overhead['cpu_ratio'] * 100:.1f} %", overhead["cpu_ratio"] >= 0.97))
     jobs = scale.get("jobs") or []
     if len(jobs) >= 2 and all(j.get("cpu_ms_per_task") for j in jobs):
         small, big = jobs[0], jobs[-1]

@@ -14,6 +14,7 @@ so one broken part never hides the figures of the others):
 7. pickup    submit returned -> first dispatch, with the nudge and by polling (bench/pickup.py)
 8. scale     1,000 simulated workers on a fresh Mosquitto (bench/scale.py)
 9. replicas  results/s of `--replicas 2 --quorum 2` jobs vs single-replica ones (bench/replicas.py)
+10. metrics   the e2e run with `serve --metrics-port` vs without, scraped every second (bench/metrics.py)
 
 Mosquitto runs the repository's mosquitto.conf, moved to a free port (bench/harness.py).
 """
@@ -33,6 +34,7 @@ from typing import Any
 
 from bench import defaults
 from bench import e2e as e2e_mod
+from bench import metrics as metrics_mod
 from bench import pickup as pickup_mod
 from bench import raw as raw_mod
 from bench import replicas as replicas_mod
@@ -42,7 +44,7 @@ from bench.errors import BenchError
 from bench.harness import console_script, start_broker
 from bench.report import SCHEMA_VERSION, load_average, machine, summary_line, targets
 
-PHASES = ("raw", "e2e", "window1", "amqtt", "submit", "stream", "pickup", "scale", "replicas")
+PHASES = ("raw", "e2e", "window1", "amqtt", "submit", "stream", "pickup", "scale", "replicas", "metrics")
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ def run(options: BenchOptions, say: Say = lambda text: None) -> dict[str, Any]:
         "e2e": [],
     })
     try:
-        shared = [name for name in ("raw", "e2e", "window1") if name in options.phases]
+        shared = [name for name in ("raw", "e2e", "window1", "metrics") if name in options.phases]
         mosquitto = None
         try:
             mosquitto = start_broker("mosquitto", workdir) if shared else None
@@ -128,6 +130,7 @@ def run(options: BenchOptions, say: Say = lambda text: None) -> dict[str, Any]:
                 run_.phase("window1", lambda: _window1(run_, mosquitto))
                 if "raw" in run_.results and "e2e" in options.phases:
                     run_.phase("raw", lambda: _raw_again(run_, mosquitto))
+                run_.phase("metrics", lambda: _metrics(run_, mosquitto))
             finally:
                 mosquitto.stop()
         run_.phase("amqtt", lambda: _amqtt(run_))
@@ -193,6 +196,16 @@ def _e2e(run_: _Run, broker: Any, broker_name: str, key: str, label: str) -> Non
                              profile=o.profile and broker_name == "mosquitto")
     run_.results["e2e"].append(result.to_json())
     run_.say(f"  {label} on {broker_name}: {result.tasks_per_s:,.0f} tasks/s, p50 {result.latency.p50_ms:.2f} ms")
+
+
+def _metrics(run_: _Run, broker: Any) -> None:
+    o = run_.options
+    result = metrics_mod.measure(url=broker.url, workdir=run_.workdir / "metrics", tasks=o.tasks, agents=o.workers,
+                                 concurrency=o.concurrency, broker_pid=broker.pid)
+    run_.results["metrics"] = result.to_json()
+    run_.say(f"  metrics on/off: {result.ratio:.3f} (best {max(result.on_tasks_per_s):,.0f} vs "
+             f"{max(result.off_tasks_per_s):,.0f} tasks/s; {result.scrapes} scrapes); coordinator CPU per task "
+             f"off/on: {result.cpu_ratio:.3f}")
 
 
 def _window1(run_: _Run, broker: Any) -> None:

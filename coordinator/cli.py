@@ -27,7 +27,7 @@ from dockercomp.coordinator import defaults
 from dockercomp.coordinator.api import Client, default_db
 from dockercomp.coordinator.errors import CoordinatorError
 from dockercomp.coordinator.render import WIDE_COLUMNS, dumps
-from dockercomp.coordinator.settings import cap_options
+from dockercomp.coordinator.settings import cap_options, metrics_options
 from dockercomp.exits import Exit, handled
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -124,12 +124,13 @@ def main(verbose: int) -> None:
                                 "for S seconds (a misspelt function); 0: never.")
 @click.option("--rebirth-timeout", type=float, default=defaults.REBIRTH_TIMEOUT, show_default=True, metavar="S",
               help="Seconds a worker has to answer a rebirth request before it is presumed lost.")
+@metrics_options
 @click.option("--client-id", default=None, help="MQTT client id (default: derived from host and pid).")
 @click.option("-v", "--verbose", count=True, help="-v: workers, jobs and leases; -vv: debug.")
 @command_errors
 def serve(broker: str, db: str, purge_after: float, lease_check: float, lease_margin: float,
           fail_unroutable: float, rebirth_timeout: float, client_id: str | None, verbose: int,
-          **caps: int) -> None:
+          metrics_port: int | None, metrics_host: str, **caps: int) -> None:
     """Hand out tasks to workers, collect their results, and publish status, until stopped.
 
     First SIGINT/SIGTERM: stop taking messages, publish the last status and an offline
@@ -141,6 +142,12 @@ def serve(broker: str, db: str, purge_after: float, lease_check: float, lease_ma
     settings = CoordinatorSettings(purge_after=purge_after, lease_check=lease_check, lease_margin=lease_margin,
                                    fail_unroutable=fail_unroutable, rebirth_timeout=rebirth_timeout, **caps)
     coordinator = Coordinator.connect(broker, db, settings, client_id=client_id)
+    metrics = None
+    if metrics_port is not None:
+        from dockercomp.coordinator.metrics import MetricsServer
+
+        metrics = MetricsServer(coordinator, metrics_host, metrics_port).start()
+        click.echo(f"metrics at {metrics.url}", err=True)
     signals = 0
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -161,6 +168,9 @@ def serve(broker: str, db: str, purge_after: float, lease_check: float, lease_ma
     except KeyboardInterrupt:
         click.echo("stopped at once", err=True)
         raise SystemExit(Exit.INTERRUPTED) from None
+    finally:
+        if metrics is not None:
+            metrics.stop()
     if coordinator.error is not None:
         raise CoordinatorError(f"the coordinator stopped: {coordinator.error}")
     click.echo("coordinator stopped", err=True)

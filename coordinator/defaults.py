@@ -149,3 +149,20 @@ QUARANTINE_MARGIN = 0.1
 # Seconds a job's function may be offered by no online worker before `serve` fails its pending
 # tasks; 0 (never): workers may legitimately come online long after a job was submitted.
 FAIL_UNROUTABLE = 0.0
+# --- Prometheus metrics (metrics.py, `serve --metrics-port`) -------------------------------------
+# Address /metrics listens on: loopback, as the figures describe a project to whoever can reach
+# the port; an operator opens it to a Prometheus host on purpose (--metrics-host 0.0.0.0).
+METRICS_HOST = "127.0.0.1"
+
+# Engine step time buckets (seconds): an idle step is well under a millisecond, a busy one with
+# a 500-result transaction some tens of milliseconds; beyond a second the engine is in trouble.
+METRICS_STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+# Result latency buckets (seconds): a no-op round trip takes milliseconds, real tasks up to the
+# default 60 s time limit and beyond.
+METRICS_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                           300.0, 600.0)
+
+# Times a scrape retries copying a container the engine resized meanwhile before giving up on it
+# for this scrape (it is a race of a few instructions: one retry almost always suffices).
+METRICS_COPY_TRIES = 5

@@ -28,6 +28,7 @@ transport; a clock is passed in as ``now``.
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from dockercomp.broker.messages import Outcome, Result
 from dockercomp.broker.topics import WorkerRef
@@ -66,6 +67,7 @@ class Ledger:
         self.changes = Changes()
         self.finished = 0
         self.now = 0.0  # the step's clock, for rules called without one (close_failed)
+        self.on_flush: Callable[[Changes], None] | None = None  # metrics.py counts closings here
         jobs.quorum.ledger = self
 
     def reset(self, leases: Leases) -> None:
@@ -76,6 +78,8 @@ class Ledger:
     def flush(self, now: float) -> None:
         """Write what this step decided (inside the caller's transaction)."""
         self.now = now
+        if self.on_flush is not None:
+            self.on_flush(self.changes)
         self.store.apply(self.changes, now)
 
     def worker_key(self, worker_id: int) -> str:

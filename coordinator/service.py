@@ -29,7 +29,7 @@ import threading
 import time
 from functools import lru_cache
 from importlib import metadata
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from dockercomp.broker.connection import MqttConnection, Transport, Will
 from dockercomp.broker.defaults import PROTOCOL_VERSION
@@ -48,6 +48,9 @@ from dockercomp.coordinator.settings import CoordinatorSettings  # re-exported: 
 from dockercomp.coordinator.status import RateMeter, Rejection, Rejections, StatusPublisher, summary_status
 from dockercomp.coordinator.store import Store, WorkerState
 from dockercomp.coordinator.unroutable import UnroutableJobs
+
+if TYPE_CHECKING:
+    from dockercomp.coordinator.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,7 @@ class Coordinator:
         self._identity = {"host": socket.gethostname(), "pid": os.getpid(), "version": _version()}
         # Topic parsing validates names with regular expressions: remember the answers.
         self._parse_topic = lru_cache(maxsize=8192)(self.topics.parse_worker_topic)
+        self.metrics: EngineMetrics | None = None  # set by metrics.MetricsServer (serve --metrics-port)
 
     @property
     def leases(self) -> Leases:
@@ -287,6 +291,7 @@ class Coordinator:
             items += self._take(0.0, self.settings.batch_max - len(items))
         self._last_batch = len(items)
         now = self.clock()
+        started = time.perf_counter()
         try:
             self.store.bind()
             self._step(items, now)
@@ -294,6 +299,10 @@ class Coordinator:
             # The transaction was rolled back: memory no longer matches the store.
             log.error("database error, %d message(s) dropped; reloading the state: %s", len(items), exc)
             self._needs_reload = True
+            if self.metrics is not None:
+                self.metrics.rolled_back()
+        if self.metrics is not None:
+            self.metrics.stepped(len(items), time.perf_counter() - started)
 
     def _take(self, timeout: float, limit: int | None = None) -> list[tuple[str, bytes]]:
         """Up to ``limit`` (batch_max) messages from the inbox, waiting ``timeout`` for the first."""
@@ -351,6 +360,8 @@ class Coordinator:
                              job.counts["done"], job.counts["failed"])
                     self.status.job_changed(job.id)
             self.rate.record(self.ledger.finished, now)
+            if self.metrics is not None:
+                self.metrics.committed(len(sends))
         self._send(sends, clears, now)
         self._publish_status(now)
 
@@ -522,7 +533,10 @@ class Coordinator:
     def _on_result(self, ref: WorkerRef, payload: bytes, now: float) -> None:
         result = self._decode_from(ref, "result", Result.decode, payload)
         if result is not None:
+            lease = self.metrics.result_seen(self.leases, result) if self.metrics is not None else None
             self.ledger.on_result(ref, result, now)
+            if lease is not None:
+                self.metrics.result_handled(self.leases, lease, now)  # type: ignore[union-attr]
 
     # -- periodic ----------------------------------------------------------------------------
     def _purge(self, now: float) -> list[str]:

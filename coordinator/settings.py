@@ -72,3 +72,14 @@ def cap_options(command: _F) -> _F:
         command = click.option(f"--{name.replace('_', '-')}", name, type=int, default=default, show_default=True,
                                metavar="N", help=helps[name])(command)
     return command
+
+
+def metrics_options(command: _F) -> _F:
+    """`serve --metrics-port/--metrics-host`, passed as ``metrics_port`` and ``metrics_host``
+    (here, not in metrics.py: the CLI starts without importing prometheus_client)."""
+    command = click.option("--metrics-host", default=defaults.METRICS_HOST, show_default=True, metavar="ADDR",
+                           help="Address /metrics listens on (0.0.0.0 or :: to let Prometheus on other "
+                                "hosts scrape it).")(command)
+    return click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, metavar="P",
+                        help="Serve Prometheus metrics at http://ADDR:P/metrics (0: a free port, "
+                             "printed at start). Off when not given.")(command)

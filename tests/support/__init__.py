@@ -245,3 +245,13 @@ class Watcher:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class FakeClock:
+    """A wall clock a test moves by hand (``clock.now += 0.5``), for engines given ``clock=``."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now

@@ -74,6 +74,11 @@ def test_tiny_benchmark_run_writes_results_and_ends_with_the_summary_line(tmp_pa
 
     _check_issue10_phases(results, stream_tasks=2000, samples=2)
 
+    # issue 13: the e2e run with and without /metrics, the endpoint scraped during the runs with it
+    overhead = results["metrics"]
+    assert len(overhead["on_tasks_per_s"]) == len(overhead["off_tasks_per_s"]) == 3 and overhead["scrapes"] > 0
+    assert overhead["ratio"] > 0 and overhead["cpu_ratio"] > 0
+
     scale = results["scale"]
     assert scale["workers"] == 5 and scale["registered_s"] > 0 and scale["peak_rss_mb"] > 0
     assert [job["tasks"] for job in scale["jobs"]] == [50, 100]

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.timeout(900)
 
 DOCKERFILE = (REPO_ROOT / "Dockerfile").read_text()
 # The other roles' packages: a volunteer's container holds none of them.
-ROLE_ONLY_PACKAGES = ("amqtt", "peewee", "cryptography", "rich", "docker", "psycopg2", "PIL")
+ROLE_ONLY_PACKAGES = ("amqtt", "peewee", "cryptography", "rich", "docker", "psycopg2", "PIL", "prometheus_client")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,8 @@ def test_image_runs_the_agent_as_a_non_root_user_with_a_healthcheck(docker_clien
 def test_the_worker_image_holds_only_the_agents_packages(worker_image: str) -> None:
     installed = installed_packages(worker_image)
     assert {"dockercomp", "paho-mqtt", "click"} <= installed
-    assert installed & {"amqtt", "peewee", "cryptography", "rich", "docker", "psycopg2-binary", "pillow"} == set()
+    assert installed & {"amqtt", "peewee", "cryptography", "rich", "docker", "psycopg2-binary", "pillow",
+                         "prometheus_client"} == set()
     # Nothing importable under those names either (e.g. shipped by the base image's Python)
     probe = run_in_image(worker_image, "-c", "import importlib.util as u, dockercomp.agent.cli\n"
                          f"print([p for p in {ROLE_ONLY_PACKAGES!r} if u.find_spec(p)])", entrypoint="python")

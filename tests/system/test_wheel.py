@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # What setup.cfg builds from; copied so the build never reads or leaves a stale build/ in the checkout.
 SOURCES = ("setup.cfg", "pyproject.toml", "README.md", "dockercomp", "broker", "agent", "coordinator", "installer")
 # Packages of the other roles' extras: a worker container (the base install) holds none of them.
-ROLE_ONLY_PACKAGES = ("amqtt", "peewee", "cryptography", "rich", "docker", "psycopg2", "PIL")
+ROLE_ONLY_PACKAGES = ("amqtt", "peewee", "cryptography", "rich", "docker", "psycopg2", "PIL", "prometheus_client")
 PIP_TIMEOUT = 600
 
 
