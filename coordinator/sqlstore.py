@@ -24,9 +24,10 @@ from typing import Any, Callable, Iterable, Iterator
 import peewee as pw
 
 from dockercomp.coordinator import database, heartbeat, unroutable
-from dockercomp.coordinator.database import NeverReusedId, database_proxy
+from dockercomp.coordinator.database import database_proxy
 from dockercomp.coordinator.errors import StoreError, StoreLocked, UnknownJob, UnknownTask
 from dockercomp.coordinator.heartbeat import Heartbeat
+from dockercomp.coordinator.models import MODELS, Attempt, Job, Quarantine, Result, Task, Worker  # noqa: F401 (re-exported)
 from dockercomp.coordinator.replication import SINGLE, Replication
 from dockercomp.coordinator.sqlreplicas import ReplicaQueries
 from dockercomp.coordinator.store import (
@@ -62,103 +63,6 @@ _RESULTS_CHUNK = 1000
 _IN_CHUNK = 900
 
 
-
-
-class BaseModel(pw.Model):
-    class Meta:
-        database = database_proxy
-
-
-class Worker(BaseModel):
-    key = pw.CharField(max_length=130, unique=True)  # "volunteer/worker"
-    volunteer = pw.CharField(max_length=64, index=True)
-    name = pw.CharField(max_length=64)
-    state = pw.CharField(max_length=16, default=WorkerState.ONLINE.value, index=True)
-    seq = pw.BigIntegerField(default=0)  # connection sequence of the newest presence seen
-    host = pw.CharField(max_length=255, default="")
-    container = pw.CharField(max_length=128, null=True)
-    image = pw.CharField(max_length=255, null=True)
-    version = pw.CharField(max_length=64, default="")
-    cpus = pw.IntegerField(default=0)
-    capacity = pw.IntegerField(default=1)
-    prefetch = pw.IntegerField(default=0)  # tasks it wants queued beyond capacity (added later: database.py)
-    functions = pw.TextField(default="[]")  # JSON list
-    started = pw.DoubleField(default=0.0)
-    first_seen = pw.DoubleField()
-    last_seen = pw.DoubleField()
-    lost_at = pw.DoubleField(null=True)
-    purged_at = pw.DoubleField(null=True)
-    tasks_done = pw.IntegerField(default=0)
-    tasks_failed = pw.IntegerField(default=0)
-
-
-class Job(BaseModel):
-    id = NeverReusedId()
-    name = pw.CharField(max_length=64, unique=True)
-    function = pw.CharField(max_length=200)
-    timeout = pw.DoubleField()
-    max_attempts = pw.IntegerField()
-    state = pw.CharField(max_length=16, default=JobState.ACTIVE.value, index=True)
-    created_at = pw.DoubleField()
-    finished_at = pw.DoubleField(null=True)
-    total = pw.IntegerField(default=0)
-    revision = pw.IntegerField(default=0)  # JobRow.revision
-    replication = pw.TextField(null=True)  # Replication JSON; NULL: one replica (added later: database.py)
-
-
-class Task(BaseModel):
-    id = NeverReusedId()
-    job = pw.ForeignKeyField(Job, backref="tasks", on_delete="CASCADE")
-    index = pw.IntegerField()  # line number in the submitted input, from 0
-    args = pw.TextField()  # JSON list
-    state = pw.CharField(max_length=16, default=TaskState.PENDING.value)
-    attempts = pw.IntegerField(default=0)  # attempts ever made: numbers 1..attempts exist
-    retries_from = pw.IntegerField(default=0)  # `attempts` when `retry` last renewed the budget
-    updated_at = pw.DoubleField()
-
-    class Meta:
-        # (job, state): dispatch takes a job's oldest pending tasks, and progress counts a
-        # job's tasks per state, without scanning other jobs. Nothing more on state: every
-        # index on it is rewritten twice per task (database.DROPPED_INDEXES).
-        indexes = ((("job", "index"), True), (("job", "state"), False))
-
-
-class Attempt(BaseModel):
-    id = NeverReusedId()
-    # Found by task through the unique (task, number) index: no index of its own.
-    task = pw.ForeignKeyField(Task, backref="attempt_rows", on_delete="CASCADE", index=False)
-    number = pw.IntegerField()  # 1 for the first dispatch of the task
-    worker = pw.ForeignKeyField(Worker, backref="attempts")
-    sent_at = pw.DoubleField()
-    deadline = pw.DoubleField()  # the engine keeps open attempts in memory (leases.py)
-    finished_at = pw.DoubleField(null=True)
-    outcome = pw.CharField(max_length=16, default=AttemptOutcome.OPEN.value, index=True)
-    error = pw.TextField(null=True)  # JSON {type, message, traceback}
-    value = pw.TextField(null=True)  # replicated jobs: the value returned, JSON (added later)
-    elapsed = pw.DoubleField(null=True)  # replicated jobs: its CPU-seconds, the credit (added later)
-    # The attempt's secret, echoed by its result (added later: database.py; "" before nonces).
-    nonce = pw.CharField(max_length=64, default="")
-
-    class Meta:
-        indexes = ((("task", "number"), True),)
-
-
-class Result(BaseModel):
-    task = pw.ForeignKeyField(Task, unique=True, backref="result_rows", on_delete="CASCADE")
-    attempt = pw.ForeignKeyField(Attempt)
-    worker = pw.ForeignKeyField(Worker, backref="results")
-    value = pw.TextField()  # JSON
-    elapsed = pw.DoubleField()
-    received_at = pw.DoubleField()
-
-
-class Quarantine(BaseModel):
-    volunteer = pw.CharField(max_length=64, unique=True)
-    reason = pw.TextField()
-    since = pw.DoubleField()
-
-
-MODELS = [Worker, Job, Task, Attempt, Result, Quarantine]
 
 
 def _chunks(items: list[Any], size: int = _IN_CHUNK) -> Iterator[list[Any]]:
