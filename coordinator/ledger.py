@@ -28,6 +28,7 @@ transport; a clock is passed in as ``now``.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Callable
 
 from dockercomp.broker.messages import Outcome, Result
@@ -126,6 +127,9 @@ class Ledger:
             self.changes.close(lease.attempt_id, AttemptOutcome.CANCELLED, None, None)
             self.status.worker_changed(slot.id)
             return
+        if result.elapsed > lease.timeout:
+            # The worker's word: no task runs past its time limit, and credit is counted from it.
+            result = replace(result, elapsed=lease.timeout)
         if result.ok and not job.replication.single:
             self.leases.remove(lease)
             self.jobs.quorum.on_value(self, job, lease, slot, result, now)

@@ -34,11 +34,12 @@ class Crowd(Rules):
                             capacity=capacity, functions=("add",), started=1.0)
         self.workers.apply(WorkerRef(volunteer, name), presence, self.now)
 
-    def reply(self, key: str, task: Task, value: Any = None, outcome: Outcome = Outcome.OK) -> None:
+    def reply(self, key: str, task: Task, value: Any = None, outcome: Outcome = Outcome.OK,
+              elapsed: float = 2.0) -> None:
         volunteer, name = key.split("/")
         error = None if outcome is Outcome.OK else TaskError(outcome.value, "it broke")
         result = Result(task_id=task.task_id, attempt=task.attempt, worker=name, volunteer=volunteer,
-                        outcome=outcome, value=value, error=error, elapsed=2.0, nonce=task.nonce)
+                        outcome=outcome, value=value, error=error, elapsed=elapsed, nonce=task.nonce)
         self.ledger.on_result(WorkerRef(volunteer, name), result, self.now)
 
     def job(self, args: list[list[Any]], max_attempts: int = 3, **options: Any) -> JobRow:
@@ -85,6 +86,17 @@ def test_replicas_go_to_distinct_volunteers_and_agreeing_values_make_the_canonic
     assert crowd.store.get_job(job.id).state == "done"
     stats = {s.volunteer: (s.validated, s.credit) for s in crowd.stats()}
     assert stats == {"alice": (1, 2.0), "bob": (1, 2.0)}
+
+
+def test_credit_counts_no_more_than_the_tasks_time_limit_whatever_a_result_claims(crowd: Crowd) -> None:
+    # `elapsed` is the worker's word (up to 1.8e308 decodes); a task never runs past its timeout
+    for key in ("alice/w1", "bob/w1"):
+        crowd.join(key)
+    crowd.job([[1, 2]], replicas=2, quorum=2)
+    for key, [task] in crowd.sent().items():
+        crowd.reply(key, task, 3, elapsed=1.7e308 if key == "alice/w1" else 2.0)
+    stats = {s.volunteer: s.credit for s in crowd.stats()}
+    assert stats == {"alice": defaults.TASK_TIMEOUT, "bob": 2.0}
 
 
 def test_a_disagreement_gets_another_replica_and_the_odd_value_is_invalid(crowd: Crowd) -> None:
