@@ -245,7 +245,7 @@ def workers_table(workers: list[WorkerInfo], now: float | None = None, live: boo
         running = min(w.in_flight, w.capacity)  # the agent runs the first `capacity` it holds
         table.add_row(
             w.key, Text("quarantined", style="red") if w.quarantined
-            else state_text(w.state if live or w.state != "online" else "online?"), cut(w.host, 30),
+            else state_text(w.state if live or w.state not in _CONNECTED else f"{w.state}?"), cut(w.host, 30),
             str(w.capacity), str(w.prefetch), str(running), str(w.in_flight - running),
             str(w.tasks_done), Text(str(w.tasks_failed), style="red" if w.tasks_failed else ""),
             _seen(w, now, live),
@@ -256,10 +256,14 @@ def workers_table(workers: list[WorkerInfo], now: float | None = None, live: boo
     return table
 
 
+# Worker states of a connected worker: with no coordinator watching, only "last known".
+_CONNECTED = ("online", "draining")
+
+
 def _seen(worker: WorkerInfo, now: float, live: bool = True) -> str:
     """An online worker is connected now (as far as a running coordinator knows); the others
     were last heard of when they left."""
-    if worker.state == "online":
+    if worker.state in _CONNECTED:
         return "now" if live else f"{ago(worker.last_seen, now)} (last known)"
     return ago(worker.purged_at or worker.lost_at or worker.last_seen, now)
 

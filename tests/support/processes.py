@@ -86,6 +86,12 @@ class Processes:
         process.send_signal(signal.SIGKILL)
         process.wait(STOP_TIMEOUT)
 
+    def stop(self, name: str) -> None:
+        """SIGTERM, as a clean stop (first signal: drain), and wait for it to exit."""
+        process = self.running.pop(name)
+        process.terminate()
+        process.wait(STOP_TIMEOUT)
+
     def stop_all(self) -> None:
         """SIGTERM to every child still running, newest first; SIGKILL to those that hang."""
         for process in reversed(self.running.values()):

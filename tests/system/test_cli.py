@@ -390,12 +390,13 @@ def test_end_to_end_submit_watch_results_workers(
         live = run(cli, "workers").stdout
         assert "local/w1" in live and "now" in live and "last known" not in live
         assert "not running" not in run(cli, "status").stdout
+        processes.stop("serve")  # first, so the agents' goodbyes go unheard: "online" is last known
     finally:
         processes.stop_all()
     # When `serve` has stopped, `workers` and `status` say so and show the states as last known
     stopped = run(cli, "workers").stdout
     assert "The coordinator is not running: it stopped" in stopped
-    assert "(last known)" in stopped and "online?" in stopped and " now" not in stopped
+    assert "(last known)" in stopped and "online?" in stopped and " now" not in stopped, stopped
     assert "The coordinator is not running: it stopped" in run(cli, "status").stdout
     assert "Workers as last known:" in run(cli, "status").stdout
 
