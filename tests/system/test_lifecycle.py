@@ -6,9 +6,11 @@ and a worker that died unseen is found out by a rebirth request (item 2).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -105,6 +107,12 @@ def test_a_worker_that_died_with_the_broker_down_is_not_a_zombie(
         # presence is in it. Then a crash (SIGKILL; a clean stop would publish every will).
         os.kill(broker.pid, signal.SIGUSR1)  # type: ignore[arg-type]
         wait_until(lambda: "Saving in-memory database" in broker.log(), timeout=10)
+        # The line is logged before the file is written: a SIGKILL right after it can cut the
+        # write short on a loaded machine. Wait for the file to be complete (its size settled).
+        saved = Path(re.search(r"Saving in-memory database to (\S+)\.", broker.log()).group(1))  # type: ignore[union-attr]
+        sizes: list[int] = []
+        wait_until(lambda: saved.exists() and (sizes.append(saved.stat().st_size) or
+                                               (len(sizes) > 2 and sizes[-1] == sizes[-3] > 0)), timeout=10)
     broker.kill()
     procs.kill("zombie")
     broker.start()
