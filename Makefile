@@ -31,6 +31,7 @@ test-fast: venv
 # once per machine). Skips a build when the image matches the sources.
 image: venv
 	PYTHON=$(BIN)/python sh scripts/build-image.sh
+	PYTHON=$(BIN)/python ROLE=installer sh scripts/build-image.sh
 	PYTHON=$(BIN)/python ROLE=coordinator sh scripts/build-image.sh
 
 demo: venv

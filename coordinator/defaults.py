@@ -139,3 +139,17 @@ QUARANTINE_MIN_RATE = 0.25
 # "far above the others", so a function that fails everywhere quarantines nobody.
 QUARANTINE_FACTOR = 3.0
 QUARANTINE_MARGIN = 0.1
+
+# --- the scientist's kit (coordinator/kit.py, `dockercomp coordinator kit`) ----------------
+# The images a kit ships, as `make image` names them.
+KIT_WORKER_IMAGE = "dockercomp/worker:latest"
+KIT_INSTALLER_IMAGE = "dockercomp/installer:latest"
+# Folder (inside the broker config directory) where `kit build` writes and `volunteers add` looks.
+KIT_DIR = "kit"
+# Seconds a docker command of kit build may take (save and tag of ~250 MB on a slow disk) ...
+KIT_DOCKER_TIMEOUT = 600.0
+# ... and building a task image (pip installing a scientist's package).
+KIT_BUILD_TIMEOUT = 900.0
+# `kit serve` listens on loopback by default: a try on this machine, not a public server.
+KIT_SERVE_HOST = "127.0.0.1"
+KIT_SERVE_PORT = 8080

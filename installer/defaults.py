@@ -8,9 +8,21 @@ IMAGE = "dockercomp/worker:latest"
 # Installation name when --instance is not given; a second instance keeps its own workers.
 INSTANCE = "default"
 
-# CPUs (a fraction is allowed) and memory each worker container may use.
+# CPUs (a fraction is allowed) and memory each worker container may use at most.
 CPUS_PER_WORKER = 1.0
 MEMORY = "1g"
+
+# Share of the machine's CPUs all workers together use when --cpus is not given: half, so a
+# volunteer's own programs always keep the other half (BOINC's default is similar).
+CPU_SHARE = 0.5
+
+# CPU priority of workers: "low" gives them a small scheduler weight (cpu_shares; Docker's
+# default is 1024), so the volunteer's programs win whenever both want the CPU, and makes the
+# kernel's out-of-memory killer pick a worker before anything of the volunteer's.
+PRIORITIES = ("low", "normal")
+PRIORITY = "low"
+LOW_CPU_SHARES = 128
+LOW_OOM_SCORE_ADJ = 500
 
 # Network mode: bridge isolates workers from the host; host reaches a broker on 127.0.0.1.
 NETWORK = "bridge"
