@@ -27,6 +27,7 @@ from dockercomp.installer.logs import show
 from dockercomp.installer.preflight import check_broker
 from dockercomp.installer.report import status_json, status_table, summary
 from dockercomp.installer.spec import WorkerSpec, cpu_plan, parse_broker, read_ca
+from dockercomp.installer.usage import Counters, container_usage, coordinator_counters, with_usage
 
 def _say(message: str) -> None:
     click.echo(f"installer: {message}", err=True)
@@ -119,16 +120,24 @@ def up(instance: str, broker: str | None, ca_file: Path | None, workers: int | N
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--offline", is_flag=True, help="Do not ask the broker for the coordinator's counters and credit.")
 @click.pass_obj
 @installer_errors
-def status(instance: str, as_json: bool) -> None:
-    """Show the worker containers, their health and worker ids."""
-    rows = Fleet(connect(), instance).status()
+def status(instance: str, as_json: bool, offline: bool) -> None:
+    """Show each worker: state, health, tasks done and failed, credit, CPU and memory use."""
+    fleet = Fleet(connect(), instance)
+    rows = fleet.status()
+    spec = fleet.current_spec()
+    usage = container_usage(fleet.containers()) if rows else {}
+    counters = coordinator_counters(spec, {r.worker_id for r in rows}) if spec and rows and not offline else Counters()
+    rows = [with_usage(row, usage.get(row.name), counters.workers.get(row.worker_id)) for row in rows]
     if as_json:
         click.echo(status_json(rows))
     else:
         # Piped output has no terminal width; rich would assume 80 columns and fold every cell.
-        status_table(rows, Console(width=None if sys.stdout.isatty() else 160))
+        status_table(rows, Console(width=None if sys.stdout.isatty() else 250), counters.volunteer.get("credit"))
+        if rows and spec and not offline and not counters.reached:
+            _say("the broker did not answer: tasks and credit are unknown (-)")
 
 
 @main.command()

@@ -35,6 +35,10 @@ GRACE_SECONDS = 40
 # Seconds a rolling upgrade waits for a replaced worker to turn healthy before it halts.
 HEALTH_TIMEOUT_SECONDS = 90
 
+# Seconds `status` waits to connect to the broker, then for the retained counters to arrive.
+STATUS_CONNECT_SECONDS = 5.0
+STATUS_RETAINED_SECONDS = 2.0
+
 # Seconds to wait for a TCP connection to the broker in the pre-flight check.
 BROKER_CHECK_SECONDS = 5.0
 

@@ -188,10 +188,26 @@ def test_the_printed_line_installs_workers_that_compute_and_uninstall_leaves_not
         assert sorted(r["value"] for r in results) == [i + 1000 for i in range(20)]
         assert {r["worker"].rsplit("/", 1)[-1] for r in results} <= ids
 
-        # The volunteer's view, through the command the installer left behind.
-        status = volunteer.sh(f"{HOME}/bin/dockercomp installer status --json")
-        assert status.returncode == 0, status.stderr
-        assert {row["worker_id"] for row in json.loads(status.stdout)} == ids
+        # The volunteer's view, through the command the installer left behind: the coordinator's
+        # counters (retained, published every few seconds), Docker's CPU and memory figures ...
+        def status() -> list[dict[str, Any]]:
+            shown = volunteer.sh(f"{HOME}/bin/dockercomp installer status --json")
+            assert shown.returncode == 0, shown.stderr
+            rows: list[dict[str, Any]] = json.loads(shown.stdout)
+            return rows
+
+        wait_until(lambda: sum(row["tasks_done"] or 0 for row in status()) == 20, timeout=60, interval=2)
+        rows = status()
+        assert {row["worker_id"] for row in rows} == ids
+        assert all(row["tasks_failed"] == 0 and row["cpu_percent"] is not None and row["memory_bytes"] > 0
+                   for row in rows), rows
+        table = volunteer.sh(f"{HOME}/bin/dockercomp installer status")
+        assert all(i in table.stdout for i in ids), table.stdout + table.stderr
+        # ... and a line per task in the logs, at the agents' default level.
+        logs = volunteer.sh(f"{HOME}/bin/dockercomp installer logs")
+        finished = {line.split("task ", 1)[1].split()[0] for line in logs.stdout.splitlines() if "finished: ok" in line}
+        assert len(finished) == 20, logs.stdout[-3000:]
+        assert password not in logs.stdout + logs.stderr
     finally:
         coordinator.stop()
 
