@@ -47,6 +47,7 @@ class Exit(IntEnum):
     IMAGE = 8, "the worker image is not here and could not be pulled, loaded or built"
     CONFLICT = 9, "a name is taken by something dockercomp does not own"
     HALTED = 10, "a rolling upgrade stopped at a worker that did not become healthy"
+    TAMPERED = 11, "a download does not match the kit's checksums (SHA256SUMS): refused"
     INTERRUPTED = 130, "stopped by Ctrl-C or a second signal (128 + SIGINT)"
 
 
