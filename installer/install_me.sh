@@ -30,6 +30,7 @@ ASSUME_YES=0
 UNINSTALL=0
 UP_OPTIONS=""   # options handed to `dockercomp installer up`, already checked to be single words
 EXTRA=""
+DOCKER_INSTALLED=""  # the package manager command that installed Docker, if this run did
 
 say() { printf 'install_me: %s\n' "$*"; }
 die() {  # die CODE MESSAGE [FIX]; CODE from the table of dockercomp/exits.py (README "Exit codes")
@@ -117,18 +118,23 @@ install_docker() {
         confirm "install Docker with apt-get (docker.io)?" || die 7 "Docker is needed" "install docker.io yourself"
         as_root apt-get update -qq
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null
+        DOCKER_INSTALLED="apt-get remove docker.io"
     elif command -v dnf >/dev/null 2>&1; then
         confirm "install Docker with dnf (moby-engine)?" || die 7 "Docker is needed" "install moby-engine yourself"
         as_root dnf install -y moby-engine >/dev/null
+        DOCKER_INSTALLED="dnf remove moby-engine"
     elif command -v pacman >/dev/null 2>&1; then
         confirm "install Docker with pacman (docker)?" || die 7 "Docker is needed" "install docker yourself"
         as_root pacman -S --noconfirm --needed docker >/dev/null
+        DOCKER_INSTALLED="pacman -R docker"
     elif command -v zypper >/dev/null 2>&1; then
         confirm "install Docker with zypper (docker)?" || die 7 "Docker is needed" "install docker yourself"
         as_root zypper --non-interactive install docker >/dev/null
+        DOCKER_INSTALLED="zypper remove docker"
     elif command -v apk >/dev/null 2>&1; then
         confirm "install Docker with apk (docker)?" || die 7 "Docker is needed" "install docker yourself"
         as_root apk add docker >/dev/null
+        DOCKER_INSTALLED="apk del docker"
     else
         die 7 "Docker is missing and no known package manager was found" \
             "install it by hand: https://docs.docker.com/engine/install/"
@@ -197,7 +203,9 @@ sha256_of() {
 check_sum() {  # check_sum FILE EXPECTED
     actual="$(sha256_of "$1")"
     if [ "$actual" != "$2" ]; then
-        rm -f "$1"
+        # Nothing refused stays behind; a first install that stops here leaves no folder either.
+        rm -rf "$KIT_DIR"
+        rmdir "$HOME_DIR" 2>/dev/null || true
         die 11 "$(basename "$1") from $KIT_URL does not match the kit's checksum (got $actual, expected $2): refused" \
             "it was changed on its way or on the server; tell the scientist, and do not run it"
     fi
@@ -311,6 +319,10 @@ do_uninstall() {
             fi
         done <"$HOME_DIR/images"
     fi
+    # Docker stays even when this script installed it: by now other programs may use it.
+    if [ -f "$HOME_DIR/docker-installed" ]; then
+        say "this script installed Docker; if nothing else uses it: sudo $(cat "$HOME_DIR/docker-installed")"
+    fi
     rm -rf "$HOME_DIR"
     say "uninstalled: no worker, image or file of this installation is left ($HOME_DIR removed)"
 }
@@ -346,6 +358,7 @@ do_install() {
     fi
     ensure_images
     printf 'INSTANCE=%s\nINSTALLER_IMAGE=%s\n' "$INSTANCE" "$KIT_INSTALLER_IMAGE" >"$HOME_DIR/state"
+    [ -z "$DOCKER_INSTALLED" ] || printf '%s\n' "$DOCKER_INSTALLED" >"$HOME_DIR/docker-installed"
     write_wrapper
 
     # The broker URL and password travel in the environment, never on a command line `ps` shows.

@@ -149,6 +149,7 @@ def test_the_printed_line_installs_workers_that_compute_and_uninstall_leaves_not
     assert refused.returncode == 11, refused.stdout + refused.stderr
     assert "images.tar.gz" in refused.stderr and "refused" in refused.stderr
     assert kit_images_present(kit) == [] and volunteer_containers(docker_client, volunteer) == []
+    assert volunteer.sh(f"test -e {HOME}").returncode == 1  # nothing of a refused kit stays
     flip_byte(archive, 4096)
     # A SHA256SUMS rewritten to match a changed file is refused too: the line pins SHA256SUMS.
     sums = kit.directory / "SHA256SUMS"

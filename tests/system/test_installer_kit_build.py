@@ -89,3 +89,14 @@ def test_a_kit_with_task_functions_ships_a_worker_image_that_offers_them(
         assert {"word_count", "collatz_steps", "add"} <= {f["name"] for f in json.loads(functions.stdout)}
     finally:
         docker_client.images.remove(tag)
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(900)
+def test_the_installer_image_runs_dockercomp_installer_with_the_docker_sdk(docker_client: Any) -> None:
+    image = build_installer_image()
+    assert docker_client.images.get(image).attrs["Config"]["Entrypoint"] == ["dockercomp"]
+    shown = run_in_image(image, "installer", "--help")
+    assert shown.returncode == 0 and "status" in shown.stdout, shown.stderr
+    sdk = run_in_image(image, "-c", "import docker, rich, dockercomp.installer.cli", entrypoint="python3")
+    assert sdk.returncode == 0, sdk.stderr
