@@ -183,8 +183,9 @@ def build_kit(out: Path, url: str, *, worker_image: str = d.KIT_WORKER_IMAGE,
         try:
             say(f"saving {worker} and {installer} into {ARCHIVE}")
             _save([worker, installer], out / ARCHIVE)
-        finally:  # the kit tags are for volunteers' machines, not the scientist's
-            _docker("image", "rm", worker, installer)
+        finally:  # the kit tags are for volunteers' machines, not the scientist's (gone already: fine)
+            subprocess.run(["docker", "image", "rm", worker, installer], capture_output=True,
+                           timeout=d.KIT_DOCKER_TIMEOUT, check=False)
         archive = ARCHIVE
         files.append(ARCHIVE)
     if ca_file is not None:
