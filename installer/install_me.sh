@@ -364,7 +364,7 @@ do_install() {
     # The broker URL and password travel in the environment, never on a command line `ps` shows.
     export DOCKERCOMP_BROKER="$BROKER"
     [ -z "$PASSWORD" ] || export DOCKERCOMP_PASSWORD="$PASSWORD"
-    [ -z "$USERNAME" ] || UP_OPTIONS="$UP_OPTIONS --username $USERNAME"
+    [ -z "$USERNAME" ] || word --username "$USERNAME"
     say "starting the workers (image $KIT_WORKER_IMAGE)"
     # The CA reaches the installer container on stdin: a bind mount would name a path on the
     # engine's host, which is not this shell's filesystem when Docker is remote or nested.

@@ -179,6 +179,11 @@ def test_the_printed_line_installs_workers_that_compute_and_uninstall_leaves_not
             host = c.attrs["HostConfig"]
             assert host["CpuShares"] == 128 and host["NetworkMode"] == "host"
 
+        # Safe to run again: the images are here, the same containers stay.
+        again = volunteer.sh(line + " --workers 2")
+        assert again.returncode == 0 and "unchanged" in again.stdout, again.stdout + again.stderr
+        assert [c.id for c in volunteer_containers(docker_client, volunteer)] == [c.id for c in containers]
+
         def online() -> set[str]:
             return {w["name"] for w in coordinator.workers() if w["state"] == "online"}
 
