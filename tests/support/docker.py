@@ -111,12 +111,16 @@ def volunteer_image(client: Any) -> str:
                               text=True, timeout=IMAGE_BUILD_TIMEOUT, check=False)
         if base.returncode != 0:
             pytest.fail(f"building {LOCAL_BASE} failed:\n{base.stdout[-2000:]}\n{base.stderr[-2000:]}", pytrace=False)
-    result = subprocess.run(["docker", "build", "-q", "-t", VOLUNTEER_IMAGE, "-"],
-                            input=_VOLUNTEER_DOCKERFILE.format(base=LOCAL_BASE), capture_output=True, text=True,
-                            timeout=600, check=False)
+    return build_from_dockerfile(VOLUNTEER_IMAGE, _VOLUNTEER_DOCKERFILE.format(base=LOCAL_BASE))
+
+
+def build_from_dockerfile(tag: str, dockerfile: str) -> str:
+    """`docker build -t TAG -` of a Dockerfile given as text (no context), or fail the test."""
+    result = subprocess.run(["docker", "build", "-q", "-t", tag, "-"], input=dockerfile, capture_output=True,
+                            text=True, timeout=600, check=False)
     if result.returncode != 0:
-        pytest.fail(f"building {VOLUNTEER_IMAGE} failed:\n{result.stderr[-2000:]}", pytrace=False)
-    return VOLUNTEER_IMAGE
+        pytest.fail(f"building {tag} failed:\n{result.stderr[-2000:]}", pytrace=False)
+    return tag
 
 
 def run_in_image(image: str, *command: str, entrypoint: str = "", timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -229,12 +233,7 @@ def mosquitto_image(client: Any) -> str:
     if base is None:
         pytest.fail("no Debian base image to build a Mosquitto stand-in from (build the worker image first)",
                     pytrace=False)
-    result = subprocess.run(["docker", "build", "-q", "-t", STAND_IN_MOSQUITTO, "-"],
-                            input=_STAND_IN_DOCKERFILE.format(base=base), capture_output=True, text=True,
-                            timeout=600, check=False)
-    if result.returncode != 0:
-        pytest.fail(f"building a Mosquitto stand-in failed:\n{result.stderr[-2000:]}", pytrace=False)
-    return STAND_IN_MOSQUITTO
+    return build_from_dockerfile(STAND_IN_MOSQUITTO, _STAND_IN_DOCKERFILE.format(base=base))
 
 
 def _present(client: Any, name: str) -> bool:
