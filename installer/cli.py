@@ -64,7 +64,7 @@ def main(ctx: click.Context, instance: str) -> None:
 @main.command()
 @click.option("--broker", envvar=BROKER_URL_ENV, help="mqtt://HOST:PORT (or mqtts://USER:PASS@HOST:8883) of the scientist's broker.")
 @click.option("--ca-file", type=click.Path(dir_okay=False, path_type=Path), help="The broker's CA certificate (ca.crt from the scientist).")
-@click.option("--workers", type=click.IntRange(min=0), help="Number of worker containers [default: CPUs, or the current number].")
+@click.option("--workers", type=click.IntRange(min=0), help="Number of worker containers [default: one per CPU of --cpus, or the current number].")
 @click.option("--cpus", type=float, help=f"CPUs all workers together may use [default: {d.CPU_SHARE:.0%} of this machine].")
 @click.option("--cpus-per-worker", type=float, help=f"CPU limit per worker [default: --cpus split evenly, at most {d.CPUS_PER_WORKER:g}].")
 @click.option("--priority", type=click.Choice(d.PRIORITIES), help=f"CPU priority of the workers [default: {d.PRIORITY}: your programs come first].")
@@ -100,10 +100,10 @@ def up(instance: str, broker: str | None, ca_file: Path | None, workers: int | N
     host_cpus = engine_cpus(client)
     if workers is None and current is not None:
         workers = len(fleet.containers())
-    # A running installation keeps its CPU limits unless the volunteer changes them.
-    if current is None or cpus is not None or cpus_per_worker is not None:
+    if current is not None and cpus is None and cpus_per_worker is None:
+        workers = workers or 0  # a running installation keeps its CPU limits unless they are given
+    else:
         workers, cpus_per_worker = cpu_plan(host_cpus, cpus, cpus_per_worker, workers)
-    assert workers is not None
     spec = base.with_changes(
         broker=broker, ca_pem=ca_pem, image=image, cpus=cpus_per_worker, memory=memory, network=network,
         concurrency=concurrency, volunteer=volunteer, username=username, password=password, grace=grace,

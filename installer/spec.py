@@ -209,6 +209,7 @@ class WorkerSpec:
         }
         return container, host
 
+
 # Host config of a low-priority worker (installer/defaults.py says why).
 _LOW_PRIORITY = {"cpu_shares": d.LOW_CPU_SHARES, "oom_score_adj": d.LOW_OOM_SCORE_ADJ}
 
