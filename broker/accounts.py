@@ -52,6 +52,7 @@ from dockercomp.broker.defaults import (
     COORDINATOR_ACCOUNT,
     DEFAULT_VOLUNTEER,
     INSTALL_SCRIPT,
+    KIT_INFO_FILE,
     MQTT_PORT,
     MQTTS_PORT,
     RELOAD_TIMEOUT,
@@ -322,7 +323,7 @@ def install_command(url: str, ca_file: str | None = None, kit: Path | None = Non
     network = ["--network", "host"] if _loopback(url) else []  # bridge containers cannot reach loopback
     if info is not None:
         return " ".join([f"curl -fsSL {shlex.quote(info['url'] + '/' + INSTALL_SCRIPT)} | sh -s --",
-                         "--kit-sha256", info["sha256"], "--broker", shlex.quote(url), *network, "--yes"])
+                         "--kit-sha256", shlex.quote(info["sha256"]), "--broker", shlex.quote(url), *network, "--yes"])
     parts = ["sh", INSTALL_SCRIPT, "--broker", shlex.quote(url)]
     if ca_file:
         parts += ["--ca-file", shlex.quote(Path(ca_file).name)]
@@ -332,7 +333,7 @@ def install_command(url: str, ca_file: str | None = None, kit: Path | None = Non
 def _kit_info(kit: Path) -> dict[str, str] | None:
     """{url, sha256} from a kit folder's kit.json, or None when there is no (readable) kit."""
     try:
-        data = json.loads((kit / "kit.json").read_text())
+        data = json.loads((kit / KIT_INFO_FILE).read_text())
         return {"url": str(data["url"]).rstrip("/"), "sha256": str(data["sha256"])}
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -82,3 +82,7 @@ COMPOSE_BROKER_VARIABLES = {"coordinator": "DOCKERCOMP_COORDINATOR_BROKER", "loc
 
 # The script volunteers run; the scientist hands them installer/install_me.sh.
 INSTALL_SCRIPT = "install_me.sh"
+
+# In a kit folder (`dockercomp coordinator kit build`): its URL and the SHA-256 of its SHA256SUMS,
+# which `volunteers add` puts in the one line.
+KIT_INFO_FILE = "kit.json"

@@ -32,16 +32,16 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from dockercomp.broker.defaults import INSTALL_SCRIPT, KIT_INFO_FILE
 from dockercomp.coordinator import defaults as d
 from dockercomp.coordinator.errors import CoordinatorError
 from dockercomp.exits import Exit
 
 Say = Callable[[str], None]
 
-INSTALL_SCRIPT = "install_me.sh"
 SUMS = "SHA256SUMS"
 KIT_ENV = "kit.env"
-KIT_JSON = "kit.json"
+KIT_JSON = KIT_INFO_FILE
 ARCHIVE = "images.tar.gz"
 CA = "ca.crt"
 # The line of install_me.sh that kit build replaces with the kit's URL.
