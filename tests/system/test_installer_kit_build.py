@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import ssl
 import subprocess
@@ -71,10 +72,14 @@ def test_a_kit_with_task_functions_ships_a_worker_image_that_offers_them(
     tmp_path: Path, docker_client: Any, worker_image: str
 ) -> None:
     build_installer_image()
+    wheel = tmp_path / "dockercomp-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"a wheel")
     built = dockercomp("coordinator", "kit", "build", "--dir", str(tmp_path / "config"), "--url", "http://127.0.0.1:9",
-                       "--tasks", str(REPO_ROOT / "examples" / "custom-tasks"), "--json")
+                       "--tasks", str(REPO_ROOT / "examples" / "custom-tasks"), "--wheel", str(wheel), "--json")
     assert built.returncode == 0, built.stderr
     info = json.loads(built.stdout)
+    sums = (Path(info["directory"]) / "SHA256SUMS").read_text()
+    assert f"{hashlib.sha256(b'a wheel').hexdigest()}  {wheel.name}" in sums.splitlines()
     env = dict(line.split("=", 1) for line in (Path(info["directory"]) / "kit.env").read_text().splitlines())
     tasks_image = next(i for i in docker_client.images.list("dockercomp/worker") if any(
         t.startswith("dockercomp/worker:tasks-") for t in i.tags))
@@ -100,3 +105,15 @@ def test_the_installer_image_runs_dockercomp_installer_with_the_docker_sdk(docke
     assert shown.returncode == 0 and "status" in shown.stdout, shown.stderr
     sdk = run_in_image(image, "-c", "import docker, rich, dockercomp.installer.cli", entrypoint="python3")
     assert sdk.returncode == 0, sdk.stderr
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(900)
+def test_a_registry_kit_needs_images_pushed_to_a_registry(tmp_path: Path, docker_client: Any, worker_image: str) -> None:
+    build_installer_image()
+    # Built here, never pushed: no digest a volunteer's Docker could verify a pull against.
+    refused = dockercomp("coordinator", "kit", "build", "--out", str(tmp_path / "kit"), "--url", "https://example.org",
+                         "--registry")
+    assert refused.returncode == 8, refused.stderr
+    assert "no registry digest" in refused.stderr and "docker push" in refused.stderr
+    assert not (tmp_path / "kit" / "SHA256SUMS").exists()
