@@ -117,18 +117,22 @@ def build_tasks_image(tasks: Path, base: str) -> str:
     if not (tasks / "pyproject.toml").exists() and not (tasks / "setup.py").exists():
         raise KitError(f"{tasks} holds no Python package (no pyproject.toml or setup.py)",
                        "pass a folder like examples/custom-tasks/")
-    repo = base.rsplit(":", 1)[0] if ":" in base.rsplit("/", 1)[-1] else base
     blob = hashlib.sha256()
     for path in sorted(p for p in tasks.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         blob.update(str(path.relative_to(tasks)).encode() + b"\0" + path.read_bytes())
-    tag = f"{repo}:tasks-{blob.hexdigest()[:12]}"
+    tag = f"{_repository(base)}:tasks-{blob.hexdigest()[:12]}"
     _docker("build", "-q", "-t", tag, "-f", "-", str(tasks), stdin=f"FROM {base}\n", timeout=d.KIT_BUILD_TIMEOUT)
     return tag
 
 
+def _repository(name: str) -> str:
+    """An image name without its tag or digest (a registry's host:port is not a tag)."""
+    name = name.split("@", 1)[0]
+    return name.rsplit(":", 1)[0] if ":" in name.rsplit("/", 1)[-1] else name
+
+
 def _kit_tag(name: str) -> str:
-    repo = name.rsplit(":", 1)[0] if ":" in name.rsplit("/", 1)[-1] else name
-    return f"{repo}:kit-{_image_id(name).removeprefix('sha256:')[:12]}"
+    return f"{_repository(name)}:kit-{_image_id(name).removeprefix('sha256:')[:12]}"
 
 
 def _save(images: list[str], target: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dockercomp.broker.accounts import install_command
-from dockercomp.coordinator.kit import KitError, build_kit, install_script
+from dockercomp.coordinator.kit import KitError, _repository, build_kit, install_script
 
 URL = "mqtts://alice:s3cret@broker.example.org:8883"
 
@@ -49,3 +49,13 @@ def test_a_kit_url_must_be_http(tmp_path: Path) -> None:
     with pytest.raises(KitError, match="not http"):
         build_kit(tmp_path / "kit", "ftp://example.org/kit")
     assert not (tmp_path / "kit").exists()
+
+
+@pytest.mark.parametrize(("name", "repository"), [
+    ("dockercomp/worker:latest", "dockercomp/worker"),
+    ("registry.example.org:5000/lab/worker", "registry.example.org:5000/lab/worker"),
+    ("registry.example.org:5000/lab/worker:1.2", "registry.example.org:5000/lab/worker"),
+    ("lab/worker@sha256:" + "0" * 64, "lab/worker"),
+])
+def test_kit_tags_keep_the_images_repository(name: str, repository: str) -> None:
+    assert _repository(name) == repository
