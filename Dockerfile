@@ -65,6 +65,20 @@ ONBUILD USER dockercomp
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["dockercomp", "agent", "run"]
 
+# --- the installer: `dockercomp installer` with the Docker SDK, run by install_me.sh ------------
+# Volunteers' hosts need no Python: install_me.sh runs this image with the Docker socket mounted
+# (installer/README.md says why). FROM base, not FROM worker: the worker's ONBUILD triggers would
+# fire here. Root, because it talks to the volunteer's own Docker socket; it computes nothing.
+FROM base AS installer
+
+COPY build/wheels/installer/ /tmp/wheels/
+RUN python3 -m venv /opt/dockercomp \
+ && /opt/dockercomp/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheels \
+    --disable-pip-version-check --quiet "dockercomp[installer]" \
+ && rm -rf /tmp/wheels
+
+ENTRYPOINT ["dockercomp"]
+
 # --- the coordinator: the scientist's engine, for docker-compose.yml ----------------------------
 FROM base AS coordinator
 

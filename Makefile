@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench image system venv dist clean
+.PHONY: test test-fast demo bench image system venv dist kit clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,7 @@ test-fast: venv
 # once per machine). Skips a build when the image matches the sources.
 image: venv
 	PYTHON=$(BIN)/python sh scripts/build-image.sh
+	PYTHON=$(BIN)/python ROLE=installer sh scripts/build-image.sh
 	PYTHON=$(BIN)/python ROLE=coordinator sh scripts/build-image.sh
 
 demo: venv
@@ -47,6 +48,12 @@ dist: venv
 	rm -rf dist
 	if $(BIN)/pip install -q build; then $(BIN)/python -m build --outdir dist .; \
 	else $(BIN)/pip wheel -q --no-deps --wheel-dir dist .; fi
+
+# The volunteers' kit in broker-config/kit/ (installer/README.md): the images, then `kit build`
+# for the address it will be served at (KIT_URL; `dockercomp coordinator kit serve` for a try).
+KIT_URL ?= http://127.0.0.1:8080
+kit: image
+	$(BIN)/dockercomp coordinator kit build --url $(KIT_URL)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

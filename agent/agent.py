@@ -501,9 +501,10 @@ class Agent:
         key: TaskKey = finished.key  # type: ignore[assignment]
         task = self._held.pop(key, None)
         self.counts[finished.outcome.value] += 1
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("task %s attempt %d finished: %s in %.3f s", key[0], key[1], finished.outcome.value,
-                      finished.elapsed)
+        # One line per task at the default level: what `dockercomp installer logs` shows a volunteer.
+        if log.isEnabledFor(logging.INFO):
+            log.info("task %s attempt %d finished: %s in %.3f s", key[0], key[1], finished.outcome.value,
+                     finished.elapsed)
         payload = self._result_payload(Result(key[0], key[1], self.ref.worker, self.ref.volunteer, finished.outcome,
                                               value=finished.value, error=finished.error,
                                               elapsed=round(finished.elapsed, 6),

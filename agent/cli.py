@@ -74,7 +74,7 @@ def main() -> None:
               f"the password comes from {PASSWORD_ENV} or the URL")
 @click.option("--health-file", envvar=HEALTH_FILE_ENV, type=click.Path(dir_okay=False),
               help=f"Where `dockercomp agent check` finds this agent's health [env {HEALTH_FILE_ENV}; default {HEALTH_FILE}]")
-@click.option("-v", "--verbose", count=True, help="Log every task (-v) and MQTT packets (-vv).")
+@click.option("-v", "--verbose", count=True, help="Log task processes (-v) and MQTT packets (-vv); every task is logged at the default level.")
 @handled
 def run(broker_url: str, worker_id: str | None, volunteer: str | None, concurrency: int | None,
         prefetch: int | None, keepalive: int | None, grace: float, username: str | None, health_file: str | None,

@@ -52,6 +52,7 @@ from dockercomp.broker.defaults import (
     COORDINATOR_ACCOUNT,
     DEFAULT_VOLUNTEER,
     INSTALL_SCRIPT,
+    KIT_INFO_FILE,
     MQTT_PORT,
     MQTTS_PORT,
     RELOAD_TIMEOUT,
@@ -310,12 +311,37 @@ def broker_url_for(creds: Credentials, host: str, port: int = MQTTS_PORT, *, tls
                           ca_file=ca_file, root=root).full_url
 
 
-def install_command(url: str, ca_file: str | None = None) -> str:
-    """The one line a volunteer runs. With a private CA they also need ca.crt beside the script."""
+def install_command(url: str, ca_file: str | None = None, kit: Path | None = None) -> str:
+    """The one line a volunteer runs.
+
+    With a kit (`dockercomp coordinator kit build` wrote kit/kit.json), the line downloads
+    install_me.sh from it and pins the kit's SHA256SUMS by hash, so every later download is
+    verified; the CA certificate comes from the kit. Without one, the scientist hands over
+    install_me.sh (and ca.crt beside it) themselves.
+    """
+    info = _kit_info(kit) if kit is not None else None
+    network = ["--network", "host"] if _loopback(url) else []  # bridge containers cannot reach loopback
+    if info is not None:
+        return " ".join([f"curl -fsSL {shlex.quote(info['url'] + '/' + INSTALL_SCRIPT)} | sh -s --",
+                         "--kit-sha256", shlex.quote(info["sha256"]), "--broker", shlex.quote(url), *network, "--yes"])
     parts = ["sh", INSTALL_SCRIPT, "--broker", shlex.quote(url)]
     if ca_file:
         parts += ["--ca-file", shlex.quote(Path(ca_file).name)]
-    return " ".join(parts + ["--yes"])
+    return " ".join(parts + network + ["--yes"])
+
+
+def _kit_info(kit: Path) -> dict[str, str] | None:
+    """{url, sha256} from a kit folder's kit.json, or None when there is no (readable) kit."""
+    try:
+        data = json.loads((kit / KIT_INFO_FILE).read_text())
+        return {"url": str(data["url"]).rstrip("/"), "sha256": str(data["sha256"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _loopback(url: str) -> bool:
+    host = BrokerSettings.from_url(url).host
+    return host in ("localhost", "127.0.0.1", "::1")
 
 
 def set_env_variable(path: Path, name: str, value: str) -> None:

@@ -85,3 +85,7 @@ INSTALL_SCRIPT = "install_me.sh"
 # Seconds a one-off probe of the broker's port may take (is it TLS? plain MQTT?), asked only
 # after a first connection failed in a way a protocol mismatch explains.
 PROBE_TIMEOUT_SECONDS = 2.0
+
+# In a kit folder (`dockercomp coordinator kit build`): its URL and the SHA-256 of its SHA256SUMS,
+# which `volunteers add` puts in the one line.
+KIT_INFO_FILE = "kit.json"

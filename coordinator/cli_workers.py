@@ -26,6 +26,7 @@ from dockercomp.broker.defaults import (
     ROOT_TOPIC,
 )
 from dockercomp.broker.settings import BrokerSettings
+from dockercomp.coordinator import defaults
 from dockercomp.coordinator.api import BROKER_CONNECT_TIMEOUT, default_broker
 from dockercomp.coordinator.cli import F, _echo_json, _stdout, command_errors, db_option, json_option, main, reader, wide_option
 from dockercomp.coordinator.cli_trust import register as register_trust_commands
@@ -183,7 +184,8 @@ def volunteers_add(name: str, config_dir: Path, role: str, host: str | None, por
     # For `dockercomp agent run` on their machine (?ca= the path they saved ca.crt to) ...
     url = broker_url_for(creds, host, port, ca_file=Path(ca_file).name if ca_file else None, root=accounts.root)
     # ... and for the installer, which takes the CA file apart and puts it in the containers.
-    command = install_command(broker_url_for(creds, host, port, root=accounts.root), ca_file)
+    kit = config_dir / defaults.KIT_DIR  # where `kit build` writes: then the line downloads from the kit
+    command = install_command(broker_url_for(creds, host, port, root=accounts.root), ca_file, kit)
     reloaded = reload_broker(pid_file, reload_command, _warn, quiet=as_json)
     # A new password cut the old connections off, without their wills (see mark_workers_lost).
     marked = mark_revoked_lost(config_dir, name, broker_url, _warn) if reset_password and reloaded else None
@@ -196,8 +198,11 @@ def volunteers_add(name: str, config_dir: Path, role: str, host: str | None, por
                "the password is shown only now:")
     click.echo(f"  broker URL: {url}")
     if creds.role is Role.VOLUNTEER:
-        click.echo(f"send {creds.name} (privately) install_me.sh" + (f" and {ca_file}" if ca_file else "")
-                   + ", and this command:")
+        if command.startswith("curl"):
+            click.echo(f"send {creds.name} (privately) this command:")
+        else:
+            click.echo(f"send {creds.name} (privately) install_me.sh" + (f" and {ca_file}" if ca_file else "")
+                       + ", and this command:")
         click.echo(command)
 
 

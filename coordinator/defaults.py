@@ -166,3 +166,16 @@ METRICS_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 # Times a scrape retries copying a container the engine resized meanwhile before giving up on it
 # for this scrape (it is a race of a few instructions: one retry almost always suffices).
 METRICS_COPY_TRIES = 5
+# --- the scientist's kit (coordinator/kit.py, `dockercomp coordinator kit`) ----------------
+# The images a kit ships, as `make image` names them.
+KIT_WORKER_IMAGE = "dockercomp/worker:latest"
+KIT_INSTALLER_IMAGE = "dockercomp/installer:latest"
+# Folder (inside the broker config directory) where `kit build` writes and `volunteers add` looks.
+KIT_DIR = "kit"
+# Seconds a docker command of kit build may take (save and tag of ~250 MB on a slow disk) ...
+KIT_DOCKER_TIMEOUT = 600.0
+# ... and building a task image (pip installing a scientist's package).
+KIT_BUILD_TIMEOUT = 900.0
+# `kit serve` listens on loopback by default: a try on this machine, not a public server.
+KIT_SERVE_HOST = "127.0.0.1"
+KIT_SERVE_PORT = 8080

@@ -49,6 +49,7 @@ class Exit(IntEnum):
     HALTED = 10, "a rolling upgrade stopped at a worker that did not become healthy"
     REFUSED = 11, "the MQTT broker refuses this client for good (credentials, TLS): retrying cannot help"
     JOB_FAILED = 12, "`coordinator status JOB --watch`: the job finished with failed tasks"
+    TAMPERED = 13, "a download does not match the kit's checksums (SHA256SUMS): refused"
     INTERRUPTED = 130, "stopped by Ctrl-C or a second signal (128 + SIGINT)"
 
 

@@ -26,7 +26,8 @@ from dockercomp.installer.image import ensure_image
 from dockercomp.installer.logs import show
 from dockercomp.installer.preflight import check_broker
 from dockercomp.installer.report import status_json, status_table, summary
-from dockercomp.installer.spec import WorkerSpec, parse_broker, read_ca
+from dockercomp.installer.spec import WorkerSpec, cpu_plan, parse_broker, read_ca
+from dockercomp.installer.usage import Counters, container_usage, coordinator_counters, with_usage
 
 def _say(message: str) -> None:
     click.echo(f"installer: {message}", err=True)
@@ -63,8 +64,10 @@ def main(ctx: click.Context, instance: str) -> None:
 @main.command()
 @click.option("--broker", envvar=BROKER_URL_ENV, help="mqtt://HOST:PORT (or mqtts://USER:PASS@HOST:8883) of the scientist's broker.")
 @click.option("--ca-file", type=click.Path(dir_okay=False, path_type=Path), help="The broker's CA certificate (ca.crt from the scientist).")
-@click.option("--workers", type=click.IntRange(min=0), help="Number of worker containers [default: CPUs, or the current number].")
-@click.option("--cpus-per-worker", type=float, help=f"CPU limit per worker [default: {d.CPUS_PER_WORKER:g}].")
+@click.option("--workers", type=click.IntRange(min=0), help="Number of worker containers [default: one per CPU of --cpus, or the current number].")
+@click.option("--cpus", type=float, help=f"CPUs all workers together may use [default: {d.CPU_SHARE:.0%} of this machine].")
+@click.option("--cpus-per-worker", type=float, help=f"CPU limit per worker [default: --cpus split evenly, at most {d.CPUS_PER_WORKER:g}].")
+@click.option("--priority", type=click.Choice(d.PRIORITIES), help=f"CPU priority of the workers [default: {d.PRIORITY}: your programs come first].")
 @click.option("--memory", help=f"Memory limit per worker, e.g. 512m or 2g [default: {d.MEMORY}].")
 @click.option("--image", help=f"Worker image [default: {d.IMAGE}].")
 @click.option("--image-archive", type=click.Path(dir_okay=False, path_type=Path), help="Load the image from a `docker save` file.")
@@ -77,7 +80,8 @@ def main(ctx: click.Context, instance: str) -> None:
 @click.option("--skip-broker-check", is_flag=True, help="Do not test the TCP connection to the broker first.")
 @click.pass_obj
 @installer_errors
-def up(instance: str, broker: str | None, ca_file: Path | None, workers: int | None, cpus_per_worker: float | None,
+def up(instance: str, broker: str | None, ca_file: Path | None, workers: int | None, cpus: float | None,
+       cpus_per_worker: float | None, priority: str | None,
        memory: str | None, image: str | None, image_archive: Path | None, network: str | None,
        concurrency: int | None, volunteer: str | None, username: str | None, password: str | None,
        grace: int | None, skip_broker_check: bool) -> None:
@@ -93,14 +97,19 @@ def up(instance: str, broker: str | None, ca_file: Path | None, workers: int | N
     elif ca_file:
         ca_pem = read_ca(ca_file)
     base = current or WorkerSpec(broker=str(broker), instance=instance)
+    host_cpus = engine_cpus(client)
+    if workers is None and current is not None:
+        workers = len(fleet.containers())
+    if current is not None and cpus is None and cpus_per_worker is None:
+        workers = workers or 0  # a running installation keeps its CPU limits unless they are given
+    else:
+        workers, cpus_per_worker = cpu_plan(host_cpus, cpus, cpus_per_worker, workers)
     spec = base.with_changes(
         broker=broker, ca_pem=ca_pem, image=image, cpus=cpus_per_worker, memory=memory, network=network,
         concurrency=concurrency, volunteer=volunteer, username=username, password=password, grace=grace,
+        priority=priority,
     )
-    cpus = engine_cpus(client)
-    spec.validate(cpus)
-    if workers is None:
-        workers = len(fleet.containers()) if current is not None else max(1, int(cpus // spec.cpus))
+    spec.validate(host_cpus)
     if workers > 0 and not skip_broker_check:
         check_broker(spec.broker_settings)
     if workers > 0:
@@ -111,16 +120,24 @@ def up(instance: str, broker: str | None, ca_file: Path | None, workers: int | N
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--offline", is_flag=True, help="Do not ask the broker for the coordinator's counters and credit.")
 @click.pass_obj
 @installer_errors
-def status(instance: str, as_json: bool) -> None:
-    """Show the worker containers, their health and worker ids."""
-    rows = Fleet(connect(), instance).status()
+def status(instance: str, as_json: bool, offline: bool) -> None:
+    """Show each worker: state, health, tasks done and failed, credit, CPU and memory use."""
+    fleet = Fleet(connect(), instance)
+    rows = fleet.status()
+    spec = fleet.current_spec()
+    usage = container_usage(fleet.containers()) if rows else {}
+    counters = coordinator_counters(spec, {r.worker_id for r in rows}) if spec and rows and not offline else Counters()
+    rows = [with_usage(row, usage.get(row.name), counters.workers.get(row.worker_id)) for row in rows]
     if as_json:
         click.echo(status_json(rows))
     else:
         # Piped output has no terminal width; rich would assume 80 columns and fold every cell.
-        status_table(rows, Console(width=None if sys.stdout.isatty() else 160))
+        status_table(rows, Console(width=None if sys.stdout.isatty() else 250), counters.volunteer.get("credit"))
+        if rows and spec and not offline and not counters.reached:
+            _say("the broker did not answer: tasks and credit are unknown (-)")
 
 
 @main.command()

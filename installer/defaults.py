@@ -8,9 +8,21 @@ IMAGE = "dockercomp/worker:latest"
 # Installation name when --instance is not given; a second instance keeps its own workers.
 INSTANCE = "default"
 
-# CPUs (a fraction is allowed) and memory each worker container may use.
+# CPUs (a fraction is allowed) and memory each worker container may use at most.
 CPUS_PER_WORKER = 1.0
 MEMORY = "1g"
+
+# Share of the machine's CPUs all workers together use when --cpus is not given: half, so a
+# volunteer's own programs always keep the other half (BOINC's default is similar).
+CPU_SHARE = 0.5
+
+# CPU priority of workers: "low" gives them a small scheduler weight (cpu_shares; Docker's
+# default is 1024), so the volunteer's programs win whenever both want the CPU, and makes the
+# kernel's out-of-memory killer pick a worker before anything of the volunteer's.
+PRIORITIES = ("low", "normal")
+PRIORITY = "low"
+LOW_CPU_SHARES = 128
+LOW_OOM_SCORE_ADJ = 500
 
 # Network mode: bridge isolates workers from the host; host reaches a broker on 127.0.0.1.
 NETWORK = "bridge"
@@ -22,6 +34,10 @@ GRACE_SECONDS = 40
 
 # Seconds a rolling upgrade waits for a replaced worker to turn healthy before it halts.
 HEALTH_TIMEOUT_SECONDS = 90
+
+# Seconds `status` waits to connect to the broker, then for the retained counters to arrive.
+STATUS_CONNECT_SECONDS = 5.0
+STATUS_RETAINED_SECONDS = 2.0
 
 # Seconds to wait for a TCP connection to the broker in the pre-flight check.
 BROKER_CHECK_SECONDS = 5.0

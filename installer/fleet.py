@@ -58,6 +58,14 @@ class WorkerView:
     up_to_date: bool  # runs the image its name points at now
     restarts: int
     started_at: str
+    # Filled by `status` from the coordinator's retained counters and Docker's statistics
+    # (installer/usage.py); None when that source did not answer.
+    tasks_done: int | None = None
+    tasks_failed: int | None = None
+    credit: float | None = None
+    cpu_percent: float | None = None
+    memory_bytes: float | None = None
+    memory_limit: float | None = None
 
 
 def _single_file_tar(name: str, text: str) -> bytes:

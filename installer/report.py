@@ -19,12 +19,14 @@ def status_json(rows: list[WorkerView]) -> str:
     return json.dumps([asdict(row) for row in rows], indent=2)
 
 
-def status_table(rows: list[WorkerView], console: Console) -> None:
+def status_table(rows: list[WorkerView], console: Console, credit: object = None) -> None:
     if not rows:
         console.print("no dockercomp workers on this machine (start some with `dockercomp installer up`)")
         return
-    table = Table(title=f"dockercomp workers ({len(rows)})")
-    for column in ("slot", "container", "worker id", "state", "health", "image", "restarts", "started"):
+    title = f"dockercomp workers ({len(rows)})" + (f", your credit: {credit:g}" if isinstance(credit, (int, float)) else "")
+    table = Table(title=title)
+    for column in ("slot", "container", "worker id", "state", "health", "done", "failed", "credit", "CPU", "memory",
+                   "image", "restarts", "started"):
         # Fold rather than cut: a worker id with its last characters replaced by "…" is useless.
         table.add_column(column, overflow="fold")
     for row in rows:
@@ -35,6 +37,11 @@ def status_table(rows: list[WorkerView], console: Console) -> None:
             row.worker_id,
             f"[{_STATE_STYLE.get(row.state, 'white')}]{row.state}[/]",
             f"[{_HEALTH_STYLE.get(row.health, 'white')}]{row.health}[/]",
+            "-" if row.tasks_done is None else str(row.tasks_done),
+            "-" if row.tasks_failed is None else str(row.tasks_failed),
+            "-" if row.credit is None else f"{row.credit:g}",
+            "-" if row.cpu_percent is None else f"{row.cpu_percent:.1f}%",
+            "-" if row.memory_bytes is None else f"{row.memory_bytes / 2**20:.0f} / {(row.memory_limit or 0) / 2**20:.0f} MiB",
             image,
             str(row.restarts),
             row.started_at[:19].replace("T", " "),

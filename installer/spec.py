@@ -83,6 +83,7 @@ class WorkerSpec:
     password: str | None = None
     grace: int = d.GRACE_SECONDS
     ca_pem: str | None = None  # the broker's private CA certificate, when it has one
+    priority: str = d.PRIORITY
 
     def validate(self, host_cpus: int | None = None) -> WorkerSpec:
         """Self, or ConfigError naming the option that cannot work and what would."""
@@ -107,6 +108,8 @@ class WorkerSpec:
             )
         if not _MEMORY.fullmatch(self.memory):
             raise ConfigError(f"bad --memory {self.memory!r}", "use a size such as 512m or 2g")
+        if self.priority not in d.PRIORITIES:
+            raise ConfigError(f"unknown --priority {self.priority!r}", f"use one of {', '.join(d.PRIORITIES)}")
         if self.concurrency is not None and self.concurrency < 1:
             raise ConfigError("--concurrency must be at least 1", "omit it for one task per CPU")
         if self.grace < 0:
@@ -201,9 +204,32 @@ class WorkerSpec:
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges"],
             "pids_limit": d.PIDS_LIMIT,
+            **(_LOW_PRIORITY if self.priority == "low" else {}),
             "log_config": {"Type": "json-file", "Config": {"max-size": d.LOG_MAX_SIZE, "max-file": d.LOG_MAX_FILES}},
         }
         return container, host
+
+
+# Host config of a low-priority worker (installer/defaults.py says why).
+_LOW_PRIORITY = {"cpu_shares": d.LOW_CPU_SHARES, "oom_score_adj": d.LOW_OOM_SCORE_ADJ}
+
+
+def cpu_plan(host_cpus: int, total: float | None, per_worker: float | None, workers: int | None) -> tuple[int, float]:
+    """(workers, CPUs per worker) from what the volunteer gave; the rest from a safe share.
+
+    --cpus is the budget of all workers together (default: CPU_SHARE of the machine, at least
+    one CPU); it is split evenly, at most CPUS_PER_WORKER each unless --cpus-per-worker is given.
+    """
+    budget = total if total is not None else max(min(1.0, float(host_cpus)), host_cpus * d.CPU_SHARE)
+    if budget <= 0 or budget > host_cpus:
+        raise ConfigError(f"--cpus {budget:g} is not possible on a machine with {host_cpus} CPUs",
+                          f"use a value above 0 and at most {host_cpus}")
+    if workers is None:
+        workers = max(1, int(budget // (per_worker or d.CPUS_PER_WORKER)))
+    if per_worker is None:
+        per_worker = max(0.01, round(min(d.CPUS_PER_WORKER, budget / max(workers, 1)), 2))
+    return workers, per_worker
+
 
 def owned_filter(instance: str | None = None) -> dict[str, list[str]]:
     """Docker `filters` that match only the installer's own worker containers."""

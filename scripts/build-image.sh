@@ -2,8 +2,9 @@
 # Builds a dockercomp image (Dockerfile at the repo root), also with no image registry.
 # Usage: build-image.sh [IMAGE]          (default dockercomp/ROLE:latest)
 # Environment:
-#   ROLE        the Dockerfile stage: worker (default; the agent alone, for volunteers) or
-#               coordinator (the engine with its database drivers, for docker-compose.yml).
+#   ROLE        the Dockerfile stage: worker (default; the agent alone, for volunteers),
+#               installer (`dockercomp installer` with the Docker SDK, which install_me.sh runs)
+#               or coordinator (the engine with its database drivers, for docker-compose.yml).
 #   BASE_IMAGE  base to build FROM; default python:3.11-slim when it is present or pullable,
 #               else a Debian base made locally by build-base-image.sh (once per machine).
 #   PYTHON      interpreter with pip that builds the wheels (default .venv/bin/python).
@@ -18,11 +19,12 @@ role="${ROLE:-worker}"
 requirements() {
     case "$1" in
         worker) echo ". setuptools wheel" ;;
+        installer) echo ".[installer]" ;;
         coordinator) echo ".[coordinator,broker,postgres]" ;;
     esac
 }
 if [ -z "$(requirements "$role")" ]; then
-    echo "build-image: ROLE must be worker or coordinator, not $role" >&2
+    echo "build-image: ROLE must be worker, installer or coordinator, not $role" >&2
     exit 2
 fi
 image="${1:-${IMAGE:-dockercomp/$role:latest}}"
@@ -78,10 +80,14 @@ if [ "$host_py" != "$image_py" ]; then
 fi
 
 # Each stage gets only its own role's wheels. The classic builder builds every stage before the
-# target, and the worker stage comes first, so a coordinator build needs the worker's too.
+# target, in the Dockerfile's order (worker, installer, coordinator), so a later stage's build
+# needs the earlier stages' wheels too.
 rm -rf "$wheels" build/lib  # setuptools never prunes build/lib: a deleted module would linger
-stages=worker
-[ "$role" = worker ] || stages="worker $role"
+case "$role" in
+    worker) stages=worker ;;
+    installer) stages="worker installer" ;;
+    *) stages="worker installer $role" ;;
+esac
 for stage in $stages; do
     echo "build-image: building wheels for the $stage with $PYTHON into $wheels/$stage"
     # shellcheck disable=SC2046  # the requirements are words

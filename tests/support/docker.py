@@ -31,6 +31,7 @@ from tests.support import REPO_ROOT, missing, require
 # The images `make image` builds; the tests use the very same ones.
 WORKER_IMAGE = "dockercomp/worker:latest"
 COORDINATOR_IMAGE = "dockercomp/coordinator:latest"
+INSTALLER_IMAGE = "dockercomp/installer:latest"
 # Seconds the image build may take: a first build also debootstraps the base (~1 min).
 IMAGE_BUILD_TIMEOUT = 900
 # Label the installer puts on its containers: the tests clean up by it.
@@ -83,6 +84,43 @@ def build_worker_image(image: str = WORKER_IMAGE, role: str = "worker") -> str:
 def build_coordinator_image() -> str:
     """The coordinator's image (the Dockerfile's `coordinator` stage), as docker-compose.yml runs it."""
     return build_worker_image(COORDINATOR_IMAGE, role="coordinator")
+
+
+def build_installer_image() -> str:
+    """The installer's image (the Dockerfile's `installer` stage), which install_me.sh runs."""
+    return build_worker_image(INSTALLER_IMAGE, role="installer")
+
+
+# A fresh volunteer machine: the project's debootstrap base plus curl (the one line needs it).
+VOLUNTEER_IMAGE = "dockercomp-test/volunteer:bookworm"
+_VOLUNTEER_DOCKERFILE = """\
+FROM {base}
+RUN apt-get update -qq \\
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends curl >/dev/null \\
+ && rm -rf /var/lib/apt/lists/*
+"""
+LOCAL_BASE = "dockercomp-base:bookworm"
+
+
+def volunteer_image(client: Any) -> str:
+    """VOLUNTEER_IMAGE, built once per machine FROM the debootstrap base (scripts/build-base-image.sh)."""
+    if _present(client, VOLUNTEER_IMAGE):
+        return VOLUNTEER_IMAGE
+    if not _present(client, LOCAL_BASE):
+        base = subprocess.run(["sh", "scripts/build-base-image.sh", LOCAL_BASE], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=IMAGE_BUILD_TIMEOUT, check=False)
+        if base.returncode != 0:
+            pytest.fail(f"building {LOCAL_BASE} failed:\n{base.stdout[-2000:]}\n{base.stderr[-2000:]}", pytrace=False)
+    return build_from_dockerfile(VOLUNTEER_IMAGE, _VOLUNTEER_DOCKERFILE.format(base=LOCAL_BASE))
+
+
+def build_from_dockerfile(tag: str, dockerfile: str) -> str:
+    """`docker build -t TAG -` of a Dockerfile given as text (no context), or fail the test."""
+    result = subprocess.run(["docker", "build", "-q", "-t", tag, "-"], input=dockerfile, capture_output=True,
+                            text=True, timeout=600, check=False)
+    if result.returncode != 0:
+        pytest.fail(f"building {tag} failed:\n{result.stderr[-2000:]}", pytrace=False)
+    return tag
 
 
 def run_in_image(image: str, *command: str, entrypoint: str = "", timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -195,12 +233,7 @@ def mosquitto_image(client: Any) -> str:
     if base is None:
         pytest.fail("no Debian base image to build a Mosquitto stand-in from (build the worker image first)",
                     pytrace=False)
-    result = subprocess.run(["docker", "build", "-q", "-t", STAND_IN_MOSQUITTO, "-"],
-                            input=_STAND_IN_DOCKERFILE.format(base=base), capture_output=True, text=True,
-                            timeout=600, check=False)
-    if result.returncode != 0:
-        pytest.fail(f"building a Mosquitto stand-in failed:\n{result.stderr[-2000:]}", pytrace=False)
-    return STAND_IN_MOSQUITTO
+    return build_from_dockerfile(STAND_IN_MOSQUITTO, _STAND_IN_DOCKERFILE.format(base=base))
 
 
 def _present(client: Any, name: str) -> bool:

@@ -48,7 +48,7 @@ def installed_packages(image: str) -> set[str]:
 def test_the_base_image_is_a_build_argument_defaulting_to_official_slim_python() -> None:
     assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", DOCKERFILE, re.MULTILINE)
     assert re.search(r"^FROM \$\{BASE_IMAGE\} AS base$", DOCKERFILE, re.MULTILINE)
-    assert set(re.findall(r"^FROM base AS (\w+)$", DOCKERFILE, re.MULTILINE)) == {"worker", "coordinator"}
+    assert set(re.findall(r"^FROM base AS (\w+)$", DOCKERFILE, re.MULTILINE)) == {"worker", "installer", "coordinator"}
 
 
 def test_the_build_installs_only_from_local_wheels() -> None:

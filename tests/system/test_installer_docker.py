@@ -7,10 +7,7 @@ Skipped on a laptop without Docker; under CI a missing engine, agent or coordina
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +17,8 @@ import pytest
 from dockercomp.exits import Exit
 from tests.support import Watcher, wait_until
 from tests.support.brokers import BrokerProcess
+from tests.support.coordinators import Coordinator
 from tests.support.docker import (
-    REPO_ROOT,
     Installation,
     require_agent,
     require_coordinator,
@@ -54,7 +51,7 @@ def decoy(docker_client: Any, worker_image: str) -> Iterator[Any]:
 
 
 def up(inst: Installation, broker: BrokerProcess, workers: int, *extra: str) -> subprocess.CompletedProcess[str]:
-    return inst.run("up", "--broker", broker.url, "--network", "host", "--workers", str(workers),
+    return inst.run("up", "--broker", broker.url, "--network", "host", "--workers", str(workers), "--cpus-per-worker", "1",
                     "--memory", "512m", "--grace", "15", *extra)
 
 
@@ -175,59 +172,10 @@ def test_upgrade_replaces_workers_one_by_one_keeping_their_ids(
 # --- jobs through containers (need the agent and the coordinator) ---------------------------
 
 
-class Coordinator:
-    """`dockercomp coordinator serve` as a child process plus its CLI, on one database."""
-
-    def __init__(self, broker: BrokerProcess, workdir: Path) -> None:
-        self.broker = broker
-        self.db = str(workdir / "coordinator.db")
-        self.env = dict(os.environ, DOCKERCOMP_BROKER=broker.url, DOCKERCOMP_DB=self.db)
-        self.log_path = workdir / "coordinator.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "dockercomp.coordinator", "serve", "--broker", self.broker.url, "--db", self.db,
-                 "--purge-after", str(PURGE_AFTER)],
-                cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            )
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-
-    def cli(self, *args: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "dockercomp.coordinator", *args], cwd=REPO_ROOT, env=self.env,
-                                capture_output=True, text=True, timeout=120, check=False)
-        assert result.returncode == 0, f"coordinator {' '.join(args)}: {result.stdout}\n{result.stderr}"
-        return result.stdout
-
-    def submit(self, function: str, args: list[list[Any]], path: Path) -> str:
-        path.write_text("".join(json.dumps(a) + "\n" for a in args))
-        return str(json.loads(self.cli("submit", function, str(path), "--json"))["job_id"])
-
-    def progress(self, job: str) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(self.cli("status", job, "--json"))
-        return data
-
-    def results(self, job: str) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.cli("results", job, "--format", "jsonl").splitlines() if line]
-
-    def workers(self) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = json.loads(self.cli("workers", "--json"))
-        return rows
-
-
 @pytest.fixture
 def coordinator(mosquitto: BrokerProcess, tmp_path: Path) -> Iterator[Coordinator]:
     require_coordinator()
-    found = Coordinator(mosquitto, tmp_path)
+    found = Coordinator(mosquitto.url, tmp_path, purge_after=PURGE_AFTER)
     found.start()
     yield found
     found.stop()
@@ -292,31 +240,3 @@ def test_a_killed_container_loses_nothing_and_its_worker_is_purged(
     # Later, the coordinator purges the lost worker (the others stay online).
     wait_until(lambda: victim_state() in ("purged", None), timeout=PURGE_AFTER + 60, interval=1)
     assert {w["name"] for w in coordinator.workers() if w["state"] == "online"} == ids - {victim_id}
-
-
-# --- install_me.sh --------------------------------------------------------------------------
-
-
-def test_install_me_with_docker_present_ends_with_workers_online(
-    installation: Installation, mosquitto: BrokerProcess, worker_image: str, tmp_path: Path
-) -> None:
-    env = dict(installation.env, DOCKERCOMP_HOME=str(tmp_path / "home"), DOCKERCOMP_PACKAGE=f"{REPO_ROOT}[installer]")
-    command = ["sh", str(REPO_ROOT / "installer" / "install_me.sh"), "--yes", "--broker", mosquitto.url,
-               "--network", "host", "--workers", "2"]
-    with Watcher(mosquitto.url, PRESENCE) as watcher:
-        first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
-        assert first.returncode == 0, first.stdout + first.stderr
-        assert "dockercomp installer down" in first.stdout and "--uninstall" in first.stdout
-        containers = installation.containers()
-        assert len(containers) == 2
-        # Safe to run twice: the same containers, nothing re-created.
-        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
-        assert second.returncode == 0, second.stdout + second.stderr
-        assert [c.id for c in installation.containers()] == [c.id for c in containers]
-
-        require_agent(worker_image)
-        wait_online(watcher, {c.labels["org.dockercomp.worker-id"] for c in containers})
-
-    gone = subprocess.run([*command[:2], "--uninstall"], env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert gone.returncode == 0, gone.stdout + gone.stderr
-    assert installation.containers() == [] and not (tmp_path / "home" / "venv").exists()

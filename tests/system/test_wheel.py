@@ -69,18 +69,39 @@ def test_the_agent_imports_nothing_of_the_other_roles() -> None:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`make dist` in a copy of the sources, with this interpreter (`-o venv`: no venv of its own)."""
     source = tmp_path_factory.mktemp("source")
-    for name in SOURCES:
+    for name in (*SOURCES, "Makefile"):
         if (REPO_ROOT / name).is_dir():
             shutil.copytree(REPO_ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy(REPO_ROOT / name, source / name)
-    out = tmp_path_factory.mktemp("dist")
-    built = run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", out, source, timeout=PIP_TIMEOUT)
-    assert built.returncode == 0, built.stderr
-    (found,) = out.glob("dockercomp-*.whl")
+    built = run("make", "-C", source, "-o", "venv", "dist", f"BIN={Path(sys.executable).parent}", timeout=PIP_TIMEOUT)
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    return source / "dist"
+
+
+@pytest.fixture(scope="module")
+def wheel(dist: Path) -> Path:
+    (found,) = dist.glob("dockercomp-*.whl")
     return found
+
+
+@pytest.mark.slow
+def test_make_dist_builds_an_sdist_that_installs_and_runs_in_a_fresh_venv(dist: Path, tmp_path: Path) -> None:
+    (sdist,) = dist.glob("dockercomp-*.tar.gz")
+    venv.create(tmp_path / "venv", with_pip=True)
+    bin_dir = tmp_path / "venv" / "bin"
+    installed = run(bin_dir / "python", "-m", "pip", "install", "-q", sdist, timeout=PIP_TIMEOUT)
+    assert installed.returncode == 0, installed.stderr
+    assert run(bin_dir / "dockercomp", "--version").stdout.strip() == "dockercomp, version 0.1.0"
+    functions = run(bin_dir / "dockercomp", "agent", "functions", "--json")
+    assert functions.returncode == 0 and "add" in functions.stdout
+    # The kit's installer script ships inside the package (kit build reads it from there).
+    script = run(bin_dir / "python", "-c", "from importlib import resources\n"
+                 "print((resources.files('dockercomp.installer') / 'install_me.sh').read_text()[:9])")
+    assert script.stdout.strip() == "#!/bin/sh"
 
 
 @pytest.fixture(scope="module")

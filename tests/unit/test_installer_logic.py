@@ -33,7 +33,8 @@ from dockercomp.installer.identity import (
     worker_prefix,
 )
 from dockercomp.installer.image import ensure_image
-from dockercomp.installer.spec import CONTAINER_CA, WorkerSpec, parse_broker, read_ca
+from dockercomp.installer.spec import CONTAINER_CA, WorkerSpec, cpu_plan, parse_broker, read_ca
+from dockercomp.installer.usage import Counters, usage_of
 from tests.support import REPO_ROOT
 from tests.support.docker import FakeDocker
 
@@ -316,6 +317,8 @@ def test_cli_up_and_status_against_the_fake_engine(monkeypatch: pytest.MonkeyPat
     client = FakeDocker()
     monkeypatch.setattr(cli, "connect", lambda: client)
     monkeypatch.setattr(cli, "check_broker", lambda settings: None)
+    counted = Counters(workers={}, volunteer={"credit": 12.5}, reached=True)
+    monkeypatch.setattr(cli, "coordinator_counters", lambda spec, ids: counted)
     runner = CliRunner()
     first = runner.invoke(cli.main, ["up", "--broker", BROKER, "--workers", "2"])
     assert first.exit_code == 0, first.output
@@ -326,9 +329,13 @@ def test_cli_up_and_status_against_the_fake_engine(monkeypatch: pytest.MonkeyPat
     status = runner.invoke(cli.main, ["status", "--json"])
     rows = json.loads(status.output)
     assert [r["name"] for r in rows] == ["dockercomp-worker-1", "dockercomp-worker-2"]
+    assert rows[0]["tasks_done"] is None  # the coordinator has not counted these workers
     assert {r["state"] for r in rows} == {"running"} and {r["health"] for r in rows} == {"healthy"}
+    counted.workers = {rows[1]["worker_id"]: {"done": 7, "failed": 1, "credit": 3.5}}
     table = runner.invoke(cli.main, ["status"])
-    assert "dockercomp-worker-2" in table.output
+    assert "dockercomp-worker-2" in table.output and "your credit: 12.5" in table.output
+    row_two = next(line for line in table.output.splitlines() if "dockercomp-worker-2" in line)
+    assert "│ 7 " in row_two and "│ 1 " in row_two and "│ 3.5 " in row_two
     logs = runner.invoke(cli.main, ["logs", "2"])
     assert logs.output == "dockercomp-worker-2 says hello\n"
     down = runner.invoke(cli.main, ["down"])
@@ -340,3 +347,43 @@ def test_cli_first_up_without_a_broker_asks_for_one(monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("DOCKERCOMP_BROKER", raising=False)
     result = CliRunner().invoke(cli.main, ["up"])
     assert result.exit_code == 2 and "--broker" in result.output
+
+
+# --- volunteer controls and what the machine is doing ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "total", "per_worker", "workers", "expected"),
+    [
+        (8, None, None, None, (4, 1.0)),  # half the machine by default, one CPU each
+        (2, None, None, None, (1, 1.0)),
+        (1, None, None, None, (1, 1.0)),  # never less than one worker
+        (8, None, None, 2, (2, 1.0)),
+        (8, 3.0, None, 4, (4, 0.75)),  # --cpus is split evenly between the workers
+        (8, 6.0, 2.0, None, (3, 2.0)),
+        (4, 1.5, None, None, (1, 1.0)),
+    ],
+)
+def test_the_cpu_budget_defaults_to_a_safe_share(host: int, total: float | None, per_worker: float | None,
+                                                workers: int | None, expected: tuple[int, float]) -> None:
+    assert cpu_plan(host, total, per_worker, workers) == expected
+
+
+def test_a_cpu_budget_beyond_the_machine_is_refused() -> None:
+    with pytest.raises(ConfigError, match="not possible"):
+        cpu_plan(4, 6.0, None, None)
+
+
+def test_workers_run_at_low_priority_unless_asked() -> None:
+    _, host = spec().create_args(1, "host-abc123")
+    assert host["cpu_shares"] == d.LOW_CPU_SHARES and host["oom_score_adj"] == d.LOW_OOM_SCORE_ADJ
+    _, normal = spec(priority="normal").create_args(1, "host-abc123")
+    assert "cpu_shares" not in normal and "oom_score_adj" not in normal
+
+
+def test_docker_stats_become_cpu_percent_and_memory() -> None:
+    raw = {"cpu_stats": {"cpu_usage": {"total_usage": 3_000}, "system_cpu_usage": 20_000, "online_cpus": 2},
+           "precpu_stats": {"cpu_usage": {"total_usage": 1_000}, "system_cpu_usage": 10_000},
+           "memory_stats": {"usage": 300 * 2**20, "limit": 2**30, "stats": {"inactive_file": 100 * 2**20}}}
+    assert usage_of(raw) == {"cpu_percent": 40.0, "memory_bytes": 200 * 2**20, "memory_limit": 2**30}
+    assert usage_of({}) is None  # a stopped container's empty sample
