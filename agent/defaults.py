@@ -73,3 +73,17 @@ MAX_TILE_PIXELS = 180_000
 # Largest `rounds` for sha256 and widest [lo, hi) for count_primes accepted by the built-ins.
 MAX_SHA256_ROUNDS = 100_000_000
 MAX_PRIME_RANGE = 10**10
+
+# Idle-only mode (`agent run --idle-only`): the host counts as busy above this 1-minute load
+# average per CPU when no --max-load is given: half the machine busy with the volunteer's own work.
+IDLE_MAX_LOAD_PER_CPU = 0.5
+
+# ...and idle again only below the threshold minus this (at most half the threshold): half a busy
+# CPU, so a load hovering at the threshold does not pause and resume the worker every sample.
+IDLE_HYSTERESIS = 0.5
+
+# Seconds between two readings of the load: the kernel recomputes /proc/loadavg every 5 s.
+IDLE_SAMPLE_SECONDS = 5.0
+
+# Where idle-only mode reads the host's load (inside a container too: /proc/loadavg is not namespaced).
+LOAD_FILE = "/proc/loadavg"
