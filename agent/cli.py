@@ -24,7 +24,9 @@ from dockercomp.agent.defaults import (
     HEALTH_FILE,
     HEALTH_FILE_ENV,
     IDLE_MAX_LOAD_PER_CPU,
+    IDLE_ONLY_ENV,
     LOAD_FILE,
+    MAX_LOAD_ENV,
     PASSWORD_ENV,
     PREFETCH_ENV,
     USERNAME_ENV,
@@ -76,11 +78,11 @@ def main() -> None:
               f"the password comes from {PASSWORD_ENV} or the URL")
 @click.option("--health-file", envvar=HEALTH_FILE_ENV, type=click.Path(dir_okay=False),
               help=f"Where `dockercomp agent check` finds this agent's health [env {HEALTH_FILE_ENV}; default {HEALTH_FILE}]")
-@click.option("--idle-only", is_flag=True,
+@click.option("--idle-only", is_flag=True, envvar=IDLE_ONLY_ENV,
               help="Take tasks only while the host's load (minus this agent's own tasks) is below --max-load; "
-                   "pause above it, resume when it falls back")
-@click.option("--max-load", type=click.FloatRange(min=0),
-              help=f"The load --idle-only pauses above [default: {IDLE_MAX_LOAD_PER_CPU:g} x CPUs]")
+                   f"pause above it, resume when it falls back [env {IDLE_ONLY_ENV}]")
+@click.option("--max-load", type=click.FloatRange(min=0), envvar=MAX_LOAD_ENV,
+              help=f"The load --idle-only pauses above [env {MAX_LOAD_ENV}; default: {IDLE_MAX_LOAD_PER_CPU:g} x CPUs]")
 @click.option("--load-file", type=click.Path(dir_okay=False, path_type=Path), default=LOAD_FILE, show_default=True,
               help="Where --idle-only reads the 1-minute load average (the host's, also inside a container)")
 @click.option("-v", "--verbose", count=True, help="Log every task (-v) and MQTT packets (-vv).")

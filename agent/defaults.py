@@ -15,6 +15,9 @@ CONCURRENCY_ENV = "DOCKERCOMP_CONCURRENCY"
 PREFETCH_ENV = "DOCKERCOMP_PREFETCH"
 USERNAME_ENV = "DOCKERCOMP_USERNAME"
 PASSWORD_ENV = "DOCKERCOMP_PASSWORD"
+# Idle-only mode and its threshold (`agent run --idle-only --max-load`; the installer sets them).
+IDLE_ONLY_ENV = "DOCKERCOMP_IDLE_ONLY"
+MAX_LOAD_ENV = "DOCKERCOMP_MAX_LOAD"
 # Image name and tag, set by whoever starts the container; shown in the presence.
 IMAGE_ENV = "DOCKERCOMP_IMAGE"
 # Where `dockercomp agent run` writes its health and `dockercomp agent check` reads it.

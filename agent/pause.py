@@ -107,6 +107,10 @@ class Pauser:
         self.paused = False
         self._kill_at: float | None = None  # when running tasks of a pause are handed back
         self._next_sample = clock() if watch is not None else float("inf")
+        if watch is not None:
+            log.info("idle-only: pausing while the host's load (%s, minus this agent's tasks) is above %g, "
+                     "resuming below %g; sampled every %g s", watch.path, watch.max_load, watch.resume_below,
+                     watch.interval)
 
     def step(self) -> float:
         """Apply what was asked and what the load says; returns when to be stepped again."""

@@ -8,7 +8,10 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +21,9 @@ from dockercomp.coordinator.service import Coordinator
 from dockercomp.coordinator.store import Store
 from tests.support import Watcher, wait_until
 from tests.support.brokers import BrokerProcess
-from tests.support.processes import Processes, finished, online
+from tests.support import docker as docker_support
+from tests.support.docker import Installation, build_worker_image, run_in_image
+from tests.support.processes import FAST, Processes, finished, online
 
 pytestmark = pytest.mark.timeout(120)
 TOPICS = Topics()
@@ -107,3 +112,63 @@ def test_idle_only_takes_nothing_above_the_threshold_and_computes_below(
     assert all(r.worker == "local/idler" for r in store.results(job))
     log = procs.log("idler")
     assert "paused (host load 3.00 above 1.5)" in log and "resumed: taking tasks again (host load 0.20)" in log
+
+
+# --------------------------------------------------------------------------- in Docker
+@pytest.fixture
+def pause_image(docker_client: Any, worker_image: str) -> Iterator[str]:
+    """The worker image with this checkout's agent, under a tag of this test's own: another
+    checkout on this machine may rebuild dockercomp/worker:latest while the test runs."""
+    for _ in range(2):
+        image = docker_client.images.get(worker_image)
+        if "--idle-only" in run_in_image(image.id, "agent", "run", "--help", entrypoint="dockercomp").stdout:
+            break
+        docker_support._built.pop(worker_image, None)  # replaced under us: build it again
+        build_worker_image(worker_image)
+    else:
+        pytest.fail("the worker image has no pause support (`make image` rebuilds it)", pytrace=False)
+    tag = f"dockercomp-test/worker:pause-{uuid.uuid4().hex[:8]}"
+    image.tag(tag)
+    yield tag
+    docker_client.images.remove(tag, noprune=True)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_installer_pause_and_resume_a_container_mid_job(
+        docker_client: Any, pause_image: str, mosquitto: BrokerProcess, tmp_path: Path) -> None:
+    """`installer pause` signals the agent in its container: the worker is paused at the
+    coordinator, what it held comes back without using an attempt, the container keeps running
+    and no will fires; `installer resume` and the max_attempts=1 job completes."""
+    inst = Installation.new(docker_client)
+    engine = Coordinator.connect(mosquitto.url, str(tmp_path / "coordinator.db"), FAST).start()
+    try:
+        with Watcher(mosquitto.url, "dockercomp/workers/+/+/presence") as watcher:
+            inst.run("up", "--broker", mosquitto.url, "--network", "host", "--workers", "1", "--image", pause_image,
+                     "--concurrency", "2", "--grace", "1", "--memory", "512m")
+            container = inst.containers()[0]
+            key = f"local/{container.labels['org.dockercomp.worker-id']}"
+            store = engine.store
+            wait_until(lambda: state_of(store, key) == "online", timeout=90, interval=0.2)
+            job = store.create_job("sleep", [[0.5]] * 24, timeout=30, max_attempts=1)
+            wait_until(lambda: store.inflight().get(key, 0) >= 3 and store.progress(job).done >= 2, timeout=60)
+
+            paused = inst.run("pause", "1").stdout
+            assert f"{container.name}  worker {key.split('/')[1]}  paused" in paused, paused
+            wait_until(lambda: state_of(store, key) == "paused" and store.inflight().get(key, 0) == 0, timeout=15)
+            assert quiet_for(store, key, job, 1.5) == (0, 0)
+            container.reload()
+            assert container.status == "running"  # not docker-paused: its client keeps the connection
+
+            assert "  running" in inst.run("resume").stdout
+            progress = finished(store, job, timeout=120)
+        assert (progress.done, progress.failed) == (24, 0)
+        outcomes = attempt_outcomes(store, job.id)
+        assert outcomes.get("released", 0) >= 1 and set(outcomes) <= {"ok", "released"}, outcomes
+        seen = [p for p in presences(watcher) if p.worker == key.split("/")[1]]
+        assert [p.state for p in seen if p.state is not PresenceState.ONLINE] == [PresenceState.PAUSED]
+        assert len({p.seq for p in seen}) == 1 and not [p for p in seen if p.reason is OfflineReason.LOST]
+    finally:
+        inst.remove_all()
+        engine.stop()
