@@ -76,7 +76,7 @@ def control(fleet: Fleet, refs: tuple[str, ...], pause: bool, timeout: float) ->
         while True:
             state = agent_state(container)
             if state == wanted:
-                row.state, row.confirmed = state, True
+                row.state, row.confirmed = "paused" if pause else "resumed", True
                 break
             if time.monotonic() >= deadline:
                 row.state = f"signalled; the agent says {state or 'nothing'} (not confirmed in {timeout:g} s)"

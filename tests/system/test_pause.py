@@ -161,7 +161,7 @@ def test_installer_pause_and_resume_a_container_mid_job(
             container.reload()
             assert container.status == "running"  # not docker-paused: its client keeps the connection
 
-            assert "  running" in inst.run("resume").stdout
+            assert "  resumed" in inst.run("resume").stdout
             progress = finished(store, job, timeout=120)
         assert (progress.done, progress.failed) == (24, 0)
         outcomes = attempt_outcomes(store, job.id)
