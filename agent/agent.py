@@ -404,8 +404,8 @@ class Agent:
                 self._connected, self._link_since, self._last_error = True, self._wall(), ""
                 if self.state is AgentState.STARTING:
                     self.state = AgentState.RUNNING
-                log.info("online as %s (seq %d), %s %s", self.ref.key, event[1], "paused, handing back tasks on" if self._paused
-                         else "taking tasks on", self.task_topic)
+                log.info("online as %s (seq %d), %s %s", self.ref.key, event[1],
+                         "paused, handing back tasks on" if self._paused else "taking tasks on", self.task_topic)
                 self._write_health()
             elif kind == "disconnected":
                 self._connected, self._link_since, self._last_error = False, self._wall(), event[1]
