@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from dockercomp.broker.messages import OfflineReason, Presence, PresenceState
+from dockercomp.broker.messages import OfflineReason, Outcome, Presence, PresenceState, Result, Task
 from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator.service import Coordinator
 from dockercomp.coordinator.store import Store
-from tests.support import Watcher, wait_until
+from tests.support import Watcher, connect_client, wait_until
 from tests.support.brokers import BrokerProcess
 from tests.support import docker as docker_support
 from tests.support.docker import Installation, build_worker_image, run_in_image
@@ -94,6 +94,28 @@ def test_pause_mid_job_hands_back_without_attempts_and_no_will(
     assert [p.reason for p in seen if p.state is PresenceState.OFFLINE] == [OfflineReason.SHUTDOWN]
     log = procs.log("napper")
     assert "paused (asked)" in log and "resumed" in log
+
+
+def test_a_paused_agent_answers_a_late_task_released_with_its_nonce(procs: Processes, broker: BrokerProcess) -> None:
+    """A task sent before the coordinator saw `paused` is handed back unrun, and the answer
+    carries the attempt's nonce (without it the coordinator rejects it as forged and the
+    attempt expires, used)."""
+    ref = WorkerRef("local", "late")
+    with Watcher(broker.url, TOPICS.results(ref)) as results, Watcher(broker.url, TOPICS.presence(ref)) as seen:
+        late = agent(procs, "late")
+        seen.wait_for(lambda m: Presence.decode(m.payload).state is PresenceState.ONLINE)
+        late.send_signal(signal.SIGUSR1)
+        seen.wait_for(lambda m: Presence.decode(m.payload).state is PresenceState.PAUSED)
+        client = connect_client(broker.url, "test-sender")
+        try:
+            task = Task("t-1", "j-1", 1, "sleep", [5], nonce="n0nce-of-attempt-1")
+            client.publish(TOPICS.tasks(ref), task.encode(), qos=1).wait_for_publish(10)
+            answer = Result.decode(results.wait_for(lambda m: True).payload)
+        finally:
+            client.disconnect()
+    assert (answer.task_id, answer.outcome, answer.nonce) == ("t-1", Outcome.RELEASED, "n0nce-of-attempt-1")
+    assert answer.error is not None and answer.error.type == "Paused"
+    assert late.poll() is None
 
 
 def test_idle_only_takes_nothing_above_the_threshold_and_computes_below(
