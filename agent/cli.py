@@ -27,6 +27,7 @@ from dockercomp.agent.defaults import (
     IDLE_ONLY_ENV,
     LOAD_FILE,
     MAX_LOAD_ENV,
+    PAUSE_FILE_ENV,
     PASSWORD_ENV,
     PREFETCH_ENV,
     USERNAME_ENV,
@@ -85,11 +86,13 @@ def main() -> None:
               help=f"The load --idle-only pauses above [env {MAX_LOAD_ENV}; default: {IDLE_MAX_LOAD_PER_CPU:g} x CPUs]")
 @click.option("--load-file", type=click.Path(dir_okay=False, path_type=Path), default=LOAD_FILE, show_default=True,
               help="Where --idle-only reads the 1-minute load average (the host's, also inside a container)")
+@click.option("--pause-file", envvar=PAUSE_FILE_ENV, type=click.Path(dir_okay=False, path_type=Path),
+              help=f"A file that exists while paused (SIGUSR1), so a restart starts paused [env {PAUSE_FILE_ENV}]")
 @click.option("-v", "--verbose", count=True, help="Log every task (-v) and MQTT packets (-vv).")
 @handled
 def run(broker_url: str, worker_id: str | None, volunteer: str | None, concurrency: int | None,
         prefetch: int | None, keepalive: int | None, grace: float, username: str | None, health_file: str | None,
-        idle_only: bool, max_load: float | None, load_file: Path, verbose: int) -> None:
+        idle_only: bool, max_load: float | None, load_file: Path, pause_file: Path | None, verbose: int) -> None:
     """Connect to the broker and run tasks until stopped.
 
     The first SIGTERM or Ctrl-C drains: a draining presence (the coordinator sends no more),
@@ -112,6 +115,8 @@ def run(broker_url: str, worker_id: str | None, volunteer: str | None, concurren
         raise click.UsageError("--max-load applies only with --idle-only")
     watch = LoadWatch(load_file, default_max_load() if max_load is None else max_load) if idle_only else None
     agent = Agent(settings, Registry.load(), load_watch=watch)
+    if pause_file is not None:
+        agent.pauser.remember_in(pause_file)
     agent.install_signal_handlers()
     sys.exit(agent.run())
 

@@ -18,6 +18,9 @@ PASSWORD_ENV = "DOCKERCOMP_PASSWORD"
 # Idle-only mode and its threshold (`agent run --idle-only --max-load`; the installer sets them).
 IDLE_ONLY_ENV = "DOCKERCOMP_IDLE_ONLY"
 MAX_LOAD_ENV = "DOCKERCOMP_MAX_LOAD"
+# A file that exists while the volunteer has the worker paused, so a pause outlives a restart
+# (`agent run --pause-file`; the installer points it into the container's own file system).
+PAUSE_FILE_ENV = "DOCKERCOMP_PAUSE_FILE"
 # Image name and tag, set by whoever starts the container; shown in the presence.
 IMAGE_ENV = "DOCKERCOMP_IMAGE"
 # Where `dockercomp agent run` writes its health and `dockercomp agent check` reads it.

@@ -107,10 +107,32 @@ class Pauser:
         self.paused = False
         self._kill_at: float | None = None  # when running tasks of a pause are handed back
         self._next_sample = clock() if watch is not None else float("inf")
+        self._marker: Path | None = None  # exists while the volunteer has this worker paused
         if watch is not None:
             log.info("idle-only: pausing while the host's load (%s, minus this agent's tasks) is above %g, "
                      "resuming below %g; sampled every %g s", watch.path, watch.max_load, watch.resume_below,
                      watch.interval)
+
+    def remember_in(self, marker: Path) -> None:
+        """Keep the volunteer's pause in ``marker`` (a file that exists while paused), so that
+        a pause outlives a restart of the agent (a reboot restarts the container)."""
+        self._marker = marker
+        if marker.exists():
+            log.warning("paused by the volunteer before this start (%s exists): starting paused; "
+                        "resume with SIGUSR2 (`dockercomp installer resume`)", marker)
+            self.requested = True
+
+    def _remember(self, paused: bool) -> None:
+        if self._marker is None:
+            return
+        try:
+            if paused:
+                self._marker.touch()
+            else:
+                self._marker.unlink(missing_ok=True)
+        except OSError as exc:  # the pause itself works; only a restart would forget it
+            log.warning("cannot %s %s (%s): a restart will not remember this", "create" if paused else "remove",
+                        self._marker, exc)
 
     def step(self) -> float:
         """Apply what was asked and what the load says; returns when to be stepped again."""
@@ -120,6 +142,7 @@ class Pauser:
             self.reasons.discard(PauseReason.VOLUNTEER)
             if requested:
                 self.reasons.add(PauseReason.VOLUNTEER)
+            self._remember(requested)
         if self.watch is not None and now >= self._next_sample:
             self._next_sample = now + self.watch.interval
             if self.watch.sample(len(self.agent.runner.running)):

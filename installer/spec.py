@@ -25,6 +25,7 @@ from dockercomp.agent.defaults import (
     IDLE_ONLY_ENV,
     IMAGE_ENV,
     MAX_LOAD_ENV,
+    PAUSE_FILE_ENV,
     PASSWORD_ENV,
     USERNAME_ENV,
     VOLUNTEER_ENV,
@@ -41,6 +42,9 @@ _MEMORY = re.compile(r"\d+(\.\d+)?[bkmg]?", re.IGNORECASE)
 
 # Where a worker container finds the broker's CA certificate (written before it starts).
 CONTAINER_CA = "/tmp/dockercomp-ca.crt"
+# Exists while the volunteer has the worker paused: in the container's own file system, which
+# a restart (a reboot) keeps and a re-creation (`up` with new settings, `upgrade`) does not.
+CONTAINER_PAUSE_FILE = "/tmp/dockercomp-paused"
 
 
 def parse_broker(url: str, ca_file: str | Path | None = None) -> tuple[str, str | None]:
@@ -181,6 +185,7 @@ class WorkerSpec:
             WORKER_ID_ENV: worker,
             CONCURRENCY_ENV: str(self.effective_concurrency),
             IMAGE_ENV: self.image,
+            PAUSE_FILE_ENV: CONTAINER_PAUSE_FILE,
         }
         optional = {VOLUNTEER_ENV: self.volunteer, USERNAME_ENV: self.username, PASSWORD_ENV: self.password,
                     IDLE_ONLY_ENV: "1" if self.idle_only else None,

@@ -118,6 +118,28 @@ def test_a_paused_agent_answers_a_late_task_released_with_its_nonce(procs: Proce
     assert late.poll() is None
 
 
+def test_a_pause_outlives_a_restart_with_a_pause_file(procs: Processes, broker: BrokerProcess, tmp_path: Path) -> None:
+    """As a reboot restarts a worker container: paused before, paused after, until resumed."""
+    marker = tmp_path / "paused"
+    ref = WorkerRef("local", "sleeper")
+    with Watcher(broker.url, TOPICS.presence(ref)) as seen:
+        first = agent(procs, "sleeper", "--pause-file", str(marker))
+        seen.wait_for(lambda m: Presence.decode(m.payload).state is PresenceState.ONLINE)
+        first.send_signal(signal.SIGUSR1)
+        seen.wait_for(lambda m: Presence.decode(m.payload).state is PresenceState.PAUSED)
+        assert marker.exists()
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(15) == 0
+        again = agent(procs, "sleeper-2", "--pause-file", str(marker), "--worker-id", "sleeper")
+        wait_until(lambda: len({p.seq for p in presences(seen)}) == 2, timeout=20)
+        after = [p for p in presences(seen) if p.seq == max(q.seq for q in presences(seen))]
+        assert after[0].state is PresenceState.PAUSED  # never announced online in between
+        again.send_signal(signal.SIGUSR2)
+        seen.wait_for(lambda m: (p := Presence.decode(m.payload)).seq == after[0].seq
+                      and p.state is PresenceState.ONLINE)
+    assert not marker.exists()
+
+
 def test_idle_only_takes_nothing_above_the_threshold_and_computes_below(
         engine: Coordinator, procs: Processes, tmp_path: Path) -> None:
     store = engine.store
@@ -143,7 +165,7 @@ def pause_image(docker_client: Any, worker_image: str) -> Iterator[str]:
     checkout on this machine may rebuild dockercomp/worker:latest while the test runs."""
     for _ in range(2):
         image = docker_client.images.get(worker_image)
-        if "--idle-only" in run_in_image(image.id, "agent", "run", "--help", entrypoint="dockercomp").stdout:
+        if "--pause-file" in run_in_image(image.id, "agent", "run", "--help", entrypoint="dockercomp").stdout:
             break
         docker_support._built.pop(worker_image, None)  # replaced under us: build it again
         build_worker_image(worker_image)
@@ -162,7 +184,8 @@ def test_installer_pause_and_resume_a_container_mid_job(
         docker_client: Any, pause_image: str, mosquitto: BrokerProcess, tmp_path: Path) -> None:
     """`installer pause` signals the agent in its container: the worker is paused at the
     coordinator, what it held comes back without using an attempt, the container keeps running
-    and no will fires; `installer resume` and the max_attempts=1 job completes."""
+    and no will fires; `installer resume` and the max_attempts=1 job completes. A pause
+    outlives a container restart."""
     inst = Installation.new(docker_client)
     engine = Coordinator.connect(mosquitto.url, str(tmp_path / "coordinator.db"), FAST).start()
     try:
@@ -185,12 +208,22 @@ def test_installer_pause_and_resume_a_container_mid_job(
 
             assert "  resumed" in inst.run("resume").stdout
             progress = finished(store, job, timeout=120)
+            seen = [p for p in presences(watcher) if p.worker == key.split("/")[1]]
+
+            # A pause outlives a restart of the container (a reboot): it comes back paused.
+            inst.run("pause")
+            container.restart(timeout=15)
+            wait_until(lambda: len({p.seq for p in presences(watcher) if p.worker == seen[0].worker}) == 2
+                       and state_of(store, key) == "paused", timeout=90, interval=0.2)
+            assert "  resumed" in inst.run("resume").stdout
+            wait_until(lambda: state_of(store, key) == "online", timeout=15)
         assert (progress.done, progress.failed) == (24, 0)
         outcomes = attempt_outcomes(store, job.id)
         assert outcomes.get("released", 0) >= 1 and set(outcomes) <= {"ok", "released"}, outcomes
-        seen = [p for p in presences(watcher) if p.worker == key.split("/")[1]]
         assert [p.state for p in seen if p.state is not PresenceState.ONLINE] == [PresenceState.PAUSED]
         assert len({p.seq for p in seen}) == 1 and not [p for p in seen if p.reason is OfflineReason.LOST]
+        restarted = [p for p in presences(watcher) if p.worker == seen[0].worker and p.seq != seen[0].seq]
+        assert restarted[0].state is PresenceState.PAUSED  # not online for a moment after the restart
     finally:
         inst.remove_all()
         engine.stop()
