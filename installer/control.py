@@ -8,8 +8,8 @@ within its grace period, and stays connected, so the coordinator does not count 
 
 A signal, not a control file: it needs no volume, reaches a read-only container, is
 delivered at once (no polling), and is the same thing `dockercomp agent run` outside Docker
-understands (`kill -USR1 PID`). What it does not survive is a container restart (a reboot):
-the worker then starts unpaused; installer/README.md says so.
+understands (`kill -USR1 PID`). The agent itself remembers a pause across a container restart
+(a reboot) in a marker file in the container's file system (spec.CONTAINER_PAUSE_FILE).
 """
 
 from __future__ import annotations
