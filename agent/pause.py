@@ -149,6 +149,8 @@ class Pauser:
                 self.reasons.add(PauseReason.LOAD)
             else:
                 self.reasons.discard(PauseReason.LOAD)
+        if requested is False and self.paused and self.reasons:
+            log.warning("resume asked, but idle-only keeps this worker paused (%s)", self._why())
         if self.reasons and not self.paused:
             self._pause(now)
         elif not self.reasons and self.paused:

@@ -62,3 +62,68 @@ def test_installer_idle_only_reaches_the_agent_through_its_environment() -> None
     before = {k: v for k, v in asdict(plain).items() if k not in ("idle_only", "max_load")}
     assert plain.config_hash() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     assert plain.config_hash() != idle.config_hash()
+
+
+class FakeRunner:
+    def __init__(self) -> None:
+        self.running: list[object] = []
+
+    def drop_queued(self) -> list[object]:
+        return []
+
+
+class FakeAgent:
+    """What Pauser uses of an Agent: its runner, grace, presence switch and results."""
+
+    def __init__(self) -> None:
+        self.runner = FakeRunner()
+        self.settings = type("S", (), {"grace": 30.0})()
+        self.presence: list[bool] = []
+
+    def set_paused(self, paused: bool) -> None:
+        self.presence.append(paused)
+
+    def report_all(self, ended: list[object]) -> None:
+        raise AssertionError("nothing to hand back here")
+
+
+def test_a_volunteers_pause_and_a_busy_host_add_up(tmp_path: Path) -> None:
+    from dockercomp.agent.pause import Pauser
+
+    load, path = watch(tmp_path, 1.0)
+    load.interval = 0.0  # sample on every step
+    path.write_text("0.1 1 1 1/1 1\n")
+    agent = FakeAgent()
+    pauser = Pauser(agent, load, clock=lambda: 0.0)  # type: ignore[arg-type]
+    pauser.step()
+    assert agent.presence == []  # idle host, nobody asked: running
+    pauser.requested = True
+    pauser.step()
+    path.write_text("5.0 1 1 1/1 1\n")
+    pauser.step()
+    pauser.requested = False  # the volunteer resumes, the host is still busy: stays paused
+    pauser.step()
+    assert agent.presence == [True] and pauser.paused
+    path.write_text("0.1 1 1 1/1 1\n")
+    pauser.step()
+    assert agent.presence == [True, False] and not pauser.paused
+
+
+def test_a_pause_file_makes_a_restarted_agent_start_paused(tmp_path: Path) -> None:
+    from dockercomp.agent.pause import Pauser
+
+    marker = tmp_path / "paused"
+    agent = FakeAgent()
+    pauser = Pauser(agent, None, clock=lambda: 0.0)  # type: ignore[arg-type]
+    pauser.remember_in(marker)
+    pauser.requested = True
+    pauser.step()
+    assert marker.exists()
+    restarted = FakeAgent()
+    again = Pauser(restarted, None, clock=lambda: 0.0)  # type: ignore[arg-type]
+    again.remember_in(marker)
+    again.step()
+    assert restarted.presence == [True]
+    again.requested = False
+    again.step()
+    assert restarted.presence == [True, False] and not marker.exists()
