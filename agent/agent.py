@@ -7,14 +7,15 @@ Threads and who does what:
   wait. The one exception is presence: the online presence is published from ``on_connect``
   and the will is built in ``will_factory``, both on that thread right before/after the
   CONNECT, so a presence always carries the sequence number of the connection it belongs to.
-- Signal handlers only count signals (the wake-up fd, set with ``signal.set_wakeup_fd``,
+- Signal handlers only count signals or set the pause flag (the wake-up fd, set with ``signal.set_wakeup_fd``,
   ends the wait).
 - The main thread (``run``) decodes tasks, feeds the runner, publishes results, writes the
   health file and drives shutdown.
 
 Presence life cycle: before each connection attempt ``seq = max(seq + 1, now_us)``, and the
 will (retained offline, reason ``lost``) carries it; on CONNACK the retained online presence
-carries the same seq; on a drained shutdown a retained offline presence with reason
+carries the same seq; a pause publishes ``paused`` and a resume ``online`` again, same seq
+(agent/pause.py); on a drained shutdown a retained offline presence with reason
 ``shutdown``, then a clean DISCONNECT (no will).
 """
 
@@ -43,6 +44,7 @@ from dockercomp.agent.defaults import (
 )
 from dockercomp.agent.errors import TaskRefused
 from dockercomp.agent.health import Health, remove_health, write_health
+from dockercomp.agent.pause import PAUSED_ERROR, LoadWatch, Pauser
 from dockercomp.agent.runner import Finished, Job, Runner
 from dockercomp.agent.settings import AgentSettings, package_version
 from dockercomp.agent.tasks import Registry
@@ -77,6 +79,7 @@ class AgentState(str, Enum):
     STARTING = "starting"  # not yet connected for the first time
     RUNNING = "running"  # taking tasks
     DRAINING = "draining"  # first signal: no new tasks, running ones finish within the grace period
+    PAUSED = "paused"  # connected, no new tasks until resumed (agent/pause.py)
     STOPPED = "stopped"  # left the broker
 
 
@@ -95,6 +98,7 @@ class Agent:
         now_ns: Callable[[], int] = time.time_ns,
         health_interval: float = HEALTH_INTERVAL_SECONDS,
         max_queued: int = MAX_QUEUED_TASKS,
+        load_watch: LoadWatch | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -134,6 +138,8 @@ class Agent:
         self._seq = 0
         self._left = False  # the final offline presence is out: never re-announce
         self._draining = False  # the draining presence is out (or due): never announce online again
+        self._paused = False  # announce paused, not online (a reconnection, a rebirth answer)
+        self.pauser = Pauser(self, load_watch, clock)
         self._fatal: BrokerError | None = None  # the transport gave up (refused credentials, TLS mismatch)
         self._connected = False
         self._announced = False  # an online presence was published at least once
@@ -165,12 +171,17 @@ class Agent:
             payload = self._presence(PresenceState.OFFLINE, OfflineReason.LOST, self._seq).encode()
         return Will(self.presence_topic, payload, qos=1, retain=True)
 
+    def _live_state(self) -> PresenceState:
+        """What a live presence says now (caller holds the lock): a reconnection while draining
+        or paused must not announce the worker ready for work."""
+        if self._draining:
+            return PresenceState.DRAINING
+        return PresenceState.PAUSED if self._paused else PresenceState.ONLINE
+
     def _on_connect(self) -> None:
         with self._presence_lock:
             if not self._left:
-                # A reconnection while draining must not announce it ready for work again.
-                state = PresenceState.DRAINING if self._draining else PresenceState.ONLINE
-                online = self._presence(state, None, self._seq)
+                online = self._presence(self._live_state(), None, self._seq)
                 self.transport.publish(self.presence_topic, online.encode(), qos=1, retain=True)
                 self._announced = True
             seq = self._seq
@@ -197,12 +208,23 @@ class Agent:
 
     # -- signals ---------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
-        """First SIGTERM/SIGINT drains, the second stops at once. Main thread only."""
+        """First SIGTERM/SIGINT drains, the second stops at once; SIGUSR1 pauses, SIGUSR2
+        resumes. Main thread only."""
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         self._previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._previous_handlers.update({sig: signal.signal(sig, self._on_pause_signal)
+                                        for sig in (signal.SIGUSR1, signal.SIGUSR2)})
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1  # only a flag: the main loop does the I/O
+
+    def _on_pause_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.pauser.requested = signum == signal.SIGUSR1  # only a flag: the main loop does the I/O
+
+    def pause(self, paused: bool = True) -> None:
+        """Ask a running agent to pause (or resume, with paused=False). Thread-safe."""
+        self.pauser.requested = paused
+        self._wake()
 
     def stop(self, now: bool = False) -> None:
         """Ask a running agent to drain (or, with now=True, to stop at once). Thread-safe."""
@@ -248,11 +270,14 @@ class Agent:
                     if self._clock() >= drain_deadline:
                         self._abort_running(f"still running when the {self.settings.grace:g} s grace period ended")
                         break
+                    pause_due = float("inf")
+                else:
+                    pause_due = self.pauser.step()
                 now = self._clock()
                 if now >= next_health:
                     self._write_health()
                     next_health = now + self._health_interval
-                timeout = max(0.0, next_health - now)
+                timeout = max(0.0, min(next_health, pause_due) - now)
                 if drain_deadline is not None:
                     timeout = min(timeout, max(0.0, drain_deadline - now))
                 self._wake_pending = False
@@ -264,7 +289,7 @@ class Agent:
                 finally:
                     self._sleeping = False
                 if ended:
-                    self._report_all(ended)
+                    self.report_all(ended)
                 if self.runner.woken:
                     self._drain_wake_pipe()
         except Exception:
@@ -284,17 +309,7 @@ class Agent:
             pass
 
     def _begin_drain(self) -> float:
-        # Say so first (retained, this connection's seq): the coordinator stops sending work
-        # before this agent turns any away, and tasks already on their way come back released.
-        with self._presence_lock:
-            self._draining = True
-            announce = self._announced and not self._left and self.transport.connected
-            draining = self._presence(PresenceState.DRAINING, None, self._seq)
-        if announce:
-            try:
-                self.transport.publish(self.presence_topic, draining.encode(), qos=1, retain=True)
-            except BrokerError as exc:
-                log.warning("could not publish the draining presence: %s", exc)
+        self._announce(draining=True)
         self.state = AgentState.DRAINING
         dropped = self.runner.drop_queued()
         running = len(self.runner.running)
@@ -302,9 +317,30 @@ class Agent:
                     "(signal again to stop at once)", running, self.settings.grace,
                     f"; {len(dropped)} queued task(s) handed back unrun" if dropped else "")
         if dropped:
-            self._report_all([Finished(job.key, Outcome.RELEASED, error=TaskError(
+            self.report_all([Finished(job.key, Outcome.RELEASED, error=TaskError(
                 RELEASED_ERROR, "queued on a worker that shut down; never started")) for job in dropped])
         return self._clock() + self.settings.grace
+
+    def set_paused(self, paused: bool) -> None:
+        """Enter or leave the paused state, its presence first (agent/pause.py does the rest)."""
+        self._announce(paused=paused)
+        if self.state is not AgentState.DRAINING:
+            self.state = AgentState.PAUSED if paused else AgentState.RUNNING
+        self._write_health()
+
+    def _announce(self, *, draining: bool | None = None, paused: bool | None = None) -> None:
+        # Say so first (retained, this connection's seq): the coordinator stops sending work
+        # before this agent turns any away, and tasks already on their way come back released.
+        with self._presence_lock:
+            self._draining = self._draining if draining is None else draining
+            self._paused = self._paused if paused is None else paused
+            announce = self._announced and not self._left and self.transport.connected
+            presence = self._presence(self._live_state(), None, self._seq)
+        if announce:
+            try:
+                self.transport.publish(self.presence_topic, presence.encode(), qos=1, retain=True)
+            except BrokerError as exc:
+                log.warning("could not publish the %s presence: %s", presence.state.value, exc)
 
     def _abort_running(self, reason: str) -> None:
         killed = self.runner.kill_running(reason)
@@ -313,7 +349,7 @@ class Agent:
             log.warning("killed %d task(s) %s: %s (handed back: released, no attempt used)", len(killed), reason,
                         names)
         if killed:
-            self._report_all(killed)
+            self.report_all(killed)
 
     def _leave(self, fast: bool) -> None:
         """Say goodbye (retained offline, reason shutdown) and disconnect cleanly."""
@@ -368,7 +404,8 @@ class Agent:
                 self._connected, self._link_since, self._last_error = True, self._wall(), ""
                 if self.state is AgentState.STARTING:
                     self.state = AgentState.RUNNING
-                log.info("online as %s (seq %d), taking tasks on %s", self.ref.key, event[1], self.task_topic)
+                log.info("online as %s (seq %d), %s %s", self.ref.key, event[1],
+                         "paused, handing back tasks on" if self._paused else "taking tasks on", self.task_topic)
                 self._write_health()
             elif kind == "disconnected":
                 self._connected, self._link_since, self._last_error = False, self._wall(), event[1]
@@ -415,12 +452,14 @@ class Agent:
             # Same id, other content (a new coordinator database), or a result too big to keep:
             # this is work to do.
             del self._finished[key]
-        if self.state is AgentState.DRAINING:
-            # Sent before the coordinator saw the draining presence: hand it back at once.
+        if self.state is AgentState.DRAINING or self.state is AgentState.PAUSED:
+            # Sent before the coordinator saw the draining/paused presence: hand it back at once.
             self.counts["released"] += 1
-            log.info("draining: task %s attempt %d handed back unrun", *key)
+            what = self.state.value
+            log.info("%s: task %s attempt %d handed back unrun", what, *key)
+            error = TaskError(RELEASED_ERROR if what == "draining" else PAUSED_ERROR, f"sent to a {what} worker")
             self._publish_result(Result(task.task_id, task.attempt, self.ref.worker, self.ref.volunteer,
-                                        Outcome.RELEASED, error=TaskError(RELEASED_ERROR, "sent to a draining worker")))
+                                        Outcome.RELEASED, error=error, nonce=task.nonce))
             return
         try:
             self.registry.check(task.function, task.args)
@@ -450,7 +489,7 @@ class Agent:
         with self._presence_lock:
             if self._left or not self._announced:
                 return  # not announced yet: the presence on CONNACK answers it
-            state = PresenceState.DRAINING if self._draining else PresenceState.ONLINE
+            state = self._live_state()
             presence = self._presence(state, None, self._seq)
         try:
             self.transport.publish(self.presence_topic, presence.encode(), qos=1, retain=True)
@@ -480,7 +519,7 @@ class Agent:
             self._unreadable_suppressed += 1
 
     # -- results ----------------------------------------------------------------------------------------
-    def _report_all(self, ended: list[Finished]) -> None:
+    def report_all(self, ended: list[Finished]) -> None:
         """Answer the tasks that ended in one poll with one publish call: the network loop is
         woken once for all of them, not once per result."""
         if len(ended) == 1:

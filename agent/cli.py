@@ -23,6 +23,11 @@ from dockercomp.agent.defaults import (
     GRACE_SECONDS,
     HEALTH_FILE,
     HEALTH_FILE_ENV,
+    IDLE_MAX_LOAD_PER_CPU,
+    IDLE_ONLY_ENV,
+    LOAD_FILE,
+    MAX_LOAD_ENV,
+    PAUSE_FILE_ENV,
     PASSWORD_ENV,
     PREFETCH_ENV,
     USERNAME_ENV,
@@ -69,25 +74,36 @@ def main() -> None:
               help="MQTT keepalive in seconds; a frozen agent is reported lost within 2x this + 5 s "
                    f"[default {KEEPALIVE_SECONDS}]")
 @click.option("--grace", type=click.FloatRange(min=0), default=GRACE_SECONDS, show_default=True,
-              help="Seconds running tasks get to finish after the first SIGTERM/SIGINT")
+              help="Seconds running tasks get to finish after the first SIGTERM/SIGINT or a pause")
 @click.option("--username", envvar=USERNAME_ENV, help=f"Broker user name [env {USERNAME_ENV}]; "
               f"the password comes from {PASSWORD_ENV} or the URL")
 @click.option("--health-file", envvar=HEALTH_FILE_ENV, type=click.Path(dir_okay=False),
               help=f"Where `dockercomp agent check` finds this agent's health [env {HEALTH_FILE_ENV}; default {HEALTH_FILE}]")
-@click.option("-v", "--verbose", count=True, help="Log task processes (-v) and MQTT packets (-vv); every task is logged at the default level.")
+@click.option("--idle-only", is_flag=True, envvar=IDLE_ONLY_ENV,
+              help="Take tasks only while the host's load (minus this agent's own tasks) is below --max-load; "
+                   f"pause above it, resume when it falls back [env {IDLE_ONLY_ENV}]")
+@click.option("--max-load", type=click.FloatRange(min=0), envvar=MAX_LOAD_ENV,
+              help=f"The load --idle-only pauses above [env {MAX_LOAD_ENV}; default: {IDLE_MAX_LOAD_PER_CPU:g} x CPUs]")
+@click.option("--load-file", type=click.Path(dir_okay=False, path_type=Path), default=LOAD_FILE, show_default=True,
+              help="Where --idle-only reads the 1-minute load average (the host's, also inside a container)")
+@click.option("--pause-file", envvar=PAUSE_FILE_ENV, type=click.Path(dir_okay=False, path_type=Path),
+              help=f"A file that exists while paused (SIGUSR1), so a restart starts paused [env {PAUSE_FILE_ENV}]")
+@click.option("-v", "--verbose", count=True, help="Log every task (-v) and MQTT packets (-vv).")
 @handled
 def run(broker_url: str, worker_id: str | None, volunteer: str | None, concurrency: int | None,
         prefetch: int | None, keepalive: int | None, grace: float, username: str | None, health_file: str | None,
-        verbose: int) -> None:
+        idle_only: bool, max_load: float | None, load_file: Path, pause_file: Path | None, verbose: int) -> None:
     """Connect to the broker and run tasks until stopped.
 
     The first SIGTERM or Ctrl-C drains: a draining presence (the coordinator sends no more),
     queued tasks are handed back unrun, running ones get --grace seconds (then are killed and
     handed back: no task loses an attempt), then an offline presence and a clean disconnect.
-    A second one stops at once. A broker that refuses this agent for good (password, TLS)
+    A second one stops at once. SIGUSR1 pauses (a paused presence, queued tasks handed back,
+    running ones get --grace seconds; it stays connected) and SIGUSR2 resumes. A broker that refuses this agent for good (password, TLS)
     stops it with exit code 11 (a missing ?ca= file: 6).
     """
     from dockercomp.agent.agent import Agent  # not needed by `check`, which Docker runs every 15 s
+    from dockercomp.agent.pause import LoadWatch, default_max_load
 
     _setup_logging(verbose)
     settings = AgentSettings.from_options(
@@ -95,7 +111,12 @@ def run(broker_url: str, worker_id: str | None, volunteer: str | None, concurren
         keepalive=keepalive, grace=grace, username=username, password=os.environ.get(PASSWORD_ENV) or None,
         health_file=health_file,
     )
-    agent = Agent(settings, Registry.load())
+    if max_load is not None and not idle_only:
+        raise click.UsageError("--max-load applies only with --idle-only")
+    watch = LoadWatch(load_file, default_max_load() if max_load is None else max_load) if idle_only else None
+    agent = Agent(settings, Registry.load(), load_watch=watch)
+    if pause_file is not None:
+        agent.pauser.remember_in(pause_file)
     agent.install_signal_handlers()
     sys.exit(agent.run())
 

@@ -15,6 +15,12 @@ CONCURRENCY_ENV = "DOCKERCOMP_CONCURRENCY"
 PREFETCH_ENV = "DOCKERCOMP_PREFETCH"
 USERNAME_ENV = "DOCKERCOMP_USERNAME"
 PASSWORD_ENV = "DOCKERCOMP_PASSWORD"
+# Idle-only mode and its threshold (`agent run --idle-only --max-load`; the installer sets them).
+IDLE_ONLY_ENV = "DOCKERCOMP_IDLE_ONLY"
+MAX_LOAD_ENV = "DOCKERCOMP_MAX_LOAD"
+# A file that exists while the volunteer has the worker paused, so a pause outlives a restart
+# (`agent run --pause-file`; the installer points it into the container's own file system).
+PAUSE_FILE_ENV = "DOCKERCOMP_PAUSE_FILE"
 # Image name and tag, set by whoever starts the container; shown in the presence.
 IMAGE_ENV = "DOCKERCOMP_IMAGE"
 # Where `dockercomp agent run` writes its health and `dockercomp agent check` reads it.
@@ -73,3 +79,17 @@ MAX_TILE_PIXELS = 180_000
 # Largest `rounds` for sha256 and widest [lo, hi) for count_primes accepted by the built-ins.
 MAX_SHA256_ROUNDS = 100_000_000
 MAX_PRIME_RANGE = 10**10
+
+# Idle-only mode (`agent run --idle-only`): the host counts as busy above this 1-minute load
+# average per CPU when no --max-load is given: half the machine busy with the volunteer's own work.
+IDLE_MAX_LOAD_PER_CPU = 0.5
+
+# ...and idle again only below the threshold minus this (at most half the threshold): half a busy
+# CPU, so a load hovering at the threshold does not pause and resume the worker every sample.
+IDLE_HYSTERESIS = 0.5
+
+# Seconds between two readings of the load: the kernel recomputes /proc/loadavg every 5 s.
+IDLE_SAMPLE_SECONDS = 5.0
+
+# Where idle-only mode reads the host's load (inside a container too: /proc/loadavg is not namespaced).
+LOAD_FILE = "/proc/loadavg"

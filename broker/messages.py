@@ -24,6 +24,9 @@ class PresenceState(str, Enum):
     # Connected, finishing what it runs, taking no new work (shutting down): published before
     # it stops taking tasks, so the coordinator stops sending before any task is turned away.
     DRAINING = "draining"
+    # Connected, taking no work until it announces online again (the volunteer paused it, or
+    # idle-only mode saw the host busy): not lost, so its connection and will stay as they are.
+    PAUSED = "paused"
     OFFLINE = "offline"  # gone; see OfflineReason
 
 

@@ -34,6 +34,8 @@ class PresenceChange(str, Enum):
     ONLINE = "online"  # online again after being lost, offline or purged (same process)
     RECONNECTED = "reconnected"  # a new connection of the same process, or first seen since we started
     DRAINING = "draining"  # shutting down: keeps its work, gets no more
+    PAUSED = "paused"  # paused (by its volunteer or idle-only mode): connected, gets no work
+    RESUMED = "resumed"  # online again after a pause on the same connection
     RESTARTED = "restarted"  # a new agent process: whatever the old one held is gone
     LOST = "lost"  # its will: the connection dropped without goodbye
     SHUTDOWN = "shutdown"  # it said goodbye
@@ -229,8 +231,7 @@ class WorkerRegistry:
             self.awaiting.pop(slot.id, None)
             revived = slot.presumed and presence.seq == slot.seq and slot.state == WorkerState.LOST.value
         if slot is None:
-            state = WorkerState.ONLINE if online else (
-                WorkerState.DRAINING if presence.state is PresenceState.DRAINING else WorkerState.LOST)
+            state = WorkerState.ONLINE if online else _HOLDING.get(presence.state, WorkerState.LOST)
             row = self.store.add_worker(ref.key, ref.volunteer, ref.worker, now, state=state.value, seq=presence.seq,
                                         lost_at=None if state is not WorkerState.LOST else now,
                                         **_details(presence, self.caps))
@@ -241,21 +242,25 @@ class WorkerRegistry:
             return slot, PresenceChange.NEW
         if presence.seq < slot.seq:
             return slot, PresenceChange.STALE
-        if presence.state is PresenceState.DRAINING:
+        holding = _HOLDING.get(presence.state)
+        if holding is not None:  # draining or paused: connected, keeps its work, gets no more
             if presence.seq == slot.seq and slot.state not in _ALIVE and not revived:
                 return slot, PresenceChange.STALE  # its goodbye or will was already seen
-            change = PresenceChange.UNCHANGED if slot.state == WorkerState.DRAINING.value else PresenceChange.DRAINING
-            self._update(slot, presence, WorkerState.DRAINING, now)
+            change = PresenceChange.UNCHANGED if slot.state == holding.value else PresenceChange(holding.value)
+            self._update(slot, presence, holding, now)
             slot.confirmed = slot.confirmed or live
-            self._cap(ref.volunteer)  # a draining worker takes nothing: its share goes to the others
+            self._cap(ref.volunteer)  # it takes nothing: its share goes to the others
             self._await_if_replayed(slot, live, now)
             return slot, change
         if online:
-            if presence.seq == slot.seq and slot.state != WorkerState.ONLINE.value and not revived:
+            resumed = slot.state == WorkerState.PAUSED.value
+            if presence.seq == slot.seq and slot.state != WorkerState.ONLINE.value and not (revived or resumed):
                 # This connection's will or goodbye was already seen: the online is older news.
                 return slot, PresenceChange.STALE
             if slot.started and presence.started and presence.started != slot.started:
                 change = PresenceChange.RESTARTED
+            elif resumed and presence.seq == slot.seq:
+                change = PresenceChange.RESUMED
             elif slot.state != WorkerState.ONLINE.value:
                 change = PresenceChange.ONLINE
             elif presence.seq > slot.seq or not slot.confirmed:
@@ -267,7 +272,7 @@ class WorkerRegistry:
             self._cap(ref.volunteer)
             self._await_if_replayed(slot, live, now)
             return slot, change
-        if presence.seq == slot.seq and slot.state not in (WorkerState.ONLINE.value, WorkerState.DRAINING.value):
+        if presence.seq == slot.seq and slot.state not in _ALIVE:
             return slot, PresenceChange.UNCHANGED
         shutdown = presence.reason is OfflineReason.SHUTDOWN
         self._update(slot, presence, WorkerState.OFFLINE if shutdown else WorkerState.LOST, now)
@@ -281,7 +286,7 @@ class WorkerRegistry:
             self.awaiting.setdefault(slot.id, now + self.answer_timeout)
 
     def _update(self, slot: WorkerSlot, presence: Presence, state: WorkerState, now: float) -> None:
-        online = state is WorkerState.ONLINE or state is WorkerState.DRAINING
+        online = state.value in _ALIVE
         fields: dict[str, Any] = {"state": state.value, "seq": presence.seq, "last_seen": now}
         if online:
             fields.update(_details(presence, self.caps), lost_at=None, purged_at=None)
@@ -324,7 +329,10 @@ class WorkerRegistry:
 
 
 # Worker states that hold work and must show life when asked.
-_ALIVE = (WorkerState.ONLINE.value, WorkerState.DRAINING.value)
+_ALIVE = (WorkerState.ONLINE.value, WorkerState.DRAINING.value, WorkerState.PAUSED.value)
+
+# Presence states of a connected worker that takes no new work, and the worker state each means.
+_HOLDING = {PresenceState.DRAINING: WorkerState.DRAINING, PresenceState.PAUSED: WorkerState.PAUSED}
 
 
 def _details(presence: Presence, caps: Caps) -> dict[str, Any]:

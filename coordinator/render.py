@@ -49,7 +49,7 @@ WIDE_COLUMNS = 10_000
 STATE_STYLES = {
     "pending": "yellow", "assigned": "cyan", "done": "green", "failed": "red", "ok": "green",
     "cancelled": "magenta", "active": "cyan", "online": "green", "lost": "red",
-    "offline": "dim", "purged": "dim", "draining": "yellow",
+    "offline": "dim", "purged": "dim", "draining": "yellow", "paused": "yellow",
 }  # fmt: skip
 
 # Columns of `dockercomp coordinator results --format csv`, in order (JSON-valued ones as JSON text).

@@ -24,6 +24,7 @@ MEMORY_URL = "memory://"
 class WorkerState(str, Enum):
     ONLINE = "online"  # retained online presence seen; may receive work
     DRAINING = "draining"  # shutting down: its work still counts, it gets no new work
+    PAUSED = "paused"  # connected, takes no work until it announces online again (not lost)
     LOST = "lost"  # its will fired (or a lease/keepalive says so): in-flight work was returned
     OFFLINE = "offline"  # said goodbye on shutdown
     PURGED = "purged"  # lost for longer than the grace period; its retained presence cleared

@@ -517,6 +517,9 @@ class Coordinator:
         elif change is PresenceChange.DRAINING:
             log.info("worker %s is draining: no new work; its %d task(s) keep running", ref.key,
                      self.leases.count(slot.id))
+        elif change is PresenceChange.PAUSED or change is PresenceChange.RESUMED:
+            log.info("worker %s %s (%d task(s) held)", ref.key, "paused: no new work" if change is
+                     PresenceChange.PAUSED else "resumed: takes work again", self.leases.count(slot.id))
         elif change is PresenceChange.RESTARTED:
             log.info("worker %s restarted; returning %d task(s) the old process held",
                      ref.key, self.leases.count(slot.id))

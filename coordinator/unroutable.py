@@ -70,6 +70,9 @@ def forget_job(db: Any, job_id: int) -> None:
 
 
 # -- the engine (service.py) -----------------------------------------------------------------
+_OFFERING = (WorkerState.ONLINE.value, WorkerState.PAUSED.value)
+
+
 class UnroutableJobs:
     """Tells when an active job's function has been offered by no online worker for
     ``after`` seconds, and fails its pending tasks then."""
@@ -81,7 +84,8 @@ class UnroutableJobs:
 
     def check(self, jobs: JobBook, workers: WorkerRegistry, now: float) -> list[JobInfo]:
         """Fail the pending tasks of the jobs unroutable for long enough; returns those jobs."""
-        offered = {f for w in workers if w.state == WorkerState.ONLINE.value for f in w.functions}
+        # A paused worker comes back (its volunteer resumes it, the host falls idle): still offered.
+        offered = {f for w in workers if w.state in _OFFERING for f in w.functions}
         failed = []
         for job in jobs.active():
             if job.function in offered or not job.counts[TaskState.PENDING.value]:

@@ -19,6 +19,7 @@ from dockercomp.broker.defaults import BROKER_URL_ENV
 from dockercomp.cli import CONTEXT, Group
 from dockercomp.exits import Exit, handled
 from dockercomp.installer import defaults as d
+from dockercomp.installer.control import register_controls
 from dockercomp.installer.engine import connect, diagnose, engine_cpus
 from dockercomp.installer.errors import ConfigError, InstallerError, NoSuchWorker
 from dockercomp.installer.fleet import Fleet
@@ -78,13 +79,15 @@ def main(ctx: click.Context, instance: str) -> None:
 @click.option("--password", envvar=PASSWORD_ENV, help="Broker password (prefer the env variable).")
 @click.option("--grace", type=click.IntRange(min=0), help=f"Seconds a stopping worker gets to drain [default: {d.GRACE_SECONDS}].")
 @click.option("--skip-broker-check", is_flag=True, help="Do not test the TCP connection to the broker first.")
+@click.option("--idle-only/--always", "idle_only", default=None, help="Take tasks only while the host's load is below --max-load [default: --always, or as configured].")
+@click.option("--max-load", type=click.FloatRange(min=0), help="The host load idle-only workers pause above [default: half the CPUs].")
 @click.pass_obj
 @installer_errors
 def up(instance: str, broker: str | None, ca_file: Path | None, workers: int | None, cpus: float | None,
        cpus_per_worker: float | None, priority: str | None,
        memory: str | None, image: str | None, image_archive: Path | None, network: str | None,
        concurrency: int | None, volunteer: str | None, username: str | None, password: str | None,
-       grace: int | None, skip_broker_check: bool) -> None:
+       grace: int | None, skip_broker_check: bool, idle_only: bool | None, max_load: float | None) -> None:
     """Converge to exactly N worker containers (safe to run again; fewer drains the extras)."""
     client = connect()
     fleet = Fleet(client, instance, say=_say)
@@ -107,8 +110,10 @@ def up(instance: str, broker: str | None, ca_file: Path | None, workers: int | N
     spec = base.with_changes(
         broker=broker, ca_pem=ca_pem, image=image, cpus=cpus_per_worker, memory=memory, network=network,
         concurrency=concurrency, volunteer=volunteer, username=username, password=password, grace=grace,
-        priority=priority,
+        priority=priority, idle_only=idle_only, max_load=max_load,
     )
+    if max_load is not None and not spec.idle_only:
+        raise ConfigError("--max-load applies only to idle-only workers", "add --idle-only")
     spec.validate(host_cpus)
     if workers > 0 and not skip_broker_check:
         check_broker(spec.broker_settings)
@@ -183,6 +188,9 @@ def upgrade(instance: str, image: str | None, image_archive: Path | None, health
     new_image = ensure_image(client, name, archive=image_archive, refresh=True, say=_say)
     upgraded = fleet.upgrade(new_image, {"image": name}, health_timeout)
     click.echo(f"upgraded {len(upgraded)} worker(s)" + (f": {', '.join(upgraded)}" if upgraded else "; all were up to date"))
+
+
+register_controls(main)  # pause, resume (installer/control.py)
 
 
 if __name__ == "__main__":

@@ -69,3 +69,7 @@ INSTANCE_ENV = "DOCKERCOMP_INSTANCE"
 
 # The environment variables the agent reads inside the container are the agent's own
 # (dockercomp.agent.defaults: *_ENV) and the broker's (dockercomp.broker.defaults.BROKER_URL_ENV).
+
+# Seconds `installer pause` / `resume` wait for each agent to confirm through its health file
+# (the agent acts on the signal within one loop turn; `docker exec` of the check takes ~1 s).
+CONTROL_TIMEOUT_SECONDS = 15.0

@@ -22,7 +22,10 @@ from typing import Any
 
 from dockercomp.agent.defaults import (
     CONCURRENCY_ENV,
+    IDLE_ONLY_ENV,
     IMAGE_ENV,
+    MAX_LOAD_ENV,
+    PAUSE_FILE_ENV,
     PASSWORD_ENV,
     USERNAME_ENV,
     VOLUNTEER_ENV,
@@ -39,6 +42,9 @@ _MEMORY = re.compile(r"\d+(\.\d+)?[bkmg]?", re.IGNORECASE)
 
 # Where a worker container finds the broker's CA certificate (written before it starts).
 CONTAINER_CA = "/tmp/dockercomp-ca.crt"
+# Exists while the volunteer has the worker paused: in the container's own file system, which
+# a restart (a reboot) keeps and a re-creation (`up` with new settings, `upgrade`) does not.
+CONTAINER_PAUSE_FILE = "/tmp/dockercomp-paused"
 
 
 def parse_broker(url: str, ca_file: str | Path | None = None) -> tuple[str, str | None]:
@@ -84,6 +90,8 @@ class WorkerSpec:
     grace: int = d.GRACE_SECONDS
     ca_pem: str | None = None  # the broker's private CA certificate, when it has one
     priority: str = d.PRIORITY
+    idle_only: bool = False  # take tasks only while the host's load is below max_load (agent/pause.py)
+    max_load: float | None = None  # None: the agent's default share of the host's CPUs
 
     def validate(self, host_cpus: int | None = None) -> WorkerSpec:
         """Self, or ConfigError naming the option that cannot work and what would."""
@@ -112,6 +120,8 @@ class WorkerSpec:
             raise ConfigError(f"unknown --priority {self.priority!r}", f"use one of {', '.join(d.PRIORITIES)}")
         if self.concurrency is not None and self.concurrency < 1:
             raise ConfigError("--concurrency must be at least 1", "omit it for one task per CPU")
+        if self.max_load is not None and self.max_load < 0:
+            raise ConfigError(f"bad --max-load {self.max_load:g}", "use a load of 0 or more, e.g. 1.5")
         if self.grace < 0:
             raise ConfigError("--grace must not be negative", f"the default is {d.GRACE_SECONDS} s")
         return self
@@ -126,7 +136,11 @@ class WorkerSpec:
 
     def config_hash(self) -> str:
         """Changes exactly when a container made from this spec would be different."""
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        data = asdict(self)
+        for name in ("idle_only", "max_load"):  # added later: unset, they leave older containers' hash as it was
+            if data[name] is None or data[name] is False:
+                del data[name]
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_label(self) -> str:
@@ -174,8 +188,11 @@ class WorkerSpec:
             WORKER_ID_ENV: worker,
             CONCURRENCY_ENV: str(self.effective_concurrency),
             IMAGE_ENV: self.image,
+            PAUSE_FILE_ENV: CONTAINER_PAUSE_FILE,
         }
-        optional = {VOLUNTEER_ENV: self.volunteer, USERNAME_ENV: self.username, PASSWORD_ENV: self.password}
+        optional = {VOLUNTEER_ENV: self.volunteer, USERNAME_ENV: self.username, PASSWORD_ENV: self.password,
+                    IDLE_ONLY_ENV: "1" if self.idle_only else None,
+                    MAX_LOAD_ENV: f"{self.max_load:g}" if self.max_load is not None and self.idle_only else None}
         env.update({k: v for k, v in optional.items() if v})
         return env
 

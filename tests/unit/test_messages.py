@@ -213,7 +213,7 @@ def test_task_field_problems_name_the_field(changes: dict[str, Any], reason: str
 @pytest.mark.parametrize(
     "changes, reason",
     [
-        ({"state": "sleeping"}, "'state' must be one of online, draining, offline"),
+        ({"state": "sleeping"}, "'state' must be one of online, draining, paused, offline"),
         ({"reason": "bored"}, "'reason' must be one of lost, shutdown, purged"),
         ({"worker": "a/b"}, "invalid worker id"),
         ({"worker": "+"}, "invalid worker id"),

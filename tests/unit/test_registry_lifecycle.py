@@ -77,3 +77,24 @@ def test_a_rebirth_request_round_trips_and_a_bad_one_is_refused() -> None:
     assert targeted.asks("local/w2") and not targeted.asks("local/w1")
     with pytest.raises(DecodeError, match="'workers' must be a list"):
         Rebirth.decode(b'{"v":2,"workers":[""]}')
+
+
+def test_a_paused_worker_gets_no_work_is_not_lost_and_resumes_on_the_same_connection() -> None:
+    """Issue 12: paused is connected and alive (its will still counts), resumable (unlike
+    draining), and a resume on the same seq is not stale."""
+    rules = Rules()
+    slot, _ = say(rules, PresenceState.ONLINE)
+    assert say(rules, PresenceState.PAUSED)[1] is PresenceChange.PAUSED
+    assert rules.workers.dispatchable() == [] and rules.store.workers()[0].state == "paused"
+    assert say(rules, PresenceState.PAUSED)[1] is PresenceChange.UNCHANGED
+    assert say(rules, PresenceState.ONLINE)[1] is PresenceChange.RESUMED
+    assert rules.workers.dispatchable() == [slot]
+    # Paused again, then its will (same connection): lost, so what it holds goes back.
+    say(rules, PresenceState.PAUSED)
+    will = Presence(worker="w1", volunteer="local", state=PresenceState.OFFLINE, seq=1, reason=OfflineReason.LOST)
+    assert rules.workers.apply(REF, will, rules.now, True)[1] is PresenceChange.LOST
+    # A paused worker that reconnects (new seq) announces paused again: no work yet.
+    assert say(rules, PresenceState.PAUSED, seq=2)[1] is PresenceChange.PAUSED
+    assert rules.workers.dispatchable() == []
+    # Paused, then shutting down: draining.
+    assert say(rules, PresenceState.DRAINING, seq=2)[1] is PresenceChange.DRAINING
