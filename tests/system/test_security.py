@@ -249,8 +249,14 @@ def test_results_guessed_before_dispatch_are_all_forged_and_none_is_accepted(
             rows = list(engine.store.results(job))
             assert [(row.value, row.worker) for row in rows] == [(2 * i, "alice/w1") for i in range(ATTACK_TASKS)]
             # ... and every forgery is counted as forged, and held against mallory only.
-            wait_until(lambda: engine.rejections.counts["forged"] == published, timeout=10)
-            assert {kind: n for kind, n in engine.rejections.snapshot().items() if n} == {"forged": published}
+            # (thousands of forgeries, each looked up in the store: on a loaded machine the engine
+            # may still be working through them when the job is done)
+            wait_until(lambda: sum(engine.rejections.snapshot().values()) >= published, timeout=60)
+            counted = {kind: n for kind, n in engine.rejections.snapshot().items() if n}
+            # The guesses sent before the job existed may be read before it is stored: no such
+            # task yet ("unknown"); every later one is "forged".
+            assert set(counted) <= {"forged", "unknown"} and sum(counted.values()) == published, counted
+            assert counted.get("unknown", 0) <= len(guesses), counted
             assert engine.workers.get("mallory/m1").rejected == published  # type: ignore[union-attr]
             assert engine.workers.get("alice/w1").rejected == 0  # type: ignore[union-attr]
     finally:
