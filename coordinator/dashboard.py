@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -83,10 +84,11 @@ class DashboardSettings:
         return {"ws_url": self.ws_url, "root": self.root, "default_ws_port": defaults.DASHBOARD_WS_PORT}
 
 
-def load_assets() -> dict[str, bytes]:
-    """Every file the page needs, read once; DashboardError if one is missing or the vendored
-    library does not match its recorded checksum (a damaged or tampered install)."""
-    web = resources.files("dockercomp.coordinator") / "web"
+def load_assets(web: Traversable | None = None) -> dict[str, bytes]:
+    """Every file the page needs (from ``web``, by default the installed package's), read once;
+    DashboardError if one is missing or the vendored library does not match its recorded
+    checksum (a damaged or tampered install)."""
+    web = web if web is not None else resources.files("dockercomp.coordinator") / "web"
     files: dict[str, bytes] = {}
     try:
         for name, _ in ASSETS.values():
