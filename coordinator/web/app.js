@@ -81,7 +81,7 @@
       setBadge("disconnected — retrying", "bad");
       if (!state.everConnected) {
         showMessage(`Cannot reach the broker at ${url} (is its WebSockets listener on? ` +
-          "`dockercomp broker serve --ws-port N`, or port 8884 of the shipped mosquitto.conf). Retrying…", "bad");
+          "`dockercomp broker serve --ws-port N`, or port 8884 of the shipped mosquitto.conf; and for wss://, does this browser trust its certificate?). Retrying…", "bad");
       }
     });
   }
