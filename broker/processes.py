@@ -463,7 +463,9 @@ class MosquittoProcess(BrokerProcess):
         if port != self.port:  # first start, or a retry on another port
             if self.security_dir is not None:
                 self.tls_port = free_port(self.host)
-                self.ws_port = free_port(self.host)
+                # Only when the config has one: readiness waits for every port it knows.
+                source_lines = self.source_conf.read_text().splitlines()
+                self.ws_port = free_port(self.host) if _websockets_listener_lines(source_lines) else 0
             text = mosquitto_test_config(
                 self.source_conf.read_text(), host=self.host, port=port, workdir=self.workdir,
                 security_dir=self.security_dir, tls_port=self.tls_port or None, ws_port=self.ws_port or None,
