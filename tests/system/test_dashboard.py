@@ -22,13 +22,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from dockercomp.broker.acl import Role
 from dockercomp.broker.processes import AmqttProcess, free_port
 from tests.support import REPO_ROOT, missing, require, wait_until
 from tests.support.processes import Processes
-from tests.support.security import SecureBroker
+from tests.support.security import SecureBroker, make_config
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -44,8 +46,8 @@ LOST_WITHIN = 10.0
 class WebSocketAmqtt(AmqttProcess):
     """`dockercomp broker serve --ws-port N`: the embedded broker with its WebSockets listener."""
 
-    def __init__(self, workdir: Path) -> None:
-        super().__init__(workdir)
+    def __init__(self, workdir: Path, security_dir: Path | None = None) -> None:
+        super().__init__(workdir, security_dir=security_dir)
         self.ws_port = free_port(self.host)
 
     def _command(self, port: int) -> list[str]:
@@ -54,6 +56,60 @@ class WebSocketAmqtt(AmqttProcess):
     @property
     def ws_url(self) -> str:
         return f"ws://{self.host}:{self.ws_port}/mqtt"
+
+
+def mqtt_client(port: int, username: str | None = None, password: str | None = None,
+                transport: str = "websockets") -> tuple[Any, list[str], str]:
+    """A paho client, by default over WebSockets (path /mqtt); returns it, the topics it
+    receives, and the CONNACK's reason ("Success" or why it was refused)."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{transport}-{time.monotonic_ns()}",
+                         transport=transport)  # type: ignore[arg-type]
+    if transport == "websockets":
+        client.ws_set_options(path="/mqtt")
+    if username is not None:
+        client.username_pw_set(username, password)
+    received: list[str] = []
+    answered: list[str] = []
+    client.on_message = lambda c, u, message: received.append(message.topic)
+    client.on_connect = lambda c, u, flags, reason, props: answered.append(str(reason))
+    client.connect("127.0.0.1", port, keepalive=10)
+    client.loop_start()
+    wait_until(lambda: answered, timeout=10)
+    return client, received, answered[0]
+
+
+def test_broker_serve_ws_port_applies_the_same_accounts_and_acl(tmp_path: Path) -> None:
+    # Given the embedded broker with a password file, ACL and a WebSockets listener
+    accounts, coordinator = make_config(tmp_path / "broker-config")
+    watcher = accounts.add("watcher", Role.OBSERVER)
+    broker = WebSocketAmqtt(tmp_path / "amqtt", security_dir=accounts.directory).start()
+    clients = []
+    try:
+        assert f"and ws://127.0.0.1:{broker.ws_port}/mqtt" in broker.log()
+        # Then over WebSockets an anonymous client and a wrong password are refused ...
+        for username, password in ((None, None), (watcher.name, "wrong")):
+            client, _, reason = mqtt_client(broker.ws_port, username, password)
+            clients.append(client)
+            assert reason != "Success", (username, reason)
+        # ... and the observer reads status, never a worker's topics
+        sender, _, reason = mqtt_client(broker.port, coordinator.name, coordinator.password, transport="tcp")
+        clients.append(sender)
+        assert reason == "Success"
+        observer, received, reason = mqtt_client(broker.ws_port, watcher.name, watcher.password)
+        clients.append(observer)
+        assert reason == "Success"
+        observer.subscribe([("dockercomp/workers/#", 1), ("dockercomp/status/#", 1)])
+        # Retained, so each arrives whenever the subscription takes effect, if the ACL lets it.
+        sender.publish("dockercomp/workers/alice/w1/tasks", b"task", qos=1).wait_for_publish(5)
+        sender.publish("dockercomp/workers/alice/w1/presence", b"presence", qos=1, retain=True).wait_for_publish(5)
+        sender.publish("dockercomp/status/summary", b"{}", qos=1, retain=True).wait_for_publish(5)
+        wait_until(lambda: "dockercomp/status/summary" in received, timeout=10)
+        assert [t for t in received if t.startswith("dockercomp/workers/")] == []
+    finally:
+        for client in clients:
+            client.loop_stop()
+            client.disconnect()
+        broker.stop()
 
 
 @pytest.fixture
