@@ -306,28 +306,28 @@ _ACCESS_FILE = re.compile(r"^\s*(password_file|acl_file)\b")
 SECURITY_PREFIX = "/mosquitto/security/"
 
 
-def _tls_listener_lines(lines: list[str]) -> set[int]:
-    """Indexes of the `listener` lines followed (before the next listener) by a TLS option."""
-    tls: set[int] = set()
-    current: int | None = None
-    for index, line in enumerate(lines):
-        if _LISTENER.match(line):
-            current = index
-        elif current is not None and _TLS_OPTION.match(line):
-            tls.add(current)
-    return tls
+# The option that makes a listener speak MQTT over WebSockets (the dashboard's, in mosquitto.conf).
+_WEBSOCKETS = re.compile(r"^\s*protocol\s+websockets\b")
 
 
-def _websockets_listener_lines(lines: list[str]) -> set[int]:
-    """Indexes of the `listener` lines followed (before the next listener) by `protocol websockets`."""
+def _listeners_with(lines: list[str], option: re.Pattern[str]) -> set[int]:
+    """Indexes of the `listener` lines followed (before the next listener) by `option`."""
     found: set[int] = set()
     current: int | None = None
     for index, line in enumerate(lines):
         if _LISTENER.match(line):
             current = index
-        elif current is not None and re.match(r"^\s*protocol\s+websockets\b", line):
+        elif current is not None and option.match(line):
             found.add(current)
     return found
+
+
+def _tls_listener_lines(lines: list[str]) -> set[int]:
+    return _listeners_with(lines, _TLS_OPTION)
+
+
+def _websockets_listener_lines(lines: list[str]) -> set[int]:
+    return _listeners_with(lines, _WEBSOCKETS)
 
 
 def mosquitto_test_config(

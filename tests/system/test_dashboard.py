@@ -145,13 +145,28 @@ class Recorded:
         return str(self.page.locator(selector).inner_text())
 
     def hosts(self) -> set[str]:
-        """scheme://host:port of every request but inline data."""
+        """host:port of every request but inline data."""
         hosts = set()
         for url in self.requests:
             parts = urlsplit(url)
             if parts.scheme != "data":
                 hosts.add(f"{parts.hostname}:{parts.port}")
         return hosts
+
+    def assert_asked_only(self, page_url: str, broker_host: str, ws_port: int) -> None:
+        """Every request went to the server that served the page or to the broker."""
+        served_by = f"{urlsplit(page_url).hostname}:{urlsplit(page_url).port}"
+        assert self.hosts() == {served_by, f"{broker_host}:{ws_port}"}, self.requests
+
+
+def close(request: pytest.FixtureRequest, page: Recorded | None, *groups: Processes) -> None:
+    """Closes the page and stops the processes; their logs are printed if the test failed."""
+    if page is not None:
+        page.context.close()
+    for group in groups:
+        if getattr(getattr(request.node, "report_call", None), "failed", False):
+            print(group.log())
+        group.stop_all()
 
 
 def start_dashboard(procs: Processes, ws_url: str) -> str:
@@ -168,7 +183,8 @@ def write_tasks(path: Path, count: int, seconds: float) -> Path:
     return path
 
 
-def test_the_page_follows_a_job_to_100_percent_and_shows_a_killed_agent_lost(browser: Any, tmp_path: Path) -> None:
+def test_the_page_follows_a_job_to_100_percent_and_shows_a_killed_agent_lost(
+        browser: Any, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     broker = WebSocketAmqtt(tmp_path / "amqtt").start()
     procs = Processes(broker.url, tmp_path / "logs")
     page = None
@@ -190,8 +206,6 @@ def test_the_page_follows_a_job_to_100_percent_and_shows_a_killed_agent_lost(bro
         assert "done" in job.inner_text()
         assert job.locator("td").nth(4).inner_text() == "40"  # done
         assert "job 1 (naps) done" in page.text("#events")
-        if os.environ.get("DOCKERCOMP_UPDATE_SCREENSHOT"):
-            pass  # taken below, once a worker is lost too: the picture shows both
         procs.kill("w2")
         killed = time.monotonic()
         lost_row = page.page.locator("#workers tbody tr.lost", has_text="w2")
@@ -212,19 +226,14 @@ def test_the_page_follows_a_job_to_100_percent_and_shows_a_killed_agent_lost(bro
         if os.environ.get("DOCKERCOMP_UPDATE_SCREENSHOT"):
             shutil.copyfile(shot, SCREENSHOT)
 
-        dashboard_host = f"{urlsplit(url).hostname}:{urlsplit(url).port}"
-        assert page.hosts() == {dashboard_host, f"{broker.host}:{broker.ws_port}"}, page.requests
+        page.assert_asked_only(url, broker.host, broker.ws_port)
     finally:
-        if page is not None:
-            page.context.close()
-        procs.stop_all()
+        close(request, page, procs)
         broker.stop()
-        if os.environ.get("DOCKERCOMP_TEST_VERBOSE"):
-            print(procs.log())
 
 
 def test_an_observer_on_the_shipped_mosquitto_sees_status_but_no_worker_topic(
-        browser: Any, secure_mosquitto: SecureBroker, tmp_path: Path) -> None:
+        browser: Any, secure_mosquitto: SecureBroker, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     secure = secure_mosquitto
     alice = secure.add("alice")
     watcher = secure.add("watcher", Role.OBSERVER)
@@ -274,12 +283,6 @@ def test_an_observer_on_the_shipped_mosquitto_sees_status_but_no_worker_topic(
                    == ["dockercomp/status/workers/alice/w1"])
         assert page.page.evaluate("dashboard.probes['dockercomp/workers/#']") == []
 
-        dashboard_host = f"{urlsplit(url).hostname}:{urlsplit(url).port}"
-        assert page.hosts() == {dashboard_host, f"{mosquitto.host}:{mosquitto.ws_port}"}, page.requests
+        page.assert_asked_only(url, mosquitto.host, mosquitto.ws_port)
     finally:
-        if page is not None:
-            page.context.close()
-        agents.stop_all()
-        coordinator.stop_all()
-        if os.environ.get("DOCKERCOMP_TEST_VERBOSE"):
-            print(coordinator.log())
+        close(request, page, agents, coordinator)
