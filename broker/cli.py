@@ -72,8 +72,8 @@ def main() -> None:
                    "(reloads both files and disconnects removed accounts).")
 @click.option("-v", "--verbose", count=True, help="Log connections (-v) or every packet (-vv).")
 @handled(translate=_embedded_errors)
-def serve(host: str, port: int, ws_port: int | None, password_file: Path | None, acl_file: Path | None, allow_anonymous: bool,
-          pid_file: Path | None, verbose: int) -> None:
+def serve(host: str, port: int, ws_port: int | None, password_file: Path | None, acl_file: Path | None,
+          allow_anonymous: bool, pid_file: Path | None, verbose: int) -> None:
     """Run an in-process MQTT 3.1.1 broker (amqtt) for laptops and demos.
 
     Production deployments use Mosquitto with the repository's mosquitto.conf.

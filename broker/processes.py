@@ -484,8 +484,8 @@ class MosquittoProcess(BrokerProcess):
         with open(path, "rb") as log:
             log.seek(self._broker_log_offset)
             started = b" running" in log.read()
-        tls_ready = all(port_accepts(self.host, p) for p in (self.tls_port, self.ws_port) if p)
-        return started and port_accepts(self.host, port) and tls_ready
+        others_ready = all(port_accepts(self.host, p) for p in (self.tls_port, self.ws_port) if p)
+        return started and port_accepts(self.host, port) and others_ready
 
 
 class AmqttProcess(BrokerProcess):
