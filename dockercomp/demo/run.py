@@ -13,7 +13,8 @@ the coordinator dispatched it to, and the store records which. The demo writes
 prints who computed what, and serves the live dashboard (`dockercomp coordinator dashboard`)
 on a local port while it runs. ``--keep`` keeps everything up after the job until Ctrl-C.
 It leaves no process behind: children run in their own process groups, are stopped
-(SIGTERM, then SIGKILL after a grace period) in a ``finally`` — also on Ctrl-C, SIGTERM or failure — and die with the demo even if it is killed (PR_SET_PDEATHSIG).
+(SIGTERM, then SIGKILL after a grace period) in a ``finally`` — also on Ctrl-C, SIGTERM or
+failure — and die with the demo even if it is killed (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
