@@ -35,7 +35,7 @@ image: venv
 	PYTHON=$(BIN)/python ROLE=coordinator sh scripts/build-image.sh
 
 demo: venv
-	$(BIN)/python -m dockercomp.demo
+	$(BIN)/python -m dockercomp.demo $(DEMO_ARGS)
 
 # Throughput and latency against the raw paho + Mosquitto round trip (2.5-5 min); results JSON in
 # bench/results/. Smaller runs: make bench BENCH_ARGS=--quick (see python -m bench --help).

@@ -22,9 +22,9 @@ The policy (``{root}`` is the topic root, ``dockercomp`` by default)::
         write  {root}/coordinator/rebirth       only the coordinator asks workers to announce
     observer
         deny   {root}/workers/#                 (overrides the volunteer patterns)
-        read   {root}/status/#
+        read   {root}/status/#, {root}/coordinator/presence   (the dashboard shows whether it is up)
     anonymous (only if the broker sets allow_anonymous true)
-        read   {root}/status/#
+        read   {root}/status/#, {root}/coordinator/presence
 
 Trust unit: the volunteer account. All workers of one volunteer share its password, so the
 ACL confines a volunteer to its own subtree, not one worker to its own topics (a worker could
@@ -111,13 +111,15 @@ def role_rules(role: Role, root: str = ROOT_TOPIC) -> list[Rule]:
         ]
     if role is Role.OBSERVER:
         # The deny beats the volunteer patterns, which apply to every account.
-        return [Rule(Access.DENY, f"{root}/workers/#"), Rule(Access.READ, f"{root}/status/#")]
+        return [Rule(Access.DENY, f"{root}/workers/#"), Rule(Access.READ, f"{root}/status/#"),
+                Rule(Access.READ, f"{root}/coordinator/presence")]
     return []
 
 
 def anonymous_rules(root: str = ROOT_TOPIC) -> list[Rule]:
     """What an anonymous client may do when the broker lets one in at all."""
-    return [Rule(Access.READ, f"{root}/status/#")]
+    # Plus the coordinator's presence (documented as read by observers): whether it is up.
+    return [Rule(Access.READ, f"{root}/status/#"), Rule(Access.READ, f"{root}/coordinator/presence")]
 
 
 def render_acl(accounts: Mapping[str, Role], root: str = ROOT_TOPIC) -> str:

@@ -56,6 +56,9 @@ def main() -> None:
     type=click.IntRange(0, 65535),
     help="TCP port; 0 picks a free one (the URL printed shows which).",
 )
+@click.option("--ws-port", type=click.IntRange(0, 65535),
+              help="Also listen for MQTT over WebSockets on this port, for browsers (`dockercomp coordinator "
+                   "dashboard`); 0 picks a free one. Same accounts and ACL as --port.")
 @click.option("--password-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Mosquitto password file (`dockercomp coordinator volunteers init` makes one): only its "
                    "accounts may connect. Without it, anyone may (anonymous).")
@@ -69,8 +72,8 @@ def main() -> None:
                    "(reloads both files and disconnects removed accounts).")
 @click.option("-v", "--verbose", count=True, help="Log connections (-v) or every packet (-vv).")
 @handled(translate=_embedded_errors)
-def serve(host: str, port: int, password_file: Path | None, acl_file: Path | None, allow_anonymous: bool,
-          pid_file: Path | None, verbose: int) -> None:
+def serve(host: str, port: int, ws_port: int | None, password_file: Path | None, acl_file: Path | None,
+          allow_anonymous: bool, pid_file: Path | None, verbose: int) -> None:
     """Run an in-process MQTT 3.1.1 broker (amqtt) for laptops and demos.
 
     Production deployments use Mosquitto with the repository's mosquitto.conf.
@@ -91,10 +94,11 @@ def serve(host: str, port: int, password_file: Path | None, acl_file: Path | Non
         if pid_file is not None:
             atomic_write(pid_file, f"{os.getpid()}\n")
         access = "password file " + str(password_file) if guard else "anonymous clients allowed"
-        click.echo(f"dockercomp embedded broker listening on {embedded.url} ({access}) — Ctrl-C to stop")
+        websockets = f" and {embedded.ws_url}" if embedded.ws_url else ""
+        click.echo(f"dockercomp embedded broker listening on {embedded.url}{websockets} ({access}) — Ctrl-C to stop")
 
     try:
-        serve_forever(host, port, verbosity=verbose, guard=guard, on_ready=announce)
+        serve_forever(host, port, verbosity=verbose, guard=guard, on_ready=announce, ws_port=ws_port)
     finally:
         if pid_file is not None:
             pid_file.unlink(missing_ok=True)

@@ -130,9 +130,11 @@ def _plugin_path(plugin: type) -> str:
     return f"{plugin.__module__}.{plugin.__qualname__}"
 
 
-def broker_config(host: str, port: int, *, verbosity: int = 0, guard_key: str | None = None) -> dict[str, Any]:
-    """amqtt configuration: one TCP listener on host:port; anonymous clients allowed, unless
-    ``guard_key`` names a registered Guard (password file + ACL)."""
+def broker_config(host: str, port: int, *, ws_port: int | None = None, verbosity: int = 0,
+                  guard_key: str | None = None) -> dict[str, Any]:
+    """amqtt configuration: one TCP listener on host:port (and MQTT over WebSockets on
+    host:ws_port if given); anonymous clients allowed, unless ``guard_key`` names a registered
+    Guard (password file + ACL), which then applies to both listeners."""
     plugins: dict[str, Any]
     if guard_key is None:
         # Without an auth plugin that answers True, amqtt refuses every client.
@@ -147,10 +149,11 @@ def broker_config(host: str, port: int, *, verbosity: int = 0, guard_key: str | 
     if verbosity >= 2:
         # Not amqtt's own PacketLoggerPlugin: it logs each CONNECT with its clear-text password.
         plugins[_plugin_path(MaskedPacketLogger)] = {}
-    return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-        "plugins": plugins,
-    }
+    listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": f"{host}:{port}"}}
+    if ws_port is not None:
+        # For browsers (the dashboard): the same plugins, so the same accounts and ACL.
+        listeners["ws"] = {"type": "ws", "bind": f"{host}:{ws_port}"}
+    return {"listeners": listeners, "plugins": plugins}
 
 
 def configure_logging(verbosity: int) -> None:
@@ -161,9 +164,11 @@ def configure_logging(verbosity: int) -> None:
     logging.getLogger("transitions").setLevel(max(level, logging.WARNING))
 
 
-def _bind_error(exc: BaseException, host: str, port: int) -> EmbeddedBrokerError:
+def _bind_error(exc: BaseException, host: str, port: int, ws_port: int | None = None) -> EmbeddedBrokerError:
     """Turns amqtt's BrokerError (wrapping an OSError) into one of ours."""
     cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    if ws_port is not None and f", {ws_port})" in str(cause):  # the OSError names the address it failed on
+        port = ws_port
     if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
         return AddressInUseError(f"{host}:{port} is already in use", host=host, port=port)
     if isinstance(cause, OSError) and cause.errno == errno.EACCES:
@@ -341,9 +346,11 @@ class EmbeddedBroker:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, verbosity: int = 0,
-                 guard: Guard | None = None) -> None:
+                 guard: Guard | None = None, ws_port: int | None = None) -> None:
         self.host = host
         self._requested_port = port
+        self._requested_ws_port = ws_port  # None: no WebSockets listener; 0: a free port
+        self._ws_port: int | None = None
         self.verbosity = verbosity
         self.guard = guard
         self._broker: Broker | None = None
@@ -364,6 +371,11 @@ class EmbeddedBroker:
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str | None:
+        """MQTT over WebSockets for browsers, when started with a ws_port."""
+        return None if self._ws_port is None else f"ws://{self.host}:{self._ws_port}/mqtt"
 
     @property
     def running(self) -> bool:
@@ -407,7 +419,7 @@ class EmbeddedBroker:
             # A daemon thread: it dies with the process. Say so rather than hang the caller.
             log.warning("amqtt did not stop within %.0f s; abandoning its thread", STOP_TIMEOUT)
         self._thread = None
-        self._port = None
+        self._port = self._ws_port = None
         if self.guard is not None:
             self.guard.unregister()
 
@@ -463,7 +475,7 @@ class EmbeddedBroker:
 
     async def _start_broker(self) -> Broker:
         """Binds the requested port, or for port 0 a free one, retrying if it gets taken."""
-        attempts = PORT_ATTEMPTS if self._requested_port == 0 else 1
+        attempts = PORT_ATTEMPTS if 0 in (self._requested_port, self._requested_ws_port) else 1
         amqtt_log = logging.getLogger("amqtt.broker")
         quiet = _DropStartupTraceback()
         amqtt_log.addFilter(quiet)
@@ -471,17 +483,21 @@ class EmbeddedBroker:
         try:
             for attempt in range(attempts):
                 port = self._requested_port or free_port(self.host)
+                ws_port = self._requested_ws_port
+                if ws_port == 0:
+                    ws_port = free_port(self.host)
                 broker_class = SecureBroker if guard_key is not None else KeptAliveBroker
-                broker = broker_class(broker_config(self.host, port, verbosity=self.verbosity, guard_key=guard_key))
+                broker = broker_class(broker_config(self.host, port, ws_port=ws_port, verbosity=self.verbosity,
+                                                    guard_key=guard_key))
                 try:
                     await broker.start()
                 except Exception as exc:
                     await broker.plugins_manager.close()
-                    error = _bind_error(exc, self.host, port)
+                    error = _bind_error(exc, self.host, port, ws_port)
                     if isinstance(error, AddressInUseError) and attempt + 1 < attempts:
                         continue
                     raise error from exc
-                self._port = port
+                self._port, self._ws_port = port, ws_port
                 return broker
         finally:
             amqtt_log.removeFilter(quiet)
@@ -505,6 +521,7 @@ def serve_forever(
     verbosity: int = 0,
     guard: Guard | None = None,
     on_ready: Callable[[EmbeddedBroker], None] | None = None,
+    ws_port: int | None = None,
 ) -> None:
     """Runs the broker until SIGINT/SIGTERM. Must run in the main thread (signal handlers).
 
@@ -528,7 +545,7 @@ def serve_forever(
     handlers = {signal.SIGINT: request_stop, signal.SIGTERM: request_stop, signal.SIGHUP: request_reload}
     previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     try:
-        with EmbeddedBroker(host, port, verbosity=verbosity, guard=guard) as embedded:
+        with EmbeddedBroker(host, port, verbosity=verbosity, guard=guard, ws_port=ws_port) as embedded:
             if on_ready is not None:
                 on_ready(embedded)
             while not stop_requested.is_set() and embedded.running:

@@ -306,16 +306,28 @@ _ACCESS_FILE = re.compile(r"^\s*(password_file|acl_file)\b")
 SECURITY_PREFIX = "/mosquitto/security/"
 
 
-def _tls_listener_lines(lines: list[str]) -> set[int]:
-    """Indexes of the `listener` lines followed (before the next listener) by a TLS option."""
-    tls: set[int] = set()
+# The option that makes a listener speak MQTT over WebSockets (the dashboard's, in mosquitto.conf).
+_WEBSOCKETS = re.compile(r"^\s*protocol\s+websockets\b")
+
+
+def _listeners_with(lines: list[str], option: re.Pattern[str]) -> set[int]:
+    """Indexes of the `listener` lines followed (before the next listener) by `option`."""
+    found: set[int] = set()
     current: int | None = None
     for index, line in enumerate(lines):
         if _LISTENER.match(line):
             current = index
-        elif current is not None and _TLS_OPTION.match(line):
-            tls.add(current)
-    return tls
+        elif current is not None and option.match(line):
+            found.add(current)
+    return found
+
+
+def _tls_listener_lines(lines: list[str]) -> set[int]:
+    return _listeners_with(lines, _TLS_OPTION)
+
+
+def _websockets_listener_lines(lines: list[str]) -> set[int]:
+    return _listeners_with(lines, _WEBSOCKETS)
 
 
 def mosquitto_test_config(
@@ -326,19 +338,22 @@ def mosquitto_test_config(
     workdir: Path,
     security_dir: Path | None = None,
     tls_port: int | None = None,
+    ws_port: int | None = None,
 ) -> str:
     """The repository's mosquitto.conf, moved to host:port with its files in `workdir`.
 
     Open (security_dir None, what the `mosquitto` fixture runs): TLS listeners are dropped,
     anonymous clients allowed, password_file/acl_file ignored. Secure (security_dir given):
     the access policy is kept unchanged, with /mosquitto/security/X read from
-    security_dir/X, the TLS listener moved to `tls_port` and a pid file in `workdir`.
+    security_dir/X, the TLS listener moved to `tls_port`, the WebSockets one to `ws_port` and a
+    pid file in `workdir`.
 
     The first plain listener gets `port`; any further listener gets a fresh free port, so
     nothing collides with a broker already running on this machine.
     """
     source_lines = source.splitlines()
     tls_listeners = _tls_listener_lines(source_lines)
+    ws_listeners = _websockets_listener_lines(source_lines)
     secure = security_dir is not None
     lines: list[str] = []
     plain_seen = 0
@@ -349,7 +364,9 @@ def mosquitto_test_config(
             if in_tls and not secure:
                 lines.append(f"# test: dropped TLS listener {line.strip()!r}")
                 continue
-            if in_tls:
+            if index in ws_listeners:
+                listener_port = ws_port or free_port(host)
+            elif in_tls:
                 listener_port = tls_port or free_port(host)
             else:
                 listener_port = port if plain_seen == 0 else free_port(host)
@@ -414,6 +431,7 @@ class MosquittoProcess(BrokerProcess):
         # Set: the shipped access policy (passwords, ACL, TLS) with files from this directory.
         self.security_dir = security_dir
         self.tls_port = 0  # the TLS listener's port, when secure; kept across restarts
+        self.ws_port = 0  # the (TLS) WebSockets listener's port, when secure; kept across restarts
         self.conf_path = workdir / "mosquitto.test.conf"
         # stdout/stderr apart from the log_dest file, which is mosquitto.log.
         self.log_path = workdir / "mosquitto.out"
@@ -445,9 +463,12 @@ class MosquittoProcess(BrokerProcess):
         if port != self.port:  # first start, or a retry on another port
             if self.security_dir is not None:
                 self.tls_port = free_port(self.host)
+                # Only when the config has one: readiness waits for every port it knows.
+                source_lines = self.source_conf.read_text().splitlines()
+                self.ws_port = free_port(self.host) if _websockets_listener_lines(source_lines) else 0
             text = mosquitto_test_config(
                 self.source_conf.read_text(), host=self.host, port=port, workdir=self.workdir,
-                security_dir=self.security_dir, tls_port=self.tls_port or None,
+                security_dir=self.security_dir, tls_port=self.tls_port or None, ws_port=self.ws_port or None,
             )
             self.conf_path.write_text(text)
         path = self.broker_log_path
@@ -463,8 +484,8 @@ class MosquittoProcess(BrokerProcess):
         with open(path, "rb") as log:
             log.seek(self._broker_log_offset)
             started = b" running" in log.read()
-        tls_ready = not self.tls_port or port_accepts(self.host, self.tls_port)
-        return started and port_accepts(self.host, port) and tls_ready
+        others_ready = all(port_accepts(self.host, p) for p in (self.tls_port, self.ws_port) if p)
+        return started and port_accepts(self.host, port) and others_ready
 
 
 class AmqttProcess(BrokerProcess):

@@ -180,6 +180,7 @@ def serve(broker: str, db: str, purge_after: float, lease_check: float, lease_ma
 # The commands live by domain noun in their own modules; importing them registers them on `main`.
 from dockercomp.coordinator import cli_jobs, cli_workers  # noqa: E402,F401
 from dockercomp.coordinator import cli_kit  # noqa: E402,F401
+from dockercomp.coordinator import cli_dashboard  # noqa: E402,F401 - issue 13
 from dockercomp.coordinator.cli_workers import volunteers  # noqa: E402,F401 - tests import it from here
 
 if __name__ == "__main__":

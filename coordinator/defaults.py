@@ -8,6 +8,15 @@ DB_PATH = "coordinator.db"
 # Environment variable naming the database (path or postgresql:// URL) for every CLI.
 DB_URL_ENV = "DOCKERCOMP_DB"
 
+# `dockercomp coordinator dashboard`: loopback unless --host says otherwise (the page holds no
+# secret, but who may browse it is the operator's choice); a port clear of common dev servers.
+DASHBOARD_HOST = "127.0.0.1"
+DASHBOARD_PORT = 8765
+
+# The page's broker when --ws-url is not given: the shipped mosquitto.conf's secure WebSockets
+# listener, on the host that served the page.
+DASHBOARD_WS_PORT = 8884
+
 # Milliseconds a SQLite writer waits for another writer's lock before failing (CLI vs serve).
 SQLITE_BUSY_TIMEOUT_MS = 15_000
 

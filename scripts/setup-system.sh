@@ -6,6 +6,9 @@ set -eu
 need=""
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need="$need mosquitto mosquitto-clients"
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need="$need postgresql"
+# Debian's chromium: tests/system/test_dashboard.py drives it with Playwright (which must never
+# download a browser of its own).
+[ -x /usr/bin/chromium ] || need="$need chromium"
 
 if [ -n "$need" ]; then
     if [ "$(id -u)" != 0 ]; then

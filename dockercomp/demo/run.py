@@ -10,9 +10,11 @@ the coordinator dispatched it to, and the store records which. The demo writes
     demo-out/demo.db          the coordinator's store (`dockercomp coordinator results mandelbrot --db …`)
     demo-out/logs/            what the coordinator and each agent logged
 
-prints who computed what, and leaves no process behind: children run in their own process
-groups, are stopped (SIGTERM, then SIGKILL after a grace period) in a ``finally`` — also on
-Ctrl-C, SIGTERM or failure — and die with the demo even if it is killed (PR_SET_PDEATHSIG).
+prints who computed what, and serves the live dashboard (`dockercomp coordinator dashboard`)
+on a local port while it runs. ``--keep`` keeps everything up after the job until Ctrl-C.
+It leaves no process behind: children run in their own process groups, are stopped
+(SIGTERM, then SIGKILL after a grace period) in a ``finally`` — also on Ctrl-C, SIGTERM or
+failure — and die with the demo even if it is killed (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 from rich.console import Console
@@ -39,6 +42,7 @@ from rich.text import Text
 
 from dockercomp.broker.embedded import EmbeddedBroker, EmbeddedBrokerError
 from dockercomp.coordinator.api import Client, Job
+from dockercomp.coordinator.dashboard import Dashboard, DashboardSettings
 from dockercomp.coordinator.errors import CoordinatorError
 from dockercomp.coordinator.render import job_progress_bar
 from dockercomp.coordinator.store import ResultRow
@@ -87,6 +91,7 @@ class DemoSettings:
     timeout: float = 120.0  # seconds the job may take before the demo gives up
     task_timeout: float = 60.0  # seconds one tile may take on a worker
     keepalive: int = 5  # agents' MQTT keepalive
+    keep: bool = False  # after the job, keep the broker, coordinator, agents and dashboard up until Ctrl-C
 
 
 @dataclass
@@ -205,7 +210,7 @@ def _fresh_store(path: Path) -> None:
 
 def run_demo(settings: DemoSettings, console: Console) -> DemoReport:
     """Runs the whole demo; raises DemoError (or Interrupted) after cleaning up."""
-    from dockercomp.demo import mandelbrot  # Pillow is only imported here
+    from dockercomp.demo import mandelbrot  # Pillow is only imported here and in _draw
 
     out = settings.out
     logs = out / "logs"
@@ -217,14 +222,21 @@ def run_demo(settings: DemoSettings, console: Console) -> DemoReport:
 
     children = Children(logs, run_id=os.environ.get(RUN_ID_ENV) or uuid.uuid4().hex)
     broker: EmbeddedBroker | None = None
+    dashboard: Dashboard | None = None
+    report: DemoReport | None = None
     with _stop_on_sigterm() as stop_requested, Client(str(db)) as client:
         try:
             try:
-                broker = EmbeddedBroker("127.0.0.1", 0).start()
+                # WebSockets too: the dashboard page connects to the broker from the browser.
+                broker = EmbeddedBroker("127.0.0.1", 0, ws_port=0).start()
             except EmbeddedBrokerError as exc:
                 raise DemoError(f"cannot start the embedded broker: {exc}") from None
             console.print(f"Embedded broker on [bold]{broker.url}[/]; starting a coordinator and "
                           f"{settings.workers} agents (logs in {logs}/)")  # fmt: skip
+            dashboard = Dashboard(DashboardSettings(port=0, ws_url=broker.ws_url)).start()
+            console.print(f"Watch it live: open [bold]{dashboard.url}[/] in a browser"
+                          + ("" if settings.keep else " (it closes with the demo; --keep keeps it up: "
+                                                      "make demo DEMO_ARGS=--keep)"))  # fmt: skip
             python = sys.executable
             children.start("coordinator", [python, "-m", "dockercomp.coordinator", "serve", "--broker", broker.url,
                                            "--db", str(db)])  # fmt: skip
@@ -243,10 +255,22 @@ def run_demo(settings: DemoSettings, console: Console) -> DemoReport:
             _follow(job, children, agents, settings.timeout, stop_requested, console)
             seconds = time.monotonic() - started
             rows = job.results()
+            if settings.keep:
+                report = _draw(rows, tiles, size, out, db, seconds, console)
+                _hold(broker, dashboard, db, children, stop_requested, console)
         finally:
             children.stop_all()
+            if dashboard is not None:
+                dashboard.stop()
             if broker is not None:
                 broker.stop()
+    return report or _draw(rows, tiles, size, out, db, seconds, console)
+
+
+def _draw(rows: list[ResultRow], tiles: list[Any], size: tuple[int, int], out: Path, db: Path, seconds: float,
+          console: Console) -> DemoReport:
+    """Both pictures, the table of who computed what, and where to look next."""
+    from dockercomp.demo import mandelbrot
 
     report = _report(rows, out, db, seconds)
     values = {row.index: row.value for row in rows if row.state == "done"}
@@ -255,7 +279,29 @@ def run_demo(settings: DemoSettings, console: Console) -> DemoReport:
     colours = mandelbrot.worker_colours(report.owners.values())
     mandelbrot.worker_map(escape, tiles, report.owners, colours).save(report.workers_image)
     console.print(_who_table(report, colours))
+    if not report.failed:
+        console.print(f"Wrote [bold]{report.image}[/] and [bold]{report.workers_image}[/] "
+                      f"(each tile tinted by the worker that computed it).")  # fmt: skip
+        console.print(f"Explore: {_dockercomp_command()} coordinator results {JOB_NAME} --db {report.db}")
     return report
+
+
+def _hold(broker: EmbeddedBroker, dashboard: Dashboard, db: Path, children: Children,
+          stop_requested: threading.Event, console: Console) -> None:
+    """--keep: everything stays up for a look until Ctrl-C or SIGTERM (a normal end, not an
+    interruption), or until the coordinator dies."""
+    command = _dockercomp_command()
+    console.print(f"Kept up (--keep): dashboard [bold]{dashboard.url}[/], broker {broker.url}, coordinator on {db}.\n"
+                  f"More work: {command} coordinator submit count_primes FILE --db {db} --broker {broker.url}\n"
+                  "Ctrl-C stops everything.")  # fmt: skip
+    try:
+        while not stop_requested.is_set():
+            if children.exited("coordinator") is not None:
+                raise DemoError("the coordinator exited:\n" + children.tail("coordinator"))
+            time.sleep(POLL_INTERVAL)
+    except KeyboardInterrupt:
+        pass
+    console.print("Stopping the demo's broker, coordinator and agents.")
 
 
 def _check(children: Children, stop_requested: threading.Event) -> None:
@@ -340,12 +386,14 @@ def _who_table(report: DemoReport, colours: dict[str, tuple[int, int, int]]) -> 
               help="Mandelbrot iterations per pixel.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
               help="Seconds the job may take before the demo gives up.")
-def main(out: Path, workers: int, tiles: int, tile_size: int, max_iter: int, timeout: float) -> None:
+@click.option("--keep", is_flag=True,
+              help="After the job, keep the broker, coordinator, agents and live dashboard up until Ctrl-C.")
+def main(out: Path, workers: int, tiles: int, tile_size: int, max_iter: int, timeout: float, keep: bool) -> None:
     """Compute a Mandelbrot picture with a local broker, coordinator and agents."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
     settings = DemoSettings(out=out, workers=workers, tiles=tiles, tile_size=tile_size, max_iter=max_iter,
-                            timeout=timeout)  # fmt: skip
+                            timeout=timeout, keep=keep)  # fmt: skip
     try:
         report = run_demo(settings, console)
     except (KeyboardInterrupt, Interrupted):
@@ -358,9 +406,6 @@ def main(out: Path, workers: int, tiles: int, tile_size: int, max_iter: int, tim
         console.print(f"[red]error:[/] {len(report.failed)} tile(s) failed: {report.failed[:10]} "
                       f"(they are black); see `dockercomp coordinator results {JOB_NAME} --db {report.db}`")  # fmt: skip
         raise SystemExit(EXIT_FAILED)
-    console.print(f"Wrote [bold]{report.image}[/] and [bold]{report.workers_image}[/] "
-                  f"(each tile tinted by the worker that computed it).")  # fmt: skip
-    console.print(f"Explore: {_dockercomp_command()} coordinator results {JOB_NAME} --db {report.db}")
 
 
 def _dockercomp_command() -> str:

@@ -6,8 +6,11 @@ starts (and theirs), so "no process left behind" is checked by looking for that 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
+import urllib.request
 import subprocess
 import sys
 import uuid
@@ -104,7 +107,37 @@ def test_demo_draws_the_picture_records_every_tile_and_leaves_nothing(tmp_path: 
     assert "Who computed what: 64 tiles" in output
     for worker in workers:
         assert worker in output
+    # and it said where to watch it live (issue 13)
+    assert re.search(r"Watch it live: open http://127\.0\.0\.1:\d+/ in a browser", output)
     # and no process of the run is left
+    assert nothing_left(run_id) == []
+
+
+def test_keep_leaves_the_broker_coordinator_and_dashboard_up_until_ctrl_c(tmp_path: Path) -> None:
+    # Given a small demo run with --keep
+    process, run_id = start_demo(tmp_path / "out", "--keep", "--tiles", "2", "--workers", "2")
+    assert process.stdout is not None
+    seen: list[str] = []
+    for line in process.stdout:  # bounded by the module's timeout
+        seen.append(line)
+        if "Ctrl-C stops everything" in line:
+            break
+    output = "".join(seen)
+    assert "Kept up (--keep)" in output, output
+    # Then after the job the dashboard still serves its page, pointing at the live broker
+    page_url = re.search(r"dashboard (http://\S+/)", output.replace("\n", " "))
+    assert page_url, output
+    with urllib.request.urlopen(page_url.group(1), timeout=10) as page:
+        assert b"dockercomp dashboard" in page.read()
+    with urllib.request.urlopen(page_url.group(1) + "config.json", timeout=10) as config:
+        ws_url = json.loads(config.read())["ws_url"]
+    assert ws_url.startswith("ws://127.0.0.1:")
+    # and the coordinator and both agents are still running
+    assert len(tagged_processes(run_id)) >= 4  # demo, coordinator, 2 agents
+    # When the scientist presses Ctrl-C: a normal end, and nothing is left
+    process.send_signal(signal.SIGINT)
+    rest = finish(process, timeout=30)
+    assert process.returncode == 0, output + rest
     assert nothing_left(run_id) == []
 
 

@@ -123,6 +123,10 @@ def test_the_wheel_holds_only_the_dockercomp_package(wheel: Path) -> None:
     for role in ("broker", "agent", "coordinator", "installer", "demo"):
         assert f"dockercomp/{role}/__init__.py" in names
     assert "dockercomp/installer/install_me.sh" in names
+    # The dashboard's page and its vendored library, with the licence and checksum (issue 13)
+    for name in ("index.html", "app.js", "style.css", "vendor/mqtt.min.js", "vendor/mqtt.LICENSE.md",
+                 "vendor/SHA256SUMS", "vendor/README.md"):
+        assert f"dockercomp/coordinator/web/{name}" in names
 
 
 @pytest.mark.slow

@@ -35,6 +35,11 @@ ACCOUNTS = {"coordinator": Role.COORDINATOR, "alice": Role.VOLUNTEER, "dash": Ro
     ("dash", "dockercomp/status/jobs/1", Access.WRITE, False),
     ("dash", "dockercomp/workers/dash/w1/presence", Access.WRITE, False),  # deny beats the pattern
     ("dash", "dockercomp/workers/dash/w1/tasks", Access.READ, False),
+    # issue 13: the dashboard shows whether the coordinator is up; observers cannot fake it
+    ("dash", "dockercomp/coordinator/presence", Access.READ, True),
+    ("dash", "dockercomp/coordinator/presence", Access.WRITE, False),
+    (None, "dockercomp/coordinator/presence", Access.READ, True),
+    (None, "dockercomp/coordinator/presence", Access.WRITE, False),
     (None, "dockercomp/status/summary", Access.READ, True),
     (None, "dockercomp/workers/x/y/presence", Access.READ, False),
     ("mallory", "$SYS/broker/clients/connected", Access.READ, False),
