@@ -206,6 +206,13 @@ def test_the_page_follows_a_job_to_100_percent_and_shows_a_killed_agent_lost(
         assert "done" in job.inner_text()
         assert job.locator("td").nth(4).inner_text() == "40"  # done
         assert "job 1 (naps) done" in page.text("#events")
+        # Volunteers' credit, from the retained status/volunteers/{volunteer}: a replicated job
+        # (both workers are volunteer "local": replicas go to distinct workers) validates values.
+        procs.cli("submit", "sleep", str(write_tasks(tmp_path / "checked.jsonl", 10, 0.1)), "--job", "checked",
+                  "--replicas", "2", "--quorum", "2", "--distinct", "worker", "--db", db)
+        credit = page.page.locator("#volunteers tbody tr", has_text="local")
+        expect(credit.locator("td").nth(2)).to_have_text("20", timeout=60_000)  # validated values
+        assert float(credit.locator("td").nth(1).inner_text()) >= 1.0  # 20 x 0.1 CPU-seconds of sleep
         procs.kill("w2")
         killed = time.monotonic()
         lost_row = page.page.locator("#workers tbody tr.lost", has_text="w2")
