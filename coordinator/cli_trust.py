@@ -77,7 +77,7 @@ def register(group: click.Group) -> None:
     def volunteers_stats(db: str, as_json: bool) -> None:
         """Leaderboard: credit (CPU-seconds of validated results), invalid and failed attempts,
         quarantine, per volunteer."""
-        with Client(db) as client:
+        with Client(db, create=False) as client:  # a read or a change: never a new database
             rows = client.store.volunteer_stats()
         if as_json:
             _echo_json([stats_dict(row) for row in rows])
@@ -103,7 +103,7 @@ def register(group: click.Group) -> None:
     @command_errors
     def volunteers_release(volunteer: str, db: str, as_json: bool) -> None:
         """Lift a volunteer's quarantine: its workers get work again (`serve` notices within a poll)."""
-        with Client(db) as client:
+        with Client(db, create=False) as client:  # a read or a change: never a new database
             if not client.store.release(volunteer):
                 raise NotQuarantined(volunteer, sorted(client.store.quarantines()))
         if as_json:

@@ -311,7 +311,8 @@ def test_an_unusable_database_path_says_what_to_do(cli: CliRunner, tmp_path: Pat
 
 
 @pytest.mark.parametrize("command", [["status"], ["status", "j"], ["workers"], ["results", "j"], ["show", "j", "0"],
-                                     ["cancel", "j"], ["retry", "j"], ["delete", "j"], ["purge"]])
+                                     ["cancel", "j"], ["retry", "j"], ["delete", "j"], ["purge"],
+                                     ["volunteers", "stats"], ["volunteers", "release", "mallory"]])
 def test_only_submit_and_serve_create_a_database(cli: CliRunner, tmp_path: Path, db: str, command: list[str]) -> None:
     # Given no database where the command looks (here $DOCKERCOMP_DB; by default ./coordinator.db)
     result = run(cli, *command)
