@@ -6,7 +6,8 @@ MQTT on WebSockets by itself and shows the run live.
   job's progress reaches 100 %, a killed agent shows as lost within 10 s, a screenshot is saved;
 - the shipped mosquitto.conf (secure: passwords, ACL, wss): the page asks for an observer
   account, says so clearly when refused, then sees the status but nothing on worker topics;
-- every request the page makes goes to the server that served it or to the broker.
+- every request the page makes goes to the server that served it or to the broker;
+- the demo (`make demo`, here with --keep) serves the page it prints: README's screenshot.
 
 Set DOCKERCOMP_UPDATE_SCREENSHOT=1 to refresh docs/dashboard.png (README, Observers) too.
 """
@@ -15,7 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -230,8 +235,6 @@ def test_the_page_follows_a_job_to_100_percent_and_shows_a_killed_agent_lost(
         shot = tmp_path / "dashboard.png"
         page.page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 10_000
-        if os.environ.get("DOCKERCOMP_UPDATE_SCREENSHOT"):
-            shutil.copyfile(shot, SCREENSHOT)
 
         page.assert_asked_only(url, broker.host, broker.ws_port)
     finally:
@@ -293,3 +296,42 @@ def test_an_observer_on_the_shipped_mosquitto_sees_status_but_no_worker_topic(
         page.assert_asked_only(url, mosquitto.host, mosquitto.ws_port)
     finally:
         close(request, page, agents, coordinator)
+
+
+def test_the_demo_serves_its_dashboard_and_the_page_shows_the_run(
+        browser: Any, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    # Given `make demo` with --keep (broker, coordinator, agents and page stay up after the job)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "120"}
+    demo = subprocess.Popen([sys.executable, "-m", "dockercomp.demo", "--out", str(tmp_path / "out"), "--keep"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT)
+    page = None
+    output = ""
+    try:
+        assert demo.stdout is not None
+        for line in demo.stdout:  # bounded by the module's timeout
+            output += line
+            if "Ctrl-C stops everything" in line:
+                break
+        # When the scientist opens the page the demo printed
+        found = re.search(r"dashboard (http://\S+/)", output.replace("\n", " "))
+        assert found, output
+        page = Recorded(browser)
+        page.page.goto(found.group(1))
+        # Then it shows the demo's job done, its workers online and the coordinator up
+        job = page.page.locator("#jobs tbody tr", has_text="mandelbrot")
+        job.locator(".pct", has_text="100 %").wait_for(timeout=30_000)
+        expect(page.page.locator("#online")).to_have_text(re.compile(r"[1-9]"), timeout=10_000)
+        assert page.text("#coordinator") == "up"
+        shot = tmp_path / "dashboard.png"
+        page.page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+        if os.environ.get("DOCKERCOMP_UPDATE_SCREENSHOT"):
+            shutil.copyfile(shot, SCREENSHOT)  # README, Observers
+    finally:
+        if page is not None:
+            page.context.close()
+        demo.send_signal(signal.SIGINT)
+        rest, _ = demo.communicate(timeout=60)
+        if getattr(getattr(request.node, "report_call", None), "failed", False):
+            print(output + rest)
+    assert demo.returncode == 0, output + rest
