@@ -328,19 +328,25 @@ class Agent:
             self.state = AgentState.PAUSED if paused else AgentState.RUNNING
         self._write_health()
 
-    def _announce(self, *, draining: bool | None = None, paused: bool | None = None) -> None:
-        # Say so first (retained, this connection's seq): the coordinator stops sending work
-        # before this agent turns any away, and tasks already on their way come back released.
+    def _announce(self, *, draining: bool | None = None, paused: bool | None = None) -> Presence | None:
+        """Publish the live presence (retained, this connection's seq), after setting the flags
+        given; returns it, or None when nothing went out (not announced yet: the presence on
+        CONNACK will say it; gone; or the publish failed)."""
+        # Say so first: the coordinator stops sending work before this agent turns any away,
+        # and tasks already on their way come back released.
         with self._presence_lock:
             self._draining = self._draining if draining is None else draining
             self._paused = self._paused if paused is None else paused
             announce = self._announced and not self._left and self.transport.connected
             presence = self._presence(self._live_state(), None, self._seq)
-        if announce:
-            try:
-                self.transport.publish(self.presence_topic, presence.encode(), qos=1, retain=True)
-            except BrokerError as exc:
-                log.warning("could not publish the %s presence: %s", presence.state.value, exc)
+        if not announce:
+            return None
+        try:
+            self.transport.publish(self.presence_topic, presence.encode(), qos=1, retain=True)
+        except BrokerError as exc:
+            log.warning("could not publish the %s presence: %s", presence.state.value, exc)
+            return None
+        return presence
 
     def _abort_running(self, reason: str) -> None:
         killed = self.runner.kill_running(reason)
@@ -486,18 +492,10 @@ class Agent:
             return
         if not request.asks(self.ref.key):
             return
-        with self._presence_lock:
-            if self._left or not self._announced:
-                return  # not announced yet: the presence on CONNACK answers it
-            state = self._live_state()
-            presence = self._presence(state, None, self._seq)
-        try:
-            self.transport.publish(self.presence_topic, presence.encode(), qos=1, retain=True)
-        except BrokerError as exc:
-            log.warning("could not answer the rebirth request: %s", exc)
-            return
-        self.counts["rebirths"] += 1
-        log.info("answered a rebirth request: %s (seq %d)", state.value, presence.seq)
+        presence = self._announce()  # the same presence again, flags unchanged
+        if presence is not None:
+            self.counts["rebirths"] += 1
+            log.info("answered a rebirth request: %s (seq %d)", presence.state.value, presence.seq)
 
     def _malformed(self, payload: bytes, exc: DecodeError) -> None:
         self.counts["malformed"] += 1
