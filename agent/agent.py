@@ -30,61 +30,28 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Hashable
-from enum import Enum
 from types import FrameType
 from typing import Any
 
-from dockercomp.agent.defaults import (
-    CLOSE_FLUSH_SECONDS,
-    HEALTH_INTERVAL_SECONDS,
-    MAX_QUEUED_TASKS,
-    REMEMBERED_FINISHED,
-    REMEMBERED_RESULT_BYTES,
-    UNREADABLE_LOG_INTERVAL,
-)
-from dockercomp.agent.errors import TaskRefused
+from dockercomp.agent.defaults import CLOSE_FLUSH_SECONDS, HEALTH_INTERVAL_SECONDS, MAX_QUEUED_TASKS
 from dockercomp.agent.health import Health, remove_health, write_health
-from dockercomp.agent.pause import PAUSED_ERROR, LoadWatch, Pauser
-from dockercomp.agent.runner import Finished, Job, Runner
+from dockercomp.agent.intake import TaskIntake
+from dockercomp.agent.pause import LoadWatch, Pauser
+from dockercomp.agent.results import ResultSender
+from dockercomp.agent.runner import Finished, Runner
 from dockercomp.agent.settings import AgentSettings, package_version
+from dockercomp.agent.state import RELEASED_ERROR, AgentState, TaskKey
 from dockercomp.agent.tasks import Registry
 from dockercomp.broker.connection import MqttConnection, Transport, Will
-from dockercomp.broker.defaults import MAX_PAYLOAD_BYTES
-from dockercomp.broker.errors import BrokerError, DecodeError
-from dockercomp.broker.messages import (
-    OfflineReason,
-    Outcome,
-    Presence,
-    PresenceState,
-    Rebirth,
-    Result,
-    Task,
-    TaskError,
-    peek_task_id,
-)
+from dockercomp.broker.errors import BrokerError
+from dockercomp.broker.messages import OfflineReason, Outcome, Presence, PresenceState, Task, TaskError
 from dockercomp.broker.topics import Topics
 
 log = logging.getLogger(__name__)
 
-# Error types of `rejected` results the agent itself sends (see docs/protocol.md).
-MALFORMED_TASK = "MalformedTask"
-QUEUE_FULL = "QueueFull"
-# Error type of `released` results: handed back by a shutdown, without using an attempt.
-RELEASED_ERROR = "Shutdown"
-
-TaskKey = tuple[str, int]  # (task_id, attempt)
-
-
-class AgentState(str, Enum):
-    STARTING = "starting"  # not yet connected for the first time
-    RUNNING = "running"  # taking tasks
-    DRAINING = "draining"  # first signal: no new tasks, running ones finish within the grace period
-    PAUSED = "paused"  # connected, no new tasks until resumed (agent/pause.py)
-    STOPPED = "stopped"  # left the broker
-
-
-class Agent:
-    """One worker: ``Agent(settings, Registry.load()).run()`` until signalled."""
+class Agent(TaskIntake, ResultSender):
+    """One worker: ``Agent(settings, Registry.load()).run()`` until signalled. Incoming tasks are
+    handled in intake.py, outgoing results in results.py (mixins over this object's state)."""
 
     def __init__(
         self,
@@ -421,159 +388,6 @@ class Agent:
                 log.warning("broker connection lost (%s); %d task(s) keep running, results wait for "
                             "the reconnection", event[1], len(self._held))
                 self._write_health()
-
-    def _on_task_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        if topic != self.task_topic:
-            if topic == self.rebirth_topic and not retained:  # checked here: off the tasks' path
-                self._answer_rebirth(payload)
-                return
-            # amqtt sends a new client the retained messages of *other* clients' filters.
-            log.debug("ignored a message on %s (not subscribed here)", topic)
-            return
-        if retained:
-            self.counts["ignored"] += 1
-            log.warning("ignored a retained message on %s: tasks are never retained (clear it with "
-                        "mosquitto_pub -r -n -t '%s')", topic, topic)
-            return
-        try:
-            task = Task.decode(payload)
-        except DecodeError as exc:
-            self._malformed(payload, exc)
-            return
-        key: TaskKey = (task.task_id, task.attempt)
-        if key in self._held:
-            self.counts["duplicates"] += 1
-            log.info("task %s attempt %d received again while held; ignored", *key)
-            return
-        answered = self._finished.get(key)
-        if answered is not None:
-            sent_for, kept = answered
-            if sent_for == task and kept is not None:
-                # The coordinator resends an open attempt when its answer was lost (its crash, a
-                # broker restart): send the same answer again rather than ignore or recompute.
-                self.counts["resent"] += 1
-                log.info("task %s attempt %d received again; re-sending its result", *key)
-                self._send_payload(key, kept)
-                return
-            # Same id, other content (a new coordinator database), or a result too big to keep:
-            # this is work to do.
-            del self._finished[key]
-        if self.state is AgentState.DRAINING or self.state is AgentState.PAUSED:
-            # Sent before the coordinator saw the draining/paused presence: hand it back at once.
-            self.counts["released"] += 1
-            what = self.state.value
-            log.info("%s: task %s attempt %d handed back unrun", what, *key)
-            error = TaskError(RELEASED_ERROR if what == "draining" else PAUSED_ERROR, f"sent to a {what} worker")
-            self._publish_result(Result(task.task_id, task.attempt, self.ref.worker, self.ref.volunteer,
-                                        Outcome.RELEASED, error=error, nonce=task.nonce))
-            return
-        try:
-            self.registry.check(task.function, task.args)
-            # It holds at most `concurrency` running tasks plus the queued: count only near the limit.
-            near_limit = len(self._held) - self.settings.concurrency >= self._max_queued
-            if near_limit and self.runner.queued >= self._max_queued:
-                raise TaskRefused(QUEUE_FULL, f"{self.runner.queued} tasks already queued on this worker "
-                                              f"(capacity {self.settings.concurrency}); send fewer at once")
-        except TaskRefused as exc:
-            log.info("task %s attempt %d rejected: %s", task.task_id, task.attempt, exc)
-            self._publish_result(Result(task.task_id, task.attempt, self.ref.worker, self.ref.volunteer,
-                                        Outcome.REJECTED, error=TaskError(exc.type, exc.message), nonce=task.nonce))
-            return
-        self._held[key] = task
-        self.counts["received"] += 1
-        self.runner.submit(Job(key, task.function, task.args, task.timeout, label=f"task {key[0]} attempt {key[1]}"))
-
-    def _answer_rebirth(self, payload: bytes) -> None:
-        """The coordinator asks for a proof of life: publish the presence again (same seq)."""
-        try:
-            request = Rebirth.decode(payload)
-        except DecodeError as exc:
-            log.warning("ignored a malformed rebirth request: %s", exc.reason)
-            return
-        if not request.asks(self.ref.key):
-            return
-        presence = self._announce()  # the same presence again, flags unchanged
-        if presence is not None:
-            self.counts["rebirths"] += 1
-            log.info("answered a rebirth request: %s (seq %d)", presence.state.value, presence.seq)
-
-    def _malformed(self, payload: bytes, exc: DecodeError) -> None:
-        self.counts["malformed"] += 1
-        readable = peek_task_id(payload)
-        if readable is not None:
-            task_id, attempt = readable
-            log.warning("task %s attempt %d is malformed (%s); answered rejected", task_id, attempt, exc.reason)
-            self._publish_result(Result(task_id, max(1, attempt), self.ref.worker, self.ref.volunteer,
-                                        Outcome.REJECTED, error=TaskError(MALFORMED_TASK, exc.reason)))
-            return
-        # No id to answer to: one log line, rate-limited so a flood cannot fill the disk.
-        now = self._clock()
-        if now - self._last_unreadable_log >= UNREADABLE_LOG_INTERVAL:
-            extra = f" ({self._unreadable_suppressed} more since the last report)" if self._unreadable_suppressed else ""
-            log.warning("ignored a malformed message on %s without a readable task id: %s; data %r%s",
-                        self.task_topic, exc.reason, (exc.data or b"")[:80], extra)
-            self._last_unreadable_log, self._unreadable_suppressed = now, 0
-        else:
-            self._unreadable_suppressed += 1
-
-    # -- results ----------------------------------------------------------------------------------------
-    def report_all(self, ended: list[Finished]) -> None:
-        """Answer the tasks that ended in one poll with one publish call: the network loop is
-        woken once for all of them, not once per result."""
-        if len(ended) == 1:
-            self._report(ended[0])
-            return
-        payloads = [(self.result_topic, self._answer(finished)) for finished in ended]
-        # QoS 1: kept by the transport while the broker is away, sent on reconnection.
-        failed = self.transport.publish_many(payloads, qos=1)
-        if failed:
-            log.error("%d of %d results could not be sent: %s", len(failed), len(payloads), failed[0][1])
-
-    def _report(self, finished: Finished) -> None:
-        key: TaskKey = finished.key  # type: ignore[assignment]
-        self._send_payload(key, self._answer(finished))
-
-    def _answer(self, finished: Finished) -> bytes:
-        """The result payload of a task that ended; it is remembered for a redelivery."""
-        key: TaskKey = finished.key  # type: ignore[assignment]
-        task = self._held.pop(key, None)
-        self.counts[finished.outcome.value] += 1
-        # One line per task at the default level: what `dockercomp installer logs` shows a volunteer.
-        if log.isEnabledFor(logging.INFO):
-            log.info("task %s attempt %d finished: %s in %.3f s", key[0], key[1], finished.outcome.value,
-                     finished.elapsed)
-        payload = self._result_payload(Result(key[0], key[1], self.ref.worker, self.ref.volunteer, finished.outcome,
-                                              value=finished.value, error=finished.error,
-                                              elapsed=round(finished.elapsed, 6),
-                                              nonce=task.nonce if task is not None else ""))
-        if task is not None:
-            self._finished[key] = (task, payload if len(payload) <= REMEMBERED_RESULT_BYTES else None)
-            while len(self._finished) > REMEMBERED_FINISHED:
-                self._finished.popitem(last=False)
-        return payload
-
-    @staticmethod
-    def _result_payload(result: Result) -> bytes:
-        payload = result.encode()
-        if len(payload) > MAX_PAYLOAD_BYTES:
-            payload = Result(result.task_id, result.attempt, result.worker, result.volunteer, Outcome.ERROR,
-                             error=TaskError("ResultTooLarge", f"the result is {len(payload)} bytes; "
-                                             f"a message may carry {MAX_PAYLOAD_BYTES}"),
-                             elapsed=result.elapsed, nonce=result.nonce).encode()
-        return payload
-
-    def _publish_result(self, result: Result) -> bytes:
-        """Send a result; returns the payload sent."""
-        payload = self._result_payload(result)
-        self._send_payload((result.task_id, result.attempt), payload)
-        return payload
-
-    def _send_payload(self, key: TaskKey, payload: bytes) -> None:
-        try:
-            # QoS 1: kept by the transport while the broker is away, sent on reconnection.
-            self.transport.publish(self.result_topic, payload, qos=1)
-        except BrokerError as exc:
-            log.error("result of task %s attempt %d could not be sent: %s", key[0], key[1], exc)
 
     # -- health -------------------------------------------------------------------------------------------
     def _write_health(self) -> None:

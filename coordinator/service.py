@@ -2,7 +2,7 @@
 
 This module is the loop: it moves messages between the transport and the parts that decide,
 the worker registry (registry.py: presence), the attempt ledger (ledger.py: results, deaths,
-deadlines), dispatch (dispatch.py, leases.py) and status (status.py), all over the store
+deadlines), inbound.py (what workers send, decoded and checked), dispatch (dispatch.py, leases.py) and status (status.py), all over the store
 interface (store.py).
 
 Threads: the transport's network thread only puts incoming messages on a queue; one engine
@@ -29,23 +29,24 @@ import threading
 import time
 from functools import lru_cache
 from importlib import metadata
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable
 
 from dockercomp.broker.connection import MqttConnection, Transport, Will
 from dockercomp.broker.defaults import PROTOCOL_VERSION
-from dockercomp.broker.errors import BrokerError, DecodeError, InvalidTopic
-from dockercomp.broker.messages import Presence, Rebirth, Result, encode_status
+from dockercomp.broker.errors import BrokerError
+from dockercomp.broker.messages import Rebirth, encode_status
 from dockercomp.broker.settings import BrokerSettings
 from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator import defaults
 from dockercomp.coordinator.dispatch import Dispatcher, JobBook
 from dockercomp.coordinator.errors import CoordinatorError
 from dockercomp.coordinator.heartbeat import Heartbeat
+from dockercomp.coordinator.inbound import Inbound, _Replayed
 from dockercomp.coordinator.ledger import Ledger
-from dockercomp.coordinator.leases import Leases, PayloadBuilder, error_json
-from dockercomp.coordinator.registry import Caps, PresenceChange, WorkerRegistry
+from dockercomp.coordinator.leases import Leases, PayloadBuilder
+from dockercomp.coordinator.registry import Caps, WorkerRegistry
 from dockercomp.coordinator.settings import CoordinatorSettings  # re-exported: the engine's settings
-from dockercomp.coordinator.status import RateMeter, Rejection, Rejections, StatusPublisher, summary_status
+from dockercomp.coordinator.status import RateMeter, Rejections, StatusPublisher, summary_status
 from dockercomp.coordinator.store import Store, WorkerState
 from dockercomp.coordinator.unroutable import UnroutableJobs
 
@@ -54,18 +55,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A message from a worker: Presence or Result, both naming the worker that sent it.
-_Sent = TypeVar("_Sent", Presence, Result)
-
 # Queue items telling the engine that the transport (re)connected or lost its connection.
 _CONNECTED = ("", b"connected")
 _DISCONNECTED = ("", b"disconnected")
-
-
-class _Replayed(bytes):
-    """The payload of a retained message the broker replayed on subscribe (not published
-    just now): a presence like this is no proof of life. A bytes subclass, so the inbox and
-    every message that is not a presence are handled as before, at no cost."""
 
 
 # Seconds the engine waits after a failed database transaction before trying again.
@@ -79,7 +71,7 @@ def _version() -> str:
         return "0+unknown"
 
 
-class Coordinator:
+class Coordinator(Inbound):
     """The engine. ``transport`` is owned from ``run`` on: it is started and closed here."""
 
     def __init__(self, store: Store, transport: Transport, topics: Topics | None = None,
@@ -461,85 +453,6 @@ class Coordinator:
         self._announce = True  # every worker is unconfirmed again: ask them all to show life
         log.info("state reloaded: %d open attempt(s)", len(self.leases))
         return True
-
-    # -- messages ----------------------------------------------------------------------------
-    def _handle(self, topic: str, payload: bytes, now: float) -> None:
-        try:
-            parsed = self._parse_topic(topic)
-        except InvalidTopic:
-            return  # amqtt replays other clients' retained messages on connect; not ours
-        if parsed.kind == "presence":
-            self._on_presence(parsed.ref, payload, now)
-        elif parsed.kind == "results":
-            self._on_result(parsed.ref, payload, now)
-
-    def _decode_from(self, ref: WorkerRef, kind: str, decode: Callable[[bytes], _Sent],
-                     payload: bytes) -> _Sent | None:
-        """A message decoded from ``ref``'s topic and naming ``ref`` itself, or None once the
-        rejection is counted and logged."""
-        try:
-            message = decode(payload)
-        except DecodeError as exc:
-            self.ledger.reject(Rejection.MALFORMED, ref, f"{kind}: {exc.reason}")
-            return None
-        except Exception as exc:  # noqa: BLE001 - a decoder bug must not drop the whole batch
-            self.ledger.reject(Rejection.MALFORMED, ref, f"{kind}: undecodable ({type(exc).__name__}: {exc})")
-            return None
-        if (message.volunteer, message.worker) != (ref.volunteer, ref.worker):
-            self.ledger.reject(Rejection.MISMATCH, ref, f"{kind} names {message.volunteer}/{message.worker}")
-            return None
-        return message
-
-    def _on_presence(self, ref: WorkerRef, payload: bytes, now: float) -> None:
-        if not payload:
-            return  # a cleared retained presence (purge)
-        presence = self._decode_from(ref, "presence", Presence.decode, payload)
-        if presence is None:
-            return
-        live = not isinstance(payload, _Replayed)
-        slot, change = self.workers.apply(ref, presence, now, live)
-        self.status.worker_changed(slot.id)
-        if change is PresenceChange.STALE:
-            self.ledger.reject(Rejection.STALE, ref, f"{presence.state.value} presence of connection {presence.seq}, "
-                         f"older than the current one ({slot.seq})", logging.INFO)
-        elif change is PresenceChange.LOST:
-            log.info("worker %s lost its connection; returning %d task(s) it held", ref.key,
-                     self.leases.count(slot.id))
-            self.ledger.release(slot, f"worker {ref.key} lost its connection (will) while holding the task")
-        elif change is PresenceChange.SHUTDOWN:
-            # A clean goodbye: what it still holds was sent after it stopped taking work (or its
-            # answer is lost); handed back without using an attempt.
-            held = self.leases.of_worker(slot.id)
-            log.info("worker %s shut down; returning %d task(s) it held (no attempt used)", ref.key, len(held))
-            error = error_json("WorkerShutdown", f"worker {ref.key} shut down while holding the task")
-            for lease in held:
-                self.ledger.hand_back(lease, error)
-        elif change is PresenceChange.DRAINING:
-            log.info("worker %s is draining: no new work; its %d task(s) keep running", ref.key,
-                     self.leases.count(slot.id))
-        elif change is PresenceChange.PAUSED or change is PresenceChange.RESUMED:
-            log.info("worker %s %s (%d task(s) held)", ref.key, "paused: no new work" if change is
-                     PresenceChange.PAUSED else "resumed: takes work again", self.leases.count(slot.id))
-        elif change is PresenceChange.RESTARTED:
-            log.info("worker %s restarted; returning %d task(s) the old process held",
-                     ref.key, self.leases.count(slot.id))
-            self.ledger.release(slot, f"worker {ref.key} restarted while holding the task")
-        elif live and (change is PresenceChange.RECONNECTED or change is PresenceChange.ONLINE):
-            # It may have missed tasks sent while it was away; it ignores those it still holds.
-            self._resend += [(slot.tasks_topic, lease.payload) for lease in self.leases.of_worker(slot.id)]
-        if change in (PresenceChange.NEW, PresenceChange.ONLINE) and slot.state == WorkerState.ONLINE.value:
-            log.info("worker %s online: capacity %d, prefetch %d, functions %s", ref.key, slot.capacity,
-                     slot.prefetch, ", ".join(sorted(slot.functions)) or "none")
-            if slot.capacity <= 0:
-                log.warning("worker %s announced capacity 0: it gets no work", ref.key)
-
-    def _on_result(self, ref: WorkerRef, payload: bytes, now: float) -> None:
-        result = self._decode_from(ref, "result", Result.decode, payload)
-        if result is not None:
-            lease = self.metrics.result_seen(self.leases, result) if self.metrics is not None else None
-            self.ledger.on_result(ref, result, now)
-            if lease is not None:
-                self.metrics.result_handled(self.leases, lease, now)  # type: ignore[union-attr]
 
     # -- periodic ----------------------------------------------------------------------------
     def _purge(self, now: float) -> list[str]:

@@ -1,0 +1,163 @@
+"""paho's MQTT client with fewer system calls and less work per message (MqttConnection's client).
+
+The protocol is paho's own; only how bytes are read and written, and two per-message costs
+in paho's Python code, change here (bench/ measures what each saves).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+log = logging.getLogger("dockercomp.broker.connection")  # the transport's one logger name
+
+
+class _BufferedSocket:
+    """paho's socket, read in large chunks.
+
+    paho reads every packet with at least three recv() calls (type, length, body): a system
+    call each, and each lets the other threads take the GIL. This hands paho the bytes it
+    asks for from one large read, and reports them as ``pending()`` (paho's check for
+    buffered TLS data), so paho's select() does not wait while packets are buffered here.
+    Everything else is the socket's own."""
+
+    __slots__ = ("_sock", "_buffer", "_pos")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = b""
+        self._pos = 0
+
+    def recv(self, size: int) -> bytes:
+        if self._pos >= len(self._buffer):
+            data = self._sock.recv(max(size, _READ_CHUNK))  # BlockingIOError when nothing came
+            if len(data) <= size:
+                return data
+            self._buffer, self._pos = data, 0
+        start, self._pos = self._pos, self._pos + size
+        return self._buffer[start:self._pos]
+
+    def pending(self) -> int:
+        inner = self._sock.pending() if hasattr(self._sock, "pending") else 0
+        return max(0, len(self._buffer) - self._pos) + inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
+# Bytes asked of the socket per read; a burst of results is a few kilobytes.
+_READ_CHUNK = 65536
+# Most bytes written in one send() when queued packets are joined.
+_WRITE_CHUNK = 65536
+_PUBLISH, _DISCONNECT, _PUBACK = 0x30, 0xE0, 0x40
+# What every MQTT 3.1.1 PUBACK says, built once (see _Client._handle_pubackcomp).
+_PUBACK_REASON = ReasonCode(PacketTypes.PUBACK)
+_PUBACK_PROPERTIES = Properties(PacketTypes.PUBACK)
+
+
+class _Client(mqtt.Client):
+    """paho's client with fewer system calls per message; the protocol is paho's own.
+
+    - Reads go through ``_BufferedSocket``.
+    - Writes: packets queued since the last write are joined into one send() (paho sends
+      each packet on its own). Packets paho must act on once written (QoS 0 publishes, whose
+      callbacks fire then, and DISCONNECT) are left alone.
+    - Wake-ups: paho writes a byte to a socket pair for every packet it queues, to wake its
+      network loop out of select(). None is needed for packets queued by the network thread
+      itself (PUBACKs: the loop writes them next), and ``quiet()`` lets a thread queue a batch
+      of publishes with one wake-up at the end instead of one per message.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._local = threading.local()
+        self.network_thread_id: int | None = None
+
+    def _create_socket(self):  # noqa: ANN202 - paho's SocketLike
+        sock = super()._create_socket()
+        return _BufferedSocket(sock) if isinstance(sock, socket.socket) else sock
+
+    def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
+                      info: mqtt.MQTTMessageInfo | None = None) -> mqtt.MQTTErrorCode:
+        if threading.get_ident() != self.network_thread_id and not getattr(self._local, "quiet", False):
+            return super()._packet_queue(command, packet, mid, qos, info)
+        self._out_packet.append({"command": command, "mid": mid, "qos": qos, "pos": 0,
+                                 "to_process": len(packet), "packet": packet, "info": info})
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    @contextmanager
+    def quiet(self) -> Iterator[None]:
+        """Queue publishes without waking the network loop; wake it once at the end."""
+        self._local.quiet = True
+        try:
+            yield
+        finally:
+            self._local.quiet = False
+            self.wake()
+
+    def wake(self) -> None:
+        waker = self._sockpairW
+        if waker is not None:
+            try:
+                waker.send(b"0")
+            except OSError:  # full (it is awake anyway) or replaced by a reconnection
+                pass
+
+    def _handle_pubackcomp(self, cmd: str) -> mqtt.MQTTErrorCode:
+        # An MQTT 3.1.1 PUBACK is a bare message id, but paho builds a ReasonCode and a
+        # Properties object for each: a fifth of the network thread's time. Shared ones do
+        # (on_publish ignores them); anything else is left to paho, which validates it.
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or self._protocol == mqtt.MQTTv5 or len(packet) != 2:
+            return super()._handle_pubackcomp(cmd)  # type: ignore[arg-type]
+        mid = (packet[0] << 8) | packet[1]
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, _PUBACK_REASON, _PUBACK_PROPERTIES)
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _handle_on_message(self, message: mqtt.MQTTMessage) -> None:
+        # MqttConnection registers no per-topic callbacks (message_callback_add): skip paho's
+        # walk of its topic matcher for every message and call on_message directly.
+        on_message = self.on_message
+        if on_message is None:
+            return
+        with self._in_callback_mutex:
+            try:
+                on_message(self, self._userdata, message)
+            except Exception:  # noqa: BLE001 - as paho: log, and go on with the next packet
+                log.exception("on_message failed")
+                if not self.suppress_exceptions:
+                    raise
+
+    def _packet_write(self) -> mqtt.MQTTErrorCode:
+        self._join_queued()
+        return super()._packet_write()
+
+    def _join_queued(self) -> None:
+        # Only the network thread takes from the left of this deque; others append on the right.
+        queue_ = self._out_packet
+        taken = []
+        size = 0
+        while queue_ and size < _WRITE_CHUNK:
+            packet = queue_[0]
+            kind = packet["command"] & 0xF0
+            if packet["pos"] or kind == _DISCONNECT or (kind == _PUBLISH and packet["qos"] == 0):
+                break
+            taken.append(queue_.popleft())
+            size += len(packet["packet"])
+        if len(taken) == 1:
+            queue_.appendleft(taken[0])  # nothing to join: back as it was
+        elif taken:
+            # Written like a PUBACK: nothing to do once sent (QoS 1 publishes complete on
+            # their own PUBACK from the broker, tracked apart from this queue).
+            queue_.appendleft({"command": _PUBACK, "mid": 0, "qos": 1, "pos": 0, "to_process": size,
+                               "packet": b"".join(p["packet"] for p in taken), "info": None})

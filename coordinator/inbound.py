@@ -1,0 +1,116 @@
+"""Messages from workers on the engine thread: presence (registry.py decides what changed, this
+says what follows from it) and results (the ledger closes the attempt), each decoded strictly
+and checked to name the worker whose topic it came on.
+
+A mixin of Coordinator (service.py), which owns the state it uses.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+from dockercomp.broker.errors import DecodeError, InvalidTopic
+from dockercomp.broker.messages import Presence, Result
+from dockercomp.broker.topics import WorkerRef
+from dockercomp.coordinator.leases import error_json
+from dockercomp.coordinator.registry import PresenceChange
+from dockercomp.coordinator.status import Rejection
+from dockercomp.coordinator.store import WorkerState
+
+if TYPE_CHECKING:
+    from dockercomp.coordinator.service import Coordinator
+
+log = logging.getLogger("dockercomp.coordinator.service")  # one logger name for the engine's lines
+
+# A message from a worker: Presence or Result, both naming the worker that sent it.
+_Sent = TypeVar("_Sent", Presence, Result)
+
+
+class _Replayed(bytes):
+    """The payload of a retained message the broker replayed on subscribe (not published
+    just now): a presence like this is no proof of life. A bytes subclass, so the inbox and
+    every message that is not a presence are handled as before, at no cost."""
+
+
+
+class Inbound:
+    """Coordinator's handling of what workers send."""
+
+    def _handle(self: "Coordinator", topic: str, payload: bytes, now: float) -> None:
+        try:
+            parsed = self._parse_topic(topic)
+        except InvalidTopic:
+            return  # amqtt replays other clients' retained messages on connect; not ours
+        if parsed.kind == "presence":
+            self._on_presence(parsed.ref, payload, now)
+        elif parsed.kind == "results":
+            self._on_result(parsed.ref, payload, now)
+
+    def _decode_from(self: "Coordinator", ref: WorkerRef, kind: str, decode: Callable[[bytes], _Sent],
+                     payload: bytes) -> _Sent | None:
+        """A message decoded from ``ref``'s topic and naming ``ref`` itself, or None once the
+        rejection is counted and logged."""
+        try:
+            message = decode(payload)
+        except DecodeError as exc:
+            self.ledger.reject(Rejection.MALFORMED, ref, f"{kind}: {exc.reason}")
+            return None
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must not drop the whole batch
+            self.ledger.reject(Rejection.MALFORMED, ref, f"{kind}: undecodable ({type(exc).__name__}: {exc})")
+            return None
+        if (message.volunteer, message.worker) != (ref.volunteer, ref.worker):
+            self.ledger.reject(Rejection.MISMATCH, ref, f"{kind} names {message.volunteer}/{message.worker}")
+            return None
+        return message
+
+    def _on_presence(self: "Coordinator", ref: WorkerRef, payload: bytes, now: float) -> None:
+        if not payload:
+            return  # a cleared retained presence (purge)
+        presence = self._decode_from(ref, "presence", Presence.decode, payload)
+        if presence is None:
+            return
+        live = not isinstance(payload, _Replayed)
+        slot, change = self.workers.apply(ref, presence, now, live)
+        self.status.worker_changed(slot.id)
+        if change is PresenceChange.STALE:
+            self.ledger.reject(Rejection.STALE, ref, f"{presence.state.value} presence of connection {presence.seq}, "
+                         f"older than the current one ({slot.seq})", logging.INFO)
+        elif change is PresenceChange.LOST:
+            log.info("worker %s lost its connection; returning %d task(s) it held", ref.key,
+                     self.leases.count(slot.id))
+            self.ledger.release(slot, f"worker {ref.key} lost its connection (will) while holding the task")
+        elif change is PresenceChange.SHUTDOWN:
+            # A clean goodbye: what it still holds was sent after it stopped taking work (or its
+            # answer is lost); handed back without using an attempt.
+            held = self.leases.of_worker(slot.id)
+            log.info("worker %s shut down; returning %d task(s) it held (no attempt used)", ref.key, len(held))
+            error = error_json("WorkerShutdown", f"worker {ref.key} shut down while holding the task")
+            for lease in held:
+                self.ledger.hand_back(lease, error)
+        elif change is PresenceChange.DRAINING:
+            log.info("worker %s is draining: no new work; its %d task(s) keep running", ref.key,
+                     self.leases.count(slot.id))
+        elif change is PresenceChange.PAUSED or change is PresenceChange.RESUMED:
+            log.info("worker %s %s (%d task(s) held)", ref.key, "paused: no new work" if change is
+                     PresenceChange.PAUSED else "resumed: takes work again", self.leases.count(slot.id))
+        elif change is PresenceChange.RESTARTED:
+            log.info("worker %s restarted; returning %d task(s) the old process held",
+                     ref.key, self.leases.count(slot.id))
+            self.ledger.release(slot, f"worker {ref.key} restarted while holding the task")
+        elif live and (change is PresenceChange.RECONNECTED or change is PresenceChange.ONLINE):
+            # It may have missed tasks sent while it was away; it ignores those it still holds.
+            self._resend += [(slot.tasks_topic, lease.payload) for lease in self.leases.of_worker(slot.id)]
+        if change in (PresenceChange.NEW, PresenceChange.ONLINE) and slot.state == WorkerState.ONLINE.value:
+            log.info("worker %s online: capacity %d, prefetch %d, functions %s", ref.key, slot.capacity,
+                     slot.prefetch, ", ".join(sorted(slot.functions)) or "none")
+            if slot.capacity <= 0:
+                log.warning("worker %s announced capacity 0: it gets no work", ref.key)
+
+    def _on_result(self: "Coordinator", ref: WorkerRef, payload: bytes, now: float) -> None:
+        result = self._decode_from(ref, "result", Result.decode, payload)
+        if result is not None:
+            lease = self.metrics.result_seen(self.leases, result) if self.metrics is not None else None
+            self.ledger.on_result(ref, result, now)
+            if lease is not None:
+                self.metrics.result_handled(self.leases, lease, now)  # type: ignore[union-attr]
