@@ -116,6 +116,12 @@ class Agent(TaskIntake, ResultSender):
         self._held: dict[TaskKey, Task] = {}  # queued or running
         # Answered attempts: the task as received and the result payload sent (None when too big).
         self._finished: collections.OrderedDict[TaskKey, tuple[Task, bytes | None]] = collections.OrderedDict()
+        # Batches (broker/batches.py): answer with ResultBatch messages while the coordinator
+        # sends task batches; results held for one, and when they must go at the latest.
+        self._batch_results = False
+        self._result_batch = max(1, settings.batch)
+        self._outbox: list[bytes] = []
+        self._outbox_due = math.inf
         self._last_unreadable_log = float("-inf")
         self._unreadable_suppressed = 0
         self.counts: collections.Counter[str] = collections.Counter()  # for logs and tests
@@ -127,7 +133,7 @@ class Agent(TaskIntake, ResultSender):
             worker=self.ref.worker, volunteer=self.ref.volunteer, state=state, seq=seq, reason=reason,
             host=s.host, container=s.container, image=s.image, version=self.version, cpus=os.cpu_count() or 0,
             capacity=s.concurrency, functions=tuple(self.registry.names), started=self.started,
-            prefetch=s.prefetch,
+            prefetch=s.prefetch, batch=s.batch,
         )
 
     def _make_will(self) -> Will:
@@ -244,7 +250,7 @@ class Agent(TaskIntake, ResultSender):
                 if now >= next_health:
                     self._write_health()
                     next_health = now + self._health_interval
-                timeout = max(0.0, min(next_health, pause_due) - now)
+                timeout = max(0.0, min(next_health, pause_due, self._outbox_due) - now)
                 if drain_deadline is not None:
                     timeout = min(timeout, max(0.0, drain_deadline - now))
                 self._wake_pending = False
@@ -256,13 +262,16 @@ class Agent(TaskIntake, ResultSender):
                 finally:
                     self._sleeping = False
                 if ended:
-                    self.report_all(ended)
+                    self.report_all(ended, linger=True)
+                elif self._outbox and self._clock() >= self._outbox_due:
+                    self.flush_results()
                 if self.runner.woken:
                     self._drain_wake_pipe()
         except Exception:
             log.exception("agent %s failed; leaving", self.ref.key)
             failed = True
         finally:
+            self.flush_results()
             self._leave(fast=failed or self.stop_level >= 2 or self._fatal is not None)
         if self._fatal is not None:
             raise self._fatal  # the command turns it into one line and its exit code
@@ -276,6 +285,7 @@ class Agent(TaskIntake, ResultSender):
             pass
 
     def _begin_drain(self) -> float:
+        self.flush_results()
         self._announce(draining=True)
         self.state = AgentState.DRAINING
         dropped = self.runner.drop_queued()

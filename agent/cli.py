@@ -30,6 +30,7 @@ from dockercomp.agent.defaults import (
     PAUSE_FILE_ENV,
     PASSWORD_ENV,
     PREFETCH_ENV,
+    TASK_BATCH,
     USERNAME_ENV,
     VOLUNTEER_ENV,
     WORKER_ID_ENV,
@@ -70,6 +71,9 @@ def main() -> None:
               help="Tasks the coordinator may queue here beyond those running, so a finished task is "
                    "followed at once by the next; 0 for long tasks that other workers should get instead "
                    f"[env {PREFETCH_ENV}; default: the concurrency]")
+@click.option("--batch", type=click.IntRange(min=0),
+              help="Tasks the coordinator may send in one message (and results sent back in one); "
+                   f"0: one per message [default {TASK_BATCH}]")
 @click.option("--keepalive", type=click.IntRange(1, 65535),
               help="MQTT keepalive in seconds; a frozen agent is reported lost within 2x this + 5 s "
                    f"[default {KEEPALIVE_SECONDS}]")
@@ -91,7 +95,7 @@ def main() -> None:
 @click.option("-v", "--verbose", count=True, help="Log every task (-v) and MQTT packets (-vv).")
 @handled
 def run(broker_url: str, worker_id: str | None, volunteer: str | None, concurrency: int | None,
-        prefetch: int | None, keepalive: int | None, grace: float, username: str | None, health_file: str | None,
+        prefetch: int | None, batch: int | None, keepalive: int | None, grace: float, username: str | None, health_file: str | None,
         idle_only: bool, max_load: float | None, load_file: Path, pause_file: Path | None, verbose: int) -> None:
     """Connect to the broker and run tasks until stopped.
 
@@ -108,7 +112,7 @@ def run(broker_url: str, worker_id: str | None, volunteer: str | None, concurren
     _setup_logging(verbose)
     settings = AgentSettings.from_options(
         broker_url, worker_id=worker_id, volunteer=volunteer, concurrency=concurrency, prefetch=prefetch,
-        keepalive=keepalive, grace=grace, username=username, password=os.environ.get(PASSWORD_ENV) or None,
+        batch=batch, keepalive=keepalive, grace=grace, username=username, password=os.environ.get(PASSWORD_ENV) or None,
         health_file=health_file,
     )
     if max_load is not None and not idle_only:

@@ -54,6 +54,15 @@ REMEMBERED_RESULT_BYTES = 16 * 1024
 # slot that frees up starts its next task at once instead of waiting a coordinator round trip.
 PREFETCH_PER_SLOT = 1
 
+# Tasks the agent takes per message (`agent run --batch`, announced in its presence; the
+# coordinator grants at most broker.defaults.MAX_BATCH_ITEMS): its whole in-flight window in one
+# message for any usual --concurrency/--prefetch, so MQTT's per-message cost is paid once per batch.
+TASK_BATCH = 100
+
+# Longest a finished task's result waits for others to share its ResultBatch message, in
+# seconds; only while other tasks are still in flight here (a lone task's result goes at once).
+RESULT_LINGER_SECONDS = 0.002
+
 # Bytes of tasks the agent writes ahead into the pipe of a busy task process; more waits in
 # the agent (a full pipe would block the agent's loop until that process reads).
 SEND_AHEAD_BYTES = 64 * 1024

@@ -1,4 +1,5 @@
-"""Incoming messages on the agent's main thread: tasks (checked, queued or answered at once),
+"""Incoming messages on the agent's main thread: tasks, alone or in a batch (broker/batches.py;
+each checked, queued or answered at once on its own),
 rebirth requests (answered with the presence) and malformed payloads (answered when they carry
 a readable task id, else logged at a bounded rate).
 
@@ -16,6 +17,7 @@ from dockercomp.agent.pause import PAUSED_ERROR
 from dockercomp.agent.runner import Job
 from dockercomp.agent.state import MALFORMED_TASK, QUEUE_FULL, RELEASED_ERROR, AgentState, TaskKey
 from dockercomp.agent.defaults import UNREADABLE_LOG_INTERVAL
+from dockercomp.broker.batches import BadItem, read_tasks
 from dockercomp.broker.errors import DecodeError
 from dockercomp.broker.messages import Outcome, Rebirth, Result, Task, TaskError, peek_task_id
 
@@ -42,10 +44,34 @@ class TaskIntake:
                         "mosquitto_pub -r -n -t '%s')", topic, topic)
             return
         try:
-            task = Task.decode(payload)
+            message = read_tasks(payload)
         except DecodeError as exc:
             self._malformed(payload, exc)
             return
+        if isinstance(message, Task):
+            # A coordinator that sends single tasks gets single results (it may predate batches).
+            self._batch_results = False
+            self._take(message)
+            return
+        self._batch_results = True  # it sent a batch: it reads ResultBatch messages too
+        self.counts["batches"] += 1
+        for item in message.items:
+            if isinstance(item, BadItem):
+                self._malformed_item(item)
+            else:
+                self._take(item)
+
+    def _malformed_item(self: "Agent", item: BadItem) -> None:
+        """One task of a batch that does not decode: answered rejected when its id is readable
+        (the others of the batch run), else counted and logged as an unreadable message."""
+        self.counts["malformed"] += 1
+        if item.peeked is not None:
+            self._reject_malformed(*item.peeked, item.error)
+        else:
+            self._log_unreadable(item.error, f" (item {item.index} of a batch)")
+
+    def _take(self: "Agent", task: Task) -> None:
+        """One task, alone or out of a batch: run it, answer it again, or turn it away."""
         key: TaskKey = (task.task_id, task.attempt)
         if key in self._held:
             self.counts["duplicates"] += 1
@@ -107,17 +133,22 @@ class TaskIntake:
         self.counts["malformed"] += 1
         readable = peek_task_id(payload)
         if readable is not None:
-            task_id, attempt = readable
-            log.warning("task %s attempt %d is malformed (%s); answered rejected", task_id, attempt, exc.reason)
-            self._publish_result(Result(task_id, max(1, attempt), self.ref.worker, self.ref.volunteer,
-                                        Outcome.REJECTED, error=TaskError(MALFORMED_TASK, exc.reason)))
+            self._reject_malformed(*readable, exc)
             return
+        self._log_unreadable(exc)
+
+    def _reject_malformed(self: "Agent", task_id: str, attempt: int, exc: DecodeError) -> None:
+        log.warning("task %s attempt %d is malformed (%s); answered rejected", task_id, attempt, exc.reason)
+        self._publish_result(Result(task_id, max(1, attempt), self.ref.worker, self.ref.volunteer,
+                                    Outcome.REJECTED, error=TaskError(MALFORMED_TASK, exc.reason)))
+
+    def _log_unreadable(self: "Agent", exc: DecodeError, where: str = "") -> None:
         # No id to answer to: one log line, rate-limited so a flood cannot fill the disk.
         now = self._clock()
         if now - self._last_unreadable_log >= UNREADABLE_LOG_INTERVAL:
             extra = f" ({self._unreadable_suppressed} more since the last report)" if self._unreadable_suppressed else ""
-            log.warning("ignored a malformed message on %s without a readable task id: %s; data %r%s",
-                        self.task_topic, exc.reason, (exc.data or b"")[:80], extra)
+            log.warning("ignored a malformed message on %s without a readable task id%s: %s; data %r%s",
+                        self.task_topic, where, exc.reason, (exc.data or b"")[:80], extra)
             self._last_unreadable_log, self._unreadable_suppressed = now, 0
         else:
             self._unreadable_suppressed += 1

@@ -1,5 +1,7 @@
 """Results leaving the agent: one payload per ended attempt, remembered for a redelivery, a
-result too big for a message replaced by a ResultTooLarge error, several sent with one publish call.
+result too big for a message replaced by a ResultTooLarge error, several sent with one publish
+call, and to a coordinator that sends task batches, joined into ResultBatch messages
+(broker/batches.py) after at most a few milliseconds of waiting for more.
 
 A mixin of Agent (agent.py), which owns the state it uses.
 """
@@ -7,11 +9,13 @@ A mixin of Agent (agent.py), which owns the state it uses.
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING
 
-from dockercomp.agent.defaults import REMEMBERED_FINISHED, REMEMBERED_RESULT_BYTES
+from dockercomp.agent.defaults import REMEMBERED_FINISHED, REMEMBERED_RESULT_BYTES, RESULT_LINGER_SECONDS
 from dockercomp.agent.runner import Finished
 from dockercomp.agent.state import TaskKey
+from dockercomp.broker.batches import RESULTS_KEY, pack
 from dockercomp.broker.defaults import MAX_PAYLOAD_BYTES
 from dockercomp.broker.errors import BrokerError
 from dockercomp.broker.messages import Outcome, Result, TaskError
@@ -25,31 +29,58 @@ log = logging.getLogger("dockercomp.agent.agent")  # one logger name for the age
 class ResultSender:
     """Agent's sending of results."""
 
-    def report_all(self: "Agent", ended: list[Finished]) -> None:
+    def report_all(self: "Agent", ended: list[Finished], linger: bool = False) -> None:
         """Answer the tasks that ended in one poll with one publish call: the network loop is
-        woken once for all of them, not once per result."""
-        if len(ended) == 1:
-            self._report(ended[0])
-            return
-        payloads = [(self.result_topic, self._answer(finished)) for finished in ended]
-        # QoS 1: kept by the transport while the broker is away, sent on reconnection.
-        failed = self.transport.publish_many(payloads, qos=1)
-        if failed:
-            log.error("%d of %d results could not be sent: %s", len(failed), len(payloads), failed[0][1])
+        woken once for all of them, not once per result. To a coordinator that sends batches,
+        they go as ResultBatch messages; with ``linger`` (the main loop), while other tasks are
+        still in flight, they may wait up to RESULT_LINGER_SECONDS for more to join them."""
+        payloads = [self._answer(finished) for finished in ended]
+        if self._batch_results:
+            self._outbox += payloads
+            if linger and len(self._outbox) < self._result_batch and not self.runner.idle:
+                if self._outbox_due == math.inf:
+                    self._outbox_due = self._clock() + RESULT_LINGER_SECONDS
+                if self._clock() < self._outbox_due:
+                    self._log_finished(ended)
+                    return  # the loop's poll wakes by the due time (Agent.run)
+            self.flush_results()
+        elif len(payloads) == 1:
+            self._send_payload(ended[0].key, payloads[0])  # type: ignore[arg-type]
+        else:
+            self._publish_many(payloads)
+        self._log_finished(ended)
 
-    def _report(self: "Agent", finished: Finished) -> None:
-        key: TaskKey = finished.key  # type: ignore[assignment]
-        self._send_payload(key, self._answer(finished))
+    def flush_results(self: "Agent") -> None:
+        """Send the results held for a batch now."""
+        outbox = self._outbox
+        if not outbox:
+            return
+        self._outbox, self._outbox_due = [], math.inf
+        if len(outbox) == 1:  # a lone result goes as itself: less to write and to read
+            self._publish_many(outbox)
+        else:
+            self._publish_many(pack(RESULTS_KEY, outbox, self._result_batch))
+
+    def _publish_many(self: "Agent", payloads: list[bytes]) -> None:
+        # QoS 1: kept by the transport while the broker is away, sent on reconnection.
+        failed = self.transport.publish_many([(self.result_topic, payload) for payload in payloads], qos=1)
+        if failed:
+            log.error("%d of %d result messages could not be sent: %s", len(failed), len(payloads), failed[0][1])
+
+    @staticmethod
+    def _log_finished(ended: list[Finished]) -> None:
+        # One line per task at the default level: what `dockercomp installer logs` shows a
+        # volunteer. Written after the results left, so it adds nothing to their latency.
+        if log.isEnabledFor(logging.INFO):
+            for finished in ended:
+                log.info("task %s attempt %d finished: %s in %.3f s", finished.key[0], finished.key[1],  # type: ignore[index]
+                         finished.outcome.value, finished.elapsed)
 
     def _answer(self: "Agent", finished: Finished) -> bytes:
         """The result payload of a task that ended; it is remembered for a redelivery."""
         key: TaskKey = finished.key  # type: ignore[assignment]
         task = self._held.pop(key, None)
         self.counts[finished.outcome.value] += 1
-        # One line per task at the default level: what `dockercomp installer logs` shows a volunteer.
-        if log.isEnabledFor(logging.INFO):
-            log.info("task %s attempt %d finished: %s in %.3f s", key[0], key[1], finished.outcome.value,
-                     finished.elapsed)
         payload = self._result_payload(Result(key[0], key[1], self.ref.worker, self.ref.volunteer, finished.outcome,
                                               value=finished.value, error=finished.error,
                                               elapsed=round(finished.elapsed, 6),

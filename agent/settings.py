@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from dockercomp.agent.defaults import GRACE_SECONDS, HEALTH_FILE, HEALTH_FILE_ENV, IMAGE_ENV, PREFETCH_PER_SLOT
+from dockercomp.agent.defaults import GRACE_SECONDS, HEALTH_FILE, HEALTH_FILE_ENV, IMAGE_ENV, PREFETCH_PER_SLOT, TASK_BATCH
 from dockercomp.agent.errors import ConfigError
 from dockercomp.broker.defaults import DEFAULT_VOLUNTEER, MAX_NAME_LENGTH
 from dockercomp.broker.errors import InvalidName, SettingsError
@@ -88,6 +88,7 @@ class AgentSettings:
     worker: WorkerRef
     concurrency: int
     prefetch: int = 0  # tasks wanted queued here beyond the concurrency (announced in the presence)
+    batch: int = 0  # tasks taken per message (announced in the presence; 0: single task messages)
     grace: float = GRACE_SECONDS
     health_file: Path | None = Path(HEALTH_FILE)
     host: str = ""
@@ -115,6 +116,7 @@ class AgentSettings:
         volunteer: str | None = None,
         concurrency: int | None = None,
         prefetch: int | None = None,
+        batch: int | None = None,
         keepalive: int | None = None,
         grace: float | None = None,
         username: str | None = None,
@@ -147,6 +149,10 @@ class AgentSettings:
             prefetch = concurrency * PREFETCH_PER_SLOT
         if prefetch < 0:
             raise ConfigError("--prefetch", "must not be negative (0: no task waits here beyond those running)")
+        if batch is None:
+            batch = TASK_BATCH
+        if batch < 0:
+            raise ConfigError("--batch", "must not be negative (0: one task per message)")
         if grace is None:
             grace = GRACE_SECONDS
         if grace < 0:
@@ -170,6 +176,7 @@ class AgentSettings:
             worker=WorkerRef(volunteer_name, name),
             concurrency=concurrency,
             prefetch=prefetch,
+            batch=batch,
             grace=grace,
             health_file=Path(health) if health else None,
             host=host[:255],

@@ -21,6 +21,11 @@ MAX_PAYLOAD_BYTES = 256 * 1024
 # Deepest JSON nesting accepted in task arguments and result values.
 MAX_JSON_DEPTH = 32
 
+# Most tasks one TaskBatch (or results one ResultBatch) carries (broker/batches.py): bounds
+# what one message makes a side do, and what a killed agent takes with it in one message; a
+# worker announcing a larger batch is granted this many.
+MAX_BATCH_ITEMS = 100
+
 # Broker port when the URL names none (plain, TLS).
 MQTT_PORT = 1883
 MQTTS_PORT = 8883

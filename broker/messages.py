@@ -107,8 +107,9 @@ def _loads(payload: bytes | str) -> Any:
     return _DECODER.decode(text)
 
 
-def load_object(kind: str, payload: bytes | str) -> dict[str, Any]:
-    """Parse a payload into a JSON object of the current protocol version, or DecodeError."""
+def load_object(kind: str, payload: bytes | str, depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
+    """Parse a payload into a JSON object of the current protocol version, or DecodeError.
+    ``depth``: the deepest nesting allowed (a batch's envelope adds two levels to its items')."""
     size = len(payload)
     if size > MAX_PAYLOAD_BYTES:
         raise DecodeError(kind, f"payload of {size} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit", payload[:200])
@@ -122,17 +123,22 @@ def load_object(kind: str, payload: bytes | str) -> dict[str, Any]:
         raise DecodeError(kind, f"not valid JSON ({exc})", payload) from None
     if not isinstance(obj, dict):
         raise DecodeError(kind, f"expected a JSON object, got {type(obj).__name__}", payload)
+    check_depth(kind, obj, payload, depth)
+    version = obj.get("v")
+    if version != PROTOCOL_VERSION:
+        raise DecodeError(kind, f"unsupported protocol version {version!r} (this side speaks {PROTOCOL_VERSION})", payload)
+    return obj
+
+
+def check_depth(kind: str, obj: Any, payload: bytes | str, depth: int = MAX_JSON_DEPTH) -> None:
+    """DecodeError when ``obj`` (parsed from ``payload``) nests deeper than ``depth``."""
     # Nesting deeper than the limit needs more containers than the limit; every container
     # opens with a '[' or '{' character, which in UTF-8, -16 and -32 alike contains that
     # byte. Fewer such bytes than the limit: no need to walk the object.
     brackets = payload.count("[" if isinstance(payload, str) else b"[") + payload.count(
         "{" if isinstance(payload, str) else b"{")
-    if brackets > MAX_JSON_DEPTH and json_depth(obj) > MAX_JSON_DEPTH:
-        raise DecodeError(kind, f"JSON nested deeper than {MAX_JSON_DEPTH} levels", payload)
-    version = obj.get("v")
-    if version != PROTOCOL_VERSION:
-        raise DecodeError(kind, f"unsupported protocol version {version!r} (this side speaks {PROTOCOL_VERSION})", payload)
-    return obj
+    if brackets > depth and json_depth(obj) > depth:
+        raise DecodeError(kind, f"JSON nested deeper than {depth} levels", payload)
 
 
 class _Fields:
@@ -244,6 +250,9 @@ class Presence:
     # Tasks the worker wants queued beyond its capacity, so a slot that frees up starts the
     # next task at once instead of waiting a round trip to the coordinator.
     prefetch: int = 0
+    # Most tasks the worker takes in one message (a TaskBatch, broker/batches.py); 0: single
+    # Task messages only, what a worker that predates batches gets (it does not send the field).
+    batch: int = 0
     v: int = PROTOCOL_VERSION
 
     KIND = "presence"
@@ -254,7 +263,7 @@ class Presence:
             "seq": self.seq, "reason": self.reason.value if self.reason else None, "host": self.host,
             "container": self.container, "image": self.image, "version": self.version, "cpus": self.cpus,
             "capacity": self.capacity, "functions": list(self.functions), "started": self.started,
-            "prefetch": self.prefetch,
+            "prefetch": self.prefetch, "batch": self.batch,
         })
 
     @classmethod
@@ -277,6 +286,7 @@ class Presence:
             functions=tuple(functions),
             started=float(f.get("started", (int, float), 0.0)),
             prefetch=f.get("prefetch", int, 0, check=_non_negative),
+            batch=f.get("batch", int, 0, check=_non_negative),
         )
 
 
@@ -349,6 +359,13 @@ def peek_task_id(payload: bytes | str) -> tuple[str, int] | None:
         obj = load_object(Task.KIND, payload)
     except DecodeError:
         return None
+    return peek_object_id(obj)
+
+
+def peek_object_id(obj: Any) -> tuple[str, int] | None:
+    """``peek_task_id`` of an already parsed object (an item of a TaskBatch)."""
+    if not isinstance(obj, dict):
+        return None
     task_id, attempt = obj.get("task_id"), obj.get("attempt", 1)
     if isinstance(task_id, str) and 0 < len(task_id) <= 128 and isinstance(attempt, int) and not isinstance(attempt, bool):
         return task_id, attempt
@@ -404,8 +421,12 @@ class Result:
 
     @classmethod
     def decode(cls, payload: bytes | str) -> "Result":
-        obj = load_object(cls.KIND, payload)
-        return cls._decode_ok(obj) or cls._decode_checked(obj, payload)
+        return cls.from_object(load_object(cls.KIND, payload), payload)
+
+    @classmethod
+    def from_object(cls, obj: dict[str, Any], raw: bytes | str = b"") -> "Result":
+        """A Result from an already parsed object (one item of a ResultBatch), or DecodeError."""
+        return cls._decode_ok(obj) or cls._decode_checked(obj, raw)
 
     @classmethod
     def _decode_ok(cls, obj: dict[str, Any]) -> "Result | None":

@@ -6,6 +6,9 @@ so memory stays exact; changes the CLI makes (submit, cancel, retry) bump a job'
 ``revision`` and are picked up by ``JobBook.poll``. No SQL here: every read and write goes
 through the store interface.
 
+A round's tasks for one worker that announced a batch size go in TaskBatch messages
+(``_envelop``), one per worker and round when they fit.
+
 A worker never holds more than ``capacity + prefetch`` open attempts: ``capacity`` tasks
 running (its agent's concurrency) and ``prefetch`` queued on the agent, so a slot that frees
 up starts the next task at once instead of waiting for a round trip to the coordinator. The
@@ -17,6 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from dockercomp.broker.batches import TASKS_KEY, pack
 from dockercomp.coordinator.leases import Lease, Leases, PayloadBuilder, new_nonce
 from dockercomp.coordinator.quorum import Quorum
 from dockercomp.coordinator.registry import WorkerRegistry, WorkerSlot
@@ -187,7 +191,7 @@ class Dispatcher:
             sends += self._open(job, plan, leases, now)
         if last_served is not None:
             self._cursor = start + order.index(last_served) + 1
-        return sends
+        return _envelop(sends, order) if any(w.batch for w in order) else sends
 
     def deadline(self, worker: WorkerSlot, ahead: int, timeout: float, leases: Leases, now: float) -> float:
         """When the lease of a task sent now ends, ``ahead`` tasks being held by the worker
@@ -223,6 +227,23 @@ class Dispatcher:
                 self.served.add(worker.id)
         job.move(TaskState.PENDING.value, TaskState.ASSIGNED.value, len(plan))
         return sends
+
+
+def _envelop(sends: list[tuple[str, bytes]], workers: list[WorkerSlot]) -> list[tuple[str, bytes]]:
+    """The round's task messages, those of each worker that takes batches joined into TaskBatch
+    messages of at most its batch size (broker/batches.py): one message per worker and round
+    instead of one per task. Workers that announced no batch get their Task messages as they are."""
+    batch = {w.tasks_topic: w.batch for w in workers if w.batch}
+    out: list[tuple[str, bytes]] = []
+    grouped: dict[str, list[bytes]] = {}
+    for topic, payload in sends:
+        if topic in batch:
+            grouped.setdefault(topic, []).append(payload)
+        else:
+            out.append((topic, payload))
+    for topic, payloads in grouped.items():
+        out += [(topic, message) for message in pack(TASKS_KEY, payloads, batch[topic])]
+    return out
 
 
 def _round_robin(rows: list[PendingRow], candidates: list[WorkerSlot],

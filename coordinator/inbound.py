@@ -8,10 +8,12 @@ A mixin of Coordinator (service.py), which owns the state it uses.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar, Union
 
+from dockercomp.broker.batches import TASKS_KEY, Batch, ResultBatch, pack, read_results
+from dockercomp.broker.defaults import MAX_BATCH_ITEMS
 from dockercomp.broker.errors import DecodeError, InvalidTopic
-from dockercomp.broker.messages import Presence, Result
+from dockercomp.broker.messages import Presence, PresenceState, Result
 from dockercomp.broker.topics import WorkerRef
 from dockercomp.coordinator.leases import error_json
 from dockercomp.coordinator.registry import PresenceChange
@@ -23,8 +25,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dockercomp.coordinator.service")  # one logger name for the engine's lines
 
-# A message from a worker: Presence or Result, both naming the worker that sent it.
-_Sent = TypeVar("_Sent", Presence, Result)
+# A message from a worker: Presence or Result, both naming the worker that sent it, or a
+# ResultBatch, whose items do.
+_Sent = TypeVar("_Sent", Presence, Result, Union[Result, ResultBatch])
 
 
 class _Replayed(bytes):
@@ -59,6 +62,8 @@ class Inbound:
         except Exception as exc:  # noqa: BLE001 - a decoder bug must not drop the whole batch
             self.ledger.reject(Rejection.MALFORMED, ref, f"{kind}: undecodable ({type(exc).__name__}: {exc})")
             return None
+        if isinstance(message, Batch):
+            return message  # its items name their worker: checked one by one (_on_result)
         if (message.volunteer, message.worker) != (ref.volunteer, ref.worker):
             self.ledger.reject(Rejection.MISMATCH, ref, f"{kind} names {message.volunteer}/{message.worker}")
             return None
@@ -72,6 +77,8 @@ class Inbound:
             return
         live = not isinstance(payload, _Replayed)
         slot, change = self.workers.apply(ref, presence, now, live)
+        if change is not PresenceChange.STALE and presence.state is not PresenceState.OFFLINE:
+            slot.batch = min(presence.batch, MAX_BATCH_ITEMS)  # a hostile 2**62 gets the cap
         self.status.worker_changed(slot.id)
         if change is PresenceChange.STALE:
             self.ledger.reject(Rejection.STALE, ref, f"{presence.state.value} presence of connection {presence.seq}, "
@@ -100,7 +107,9 @@ class Inbound:
             self.ledger.release(slot, f"worker {ref.key} restarted while holding the task")
         elif live and (change is PresenceChange.RECONNECTED or change is PresenceChange.ONLINE):
             # It may have missed tasks sent while it was away; it ignores those it still holds.
-            self._resend += [(slot.tasks_topic, lease.payload) for lease in self.leases.of_worker(slot.id)]
+            held = [lease.payload for lease in self.leases.of_worker(slot.id)]
+            self._resend += [(slot.tasks_topic, message) for message in (
+                pack(TASKS_KEY, held, slot.batch) if slot.batch and held else held)]
         if change in (PresenceChange.NEW, PresenceChange.ONLINE) and slot.state == WorkerState.ONLINE.value:
             log.info("worker %s online: capacity %d, prefetch %d, functions %s", ref.key, slot.capacity,
                      slot.prefetch, ", ".join(sorted(slot.functions)) or "none")
@@ -108,9 +117,28 @@ class Inbound:
                 log.warning("worker %s announced capacity 0: it gets no work", ref.key)
 
     def _on_result(self: "Coordinator", ref: WorkerRef, payload: bytes, now: float) -> None:
-        result = self._decode_from(ref, "result", Result.decode, payload)
-        if result is not None:
-            lease = self.metrics.result_seen(self.leases, result) if self.metrics is not None else None
-            self.ledger.on_result(ref, result, now)
-            if lease is not None:
-                self.metrics.result_handled(self.leases, lease, now)  # type: ignore[union-attr]
+        message = self._decode_from(ref, "result", read_results, payload)
+        if message is None:
+            return
+        if isinstance(message, Result):
+            self._take_result(ref, message, now)
+            return
+        # A ResultBatch: an envelope only; each result is checked and closes its attempt as if it
+        # came alone. What is wrong inside is counted once per batch; the rest is handled.
+        results = message.good
+        bad, foreign = message.bad, [r for r in results if (r.volunteer, r.worker) != (ref.volunteer, ref.worker)]
+        if bad:
+            self.ledger.reject(Rejection.MALFORMED, ref, f"result batch: {len(bad)} of {len(message.items)} "
+                               f"item(s) unreadable (item {bad[0].index}: {bad[0].error.reason})")
+        if foreign:
+            self.ledger.reject(Rejection.MISMATCH, ref, f"result batch: {len(foreign)} of {len(message.items)} "
+                               f"result(s) name another worker ({foreign[0].volunteer}/{foreign[0].worker})")
+            results = [r for r in results if (r.volunteer, r.worker) == (ref.volunteer, ref.worker)]
+        for result in results:
+            self._take_result(ref, result, now)
+
+    def _take_result(self: "Coordinator", ref: WorkerRef, result: Result, now: float) -> None:
+        lease = self.metrics.result_seen(self.leases, result) if self.metrics is not None else None
+        self.ledger.on_result(ref, result, now)
+        if lease is not None:
+            self.metrics.result_handled(self.leases, lease, now)  # type: ignore[union-attr]

@@ -73,6 +73,9 @@ class WorkerSlot:
     # Marked lost for not answering a rebirth request (not by a will): a live online presence
     # of the same connection brings it back.
     presumed: bool = False
+    # Tasks it takes per message, as its live presence announced (capped; 0: single Task
+    # messages, broker/batches.py). Not stored: a restarted engine hears it again (rebirth).
+    batch: int = 0
 
     @property
     def key(self) -> str:
