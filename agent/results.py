@@ -44,8 +44,6 @@ class ResultSender:
                     self._log_finished(ended)
                     return  # the loop's poll wakes by the due time (Agent.run)
             self.flush_results()
-        elif len(payloads) == 1:
-            self._send_payload(ended[0].key, payloads[0])  # type: ignore[arg-type]
         else:
             self._publish_many(payloads)
         self._log_finished(ended)

@@ -33,8 +33,6 @@ RESULTS_KEY = "results"
 
 # The envelope's object and list put each item two levels deeper than as a single message.
 _ENVELOPE_DEPTH = MAX_JSON_DEPTH + 2
-# Bytes of the envelope around the items: '{"v":2,"results":[' + ']}' (the longer key).
-_ENVELOPE_BYTES = len(b'{"v":%d,"%s":[]}' % (PROTOCOL_VERSION, RESULTS_KEY.encode()))
 
 _Item = TypeVar("_Item", Task, Result)
 
@@ -79,21 +77,22 @@ def pack(key: str, payloads: Sequence[bytes], most: int, limit: int = MAX_PAYLOA
     items (capped at MAX_BATCH_ITEMS) and ``limit`` bytes. An item too big to share an
     envelope goes as the single message it is."""
     most = max(1, min(most, MAX_BATCH_ITEMS))
+    envelope = len(wrap(key, []))
     messages: list[bytes] = []
     group: list[bytes] = []
-    size = _ENVELOPE_BYTES
+    size = envelope
     for payload in payloads:
-        if _ENVELOPE_BYTES + len(payload) > limit:
+        if envelope + len(payload) > limit:
             if group:
                 messages.append(wrap(key, group))
-                group, size = [], _ENVELOPE_BYTES
+                group, size = [], envelope
             messages.append(payload)
             continue
         if group and (len(group) >= most or size + 1 + len(payload) > limit):
             messages.append(wrap(key, group))
-            group, size = [], _ENVELOPE_BYTES
+            group, size = [], envelope
+        size += len(payload) + (1 if group else 0)  # and a comma before all but the first
         group.append(payload)
-        size += len(payload) + 1  # the comma
     if group:
         messages.append(wrap(key, group))
     return messages

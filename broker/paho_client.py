@@ -74,12 +74,19 @@ class _Client(mqtt.Client):
       network loop out of select(). None is needed for packets queued by the network thread
       itself (PUBACKs: the loop writes them next), and ``quiet()`` lets a thread queue a batch
       of publishes with one wake-up at the end instead of one per message.
+    - ``quiet()`` even skips that wake-up when it can: on a plain TCP socket, the publishing
+      thread writes the batch itself (under ``_writing``, the lock every write takes, so
+      packets never interleave or reorder), and the network thread is woken only for what the
+      socket did not take. A message then leaves without a hand-over to another thread:
+      what a window-1 round trip is made of. (Never over TLS: an SSL object must not be read
+      and written from two threads at once.)
     """
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._local = threading.local()
         self.network_thread_id: int | None = None
+        self._writing = threading.Lock()  # held by whichever thread writes to the socket
 
     def _create_socket(self):  # noqa: ANN202 - paho's SocketLike
         sock = super()._create_socket()
@@ -101,7 +108,28 @@ class _Client(mqtt.Client):
             yield
         finally:
             self._local.quiet = False
-            self.wake()
+            if not self._write_here():
+                self.wake()
+
+    def _write_here(self) -> bool:
+        """Write the queued packets from this thread; True when none is left for the network
+        thread (False: it must be woken to write them, or to see a broken connection)."""
+        if threading.get_ident() == self.network_thread_id or not isinstance(self._sock, _BufferedSocket):
+            return False
+        if not self._writing.acquire(blocking=False):
+            return False  # the network thread is writing: it takes ours along or is woken
+        try:
+            self._join_queued()
+            # Packets paho acts on once written (DISCONNECT, QoS 0 publishes) are its own to send.
+            if any(p["command"] & 0xF0 == _DISCONNECT or (p["command"] & 0xF0 == _PUBLISH and p["qos"] == 0)
+                   for p in self._out_packet):
+                return False
+            rc = mqtt.Client._packet_write(self)
+        except Exception:  # noqa: BLE001 - whatever went wrong, the network thread sees it too
+            return False
+        finally:
+            self._writing.release()
+        return rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and not self._out_packet
 
     def wake(self) -> None:
         waker = self._sockpairW
@@ -139,8 +167,9 @@ class _Client(mqtt.Client):
                     raise
 
     def _packet_write(self) -> mqtt.MQTTErrorCode:
-        self._join_queued()
-        return super()._packet_write()
+        with self._writing:
+            self._join_queued()
+            return super()._packet_write()
 
     def _join_queued(self) -> None:
         # Only the network thread takes from the left of this deque; others append on the right.

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from dockercomp.broker.batches import RESULTS_KEY, read_tasks, wrap
 from dockercomp.broker.connection import Transport, Will
 from dockercomp.broker.messages import OfflineReason, Outcome, Presence, PresenceState, Rebirth, Result, Task, TaskError
 from dockercomp.broker.topics import Topics, WorkerRef
@@ -45,6 +46,10 @@ class FakeAgent:
     answered: list[tuple[str, int]] = field(default_factory=list)
     fail_with: Callable[[Task], TaskError | None] | None = None
     rebirth: bool = True  # answers rebirth requests, as a live agent does (False: a zombie)
+    # Tasks taken per message (Presence.batch); 0: single tasks only, as agents before batches.
+    # With auto, a batch's tasks are answered in one ResultBatch.
+    batch: int = 0
+    batches: list[list[Task]] = field(default_factory=list)  # the task batches received
 
     def __post_init__(self) -> None:
         self.ref = WorkerRef(self.volunteer, self.worker)
@@ -59,7 +64,7 @@ class FakeAgent:
         return Presence(self.worker, self.volunteer, PresenceState(state), self.seq,
                         OfflineReason(reason) if reason else None, host="test", version="0",
                         cpus=2, capacity=self.capacity, functions=self.functions, started=self.started,
-                        prefetch=self.prefetch).encode()
+                        prefetch=self.prefetch, batch=self.batch).encode()
 
     def start(self, timeout: float = 10.0) -> "FakeAgent":
         self.transport.start()
@@ -80,25 +85,38 @@ class FakeAgent:
             return
         if topic != self.topics.tasks(self.ref):
             return
-        task = Task.decode(payload)
+        message = read_tasks(payload)
+        tasks = [message] if isinstance(message, Task) else message.good
         with self._lock:
-            self.received.append(task)
+            self.received += tasks
+            if not isinstance(message, Task):
+                self.batches.append(tasks)
             if not self.auto:
-                self.held.append(task)
+                self.held += tasks
                 return
-        self.answer(task)
+        if isinstance(message, Task):
+            self.answer(message)
+        else:
+            self.send(wrap(RESULTS_KEY, [self.result(task).encode() for task in tasks]))
+            with self._lock:
+                self.answered += [(task.task_id, task.attempt) for task in tasks]
 
     def answer(self, task: Task, outcome: Outcome = Outcome.OK, value: Any = ..., error: TaskError | None = None) -> None:
+        self.send(self.result(task, outcome, value, error).encode())
+        with self._lock:
+            self.answered.append((task.task_id, task.attempt))
+
+    def result(self, task: Task, outcome: Outcome = Outcome.OK, value: Any = ...,
+               error: TaskError | None = None) -> Result:
+        """The Result this worker answers ``task`` with (computed unless ``value`` is given)."""
         if value is ... and outcome is Outcome.OK:
             failure = self.fail_with(task) if self.fail_with else None
             if failure is not None:
                 outcome, error, value = Outcome.ERROR, failure, None
             else:
                 value = compute(task.function, task.args)
-        self.send(Result(task.task_id, task.attempt, self.worker, self.volunteer, outcome,
-                         None if value is ... else value, error, 0.01, nonce=task.nonce).encode())
-        with self._lock:
-            self.answered.append((task.task_id, task.attempt))
+        return Result(task.task_id, task.attempt, self.worker, self.volunteer, outcome,
+                      None if value is ... else value, error, 0.01, nonce=task.nonce)
 
     def send(self, payload: bytes) -> None:
         self.transport.publish(self.topics.results(self.ref), payload, qos=1)

@@ -62,8 +62,10 @@ class Processes:
     def _broker(self) -> list[str]:
         return [] if self.broker_url is None else ["--broker", self.broker_url]
 
-    def agent(self, name: str, concurrency: int = 2, prefetch: int | None = None) -> subprocess.Popen[bytes]:
+    def agent(self, name: str, concurrency: int = 2, prefetch: int | None = None,
+              batch: int | None = None) -> subprocess.Popen[bytes]:
         extra = [] if prefetch is None else ["--prefetch", str(prefetch)]
+        extra += [] if batch is None else ["--batch", str(batch)]
         return self.start(name, ["dockercomp.agent.cli", "run", *self._broker(), "--worker-id", name,
                                  "--concurrency", str(concurrency), "--keepalive", "2", "--grace", "1",
                                  "--health-file", str(self.logs / f"{name}.health"), *extra])

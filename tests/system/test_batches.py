@@ -1,0 +1,134 @@
+"""Batches on the wire over real brokers (Mosquitto and amqtt), a real SQLite file and real
+agent processes: a batching agent and a single-task one share a job, a forged nonce or a
+duplicate inside a batch costs only that item, and a killed agent's whole batch is reissued."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from dockercomp.broker.batches import RESULTS_KEY, TASKS_KEY, wrap
+from dockercomp.broker.connection import MqttConnection
+from dockercomp.broker.settings import BrokerSettings
+from dockercomp.broker.topics import Topics, WorkerRef
+from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
+from dockercomp.coordinator.status import Rejection
+from dockercomp.coordinator.store import Store
+from tests.support import Watcher, wait_until
+from tests.support.agents import FakeAgent
+from tests.support.brokers import BrokerProcess
+from tests.support.processes import Processes, finished, online
+
+TOPICS = Topics()
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def coordinator_settings() -> CoordinatorSettings:
+    """For the `engine` fixture: leases end 1 s after their timeout."""
+    return CoordinatorSettings(lease_margin=1, lease_check=0.1, purge_after=30, purge_check=0.2,
+                               poll_interval=0.2, status_interval=0.2, connect_timeout=10)
+
+
+@pytest.fixture
+def fakes(broker: BrokerProcess) -> Iterator[list[FakeAgent]]:
+    made: list[FakeAgent] = []
+    yield made
+    for agent in made:
+        agent.transport.close(1)
+
+
+def fake(fakes: list[FakeAgent], broker: BrokerProcess, worker: str, **kwargs: object) -> FakeAgent:
+    transport = MqttConnection(BrokerSettings.from_url(broker.url), f"fake-{worker}")
+    agent = FakeAgent(transport, worker, **kwargs).start()  # type: ignore[arg-type]
+    fakes.append(agent)
+    return agent
+
+
+def items(payload: bytes, key: str) -> int:
+    """How many tasks/results a message carries (1 for a single one)."""
+    data = json.loads(payload)
+    return len(data[key]) if key in data else 1
+
+
+def accepted_per_task(store: Store, job) -> dict[int, tuple[int, int, str]]:  # noqa: ANN001
+    """task id -> (results stored, attempts accepted, worker of the result)."""
+    store.bind()
+    rows = store.db.execute_sql(
+        "SELECT t.id, (SELECT count(*) FROM result r WHERE r.task_id = t.id),"
+        " (SELECT count(*) FROM attempt a WHERE a.task_id = t.id AND a.outcome = 'ok'),"
+        " (SELECT w.name FROM result r JOIN worker w ON w.id = r.worker_id WHERE r.task_id = t.id)"
+        " FROM task t WHERE t.job_id = ?", (job.id,)).fetchall()
+    return {task: (results, ok, worker) for task, results, ok, worker in rows}
+
+
+def test_a_batching_agent_and_a_single_task_agent_complete_one_job(
+        engine: Coordinator, procs: Processes, broker: BrokerProcess) -> None:
+    store = engine.store
+    with Watcher(broker.url, "dockercomp/workers/+/+/tasks") as tasks, \
+            Watcher(broker.url, "dockercomp/workers/+/+/results") as results:
+        procs.agent("batcher", concurrency=2, prefetch=10)  # batches by default
+        procs.agent("single", concurrency=2, prefetch=10, batch=0)  # as an agent before batches
+        online(store, 2)
+        job = store.create_job("add", [[i, 1000] for i in range(300)])
+        assert finished(store, job).done == 300
+        per_task = accepted_per_task(store, job)
+        # Every task answered once, by the worker it was sent to, with its own value; every
+        # result carried its attempt's nonce (a wrong one is rejected, and none was).
+        assert all(results == 1 and ok == 1 for results, ok, _ in per_task.values())
+        assert all(row.value == row.args[0] + row.args[1] for row in store.results(job))
+        assert {worker for _, _, worker in per_task.values()} == {"batcher", "single"}
+        assert not engine.rejections.counts
+        sent = {name: [items(m.payload, TASKS_KEY) for m in tasks.messages if f"/{name}/" in m.topic]
+                for name in ("batcher", "single")}
+        answered = {name: [items(m.payload, RESULTS_KEY) for m in results.messages if f"/{name}/" in m.topic]
+                    for name in ("batcher", "single")}
+    assert max(sent["batcher"]) > 1 and max(answered["batcher"]) > 1  # batches both ways
+    assert set(sent["single"]) == {1} and set(answered["single"]) == {1}  # single messages only
+    assert engine.workers.get("local/batcher").batch > 0 and engine.workers.get("local/single").batch == 0
+
+
+def test_a_forged_nonce_or_a_duplicate_inside_a_batch_costs_only_that_item(
+        engine: Coordinator, broker: BrokerProcess, fakes: list[FakeAgent]) -> None:
+    store = engine.store
+    agent = fake(fakes, broker, "w1", capacity=4, batch=10, auto=False)
+    online(store, 1)
+    job = store.create_job("add", [[i, i] for i in range(4)])
+    wait_until(lambda: len(agent.held) == 4)
+    assert [len(b) for b in agent.batches] == [4]  # one message for the four
+    a, b, c, d = agent.held
+    forged = agent.result(b).encode().replace(b.nonce.encode(), b"a-guess")
+    agent.send(wrap(RESULTS_KEY, [agent.result(a).encode(), forged, agent.result(c).encode(),
+                                  agent.result(c).encode()]))
+    wait_until(lambda: store.progress(job).done == 2 and engine.rejections.counts.get("duplicate"))
+    assert engine.rejections.counts == {Rejection.FORGED.value: 1, Rejection.DUPLICATE.value: 1}
+    agent.answer(b)
+    agent.answer(d)
+    assert finished(store, job, timeout=20).done == 4
+    assert all(results == 1 and ok == 1 for results, ok, _ in accepted_per_task(store, job).values())
+
+
+def test_a_killed_agent_holding_a_batch_gets_every_task_of_it_reissued(
+        engine: Coordinator, procs: Processes, broker: BrokerProcess) -> None:
+    store = engine.store
+    victim_topic = TOPICS.tasks(WorkerRef("local", "victim"))
+    with Watcher(broker.url, victim_topic) as watcher:
+        procs.agent("victim", concurrency=1, prefetch=5)
+        online(store, 1)
+        # A long timeout: a lease would take 31 s to run out, so a quick reissue means the will did it.
+        job = store.create_job("sleep", [[0.5]] * 6, timeout=30)
+        watcher.wait_for(lambda m: items(m.payload, TASKS_KEY) == 6)  # all six in one message
+        wait_until(lambda: store.inflight().get("local/victim", 0) == 6)
+        procs.kill("victim")
+        killed_at = time.time()
+    procs.agent("heir", concurrency=2, prefetch=4)
+    assert finished(store, job, timeout=30).done == 6
+    assert time.time() - killed_at < 20
+    reissued = [r for r in store.results(job) if r.errors]
+    # Every task of the batch, the one running and the five queued behind it, went elsewhere.
+    assert len(reissued) == 6
+    assert all(r.worker == "local/heir" and r.errors[0]["worker"] == "local/victim"
+               and r.errors[0]["outcome"] == "lost" for r in reissued)
