@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dockercomp.agent.defaults import HEALTH_FILE_ENV, VOLUNTEER_ENV
+from dockercomp.agent.defaults import HEALTH_FILE_ENV, TASK_BATCH, VOLUNTEER_ENV
 
 from bench.defaults import FUNCTION, PHASE_TIMEOUT, START_TIMEOUT, VOLUNTEER
 from bench.errors import BenchError
@@ -69,6 +69,8 @@ class E2ERun:
     # own process; its task processes show in cpu_ms_per_task)
     profile: dict[str, Any] | None = None
     prefetch: int = 0  # tasks queued on each agent beyond its concurrency (`dockercomp agent run --prefetch`)
+    # Tasks (results) per message the agents take (`agent run --batch`, broker/batches.py); 0: one per message.
+    batch: int = TASK_BATCH
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -157,12 +157,15 @@ def _round_trips(results: dict[str, Any]) -> Table | None:
             table.add_row(label, "mosquitto", _fmt(series["tasks"]), _fmt(series["window"]),
                           _fmt(series["tasks_per_s"]), _fmt(series["latency"]["p50_ms"], digits=2),
                           _fmt(series["latency"]["p99_ms"], digits=2), ratio)
+    raw_single = (raw.get("window1") or {}).get("latency", {}).get("p50_ms")
     for run in runs:
         same_window = raw_rate and run.get("tasks_per_s") and run["window"] > 1
+        # At window 1 the comparison is latency: p50 as a multiple of the raw window-1 p50.
+        versus = (f"{run['tasks_per_s'] / raw_rate:.2f}" if same_window else
+                  f"p50 {run['latency']['p50_ms'] / raw_single:.1f}x" if raw_single and run["window"] == 1 else "")
         table.add_row(run["label"], run["broker"], _fmt(run["tasks"]), _fmt(run["window"]),
                       _fmt(run.get("tasks_per_s")), _fmt(run["latency"]["p50_ms"], digits=2),
-                      _fmt(run["latency"]["p99_ms"], digits=2),
-                      f"{run['tasks_per_s'] / raw_rate:.2f}" if same_window else "")
+                      _fmt(run["latency"]["p99_ms"], digits=2), versus)
     return table
 
 
@@ -251,7 +254,7 @@ def _targets(results: dict[str, Any]) -> Table | None:
     rows = results.get("targets") or []
     if not rows:
         return None
-    table = _table("targets (issues 6 and 10)", "target", "goal", "measured", "met", left=4)
+    table = _table("targets (issues 6, 10 and 14)", "target", "goal", "measured", "met", left=4)
     for target in rows:
         met = {True: "[green]yes[/]", False: "[red]NO[/]", None: "not run"}[target["met"]]
         table.add_row(target["name"], target["goal"], target["measured"], met)
@@ -302,6 +305,7 @@ def targets(results: dict[str, Any]) -> list[Target]:
         out.append(Target("1,000 workers registered", "< 10 s", "not measured", None))
         out.append(Target("coordinator RSS", "< 300 MB", "not measured", None))
     out += _issue10_targets(results)
+    out += _issue14_targets(results)
     overhead = results.get("metrics") or {}
     if overhead.get("ratio"):
         out.append(Target("e2e with /metrics vs without", ">= 97 %", f"{overhead['ratio'] * 100:.1f} %",
@@ -338,4 +342,29 @@ def _issue10_targets(results: dict[str, Any]) -> list[Target]:
                           f"{growth:.1f} MB", growth < 60.0))
     else:
         out.append(Target("submit 1,000,000 tasks from a generator: RSS growth", "< 60 MB", "not measured", None))
+    return out
+
+
+def _issue14_targets(results: dict[str, Any]) -> list[Target]:
+    """Issue 14's batching targets: throughput past the raw per-message round trip, and a
+    window-1 latency that batching must not cost."""
+    raw = results.get("raw") or {}
+    e2e = next((r for r in results.get("e2e", []) if r.get("key") == "e2e-mosquitto"), None)
+    single = next((r for r in results.get("e2e", []) if r.get("key") == "e2e-window1"), None)
+    out = []
+    if e2e and raw.get("baseline_tasks_per_s"):
+        ratio = e2e["tasks_per_s"] / raw["baseline_tasks_per_s"]
+        out.append(Target("e2e / raw per-message round trip (batches)", ">= 1.5", f"{ratio:.2f}", ratio >= 1.5))
+    else:
+        out.append(Target("e2e / raw per-message round trip (batches)", ">= 1.5", "not measured", None))
+    raw_single = (raw.get("window1") or {}).get("latency", {}).get("p50_ms")
+    if single:
+        p50 = single["latency"]["p50_ms"]
+        out.append(Target("p50 latency at window 1 (batches)", "<= 1.0 ms", f"{p50:.2f} ms", p50 <= 1.0))
+        if raw_single:
+            times = p50 / raw_single
+            out.append(Target("window-1 p50 vs raw window-1 p50", "<= 4 x", f"{times:.1f} x ({raw_single:.2f} ms raw)",
+                              times <= 4.0))
+    else:
+        out.append(Target("p50 latency at window 1 (batches)", "<= 1.0 ms", "not measured", None))
     return out

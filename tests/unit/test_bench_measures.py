@@ -52,3 +52,21 @@ def test_issue10_targets_are_judged_from_the_pickup_and_stream_figures() -> None
     fat = [{"mode": "generator", "tasks": 1_000_000, "growth_mb": 75.0}]
     assert _issue10({"pickup": slow, "stream": fat}) == {
         "pickup after submit (nudge), p95": False, "submit 1,000,000 tasks from a generator: RSS growth": False}
+
+
+def test_issue14_targets_are_judged_against_the_raw_figures_of_the_same_run() -> None:
+    def judged(results: dict) -> dict[str, bool | None]:
+        return {t.name: t.met for t in targets({"e2e": [], **results})
+                if "batches" in t.name or "raw window-1" in t.name}
+
+    assert judged({}) == {"e2e / raw per-message round trip (batches)": None,
+                          "p50 latency at window 1 (batches)": None}
+    raw = {"baseline_tasks_per_s": 8000.0, "window1": {"latency": {"p50_ms": 0.3}}}
+    fast = [{"key": "e2e-mosquitto", "tasks_per_s": 12_000.0}, {"key": "e2e-window1", "latency": {"p50_ms": 0.9}}]
+    assert judged({"raw": raw, "e2e": fast}) == {"e2e / raw per-message round trip (batches)": True,
+                                                 "p50 latency at window 1 (batches)": True,
+                                                 "window-1 p50 vs raw window-1 p50": True}
+    slow = [{"key": "e2e-mosquitto", "tasks_per_s": 11_000.0}, {"key": "e2e-window1", "latency": {"p50_ms": 1.3}}]
+    assert judged({"raw": raw, "e2e": slow}) == {"e2e / raw per-message round trip (batches)": False,
+                                                 "p50 latency at window 1 (batches)": False,
+                                                 "window-1 p50 vs raw window-1 p50": False}
