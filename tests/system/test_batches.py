@@ -5,13 +5,21 @@ duplicate inside a batch costs only that item, and a killed agent's whole batch 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from dockercomp.broker.batches import RESULTS_KEY, TASKS_KEY, wrap
+from dockercomp.agent.agent import Agent
+from dockercomp.agent.defaults import TASK_BATCH
+from dockercomp.agent.settings import AgentSettings
+from dockercomp.agent.tasks import Registry
+from dockercomp.broker.batches import RESULTS_KEY, TASKS_KEY, read_results, wrap
 from dockercomp.broker.connection import MqttConnection
+from dockercomp.broker.memory import MemoryBroker
+from dockercomp.broker.messages import Presence, Result, Task
 from dockercomp.broker.settings import BrokerSettings
 from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
@@ -132,3 +140,67 @@ def test_a_killed_agent_holding_a_batch_gets_every_task_of_it_reissued(
     assert len(reissued) == 6
     assert all(r.worker == "local/heir" and r.errors[0]["worker"] == "local/victim"
                and r.errors[0]["outcome"] == "lost" for r in reissued)
+
+
+# --------------------------------------------------------------------------- the agent, in process
+@pytest.fixture
+def memory_agent(tmp_path: Path) -> Iterator[tuple[Agent, MemoryBroker, list[bytes]]]:
+    """A real Agent (its task processes too) on the in-memory broker, run in a thread, with the
+    result messages it publishes."""
+    broker = MemoryBroker()
+    settings = AgentSettings.from_options("mqtt://memory", worker_id="m1", volunteer="lab", concurrency=1, prefetch=20,
+                                          health_file=str(tmp_path / "h.json"), host="test", container=None, environ={})
+    sent: list[bytes] = []
+    observer = broker.connect("observer")
+    observer.on_message = lambda topic, payload, retained: sent.append(payload)
+    observer.subscribe(TOPICS.results(settings.worker))
+    observer.start()
+    agent = Agent(settings, Registry.load(), transport=broker.connect(settings.client_id))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    wait_until(lambda: broker.retained.get(TOPICS.presence(settings.worker)))
+    yield agent, broker, sent
+    agent.stop(now=True)
+    thread.join(10)
+
+
+def answers(sent: list[bytes]) -> list[Result]:
+    out: list[Result] = []
+    for payload in list(sent):
+        message = read_results(payload)
+        out += [message] if isinstance(message, Result) else message.good
+    return out
+
+
+def test_the_agent_runs_a_batch_task_by_task_and_answers_in_batches(
+        memory_agent: tuple[Agent, MemoryBroker, list[bytes]]) -> None:
+    agent, broker, sent = memory_agent
+    presence = Presence.decode(broker.retained[TOPICS.presence(agent.ref)])
+    assert presence.batch == TASK_BATCH
+    tasks = [Task(str(i), "1", 1, "add", [i, i], 30.0, f"n{i}") for i in range(6)]
+    items = [t.encode() for t in tasks]
+    duplicate = tasks[2].encode()
+    malformed = b'{"v":2,"task_id":"77","attempt":2,"function":"add","args":"no list"}'
+    unreadable = b'{"v":2,"attempt":"x"}'
+    broker.deliver(TOPICS.tasks(agent.ref), wrap(TASKS_KEY, [*items[:3], duplicate, malformed, unreadable,
+                                                             *items[3:]]), False)
+    wait_until(lambda: len(answers(sent)) == 7)
+    time.sleep(0.2)  # nothing more may come: the duplicate runs once, the unreadable item gets no answer
+    results = answers(sent)
+    assert sorted((r.task_id, r.outcome.value) for r in results) == sorted(
+        [(str(i), "ok") for i in range(6)] + [("77", "rejected")])
+    assert all(r.value == 2 * int(r.task_id) and r.nonce == f"n{r.task_id}" for r in results if r.ok)
+    rejected = next(r for r in results if r.task_id == "77")
+    assert (rejected.attempt, rejected.error.type) == (2, "MalformedTask")  # type: ignore[union-attr]
+    assert agent.counts["duplicates"] == 1 and agent.counts["ok"] == 6 and agent.counts["malformed"] == 2
+    assert any(RESULTS_KEY.encode() in payload for payload in sent)  # several results in one message
+
+
+def test_the_agent_answers_single_tasks_with_single_results(
+        memory_agent: tuple[Agent, MemoryBroker, list[bytes]]) -> None:
+    # A coordinator that predates batches sends single tasks: it must get single results.
+    agent, broker, sent = memory_agent
+    for i in range(5):
+        broker.deliver(TOPICS.tasks(agent.ref), Task(str(i), "1", 1, "add", [i, 1], 30.0, "n").encode(), False)
+    wait_until(lambda: len(sent) == 5)
+    assert all(isinstance(read_results(payload), Result) for payload in sent)
