@@ -191,7 +191,9 @@ class Dispatcher:
             sends += self._open(job, plan, leases, now)
         if last_served is not None:
             self._cursor = start + order.index(last_served) + 1
-        return _envelop(sends, order) if any(w.batch for w in order) else sends
+        # Looked up among the workers served (not the whole fleet): a round costs per task sent.
+        batching = [slot for slot in map(workers.by_id.get, self.served) if slot is not None and slot.batch]
+        return _envelop(sends, batching) if batching else sends
 
     def deadline(self, worker: WorkerSlot, ahead: int, timeout: float, leases: Leases, now: float) -> float:
         """When the lease of a task sent now ends, ``ahead`` tasks being held by the worker
@@ -229,11 +231,11 @@ class Dispatcher:
         return sends
 
 
-def _envelop(sends: list[tuple[str, bytes]], workers: list[WorkerSlot]) -> list[tuple[str, bytes]]:
-    """The round's task messages, those of each worker that takes batches joined into TaskBatch
-    messages of at most its batch size (broker/batches.py): one message per worker and round
-    instead of one per task. Workers that announced no batch get their Task messages as they are."""
-    batch = {w.tasks_topic: w.batch for w in workers if w.batch}
+def _envelop(sends: list[tuple[str, bytes]], batching: list[WorkerSlot]) -> list[tuple[str, bytes]]:
+    """The round's task messages, those of each worker that takes batches (``batching``) joined
+    into TaskBatch messages of at most its batch size (broker/batches.py): one message per worker
+    and round instead of one per task. The others get their Task messages as they are."""
+    batch = {w.tasks_topic: w.batch for w in batching}
     out: list[tuple[str, bytes]] = []
     grouped: dict[str, list[bytes]] = {}
     for topic, payload in sends:
