@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dockercomp.agent.defaults import REMEMBERED_FINISHED, REMEMBERED_RESULT_BYTES, RESULT_LINGER_SECONDS
 from dockercomp.agent.runner import Finished
@@ -68,11 +68,12 @@ class ResultSender:
     @staticmethod
     def _log_finished(ended: list[Finished]) -> None:
         # One line per task at the default level: what `dockercomp installer logs` shows a
-        # volunteer. Written after the results left, so it adds nothing to their latency.
+        # volunteer. Written after the results left, so it adds nothing to their latency, and
+        # the lines of one loop turn in one write (log_lines).
         if log.isEnabledFor(logging.INFO):
-            for finished in ended:
-                log.info("task %s attempt %d finished: %s in %.3f s", finished.key[0], finished.key[1],  # type: ignore[index]
-                         finished.outcome.value, finished.elapsed)
+            log_lines(log, logging.INFO, [("task %s attempt %d finished: %s in %.3f s",
+                                           (f.key[0], f.key[1], f.outcome.value, f.elapsed))  # type: ignore[index]
+                                          for f in ended])
 
     def _answer(self: "Agent", finished: Finished) -> bytes:
         """The result payload of a task that ended; it is remembered for a redelivery."""
@@ -111,3 +112,38 @@ class ResultSender:
             self.transport.publish(self.result_topic, payload, qos=1)
         except BrokerError as exc:
             log.error("result of task %s attempt %d could not be sent: %s", key[0], key[1], exc)
+
+
+def log_lines(logger: logging.Logger, level: int, lines: list[tuple[str, tuple[Any, ...]]]) -> None:
+    """Log each ``(message, args)`` as its own record (one line each, formatted as usual),
+    but hand each plain stream handler (logging.basicConfig's) all of them in ONE write and
+    flush instead of one per line: the agent logs a line for every task, and a burst of
+    finished tasks would otherwise cost a system call each. Other handlers get each record."""
+    if not lines or not logger.isEnabledFor(level):
+        return
+    records = [logger.makeRecord(logger.name, level, "(agent)", 0, message, args, None) for message, args in lines]
+    records = [record for record in records if logger.filter(record)]
+    found = False
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            found = True
+            wanted = [r for r in records if r.levelno >= handler.level]
+            if type(handler) is logging.StreamHandler:  # exactly: subclasses may write elsewhere
+                wanted = [r for r in wanted if handler.filter(r)]
+                if wanted:
+                    try:
+                        text = "".join(handler.format(r) + handler.terminator for r in wanted)
+                        with handler.lock:  # type: ignore[union-attr]
+                            handler.stream.write(text)
+                            handler.flush()
+                    except Exception:  # noqa: BLE001 - as Handler.emit: logging never raises
+                        handler.handleError(wanted[0])
+            else:
+                for record in wanted:
+                    handler.handle(record)
+        current = current.parent if current.propagate else None
+    if not found and logging.lastResort is not None:
+        for record in records:
+            if record.levelno >= logging.lastResort.level:
+                logging.lastResort.handle(record)

@@ -3,7 +3,9 @@ negotiates them, and the engine over the in-memory broker sending and reading th
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dockercomp.agent.results import log_lines
 from dockercomp.broker.batches import (
     RESULTS_KEY,
     TASKS_KEY,
@@ -288,3 +291,40 @@ def test_a_bad_result_batch_is_counted_once_and_its_good_items_count(engine: tup
         agent.answer(held)
     _run(coordinator, job)
     assert coordinator.store.progress(job).done == 4
+
+
+# --------------------------------------------------------------------------- the agent's per-task lines
+class _CountingStream(io.StringIO):
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_the_lines_of_a_burst_are_the_usual_lines_in_one_write(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("dockercomp.test.batched")
+    logger.setLevel(logging.INFO)
+    stream, single = _CountingStream(), io.StringIO()
+    batched = logging.StreamHandler(stream)
+    one_by_one = logging.StreamHandler(single)
+    for handler in (batched, one_by_one):
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    lines = [("task %s attempt %d finished: %s in %.3f s", (str(i), 1, "ok", 0.25)) for i in range(5)]
+    logger.addHandler(batched)
+    try:
+        with caplog.at_level(logging.INFO, logger="dockercomp.test.batched"):
+            log_lines(logger, logging.INFO, lines)
+            log_lines(logger, logging.DEBUG, lines)  # below the level: nothing
+            captured = [r.getMessage() for r in caplog.records]  # handlers other than plain streams
+    finally:
+        logger.removeHandler(batched)
+    logger.addHandler(one_by_one)
+    try:
+        for message, args in lines:
+            logger.info(message, *args)
+    finally:
+        logger.removeHandler(one_by_one)
+    assert stream.getvalue() == single.getvalue() and stream.getvalue().count("\n") == 5
+    assert stream.writes == 1
+    assert captured == [f"task {i} attempt 1 finished: ok in 0.250 s" for i in range(5)]
