@@ -144,6 +144,7 @@ class Dispatcher:
         self.lease_margin = lease_margin
         self._cursor = 0  # where the next round starts in the worker order: fairness over time
         self.served: set[int] = set()  # workers sent something by the last round (status)
+        self.sent = 0  # tasks the last round sent (its messages may carry several: metrics count tasks)
         self.replicas = ReplicaDispatch(self)
 
     def has_work(self, workers: WorkerRegistry, jobs: JobBook, leases: Leases) -> bool:
@@ -154,7 +155,7 @@ class Dispatcher:
     def dispatch(self, workers: WorkerRegistry, jobs: JobBook, leases: Leases, now: float) -> list[tuple[str, bytes]]:
         """Open attempts for as many pending tasks as workers have room for; returns the
         (topic, payload) messages to publish once the transaction is committed."""
-        self.served = set()
+        self.served, self.sent = set(), 0
         order = _allowed(workers, jobs)
         if not order:
             return []
@@ -191,6 +192,7 @@ class Dispatcher:
             sends += self._open(job, plan, leases, now)
         if last_served is not None:
             self._cursor = start + order.index(last_served) + 1
+        self.sent = len(sends)
         # Looked up among the workers served (not the whole fleet): a round costs per task sent.
         batching = [slot for slot in map(workers.by_id.get, self.served) if slot is not None and slot.batch]
         return _envelop(sends, batching) if batching else sends

@@ -353,7 +353,7 @@ class Coordinator(Inbound):
                     self.status.job_changed(job.id)
             self.rate.record(self.ledger.finished, now)
             if self.metrics is not None:
-                self.metrics.committed(len(sends))
+                self.metrics.committed(self.dispatcher.sent if sends else 0)  # tasks, not messages
         self._send(sends, clears, now)
         self._publish_status(now)
 

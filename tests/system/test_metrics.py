@@ -102,7 +102,8 @@ def test_metrics_match_the_store_after_a_job_rejections_and_a_killed_agent(
     assert samples[("dockercomp_coordinator_up", ())] == 1
     assert samples[("dockercomp_broker_connected", ())] == 1
     assert samples[("dockercomp_engine_step_seconds_count", ())] > 0
-    assert samples[("dockercomp_messages_total", ())] >= 43
+    # Results come several to a message (batches, docs/protocol.md): fewer messages than tasks.
+    assert samples[("dockercomp_messages_total", ())] >= 3
     assert sum(series(samples, "dockercomp_rejections_total", "kind").values()) == 0
 
     # Forged and unknown results, on a worker's own results topic, are counted by kind
