@@ -99,6 +99,28 @@ def test_a_batching_agent_and_a_single_task_agent_complete_one_job(
     assert engine.workers.get("local/batcher").batch > 0 and engine.workers.get("local/single").batch == 0
 
 
+def test_a_worker_whose_presence_predates_batches_gets_single_tasks(
+        engine: Coordinator, procs: Processes, broker: BrokerProcess, fakes: list[FakeAgent]) -> None:
+    store = engine.store
+    old = FakeAgent(MqttConnection(BrokerSettings.from_url(broker.url), "fake-old"), "old", capacity=2, prefetch=8)
+    plain = old.presence
+
+    def old_style(state: str, reason: str | None = None) -> bytes:  # no "batch" field at all
+        data = json.loads(plain(state, reason))
+        del data["batch"]
+        return json.dumps(data).encode()
+
+    old.presence = old_style  # type: ignore[method-assign]
+    fakes.append(old.start())
+    procs.agent("batcher", concurrency=2, prefetch=8)
+    online(store, 2)
+    job = store.create_job("add", [[i, i] for i in range(200)])
+    assert finished(store, job).done == 200
+    assert old.received and not old.batches  # every task it got came alone, as before batches
+    assert {row.worker for row in store.results(job)} == {"local/old", "local/batcher"}
+    assert all(results == 1 and ok == 1 for results, ok, _ in accepted_per_task(store, job).values())
+
+
 def test_a_forged_nonce_or_a_duplicate_inside_a_batch_costs_only_that_item(
         engine: Coordinator, broker: BrokerProcess, fakes: list[FakeAgent]) -> None:
     store = engine.store
