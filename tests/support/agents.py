@@ -3,6 +3,7 @@ behind it: the in-memory broker for engine unit tests, a real connection for fau
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class FakeAgent:
     # Tasks taken per message (Presence.batch); 0: single tasks only, as agents before batches.
     # With auto, a batch's tasks are answered in one ResultBatch.
     batch: int = 0
+    old_style: bool = False  # a presence without the batch field at all, as agents before batches send
     batches: list[list[Task]] = field(default_factory=list)  # the task batches received
 
     def __post_init__(self) -> None:
@@ -61,6 +63,13 @@ class FakeAgent:
         self.transport.subscribe(self.topics.coordinator_rebirth, 1)
 
     def presence(self, state: str, reason: str | None = None) -> bytes:
+        if self.old_style:
+            data = json.loads(self._presence(state, reason))
+            del data["batch"]
+            return json.dumps(data).encode()
+        return self._presence(state, reason)
+
+    def _presence(self, state: str, reason: str | None = None) -> bytes:
         return Presence(self.worker, self.volunteer, PresenceState(state), self.seq,
                         OfflineReason(reason) if reason else None, host="test", version="0",
                         cpus=2, capacity=self.capacity, functions=self.functions, started=self.started,

@@ -102,15 +102,8 @@ def test_a_batching_agent_and_a_single_task_agent_complete_one_job(
 def test_a_worker_whose_presence_predates_batches_gets_single_tasks(
         engine: Coordinator, procs: Processes, broker: BrokerProcess, fakes: list[FakeAgent]) -> None:
     store = engine.store
-    old = FakeAgent(MqttConnection(BrokerSettings.from_url(broker.url), "fake-old"), "old", capacity=2, prefetch=8)
-    plain = old.presence
-
-    def old_style(state: str, reason: str | None = None) -> bytes:  # no "batch" field at all
-        data = json.loads(plain(state, reason))
-        del data["batch"]
-        return json.dumps(data).encode()
-
-    old.presence = old_style  # type: ignore[method-assign]
+    old = FakeAgent(MqttConnection(BrokerSettings.from_url(broker.url), "fake-old"), "old", capacity=2, prefetch=8,
+                    old_style=True)
     fakes.append(old.start())
     procs.agent("batcher", concurrency=2, prefetch=8)
     online(store, 2)

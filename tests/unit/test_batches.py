@@ -220,16 +220,8 @@ def _run(coordinator: Coordinator, job: Any, steps: int = 20) -> None:
 def test_an_old_style_worker_gets_single_tasks_and_a_batching_one_gets_batches(
         engine: tuple[Coordinator, MemoryBroker]) -> None:
     coordinator, broker = engine
-    old = FakeAgent(broker.connect("old"), "old", volunteer="lab", capacity=2, prefetch=6)
-    plain = old.presence
-
-    def old_style(state: str, reason: str | None = None) -> bytes:  # no "batch" field at all
-        data = json.loads(plain(state, reason))
-        del data["batch"]
-        return json.dumps(data).encode()
-
-    old.presence = old_style  # type: ignore[method-assign]
-    old.start()
+    old = _fake(broker, "old", capacity=2, prefetch=6, old_style=True)
+    assert "batch" not in json.loads(old.presence("online"))
     new = _fake(broker, "new", capacity=2, prefetch=6, batch=5)
     job = coordinator.store.create_job("add", [[i, i] for i in range(40)])
     _run(coordinator, job)
