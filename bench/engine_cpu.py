@@ -17,6 +17,7 @@ import argparse
 import cProfile
 import json
 import pstats
+import random
 import sys
 import tempfile
 import time
@@ -67,7 +68,7 @@ class RecordingTransport(Transport):
 
 
 def measure(tasks: int, workers: int, in_flight: int, chunk: int, metrics: bool, profile: bool,
-            workdir: Path, sort: str = "tottime") -> dict[str, Any]:
+            workdir: Path, sort: str = "tottime", vary: bool = False) -> dict[str, Any]:
     topics = Topics()
     transport = RecordingTransport()
     store = Store.open(str(workdir / "engine.db"))
@@ -90,6 +91,7 @@ def measure(tasks: int, workers: int, in_flight: int, chunk: int, metrics: bool,
     job = store.create_job("noop", [[] for _ in range(tasks)])
     coordinator._nudged = True
     waiting: list[tuple[str, bytes]] = []
+    rng = random.Random(14)
     cpu = wall = 0.0
     steps = 0
     profiler = cProfile.Profile() if profile else None
@@ -116,15 +118,17 @@ def measure(tasks: int, workers: int, in_flight: int, chunk: int, metrics: bool,
             break
         if not waiting and steps > tasks * 4:
             raise RuntimeError("the engine stopped dispatching")
-        # The network thread's share of the inbox: up to `chunk` results per step.
-        for topic, payload in waiting[:chunk]:
+        # The network thread's share of the inbox: up to `chunk` results per step (from 1 to
+        # 2 x chunk when varied: real steps differ in size, and so do their statements' texts).
+        take = rng.randint(1, 2 * chunk) if vary else chunk
+        for topic, payload in waiting[:take]:
             coordinator._on_message(topic, payload, False)
-        del waiting[:chunk]
+        del waiting[:take]
     done = store.progress(job).done
     coordinator.close()
     if profiler is not None:
         pstats.Stats(profiler, stream=sys.stderr).sort_stats(sort).print_stats(40)
-    return {"tasks": tasks, "done": done, "steps": steps, "metrics": metrics,
+    return {"tasks": tasks, "done": done, "steps": steps, "metrics": metrics, "vary": vary,
             "cpu_ms_per_task": round(1000 * cpu / tasks, 4), "wall_ms_per_task": round(1000 * wall / tasks, 4)}
 
 
@@ -134,13 +138,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--in-flight", type=int, default=25, help="tasks each worker holds (capacity + prefetch)")
     parser.add_argument("--chunk", type=int, default=50, help="results the engine takes per step")
+    parser.add_argument("--vary", action="store_true", help="results per step drawn from 1 to 2 x chunk")
     parser.add_argument("--metrics", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions (stderr)")
     parser.add_argument("--sort", default="tottime", choices=("tottime", "cumulative"), help="profile order")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dockercomp-engine-cpu-") as workdir:
         figures = measure(args.tasks, args.workers, args.in_flight, args.chunk, args.metrics, args.profile,
-                          Path(workdir), args.sort)
+                          Path(workdir), args.sort, args.vary)
     print(json.dumps(figures))
 
 
