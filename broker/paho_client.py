@@ -93,6 +93,10 @@ class _Client(mqtt.Client):
     """paho's client with fewer system calls per message; the protocol is paho's own.
 
     - Reads go through ``_BufferedSocket``.
+    - Reads of whole packets: a packet already whole in the read buffer is taken in one slice
+      (paho: three reads, a bytearray grown per read, a dict rebuilt per packet), and the two
+      packets every task costs, an MQTT 3.1.1 PUBLISH (QoS 0 or 1) and a PUBACK, are decoded
+      here with paho's checks and effects; everything else goes to paho's handlers.
     - Writes: packets queued since the last write are joined into one send() (paho sends
       each packet on its own). Packets paho must act on once written (QoS 0 publishes, whose
       callbacks fire then, and DISCONNECT) are left alone.
@@ -100,10 +104,6 @@ class _Client(mqtt.Client):
       network loop out of select(). None is needed for packets queued by the network thread
       itself (PUBACKs: the loop writes them next), and ``quiet()`` lets a thread queue a batch
       of publishes with one wake-up at the end instead of one per message.
-    - Reads of whole packets: a packet already whole in the read buffer is taken in one slice
-      (paho: three reads, a bytearray grown per read, a dict rebuilt per packet), and the two
-      packets every task costs, an MQTT 3.1.1 PUBLISH (QoS 0 or 1) and a PUBACK, are decoded
-      here with paho's checks and effects; everything else goes to paho's handlers.
     """
 
     def __init__(self, *args: object, **kwargs: object) -> None:
@@ -172,6 +172,26 @@ class _Client(mqtt.Client):
         self._join_queued()
         return super()._packet_write()
 
+    def _join_queued(self) -> None:
+        # Only the network thread takes from the left of this deque; others append on the right.
+        queue_ = self._out_packet
+        taken = []
+        size = 0
+        while queue_ and size < _WRITE_CHUNK:
+            packet = queue_[0]
+            kind = packet["command"] & 0xF0
+            if packet["pos"] or kind == _DISCONNECT or (kind == _PUBLISH and packet["qos"] == 0):
+                break
+            taken.append(queue_.popleft())
+            size += len(packet["packet"])
+        if len(taken) == 1:
+            queue_.appendleft(taken[0])  # nothing to join: back as it was
+        elif taken:
+            # Written like a PUBACK: nothing to do once sent (QoS 1 publishes complete on
+            # their own PUBACK from the broker, tracked apart from this queue).
+            queue_.appendleft({"command": _PUBACK, "mid": 0, "qos": 1, "pos": 0, "to_process": size,
+                               "packet": b"".join(p["packet"] for p in taken), "info": None})
+
     def _packet_read(self) -> mqtt.MQTTErrorCode:
         sock = self._sock
         if self._in_packet["command"] == 0 and type(sock) is _BufferedSocket:
@@ -239,23 +259,3 @@ class _Client(mqtt.Client):
         if qos == 0 or self._manual_ack:
             return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
         return self._send_puback(message.mid)
-
-    def _join_queued(self) -> None:
-        # Only the network thread takes from the left of this deque; others append on the right.
-        queue_ = self._out_packet
-        taken = []
-        size = 0
-        while queue_ and size < _WRITE_CHUNK:
-            packet = queue_[0]
-            kind = packet["command"] & 0xF0
-            if packet["pos"] or kind == _DISCONNECT or (kind == _PUBLISH and packet["qos"] == 0):
-                break
-            taken.append(queue_.popleft())
-            size += len(packet["packet"])
-        if len(taken) == 1:
-            queue_.appendleft(taken[0])  # nothing to join: back as it was
-        elif taken:
-            # Written like a PUBACK: nothing to do once sent (QoS 1 publishes complete on
-            # their own PUBACK from the broker, tracked apart from this queue).
-            queue_.appendleft({"command": _PUBACK, "mid": 0, "qos": 1, "pos": 0, "to_process": size,
-                               "packet": b"".join(p["packet"] for p in taken), "info": None})
