@@ -76,6 +76,9 @@ class Ledger:
         self.finished = 0
         self.now = 0.0  # the step's clock, for rules called without one (close_failed)
         self.on_flush: Callable[[Changes], None] | None = None  # metrics.py counts closings here
+        # metrics.py: the seconds from each task message sent to the result that closed its
+        # attempt, appended here as results are handled (None: nobody asks, nothing is kept).
+        self.latencies: list[float] | None = None
         jobs.quorum.ledger = self
 
     def reset(self, leases: Leases) -> None:
@@ -127,6 +130,9 @@ class Ledger:
         if lease.worker_id != slot.id:
             self.reject(Rejection.FOREIGN, ref, f"{_what(result)}: that attempt was sent to another worker")
             return
+        # From here on the result closes its open attempt, whatever it says.
+        if self.latencies is not None:
+            self.latencies.append(now - lease.sent_at)
         job = self.jobs.by_id.get(lease.job_id)
         if job is None or not job.active:
             self.leases.remove(lease)  # cancelled: the answer only frees the worker's slot
