@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 _OPEN_TO_LATE = (TaskState.PENDING.value, TaskState.ASSIGNED.value, TaskState.FAILED.value)
 # The states' values, looked up once (an Enum member's .value is a descriptor call).
 _ASSIGNED, _DONE = TaskState.ASSIGNED.value, TaskState.DONE.value
+_ACTIVE = JobState.ACTIVE.value
 
 
 def _what(result: Result) -> str:
@@ -134,7 +135,7 @@ class Ledger:
         if self.latencies is not None:
             self.latencies.append(now - lease.sent_at)
         job = self.jobs.by_id.get(lease.job_id)
-        if job is None or not job.active:
+        if job is None or job.state != _ACTIVE:  # JobInfo.active, without its Enum look-up
             self.leases.remove(lease)  # cancelled: the answer only frees the worker's slot
             self.changes.close(lease.attempt_id, AttemptOutcome.CANCELLED, None, None)
             self.status.worker_changed(slot.id)
