@@ -373,9 +373,7 @@ def mosquitto_test_config(
                 plain_seen += 1
             lines.append(f"# test: replaced {line.strip()!r}")
             lines.append(f"listener {listener_port} {host}")
-        elif in_tls and not secure and (_TLS_OPTION.match(line) or _WEBSOCKETS.match(line)):
-            # A `protocol` line left without its listener would apply to Mosquitto's default
-            # listener, port 1883: the broker would fail whenever another one holds that port.
+        elif _TLS_OPTION.match(line) and in_tls and not secure:
             lines.append(f"# test: dropped {line.strip()!r}")
         elif _REPLACED.match(line):
             lines.append(f"# test: replaced {line.strip()!r}")

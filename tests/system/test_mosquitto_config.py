@@ -56,15 +56,6 @@ def test_the_repository_config_starts_on_mosquitto(mosquitto: BrokerProcess) -> 
     assert setting("listener", generated) == f"{mosquitto.port} 127.0.0.1"
 
 
-def test_the_open_test_broker_listens_only_on_the_port_it_picked(mosquitto: BrokerProcess) -> None:
-    # The dropped TLS WebSockets listener's `protocol websockets` line once stayed behind and made
-    # Mosquitto open WebSockets on the default port 1883 too: two test brokers on one machine
-    # (parallel test runs, the bench) then failed to start.
-    generated = (mosquitto.workdir / "mosquitto.test.conf").read_text()
-    assert not re.search(r"^\s*protocol\s+websockets", generated, flags=re.MULTILINE)
-    assert "port 1883" not in mosquitto.log()
-
-
 def deliver_to_a_stalled_subscriber(url: str, count: int) -> int:
     """Publishes `count` QoS 1 messages while the subscriber reads nothing, then lets it read.
 
