@@ -81,6 +81,13 @@ class Buckets:
         self.counts[bisect_left(self.bounds, value)] += 1  # first bound >= value: Prometheus' `le`
         self.total += value
 
+    def observe_many(self, values: list[float]) -> None:
+        """``observe`` for each value, in one call (a step's latencies: one per result)."""
+        bounds, counts = self.bounds, self.counts
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1
+        self.total += sum(values)
+
     def family(self, name: str, documentation: str) -> HistogramMetricFamily:
         counts, running, buckets = list(self.counts), 0, []
         for bound, n in zip(self.bounds, counts):
@@ -139,9 +146,7 @@ class EngineMetrics(Collector):
                 closed[outcome] = closed.get(outcome, 0) + n
             self._pending.clear()
         if self._latencies:
-            observe = self.latency.observe
-            for seconds in self._latencies:
-                observe(seconds)
+            self.latency.observe_many(self._latencies)
             self._latencies.clear()
 
     def rolled_back(self) -> None:
