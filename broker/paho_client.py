@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -49,6 +50,28 @@ class _BufferedSocket:
         inner = self._sock.pending() if hasattr(self._sock, "pending") else 0
         return max(0, len(self._buffer) - self._pos) + inner
 
+    def packet(self) -> tuple[int, bytes] | None:
+        """The next whole MQTT packet if the buffer holds all of it: (its first byte, the bytes
+        after its remaining length). None otherwise (paho then reads it its own way, bytes
+        already buffered first); also None for a malformed length, which paho reports."""
+        buffer, start = self._buffer, self._pos
+        end = len(buffer)
+        i = start + 1
+        length, shift = 0, 0
+        while True:
+            if i >= end or shift > 21:  # MQTT's remaining length has at most 4 bytes
+                return None
+            byte = buffer[i]
+            i += 1
+            length |= (byte & 127) << shift
+            if byte < 128:
+                break
+            shift += 7
+        if end - i < length:
+            return None
+        self._pos = i + length
+        return buffer[start], buffer[i:self._pos]
+
     def __getattr__(self, name: str) -> object:
         return getattr(self._sock, name)
 
@@ -61,12 +84,19 @@ _PUBLISH, _DISCONNECT, _PUBACK = 0x30, 0xE0, 0x40
 # What every MQTT 3.1.1 PUBACK says, built once (see _Client._handle_pubackcomp).
 _PUBACK_REASON = ReasonCode(PacketTypes.PUBACK)
 _PUBACK_PROPERTIES = Properties(PacketTypes.PUBACK)
+# paho gives every message it receives an MQTTMessageInfo (a threading.Condition inside),
+# which only means something for messages it sends: received ones share this one.
+_RECEIVED_INFO = mqtt.MQTTMessageInfo(0)
 
 
 class _Client(mqtt.Client):
     """paho's client with fewer system calls per message; the protocol is paho's own.
 
     - Reads go through ``_BufferedSocket``.
+    - Reads of whole packets: a packet already whole in the read buffer is taken in one slice
+      (paho: three reads, a bytearray grown per read, a dict rebuilt per packet), and the two
+      packets every task costs, an MQTT 3.1.1 PUBLISH (QoS 0 or 1) and a PUBACK, are decoded
+      here with paho's checks and effects; everything else goes to paho's handlers.
     - Writes: packets queued since the last write are joined into one send() (paho sends
       each packet on its own). Packets paho must act on once written (QoS 0 publishes, whose
       callbacks fire then, and DISCONNECT) are left alone.
@@ -190,3 +220,71 @@ class _Client(mqtt.Client):
             # their own PUBACK from the broker, tracked apart from this queue).
             queue_.appendleft({"command": _PUBACK, "mid": 0, "qos": 1, "pos": 0, "to_process": size,
                                "packet": b"".join(p["packet"] for p in taken), "info": None})
+
+    def _packet_read(self) -> mqtt.MQTTErrorCode:
+        sock = self._sock
+        if self._in_packet["command"] == 0 and type(sock) is _BufferedSocket:
+            whole = sock.packet()
+            if whole is not None:
+                return self._whole_packet(*whole)
+        return super()._packet_read()
+
+    def _whole_packet(self, command: int, body: bytes) -> mqtt.MQTTErrorCode:
+        """Handle one packet read whole, as paho's _packet_read would once it had read it."""
+        with self._msgtime_mutex:
+            self._last_bytes_received = mqtt.time_func()
+        kind = command & 0xF0
+        if self._protocol != mqtt.MQTTv5:
+            if kind == _PUBLISH and command & 0x06 != 0x04:  # QoS 0 or 1 (2 and 3 go to paho)
+                rc = self._publish_received(command, body)
+                if rc is not None:
+                    return rc
+            elif kind == _PUBACK and len(body) == 2:
+                mid = (body[0] << 8) | body[1]
+                with self._out_message_mutex:
+                    if mid in self._out_messages:
+                        return self._do_on_publish(mid, _PUBACK_REASON, _PUBACK_PROPERTIES)
+                return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        # Any other packet: paho's own handler, with _in_packet as paho leaves it after a read.
+        self._in_packet = {"command": command, "have_remaining": 1, "remaining_count": [], "remaining_mult": 1,
+                           "remaining_length": len(body), "packet": bytearray(body), "to_process": 0, "pos": 0}
+        try:
+            rc = self._packet_handle()
+        except MalformedPacket as exc:
+            self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
+            rc = mqtt.MQTTErrorCode.MQTT_ERR_PROTOCOL
+        self._in_packet = {"command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1,
+                           "remaining_length": 0, "packet": bytearray(b""), "to_process": 0, "pos": 0}
+        return rc
+
+    def _publish_received(self, command: int, body: bytes) -> mqtt.MQTTErrorCode | None:
+        """paho's _handle_publish for an MQTT 3.1.1 PUBLISH of QoS 0 or 1, or None to leave a
+        malformed one (no topic, or cut short) to paho, which says what is wrong with it."""
+        qos = (command & 0x06) >> 1
+        size = len(body)
+        topic_end = 2 + ((body[0] << 8) | body[1]) if size >= 2 else 0
+        if topic_end <= 2 or topic_end + 2 * qos > size:
+            return None
+        message = mqtt.MQTTMessage.__new__(mqtt.MQTTMessage)
+        message._topic = body[2:topic_end]
+        if qos:
+            message.mid = (body[topic_end] << 8) | body[topic_end + 1]
+            message.payload = body[topic_end + 2:]
+        else:
+            message.mid = 0
+            message.payload = body[topic_end:]
+        message.qos = qos
+        message.dup = bool(command & 0x08)
+        message.retain = bool(command & 0x01)
+        message.state = mqtt.mqtt_ms_invalid
+        message.info = _RECEIVED_INFO
+        message.properties = None
+        if self._logger is not None or self.on_log is not None:
+            self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received PUBLISH (d%d, q%d, r%d, m%d), '%s', ...  (%d bytes)",
+                           message.dup, qos, message.retain, message.mid,
+                           message._topic.decode("utf-8", "backslashreplace"), len(message.payload))
+        message.timestamp = mqtt.time_func()
+        self._handle_on_message(message)
+        if qos == 0 or self._manual_ack:
+            return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        return self._send_puback(message.mid)

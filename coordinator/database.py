@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 
 import peewee as pw
 
-from dockercomp.coordinator.defaults import DB_URL_ENV, SQLITE_BUSY_TIMEOUT_MS
+from dockercomp.coordinator.defaults import DB_URL_ENV, SQLITE_BUSY_TIMEOUT_MS, SQLITE_STATEMENT_CACHE
 from dockercomp.coordinator.errors import DatabaseMissing, StoreError
 
 class ThreadDatabaseProxy(pw.DatabaseProxy):
@@ -177,6 +177,7 @@ def _open_sqlite(path: str, busy_timeout_ms: int) -> pw.Database:
         # IMMEDIATE: a writer takes the lock when its transaction begins and waits for it
         # (busy_timeout), instead of failing when a read turns into a write.
         lock_type="IMMEDIATE",
+        cached_statements=SQLITE_STATEMENT_CACHE,  # the engine's statements vary in row count
         pragmas={
             "journal_mode": "wal",  # readers (status, results) never block the engine
             "busy_timeout": busy_timeout_ms,

@@ -33,7 +33,7 @@ from typing import Callable
 
 from dockercomp.broker.messages import Outcome, Result
 from dockercomp.broker.topics import WorkerRef
-from dockercomp.coordinator.dispatch import JobBook
+from dockercomp.coordinator.dispatch import JobBook, JobInfo
 from dockercomp.coordinator.leases import Lease, Leases, error_json, nonce_matches
 from dockercomp.coordinator.registry import WorkerRegistry, WorkerSlot
 from dockercomp.coordinator.status import Rejection, Rejections, StatusPublisher
@@ -51,6 +51,14 @@ log = logging.getLogger(__name__)
 
 # Task states a late value may still complete (any but done and cancelled).
 _OPEN_TO_LATE = (TaskState.PENDING.value, TaskState.ASSIGNED.value, TaskState.FAILED.value)
+# The states' values, looked up once (an Enum member's .value is a descriptor call).
+_ASSIGNED, _DONE = TaskState.ASSIGNED.value, TaskState.DONE.value
+_ACTIVE = JobState.ACTIVE.value
+
+
+def _what(result: Result) -> str:
+    """How a rejection names the result: built only when one is logged."""
+    return f"result for task {result.task_id} attempt {result.attempt}"
 
 
 class Ledger:
@@ -69,6 +77,9 @@ class Ledger:
         self.finished = 0
         self.now = 0.0  # the step's clock, for rules called without one (close_failed)
         self.on_flush: Callable[[Changes], None] | None = None  # metrics.py counts closings here
+        # metrics.py: the seconds from each task message sent to the result that closed its
+        # attempt, appended here as results are handled (None: nobody asks, nothing is kept).
+        self.latencies: list[float] | None = None
         jobs.quorum.ledger = self
 
     def reset(self, leases: Leases) -> None:
@@ -101,28 +112,30 @@ class Ledger:
     def on_result(self, ref: WorkerRef, result: Result, now: float) -> None:
         """A decoded result from ``ref`` (the topic it came on names the sender)."""
         self.now = now
-        what = f"result for task {result.task_id} attempt {result.attempt}"
-        digits = result.task_id.isascii() and result.task_id.isdigit() and len(result.task_id) < 19
-        task_id = int(result.task_id) if digits else None
+        text = result.task_id
+        task_id = int(text) if text.isascii() and text.isdigit() and len(text) < 19 else None
         slot = self.workers.get(ref.key)
         if task_id is None:
-            self.reject(Rejection.UNKNOWN, ref, f"{what}: no such task")
+            self.reject(Rejection.UNKNOWN, ref, f"{_what(result)}: no such task")
             return
         if slot is None:
-            self.reject(Rejection.FOREIGN, ref, f"{what}: the sender never registered")
+            self.reject(Rejection.FOREIGN, ref, f"{_what(result)}: the sender never registered")
             return
         lease = self.leases.get(task_id, result.attempt)
         if lease is None:
-            self._late(ref, slot, task_id, result, what, now)
+            self._late(ref, slot, task_id, result, _what(result), now)
             return
         if not nonce_matches(lease.nonce, result.nonce):
-            self.reject(Rejection.FORGED, ref, f"{what}: it does not carry the nonce of that attempt")
+            self.reject(Rejection.FORGED, ref, f"{_what(result)}: it does not carry the nonce of that attempt")
             return
         if lease.worker_id != slot.id:
-            self.reject(Rejection.FOREIGN, ref, f"{what}: that attempt was sent to another worker")
+            self.reject(Rejection.FOREIGN, ref, f"{_what(result)}: that attempt was sent to another worker")
             return
-        job = self.jobs.get(lease.job_id)
-        if job is None or not job.active:
+        # From here on the result closes its open attempt, whatever it says.
+        if self.latencies is not None:
+            self.latencies.append(now - lease.sent_at)
+        job = self.jobs.by_id.get(lease.job_id)
+        if job is None or job.state != _ACTIVE:  # JobInfo.active, without its Enum look-up
             self.leases.remove(lease)  # cancelled: the answer only frees the worker's slot
             self.changes.close(lease.attempt_id, AttemptOutcome.CANCELLED, None, None)
             self.status.worker_changed(slot.id)
@@ -130,14 +143,15 @@ class Ledger:
         if result.elapsed > lease.timeout:
             # The worker's word: no task runs past its time limit, and credit is counted from it.
             result = replace(result, elapsed=lease.timeout)
-        if result.ok and not job.replication.single:
+        ok = result.outcome is Outcome.OK
+        if ok and job.replication.single:  # the common case first
+            self.leases.remove(lease)
+            self._accept(lease.attempt_id, task_id, job, _ASSIGNED, slot, result, now)
+        elif ok:
             self.leases.remove(lease)
             self.jobs.quorum.on_value(self, job, lease, slot, result, now)
             self.status.worker_changed(slot.id)
             self.status.job_changed(job.id)
-        elif result.ok:
-            self.leases.remove(lease)
-            self._accept(lease.attempt_id, task_id, lease.job_id, TaskState.ASSIGNED, slot, result, now)
         elif result.outcome is Outcome.RELEASED:
             self.hand_back(lease, dump_json(result.error.to_object() if result.error else None))
         else:
@@ -188,20 +202,25 @@ class Ledger:
             # counters (in memory and stored) must say so too.
             slot.failed -= 1
             self.changes.worker_failed[slot.id] -= 1
-        self._accept(record.attempt_id, task_id, record.job_id, TaskState(record.task_state), slot, result, now)
+        self._accept(record.attempt_id, task_id, job, record.task_state, slot, result, now)
 
-    def _accept(self, attempt_id: int, task_id: int, job_id: int, previous: TaskState, slot: WorkerSlot,
+    def _accept(self, attempt_id: int, task_id: int, job: JobInfo | None, previous: str, slot: WorkerSlot,
                 result: Result, now: float) -> None:
-        self.changes.accept(task_id, attempt_id, slot.id, dump_json(result.value), result.elapsed, now)
+        """The task is done with this value (``previous``: the task's state before)."""
+        value = result.value
+        self.changes.accept(task_id, attempt_id, slot.id, "null" if value is None else dump_json(value),
+                            result.elapsed, now)
         slot.done += 1
-        self.status.worker_changed(slot.id)
-        job = self.jobs.get(job_id)
+        status = self.status
+        status.worker_changed(slot.id)
         if job is not None:
-            self.jobs.trust.accepted(job_id, slot.ref.volunteer)
+            self.jobs.trust.accepted(job.id, slot.ref.volunteer)
             if job.avoid:
                 job.drained = False  # a slot freed up: a retry waiting for another volunteer may go
-            job.move(previous.value, TaskState.DONE.value)
-            self.status.job_changed(job.id)
+            counts = job.counts  # JobInfo.move, inlined: once per result
+            counts[previous] -= 1
+            counts[_DONE] += 1
+            status.job_changed(job.id)
         self.finished += 1
 
     # -- attempts that end without a value -------------------------------------------------------

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
@@ -39,9 +40,11 @@ class Replication:
     validator: str | None = None  # agreement function; None: canonical-JSON equality
     adaptive: bool = False  # a trusted volunteer's result is accepted alone (bar spot checks)
 
-    @property
+    @cached_property
     def single(self) -> bool:
-        """Today's behaviour: one attempt at a time, its value accepted as it comes."""
+        """Today's behaviour: one attempt at a time, its value accepted as it comes. Cached:
+        the engine asks once per result (cached_property writes the instance's __dict__
+        directly, so the frozen dataclass allows it; equality and hashing see fields only)."""
         return self.quorum == 1 and self.replicas == 1 and not self.adaptive
 
     def to_json(self) -> str | None:

@@ -230,6 +230,9 @@ class AttemptRecord:
     nonce: str  # the attempt's secret: a late result must echo it too
 
 
+_DONE = TaskState.DONE.value  # looked up once: Changes.accept runs for every result
+
+
 @dataclass
 class Changes:
     """One engine step's closings and acceptances, written by ``Store.apply`` at once.
@@ -262,7 +265,7 @@ class Changes:
     def accept(self, task_id: int, attempt_id: int, worker_id: int, value_json: str, elapsed: float, now: float) -> None:
         self.results.append((task_id, attempt_id, worker_id, value_json, elapsed, now))
         self.ok_attempts.append(attempt_id)
-        self.task_states[task_id] = TaskState.DONE.value
+        self.task_states[task_id] = _DONE
         self.worker_done[worker_id] += 1
 
     def supersede(self, attempt_id: int) -> None:

@@ -19,7 +19,7 @@ import json
 import os
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import peewee as pw
 
@@ -61,6 +61,13 @@ from dockercomp.coordinator.store import (
 _RESULTS_CHUNK = 1000
 # Rows per IN (...) list: far below SQLite's 32,766 variables per statement.
 _IN_CHUNK = 900
+# peewee's translation of driver errors into its own (``SqlStore.failures`` catches those), for
+# the statements the engine runs on the driver's cursor directly.
+_DB_ERRORS = pw.__exception_wrapper__
+# Values the engine's statements bind on every step, looked up once (an Enum member's .value
+# is a descriptor call: it showed in the engine's profile).
+_OPEN, _OK, _SUPERSEDED = AttemptOutcome.OPEN.value, AttemptOutcome.OK.value, AttemptOutcome.SUPERSEDED.value
+_PENDING, _ASSIGNED = TaskState.PENDING.value, TaskState.ASSIGNED.value
 
 
 
@@ -70,8 +77,8 @@ def _chunks(items: list[Any], size: int = _IN_CHUNK) -> Iterator[list[Any]]:
         yield items[start:start + size]
 
 
-def _marks(param: str, values: Iterable[Any]) -> str:
-    return ", ".join([param] * len(list(values)))
+def _marks(param: str, values: Sequence[Any]) -> str:
+    return ", ".join([param] * len(values))
 
 
 def _job_row(row: Job) -> JobRow:
@@ -427,23 +434,27 @@ class SqlStore(ReplicaQueries, Store):
                f"ORDER BY id LIMIT {p}")
         if self.is_postgres:
             sql += " FOR UPDATE"  # a concurrent `cancel` waits for this transaction
-        return list(self.db.execute_sql(sql, (job_id, TaskState.PENDING.value, limit)).fetchall())
+        cursor = self.db.cursor()
+        with _DB_ERRORS:
+            cursor.execute(sql, (job_id, _PENDING, limit))
+            return cursor.fetchall()
 
     def open_attempts(self, attempts: list[NewAttempt], now: float) -> dict[int, int]:
-        db, p = self.db, self.db.param
+        p = self.db.param
         row = f"({p}, {p}, {p}, {p}, {p}, {p}, {p})"
         opened: dict[int, int] = {}
-        for part in _chunks(attempts, 500):
-            values: list[Any] = []
-            for task_id, number, worker_id, deadline, nonce in part:
-                values += (task_id, number, worker_id, now, deadline, AttemptOutcome.OPEN.value, nonce)
-            inserted = db.execute_sql(
-                "INSERT INTO attempt (task_id, number, worker_id, sent_at, deadline, outcome, nonce) "
-                f"VALUES {', '.join([row] * len(part))} RETURNING id, task_id", values).fetchall()
-            opened.update((task_id, attempt_id) for attempt_id, task_id in inserted)
-            task_ids = [a[0] for a in part]
-            db.execute_sql(f"UPDATE task SET state = {p}, attempts = attempts + 1, updated_at = {p} "
-                           f"WHERE id IN ({_marks(p, task_ids)})", [TaskState.ASSIGNED.value, now, *task_ids])
+        cursor = self.db.cursor()
+        with _DB_ERRORS:
+            for part in _chunks(attempts, 500):
+                values: list[Any] = []
+                for task_id, number, worker_id, deadline, nonce in part:
+                    values += (task_id, number, worker_id, now, deadline, _OPEN, nonce)
+                cursor.execute("INSERT INTO attempt (task_id, number, worker_id, sent_at, deadline, outcome, nonce) "
+                               f"VALUES {', '.join([row] * len(part))} RETURNING id, task_id", values)
+                opened.update((task_id, attempt_id) for attempt_id, task_id in cursor.fetchall())
+                task_ids = [a[0] for a in part]
+                cursor.execute(f"UPDATE task SET state = {p}, attempts = attempts + 1, updated_at = {p} "
+                               f"WHERE id IN ({_marks(p, task_ids)})", [_ASSIGNED, now, *task_ids])
         return opened
 
     def open_leases(self) -> list[OpenAttempt]:
@@ -464,49 +475,53 @@ class SqlStore(ReplicaQueries, Store):
     def apply(self, changes: Changes, now: float) -> None:
         """One statement per kind of change, never one per row (executemany) where it can be
         helped: the sqlite3 module releases the GIL for every row, and each time the network
-        thread took it the engine waited to get it back."""
+        thread took it the engine waited to get it back. The statements go to the driver's
+        cursor directly (peewee's execute_sql adds a logging check and a cursor per statement),
+        inside peewee's error translation, so a failure is one of ``failures`` as anywhere else."""
         if not changes:
             return
-        db, p = self.db, self.db.param
+        p = self.db.param
         row = f"({p}, {p}, {p}, {p}, {p}, {p})"
-        for part in _chunks(changes.results, 500):
-            db.execute_sql("INSERT INTO result (task_id, attempt_id, worker_id, value, elapsed, received_at) "
-                           f"VALUES {', '.join([row] * len(part))}", [v for result in part for v in result])
-        self.write_replicas(changes, now)
-        for ids in _chunks(changes.ok_attempts):
-            db.execute_sql(f"UPDATE attempt SET outcome = {p}, finished_at = {p} WHERE id IN ({_marks(p, ids)})",
-                           [AttemptOutcome.OK.value, now, *ids])
-        for ids in _chunks(changes.superseded_attempts):
-            db.execute_sql(f"UPDATE attempt SET outcome = {p}, finished_at = {p} "
-                           f"WHERE outcome = {p} AND id IN ({_marks(p, ids)})",
-                           [AttemptOutcome.SUPERSEDED.value, now, AttemptOutcome.OPEN.value, *ids])
-        if changes.closed_attempts:
-            db.cursor().executemany(f"UPDATE attempt SET outcome = {p}, error = {p}, finished_at = {p} WHERE id = {p}",
-                                    [(outcome, error, now, attempt_id)
-                                     for attempt_id, outcome, error in changes.closed_attempts])
-        by_state: dict[str, list[int]] = {}
-        for task_id, state in changes.task_states.items():
-            by_state.setdefault(state, []).append(task_id)
-        for state, ids in by_state.items():
-            sources = ALLOWED_FROM[state]
-            for part in _chunks(ids):
-                db.execute_sql(f"UPDATE task SET state = {p}, updated_at = {p} WHERE id IN ({_marks(p, part)}) "
-                               f"AND state IN ({_marks(p, sources)})", [state, now, *part, *sources])
-        self._add_counts("tasks_done", changes.worker_done)
-        self._add_counts("tasks_failed", changes.worker_failed)
-        if changes.uncharged:
-            db.cursor().executemany(f"UPDATE task SET retries_from = retries_from + {p} WHERE id = {p}",
-                                    [(n, task_id) for task_id, n in changes.uncharged.items()])
+        cursor = self.db.cursor()
+        with _DB_ERRORS:
+            for part in _chunks(changes.results, 500):
+                cursor.execute("INSERT INTO result (task_id, attempt_id, worker_id, value, elapsed, received_at) "
+                               f"VALUES {', '.join([row] * len(part))}", [v for result in part for v in result])
+            self.write_replicas(changes, now)
+            for ids in _chunks(changes.ok_attempts):
+                cursor.execute(f"UPDATE attempt SET outcome = {p}, finished_at = {p} WHERE id IN ({_marks(p, ids)})",
+                               [_OK, now, *ids])
+            for ids in _chunks(changes.superseded_attempts):
+                cursor.execute(f"UPDATE attempt SET outcome = {p}, finished_at = {p} "
+                               f"WHERE outcome = {p} AND id IN ({_marks(p, ids)})",
+                               [_SUPERSEDED, now, _OPEN, *ids])
+            if changes.closed_attempts:
+                cursor.executemany(f"UPDATE attempt SET outcome = {p}, error = {p}, finished_at = {p} WHERE id = {p}",
+                                   [(outcome, error, now, attempt_id)
+                                    for attempt_id, outcome, error in changes.closed_attempts])
+            by_state: dict[str, list[int]] = {}
+            for task_id, state in changes.task_states.items():
+                by_state.setdefault(state, []).append(task_id)
+            for state, ids in by_state.items():
+                sources = ALLOWED_FROM[state]
+                for part in _chunks(ids):
+                    cursor.execute(f"UPDATE task SET state = {p}, updated_at = {p} WHERE id IN ({_marks(p, part)}) "
+                                   f"AND state IN ({_marks(p, sources)})", [state, now, *part, *sources])
+            self._add_counts(cursor, "tasks_done", changes.worker_done)
+            self._add_counts(cursor, "tasks_failed", changes.worker_failed)
+            if changes.uncharged:
+                cursor.executemany(f"UPDATE task SET retries_from = retries_from + {p} WHERE id = {p}",
+                                   [(n, task_id) for task_id, n in changes.uncharged.items()])
         changes.clear()
 
-    def _add_counts(self, column: str, counts: dict[int, int]) -> None:
+    def _add_counts(self, cursor: Any, column: str, counts: dict[int, int]) -> None:
         """worker.<column> += n for each (worker id, n), in one statement per 400 workers."""
         p = self.db.param
         for part in _chunks(list(counts.items()), 400):
             cases = " ".join([f"WHEN {p} THEN {p}"] * len(part))
-            self.db.execute_sql(f"UPDATE worker SET {column} = {column} + CASE id {cases} END "
-                                f"WHERE id IN ({_marks(p, part)})",
-                                [v for worker_id, n in part for v in (worker_id, n)] + [w for w, _ in part])
+            cursor.execute(f"UPDATE worker SET {column} = {column} + CASE id {cases} END "
+                           f"WHERE id IN ({_marks(p, part)})",
+                           [v for worker_id, n in part for v in (worker_id, n)] + [w for w, _ in part])
 
     def find_attempt(self, task_id: int, number: int) -> AttemptRecord | None:
         self.bind()

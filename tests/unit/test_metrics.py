@@ -117,3 +117,12 @@ def test_buckets_count_a_value_in_the_first_bucket_whose_bound_it_does_not_excee
     assert got[("x_seconds_bucket", "1.0")] == 4
     assert got[("x_seconds_bucket", "+Inf")] == got[("x_seconds_count", None)] == 5
     assert got[("x_seconds_sum", None)] == 8.65
+
+
+def test_a_steps_latencies_observed_at_once_count_as_one_by_one() -> None:
+    values = [0.05, 0.1, 0.5, 1.0, 7.0, 0.0]
+    one, many = Buckets((0.1, 1.0)), Buckets((0.1, 1.0))
+    for value in values:
+        one.observe(value)
+    many.observe_many(values)
+    assert (many.counts, many.total) == (one.counts, one.total)
