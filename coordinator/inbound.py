@@ -138,7 +138,5 @@ class Inbound:
             self._take_result(ref, result, now)
 
     def _take_result(self: "Coordinator", ref: WorkerRef, result: Result, now: float) -> None:
-        lease = self.metrics.result_seen(self.leases, result) if self.metrics is not None else None
+        # The ledger also records the result's latency for /metrics as it closes the attempt.
         self.ledger.on_result(ref, result, now)
-        if lease is not None:
-            self.metrics.result_handled(self.leases, lease, now)  # type: ignore[union-attr]

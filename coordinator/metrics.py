@@ -51,12 +51,10 @@ from prometheus_client.utils import floatToGoString
 from dockercomp.broker.defaults import PROTOCOL_VERSION
 from dockercomp.coordinator import defaults
 from dockercomp.coordinator.errors import SettingsError
-from dockercomp.coordinator.leases import Lease, Leases
 from dockercomp.coordinator.status import Rejection
 from dockercomp.coordinator.store import AttemptOutcome, Changes, JobState, TaskState, WorkerState
 
 if TYPE_CHECKING:
-    from dockercomp.broker.messages import Result
     from dockercomp.coordinator.service import Coordinator
 
 log = logging.getLogger(__name__)
@@ -127,15 +125,6 @@ class EngineMetrics(Collector):
             pending[AttemptOutcome.INVALID.value] += len(changes.invalid_attempts)
         for _, outcome, _ in changes.closed_attempts:
             pending[outcome] += 1
-
-    def result_seen(self, leases: Leases, result: "Result") -> Lease | None:
-        """Nothing to do: the ledger appends each result's latency to ``_latencies`` as it closes
-        the attempt (``Ledger.latencies``), without a second parse of the task id and look-up
-        of the lease. Kept, returning None, for callers written before (inbound.py)."""
-        return None
-
-    def result_handled(self, leases: Leases, lease: Lease, now: float) -> None:
-        """Never reached (``result_seen`` returns None): see there."""
 
     def committed(self, dispatched: int) -> None:
         """The step's transaction committed: its figures count."""
