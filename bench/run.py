@@ -8,6 +8,8 @@ so one broken part never hides the figures of the others):
              a change in the machine's background load during the run hits both sides
 2. e2e       coordinator + agents on the same Mosquitto, 20,000 no-op tasks
 3. window1   coordinator + one agent of concurrency 1: one task in flight at a time
+3b. peer     Celery + Redis on the same no-op tasks and task processes (bench/peer.py; skipped
+             with a note when Celery or redis-server is missing)
 4. amqtt     the e2e run again on the embedded amqtt broker (`dockercomp broker serve`)
 5. submit    100,000 tasks into a fresh store: Python API, then `dockercomp coordinator submit`
 6. stream    1,000,000 tasks from a generator through the API: RSS growth (bench/stream.py)
@@ -35,6 +37,7 @@ from typing import Any
 from bench import defaults
 from bench import e2e as e2e_mod
 from bench import metrics as metrics_mod
+from bench import peer as peer_mod
 from bench import pickup as pickup_mod
 from bench import raw as raw_mod
 from bench import replicas as replicas_mod
@@ -44,7 +47,7 @@ from bench.errors import BenchError
 from bench.harness import console_script, start_broker
 from bench.report import SCHEMA_VERSION, load_average, machine, summary_line, targets
 
-PHASES = ("raw", "e2e", "window1", "amqtt", "submit", "stream", "pickup", "scale", "replicas", "metrics")
+PHASES = ("raw", "e2e", "window1", "peer", "amqtt", "submit", "stream", "pickup", "scale", "replicas", "metrics")
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,7 @@ def run(options: BenchOptions, say: Say = lambda text: None) -> dict[str, Any]:
                 run_.phase("metrics", lambda: _metrics(run_, mosquitto))
             finally:
                 mosquitto.stop()
+        run_.phase("peer", lambda: _peer(run_))
         run_.phase("amqtt", lambda: _amqtt(run_))
         run_.phase("submit", lambda: _submit(run_))
         run_.phase("stream", lambda: _stream(run_))
@@ -215,6 +219,18 @@ def _window1(run_: _Run, broker: Any) -> None:
                              agents=1, concurrency=1, broker_pid=broker.pid)
     run_.results["e2e"].append(result.to_json())
     run_.say(f"  window 1: p50 {result.latency.p50_ms:.2f} ms, {result.tasks_per_s:,.0f} tasks/s")
+
+
+def _peer(run_: _Run) -> None:
+    o = run_.options
+    result = peer_mod.measure(workdir=run_.workdir / "peer", tasks=o.tasks, agents=o.workers,
+                              concurrency=o.concurrency, latency_samples=o.latency_samples)
+    run_.results["peer"] = result.to_json()
+    if result.skipped:
+        run_.say(f"  [yellow]peer skipped[/]: {result.skipped}")
+    else:
+        run_.say(f"  Celery + Redis: {result.tasks_per_s:,.0f} tasks/s with {result.task_processes} task processes, "
+                 f"window 1 p50 {result.window1.p50_ms if result.window1 else 0:.2f} ms")
 
 
 def _amqtt(run_: _Run) -> None:
