@@ -75,10 +75,6 @@ class _Leaf(MosquittoProcess):
         argv = super()._command(port)
         text = self.conf_path.read_text()
         if "\nconnection hub\n" not in text:
-            # The dropped WebSockets listener leaves its `protocol` line behind; with a bridge
-            # configured Mosquitto 2.0 takes it for a default listener on 1883, and fails.
-            text = "\n".join(f"# bench: {line}" if line.strip() == "protocol websockets" else line
-                              for line in text.splitlines())
             self.conf_path.write_text(text + "\n# bench: a leaf of the scale run's hub\n" + "\n".join(self.bridge) + "\n")
         return argv
 

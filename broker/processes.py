@@ -373,7 +373,9 @@ def mosquitto_test_config(
                 plain_seen += 1
             lines.append(f"# test: replaced {line.strip()!r}")
             lines.append(f"listener {listener_port} {host}")
-        elif _TLS_OPTION.match(line) and in_tls and not secure:
+        elif (_TLS_OPTION.match(line) or _WEBSOCKETS.match(line)) and in_tls and not secure:
+            # A dropped listener's `protocol websockets` left behind would give Mosquitto a
+            # default WebSockets listener on 1883: two open brokers at once then fail.
             lines.append(f"# test: dropped {line.strip()!r}")
         elif _REPLACED.match(line):
             lines.append(f"# test: replaced {line.strip()!r}")
