@@ -26,6 +26,8 @@ from bench.harness import Child, CpuMeter, proc_sample, wait_for
 from bench.fleetbrokers import plan, start_fleet_brokers
 from bench.swarm import swarm_main
 
+# Seconds allowed per simulated worker to connect and register, on top of PHASE_TIMEOUT.
+_REGISTER_ALLOWANCE = 0.01
 # Seconds between progress samples (done count + coordinator CPU) during a scale job.
 _SAMPLE_INTERVAL = 0.25
 
@@ -185,7 +187,8 @@ def measure(*, workdir: Path, workers: int, processes: int, job_sizes: list[int]
         _expect(reports, "ready", processes, procs)
         started = time.monotonic()
         go.set()
-        wait_for(lambda: _online_count(client.store) >= workers, PHASE_TIMEOUT,
+        # Connecting is paced by the swarms, a few ms of CPU per worker on a small machine.
+        wait_for(lambda: _online_count(client.store) >= workers, PHASE_TIMEOUT + workers * _REGISTER_ALLOWANCE,
                  f"{workers} simulated workers registering", interval=POLL_INTERVAL, check=coordinator.check_alive)
         registered_s = time.monotonic() - started
         connected = _expect(reports, "connected", processes, procs)

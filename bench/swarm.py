@@ -29,6 +29,10 @@ from bench.fleetbrokers import raise_fd_limit
 
 # Seconds between paho housekeeping passes (keepalive pings, retries) over all clients.
 _MISC_INTERVAL = 1.0
+# Connections one swarm process has waiting for their CONNACK at once.
+_MAX_CONNECTING = 200
+# Seconds a TCP connect to the broker may take on a loaded machine.
+_CONNECT_TIMEOUT = 30.0
 # Longest select() wait, so a stop request is noticed quickly.
 _SELECT_TIMEOUT = 0.1
 # Placeholders in a simulated worker's Result template, replaced per task.
@@ -63,6 +67,7 @@ class Swarm:
         self.selector = selectors.DefaultSelector()
         self.sims: list[_Sim] = []
         self.connected = 0
+        self._connecting = 0  # connects sent, CONNACK not seen yet
         self.malformed = 0
         hostname = socket.gethostname()
         for volunteer, name in workers:
@@ -96,8 +101,18 @@ class Swarm:
     # -- lifecycle -----------------------------------------------------------------------
     def connect_all(self) -> None:
         """Open every connection (TCP connect + CONNECT queued); the loop does the rest."""
+        next_misc = time.monotonic() + _MISC_INTERVAL
         for sim in self.sims:
+            if time.monotonic() >= next_misc:  # keepalive pings of those connected already
+                self.housekeeping()
+                next_misc = time.monotonic() + _MISC_INTERVAL
+            # Paced: tens of thousands of back-to-back connects overflow the broker's accept
+            # queue on a busy machine, and a dropped SYN costs a second or more per client.
+            while self._connecting >= _MAX_CONNECTING:
+                self.step(_SELECT_TIMEOUT / 10)
+            sim.client.connect_timeout = _CONNECT_TIMEOUT
             sim.client.connect(self.host, self.port, KEEPALIVE)
+            self._connecting += 1
             # Service what already arrived, so early clients get their CONNACK promptly.
             self.step(0)
 
@@ -146,6 +161,8 @@ class Swarm:
             pass
 
     def _on_connect(self, client: mqtt.Client, sim: _Sim, flags: Any, reason: Any, props: Any) -> None:
+        if not sim.connected:
+            self._connecting -= 1  # answered: another client may connect (connect_all)
         if reason.is_failure:
             return
         client.subscribe([(sim.tasks_topic, 1), (self.topics.coordinator_rebirth, 1)])
