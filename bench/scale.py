@@ -172,7 +172,10 @@ def measure(*, workdir: Path, workers: int, processes: int, job_sizes: list[int]
     db = workdir / "scale.db"
     ctx = multiprocessing.get_context("spawn")  # never fork next to paho's network thread
     go, stop, reports = ctx.Event(), ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=swarm_main, args=(*brokers.endpoints[k], parts[k], "dockercomp", go, stop, reports),
+    # Each swarm process connects from its own loopback address: one address's ephemeral ports
+    # (net.ipv4.ip_local_port_range, ~28,000) cannot carry 50,000 connections.
+    procs = [ctx.Process(target=swarm_main, args=(*brokers.endpoints[k], parts[k], "dockercomp", go, stop, reports,
+                                                  f"127.0.0.{2 + k % 250}"),
                          daemon=True, name=f"swarm-{k}") for k in range(processes)]
     coordinator: Child | None = None
     client: Any = None
@@ -189,7 +192,8 @@ def measure(*, workdir: Path, workers: int, processes: int, job_sizes: list[int]
         go.set()
         # Connecting is paced by the swarms, a few ms of CPU per worker on a small machine.
         wait_for(lambda: _online_count(client.store) >= workers, PHASE_TIMEOUT + workers * _REGISTER_ALLOWANCE,
-                 f"{workers} simulated workers registering", interval=POLL_INTERVAL, check=coordinator.check_alive)
+                 f"{workers} simulated workers registering", interval=POLL_INTERVAL,
+                 check=lambda: _check_alive(coordinator, procs))
         registered_s = time.monotonic() - started
         connected = _expect(reports, "connected", processes, procs)
         connected_s = max(message[2] for message in connected) - started
@@ -218,6 +222,13 @@ def measure(*, workdir: Path, workers: int, processes: int, job_sizes: list[int]
                     registered_s=round(registered_s, 3), rss_registered_mb=round(rss_registered, 1),
                     peak_rss_mb=round(peak, 1), jobs=jobs, answered_by_swarm=answered, malformed_tasks=malformed,
                     volunteers=len({v for v, _ in sims}), brokers=brokers.describe())
+
+
+def _check_alive(coordinator: Child, procs: list[Any]) -> None:
+    coordinator.check_alive()
+    dead = [p.name for p in procs if not p.is_alive()]
+    if dead:
+        raise BenchError(f"simulated worker process(es) {', '.join(dead)} died; their traceback is above")
 
 
 def _expect(reports: Any, kind: str, count: int, procs: list[Any]) -> list[tuple[Any, ...]]:

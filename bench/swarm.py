@@ -60,9 +60,12 @@ class _Sim:
 class Swarm:
     """Many simulated workers sharing one selector loop in the calling thread."""
 
-    def __init__(self, host: str, port: int, workers: list[tuple[str, str]], *, root: str = "dockercomp") -> None:
-        """``workers``: (volunteer, worker name) of each simulated worker."""
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, workers: list[tuple[str, str]], *, root: str = "dockercomp",
+                 source: str = "") -> None:
+        """``workers``: (volunteer, worker name) of each simulated worker; ``source``: the local
+        address they connect from (paho binds before it connects, so every connection of the
+        machine from one address shares one pool of ephemeral ports, ~28,000)."""
+        self.host, self.port, self.source = host, port, source
         self.topics = Topics(root)
         self.selector = selectors.DefaultSelector()
         self.sims: list[_Sim] = []
@@ -111,7 +114,7 @@ class Swarm:
             while self._connecting >= _MAX_CONNECTING:
                 self.step(_SELECT_TIMEOUT / 10)
             sim.client.connect_timeout = _CONNECT_TIMEOUT
-            sim.client.connect(self.host, self.port, KEEPALIVE)
+            sim.client.connect(self.host, self.port, KEEPALIVE, bind_address=self.source)
             self._connecting += 1
             # Service what already arrived, so early clients get their CONNACK promptly.
             self.step(0)
@@ -193,12 +196,12 @@ class Swarm:
 
 
 def swarm_main(host: str, port: int, workers: list[tuple[str, str]], root: str, go: Any, stop: Any,
-               reports: Any) -> None:
+               reports: Any, source: str = "") -> None:
     """A swarm process (spawned): build the clients, wait for ``go``, connect them all, serve
     tasks until ``stop``; reports ("ready", pid), ("connected", pid, monotonic time) and
     ("answered", pid, {worker: tasks}, malformed) on the ``reports`` queue."""
     raise_fd_limit()  # one descriptor per simulated worker
-    swarm = Swarm(host, port, workers, root=root)
+    swarm = Swarm(host, port, workers, root=root, source=source)
     reports.put(("ready", os.getpid()))
     go.wait()
     swarm.connect_all()

@@ -61,3 +61,23 @@ def test_a_full_fleet_is_served_fairly_in_turn_as_results_come_back() -> None:
     # Then every task is done, each worker having taken exactly its share
     assert rules.states(job) == ["done"] * 25
     assert sorted(served.values()) == [5] * 5
+
+
+def test_the_worker_census_is_kept_until_a_presence_changes_it() -> None:
+    from dockercomp.broker.messages import OfflineReason
+    from dockercomp.coordinator.status import worker_census
+
+    rules = Rules()
+    for i in range(3):
+        rules.online(f"w{i}", capacity=2)
+    # Asked twice with nothing in between, it is counted once (the status summary asks twice a second)
+    first = rules.workers.census()
+    assert rules.workers.census() is first
+    assert (first[0]["online"], first[1]) == (3, 6)
+    # After a will, a pause and a bigger worker, it is counted again, and matches a fresh count
+    rules.offline("w0", OfflineReason.LOST)
+    rules.online("w1", capacity=5, reconnect=True)
+    rules.online("w3", capacity=1)
+    again = rules.workers.census()
+    assert again is not first and again == worker_census(list(rules.workers))
+    assert (again[0]["online"], again[0]["lost"], again[1]) == (3, 1, 2 + 5 + 1)
