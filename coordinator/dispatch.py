@@ -237,17 +237,19 @@ def _round_robin(rows: list[PendingRow], candidates: list[WorkerSlot],
     i = 0
     for tier in ("capacity", "limit"):
         ring = [w for w in candidates if held[w.id] < getattr(w, tier)]
-        turn = 0
+        # Turn by turn, pass after pass; a worker full at this tier drops out of the next pass
+        # (deleting it from the ring in place cost O(ring) each: quadratic at 50,000 workers).
         while ring and i < len(rows):
-            turn %= len(ring)
-            worker = ring[turn]
-            plan.append((worker, rows[i], held[worker.id]))
-            held[worker.id] += 1
-            i += 1
-            if held[worker.id] >= getattr(worker, tier):
-                del ring[turn]  # full at this tier: the next worker moves into its turn
-            else:
-                turn += 1
+            still = []
+            for worker in ring:
+                if i >= len(rows):
+                    break
+                plan.append((worker, rows[i], held[worker.id]))
+                held[worker.id] += 1
+                i += 1
+                if held[worker.id] < getattr(worker, tier):
+                    still.append(worker)
+            ring = still
     return plan
 
 
