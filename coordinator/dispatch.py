@@ -146,6 +146,8 @@ class Dispatcher:
 
     def has_work(self, workers: WorkerRegistry, jobs: JobBook, leases: Leases) -> bool:
         """Cheap in-memory check: could a dispatch round send anything?"""
+        if all(job.drained for job in jobs.active()):
+            return False  # nothing to send: no need to look at the fleet (50,000 workers)
         free = {f for w in _allowed(workers, jobs) if leases.count(w.id) < w.limit for f in w.functions}
         return bool(free) and any(not job.drained and job.function in free for job in jobs.active())
 
@@ -153,6 +155,8 @@ class Dispatcher:
         """Open attempts for as many pending tasks as workers have room for; returns the
         (topic, payload) messages to publish once the transaction is committed."""
         self.served = set()
+        if all(job.drained for job in jobs.active()):
+            return []  # nothing pending: the free workers (all 50,000 when idle) need no look
         allowed = _allowed(workers, jobs)
         if not allowed:
             return []
