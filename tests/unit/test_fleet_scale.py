@@ -1,4 +1,5 @@
-"""A dispatch round costs what its free workers cost, not the fleet (issue 14: 50,000 workers).
+"""What a fleet of 50,000 workers costs the coordinator grows with its free workers and its status
+ budget, not with the fleet (issue 14).
 
 Counted, not timed: how many workers' leases a round looks at."""
 
@@ -81,3 +82,40 @@ def test_the_worker_census_is_kept_until_a_presence_changes_it() -> None:
     again = rules.workers.census()
     assert again is not first and again == worker_census(list(rules.workers))
     assert (again[0]["online"], again[0]["lost"], again[1]) == (3, 1, 2 + 5 + 1)
+
+
+class _Wire:
+    def __init__(self) -> None:
+        self.topics: list[str] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        self.topics.append(topic)
+
+
+def test_worker_statuses_go_out_at_most_a_burst_at_a_time_oldest_change_first() -> None:
+    from dockercomp.coordinator.status import StatusPublisher
+
+    # Given 2,500 workers that all changed, the first of them twice
+    rules = Rules()
+    for i in range(2_500):
+        rules.online(f"w{i:04d}")
+    status = StatusPublisher(rules.topics, interval=0.5, burst=1_000)
+    ids = sorted(rules.workers.by_id)
+    for worker_id in ids:
+        status.worker_changed(worker_id)
+    status.worker_changed(ids[0])
+
+    # When three publications are due
+    wire = _Wire()
+    published: list[list[str]] = []
+    for tick in range(4):
+        before = len(wire.topics)
+        if status.due(1000.0 + tick):
+            status.publish(wire, rules.workers.by_id, {}, lambda worker_id: 0, dict, 1000.0 + tick)  # type: ignore[arg-type]
+        published.append([t for t in wire.topics[before:] if "/status/workers/" in t])
+
+    # Then 1,000, 1,000 and 500 worker statuses go out, each worker once, in the order they changed
+    assert [len(p) for p in published] == [1_000, 1_000, 500, 0]
+    sent = [t.rsplit("/", 1)[-1] for p in published for t in p]
+    assert sent == [f"w{i:04d}" for i in range(2_500)]
+    assert not status.pending
