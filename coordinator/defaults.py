@@ -91,6 +91,11 @@ NUDGE_TIMEOUT = 0.5
 # Seconds between status publications at most; nothing is published when nothing changed.
 STATUS_INTERVAL = 0.5
 
+# Worker statuses published per status publication at most; the rest wait their turn (oldest
+# change first, later changes folded in): 2,000 a second bounds what a fleet of 50,000 workers,
+# each changing with every task, costs the coordinator, and 1,000 workers never wait.
+WORKER_STATUS_BURST = 1_000
+
 # Window, in seconds, over which the status summary's recent tasks/s is measured.
 RATE_WINDOW = 10.0
 

@@ -26,6 +26,7 @@ from dockercomp.coordinator.quorum import Quorum
 from dockercomp.coordinator.registry import WorkerRegistry, WorkerSlot
 from dockercomp.coordinator.replicas import ReplicaDispatch
 from dockercomp.coordinator.replication import SINGLE, Replication
+from dockercomp.coordinator.room import Room
 from dockercomp.coordinator.trust import Trust
 from dockercomp.coordinator.store import JobState, NewAttempt, PendingRow, Store, TaskState
 
@@ -146,9 +147,12 @@ class Dispatcher:
         self.served: set[int] = set()  # workers sent something by the last round (status)
         self.sent = 0  # tasks the last round sent (its messages may carry several: metrics count tasks)
         self.replicas = ReplicaDispatch(self)
+        self.room = Room()  # the workers that may have room: a round need not scan the fleet
 
     def has_work(self, workers: WorkerRegistry, jobs: JobBook, leases: Leases) -> bool:
         """Cheap in-memory check: could a dispatch round send anything?"""
+        if all(job.drained for job in jobs.active()):
+            return False  # nothing to send: no need to look at the fleet (50,000 workers)
         free = {f for w in _allowed(workers, jobs) if leases.count(w.id) < w.limit for f in w.functions}
         return bool(free) and any(not job.drained and job.function in free for job in jobs.active())
 
@@ -156,11 +160,13 @@ class Dispatcher:
         """Open attempts for as many pending tasks as workers have room for; returns the
         (topic, payload) messages to publish once the transaction is committed."""
         self.served, self.sent = set(), 0
-        order = _allowed(workers, jobs)
-        if not order:
+        if all(job.drained for job in jobs.active()):
+            return []  # nothing pending: the free workers (all 50,000 when idle) need no look
+        allowed = _allowed(workers, jobs)
+        if not allowed:
             return []
-        start = self._cursor % len(order)
-        order = order[start:] + order[:start]
+        start = self._cursor % len(allowed)
+        order = self.room.free(allowed, leases, start)  # rotated to start, less the full ones
         held = {w.id: leases.count(w.id) for w in order}
         sends: list[tuple[str, bytes]] = []
         last_served = None
@@ -183,15 +189,16 @@ class Dispatcher:
                 continue
             plan = _round_robin(rows, candidates, held)
             if job.avoid:
-                able = {w.ref.volunteer for w in order if job.function in w.functions}
+                able = {w.ref.volunteer for w in allowed if job.function in w.functions}
                 plan = _avoid_repeats(plan, job.avoid, candidates, held, able)
                 if not plan:
                     job.drained = True  # until a slot frees up (Ledger._accept) or the next poll
                     continue
             last_served = plan[-1][0]
             sends += self._open(job, plan, leases, now)
+        self.room.settle(held)
         if last_served is not None:
-            self._cursor = start + order.index(last_served) + 1
+            self._cursor = self.room.position(last_served) + 1
         self.sent = len(sends)
         # Looked up among the workers served (not the whole fleet): a round costs per task sent.
         batching = [slot for slot in map(workers.by_id.get, self.served) if slot is not None and slot.batch]
@@ -259,17 +266,19 @@ def _round_robin(rows: list[PendingRow], candidates: list[WorkerSlot],
     i = 0
     for tier in ("capacity", "limit"):
         ring = [w for w in candidates if held[w.id] < getattr(w, tier)]
-        turn = 0
+        # Turn by turn, pass after pass; a worker full at this tier drops out of the next pass
+        # (deleting it from the ring in place cost O(ring) each: quadratic at 50,000 workers).
         while ring and i < len(rows):
-            turn %= len(ring)
-            worker = ring[turn]
-            plan.append((worker, rows[i], held[worker.id]))
-            held[worker.id] += 1
-            i += 1
-            if held[worker.id] >= getattr(worker, tier):
-                del ring[turn]  # full at this tier: the next worker moves into its turn
-            else:
-                turn += 1
+            still = []
+            for worker in ring:
+                if i >= len(rows):
+                    break
+                plan.append((worker, rows[i], held[worker.id]))
+                held[worker.id] += 1
+                i += 1
+                if held[worker.id] < getattr(worker, tier):
+                    still.append(worker)
+            ring = still
     return plan
 
 

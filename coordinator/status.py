@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, deque
+from itertools import islice
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -18,7 +19,8 @@ from dockercomp.broker.connection import Transport
 from dockercomp.broker.errors import BrokerError
 from dockercomp.broker.messages import encode_status
 from dockercomp.broker.topics import Topics
-from dockercomp.coordinator.defaults import RATE_WINDOW, REJECT_LOG_BURST, REJECT_LOG_WINDOW, STATUS_INTERVAL
+from dockercomp.coordinator.defaults import (RATE_WINDOW, REJECT_LOG_BURST, REJECT_LOG_WINDOW, STATUS_INTERVAL,
+                                             WORKER_STATUS_BURST)
 from dockercomp.coordinator.store import JobState, TaskState, WorkerState
 
 if TYPE_CHECKING:
@@ -116,12 +118,13 @@ def worker_status(worker: "WorkerSlot", in_flight: int, now: float) -> dict[str,
 
 
 def summary_status(workers: Iterable["WorkerSlot"], jobs: Iterable["JobInfo"], in_flight: int,
-                   rejected: dict[str, int], rate: float, started: float, now: float) -> dict[str, Any]:
-    worker_states = Counter(w.state for w in workers)
-    online_capacity = 0
-    for worker in workers:
-        if worker.state == WorkerState.ONLINE.value:
-            online_capacity += worker.capacity
+                   rejected: dict[str, int], rate: float, started: float, now: float,
+                   census: tuple[Counter[str], int] | None = None) -> dict[str, Any]:
+    """``census``: (workers per state, online capacity) when the caller keeps it
+    (WorkerRegistry.census); ``workers`` is then not read."""
+    if census is None:
+        census = worker_census(workers)
+    worker_states, online_capacity = census
     tasks: Counter[str] = Counter()
     job_states: Counter[str] = Counter()
     for job in jobs:
@@ -136,14 +139,27 @@ def summary_status(workers: Iterable["WorkerSlot"], jobs: Iterable["JobInfo"], i
     }
 
 
+def worker_census(workers: Iterable["WorkerSlot"]) -> tuple[Counter[str], int]:
+    """Workers per state, and the capacity of the online ones."""
+    states: Counter[str] = Counter()
+    online_capacity = 0
+    for worker in workers:
+        states[worker.state] += 1
+        if worker.state == WorkerState.ONLINE.value:
+            online_capacity += worker.capacity
+    return states, online_capacity
+
+
 class StatusPublisher:
     """Remembers what changed and publishes it, retained, at most every ``interval`` seconds."""
 
-    def __init__(self, topics: Topics, interval: float = STATUS_INTERVAL) -> None:
+    def __init__(self, topics: Topics, interval: float = STATUS_INTERVAL, burst: int = WORKER_STATUS_BURST) -> None:
         self.topics = topics
         self.interval = interval
+        self.burst = burst  # worker statuses per publication at most
         self._jobs: set[int] = set()
-        self._workers: set[int] = set()
+        # Changed workers in the order they first changed (a dict as an ordered set).
+        self._workers: dict[int, None] = {}
         self._summary = True
         self._last = float("-inf")
 
@@ -152,7 +168,7 @@ class StatusPublisher:
         self._summary = True
 
     def worker_changed(self, worker_id: int) -> None:
-        self._workers.add(worker_id)
+        self._workers[worker_id] = None
         self._summary = True
 
     def summary_changed(self) -> None:
@@ -160,7 +176,7 @@ class StatusPublisher:
 
     def everything_changed(self, job_ids: Iterable[int], worker_ids: Iterable[int]) -> None:
         self._jobs.update(job_ids)
-        self._workers.update(worker_ids)
+        self._workers.update(dict.fromkeys(worker_ids))
         self._summary = True
 
     @property
@@ -176,7 +192,10 @@ class StatusPublisher:
     def publish(self, transport: Transport, workers: dict[int, "WorkerSlot"], jobs: dict[int, "JobInfo"],
                 in_flight: Callable[[int], int], summary: Callable[[], dict[str, Any]], now: float) -> None:
         self._last = now
-        job_ids, worker_ids, self._jobs, self._workers = self._jobs, self._workers, set(), set()
+        job_ids, self._jobs = self._jobs, set()
+        worker_ids = list(islice(self._workers, self.burst))
+        for worker_id in worker_ids:
+            del self._workers[worker_id]
         self._summary = False
         try:
             for job_id in sorted(job_ids):
@@ -184,7 +203,7 @@ class StatusPublisher:
                 if job is not None:
                     transport.publish(self.topics.status_job(str(job.id)), encode_status(job_status(job, now)),
                                       qos=1, retain=True)
-            for worker_id in sorted(worker_ids):
+            for worker_id in worker_ids:
                 worker = workers.get(worker_id)
                 if worker is None:
                     continue
