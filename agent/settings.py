@@ -30,7 +30,7 @@ _CONTAINER_IN_CGROUP = re.compile(r"([0-9a-f]{64})")
 # Docker bind-mounts /etc/hostname from .../containers/<id>/hostname; containerd uses sandboxes/.
 _CONTAINER_IN_MOUNTINFO = re.compile(r"/(?:containers|sandboxes)/([0-9a-f]{64})/")
 _SHORT_CONTAINER_ID = re.compile(r"[0-9a-f]{12}\Z")
-_NOT_NAME = re.compile(r"[^A-Za-z0-9_.\-]+")
+_NOT_NAME = re.compile(r"[^A-Za-z0-9_\-]+")  # broker.topics.validate_name's characters
 
 
 def package_version() -> str:
@@ -69,7 +69,7 @@ def container_id(
 
 def sanitize_name(text: str, max_length: int = MAX_NAME_LENGTH) -> str:
     """Turn a host name into a valid topic level: invalid runs become '-', trimmed."""
-    cleaned = _NOT_NAME.sub("-", text).strip("-._")[:max_length].rstrip("-._")
+    cleaned = _NOT_NAME.sub("-", text).strip("-_")[:max_length].rstrip("-_")
     return cleaned or "worker"
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Callable, TypeVar
 
-from dockercomp.broker.errors import DecodeError, InvalidTopic
+from dockercomp.broker.errors import DecodeError, InvalidName, InvalidTopic
 from dockercomp.broker.messages import Presence, Result
 from dockercomp.broker.topics import WorkerRef
 from dockercomp.coordinator.leases import error_json
@@ -40,8 +40,12 @@ class Inbound:
     def _handle(self: "Coordinator", topic: str, payload: bytes, now: float) -> None:
         try:
             parsed = self._parse_topic(topic)
-        except InvalidTopic:
-            return  # amqtt replays other clients' retained messages on connect; not ours
+        except InvalidTopic as exc:
+            if isinstance(exc.__cause__, InvalidName):
+                # A worker topic whose names no agent may use (e.g. a '.' that RabbitMQ rewrites).
+                self.rejections.reject(Rejection.MALFORMED, topic, str(exc.__cause__))
+                self.status.summary_changed()
+            return  # else amqtt replays other clients' retained messages on connect; not ours
         if parsed.kind == "presence":
             self._on_presence(parsed.ref, payload, now)
         elif parsed.kind == "results":

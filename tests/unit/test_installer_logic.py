@@ -101,6 +101,10 @@ def test_named_instances_get_their_own_names_and_ids() -> None:
         ({"cpus": 64.0}, "at most 4"),
         ({"memory": "lots"}, "512m"),
         ({"instance": "Bad Name"}, "lowercase"),
+        # RabbitMQ's MQTT plugin turns '.' into a topic level separator: refused, not rewritten.
+        ({"instance": "lab.1"}, "'-' and '_'"),
+        ({"volunteer": "lab.1"}, "--volunteer"),
+        ({"broker": "mqtt://ann.b:pw@10.0.0.1:1883"}, "letters, digits, '_' and '-'"),
     ],
 )
 def test_impossible_options_are_refused_with_the_fix(changes: dict[str, object], fragment: str) -> None:

@@ -313,7 +313,7 @@ def test_fuzz_one_valid_message_with_fields_overwritten(changes: dict[str, Any],
     _decodes_or_rejects(json.dumps({**obj(base), **changes}))
 
 
-names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,20}", fullmatch=True)
+names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,20}", fullmatch=True)
 
 
 @FUZZ

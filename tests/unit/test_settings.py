@@ -98,7 +98,7 @@ def test_dockerenv_with_a_docker_style_hostname_is_a_container(tmp_path: Path) -
 
 def test_worker_id_is_the_hostname_in_a_container_and_unique_per_process_outside() -> None:
     assert default_worker_id("3f2a9c1b7d0e", "3f2a9c1b7d0e", 1) == "3f2a9c1b7d0e"
-    assert default_worker_id("my laptop.local", None, 4242) == "my-laptop.local-4242"
+    assert default_worker_id("my laptop.local", None, 4242) == "my-laptop-local-4242"
     assert default_worker_id("laptop", None, 1) != default_worker_id("laptop", None, 2)
 
 
