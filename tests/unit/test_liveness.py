@@ -8,6 +8,8 @@ from __future__ import annotations
 import threading
 from dataclasses import replace
 
+import pytest
+
 from dockercomp.agent.liveness import Heartbeat
 from dockercomp.broker.memory import MemoryBroker
 from dockercomp.broker.messages import Presence, PresenceState
@@ -56,7 +58,8 @@ def test_a_beat_repeating_the_presence_moves_the_deadline_without_writing_the_st
         agent.transport.publish(TOPICS.presence(agent.ref), beat, qos=0)
         steps(coordinator, clock, 1.5, 2)
     assert writes == []
-    assert coordinator.workers.get("local/w1").state == "online"  # type: ignore[union-attr]
+    slot = coordinator.workers.get("local/w1")
+    assert slot is not None and slot.state == "online" and slot.last_seen == pytest.approx(clock.now - 1.5)  # its last beat
 
 
 def test_a_silent_worker_is_lost_past_its_bound_its_work_returned_and_its_next_beat_revives_it() -> None:
