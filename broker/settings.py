@@ -73,13 +73,13 @@ class BrokerSettings:
             parts = urlsplit(url.strip())
             port_in_url = parts.port
         except ValueError as exc:
-            raise SettingsError(f"broker URL {url!r} is malformed: {exc}") from None
+            raise SettingsError(f"broker URL {_masked(url)!r} is malformed: {exc}") from None
         if parts.scheme not in _SCHEMES:
             raise SettingsError(
-                f"broker URL {url!r} must start with mqtt:// or mqtts:// (e.g. {DEFAULT_BROKER_URL})"
+                f"broker URL {_masked(url)!r} must start with mqtt:// or mqtts:// (e.g. {DEFAULT_BROKER_URL})"
             )
         if not parts.hostname:
-            raise SettingsError(f"broker URL {url!r} names no host (e.g. {DEFAULT_BROKER_URL})")
+            raise SettingsError(f"broker URL {_masked(url)!r} names no host (e.g. {DEFAULT_BROKER_URL})")
         tls = _SCHEMES[parts.scheme]
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         unknown = set(query) - {"ca", "insecure", "keepalive", "root"}

@@ -60,6 +60,8 @@ def test_a_url_list_names_the_nodes_of_one_broker_in_order_and_round_trips() -> 
     ("mqtt://n1,,n2", "empty entry"),
     ("mqtt://n1,n1:1883", "names a node twice"),
     ("mqtt://a:secret@n1,http://n2", "must start with mqtt://"),
+    ("mqtt://n1,mqtt://a:secret@n2:port", "malformed"),
+    ("mqtt://a:secret@n1:port", "malformed"),
 ])
 def test_bad_url_lists_say_what_to_fix_without_the_password(url: str, hint: str) -> None:
     with pytest.raises(SettingsError) as caught:
