@@ -57,7 +57,7 @@ def _job_name(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     if value is None:
         return None
     try:
-        return validate_name(value, "job name")
+        return validate_name(value, "job name", dots=True)
     except InvalidName as exc:
         raise click.BadParameter(exc.reason) from None
 

@@ -89,7 +89,7 @@ def check_job_options(function: str, name: str | None, timeout: float, max_attem
                            "give the name of a task function, e.g. count_primes")
     if name is not None:
         try:
-            validate_name(name, "job name")
+            validate_name(name, "job name", dots=True)
         except InvalidName as exc:
             raise InvalidInput(str(exc), "pick another --job NAME") from None
         if AUTO_NAME.match(name):
