@@ -126,22 +126,30 @@ def main(verbose: int) -> None:
               help="Seconds a worker has to answer a rebirth request before it is presumed lost.")
 @metrics_options
 @click.option("--client-id", default=None, help="MQTT client id (default: derived from host and pid).")
+@click.option("--lease-ttl", type=click.FloatRange(min=0.5, max=3600), default=defaults.LEASE_TTL, show_default=True,
+              metavar="S", help="Seconds the active coordinator's lease lasts: a standby `serve` on the same "
+                                "database takes over within about this long after the active one dies.")
 @click.option("-v", "--verbose", count=True, help="-v: workers, jobs and leases; -vv: debug.")
 @command_errors
 def serve(broker: str, db: str, purge_after: float, lease_check: float, lease_margin: float,
           fail_unroutable: float, rebirth_timeout: float, client_id: str | None, verbose: int,
-          metrics_port: int | None, metrics_host: str, **caps: int) -> None:
+          metrics_port: int | None, metrics_host: str, lease_ttl: float, **caps: int) -> None:
     """Hand out tasks to workers, collect their results, and publish status, until stopped.
 
     First SIGINT/SIGTERM: stop taking messages, publish the last status and an offline
     presence, disconnect cleanly. A second one: exit at once (the broker publishes our will).
+
+    Several `serve` on one database: one is active, the others wait as standbys and take over
+    when its lease runs out; a deposed one (it was frozen) steps down and waits again.
     """
+    from dockercomp.coordinator.leader import LeadLost, Leader, restart_as_standby
     from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 
     _setup_logging(verbose)
     settings = CoordinatorSettings(purge_after=purge_after, lease_check=lease_check, lease_margin=lease_margin,
                                    fail_unroutable=fail_unroutable, rebirth_timeout=rebirth_timeout, **caps)
     coordinator = Coordinator.connect(broker, db, settings, client_id=client_id)
+    coordinator.leader = Leader(coordinator.store, lease_ttl, on_standby=lambda line: click.echo(line, err=True))
     metrics = None
     if metrics_port is not None:
         from dockercomp.coordinator.metrics import MetricsServer
@@ -171,6 +179,9 @@ def serve(broker: str, db: str, purge_after: float, lease_check: float, lease_ma
     finally:
         if metrics is not None:
             metrics.stop()
+    if isinstance(coordinator.error, LeadLost):
+        click.echo(f"stepped down: {coordinator.error}; starting again as the standby", err=True)
+        restart_as_standby()
     if coordinator.error is not None:
         raise CoordinatorError(f"the coordinator stopped: {coordinator.error}")
     click.echo("coordinator stopped", err=True)
