@@ -149,7 +149,7 @@ def serve(broker: str, db: str, purge_after: float, lease_check: float, lease_ma
     settings = CoordinatorSettings(purge_after=purge_after, lease_check=lease_check, lease_margin=lease_margin,
                                    fail_unroutable=fail_unroutable, rebirth_timeout=rebirth_timeout, **caps)
     coordinator = Coordinator.connect(broker, db, settings, client_id=client_id)
-    coordinator.leader = Leader(coordinator.store, lease_ttl, on_standby=lambda line: click.echo(line, err=True))
+    leader = coordinator.leader = Leader(coordinator.store, lease_ttl, on_standby=lambda line: click.echo(line, err=True))
     metrics = None
     if metrics_port is not None:
         from dockercomp.coordinator.metrics import MetricsServer
@@ -169,8 +169,9 @@ def serve(broker: str, db: str, purge_after: float, lease_check: float, lease_ma
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     coordinator.start()
-    click.echo(f"coordinator serving {coordinator.store.url} via {coordinator.transport_url} "
-               f"(Ctrl-C to stop)", err=True)
+    if leader.epoch:  # else stopped while standing by
+        click.echo(f"coordinator serving {coordinator.store.url} via {coordinator.transport_url} "
+                   f"(Ctrl-C to stop)", err=True)
     try:
         coordinator.wait()
     except KeyboardInterrupt:

@@ -290,6 +290,7 @@ class Coordinator(Inbound):
             self._nudged = True
         elif topic == self.topics.coordinator_presence:
             if self.leader is not None and not self._deposed and self.leader.outranks(payload):
+                log.info("an older coordinator's presence was retained (its late will?): publishing ours again")
                 self._publish(topic, self._presence("online"), retain=True)
             return
         self._inbox.put((topic, _Replayed(payload) if retained else payload))
