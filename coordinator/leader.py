@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from typing import Any, Callable
 
 from dockercomp.broker.messages import decode_status
@@ -47,6 +48,7 @@ class Leader:
         self.holder = holder or Holder.mine()
         self.epoch = 0  # the epoch won; 0 while standby
         self.since: float | None = None  # when it was won (the database's clock)
+        self._renewed = float("-inf")  # time.monotonic() before the last renewal that succeeded
         self.on_standby = on_standby or log.info  # `serve` prints it: an operator must see it
 
     # -- standby -----------------------------------------------------------------------------
@@ -57,6 +59,7 @@ class Leader:
         told = ""
         take_from: int | None = None
         while not stop.is_set():
+            asked = time.monotonic()
             try:
                 lead = self.store.claim_lead(self.holder, self.ttl, take_from)
             except self.store.failures as exc:
@@ -64,7 +67,7 @@ class Leader:
                 stop.wait(self.poll)
                 continue
             if lead.held_by(self.holder):
-                self.epoch, self.since = lead.epoch, lead.since
+                self.epoch, self.since, self._renewed = lead.epoch, lead.since, asked
                 log.info("active: this coordinator (%s, pid %d on %s) holds the lead, epoch %d",
                          self.holder.id, self.holder.pid, self.holder.host, lead.epoch)
                 return True
@@ -97,8 +100,17 @@ class Leader:
     def fence(self) -> None:
         """Inside the engine's transaction, before it writes: renew the lease of our epoch, or
         raise LeadLost (the caller's transaction then rolls back)."""
+        asked = time.monotonic()
         if not self.store.renew_lead(self.epoch, self.ttl):
             raise LeadLost(f"another coordinator took the lead over (this one held epoch {self.epoch})")
+        self._renewed = asked
+
+    def fresh(self) -> bool:
+        """Whether the lease is surely still ours by our own clock, without asking the database:
+        the engine publishes what it committed only then. A process frozen between its commit
+        and its publishes wakes past it, and leaves them to its successor (which resends every
+        open attempt) or, if none took over, to the attempts' leases."""
+        return time.monotonic() - self._renewed < self.ttl
 
     def release(self) -> None:
         """A clean stop: let the standby take over at once (best effort)."""

@@ -289,7 +289,7 @@ class Coordinator(Inbound):
         if topic == self.topics.coordinator_nudge:
             self._nudged = True
         elif topic == self.topics.coordinator_presence:
-            if self.leader is not None and not self._deposed and self.leader.outranks(payload):
+            if self.leader is not None and self.leader.fresh() and self.leader.outranks(payload):
                 log.info("an older coordinator's presence was retained (its late will?): publishing ours again")
                 self._publish(topic, self._presence("online"), retain=True)
             return
@@ -396,6 +396,8 @@ class Coordinator(Inbound):
             self.rate.record(self.ledger.finished, now)
             if self.metrics is not None:
                 self.metrics.committed(len(sends))
+        if self.leader is not None and not self.leader.fresh():
+            return  # frozen since the commit, maybe deposed: publish nothing (leader.py)
         self._send(sends, clears, now)
         self._publish_status(now)
 
