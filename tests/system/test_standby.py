@@ -28,7 +28,7 @@ from tests.support import Watcher, wait_until
 from tests.support.brokers import BrokerProcess
 from tests.support.processes import FAST_SERVE, Processes, finished, online
 
-pytestmark = [pytest.mark.postgres, pytest.mark.timeout(240)]
+pytestmark = pytest.mark.timeout(240)
 
 TOPICS = Topics()
 TASKS = 240
@@ -145,6 +145,7 @@ def nothing_lost_or_counted_twice(store: Store, job: JobRow) -> None:
     assert sum(w.tasks_done for w in store.workers()) == TASKS
 
 
+@pytest.mark.postgres
 def test_kill_9_of_the_active_coordinator_mid_job_the_standby_takes_over(
         store: Store, procs: Processes, mosquitto: BrokerProcess, postgres_db: str) -> None:
     first, second = start_pair(procs, store, mosquitto.url, postgres_db)
@@ -166,6 +167,7 @@ def test_kill_9_of_the_active_coordinator_mid_job_the_standby_takes_over(
     assert "Active coordinator: pid %d" % second.pid in procs.cli("workers", "--db", postgres_db)
 
 
+@pytest.mark.postgres
 def test_a_frozen_active_coordinator_is_replaced_and_steps_down_without_writing_when_it_wakes(
         store: Store, procs: Processes, mosquitto: BrokerProcess, postgres_db: str) -> None:
     first, second = start_pair(procs, store, mosquitto.url, postgres_db)
@@ -199,3 +201,28 @@ def test_a_frozen_active_coordinator_is_replaced_and_steps_down_without_writing_
     more = store.create_job("sleep", [[0.01]] * 20, timeout=30)
     assert finished(store, more, timeout=60).done == 20
     assert writes(store, "serve-a") == before
+
+
+def test_on_sqlite_a_second_serve_waits_and_takes_over_when_the_first_stops(
+        procs: Processes, mosquitto: BrokerProcess, tmp_path: Path) -> None:
+    # One machine, one SQLite file: before the standby, both dispatched (each job's tasks could
+    # be sent twice). Now the second one waits, writing nothing, until the first stops.
+    db = str(tmp_path / "lab.db")
+    first = serve(procs, db, "serve-a")
+    wait_until(lambda: presence_names(mosquitto.url, first.pid), timeout=30)
+    store = Store.open(db)
+    second = serve(procs, db, "serve-b")
+    wait_until(lambda: "standby: coordinator" in procs.log("serve-b"), timeout=30)
+    assert f"(pid {first.pid} on" in procs.log("serve-b")
+    time.sleep(2.5)  # more than a heartbeat interval: a second engine would have written its own
+    assert store.heartbeat().pid == first.pid  # type: ignore[union-attr]
+    assert retained_presence(mosquitto.url)["pid"] == first.pid
+
+    procs.stop("serve-a")  # a clean stop hands over at once: no lease to wait out
+
+    wait_until(lambda: presence_names(mosquitto.url, second.pid), timeout=TAKEOVER_BOUND)
+    assert store.lead().epoch == 2 and store.lead().pid == second.pid  # type: ignore[union-attr]
+    procs.agent("w0")
+    job = store.create_job("sleep", [[0.01]] * 10, timeout=30)
+    assert finished(store, job, timeout=60).done == 10
+
