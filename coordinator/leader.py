@@ -126,7 +126,7 @@ class Leader:
 
     def outranks(self, payload: bytes) -> bool:
         """Whether a coordinator presence seen on the broker is an older one's (a lower epoch,
-        or none: e.g. the will of a frozen predecessor, fired after we took over), which the
+        or none: e.g. the will of a frozen predecessor, fired after we took over) or garbage, which the
         active one then replaces with its own. A newer epoch is left alone: this one is the
         stale one, and its next transaction will tell it."""
         try:
@@ -136,7 +136,8 @@ class Leader:
         if seen.get("id") == self.holder.id:
             return False
         epoch = seen.get("epoch")
-        return not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < self.epoch
+        # The same epoch under another id cannot be a real coordinator's: each epoch has one holder.
+        return not isinstance(epoch, int) or isinstance(epoch, bool) or epoch <= self.epoch
 
 
 def restart_as_standby() -> None:

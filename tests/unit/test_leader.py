@@ -16,6 +16,7 @@ from dockercomp.broker.memory import MemoryBroker
 from dockercomp.broker.messages import decode_status, encode_status
 from dockercomp.broker.topics import Topics
 from dockercomp.coordinator.leader import LeadLost, Leader
+from dockercomp.coordinator.leadership import Holder
 from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 from dockercomp.coordinator.store import Store
 from tests.support import wait_until
@@ -127,3 +128,25 @@ def test_a_clean_stop_releases_the_lead_and_a_stopped_standby_leaves_no_trace(tm
 
     lead = Store.open(url).lead()
     assert lead is not None and lead.expired and presence(broker)["state"] == "offline"
+
+
+@pytest.mark.parametrize("payload, replaced", [
+    (b"", True),  # a cleared retained presence
+    (b"not json", True),
+    (b"[1, 2]", True),
+    (encode_status({"state": "offline", "reason": "lost"}), True),  # an unelected coordinator's will
+    (encode_status({"state": "online", "epoch": -1}), True),
+    (encode_status({"state": "online", "epoch": 4}), True),
+    (encode_status({"state": "online", "epoch": "99"}), True),  # wrong type: not a claim to be newer
+    (encode_status({"state": "online", "epoch": True}), True),
+    (encode_status({"state": "online", "epoch": 99.0}), True),
+    (encode_status({"state": "online", "epoch": 5, "id": "someone-else"}), True),  # same epoch, not us: a forgery
+    (encode_status({"state": "online", "epoch": 6}), False),  # newer: this one is the stale one
+    (encode_status({"state": "online", "epoch": 10**30}), False),
+    (encode_status({"state": "online", "epoch": 5, "id": "me"}), False),  # our own echo
+    (b"x" * 1_000_000, True),
+])
+def test_which_coordinator_presences_the_active_one_replaces(payload: bytes, replaced: bool) -> None:
+    leader = Leader(Store.open("memory://"), TTL, holder=Holder("me", "lab", 1))
+    leader.epoch = 5
+    assert leader.outranks(payload) is replaced
