@@ -180,8 +180,7 @@ def serve(broker: str, db: str, purge_after: float, lease_check: float, lease_ma
     finally:
         if metrics is not None:
             metrics.stop()
-    if isinstance(coordinator.error, LeadLost):
-        click.echo(f"stepped down: {coordinator.error}; starting again as the standby", err=True)
+    if isinstance(coordinator.error, LeadLost):  # the engine logged why it stepped down
         restart_as_standby()
     if coordinator.error is not None:
         raise CoordinatorError(f"the coordinator stopped: {coordinator.error}")

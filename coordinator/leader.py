@@ -63,7 +63,9 @@ class Leader:
             try:
                 lead = self.store.claim_lead(self.holder, self.ttl, take_from)
             except self.store.failures as exc:
-                log.warning("standby: cannot claim the lead, retrying in %g s: %s", self.poll, exc)
+                if str(exc) != told:  # once per kind of failure, not every poll
+                    told = str(exc)
+                    log.warning("standby: cannot claim the lead, retrying every %g s: %s", self.poll, exc)
                 stop.wait(self.poll)
                 continue
             if lead.held_by(self.holder):

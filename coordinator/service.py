@@ -116,7 +116,7 @@ class Coordinator(Inbound):
         self.metrics: EngineMetrics | None = None  # set by metrics.MetricsServer (serve --metrics-port)
         # Set by `serve` (leader.py): wait as the standby until active, fence every transaction.
         self.leader: Leader | None = None
-        self._deposed = False  # the fence failed: another coordinator is active
+        self._deposed = ""  # why the fence failed (another coordinator is active); "" while it holds
 
     @property
     def leases(self) -> Leases:
@@ -239,7 +239,7 @@ class Coordinator(Inbound):
             # A standby never spoke; a deposed one must not: its successor's presence and rows
             # stand. DISCONNECT (not a dropped socket) also discards our will.
             if self._deposed:
-                log.warning("stepping down without writing anything: another coordinator is active")
+                log.warning("stepping down without writing anything: %s", self._deposed)
             self.transport.close(defaults.DEPOSED_FLUSH_TIMEOUT)
             self.store.close()
             return
@@ -272,8 +272,8 @@ class Coordinator(Inbound):
         if self.leader is not None:
             try:
                 self.leader.fence()
-            except LeadLost:
-                self._deposed = True
+            except LeadLost as exc:
+                self._deposed = str(exc)
                 raise
 
     def _load(self) -> None:
