@@ -146,6 +146,11 @@ def serve(broker: str, db: str, purge_after: float, lease_check: float, lease_ma
     from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 
     _setup_logging(verbose)
+    if lease_ttl < 3 * lease_check:  # the engine renews its lease at each lease check, at least
+        refused = click.BadParameter(f"--lease-ttl {lease_ttl:g} s is less than 3 x --lease-check ({lease_check:g} s): "
+                                     "the standby would take over from a healthy coordinator")
+        refused.hint = "raise --lease-ttl or lower --lease-check"  # type: ignore[attr-defined]
+        raise refused
     settings = CoordinatorSettings(purge_after=purge_after, lease_check=lease_check, lease_margin=lease_margin,
                                    fail_unroutable=fail_unroutable, rebirth_timeout=rebirth_timeout, **caps)
     coordinator = Coordinator.connect(broker, db, settings, client_id=client_id)

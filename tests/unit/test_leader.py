@@ -150,3 +150,14 @@ def test_which_coordinator_presences_the_active_one_replaces(payload: bytes, rep
     leader = Leader(Store.open("memory://"), TTL, holder=Holder("me", "lab", 1))
     leader.epoch = 5
     assert leader.outranks(payload) is replaced
+
+
+def test_serve_refuses_a_lease_the_engine_would_not_renew_in_time() -> None:
+    from click.testing import CliRunner
+
+    from dockercomp.coordinator.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "--lease-ttl", "2", "--lease-check", "1", "--db", "memory://"])
+
+    assert result.exit_code == 2
+    assert "--lease-ttl" in result.output and "less than 3 x --lease-check" in result.output
