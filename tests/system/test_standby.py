@@ -162,6 +162,8 @@ def test_kill_9_of_the_active_coordinator_mid_job_the_standby_takes_over(
 
     procs.kill("serve-a")
     killed = time.monotonic()
+    # Mid-job: tasks pending, and attempts the dead one opened that its successor must close.
+    assert store.progress(job).done < TASKS and sum(store.inflight().values()) > 0
     wait_until(lambda: active_pid(store) == second.pid, timeout=TAKEOVER_BOUND)
     wait_until(lambda: presence_names(mosquitto.url, second.pid),
                timeout=max(1.0, TAKEOVER_BOUND - (time.monotonic() - killed)))
