@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from dockercomp.coordinator.heartbeat import Heartbeat
 from dockercomp.coordinator.leadership import Holder
 from dockercomp.coordinator.store import Store
 from tests.contract.test_store import add_worker, store  # noqa: F401 - `store` is a fixture
@@ -105,3 +107,27 @@ def test_racing_claims_elect_exactly_one_holder(store: Store) -> None:  # noqa: 
     assert final is not None and final.epoch == 1
     assert sum(lead.held_by(c) for lead in leads for c in candidates) == len(candidates)  # type: ignore[attr-defined]
     assert {lead.holder for lead in leads} == {final.holder}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("kind", [pytest.param("sqlite", marks=pytest.mark.real),
+                                  pytest.param("postgres", marks=[pytest.mark.real, pytest.mark.postgres])])
+def test_a_heartbeat_table_from_before_the_standby_gets_its_epoch(kind: str, tmp_path: Path,
+                                                                  request: pytest.FixtureRequest) -> None:
+    url = str(tmp_path / "old.db") if kind == "sqlite" else request.getfixturevalue("postgres_db")
+    old = Store.open(url)
+    old.bind()
+    old.db.execute_sql("DROP TABLE heartbeat")  # type: ignore[attr-defined]
+    old.db.execute_sql(  # type: ignore[attr-defined]
+        "CREATE TABLE heartbeat (id INTEGER PRIMARY KEY, started DOUBLE PRECISION NOT NULL, "
+        "beat_at DOUBLE PRECISION NOT NULL, stopped_at DOUBLE PRECISION, connected INTEGER NOT NULL DEFAULT 0, "
+        "host VARCHAR(255) NOT NULL DEFAULT '', pid INTEGER NOT NULL DEFAULT 0, "
+        "broker VARCHAR(512) NOT NULL DEFAULT '')")
+    old.db.execute_sql("INSERT INTO heartbeat (id, started, beat_at) VALUES (1, 1.0, 2.0)")  # type: ignore[attr-defined]
+    old.close()
+
+    upgraded = Store.open(url)
+
+    assert upgraded.heartbeat() == Heartbeat(1.0, 2.0, None, False, "", 0, "", 0)
+    upgraded.beat(Heartbeat(1.0, 3.0, None, True, "lab", 7, "mqtt://b", epoch=4))
+    assert upgraded.heartbeat().epoch == 4  # type: ignore[union-attr]
+    upgraded.close()
