@@ -81,7 +81,9 @@ def now_sql(db: Any) -> str:
 
 
 def _is_postgres(db: Any) -> bool:
-    return type(db).__name__.startswith("Postgres")
+    import peewee  # here: the memory store never needs it
+
+    return isinstance(db, peewee.PostgresqlDatabase)  # pooled variants included
 
 
 def create_table(db: Any) -> None:
