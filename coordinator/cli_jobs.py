@@ -172,6 +172,8 @@ def status(job: str | None, watch: bool, interval: float, db: str, as_json: bool
                     view = Group(*lines)
                 if not alive.live and (jobs or alive.beat is not None):
                     view = Group(view, alive.sentence())
+                elif alive.active():  # several `serve` may share the database: say which one runs it
+                    view = Group(view, alive.active())
                 return [progress_dict(p) for p in progresses], view, done
 
         data, view, finished = snapshot()

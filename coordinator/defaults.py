@@ -156,6 +156,19 @@ HEARTBEAT_INTERVAL = 2.0
 # Heartbeats missed before `status` and `workers` say the coordinator is not running: a busy
 # engine step or a slow disk may delay one, rarely three.
 HEARTBEAT_MISSED = 3
+
+# --- a standby coordinator (leader.py, leadership.py) ---------------------------------------------
+# Seconds the active coordinator's lease lasts without renewal (every engine transaction, at
+# least every LEASE_CHECK_INTERVAL, renews it): a standby takes over within this plus one poll
+# of a crash, inside issue 15's 10 s, and a busy step (tens of ms) never comes close.
+LEASE_TTL = 5.0
+
+# Share of the lease a standby waits between two claims: 1 s for the default lease.
+STANDBY_POLL_SHARE = 0.2
+
+# Seconds a deposed coordinator gives the broker to acknowledge what it published before it
+# closes: its messages are stale, so it does not wait for them as a clean stop would.
+DEPOSED_FLUSH_TIMEOUT = 0.5
 # Most replicas of one task: past this, disagreement is a broken function, not a cheater.
 MAX_REPLICAS = 10
 

@@ -43,6 +43,7 @@ from dockercomp.coordinator.errors import CoordinatorError
 from dockercomp.coordinator.heartbeat import Heartbeat
 from dockercomp.coordinator.inbound import Inbound, _Replayed
 from dockercomp.coordinator.ledger import Ledger
+from dockercomp.coordinator.leader import LeadLost
 from dockercomp.coordinator.leases import Leases, PayloadBuilder
 from dockercomp.coordinator.liveness import Liveness
 from dockercomp.coordinator.registry import Caps, WorkerRegistry
@@ -52,6 +53,7 @@ from dockercomp.coordinator.store import Store, WorkerState
 from dockercomp.coordinator.unroutable import UnroutableJobs
 
 if TYPE_CHECKING:
+    from dockercomp.coordinator.leader import Leader
     from dockercomp.coordinator.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,9 @@ class Coordinator(Inbound):
         # Topic parsing validates names with regular expressions: remember the answers.
         self._parse_topic = lru_cache(maxsize=8192)(self.topics.parse_worker_topic)
         self.metrics: EngineMetrics | None = None  # set by metrics.MetricsServer (serve --metrics-port)
+        # Set by `serve` (leader.py): wait as the standby until active, fence every transaction.
+        self.leader: Leader | None = None
+        self._deposed = ""  # why the fence failed (another coordinator is active); "" while it holds
 
     @property
     def leases(self) -> Leases:
@@ -140,6 +145,8 @@ class Coordinator(Inbound):
         """Connect, then handle messages until ``request_stop``. Raises ConnectionFailed when the
         broker cannot be reached within ``connect_timeout``, StoreError when the store fails."""
         try:
+            if self.leader is not None and not self.leader.wait(self._stop):
+                return  # stopped while standing by
             self.open()
             self._running = True
             self._ready.set()
@@ -207,7 +214,7 @@ class Coordinator(Inbound):
             self.run()
         except BaseException as exc:  # noqa: BLE001 - handed to the thread that called start()
             self._error = exc
-            if self._running:
+            if self._running and not self._deposed:
                 log.exception("the coordinator stopped on an error")
         finally:
             self._ready.set()
@@ -216,6 +223,7 @@ class Coordinator(Inbound):
         """Load the state from the store and connect (``run`` calls this; tests may too)."""
         self.store.relax_durability()
         with self.store.transaction():
+            self._fence()
             self._load()
         self.transport.on_message = self._on_message
         self.transport.on_connect = lambda: self._inbox.put(_CONNECTED)
@@ -224,6 +232,8 @@ class Coordinator(Inbound):
         self.transport.subscribe(self.topics.all_presence, 1)
         self.transport.subscribe(self.topics.all_results, 1)
         self.transport.subscribe(self.topics.coordinator_nudge, 0)
+        if self.leader is not None:  # to replace a predecessor's late will (leader.py)
+            self.transport.subscribe(self.topics.coordinator_presence, 1)
         self.transport.start()
         self.transport.wait_connected(self.settings.connect_timeout)
         log.info("coordinator ready: %d worker(s), %d job(s), %d open attempt(s) in %s",
@@ -231,6 +241,14 @@ class Coordinator(Inbound):
 
     def close(self) -> None:
         """Say goodbye (retained offline presence), publish the last status, disconnect."""
+        if self.leader is not None and (self._deposed or not self.leader.epoch):
+            # A standby never spoke; a deposed one must not: its successor's presence and rows
+            # stand. DISCONNECT (not a dropped socket) also discards our will.
+            if self._deposed:
+                log.warning("stepping down without writing anything: %s", self._deposed)
+            self.transport.close(defaults.DEPOSED_FLUSH_TIMEOUT)
+            self.store.close()
+            return
         try:
             if self.transport.connected:
                 self._publish_status(self.clock(), force=True)
@@ -240,14 +258,29 @@ class Coordinator(Inbound):
             log.warning("could not say goodbye to the broker: %s", exc)
         self.transport.close(defaults.STOP_FLUSH_TIMEOUT)
         try:  # `status` then says since when the coordinator is not running
-            self.store.beat(self._heartbeat(self.clock(), stopped=True))
-        except self.store.failures as exc:
+            with self.store.transaction():
+                self._fence()
+                self.store.beat(self._heartbeat(self.clock(), stopped=True))
+            if self.leader is not None:
+                self.leader.release()
+        except (LeadLost, *self.store.failures) as exc:
             log.warning("could not record the stop in the store: %s", exc)
         self.store.close()
 
     def _heartbeat(self, now: float, stopped: bool = False) -> Heartbeat:
         return Heartbeat(self.started, now, now if stopped else None, not stopped and self.transport.connected,
-                         self._identity["host"], self._identity["pid"], self.transport_url)
+                         self._identity["host"], self._identity["pid"], self.transport_url,
+                         self.leader.epoch if self.leader is not None else 0)
+
+    def _fence(self) -> None:
+        """First thing in every transaction of an elected engine: renew the lead, or raise
+        LeadLost so that the transaction writes nothing (leader.py)."""
+        if self.leader is not None:
+            try:
+                self.leader.fence()
+            except LeadLost as exc:
+                self._deposed = str(exc)
+                raise
 
     def _load(self) -> None:
         self.workers.load()
@@ -261,10 +294,16 @@ class Coordinator(Inbound):
         # so the step that takes the item polls (_handle ignores the item itself).
         if topic == self.topics.coordinator_nudge:
             self._nudged = True
+        elif topic == self.topics.coordinator_presence:
+            if self.leader is not None and self.leader.fresh() and self.leader.outranks(payload):
+                log.info("an older coordinator's presence was retained (its late will?): publishing ours again")
+                self._publish(topic, self._presence("online"), retain=True)
+            return
         self._inbox.put((topic, _Replayed(payload) if retained else payload))
 
     def _presence(self, state: str, reason: str | None = None) -> bytes:
-        return encode_status({"state": state, "reason": reason, "started": self.started, **self._identity})
+        lead = self.leader.describe() if self.leader is not None else {}
+        return encode_status({"state": state, "reason": reason, "started": self.started, **self._identity, **lead})
 
     def _wait_time(self) -> float:
         # Status waits for a connection: counting it while disconnected would spin.
@@ -318,7 +357,9 @@ class Coordinator(Inbound):
     def _step(self, items: list[tuple[str, bytes]], now: float) -> None:
         if now >= self._next_beat:
             self._next_beat = now + defaults.HEARTBEAT_INTERVAL
-            self.store.beat(self._heartbeat(now))
+            with self.store.transaction():
+                self._fence()
+                self.store.beat(self._heartbeat(now))
         if now >= self._next_poll or self._nudged:
             self._nudged = False
             self._next_poll = now + self.settings.poll_interval
@@ -332,6 +373,7 @@ class Coordinator(Inbound):
         if items or lease_due or purge_due or (connected and self.dispatcher.has_work(self.workers, self.jobs, self.leases)):
             self.ledger.finished = 0
             with self.store.transaction():
+                self._fence()
                 for topic, payload in items:
                     if not topic:
                         self._connection_changed(payload == _CONNECTED[1], now)
@@ -360,6 +402,8 @@ class Coordinator(Inbound):
             self.rate.record(self.ledger.finished, now)
             if self.metrics is not None:
                 self.metrics.committed(self.dispatcher.sent if sends else 0)  # tasks, not messages
+        if self.leader is not None and not self.leader.fresh():
+            return  # frozen since the commit, maybe deposed: publish nothing (leader.py)
         self._send(sends, clears, now)
         self._publish_status(now)
 
@@ -454,6 +498,7 @@ class Coordinator(Inbound):
             self.store.close()  # a broken connection (PostgreSQL restarted) is replaced
             self.store.relax_durability()
             with self.store.transaction():
+                self._fence()
                 self._load()
         except self.store.failures as exc:
             log.error("reloading the state failed, retrying: %s", exc)
