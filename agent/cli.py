@@ -23,6 +23,8 @@ from dockercomp.agent.defaults import (
     GRACE_SECONDS,
     HEALTH_FILE,
     HEALTH_FILE_ENV,
+    HEARTBEAT_ENV,
+    HEARTBEAT_SECONDS,
     IDLE_MAX_LOAD_PER_CPU,
     IDLE_ONLY_ENV,
     LOAD_FILE,
@@ -38,7 +40,7 @@ from dockercomp.agent.defaults import (
 from dockercomp.agent.health import check_health
 from dockercomp.agent.settings import AgentSettings
 from dockercomp.agent.tasks import Registry
-from dockercomp.broker.defaults import BROKER_URL_ENV, DEFAULT_BROKER_URL, KEEPALIVE_SECONDS
+from dockercomp.broker.defaults import BROKER_URL_ENV, DEFAULT_BROKER_URL, KEEPALIVE_SECONDS, MAX_HEARTBEAT_SECONDS
 from dockercomp.cli import CONTEXT, Group
 from dockercomp.exits import handled
 
@@ -59,8 +61,11 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--broker", "broker_url", envvar=BROKER_URL_ENV, default=DEFAULT_BROKER_URL, show_default=True,
-              help=f"Broker URL, mqtt://user:pass@host:port or mqtts://... [env {BROKER_URL_ENV}]")
+@click.option("--broker", "broker_urls", envvar=BROKER_URL_ENV, multiple=True, default=(DEFAULT_BROKER_URL,),
+              show_default=True,
+              help="Broker URL, mqtt://user:pass@host:port or mqtts://...; the nodes of a broker cluster as a "
+                   "comma-separated list (mqtt://user:pass@node1:1883,node2:1883) or a repeated --broker: "
+                   f"when one fails the agent connects to the next [env {BROKER_URL_ENV}]")
 @click.option("--worker-id", envvar=WORKER_ID_ENV,
               help=f"This worker's name [env {WORKER_ID_ENV}; default: host name, plus -PID outside a container]")
 @click.option("--volunteer", envvar=VOLUNTEER_ENV,
@@ -77,6 +82,10 @@ def main() -> None:
 @click.option("--keepalive", type=click.IntRange(1, 65535),
               help="MQTT keepalive in seconds; a frozen agent is reported lost within 2x this + 5 s "
                    f"[default {KEEPALIVE_SECONDS}]")
+@click.option("--heartbeat", envvar=HEARTBEAT_ENV, type=click.FloatRange(0, MAX_HEARTBEAT_SECONDS),
+              default=HEARTBEAT_SECONDS, show_default=True, metavar="S",
+              help="Seconds between heartbeats (the presence again, not retained): the coordinator marks this "
+                   f"worker lost when they stop, even if no will comes; 0: none [env {HEARTBEAT_ENV}]")
 @click.option("--grace", type=click.FloatRange(min=0), default=GRACE_SECONDS, show_default=True,
               help="Seconds running tasks get to finish after the first SIGTERM/SIGINT or a pause")
 @click.option("--username", envvar=USERNAME_ENV, help=f"Broker user name [env {USERNAME_ENV}]; "
@@ -94,9 +103,10 @@ def main() -> None:
               help=f"A file that exists while paused (SIGUSR1), so a restart starts paused [env {PAUSE_FILE_ENV}]")
 @click.option("-v", "--verbose", count=True, help="Log every task (-v) and MQTT packets (-vv).")
 @handled
-def run(broker_url: str, worker_id: str | None, volunteer: str | None, concurrency: int | None,
-        prefetch: int | None, batch: int | None, keepalive: int | None, grace: float, username: str | None, health_file: str | None,
-        idle_only: bool, max_load: float | None, load_file: Path, pause_file: Path | None, verbose: int) -> None:
+def run(broker_urls: tuple[str, ...], worker_id: str | None, volunteer: str | None, concurrency: int | None,
+        prefetch: int | None, batch: int | None, keepalive: int | None, heartbeat: float, grace: float,
+        username: str | None, health_file: str | None, idle_only: bool, max_load: float | None, load_file: Path,
+        pause_file: Path | None, verbose: int) -> None:
     """Connect to the broker and run tasks until stopped.
 
     The first SIGTERM or Ctrl-C drains: a draining presence (the coordinator sends no more),
@@ -111,9 +121,9 @@ def run(broker_url: str, worker_id: str | None, volunteer: str | None, concurren
 
     _setup_logging(verbose)
     settings = AgentSettings.from_options(
-        broker_url, worker_id=worker_id, volunteer=volunteer, concurrency=concurrency, prefetch=prefetch,
+        ",".join(broker_urls), worker_id=worker_id, volunteer=volunteer, concurrency=concurrency, prefetch=prefetch,
         batch=batch, keepalive=keepalive, grace=grace, username=username, password=os.environ.get(PASSWORD_ENV) or None,
-        health_file=health_file,
+        health_file=health_file, heartbeat=heartbeat,
     )
     if max_load is not None and not idle_only:
         raise click.UsageError("--max-load applies only with --idle-only")

@@ -67,7 +67,7 @@ from dockercomp.broker.errors import (
 )
 from dockercomp.broker.passwords import PasswordFile, atomic_write, new_password
 from dockercomp.broker.settings import BrokerSettings
-from dockercomp.broker.topics import Topics, validate_name
+from dockercomp.broker.topics import ALLOWED_NAME_CHARACTERS, Topics, validate_name
 
 _ACCOUNTS_VERSION = 1
 
@@ -171,8 +171,8 @@ class Accounts:
         disconnects its clients on reload). Returns the password, which is not kept."""
         try:
             validate_name(name, "account name")
-        except InvalidName as exc:
-            raise AccountError(str(exc)) from None
+        except InvalidName as exc:  # the account name is its workers' volunteer level in every topic
+            raise AccountError(str(exc), f"pick a name of {ALLOWED_NAME_CHARACTERS}") from None
         if name == COORDINATOR_ACCOUNT and not _allow_reserved and role is not Role.COORDINATOR:
             raise AccountError(f"{name!r} is the coordinator's account name", "pick another name")
         password = password or new_password()

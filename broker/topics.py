@@ -25,7 +25,14 @@ from dataclasses import dataclass
 from dockercomp.broker.defaults import MAX_NAME_LENGTH, ROOT_TOPIC
 from dockercomp.broker.errors import InvalidName, InvalidTopic
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
+# One topic level: letters, digits, '_' and '-'. Not '.': RabbitMQ's MQTT plugin maps '/' to
+# '.' in its routing keys, so a dot splits the level in two there (a worker "lab.1" was never
+# seen by the coordinator); not '*', '+', '#': wildcards in MQTT or in RabbitMQ's bindings.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*\Z")
+_DOTTED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
+ALLOWED_NAME_CHARACTERS = "letters, digits, '_' and '-' only, starting with a letter or digit"
+# Characters a supported broker rewrites or reads as wildcards inside a topic level.
+REWRITTEN_CHARACTERS = ".*+#"
 
 WORKER_TOPIC_KINDS = ("presence", "tasks", "results")
 
@@ -37,11 +44,15 @@ _VALID_NAMES: set[str] = set()
 _VALID_NAMES_MAX = 16_384
 
 
-def validate_name(value: object, what: str = "name") -> str:
+def validate_name(value: object, what: str = "name", *, dots: bool = False) -> str:
     """Return ``value`` if it can be one topic level, else raise InvalidName.
 
-    Letters, digits, ``_ . -``, starting with a letter or digit: no ``/ + #``, no ``$``,
-    no spaces, nothing empty or longer than MAX_NAME_LENGTH.
+    Letters, digits, ``_ -``, starting with a letter or digit: no ``/ + # * .`` (a level
+    separator or wildcard in MQTT or in RabbitMQ, which maps '/' and '.' into each other),
+    no ``$``, no spaces, nothing empty or longer than MAX_NAME_LENGTH.
+
+    ``dots=True`` also allows '.' (after the first character), for names that are never a topic
+    level: job names (status topics name a job by its id).
     """
     # type() is str, not isinstance: a str subclass could compare equal to a cached name
     # while being something else.
@@ -53,11 +64,14 @@ def validate_name(value: object, what: str = "name") -> str:
         raise InvalidName(what, value, "must not be empty")
     if len(value) > MAX_NAME_LENGTH:
         raise InvalidName(what, value, f"longer than {MAX_NAME_LENGTH} characters")
-    if not _NAME.match(value):
-        raise InvalidName(
-            what, value, "use letters, digits, '_', '.', '-' only, starting with a letter or digit"
-        )
-    if type(value) is str:
+    if not _NAME.match(value) and not (dots and _DOTTED_NAME.match(value)):
+        if dots:
+            raise InvalidName(what, value, "use letters, digits, '_', '.' and '-' only, starting with a letter or digit")
+        rewritten = "".join(sorted({c for c in value if c in REWRITTEN_CHARACTERS}))
+        why = f" ({' '.join(repr(c) for c in rewritten)} would be rewritten or read as a wildcard by a broker such " \
+              "as RabbitMQ)" if rewritten else ""
+        raise InvalidName(what, value, f"use {ALLOWED_NAME_CHARACTERS}{why}")
+    if type(value) is str and "." not in value:  # the cache holds topic levels only
         if len(_VALID_NAMES) >= _VALID_NAMES_MAX:
             _VALID_NAMES.clear()
         _VALID_NAMES.add(value)
@@ -106,8 +120,10 @@ class Topics:
     root: str = ROOT_TOPIC
 
     def __post_init__(self) -> None:
-        if not self.root or any(c in self.root for c in "+#") or self.root.startswith("/"):
-            raise InvalidName("topic root", self.root, "must be non-empty, without '+', '#' or a leading '/'")
+        if not self.root or any(c in self.root for c in REWRITTEN_CHARACTERS) or self.root.startswith("/"):
+            raise InvalidName("topic root", self.root,
+                              "must be non-empty, without '.', '*', '+', '#' or a leading '/' ('.' and '*' are "
+                              "rewritten or read as wildcards by RabbitMQ)")
 
     # -- per worker --------------------------------------------------------------------
     def presence(self, ref: WorkerRef) -> str:

@@ -124,24 +124,50 @@ def main(verbose: int) -> None:
                                 "for S seconds (a misspelt function); 0: never.")
 @click.option("--rebirth-timeout", type=float, default=defaults.REBIRTH_TIMEOUT, show_default=True, metavar="S",
               help="Seconds a worker has to answer a rebirth request before it is presumed lost.")
+@click.option("--heartbeat-misses", type=float, default=defaults.HEARTBEAT_MISSES, show_default=True, metavar="N",
+              help="A worker that announces heartbeats is lost after N of its intervals without one, plus "
+                   "--heartbeat-slack (its work goes to others at once).")
+@click.option("--heartbeat-slack", type=float, default=defaults.HEARTBEAT_SLACK, show_default=True, metavar="S",
+              help="Seconds added to that bound, for a loaded machine or broker.")
 @metrics_options
-@click.option("--client-id", default=None, help="MQTT client id (default: derived from host and pid).")
+@click.option("--client-id", default=None,
+              help="MQTT client id, the name of the coordinator's persistent session [default: "
+                   f"{defaults.CLIENT_ID_TEMPLATE.format(root='ROOT')}, the same for every coordinator of a root, "
+                   "so a restarted or standby one takes its session over].")
+@click.option("--clean-session", is_flag=True,
+              help="Start with a clean MQTT session each time: results published while the coordinator is "
+                   "disconnected then come only when their tasks are sent again.")
+@click.option("--lease-ttl", type=click.FloatRange(min=0.5, max=3600), default=defaults.LEASE_TTL, show_default=True,
+              metavar="S", help="Seconds the active coordinator's lease lasts: a standby `serve` on the same "
+                                "database takes over within about this long after the active one dies.")
 @click.option("-v", "--verbose", count=True, help="-v: workers, jobs and leases; -vv: debug.")
 @command_errors
 def serve(broker: str, db: str, purge_after: float, lease_check: float, lease_margin: float,
-          fail_unroutable: float, rebirth_timeout: float, client_id: str | None, verbose: int,
-          metrics_port: int | None, metrics_host: str, **caps: int) -> None:
+          fail_unroutable: float, rebirth_timeout: float, heartbeat_misses: float, heartbeat_slack: float,
+          client_id: str | None, clean_session: bool, verbose: int, metrics_port: int | None, metrics_host: str,
+          lease_ttl: float, **caps: int) -> None:
     """Hand out tasks to workers, collect their results, and publish status, until stopped.
 
     First SIGINT/SIGTERM: stop taking messages, publish the last status and an offline
     presence, disconnect cleanly. A second one: exit at once (the broker publishes our will).
+
+    Several `serve` on one database: one is active, the others wait as standbys and take over
+    when its lease runs out; a deposed one (it was frozen) steps down and waits again.
     """
+    from dockercomp.coordinator.leader import LeadLost, Leader, restart_as_standby
     from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 
     _setup_logging(verbose)
+    if lease_ttl < 3 * lease_check:  # the engine renews its lease at each lease check, at least
+        refused = click.BadParameter(f"--lease-ttl {lease_ttl:g} s is less than 3 x --lease-check ({lease_check:g} s): "
+                                     "the standby would take over from a healthy coordinator")
+        refused.hint = "raise --lease-ttl or lower --lease-check"  # type: ignore[attr-defined]
+        raise refused
     settings = CoordinatorSettings(purge_after=purge_after, lease_check=lease_check, lease_margin=lease_margin,
-                                   fail_unroutable=fail_unroutable, rebirth_timeout=rebirth_timeout, **caps)
-    coordinator = Coordinator.connect(broker, db, settings, client_id=client_id)
+                                   fail_unroutable=fail_unroutable, rebirth_timeout=rebirth_timeout,
+                                   heartbeat_misses=heartbeat_misses, heartbeat_slack=heartbeat_slack, **caps)
+    coordinator = Coordinator.connect(broker, db, settings, client_id=client_id, persistent=not clean_session)
+    leader = coordinator.leader = Leader(coordinator.store, lease_ttl, on_standby=lambda line: click.echo(line, err=True))
     metrics = None
     if metrics_port is not None:
         from dockercomp.coordinator.metrics import MetricsServer
@@ -161,8 +187,9 @@ def serve(broker: str, db: str, purge_after: float, lease_check: float, lease_ma
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     coordinator.start()
-    click.echo(f"coordinator serving {coordinator.store.url} via {coordinator.transport_url} "
-               f"(Ctrl-C to stop)", err=True)
+    if leader.epoch:  # else stopped while standing by
+        click.echo(f"coordinator serving {coordinator.store.url} via {coordinator.transport_url} "
+                   f"(Ctrl-C to stop)", err=True)
     try:
         coordinator.wait()
     except KeyboardInterrupt:
@@ -171,6 +198,8 @@ def serve(broker: str, db: str, purge_after: float, lease_check: float, lease_ma
     finally:
         if metrics is not None:
             metrics.stop()
+    if isinstance(coordinator.error, LeadLost):  # the engine logged why it stepped down
+        restart_as_standby()
     if coordinator.error is not None:
         raise CoordinatorError(f"the coordinator stopped: {coordinator.error}")
     click.echo("coordinator stopped", err=True)

@@ -57,7 +57,7 @@ def _job_name(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     if value is None:
         return None
     try:
-        return validate_name(value, "job name")
+        return validate_name(value, "job name", dots=True)
     except InvalidName as exc:
         raise click.BadParameter(exc.reason) from None
 
@@ -172,6 +172,8 @@ def status(job: str | None, watch: bool, interval: float, db: str, as_json: bool
                     view = Group(*lines)
                 if not alive.live and (jobs or alive.beat is not None):
                     view = Group(view, alive.sentence())
+                elif alive.active():  # several `serve` may share the database: say which one runs it
+                    view = Group(view, alive.active())
                 return [progress_dict(p) for p in progresses], view, done
 
         data, view, finished = snapshot()

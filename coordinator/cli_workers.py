@@ -57,6 +57,8 @@ def workers(db: str, as_json: bool, wide: bool) -> None:
         _stdout(wide).print(workers_table(found, live=alive.live))
     if not alive.live:
         click.echo(alive.sentence())
+    elif alive.active():  # several `serve` may share the database: say which one runs it
+        click.echo(alive.active())
 
 
 # ------------------------------------------------------------------------------------ purge

@@ -16,13 +16,15 @@ from typing import Any
 
 from dockercomp.coordinator.defaults import HEARTBEAT_INTERVAL, HEARTBEAT_MISSED
 
-_COLUMNS = ("started", "beat_at", "stopped_at", "connected", "host", "pid", "broker")
+_COLUMNS = ("started", "beat_at", "stopped_at", "connected", "host", "pid", "broker", "epoch")
 _CREATE = (
     "CREATE TABLE IF NOT EXISTS heartbeat (id INTEGER PRIMARY KEY, started DOUBLE PRECISION NOT NULL, "
     "beat_at DOUBLE PRECISION NOT NULL, stopped_at DOUBLE PRECISION, connected INTEGER NOT NULL DEFAULT 0, "
     "host VARCHAR(255) NOT NULL DEFAULT '', pid INTEGER NOT NULL DEFAULT 0, "
-    "broker VARCHAR(512) NOT NULL DEFAULT '')"
+    "broker VARCHAR(512) NOT NULL DEFAULT '', epoch BIGINT NOT NULL DEFAULT 0)"
 )
+# Added with the standby coordinator: tables made before it lack the column.
+_ADD_EPOCH = "ALTER TABLE heartbeat ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0"
 
 
 @dataclass(frozen=True)
@@ -36,19 +38,27 @@ class Heartbeat:
     host: str
     pid: int
     broker: str  # its broker URL, password masked
+    epoch: int = 0  # the lead it held (leader.py); 0: not elected (the Python API's engine)
 
 
 def create_table(db: Any) -> None:
     db.execute_sql(_CREATE)
+    if "epoch" not in {c.name for c in db.get_columns("heartbeat")}:
+        try:
+            db.execute_sql(_ADD_EPOCH)
+        except Exception as exc:  # noqa: BLE001 - another process added it meanwhile (database.upgrade)
+            if "duplicate" not in str(exc) and "already exists" not in str(exc):
+                raise
 
 
 def write(db: Any, beat: Heartbeat) -> None:
     """Replace the heartbeat row (inside the caller's transaction)."""
     p = db.param
-    values = [beat.started, beat.beat_at, beat.stopped_at, int(beat.connected), beat.host, beat.pid, beat.broker]
+    values = [beat.started, beat.beat_at, beat.stopped_at, int(beat.connected), beat.host, beat.pid, beat.broker,
+              beat.epoch]
     sets = ", ".join(f"{column} = {p}" for column in _COLUMNS)
     if not db.execute_sql(f"UPDATE heartbeat SET {sets} WHERE id = 1", values).rowcount:
-        db.execute_sql(f"INSERT INTO heartbeat (id, {', '.join(_COLUMNS)}) VALUES (1, {', '.join([p] * 7)})",
+        db.execute_sql(f"INSERT INTO heartbeat (id, {', '.join(_COLUMNS)}) VALUES (1, {', '.join([p] * len(_COLUMNS))})",
                        values)
 
 
@@ -56,8 +66,8 @@ def read(db: Any) -> Heartbeat | None:
     row = db.execute_sql(f"SELECT {', '.join(_COLUMNS)} FROM heartbeat WHERE id = 1").fetchone()
     if row is None:
         return None
-    started, beat_at, stopped_at, connected, host, pid, broker = row
-    return Heartbeat(started, beat_at, stopped_at, bool(connected), host, pid, broker)
+    started, beat_at, stopped_at, connected, host, pid, broker, epoch = row
+    return Heartbeat(started, beat_at, stopped_at, bool(connected), host, pid, broker, int(epoch))
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,14 @@ class Liveness:
                     "Start it with `dockercomp coordinator serve`.")
         return (f"The coordinator is running but not connected to its broker {self.beat.broker} "
                 "(as of its last heartbeat); worker states are as last known.")
+
+    def active(self) -> str:
+        """Which coordinator is active (several `serve` may share the store: one active, the
+        others standing by), or "" when none runs."""
+        if not self.running or self.beat is None:
+            return ""
+        elected = f", lead epoch {self.beat.epoch}" if self.beat.epoch else ""
+        return f"Active coordinator: pid {self.beat.pid} on {self.beat.host}{elected}."
 
 
 def liveness(beat: Heartbeat | None, now: float | None = None,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, TypeVar, Union
 
 from dockercomp.broker.batches import TASKS_KEY, Batch, ResultBatch, pack, read_results
 from dockercomp.broker.defaults import MAX_BATCH_ITEMS
-from dockercomp.broker.errors import DecodeError, InvalidTopic
+from dockercomp.broker.errors import DecodeError, InvalidName, InvalidTopic
 from dockercomp.broker.messages import Presence, PresenceState, Result
 from dockercomp.broker.topics import WorkerRef
 from dockercomp.coordinator.leases import error_json
@@ -43,8 +43,12 @@ class Inbound:
     def _handle(self: "Coordinator", topic: str, payload: bytes, now: float) -> None:
         try:
             parsed = self._parse_topic(topic)
-        except InvalidTopic:
-            return  # amqtt replays other clients' retained messages on connect; not ours
+        except InvalidTopic as exc:
+            if isinstance(exc.__cause__, InvalidName):
+                # A worker topic whose names no agent may use (e.g. a '.' that RabbitMQ rewrites).
+                self.rejections.reject(Rejection.MALFORMED, topic, str(exc.__cause__))
+                self.status.summary_changed()
+            return  # else amqtt replays other clients' retained messages on connect; not ours
         if parsed.kind == "presence":
             self._on_presence(parsed.ref, payload, now)
         elif parsed.kind == "results":
@@ -72,13 +76,17 @@ class Inbound:
     def _on_presence(self: "Coordinator", ref: WorkerRef, payload: bytes, now: float) -> None:
         if not payload:
             return  # a cleared retained presence (purge)
+        live = not isinstance(payload, _Replayed)
+        if live and self.liveness.beat(self.workers.get(ref.key), payload, now):
+            return  # a heartbeat repeating what we know (coordinator/liveness.py)
         presence = self._decode_from(ref, "presence", Presence.decode, payload)
         if presence is None:
             return
-        live = not isinstance(payload, _Replayed)
         slot, change = self.workers.apply(ref, presence, now, live)
         if change is not PresenceChange.STALE and presence.state is not PresenceState.OFFLINE:
             slot.batch = min(presence.batch, MAX_BATCH_ITEMS)  # a hostile 2**62 gets the cap
+        if live and change is not PresenceChange.STALE:
+            self.liveness.applied(slot, presence, payload, now)
         self.status.worker_changed(slot.id)
         if change is PresenceChange.STALE:
             self.ledger.reject(Rejection.STALE, ref, f"{presence.state.value} presence of connection {presence.seq}, "

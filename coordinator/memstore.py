@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 from dockercomp.coordinator import unroutable
 from dockercomp.coordinator.errors import UnknownJob, UnknownTask
 from dockercomp.coordinator.heartbeat import Heartbeat
+from dockercomp.coordinator.leadership import Holder, Lead
 from dockercomp.coordinator.replication import SINGLE, ReplicaAttempt, Replication, VolunteerStats
 from dockercomp.coordinator.store import (
     ALLOWED_FROM,
@@ -105,6 +106,7 @@ class MemoryStore(Store):
         self._quarantined: dict[str, tuple[str, float]] = {}  # volunteer -> (reason, since)
         self._next = {"worker": 1, "job": 1, "task": 1, "attempt": 1}
         self._heartbeat: Heartbeat | None = None
+        self._lead: Lead | None = None  # one process: the lead is only ever contended by threads
         self._unroutable: dict[int, str] = {}  # task id -> why it failed without an attempt
 
     def _new_id(self, table: str) -> int:
@@ -532,6 +534,31 @@ class MemoryStore(Store):
     def release(self, volunteer: str) -> bool:
         with self._lock:
             return self._quarantined.pop(volunteer, None) is not None
+
+    # -- which coordinator is active -----------------------------------------------------------
+    def claim_lead(self, holder: Holder, ttl: float, take_from: int | None = None) -> Lead:
+        with self._lock:
+            now, lead = time.time(), self._lead
+            if lead is None or now >= lead.expires_at or lead.epoch == take_from:
+                self._lead = Lead((lead.epoch if lead else 0) + 1, holder.id, holder.host, holder.pid, now,
+                                  now + ttl, now)
+            return replace(self._lead, now=now)  # type: ignore[type-var]
+
+    def renew_lead(self, epoch: int, ttl: float) -> bool:
+        with self._lock:
+            if self._lead is None or self._lead.epoch != epoch:
+                return False
+            self._lead = replace(self._lead, expires_at=time.time() + ttl)
+            return True
+
+    def release_lead(self, epoch: int) -> None:
+        with self._lock:
+            if self._lead is not None and self._lead.epoch == epoch:
+                self._lead = replace(self._lead, expires_at=0.0)
+
+    def lead(self) -> Lead | None:
+        with self._lock:
+            return None if self._lead is None else replace(self._lead, now=time.time())
 
 
 def _normal(fields: dict[str, Any]) -> dict[str, Any]:

@@ -43,7 +43,9 @@ from dockercomp.coordinator.errors import CoordinatorError
 from dockercomp.coordinator.heartbeat import Heartbeat
 from dockercomp.coordinator.inbound import Inbound, _Replayed
 from dockercomp.coordinator.ledger import Ledger
+from dockercomp.coordinator.leader import LeadLost
 from dockercomp.coordinator.leases import Leases, PayloadBuilder
+from dockercomp.coordinator.liveness import Liveness
 from dockercomp.coordinator.registry import Caps, WorkerRegistry
 from dockercomp.coordinator.settings import CoordinatorSettings  # re-exported: the engine's settings
 from dockercomp.coordinator.status import RateMeter, Rejections, StatusPublisher, summary_status
@@ -51,6 +53,7 @@ from dockercomp.coordinator.store import Store, WorkerState
 from dockercomp.coordinator.unroutable import UnroutableJobs
 
 if TYPE_CHECKING:
+    from dockercomp.coordinator.leader import Leader
     from dockercomp.coordinator.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
@@ -93,6 +96,7 @@ class Coordinator(Inbound):
         self.ledger = Ledger(store, self.workers, self.jobs, self.status, self.rejections)
         self.unroutable = UnroutableJobs(store, self.settings.fail_unroutable) if self.settings.fail_unroutable else None
         self.workers.answer_timeout = self.settings.rebirth_timeout
+        self.liveness = Liveness(self.settings.heartbeat_misses, self.settings.heartbeat_slack)  # heartbeats
         self._rebirth: list[str] | None = None  # worker keys to ask to show life ([] = everyone)
         self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -112,6 +116,9 @@ class Coordinator(Inbound):
         # Topic parsing validates names with regular expressions: remember the answers.
         self._parse_topic = lru_cache(maxsize=8192)(self.topics.parse_worker_topic)
         self.metrics: EngineMetrics | None = None  # set by metrics.MetricsServer (serve --metrics-port)
+        # Set by `serve` (leader.py): wait as the standby until active, fence every transaction.
+        self.leader: Leader | None = None
+        self._deposed = ""  # why the fence failed (another coordinator is active); "" while it holds
 
     @property
     def leases(self) -> Leases:
@@ -121,12 +128,16 @@ class Coordinator(Inbound):
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def connect(cls, broker: str | BrokerSettings, db: str | Store, settings: CoordinatorSettings | None = None,
-                client_id: str | None = None, clock: Callable[[], float] = time.time) -> "Coordinator":
-        """A coordinator for a broker URL and a database URL (or an open Store)."""
+                client_id: str | None = None, clock: Callable[[], float] = time.time,
+                persistent: bool = True) -> "Coordinator":
+        """A coordinator for a broker URL and a database URL (or an open Store). Its MQTT
+        session is persistent (``persistent``) under ``client_id``, by default the same for
+        every coordinator of one topic root (coordinator_client_id): whoever serves the root
+        next, this process restarted or a standby, gets what was queued meanwhile."""
         broker_settings = broker if isinstance(broker, BrokerSettings) else BrokerSettings.from_url(broker)
         store = db if isinstance(db, Store) else Store.open(db)
-        client_id = client_id or f"{defaults.CLIENT_ID_PREFIX}-{socket.gethostname()}-{os.getpid()}"
-        transport = MqttConnection(broker_settings, client_id)
+        client_id = client_id or coordinator_client_id(broker_settings.root)
+        transport = MqttConnection(broker_settings, client_id, persistent=persistent)
         return cls(store, transport, Topics(broker_settings.root), settings, clock)
 
     # -- running -----------------------------------------------------------------------------
@@ -134,6 +145,8 @@ class Coordinator(Inbound):
         """Connect, then handle messages until ``request_stop``. Raises ConnectionFailed when the
         broker cannot be reached within ``connect_timeout``, StoreError when the store fails."""
         try:
+            if self.leader is not None and not self.leader.wait(self._stop):
+                return  # stopped while standing by
             self.open()
             self._running = True
             self._ready.set()
@@ -201,7 +214,7 @@ class Coordinator(Inbound):
             self.run()
         except BaseException as exc:  # noqa: BLE001 - handed to the thread that called start()
             self._error = exc
-            if self._running:
+            if self._running and not self._deposed:
                 log.exception("the coordinator stopped on an error")
         finally:
             self._ready.set()
@@ -210,6 +223,7 @@ class Coordinator(Inbound):
         """Load the state from the store and connect (``run`` calls this; tests may too)."""
         self.store.relax_durability()
         with self.store.transaction():
+            self._fence()
             self._load()
         self.transport.on_message = self._on_message
         self.transport.on_connect = lambda: self._inbox.put(_CONNECTED)
@@ -218,6 +232,8 @@ class Coordinator(Inbound):
         self.transport.subscribe(self.topics.all_presence, 1)
         self.transport.subscribe(self.topics.all_results, 1)
         self.transport.subscribe(self.topics.coordinator_nudge, 0)
+        if self.leader is not None:  # to replace a predecessor's late will (leader.py)
+            self.transport.subscribe(self.topics.coordinator_presence, 1)
         self.transport.start()
         self.transport.wait_connected(self.settings.connect_timeout)
         log.info("coordinator ready: %d worker(s), %d job(s), %d open attempt(s) in %s",
@@ -225,6 +241,14 @@ class Coordinator(Inbound):
 
     def close(self) -> None:
         """Say goodbye (retained offline presence), publish the last status, disconnect."""
+        if self.leader is not None and (self._deposed or not self.leader.epoch):
+            # A standby never spoke; a deposed one must not: its successor's presence and rows
+            # stand. DISCONNECT (not a dropped socket) also discards our will.
+            if self._deposed:
+                log.warning("stepping down without writing anything: %s", self._deposed)
+            self.transport.close(defaults.DEPOSED_FLUSH_TIMEOUT)
+            self.store.close()
+            return
         try:
             if self.transport.connected:
                 self._publish_status(self.clock(), force=True)
@@ -234,14 +258,29 @@ class Coordinator(Inbound):
             log.warning("could not say goodbye to the broker: %s", exc)
         self.transport.close(defaults.STOP_FLUSH_TIMEOUT)
         try:  # `status` then says since when the coordinator is not running
-            self.store.beat(self._heartbeat(self.clock(), stopped=True))
-        except self.store.failures as exc:
+            with self.store.transaction():
+                self._fence()
+                self.store.beat(self._heartbeat(self.clock(), stopped=True))
+            if self.leader is not None:
+                self.leader.release()
+        except (LeadLost, *self.store.failures) as exc:
             log.warning("could not record the stop in the store: %s", exc)
         self.store.close()
 
     def _heartbeat(self, now: float, stopped: bool = False) -> Heartbeat:
         return Heartbeat(self.started, now, now if stopped else None, not stopped and self.transport.connected,
-                         self._identity["host"], self._identity["pid"], self.transport_url)
+                         self._identity["host"], self._identity["pid"], self.transport_url,
+                         self.leader.epoch if self.leader is not None else 0)
+
+    def _fence(self) -> None:
+        """First thing in every transaction of an elected engine: renew the lead, or raise
+        LeadLost so that the transaction writes nothing (leader.py)."""
+        if self.leader is not None:
+            try:
+                self.leader.fence()
+            except LeadLost as exc:
+                self._deposed = str(exc)
+                raise
 
     def _load(self) -> None:
         self.workers.load()
@@ -255,10 +294,16 @@ class Coordinator(Inbound):
         # so the step that takes the item polls (_handle ignores the item itself).
         if topic == self.topics.coordinator_nudge:
             self._nudged = True
+        elif topic == self.topics.coordinator_presence:
+            if self.leader is not None and self.leader.fresh() and self.leader.outranks(payload):
+                log.info("an older coordinator's presence was retained (its late will?): publishing ours again")
+                self._publish(topic, self._presence("online"), retain=True)
+            return
         self._inbox.put((topic, _Replayed(payload) if retained else payload))
 
     def _presence(self, state: str, reason: str | None = None) -> bytes:
-        return encode_status({"state": state, "reason": reason, "started": self.started, **self._identity})
+        lead = self.leader.describe() if self.leader is not None else {}
+        return encode_status({"state": state, "reason": reason, "started": self.started, **self._identity, **lead})
 
     def _wait_time(self) -> float:
         # Status waits for a connection: counting it while disconnected would spin.
@@ -312,7 +357,9 @@ class Coordinator(Inbound):
     def _step(self, items: list[tuple[str, bytes]], now: float) -> None:
         if now >= self._next_beat:
             self._next_beat = now + defaults.HEARTBEAT_INTERVAL
-            self.store.beat(self._heartbeat(now))
+            with self.store.transaction():
+                self._fence()
+                self.store.beat(self._heartbeat(now))
         if now >= self._next_poll or self._nudged:
             self._nudged = False
             self._next_poll = now + self.settings.poll_interval
@@ -326,6 +373,7 @@ class Coordinator(Inbound):
         if items or lease_due or purge_due or (connected and self.dispatcher.has_work(self.workers, self.jobs, self.leases)):
             self.ledger.finished = 0
             with self.store.transaction():
+                self._fence()
                 for topic, payload in items:
                     if not topic:
                         self._connection_changed(payload == _CONNECTED[1], now)
@@ -354,6 +402,8 @@ class Coordinator(Inbound):
             self.rate.record(self.ledger.finished, now)
             if self.metrics is not None:
                 self.metrics.committed(self.dispatcher.sent if sends else 0)  # tasks, not messages
+        if self.leader is not None and not self.leader.fresh():
+            return  # frozen since the commit, maybe deposed: publish nothing (leader.py)
         self._send(sends, clears, now)
         self._publish_status(now)
 
@@ -373,6 +423,7 @@ class Coordinator(Inbound):
             lease.deadline += outage
         self.store.extend_deadlines(outage)
         self.workers.unconfirm_all()
+        self.liveness.postpone(now)  # no beat could reach us either
         log.info("reconnected after %.1f s; leases extended by as much", outage)
 
     def _ask_expired(self, holders: set[int], now: float) -> None:
@@ -387,14 +438,17 @@ class Coordinator(Inbound):
                     self._rebirth = (self._rebirth or []) + [slot.key]
 
     def _presume_silent_lost(self, now: float) -> None:
-        """Workers that did not answer a rebirth request in time are lost, as by their will."""
-        for slot in self.workers.silent(now):
-            log.warning("worker %s did not answer the rebirth request within %g s: presumed lost; returning "
-                        "%d task(s) it held", slot.key, self.settings.rebirth_timeout, self.leases.count(slot.id))
+        """Workers that did not answer a rebirth request in time, or whose heartbeats stopped
+        (coordinator/liveness.py), are lost, as by their will."""
+        silent = [(slot, f"did not answer a rebirth request within {self.settings.rebirth_timeout:g} s")
+                  for slot in self.workers.silent(now)]
+        silent += [(slot, f"sent no heartbeat for {bound:g} s") for slot, bound in self.liveness.silent(self.workers, now)]
+        for slot, why in silent:
+            log.warning("worker %s %s: presumed lost; returning %d task(s) it held", slot.key, why,
+                        self.leases.count(slot.id))
             self.workers.presume_lost(slot, now)
             self.status.worker_changed(slot.id)
-            self.ledger.release(slot, f"worker {slot.key} did not answer a rebirth request within "
-                                      f"{self.settings.rebirth_timeout:g} s while holding the task")
+            self.ledger.release(slot, f"worker {slot.key} {why} while holding the task")
 
     def _send(self, sends: list[tuple[str, bytes]], clears: list[str], now: float) -> None:
         if self._announce:
@@ -445,6 +499,7 @@ class Coordinator(Inbound):
             self.store.close()  # a broken connection (PostgreSQL restarted) is replaced
             self.store.relax_durability()
             with self.store.transaction():
+                self._fence()
                 self._load()
         except self.store.failures as exc:
             log.error("reloading the state failed, retrying: %s", exc)
@@ -472,6 +527,11 @@ class Coordinator(Inbound):
         return summary_status(list(self.workers), list(self.jobs.by_id.values()), len(self.leases),
                               self.rejections.snapshot(), self.rate.rate(now), self.started, now)
 
+
+
+def coordinator_client_id(root: str) -> str:
+    """The coordinator's MQTT client id for a topic root, the same in every process serving it."""
+    return defaults.CLIENT_ID_TEMPLATE.format(root=root)
 
 
 def clear_retained_presence(transport: Transport, topics: Topics, refs: list[WorkerRef]) -> None:

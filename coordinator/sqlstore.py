@@ -23,10 +23,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import peewee as pw
 
-from dockercomp.coordinator import database, heartbeat, unroutable
+from dockercomp.coordinator import database, heartbeat, leadership, unroutable
 from dockercomp.coordinator.database import database_proxy
 from dockercomp.coordinator.errors import StoreError, StoreLocked, UnknownJob, UnknownTask
 from dockercomp.coordinator.heartbeat import Heartbeat
+from dockercomp.coordinator.leadership import Holder, Lead
 from dockercomp.coordinator.models import MODELS, Attempt, Job, Quarantine, Result, Task, Worker  # noqa: F401 (re-exported)
 from dockercomp.coordinator.replication import SINGLE, Replication
 from dockercomp.coordinator.sqlreplicas import ReplicaQueries
@@ -129,6 +130,7 @@ class SqlStore(ReplicaQueries, Store):
                 raise database.missing(url, store.url)
             store.db.create_tables(MODELS, safe=True)
             heartbeat.create_table(store.db)
+            leadership.create_table(store.db)
             unroutable.create_table(store.db)
             database.upgrade(store.db)
         return store
@@ -532,3 +534,26 @@ class SqlStore(ReplicaQueries, Store):
     def task_exists(self, task_id: int) -> bool:
         self.bind()
         return Task.select(pw.SQL("1")).where(Task.id == task_id).exists()
+
+    # -- which coordinator is active (leadership.py) -----------------------------------------------
+    def claim_lead(self, holder: Holder, ttl: float, take_from: int | None = None) -> Lead:
+        with self._errors("claim the lead"):
+            return leadership.claim(self.db, holder, ttl, take_from)
+
+    def renew_lead(self, epoch: int, ttl: float) -> bool:
+        self.bind()
+        return leadership.renew(self.db, epoch, ttl)
+
+    def release_lead(self, epoch: int) -> None:
+        with self._errors("release the lead"):
+            leadership.release(self.db, epoch)
+
+    def lead(self) -> Lead | None:
+        with self._errors("read the lead"):
+            return leadership.read(self.db)
+
+    def fence_sessions(self, idle_timeout: float) -> None:
+        if self.is_postgres:
+            # A connection option, so that sessions opened later (other threads, reconnects) get it.
+            self.db.connect_params["options"] = f"-c idle_in_transaction_session_timeout={int(idle_timeout * 1000)}"
+            self.close()

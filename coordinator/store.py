@@ -28,6 +28,7 @@ from dockercomp.broker.topics import validate_name
 from dockercomp.coordinator.defaults import INSERT_BATCH, MAX_ATTEMPTS, SQLITE_BUSY_TIMEOUT_MS, TASK_TIMEOUT
 from dockercomp.coordinator.errors import InvalidInput, JobBusy, StoreError
 from dockercomp.coordinator.heartbeat import Heartbeat
+from dockercomp.coordinator.leadership import Holder, Lead
 from dockercomp.coordinator.replication import SINGLE, ReplicaAttempt, Replication, VolunteerStats
 from dockercomp.coordinator.rows import (  # re-exported: the store's vocabulary
     ALLOWED_FROM,
@@ -89,7 +90,7 @@ def check_job_options(function: str, name: str | None, timeout: float, max_attem
                            "give the name of a task function, e.g. count_primes")
     if name is not None:
         try:
-            validate_name(name, "job name")
+            validate_name(name, "job name", dots=True)
         except InvalidName as exc:
             raise InvalidInput(str(exc), "pick another --job NAME") from None
         if AUTO_NAME.match(name):
@@ -396,3 +397,27 @@ class Store(ABC):
     @abstractmethod
     def release(self, volunteer: str) -> bool:
         """Lift a volunteer's quarantine (an operator); False if it was not quarantined."""
+
+    # -- which coordinator is active (leadership.py, leader.py) ------------------------------------
+    @abstractmethod
+    def claim_lead(self, holder: Holder, ttl: float, take_from: int | None = None) -> Lead:
+        """In its own transaction: take the lead for ``ttl`` seconds if it expired (or is still
+        at epoch ``take_from``), raising its epoch by one; returns the lead as it is now."""
+
+    @abstractmethod
+    def renew_lead(self, epoch: int, ttl: float) -> bool:
+        """Inside the caller's transaction: extend the lead of ``epoch`` by ``ttl`` seconds from
+        now; False (nothing written) when another coordinator took it over."""
+
+    @abstractmethod
+    def release_lead(self, epoch: int) -> None:
+        """Let the lead of ``epoch`` expire at once (a clean stop); no-op if another holds it."""
+
+    @abstractmethod
+    def lead(self) -> Lead | None:
+        """The lead as stored (None: no `serve` ever claimed it on this store)."""
+
+    def fence_sessions(self, idle_timeout: float) -> None:
+        """Have the database end this store's sessions that sit idle inside a transaction for
+        ``idle_timeout`` seconds (PostgreSQL): a frozen holder must not keep the lead's row
+        locked and so block its successor. No-op elsewhere."""

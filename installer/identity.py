@@ -22,7 +22,8 @@ MAX_ID_LENGTH = 64
 MAX_HOST_LENGTH = 32
 
 _MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
+# Outside broker.topics.validate_name's characters ('.' too: RabbitMQ splits a topic level at it).
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
 
 
 def machine_tag(files: tuple[str, ...] = _MACHINE_ID_FILES) -> str:
@@ -46,7 +47,7 @@ def machine_tag(files: tuple[str, ...] = _MACHINE_ID_FILES) -> str:
 def host_label(hostname: str | None = None) -> str:
     """The short hostname, reduced to characters allowed in a topic level."""
     name = (hostname if hostname is not None else socket.gethostname()).split(".")[0]
-    name = _UNSAFE.sub("-", name).strip("-._")[:MAX_HOST_LENGTH].strip("-._")
+    name = _UNSAFE.sub("-", name).strip("-_")[:MAX_HOST_LENGTH].strip("-_")
     return name or "host"
 
 
@@ -72,5 +73,6 @@ def container_name(instance: str, slot: int) -> str:
 
 
 def valid_instance(name: str) -> bool:
-    """An instance name usable in container names, labels and worker ids."""
-    return bool(re.fullmatch(r"[a-z0-9][a-z0-9_.\-]{0,23}", name))
+    """An instance name usable in container names, labels and worker ids (no '.': it is part of
+    every worker id, a topic level that RabbitMQ would split at a dot)."""
+    return bool(re.fullmatch(r"[a-z0-9][a-z0-9_\-]{0,23}", name))

@@ -32,8 +32,9 @@ from dockercomp.agent.defaults import (
     WORKER_ID_ENV,
 )
 from dockercomp.broker.defaults import BROKER_URL_ENV
-from dockercomp.broker.errors import SettingsError
+from dockercomp.broker.errors import InvalidName, SettingsError
 from dockercomp.broker.settings import BrokerSettings
+from dockercomp.broker.topics import ALLOWED_NAME_CHARACTERS, validate_name
 from dockercomp.installer import defaults as d
 from dockercomp.installer.errors import ConfigError
 from dockercomp.installer.identity import container_name, valid_instance, worker_id
@@ -108,7 +109,16 @@ class WorkerSpec:
                 "add --network host, or give the broker's LAN address",
             )
         if not valid_instance(self.instance):
-            raise ConfigError(f"bad instance name {self.instance!r}", "use lowercase letters, digits, '-', '_', '.'")
+            raise ConfigError(f"bad instance name {self.instance!r}", "use lowercase letters, digits, '-' and '_' ('.' would be rewritten by "
+                              "a broker such as RabbitMQ)")
+        volunteer = self.volunteer or self.username or settings.username
+        if volunteer is not None:  # the agent's volunteer name, a topic level: refused here, not in every container
+            try:
+                validate_name(volunteer, "volunteer name")
+            except InvalidName as exc:
+                source = "--volunteer" if self.volunteer else "the broker user name"
+                raise ConfigError(f"{exc.what} {volunteer!r} (from {source}) cannot be a topic level",
+                                  f"pass --volunteer with {ALLOWED_NAME_CHARACTERS}") from None
         if self.cpus <= 0 or (host_cpus is not None and self.cpus > host_cpus):
             raise ConfigError(
                 f"--cpus-per-worker {self.cpus:g} is not possible on a machine with {host_cpus} CPUs",

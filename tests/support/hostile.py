@@ -16,7 +16,7 @@ from dockercomp.broker.topics import WorkerRef
 INT64 = range(-(2**63), 2**63)
 
 # --------------------------------------------------------------------------- strategies
-names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}", fullmatch=True)
+names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}", fullmatch=True)
 finite = st.floats(allow_nan=False, allow_infinity=False)
 # Any JSON value Python's json module can write, including the NaN/Infinity tokens and
 # numbers no 64-bit column holds: what a hostile client can put on the wire.

@@ -493,6 +493,9 @@ def test_agent_functions_lists_built_ins_and_installed_packages(plugin_dir: Path
 
 @pytest.mark.parametrize("args, env, hint", [
     (["--worker-id", "a/b"], {}, "--worker-id"),
+    # RabbitMQ's MQTT plugin turns '.' into a level separator: refused at start, naming what is allowed.
+    (["--worker-id", "lab.1"], {}, "letters, digits, '_' and '-' only"),
+    (["--volunteer", "ann.b"], {}, "letters, digits, '_' and '-' only"),
     (["--concurrency", "0"], {}, "--concurrency"),
     (["--prefetch", "-1"], {}, "--prefetch"),
     ([], {"DOCKERCOMP_PREFETCH": "lots"}, "lots"),

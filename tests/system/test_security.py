@@ -450,6 +450,8 @@ def test_volunteers_cli_rejects_bad_names_and_says_what_to_do(tmp_path: Path) ->
     assert no_host.exit_code == 2 and "--host" in no_host.output
     wildcard = runner.invoke(volunteers_cli, ["add", "al+ce", "--dir", config, "--host", "h"])
     assert wildcard.exit_code == 2 and "letters, digits" in wildcard.output
+    dotted = runner.invoke(volunteers_cli, ["add", "lab.1", "--dir", config, "--host", "h"])  # RabbitMQ splits it
+    assert dotted.exit_code == 2 and "'_' and '-'" in dotted.output and "RabbitMQ" in dotted.output
     reserved = runner.invoke(volunteers_cli, ["add", "coordinator", "--dir", config, "--host", "h"])
     assert reserved.exit_code == 2 and "coordinator's account" in reserved.output
     stale = runner.invoke(volunteers_cli, ["add", "bob", "--dir", config, "--host", "h",
