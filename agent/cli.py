@@ -58,8 +58,11 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--broker", "broker_url", envvar=BROKER_URL_ENV, default=DEFAULT_BROKER_URL, show_default=True,
-              help=f"Broker URL, mqtt://user:pass@host:port or mqtts://... [env {BROKER_URL_ENV}]")
+@click.option("--broker", "broker_urls", envvar=BROKER_URL_ENV, multiple=True, default=(DEFAULT_BROKER_URL,),
+              show_default=True,
+              help="Broker URL, mqtt://user:pass@host:port or mqtts://...; the nodes of a broker cluster as a "
+                   "comma-separated list (mqtt://user:pass@node1:1883,node2:1883) or a repeated --broker: "
+                   f"when one fails the agent connects to the next [env {BROKER_URL_ENV}]")
 @click.option("--worker-id", envvar=WORKER_ID_ENV,
               help=f"This worker's name [env {WORKER_ID_ENV}; default: host name, plus -PID outside a container]")
 @click.option("--volunteer", envvar=VOLUNTEER_ENV,
@@ -90,7 +93,7 @@ def main() -> None:
               help=f"A file that exists while paused (SIGUSR1), so a restart starts paused [env {PAUSE_FILE_ENV}]")
 @click.option("-v", "--verbose", count=True, help="Log every task (-v) and MQTT packets (-vv).")
 @handled
-def run(broker_url: str, worker_id: str | None, volunteer: str | None, concurrency: int | None,
+def run(broker_urls: tuple[str, ...], worker_id: str | None, volunteer: str | None, concurrency: int | None,
         prefetch: int | None, keepalive: int | None, grace: float, username: str | None, health_file: str | None,
         idle_only: bool, max_load: float | None, load_file: Path, pause_file: Path | None, verbose: int) -> None:
     """Connect to the broker and run tasks until stopped.
@@ -107,7 +110,7 @@ def run(broker_url: str, worker_id: str | None, volunteer: str | None, concurren
 
     _setup_logging(verbose)
     settings = AgentSettings.from_options(
-        broker_url, worker_id=worker_id, volunteer=volunteer, concurrency=concurrency, prefetch=prefetch,
+        ",".join(broker_urls), worker_id=worker_id, volunteer=volunteer, concurrency=concurrency, prefetch=prefetch,
         keepalive=keepalive, grace=grace, username=username, password=os.environ.get(PASSWORD_ENV) or None,
         health_file=health_file,
     )

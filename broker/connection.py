@@ -161,6 +161,9 @@ class MqttConnection(Transport):
         self._client.on_message = self._handle_message
         self._client.on_publish = self._handle_publish
         self._subscriptions: dict[str, int] = {}
+        # The broker's nodes (one unless the URL lists several) and the one tried now.
+        self._addresses = settings.addresses
+        self._index = 0
         self._connected = threading.Event()
         self._stopping = threading.Event()
         self._acked = threading.Condition()
@@ -291,20 +294,19 @@ class MqttConnection(Transport):
     def _run(self) -> None:
         self._network_thread_id = self._client.network_thread_id = threading.get_ident()
         delays = self._backoff()
-        first = True
+        failed_in_row = 0  # attempts that never connected since the last connection: a full round waits
         while not self._stopping.is_set():
             will = self.will_factory() if self.will_factory else None
             if will is not None:
                 self._client.will_set(will.topic, will.payload, will.qos, will.retain)
             else:
                 self._client.will_clear()
+            host, port = self._address
             reached = False  # the TCP connection was made: a failure after it is the broker's answer
+            was_up = False  # a CONNACK came on this attempt
             try:
-                if first:
-                    self._client.connect(self.settings.host, self.settings.port, self.settings.keepalive)
-                    first = False
-                else:
-                    self._client.reconnect()
+                # connect(), not reconnect(): the node may differ from the last attempt's.
+                self._client.connect(host, port, self.settings.keepalive)
                 reached = True
                 self._set_nodelay()
                 stop_since: float | None = None
@@ -317,21 +319,23 @@ class MqttConnection(Transport):
                         stop_since = stop_since if stop_since is not None else time.monotonic()
                         if time.monotonic() - stop_since > 2.0:
                             break
-                    elif self._connected.is_set():
+                    elif self._connected.is_set() and not was_up:
+                        was_up, failed_in_row = True, 0
                         delays = self._backoff()
             except Exception as exc:  # noqa: BLE001 - any failure means: wait, then reconnect
                 self._last_error = describe_connect_error(exc)
                 if self.failure is None and not self._ever_connected:
                     self.failure = self._permanent(exc)
                 if self.failure is None and isinstance(exc, (OSError, ssl.SSLError)):
-                    log.warning("broker %s unreachable: %s; retrying", self.settings.url, self._last_error)
+                    log.warning("broker %s unreachable: %s; retrying%s", self._where(), self._last_error,
+                                " on the next URL" if len(self._addresses) > 1 else "")
                 elif self.failure is None:
                     log.exception("MQTT network loop failed; reconnecting")
             else:
                 if (reached and self.failure is None and not self._ever_connected and not self.settings.tls
                         and not self._stopping.is_set() and not self._last_error.startswith("the broker refused")):
                     # Closed before any CONNACK: a TLS listener drops a plain CONNECT like this.
-                    if speaks(self.settings.host, self.settings.port, tls=True):
+                    if speaks(host, port, tls=True):
                         self.failure = ConnectionRejected(
                             self.settings.url, "that port speaks TLS, and this URL plain MQTT",
                             "use mqtts:// (with ?ca=/path/to/ca.crt for a private CA) or the broker's plain port")
@@ -341,7 +345,22 @@ class MqttConnection(Transport):
                 break
             if self._stopping.is_set():
                 break
-            self._stopping.wait(next(delays))
+            # Fail over: the next attempt goes to the next node of the list (the same one when
+            # there is one). After a lost connection, or once every node failed in a row, wait
+            # the backoff first (jittered: a node's clients do not all arrive at once); between
+            # nodes of one round, do not wait.
+            self._index = (self._index + 1) % len(self._addresses)
+            failed_in_row = 0 if was_up else failed_in_row + 1
+            if was_up or failed_in_row % len(self._addresses) == 0:
+                self._stopping.wait(next(delays))
+
+    @property
+    def _address(self) -> tuple[str, int]:
+        return self._addresses[self._index]
+
+    def _where(self) -> str:
+        """The node tried now, for logs (the whole list when there is one node: its URL)."""
+        return self.settings.url if len(self._addresses) == 1 else self.settings.address_url(self._index)
 
     def _permanent(self, exc: BaseException) -> ConnectionRejected | None:
         """The error as one retrying cannot mend, or None for one worth retrying."""
@@ -350,7 +369,7 @@ class MqttConnection(Transport):
                                       "pass the broker's CA certificate as ?ca=/path/to/ca.crt, and connect "
                                       "by a host name the certificate names")
         if (self.settings.tls and isinstance(exc, (ssl.SSLError, ConnectionResetError, EOFError))
-                and speaks(self.settings.host, self.settings.port, tls=False)):
+                and speaks(*self._address, tls=False)):
             return ConnectionRejected(self.settings.url, "that port speaks plain MQTT, and this URL TLS",
                                       "use mqtt:// for this port, or the broker's TLS port (8883)")
         return None
@@ -393,7 +412,7 @@ class MqttConnection(Transport):
         self._last_error = ""
         self._ever_connected = True
         self._connected.set()
-        log.info("connected to %s as %s", self.settings.url, self.client_id)
+        log.info("connected to %s as %s", self._where(), self.client_id)
         if self.on_connect is not None:
             try:
                 self.on_connect()
@@ -413,7 +432,7 @@ class MqttConnection(Transport):
         if self.failure is not None:
             return  # _run stops and reports it once
         if was_connected:
-            log.warning("%s from %s; reconnecting", reason, self.settings.url)
+            log.warning("%s from %s; reconnecting", reason, self._where())
         if self.on_disconnect is not None:
             try:
                 self.on_disconnect(reason)

@@ -375,7 +375,9 @@ def mosquitto_test_config(
                 plain_seen += 1
             lines.append(f"# test: replaced {line.strip()!r}")
             lines.append(f"listener {listener_port} {host}")
-        elif _TLS_OPTION.match(line) and in_tls and not secure:
+        elif (_TLS_OPTION.match(line) or _WEBSOCKETS.match(line)) and in_tls and not secure:
+            # Its listener line is dropped: a `protocol websockets` left behind would move the
+            # default listener to WebSockets on port 1883, and a second open Mosquitto could not start.
             lines.append(f"# test: dropped {line.strip()!r}")
         elif _REPLACED.match(line):
             lines.append(f"# test: replaced {line.strip()!r}")

@@ -44,6 +44,29 @@ def test_query_options_round_trip_through_the_url() -> None:
     assert BrokerSettings.from_url(s.full_url) == s
 
 
+def test_a_url_list_names_the_nodes_of_one_broker_in_order_and_round_trips() -> None:
+    s = BrokerSettings.from_url("mqtt://ann:p%2Cw@n1:1883?keepalive=5, n2:1884,mqtt://ann:p%2Cw@[::1]:1885?keepalive=5")
+    assert s.addresses == (("n1", 1883), ("n2", 1884), ("::1", 1885))
+    assert (s.username, s.password, s.keepalive) == ("ann", "p,w", 5)  # the first URL's, for every node
+    assert s.url == "mqtt://ann:***@n1:1883?keepalive=5,n2:1884,[::1]:1885"  # no password shown
+    assert BrokerSettings.from_url(s.full_url) == s
+    assert s.address_url(1) == "mqtt://n2:1884" and BrokerSettings.from_url("mqtt://h").addresses == (("h", 1883),)
+
+
+@pytest.mark.parametrize("url, hint", [
+    ("mqtt://n1,mqtts://n2", "differs from the first of the list in tls"),
+    ("mqtt://n1?root=a,mqtt://n2", "in root"),
+    ("mqtt://a:x@n1,mqtt://b:y@n2", "in credentials"),
+    ("mqtt://n1,,n2", "empty entry"),
+    ("mqtt://n1,n1:1883", "names a node twice"),
+    ("mqtt://a:secret@n1,http://n2", "must start with mqtt://"),
+])
+def test_bad_url_lists_say_what_to_fix_without_the_password(url: str, hint: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        BrokerSettings.from_url(url)
+    assert hint in str(caught.value) and "secret" not in str(caught.value)
+
+
 @pytest.mark.parametrize("url, hint", [
     ("http://h:1883", "must start with mqtt://"),
     ("mqtt://", "names no host"),

@@ -1,0 +1,90 @@
+"""Several broker URLs (issue 15): a connection tries the next node of its list when one fails,
+over real brokers. Two independent brokers are not a cluster (nothing is shared between them),
+so these tests show the failover of the transport, the agent and the coordinator; the cluster
+end to end is in the RabbitMQ tests.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dockercomp.broker.connection import MqttConnection
+from dockercomp.broker.processes import AmqttProcess, BrokerProcess, MosquittoProcess
+from dockercomp.broker.settings import BrokerSettings
+from dockercomp.coordinator.service import Coordinator
+from tests.support import free_port, wait_until
+from tests.support.processes import FAST, Processes, finished, online
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def second(broker: BrokerProcess, tmp_path: Path) -> Iterator[BrokerProcess]:
+    """Another broker of the same kind as `broker`, on its own port and directory."""
+    other = (MosquittoProcess if isinstance(broker, MosquittoProcess) else AmqttProcess)(tmp_path / "second")
+    other.start()
+    try:
+        yield other
+    finally:
+        other.stop()
+
+
+def connection(url: str, client_id: str) -> MqttConnection:
+    transport = MqttConnection(BrokerSettings.from_url(url), client_id)
+    transport.start()
+    return transport
+
+
+def test_a_dead_first_url_is_skipped_for_the_live_second(broker: BrokerProcess) -> None:
+    dead = free_port()
+    received = threading.Event()
+    transport = MqttConnection(BrokerSettings.from_url(f"mqtt://127.0.0.1:{dead},{broker.url}"), "listed")
+    transport.on_message = lambda topic, payload, retained: received.set()
+    transport.subscribe("failover/echo", 1)
+    transport.start()
+    try:
+        transport.wait_connected(10)
+        transport.publish("failover/echo", b"hello", qos=1)
+        assert received.wait(10)
+    finally:
+        transport.close(1)
+
+
+def test_agent_and_coordinator_fail_over_to_the_second_broker_and_the_job_finishes(
+        broker: BrokerProcess, second: BrokerProcess, procs: Processes, tmp_path: Path) -> None:
+    both = f"{broker.url},{second.url}"
+    procs.broker_url = both
+    coordinator = Coordinator.connect(both, str(tmp_path / "coordinator.db"), FAST).start()
+    try:
+        store = coordinator.store
+        procs.agent("w1")
+        online(store, 1)
+        job = store.create_job("sleep", [[0.2]] * 40, timeout=30)
+        wait_until(lambda: store.progress(job).done >= 5, timeout=30)
+
+        broker.kill()  # the first node dies: both reconnect to the second
+        progress = finished(store, job, timeout=60)
+
+        assert (progress.done, progress.failed) == (40, 0)
+        assert "connected to mqtt://127.0.0.1:%d" % second.port in procs.log("w1")
+        store.bind()
+        per_task = store.db.execute_sql(
+            "SELECT count(*) FROM result r JOIN task t ON t.id = r.task_id WHERE t.job_id = ?", (job.id,)).fetchone()
+        assert per_task[0] == 40  # one accepted result each: nothing counted twice
+    finally:
+        coordinator.stop()
+
+
+def test_agent_run_takes_a_repeated_broker_option_and_skips_the_dead_node(
+        engine: Coordinator, broker: BrokerProcess, procs: Processes) -> None:
+    dead = f"mqtt://127.0.0.1:{free_port()}"
+    procs.start("w2", ["dockercomp.agent.cli", "run", "--broker", dead, "--broker", broker.url, "--worker-id", "w2",
+                       "--concurrency", "1", "--keepalive", "2", "--health-file", str(procs.logs / "w2.health")])
+    (worker,) = online(engine.store, 1)
+    assert worker.name == "w2"
+    job = engine.store.create_job("add", [[1, 2]], timeout=30)
+    assert finished(engine.store, job, timeout=30).done == 1
