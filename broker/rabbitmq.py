@@ -50,6 +50,14 @@ CLUSTER_FORM_TIMEOUT = 60.0
 EPMD_START_TIMEOUT = 10.0
 # The line a node logs once every plugin (the MQTT listener too) runs.
 STARTED_LINE = b"Server startup complete"
+# What dockercomp needs of a RabbitMQ cluster beyond the MQTT plugin (README, "Running on a broker
+# cluster"): the MQTT plugin keeps each client's subscriptions in a durable queue named after
+# its client id, on the node it connected to. When that node dies the queue's record stays,
+# and the same client id can subscribe on no other node ("home node ... is down"): agents
+# could not fail over, nor a coordinator with a persistent session. Mirrored on a second node
+# (RabbitMQ 3.10's only replication for these queues), the queue moves with its client.
+MIRROR_POLICY = ("set_policy", "--apply-to", "queues", "dockercomp-mqtt-mirrored", "^mqtt-subscription-",
+                 '{"ha-mode":"exactly","ha-params":2,"ha-sync-mode":"automatic"}')
 # Every distribution socket on the loopback interface only (nodes and CLI tools alike).
 LOOPBACK_DIST = "-kernel inet_dist_use_interface {127,0,0,1}"
 
@@ -227,12 +235,14 @@ class RabbitCluster:
 
     def start(self) -> RabbitCluster:
         """Boots every node at once, then joins the others to the first (stop_app,
-        join_cluster, start_app, as an operator would). Stops whatever it started if that fails."""
+        join_cluster, start_app, as an operator would) and sets MIRROR_POLICY. Stops whatever
+        it started if that fails."""
         try:
             self._start_epmd()
             self._each(lambda node: node.start(), self.nodes)
             self._each(self._join, self.nodes[1:])
             self.wait_formed()
+            self.nodes[0].ctl(*MIRROR_POLICY)
         except BaseException:
             self.close()
             raise

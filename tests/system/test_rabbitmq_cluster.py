@@ -196,7 +196,6 @@ def test_a_worker_named_with_a_dot_is_refused_at_start_or_works(deployment: Depl
 
 
 # --------------------------------------------------------------------------- a node dies
-@pytest.mark.xfail(strict=True, reason="agents take one broker URL: failover over a URL list is being built")
 def test_agents_of_a_node_that_dies_fail_over_and_their_tasks_finish_within_30_s(deployment: Deployment) -> None:
     first, second, third = deployment.cluster.nodes
     deployment.serve(first)
@@ -212,8 +211,10 @@ def test_agents_of_a_node_that_dies_fail_over_and_their_tasks_finish_within_30_s
     second.kill()  # the whole node at once: no wills for a1 and a2, their queues gone with it
     died_at = time.monotonic()
     progress = finished(deployment.store, job, timeout=NODE_LOSS_BOUND + 10)
+    elapsed = time.monotonic() - died_at
+    print(f"the job finished {elapsed:.1f} s after node 2 died")
 
-    assert time.monotonic() - died_at < NODE_LOSS_BOUND
+    assert elapsed < NODE_LOSS_BOUND
     assert progress.state == "done"
     deployment.exactly_once(job)
     for name in ("a1", "a2"):  # on node 3 now, on a new connection, still working
