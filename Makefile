@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[all,test,demo,postgres]'
+	$(BIN)/pip install -q -e '.[all,test,demo,postgres,bench]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -49,7 +49,12 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int,
               help="Tasks streamed from a generator in the streaming-submit test.")
 @click.option("--pickup-samples", default=defaults.PICKUP_SAMPLES, type=click.IntRange(1),
               help="One-task jobs per mode (nudge, poll) in the pickup test.")
-@click.option("--scale-workers", default=defaults.SCALE_WORKERS, type=click.IntRange(1), help="Simulated workers.")
+@click.option("--scale-workers", default=",".join(map(str, defaults.SCALE_WORKERS)), callback=_sizes,
+              help="Simulated-worker fleets, run one after the other (the first is the reference).")
+@click.option("--scale-per-volunteer", default=defaults.SCALE_PER_VOLUNTEER, type=click.IntRange(1),
+              help="Simulated workers per volunteer.")
+@click.option("--scale-leaves", default=None, type=click.IntRange(0),
+              help="Leaf brokers bridged to the coordinator's  [default: as many as the fd and port limits need]")
 @click.option("--scale-processes", default=defaults.SCALE_PROCESSES, type=click.IntRange(1),
               help="Processes the simulated workers are packed into.")
 @click.option("--scale-tasks", default=",".join(map(str, defaults.SCALE_TASKS)), callback=_sizes,
@@ -67,19 +72,21 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int,
 @click.option("--keep", is_flag=True, help="Keep the work directory (logs, databases).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout, nothing else.")
 def main(tasks: int, workers: int, window: int, concurrency: int, latency_samples: int, submit_tasks: int,
-         stream_tasks: int, pickup_samples: int, scale_workers: int, scale_processes: int, scale_tasks: tuple[int, ...], scale_slice: int,
+         stream_tasks: int, pickup_samples: int, scale_workers: tuple[int, ...], scale_per_volunteer: int,
+         scale_leaves: int | None, scale_processes: int, scale_tasks: tuple[int, ...], scale_slice: int,
          only: tuple[str, ...], skip: tuple[str, ...], quick: bool, profile: bool, out: str, no_save: bool,
          keep: bool, as_json: bool) -> None:
     """Measure dockercomp end to end against the raw paho + Mosquitto round trip (issue 6)."""
     if quick:
         tasks, latency_samples, submit_tasks = min(tasks, 2_000), min(latency_samples, 200), min(submit_tasks, 10_000)
         stream_tasks, pickup_samples = min(stream_tasks, 100_000), min(pickup_samples, 10)
-        scale_workers, scale_tasks, scale_slice = min(scale_workers, 100), (1_000, 5_000), 1_000
+        scale_workers, scale_tasks, scale_slice = (min(scale_workers[0], 100),), (1_000, 5_000), 1_000
     phases = tuple(p for p in (only or PHASES) if p not in skip)
     options = BenchOptions(tasks=tasks, workers=workers, window=window, concurrency=concurrency,
                            latency_samples=latency_samples, submit_tasks=submit_tasks, stream_tasks=stream_tasks,
                            pickup_samples=pickup_samples, scale_workers=scale_workers,
-                           scale_processes=min(scale_processes, scale_workers), scale_tasks=scale_tasks,
+                           scale_per_volunteer=scale_per_volunteer, scale_leaves=scale_leaves,
+                           scale_processes=scale_processes, scale_tasks=scale_tasks,
                            scale_slice=scale_slice, phases=phases, profile=profile, keep=keep)
     # Wide enough for the tables when the output is a file or a pipe (rich assumes 80 there).
     console = Console(stderr=as_json, highlight=False, width=None if sys.stdout.isatty() else 120)

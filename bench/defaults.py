@@ -27,9 +27,15 @@ PICKUP_SAMPLES = 40
 # Tasks of the streaming submit (issue 10: 1,000,000 tasks with < 60 MB RSS growth).
 STREAM_TASKS = 1_000_000
 
-# Simulated workers in scale mode (issue 6: 1,000) and the processes they are packed into.
-SCALE_WORKERS = 1_000
+# Simulated-worker fleets in scale mode, run one after the other (issue 6: 1,000; issue 14:
+# 50,000, whose dispatch cost per task is compared with the 1,000 one's in the same run), and
+# the processes they are packed into (more when one process cannot hold its share: fleetbrokers).
+SCALE_WORKERS = (1_000, 50_000)
 SCALE_PROCESSES = 4
+
+# Simulated workers per volunteer: a fleet is many volunteers, and one volunteer's share is
+# capped by the coordinator (MAX_VOLUNTEER_CAPACITY), so one volunteer of 50,000 would starve.
+SCALE_PER_VOLUNTEER = 100
 
 # Job sizes whose per-task dispatch cost scale mode compares (flat from 10k to 100k).
 SCALE_TASKS = (10_000, 100_000)

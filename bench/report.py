@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench import peer as peer_mod
 from bench.harness import REPO_ROOT, broker_version, package_version
 
 # Version of the JSON layout, bumped when a field changes meaning.
@@ -129,6 +130,8 @@ def render(results: dict[str, Any], console: Console) -> None:
                   _scale(results), _targets(results)):
         if table is not None:
             console.print(table)
+    for line in peer_mod.summary(results):  # issue 14: the peer's figures, or why it was skipped
+        console.print(line)
     for run in results.get("e2e", []):
         for process, profile in (run.get("profile") or {}).items():
             console.print(_profile(run, process, profile))
@@ -302,6 +305,7 @@ def targets(results: dict[str, Any]) -> list[Target]:
         out.append(Target("1,000 workers registered", "< 10 s", "not measured", None))
         out.append(Target("coordinator RSS", "< 300 MB", "not measured", None))
     out += _issue10_targets(results)
+    out += _peer_targets(results)
     overhead = results.get("metrics") or {}
     if overhead.get("ratio"):
         out.append(Target("e2e with /metrics vs without", ">= 97 %", f"{overhead['ratio'] * 100:.1f} %",
@@ -339,3 +343,14 @@ def _issue10_targets(results: dict[str, Any]) -> list[Target]:
     else:
         out.append(Target("submit 1,000,000 tasks from a generator: RSS growth", "< 60 MB", "not measured", None))
     return out
+
+
+def _peer_targets(results: dict[str, Any]) -> list[Target]:
+    """Issue 14: dockercomp e2e against Celery + Redis in the same run."""
+    peer = results.get("peer")
+    if not peer:
+        return []
+    ratio = peer_mod.ratio(results)
+    if ratio is None:
+        return [Target("e2e vs Celery + Redis", ">= 20 x", peer.get("skipped") and "skipped" or "not measured", None)]
+    return [Target("e2e vs Celery + Redis", ">= 20 x", f"{ratio:.1f} x", ratio >= 20.0)]

@@ -8,11 +8,13 @@ so one broken part never hides the figures of the others):
              a change in the machine's background load during the run hits both sides
 2. e2e       coordinator + agents on the same Mosquitto, 20,000 no-op tasks
 3. window1   coordinator + one agent of concurrency 1: one task in flight at a time
+3b. peer     Celery + Redis on the same no-op tasks and task processes (bench/peer.py; skipped
+             with a note when Celery or redis-server is missing)
 4. amqtt     the e2e run again on the embedded amqtt broker (`dockercomp broker serve`)
 5. submit    100,000 tasks into a fresh store: Python API, then `dockercomp coordinator submit`
 6. stream    1,000,000 tasks from a generator through the API: RSS growth (bench/stream.py)
 7. pickup    submit returned -> first dispatch, with the nudge and by polling (bench/pickup.py)
-8. scale     1,000 simulated workers on a fresh Mosquitto (bench/scale.py)
+8. scale     1,000 then 50,000 simulated workers on fresh brokers (bench/scale.py)
 9. replicas  results/s of `--replicas 2 --quorum 2` jobs vs single-replica ones (bench/replicas.py)
 10. metrics   the e2e run with `serve --metrics-port` vs without, scraped every second (bench/metrics.py)
 
@@ -35,16 +37,18 @@ from typing import Any
 from bench import defaults
 from bench import e2e as e2e_mod
 from bench import metrics as metrics_mod
+from bench import peer as peer_mod
 from bench import pickup as pickup_mod
 from bench import raw as raw_mod
 from bench import replicas as replicas_mod
 from bench import scale as scale_mod
 from bench import stream as stream_mod
 from bench.errors import BenchError
+from bench.fleetbrokers import raise_fd_limit
 from bench.harness import console_script, start_broker
 from bench.report import SCHEMA_VERSION, load_average, machine, summary_line, targets
 
-PHASES = ("raw", "e2e", "window1", "amqtt", "submit", "stream", "pickup", "scale", "replicas", "metrics")
+PHASES = ("raw", "e2e", "window1", "peer", "amqtt", "submit", "stream", "pickup", "scale", "replicas", "metrics")
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,9 @@ class BenchOptions:
     submit_tasks: int = defaults.SUBMIT_TASKS
     stream_tasks: int = defaults.STREAM_TASKS
     pickup_samples: int = defaults.PICKUP_SAMPLES
-    scale_workers: int = defaults.SCALE_WORKERS
+    scale_workers: tuple[int, ...] = defaults.SCALE_WORKERS
+    scale_per_volunteer: int = defaults.SCALE_PER_VOLUNTEER
+    scale_leaves: int | None = None  # leaf brokers; None: as many as the machine's limits need
     scale_processes: int = defaults.SCALE_PROCESSES
     scale_tasks: tuple[int, ...] = defaults.SCALE_TASKS
     scale_slice: int = defaults.SCALE_SLICE
@@ -104,6 +110,7 @@ def run(options: BenchOptions, say: Say = lambda text: None) -> dict[str, Any]:
         raise BenchError(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
     started = dt.datetime.now()
     t0 = time.perf_counter()
+    raise_fd_limit()  # for this process and every broker and swarm it starts (scale: 50,000 sockets)
     workdir = Path(tempfile.mkdtemp(prefix="dockercomp-bench-"))
     run_ = _Run(options, workdir, say)
     results = run_.results
@@ -112,7 +119,8 @@ def run(options: BenchOptions, say: Say = lambda text: None) -> dict[str, Any]:
         "started": started.isoformat(timespec="seconds"),
         "machine": machine(),
         "load_before": load_average(),
-        "options": {**asdict(options), "scale_tasks": list(options.scale_tasks), "phases": list(options.phases)},
+        "options": {**asdict(options), "scale_tasks": list(options.scale_tasks),
+                    "scale_workers": list(options.scale_workers), "phases": list(options.phases)},
         "e2e": [],
     })
     try:
@@ -133,6 +141,7 @@ def run(options: BenchOptions, say: Say = lambda text: None) -> dict[str, Any]:
                 run_.phase("metrics", lambda: _metrics(run_, mosquitto))
             finally:
                 mosquitto.stop()
+        run_.phase("peer", lambda: _peer(run_))
         run_.phase("amqtt", lambda: _amqtt(run_))
         run_.phase("submit", lambda: _submit(run_))
         run_.phase("stream", lambda: _stream(run_))
@@ -217,6 +226,18 @@ def _window1(run_: _Run, broker: Any) -> None:
     run_.say(f"  window 1: p50 {result.latency.p50_ms:.2f} ms, {result.tasks_per_s:,.0f} tasks/s")
 
 
+def _peer(run_: _Run) -> None:
+    o = run_.options
+    result = peer_mod.measure(workdir=run_.workdir / "peer", tasks=o.tasks, agents=o.workers,
+                              concurrency=o.concurrency, latency_samples=o.latency_samples)
+    run_.results["peer"] = result.to_json()
+    if result.skipped:
+        run_.say(f"  [yellow]peer skipped[/]: {result.skipped}")
+    else:
+        run_.say(f"  Celery + Redis: {result.tasks_per_s:,.0f} tasks/s with {result.task_processes} task processes, "
+                 f"window 1 p50 {result.window1.p50_ms if result.window1 else 0:.2f} ms")
+
+
 def _amqtt(run_: _Run) -> None:
     broker = start_broker("amqtt", run_.workdir)
     try:
@@ -275,15 +296,17 @@ def _pickup(run_: _Run) -> None:
 
 
 def _scale(run_: _Run) -> None:
+    """Each fleet in turn; ``scale`` is the first (the reference), ``scale_fleets`` all of them."""
     o = run_.options
-    broker = start_broker("mosquitto", run_.workdir / "scale")
-    try:
-        result = scale_mod.measure(url=broker.url, host=broker.host, port=broker.port,
-                                   workdir=run_.workdir / "scale", workers=o.scale_workers,
+    fleets: list[dict[str, Any]] = []
+    for workers in o.scale_workers:
+        started = time.perf_counter()
+        result = scale_mod.measure(workdir=run_.workdir / f"scale-{workers}", workers=workers,
                                    processes=o.scale_processes, job_sizes=list(o.scale_tasks),
-                                   slice_size=o.scale_slice, broker_pid=broker.pid)
-    finally:
-        broker.stop()
-    run_.results["scale"] = result.to_json()
-    run_.say(f"  scale: {o.scale_workers:,} workers registered in {result.registered_s:.2f} s, "
-             f"peak RSS {result.peak_rss_mb:.0f} MB")
+                                   slice_size=o.scale_slice, per_volunteer=o.scale_per_volunteer,
+                                   leaves=o.scale_leaves)
+        fleets.append({**result.to_json(), "phase_s": round(time.perf_counter() - started, 1)})
+        run_.results["scale"], run_.results["scale_fleets"] = fleets[0], fleets  # kept if a bigger one fails
+        leaves = result.brokers.get("leaves")
+        run_.say(f"  scale: {workers:,} workers registered in {result.registered_s:.2f} s, "
+                 f"peak RSS {result.peak_rss_mb:.0f} MB" + (f" (through {leaves} leaf brokers)" if leaves else ""))

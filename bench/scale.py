@@ -1,4 +1,6 @@
-"""Scale mode: one coordinator and 1,000 simulated workers (bench/swarm.py) on one broker.
+"""Scale mode: one coordinator and 1,000, then 50,000 simulated workers (bench/swarm.py) on
+one broker, or a hub and bridged leaves where one broker process cannot hold them all
+(bench/fleetbrokers.py).
 
 Measures what grows with the size of the fleet and of the job:
 - time from "connect now" until the coordinator's store shows every worker online;
@@ -21,6 +23,7 @@ from bench.defaults import FUNCTION, PHASE_TIMEOUT, POLL_INTERVAL, START_TIMEOUT
 from bench.e2e import job_figures, job_finished, start_coordinator
 from bench.errors import BenchError, PhaseTimeout
 from bench.harness import Child, CpuMeter, proc_sample, wait_for
+from bench.fleetbrokers import plan, start_fleet_brokers
 from bench.swarm import swarm_main
 
 # Seconds between progress samples (done count + coordinator CPU) during a scale job.
@@ -61,6 +64,8 @@ class ScaleRun:
     jobs: list[ScaleJob]
     answered_by_swarm: int
     malformed_tasks: int
+    volunteers: int = 0
+    brokers: dict[str, Any] = field(default_factory=dict)  # FleetBrokers.describe(): leaves, the limit
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,11 +80,12 @@ def _done_count(store: Any, job_id: int) -> int:
 
 
 def _online_count(store: Any) -> int:
+    """Online workers in the scale run's own store (only simulated workers ever join it)."""
     from dockercomp.coordinator.sqlstore import Worker
     from dockercomp.coordinator.store import WorkerState
 
     store.bind()
-    return Worker.select().where((Worker.state == WorkerState.ONLINE.value) & (Worker.volunteer == VOLUNTEER)).count()
+    return Worker.select().where(Worker.state == WorkerState.ONLINE.value).count()
 
 
 def _slices(samples: list[tuple[float, float, int]], size: int) -> list[Slice]:
@@ -126,21 +132,51 @@ def _run_job(client: Any, coordinator: Child, tasks: int, names: list[str], slic
                     cpu_busy=used.busy)
 
 
-def measure(*, url: str, host: str, port: int, workdir: Path, workers: int, processes: int,
-            job_sizes: list[int], slice_size: int, broker_pid: int | None = None) -> ScaleRun:
+def fleet(workers: int, per_volunteer: int) -> list[tuple[str, str]]:
+    """(volunteer, name) of each simulated worker: ``per_volunteer`` workers per volunteer, as
+    a real fleet is many volunteers (one volunteer's share is capped: coordinator Caps)."""
+    return [(f"{VOLUNTEER}{i // per_volunteer:04d}", f"sim{i:05d}") for i in range(workers)]
+
+
+def _split(sims: list[tuple[str, str]], processes: int, by_volunteer: bool) -> list[list[tuple[str, str]]]:
+    """Each swarm process's workers: whole volunteers when leaves bridge only their tasks."""
+    if not by_volunteer:
+        return [sims[k::processes] for k in range(processes)]
+    volunteers = sorted({v for v, _ in sims})
+    bounds = [volunteers[k * len(volunteers) // processes] for k in range(processes)] + [None]
+    return [[sim for sim in sims if sim[0] >= bounds[k] and (bounds[k + 1] is None or sim[0] < bounds[k + 1])]
+            for k in range(processes)]
+
+
+def measure(*, workdir: Path, workers: int, processes: int, job_sizes: list[int], slice_size: int,
+            per_volunteer: int, leaves: int | None = None) -> ScaleRun:
+    """One coordinator and ``workers`` simulated workers on the brokers ``start_fleet_brokers``
+    gives (``leaves``: None = as many as the machine's limits need)."""
     from dockercomp.coordinator.api import Client
 
     workdir.mkdir(parents=True, exist_ok=True)
+    needed, processes = plan(workers, min(processes, workers))
+    leaves = needed if leaves is None else max(leaves, needed)
+    if leaves:
+        processes = leaves * -(-processes // leaves)
+    sims = fleet(workers, per_volunteer)
+    names = [name for _, name in sims]
+    parts = _split(sims, processes, by_volunteer=bool(leaves))
+    if leaves and any(not part for part in parts):
+        raise BenchError(f"{workers} workers of {per_volunteer} per volunteer are too few volunteers for "
+                         f"{processes} swarm processes over {leaves} leaf brokers")
+    brokers = start_fleet_brokers(workdir / "brokers", "dockercomp", [sorted({v for v, _ in part}) for part in parts],
+                                  leaves)
     db = workdir / "scale.db"
-    names = [f"sim{i:04d}" for i in range(workers)]
-    coordinator = start_coordinator(url, db, workdir, "scale-coordinator")
     ctx = multiprocessing.get_context("spawn")  # never fork next to paho's network thread
     go, stop, reports = ctx.Event(), ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=swarm_main, args=(host, port, names[k::processes], "dockercomp", go, stop, reports),
+    procs = [ctx.Process(target=swarm_main, args=(*brokers.endpoints[k], parts[k], "dockercomp", go, stop, reports),
                          daemon=True, name=f"swarm-{k}") for k in range(processes)]
+    coordinator: Child | None = None
     client: Any = None
     answered = malformed = 0
     try:
+        coordinator = start_coordinator(brokers.url, db, workdir, "scale-coordinator")
         wait_for(lambda: db.exists(), START_TIMEOUT, "the coordinator creating its database",
                  check=coordinator.check_alive)
         client = Client(str(db))
@@ -155,9 +191,7 @@ def measure(*, url: str, host: str, port: int, workdir: Path, workers: int, proc
         connected = _expect(reports, "connected", processes, procs)
         connected_s = max(message[2] for message in connected) - started
         rss_registered = proc_sample(coordinator.pid).rss_mb
-        groups = {"simulated workers": [proc.pid for proc in procs if proc.pid]}
-        if broker_pid:
-            groups["broker"] = [broker_pid]
+        groups = {"simulated workers": [proc.pid for proc in procs if proc.pid], "broker": brokers.pids}
         jobs = [_run_job(client, coordinator, size, names, slice_size, groups) for size in job_sizes]
         peak = proc_sample(coordinator.pid).peak_rss_mb
         stop.set()
@@ -174,10 +208,13 @@ def measure(*, url: str, host: str, port: int, workdir: Path, workers: int, proc
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
-        coordinator.stop()
+        if coordinator is not None:
+            coordinator.stop()
+        brokers.stop()
     return ScaleRun(workers=workers, processes=processes, connected_s=round(connected_s, 3),
                     registered_s=round(registered_s, 3), rss_registered_mb=round(rss_registered, 1),
-                    peak_rss_mb=round(peak, 1), jobs=jobs, answered_by_swarm=answered, malformed_tasks=malformed)
+                    peak_rss_mb=round(peak, 1), jobs=jobs, answered_by_swarm=answered, malformed_tasks=malformed,
+                    volunteers=len({v for v, _ in sims}), brokers=brokers.describe())
 
 
 def _expect(reports: Any, kind: str, count: int, procs: list[Any]) -> list[tuple[Any, ...]]:

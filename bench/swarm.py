@@ -24,7 +24,8 @@ import paho.mqtt.client as mqtt
 
 from dockercomp.broker.messages import OfflineReason, Outcome, Presence, PresenceState, Rebirth, Result
 from dockercomp.broker.topics import Topics, WorkerRef
-from bench.defaults import FUNCTION, KEEPALIVE, VOLUNTEER
+from bench.defaults import FUNCTION, KEEPALIVE
+from bench.fleetbrokers import raise_fd_limit
 
 # Seconds between paho housekeeping passes (keepalive pings, retries) over all clients.
 _MISC_INTERVAL = 1.0
@@ -55,8 +56,8 @@ class _Sim:
 class Swarm:
     """Many simulated workers sharing one selector loop in the calling thread."""
 
-    def __init__(self, host: str, port: int, names: list[str], *, root: str = "dockercomp",
-                 volunteer: str = VOLUNTEER) -> None:
+    def __init__(self, host: str, port: int, workers: list[tuple[str, str]], *, root: str = "dockercomp") -> None:
+        """``workers``: (volunteer, worker name) of each simulated worker."""
         self.host, self.port = host, port
         self.topics = Topics(root)
         self.selector = selectors.DefaultSelector()
@@ -64,7 +65,7 @@ class Swarm:
         self.connected = 0
         self.malformed = 0
         hostname = socket.gethostname()
-        for name in names:
+        for volunteer, name in workers:
             ref = WorkerRef(volunteer, name)
             seq = time.time_ns() // 1000
             online = Presence(worker=name, volunteer=volunteer, state=PresenceState.ONLINE, seq=seq,
@@ -174,11 +175,13 @@ class Swarm:
         client.publish(sim.results_topic, payload, qos=1)
 
 
-def swarm_main(host: str, port: int, names: list[str], root: str, go: Any, stop: Any, reports: Any) -> None:
+def swarm_main(host: str, port: int, workers: list[tuple[str, str]], root: str, go: Any, stop: Any,
+               reports: Any) -> None:
     """A swarm process (spawned): build the clients, wait for ``go``, connect them all, serve
     tasks until ``stop``; reports ("ready", pid), ("connected", pid, monotonic time) and
     ("answered", pid, {worker: tasks}, malformed) on the ``reports`` queue."""
-    swarm = Swarm(host, port, names, root=root)
+    raise_fd_limit()  # one descriptor per simulated worker
+    swarm = Swarm(host, port, workers, root=root)
     reports.put(("ready", os.getpid()))
     go.wait()
     swarm.connect_all()

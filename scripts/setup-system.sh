@@ -11,6 +11,8 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need="$need postgresql"
 # Debian's chromium: tests/system/test_dashboard.py drives it with Playwright (which must never
 # download a browser of its own).
 [ -x /usr/bin/chromium ] || need="$need chromium"
+# Redis for the benchmark's peer phase (bench/peer.py: Celery + Redis on the same tasks).
+command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || need="$need redis-server"
 
 if [ -n "$need" ]; then
     if [ "$(id -u)" != 0 ]; then

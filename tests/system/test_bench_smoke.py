@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO_ROOT, require
+from bench import peer
+from tests.support import REPO_ROOT, in_ci, require
 from tests.support.brokers import find_mosquitto
 
 SUMMARY = re.compile(r"^e2e/raw = (\d+\.\d\d) \((\d+) tasks/s vs (\d+) tasks/s\)$")
@@ -79,6 +80,8 @@ def test_tiny_benchmark_run_writes_results_and_ends_with_the_summary_line(tmp_pa
     assert len(overhead["on_tasks_per_s"]) == len(overhead["off_tasks_per_s"]) == 3 and overhead["scrapes"] > 0
     assert overhead["ratio"] > 0 and overhead["cpu_ratio"] > 0
 
+    _check_peer(results, done.stdout, tasks=200)
+
     scale = results["scale"]
     assert scale["workers"] == 5 and scale["registered_s"] > 0 and scale["peak_rss_mb"] > 0
     assert [job["tasks"] for job in scale["jobs"]] == [50, 100]
@@ -88,6 +91,42 @@ def test_tiny_benchmark_run_writes_results_and_ends_with_the_summary_line(tmp_pa
     assert [(r["key"], r["results"]) for r in replicas["runs"]] == [("single", 200), ("replicas2", 200)] * 2
     assert replicas["ratio"] > 0
     assert {target["name"] for target in results["targets"]} >= {"e2e vs raw round trip", "coordinator RSS"}
+
+
+def _check_peer(results: dict, stdout: str, tasks: int) -> None:
+    """Issue 14: Celery + Redis ran the same tasks with the e2e phase's task processes (2 agents
+    x their processes), and the ratio is printed; without Celery or redis-server, a laptop's run
+    says so, and CI fails (the `bench` extra and scripts/setup-system.sh provide them)."""
+    reason = peer.missing()
+    if reason:
+        require(not in_ci(), "the benchmark's peer (Celery + redis-server)", reason)
+        assert results["peer"]["skipped"] == reason and f"SKIPPED: {reason}" in stdout
+        return
+    run = results["peer"]
+    assert run["skipped"] is None and run["tasks"] == tasks and run["tasks_per_s"] > 0
+    assert run["task_processes"] == peer.shape(2, 2)[0] and run["window"] >= 2 * 2
+    assert run["window1"]["count"] == 20 and run["window1"]["p50_ms"] > 0
+    assert set(run["cpu_ms_per_task"]) == {"celery worker", "redis", "client"}
+    assert "dockercomp e2e / Celery + Redis = " in stdout
+    assert any(t["name"] == "e2e vs Celery + Redis" and t["met"] is not None for t in results["targets"])
+
+
+@pytest.mark.timeout(60)
+def test_the_peer_phase_without_celery_is_skipped_with_a_printed_note(tmp_path: Path) -> None:
+    # Given a Python where Celery cannot be imported (a None entry in sys.modules fails the import)
+    hide = "import sys; sys.modules['celery'] = None; from bench.cli import main; main()"
+
+    # When only the peer phase runs
+    done = subprocess.run([sys.executable, "-c", hide, "--only", "peer", "--tasks", "10", "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=50)
+
+    # Then the run says it skipped the peer and why, in its output, its targets and its file
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-4000:]}"
+    assert "peer skipped" in done.stdout and "SKIPPED: Celery/redis-py not installed (celery)" in done.stdout
+    [path] = tmp_path.glob("*.json")
+    results = json.loads(path.read_text())
+    assert results["peer"]["skipped"].startswith("Celery/redis-py not installed")
+    assert [t["measured"] for t in results["targets"] if t["name"] == "e2e vs Celery + Redis"] == ["skipped"]
 
 
 def _check_issue10_phases(results: dict, stream_tasks: int, samples: int) -> None:

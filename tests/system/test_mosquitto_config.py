@@ -56,6 +56,13 @@ def test_the_repository_config_starts_on_mosquitto(mosquitto: BrokerProcess) -> 
     assert setting("listener", generated) == f"{mosquitto.port} 127.0.0.1"
 
 
+def test_an_open_mosquitto_listens_on_its_own_port_only(mosquitto: BrokerProcess) -> None:
+    # The dropped TLS WebSockets listener's `protocol websockets` once stayed behind and opened
+    # a default listener on 1883, so a second open broker (the bench's leaves) failed to start.
+    ports = re.findall(r"Opening \S+ listen socket on port (\d+)", mosquitto.log())
+    assert ports and set(ports) == {str(mosquitto.port)}, mosquitto.log()[-2000:]
+
+
 def deliver_to_a_stalled_subscriber(url: str, count: int) -> int:
     """Publishes `count` QoS 1 messages while the subscriber reads nothing, then lets it read.
 
