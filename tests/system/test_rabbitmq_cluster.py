@@ -16,6 +16,9 @@ the shared cluster are not its business.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from dockercomp.coordinator.store import JobRow, Store
-from tests.support import wait_until
+from dockercomp.broker.rabbitmq import find_rabbitmq
+from tests.support import REPO_ROOT, require, wait_until
 from tests.support.processes import FAST_SERVE, Processes, finished
 from tests.support.rabbitmq import RabbitCluster, RabbitNode, cluster, rabbitmq_cluster  # noqa: F401
 
@@ -221,3 +225,23 @@ def test_agents_of_a_node_that_dies_fail_over_and_their_tasks_finish_within_30_s
         after = deployment.worker(name)
         assert after["state"] == "online" and int(after["seq"]) > int(before[name]["seq"]), (name, after)
         assert f"127.0.0.1:{third.port}" in deployment.procs.log(name)
+
+
+# --------------------------------------------------------------------------- the bench
+def test_the_bench_scale_phase_runs_on_its_own_three_node_cluster(tmp_path: Path) -> None:
+    require(find_rabbitmq(), "RabbitMQ (rabbitmq-server)", "apt-get install rabbitmq-server (or `make system`)")
+
+    # When the scale phase runs, tiny, with --broker rabbitmq-cluster (bench/cluster.py)
+    done = subprocess.run([sys.executable, "-m", "bench", "--only", "scale", "--broker", "rabbitmq-cluster",
+                           "--scale-workers", "6", "--scale-processes", "3", "--scale-tasks", "60",
+                           "--scale-slice", "60", "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=170)
+
+    # Then its figures are those of a job through three nodes, the broker's CPU measured
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-4000:]}"
+    [path] = tmp_path.glob("*.json")
+    scale = json.loads(path.read_text())["scale"]
+    assert scale["brokers"]["kind"] == "rabbitmq-cluster" and scale["brokers"]["nodes"] == 3
+    assert scale["workers"] == 6 and scale["answered_by_swarm"] >= 60 and scale["malformed_tasks"] == 0
+    [job] = scale["jobs"]
+    assert job["tasks"] == 60 and job["workers_used"] == 6 and job["cpu_ms_per_task_by_group"]["broker"] > 0
