@@ -36,6 +36,7 @@ from typing import Any
 from dockercomp.agent.defaults import CLOSE_FLUSH_SECONDS, HEALTH_INTERVAL_SECONDS, MAX_QUEUED_TASKS
 from dockercomp.agent.health import Health, remove_health, write_health
 from dockercomp.agent.intake import TaskIntake
+from dockercomp.agent.liveness import Heartbeat
 from dockercomp.agent.pause import LoadWatch, Pauser
 from dockercomp.agent.results import ResultSender
 from dockercomp.agent.runner import Finished, Runner
@@ -107,6 +108,7 @@ class Agent(TaskIntake, ResultSender):
         self._draining = False  # the draining presence is out (or due): never announce online again
         self._paused = False  # announce paused, not online (a reconnection, a rebirth answer)
         self.pauser = Pauser(self, load_watch, clock)
+        self.heartbeat = Heartbeat(self, settings.heartbeat, clock)  # agent/liveness.py
         self._fatal: BrokerError | None = None  # the transport gave up (refused credentials, TLS mismatch)
         self._connected = False
         self._announced = False  # an online presence was published at least once
@@ -127,7 +129,7 @@ class Agent(TaskIntake, ResultSender):
             worker=self.ref.worker, volunteer=self.ref.volunteer, state=state, seq=seq, reason=reason,
             host=s.host, container=s.container, image=s.image, version=self.version, cpus=os.cpu_count() or 0,
             capacity=s.concurrency, functions=tuple(self.registry.names), started=self.started,
-            prefetch=s.prefetch,
+            prefetch=s.prefetch, heartbeat=s.heartbeat,
         )
 
     def _make_will(self) -> Will:
@@ -244,7 +246,8 @@ class Agent(TaskIntake, ResultSender):
                 if now >= next_health:
                     self._write_health()
                     next_health = now + self._health_interval
-                timeout = max(0.0, min(next_health, pause_due) - now)
+                beat_due = self.heartbeat.step()
+                timeout = max(0.0, min(next_health, pause_due, beat_due) - now)
                 if drain_deadline is not None:
                     timeout = min(timeout, max(0.0, drain_deadline - now))
                 self._wake_pending = False

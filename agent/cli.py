@@ -23,6 +23,8 @@ from dockercomp.agent.defaults import (
     GRACE_SECONDS,
     HEALTH_FILE,
     HEALTH_FILE_ENV,
+    HEARTBEAT_ENV,
+    HEARTBEAT_SECONDS,
     IDLE_MAX_LOAD_PER_CPU,
     IDLE_ONLY_ENV,
     LOAD_FILE,
@@ -37,7 +39,7 @@ from dockercomp.agent.defaults import (
 from dockercomp.agent.health import check_health
 from dockercomp.agent.settings import AgentSettings
 from dockercomp.agent.tasks import Registry
-from dockercomp.broker.defaults import BROKER_URL_ENV, DEFAULT_BROKER_URL, KEEPALIVE_SECONDS
+from dockercomp.broker.defaults import BROKER_URL_ENV, DEFAULT_BROKER_URL, KEEPALIVE_SECONDS, MAX_HEARTBEAT_SECONDS
 from dockercomp.cli import CONTEXT, Group
 from dockercomp.exits import handled
 
@@ -76,6 +78,10 @@ def main() -> None:
 @click.option("--keepalive", type=click.IntRange(1, 65535),
               help="MQTT keepalive in seconds; a frozen agent is reported lost within 2x this + 5 s "
                    f"[default {KEEPALIVE_SECONDS}]")
+@click.option("--heartbeat", envvar=HEARTBEAT_ENV, type=click.FloatRange(0, MAX_HEARTBEAT_SECONDS),
+              default=HEARTBEAT_SECONDS, show_default=True, metavar="S",
+              help="Seconds between heartbeats (the presence again, not retained): the coordinator marks this "
+                   f"worker lost when they stop, even if no will comes; 0: none [env {HEARTBEAT_ENV}]")
 @click.option("--grace", type=click.FloatRange(min=0), default=GRACE_SECONDS, show_default=True,
               help="Seconds running tasks get to finish after the first SIGTERM/SIGINT or a pause")
 @click.option("--username", envvar=USERNAME_ENV, help=f"Broker user name [env {USERNAME_ENV}]; "
@@ -94,8 +100,9 @@ def main() -> None:
 @click.option("-v", "--verbose", count=True, help="Log every task (-v) and MQTT packets (-vv).")
 @handled
 def run(broker_urls: tuple[str, ...], worker_id: str | None, volunteer: str | None, concurrency: int | None,
-        prefetch: int | None, keepalive: int | None, grace: float, username: str | None, health_file: str | None,
-        idle_only: bool, max_load: float | None, load_file: Path, pause_file: Path | None, verbose: int) -> None:
+        prefetch: int | None, keepalive: int | None, heartbeat: float, grace: float, username: str | None,
+        health_file: str | None, idle_only: bool, max_load: float | None, load_file: Path, pause_file: Path | None,
+        verbose: int) -> None:
     """Connect to the broker and run tasks until stopped.
 
     The first SIGTERM or Ctrl-C drains: a draining presence (the coordinator sends no more),
@@ -112,7 +119,7 @@ def run(broker_urls: tuple[str, ...], worker_id: str | None, volunteer: str | No
     settings = AgentSettings.from_options(
         ",".join(broker_urls), worker_id=worker_id, volunteer=volunteer, concurrency=concurrency, prefetch=prefetch,
         keepalive=keepalive, grace=grace, username=username, password=os.environ.get(PASSWORD_ENV) or None,
-        health_file=health_file,
+        health_file=health_file, heartbeat=heartbeat,
     )
     if max_load is not None and not idle_only:
         raise click.UsageError("--max-load applies only with --idle-only")

@@ -21,6 +21,8 @@ MAX_LOAD_ENV = "DOCKERCOMP_MAX_LOAD"
 # A file that exists while the volunteer has the worker paused, so a pause outlives a restart
 # (`agent run --pause-file`; the installer points it into the container's own file system).
 PAUSE_FILE_ENV = "DOCKERCOMP_PAUSE_FILE"
+# Seconds between heartbeats (`agent run --heartbeat`; 0: none, only wills and rebirth answers).
+HEARTBEAT_ENV = "DOCKERCOMP_HEARTBEAT"
 # Image name and tag, set by whoever starts the container; shown in the presence.
 IMAGE_ENV = "DOCKERCOMP_IMAGE"
 # Where `dockercomp agent run` writes its health and `dockercomp agent check` reads it.
@@ -93,3 +95,11 @@ IDLE_SAMPLE_SECONDS = 5.0
 
 # Where idle-only mode reads the host's load (inside a container too: /proc/loadavg is not namespaced).
 LOAD_FILE = "/proc/loadavg"
+
+# Seconds between the agent's heartbeats: its presence again, not retained, QoS 0 (agent/liveness.py).
+# A public project may have 50,000 workers on one broker and one coordinator: every 30 s is 1,700
+# beats a second there, each a dictionary lookup for the coordinator (no database write), and the
+# broker already handles a keepalive ping per worker every 10 s. The coordinator then marks a
+# frozen or cut-off worker lost within 3 x 30 + 5 s (coordinator/defaults.py), under the 130 s a
+# default lease would take; a lab that wants faster passes --heartbeat 5.
+HEARTBEAT_SECONDS = 30.0

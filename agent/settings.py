@@ -19,9 +19,16 @@ from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from dockercomp.agent.defaults import GRACE_SECONDS, HEALTH_FILE, HEALTH_FILE_ENV, IMAGE_ENV, PREFETCH_PER_SLOT
+from dockercomp.agent.defaults import (
+    GRACE_SECONDS,
+    HEALTH_FILE,
+    HEALTH_FILE_ENV,
+    HEARTBEAT_SECONDS,
+    IMAGE_ENV,
+    PREFETCH_PER_SLOT,
+)
 from dockercomp.agent.errors import ConfigError
-from dockercomp.broker.defaults import DEFAULT_VOLUNTEER, MAX_NAME_LENGTH
+from dockercomp.broker.defaults import DEFAULT_VOLUNTEER, MAX_HEARTBEAT_SECONDS, MAX_NAME_LENGTH
 from dockercomp.broker.errors import InvalidName, SettingsError
 from dockercomp.broker.settings import BrokerSettings
 from dockercomp.broker.topics import WorkerRef, validate_name
@@ -93,6 +100,7 @@ class AgentSettings:
     host: str = ""
     container: str | None = None
     image: str | None = None
+    heartbeat: float = HEARTBEAT_SECONDS  # seconds between heartbeats (agent/liveness.py); 0: none
     # Mosquitto lets any logged-in account take over a client id in use (disconnecting its
     # holder); a random part per agent process keeps the id unguessable from topics or status.
     client_token: str = field(default_factory=lambda: secrets.token_hex(6))
@@ -124,6 +132,7 @@ class AgentSettings:
         host: str | None = None,
         container: str | None | bool = True,
         pid: int | None = None,
+        heartbeat: float | None = None,
     ) -> AgentSettings:
         """Validate options (CLI values, already merged with the environment by click).
 
@@ -151,6 +160,9 @@ class AgentSettings:
             grace = GRACE_SECONDS
         if grace < 0:
             raise ConfigError("--grace", "must not be negative")
+        heartbeat = HEARTBEAT_SECONDS if heartbeat is None else heartbeat
+        if not 0 <= heartbeat <= MAX_HEARTBEAT_SECONDS:
+            raise ConfigError("--heartbeat", f"must be from 0 (no heartbeat) to {MAX_HEARTBEAT_SECONDS} seconds")
         host = socket.gethostname() if host is None else host
         found = container_id(host=host) if container is True else (container or None)
         name = worker_id or default_worker_id(host, found, os.getpid() if pid is None else pid)
@@ -175,6 +187,7 @@ class AgentSettings:
             host=host[:255],
             container=found,
             image=(environ.get(IMAGE_ENV) or None),
+            heartbeat=float(heartbeat),
         )
 
     def with_broker(self, broker: BrokerSettings) -> AgentSettings:

@@ -119,7 +119,7 @@ def backoff_delays(
 
 
 class MqttConnection(Transport):
-    """paho-mqtt client (MQTT 3.1.1, clean session) with our own reconnect loop."""
+    """paho-mqtt client (MQTT 3.1.1, clean session unless ``persistent``) with our own reconnect loop."""
 
     def __init__(
         self,
@@ -128,15 +128,21 @@ class MqttConnection(Transport):
         *,
         max_unacked: int = MAX_UNACKED_PUBLISHES,
         backoff: Callable[[], object] = backoff_delays,
+        persistent: bool = False,
     ) -> None:
         self.settings = settings
         self.client_id = client_id
+        self.persistent = persistent
         self._max_unacked = max_unacked
         self._backoff = backoff
-        # Clean session: nothing may depend on the broker's offline queue (amqtt keeps none for
-        # anonymous clients, and work queued for a dead connection may be someone else's now).
+        # Clean session by default: an agent must not depend on the broker's offline queue (amqtt
+        # keeps none for anonymous clients, and work queued for a dead connection may be someone
+        # else's now). ``persistent`` (the coordinator): the broker keeps this client id's
+        # subscriptions and queues its QoS 1 messages while it is away, so results published
+        # during a short disconnection arrive after it; a later client with the same id, e.g.
+        # a standby coordinator, inherits them (docs/protocol.md, "The coordinator's session").
         self._client = _Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not persistent,
             protocol=mqtt.MQTTv311,
         )
         # 0 = no paho in-flight limit: our own bound (max_unacked) blocks the publisher instead.

@@ -28,6 +28,10 @@ MQTTS_PORT = 8883
 # MQTT keepalive in seconds: a frozen worker's will fires within 2x this + 5 s (docs/protocol.md).
 KEEPALIVE_SECONDS = 10
 
+# Longest heartbeat interval a presence may announce, in seconds: beyond an hour a beat proves
+# nothing a will would not (and the coordinator's bound, a few intervals, must stay finite).
+MAX_HEARTBEAT_SECONDS = 3600
+
 # Reconnect backoff: first delay, cap, and the jitter fraction added on each try.
 RECONNECT_INITIAL_SECONDS = 0.25
 RECONNECT_MAX_SECONDS = 30.0

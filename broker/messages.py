@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Mapping, TypeVar
 
-from dockercomp.broker.defaults import MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, PROTOCOL_VERSION
+from dockercomp.broker.defaults import MAX_HEARTBEAT_SECONDS, MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, PROTOCOL_VERSION
 from dockercomp.broker.errors import DecodeError, InvalidName
 from dockercomp.broker.topics import validate_name
 
@@ -205,6 +205,12 @@ def _positive(value: float) -> str | None:
     return None if value > 0 else "must be positive"
 
 
+def _heartbeat(value: float) -> str | None:
+    if not 0 <= value <= MAX_HEARTBEAT_SECONDS:
+        return f"must be from 0 to {MAX_HEARTBEAT_SECONDS} seconds"
+    return None
+
+
 def _short(limit: int) -> Callable[[str], str | None]:
     return lambda value: None if len(value) <= limit else f"is longer than {limit} characters"
 
@@ -244,6 +250,10 @@ class Presence:
     # Tasks the worker wants queued beyond its capacity, so a slot that frees up starts the
     # next task at once instead of waiting a round trip to the coordinator.
     prefetch: int = 0
+    # Seconds between the worker's heartbeats (this presence again, not retained, QoS 0); the
+    # coordinator marks it lost after missing a few. 0: it sends none (agents before issue 15),
+    # so only its will, a goodbye or an unanswered rebirth request say it is gone.
+    heartbeat: float = 0.0
     v: int = PROTOCOL_VERSION
 
     KIND = "presence"
@@ -254,7 +264,7 @@ class Presence:
             "seq": self.seq, "reason": self.reason.value if self.reason else None, "host": self.host,
             "container": self.container, "image": self.image, "version": self.version, "cpus": self.cpus,
             "capacity": self.capacity, "functions": list(self.functions), "started": self.started,
-            "prefetch": self.prefetch,
+            "prefetch": self.prefetch, "heartbeat": self.heartbeat,
         })
 
     @classmethod
@@ -277,6 +287,7 @@ class Presence:
             functions=tuple(functions),
             started=float(f.get("started", (int, float), 0.0)),
             prefetch=f.get("prefetch", int, 0, check=_non_negative),
+            heartbeat=float(f.get("heartbeat", (int, float), 0.0, check=_heartbeat)),
         )
 
 

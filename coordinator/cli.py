@@ -124,13 +124,25 @@ def main(verbose: int) -> None:
                                 "for S seconds (a misspelt function); 0: never.")
 @click.option("--rebirth-timeout", type=float, default=defaults.REBIRTH_TIMEOUT, show_default=True, metavar="S",
               help="Seconds a worker has to answer a rebirth request before it is presumed lost.")
+@click.option("--heartbeat-misses", type=float, default=defaults.HEARTBEAT_MISSES, show_default=True, metavar="N",
+              help="A worker that announces heartbeats is lost after N of its intervals without one, plus "
+                   "--heartbeat-slack (its work goes to others at once).")
+@click.option("--heartbeat-slack", type=float, default=defaults.HEARTBEAT_SLACK, show_default=True, metavar="S",
+              help="Seconds added to that bound, for a loaded machine or broker.")
 @metrics_options
-@click.option("--client-id", default=None, help="MQTT client id (default: derived from host and pid).")
+@click.option("--client-id", default=None,
+              help="MQTT client id, the name of the coordinator's persistent session [default: "
+                   f"{defaults.CLIENT_ID_TEMPLATE.format(root='ROOT')}, the same for every coordinator of a root, "
+                   "so a restarted or standby one takes its session over].")
+@click.option("--clean-session", is_flag=True,
+              help="Start with a clean MQTT session each time: results published while the coordinator is "
+                   "disconnected then come only when their tasks are sent again.")
 @click.option("-v", "--verbose", count=True, help="-v: workers, jobs and leases; -vv: debug.")
 @command_errors
 def serve(broker: str, db: str, purge_after: float, lease_check: float, lease_margin: float,
-          fail_unroutable: float, rebirth_timeout: float, client_id: str | None, verbose: int,
-          metrics_port: int | None, metrics_host: str, **caps: int) -> None:
+          fail_unroutable: float, rebirth_timeout: float, heartbeat_misses: float, heartbeat_slack: float,
+          client_id: str | None, clean_session: bool, verbose: int, metrics_port: int | None, metrics_host: str,
+          **caps: int) -> None:
     """Hand out tasks to workers, collect their results, and publish status, until stopped.
 
     First SIGINT/SIGTERM: stop taking messages, publish the last status and an offline
@@ -140,8 +152,9 @@ def serve(broker: str, db: str, purge_after: float, lease_check: float, lease_ma
 
     _setup_logging(verbose)
     settings = CoordinatorSettings(purge_after=purge_after, lease_check=lease_check, lease_margin=lease_margin,
-                                   fail_unroutable=fail_unroutable, rebirth_timeout=rebirth_timeout, **caps)
-    coordinator = Coordinator.connect(broker, db, settings, client_id=client_id)
+                                   fail_unroutable=fail_unroutable, rebirth_timeout=rebirth_timeout,
+                                   heartbeat_misses=heartbeat_misses, heartbeat_slack=heartbeat_slack, **caps)
+    coordinator = Coordinator.connect(broker, db, settings, client_id=client_id, persistent=not clean_session)
     metrics = None
     if metrics_port is not None:
         from dockercomp.coordinator.metrics import MetricsServer

@@ -69,6 +69,19 @@ LEASE_CHECK_INTERVAL = 1.0
 # plus one default keepalive for the connection to be made and its presence to arrive.
 REBIRTH_TIMEOUT = 55.0
 
+# A worker announcing a heartbeat interval H (agent/liveness.py) is lost after this many
+# intervals without a beat, plus HEARTBEAT_SLACK: a single lost or late beat (QoS 0, a busy
+# broker) is forgiven, two are; 3 x 30 + 5 = 95 s with the agent's default, under a lease.
+HEARTBEAT_MISSES = 3.0
+
+# Seconds added to that bound: a worker's loop, the broker and this engine's step may each lag
+# a little behind the interval on a loaded machine.
+HEARTBEAT_SLACK = 5.0
+
+# Seconds between scans for silent workers: the bound is met within this, and with 50,000
+# workers a scan of their deadlines costs a few milliseconds.
+HEARTBEAT_CHECK = 1.0
+
 # Seconds a lost worker stays "lost" before it is purged and its retained presence cleared.
 PURGE_AFTER = 300.0
 
@@ -109,8 +122,13 @@ STOP_FLUSH_TIMEOUT = 5.0
 REJECT_LOG_BURST = 5
 REJECT_LOG_WINDOW = 60.0
 
-# MQTT client id prefix of the coordinator (the host name and pid are appended).
+# MQTT client id prefix of the coordinator's own clients.
 CLIENT_ID_PREFIX = "dockercomp-coordinator"
+
+# The coordinator's client id (`serve --client-id` overrides it): one per topic root, not per
+# process, because its session is persistent: a restarted or standby coordinator of that root
+# takes the session over, with the results the broker queued while none was connected.
+CLIENT_ID_TEMPLATE = CLIENT_ID_PREFIX + "-{root}"
 
 # Seconds without a new retained presence after which all of a revoked volunteer's presences
 # were received (they arrive right after the subscription).

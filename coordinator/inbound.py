@@ -71,11 +71,15 @@ class Inbound:
     def _on_presence(self: "Coordinator", ref: WorkerRef, payload: bytes, now: float) -> None:
         if not payload:
             return  # a cleared retained presence (purge)
+        live = not isinstance(payload, _Replayed)
+        if live and self.liveness.beat(self.workers.get(ref.key), payload, now):
+            return  # a heartbeat repeating what we know (coordinator/liveness.py)
         presence = self._decode_from(ref, "presence", Presence.decode, payload)
         if presence is None:
             return
-        live = not isinstance(payload, _Replayed)
         slot, change = self.workers.apply(ref, presence, now, live)
+        if live and change is not PresenceChange.STALE:
+            self.liveness.applied(slot, presence, payload, now)
         self.status.worker_changed(slot.id)
         if change is PresenceChange.STALE:
             self.ledger.reject(Rejection.STALE, ref, f"{presence.state.value} presence of connection {presence.seq}, "

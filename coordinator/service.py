@@ -44,6 +44,7 @@ from dockercomp.coordinator.heartbeat import Heartbeat
 from dockercomp.coordinator.inbound import Inbound, _Replayed
 from dockercomp.coordinator.ledger import Ledger
 from dockercomp.coordinator.leases import Leases, PayloadBuilder
+from dockercomp.coordinator.liveness import Liveness
 from dockercomp.coordinator.registry import Caps, WorkerRegistry
 from dockercomp.coordinator.settings import CoordinatorSettings  # re-exported: the engine's settings
 from dockercomp.coordinator.status import RateMeter, Rejections, StatusPublisher, summary_status
@@ -93,6 +94,7 @@ class Coordinator(Inbound):
         self.ledger = Ledger(store, self.workers, self.jobs, self.status, self.rejections)
         self.unroutable = UnroutableJobs(store, self.settings.fail_unroutable) if self.settings.fail_unroutable else None
         self.workers.answer_timeout = self.settings.rebirth_timeout
+        self.liveness = Liveness(self.settings.heartbeat_misses, self.settings.heartbeat_slack)  # heartbeats
         self._rebirth: list[str] | None = None  # worker keys to ask to show life ([] = everyone)
         self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -121,12 +123,16 @@ class Coordinator(Inbound):
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def connect(cls, broker: str | BrokerSettings, db: str | Store, settings: CoordinatorSettings | None = None,
-                client_id: str | None = None, clock: Callable[[], float] = time.time) -> "Coordinator":
-        """A coordinator for a broker URL and a database URL (or an open Store)."""
+                client_id: str | None = None, clock: Callable[[], float] = time.time,
+                persistent: bool = True) -> "Coordinator":
+        """A coordinator for a broker URL and a database URL (or an open Store). Its MQTT
+        session is persistent (``persistent``) under ``client_id``, by default the same for
+        every coordinator of one topic root (coordinator_client_id): whoever serves the root
+        next, this process restarted or a standby, gets what was queued meanwhile."""
         broker_settings = broker if isinstance(broker, BrokerSettings) else BrokerSettings.from_url(broker)
         store = db if isinstance(db, Store) else Store.open(db)
-        client_id = client_id or f"{defaults.CLIENT_ID_PREFIX}-{socket.gethostname()}-{os.getpid()}"
-        transport = MqttConnection(broker_settings, client_id)
+        client_id = client_id or coordinator_client_id(broker_settings.root)
+        transport = MqttConnection(broker_settings, client_id, persistent=persistent)
         return cls(store, transport, Topics(broker_settings.root), settings, clock)
 
     # -- running -----------------------------------------------------------------------------
@@ -373,6 +379,7 @@ class Coordinator(Inbound):
             lease.deadline += outage
         self.store.extend_deadlines(outage)
         self.workers.unconfirm_all()
+        self.liveness.postpone(now)  # no beat could reach us either
         log.info("reconnected after %.1f s; leases extended by as much", outage)
 
     def _ask_expired(self, holders: set[int], now: float) -> None:
@@ -387,14 +394,17 @@ class Coordinator(Inbound):
                     self._rebirth = (self._rebirth or []) + [slot.key]
 
     def _presume_silent_lost(self, now: float) -> None:
-        """Workers that did not answer a rebirth request in time are lost, as by their will."""
-        for slot in self.workers.silent(now):
-            log.warning("worker %s did not answer the rebirth request within %g s: presumed lost; returning "
-                        "%d task(s) it held", slot.key, self.settings.rebirth_timeout, self.leases.count(slot.id))
+        """Workers that did not answer a rebirth request in time, or whose heartbeats stopped
+        (coordinator/liveness.py), are lost, as by their will."""
+        silent = [(slot, f"did not answer a rebirth request within {self.settings.rebirth_timeout:g} s")
+                  for slot in self.workers.silent(now)]
+        silent += [(slot, f"sent no heartbeat for {bound:g} s") for slot, bound in self.liveness.silent(self.workers, now)]
+        for slot, why in silent:
+            log.warning("worker %s %s: presumed lost; returning %d task(s) it held", slot.key, why,
+                        self.leases.count(slot.id))
             self.workers.presume_lost(slot, now)
             self.status.worker_changed(slot.id)
-            self.ledger.release(slot, f"worker {slot.key} did not answer a rebirth request within "
-                                      f"{self.settings.rebirth_timeout:g} s while holding the task")
+            self.ledger.release(slot, f"worker {slot.key} {why} while holding the task")
 
     def _send(self, sends: list[tuple[str, bytes]], clears: list[str], now: float) -> None:
         if self._announce:
@@ -471,6 +481,11 @@ class Coordinator(Inbound):
         return summary_status(list(self.workers), list(self.jobs.by_id.values()), len(self.leases),
                               self.rejections.snapshot(), self.rate.rate(now), self.started, now)
 
+
+
+def coordinator_client_id(root: str) -> str:
+    """The coordinator's MQTT client id for a topic root, the same in every process serving it."""
+    return defaults.CLIENT_ID_TEMPLATE.format(root=root)
 
 
 def clear_retained_presence(transport: Transport, topics: Topics, refs: list[WorkerRef]) -> None:

@@ -39,6 +39,10 @@ class CoordinatorSettings:
     # tasks fail (unroutable.py); 0: they wait for such a worker forever.
     fail_unroutable: float = defaults.FAIL_UNROUTABLE
     rebirth_timeout: float = defaults.REBIRTH_TIMEOUT
+    # A worker that announces heartbeats is lost after misses x its interval + slack seconds
+    # without one (coordinator/liveness.py).
+    heartbeat_misses: float = defaults.HEARTBEAT_MISSES
+    heartbeat_slack: float = defaults.HEARTBEAT_SLACK
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -51,7 +55,7 @@ class CoordinatorSettings:
                                         f"{defaults.MAX_CAP_SETTING}, got {value!r}")
                 continue
             number = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-            zero_ok = f.name in ("purge_after", "lease_margin", "gather", "fail_unroutable")
+            zero_ok = f.name in ("purge_after", "lease_margin", "gather", "fail_unroutable", "heartbeat_slack")
             if not number or value < 0 or (value == 0 and not zero_ok):
                 raise SettingsError(f"{f.name.replace('_', '-')} must be a positive number of seconds, got {value!r}")
 

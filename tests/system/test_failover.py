@@ -7,6 +7,7 @@ end to end is in the RabbitMQ tests.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +16,11 @@ import pytest
 from dockercomp.broker.connection import MqttConnection
 from dockercomp.broker.processes import AmqttProcess, BrokerProcess, MosquittoProcess
 from dockercomp.broker.settings import BrokerSettings
-from dockercomp.coordinator.service import Coordinator
+from dockercomp.broker.topics import Topics
+from dockercomp.coordinator.service import Coordinator, coordinator_client_id
+from dockercomp.coordinator.store import Store
 from tests.support import free_port, wait_until
+from tests.support.agents import FakeAgent
 from tests.support.processes import FAST, Processes, finished, online
 
 pytestmark = pytest.mark.timeout(120)
@@ -88,3 +92,40 @@ def test_agent_run_takes_a_repeated_broker_option_and_skips_the_dead_node(
     assert worker.name == "w2"
     job = engine.store.create_job("add", [[1, 2]], timeout=30)
     assert finished(engine.store, job, timeout=30).done == 1
+
+
+def test_results_published_while_the_coordinator_is_disconnected_are_not_lost_nor_counted_twice(
+        broker: BrokerProcess, tmp_path: Path) -> None:
+    settings = BrokerSettings.from_url(broker.url)
+    # Reconnects 3 s after a drop: the results below are published while it is away.
+    slow = MqttConnection(settings, coordinator_client_id(settings.root), persistent=True,
+                          backoff=lambda: iter([3.0] * 100))
+    engine = Coordinator(Store.open(str(tmp_path / "c.db")), slow, Topics(settings.root), FAST).start()
+    agent = FakeAgent(connection(broker.url, "holder"), "holder", auto=False, capacity=4)
+    try:
+        agent.transport.wait_connected(10)
+        agent.announce()
+        job = engine.store.create_job("add", [[i, 1] for i in range(4)], timeout=60)
+        wait_until(lambda: len(agent.held) == 4, timeout=20)
+
+        slow.drop()  # the coordinator's connection breaks (no DISCONNECT): the broker keeps its session
+        wait_until(lambda: not slow.connected, timeout=5)
+        time.sleep(0.5)  # the broker has seen the socket close before the results come
+        assert agent.answer_held() == 4
+        if isinstance(broker, AmqttProcess):
+            # amqtt queues nothing for an anonymous client: the coordinator resends the open
+            # attempts to the worker that answers its rebirth request, and it answers again.
+            wait_until(lambda: len(agent.held) == 4, timeout=30)
+            agent.answer_held()
+        progress = finished(engine.store, job, timeout=30)
+    finally:
+        engine.stop()
+        agent.transport.close(1)
+
+    assert (progress.done, progress.failed) == (4, 0)
+    engine.store.bind()
+    attempts = engine.store.db.execute_sql("SELECT count(*) FROM attempt").fetchone()[0]
+    assert attempts == 4  # none reissued
+    assert engine.rejections.counts["duplicate"] == 0 and engine.error is None
+    if isinstance(broker, MosquittoProcess):
+        assert len(agent.received) == 4  # nothing had to be sent again

@@ -66,6 +66,15 @@ def test_presence_round_trip_keeps_every_field() -> None:
     assert Presence.decode(offline.encode()) == offline
 
 
+def test_the_heartbeat_interval_is_optional_and_round_trips() -> None:
+    beating = Presence("w1", "alice", PresenceState.ONLINE, 9, capacity=2, heartbeat=2.5)
+    assert Presence.decode(beating.encode()) == beating
+    older = json.loads(beating.encode())
+    del older["heartbeat"]  # an agent from before the heartbeat: it announces none
+    assert Presence.decode(json.dumps(older).encode()).heartbeat == 0.0
+    assert Presence.decode(payload(ONLINE, heartbeat=3600)).heartbeat == 3600.0
+
+
 def test_task_round_trip() -> None:
     assert Task.decode(TASK.encode()) == TASK
 
@@ -222,6 +231,12 @@ def test_task_field_problems_name_the_field(changes: dict[str, Any], reason: str
         ({"seq": ...}, "missing field 'seq'"),
         ({"functions": ["add", 3]}, "'functions' must be a list"),
         ({"cpus": "8"}, "'cpus' must be an integer"),
+        ({"worker": "lab.1"}, "invalid worker id"),  # RabbitMQ would split that topic level
+        ({"heartbeat": -1}, "'heartbeat' must be from 0 to 3600 seconds"),
+        ({"heartbeat": 1e300}, "'heartbeat' must be from 0 to 3600 seconds"),
+        ({"heartbeat": 10**30}, "'heartbeat' is out of range"),
+        ({"heartbeat": "30"}, "'heartbeat' must be an integer or a number"),
+        ({"heartbeat": True}, "'heartbeat' must be an integer or a number, got a boolean"),
     ],
 )
 def test_presence_field_problems_name_the_field(changes: dict[str, Any], reason: str) -> None:
