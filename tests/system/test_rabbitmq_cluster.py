@@ -40,6 +40,8 @@ NODE_LOSS_BOUND = 30.0
 # "Within seconds": how long agents or a (re)started coordinator may take to get work going.
 PICKUP_BOUND = 30.0
 VOLUNTEER = "local"
+# Seconds between the agents' heartbeats: one that falls silent is lost 3 x this + 5 s later.
+HEARTBEAT = 2.0
 
 
 def broker_url(nodes: Sequence[RabbitNode], root: str) -> str:
@@ -65,7 +67,7 @@ class Deployment:
     def agent(self, worker: str, *nodes: RabbitNode, concurrency: int = 2) -> None:
         self.procs.start(worker, ["dockercomp.agent.cli", "run", "--broker", broker_url(nodes, self.root),
                                   "--worker-id", worker, "--volunteer", VOLUNTEER, "--concurrency", str(concurrency),
-                                  "--keepalive", "2", "--grace", "1", "-v",
+                                  "--keepalive", "2", "--heartbeat", str(HEARTBEAT), "--grace", "1", "-v",
                                   "--health-file", str(self.procs.logs / f"{worker}.health")])
 
     def job(self, function: str, args: list[list[object]]) -> JobRow:
@@ -206,13 +208,14 @@ def test_agents_of_a_node_that_dies_fail_over_and_their_tasks_finish_within_30_s
     deployment.agent("a1", second, third)
     deployment.agent("a2", second, third)
     deployment.agent("a3", third, first)
-    deployment.online("a1", "a2", "a3")
-    job = deployment.job("sleep", [[0.3]] * 90)
-    wait_until(lambda: all(deployment.holding(n) >= 2 and deployment.worker(n)["done"] for n in ("a1", "a2")),
+    deployment.agent("a4", second)  # knows no other node: can only fall silent
+    deployment.online("a1", "a2", "a3", "a4")
+    job = deployment.job("sleep", [[0.3]] * 120)
+    wait_until(lambda: all(deployment.holding(n) >= 2 and deployment.worker(n)["done"] for n in ("a1", "a2", "a4")),
                timeout=30)
     before = {n: deployment.worker(n) for n in ("a1", "a2")}
 
-    second.kill()  # the whole node at once: no wills for a1 and a2, their queues gone with it
+    second.kill()  # the whole node at once: no wills for a1, a2, a4; their queues there gone with it
     died_at = time.monotonic()
     progress = finished(deployment.store, job, timeout=NODE_LOSS_BOUND + 10)
     elapsed = time.monotonic() - died_at
@@ -225,6 +228,10 @@ def test_agents_of_a_node_that_dies_fail_over_and_their_tasks_finish_within_30_s
         after = deployment.worker(name)
         assert after["state"] == "online" and int(after["seq"]) > int(before[name]["seq"]), (name, after)
         assert f"127.0.0.1:{third.port}" in deployment.procs.log(name)
+    # a4's heartbeats stopped: lost, its tasks done by others, none of them sent back to it
+    assert deployment.worker("a4")["state"] == "lost"
+    taken_back = [r for r in deployment.store.results(job) if any(e["worker"] == f"{VOLUNTEER}/a4" for e in r.errors)]
+    assert taken_back and all(r.worker != f"{VOLUNTEER}/a4" for r in taken_back)
 
 
 # --------------------------------------------------------------------------- the bench
