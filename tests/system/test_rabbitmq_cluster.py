@@ -234,6 +234,24 @@ def test_agents_of_a_node_that_dies_fail_over_and_their_tasks_finish_within_30_s
     assert taken_back and all(r.worker != f"{VOLUNTEER}/a4" for r in taken_back)
 
 
+def test_the_coordinators_node_dying_mid_job_loses_nothing(deployment: Deployment) -> None:
+    first, second, third = deployment.cluster.nodes
+    deployment.serve(first, second)
+    deployment.agent("a1", second, third)
+    deployment.agent("a2", third, second)
+    deployment.online("a1", "a2")
+    job = deployment.job("sleep", [[0.1]] * 150)
+    wait_until(lambda: deployment.store.progress(job).done >= 20, timeout=30)
+
+    first.kill()  # the coordinator's session queue is promoted on its mirror; results keep arriving there
+    died_at = time.monotonic()
+    finished(deployment.store, job, timeout=NODE_LOSS_BOUND + 10)
+
+    assert time.monotonic() - died_at < NODE_LOSS_BOUND
+    deployment.exactly_once(job)
+    assert f"127.0.0.1:{second.port}" in deployment.procs.log("serve")
+
+
 # --------------------------------------------------------------------------- the bench
 def test_the_bench_scale_phase_runs_on_its_own_three_node_cluster(tmp_path: Path) -> None:
     require(find_rabbitmq(), "RabbitMQ (rabbitmq-server)", "apt-get install rabbitmq-server (or `make system`)")
