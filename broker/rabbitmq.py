@@ -16,6 +16,7 @@ which switch to the `rabbitmq` user when started as root.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import secrets
@@ -23,6 +24,7 @@ import shutil
 import subprocess
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from dockercomp.broker.processes import (
     BrokerProcess,
     BrokerStartError,
     free_port,
+    logged_since,
     port_accepts,
     stop_process,
 )
@@ -60,6 +63,17 @@ MIRROR_POLICY = ("set_policy", "--apply-to", "queues", "dockercomp-mqtt-mirrored
                  '{"ha-mode":"exactly","ha-params":2,"ha-sync-mode":"automatic"}')
 # Every distribution socket on the loopback interface only (nodes and CLI tools alike).
 LOOPBACK_DIST = "-kernel inet_dist_use_interface {127,0,0,1}"
+
+
+# Clusters started and not closed yet: closed when the interpreter exits (an aborted test run),
+# epmd included, which BrokerProcess's own clean-up does not know about.
+_live: weakref.WeakSet[RabbitCluster] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_leftovers() -> None:
+    for cluster in list(_live):
+        cluster.close()
 
 
 def find_rabbitmq() -> Path | None:
@@ -166,12 +180,7 @@ class RabbitNode(BrokerProcess):
     def _ready(self, port: int, log_offset: int) -> bool:
         # The MQTT port alone could be someone else's (a lost race for a free port); the node
         # says it started only once all its listeners are open.
-        log = self.node_log_path
-        if not log.exists():
-            return False
-        with open(log, "rb") as handle:
-            handle.seek(self._node_log_offset)
-            started = STARTED_LINE in handle.read()
+        started = logged_since(self.node_log_path, self._node_log_offset, STARTED_LINE)
         return started and port_accepts(self.host, port)
 
 
@@ -237,6 +246,7 @@ class RabbitCluster:
         """Boots every node at once, then joins the others to the first (stop_app,
         join_cluster, start_app, as an operator would) and sets MIRROR_POLICY. Stops whatever
         it started if that fails."""
+        _live.add(self)
         try:
             self._start_epmd()
             self._each(lambda node: node.start(), self.nodes)
@@ -279,6 +289,25 @@ class RabbitCluster:
         if self._epmd is not None:
             stop_process(self._epmd)
             self._epmd = None
+        _live.discard(self)
+
+    def leftovers(self) -> list[int]:
+        """Pids of processes of this cluster still alive (zombies aside): its nodes (their command
+        line names its HOME) and its epmd. None once close() returned."""
+        home = str(self.home).encode()
+        epmd = f"-port\0{self.epmd_port}\0".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                command = (entry / "cmdline").read_bytes()
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue  # gone meanwhile, or not ours to read
+            if state != "Z" and (home in command or (b"epmd" in command and epmd in command)):
+                found.append(int(entry.name))
+        return found
 
     def _start_epmd(self) -> None:
         # Our own epmd, in the foreground as our child: a shared one would outlive the

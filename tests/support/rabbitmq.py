@@ -37,6 +37,8 @@ def rabbitmq_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rabbi
         yield cluster
     finally:
         cluster.close()
+    # Torn down completely: no node (beam.smp) and no epmd of this cluster left running.
+    assert not cluster.leftovers(), f"processes of the cluster still running: {cluster.leftovers()}"
 
 
 def restore(cluster: RabbitCluster) -> None:
