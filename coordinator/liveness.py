@@ -45,6 +45,7 @@ class Liveness:
         if entry is None:
             return False
         self._deadlines[slot.id] = (now + entry[1], entry[1])
+        slot.last_seen = now  # in memory only: written with its next change (lost: when it was last heard)
         return True
 
     def applied(self, slot: WorkerSlot, presence: Presence, payload: bytes, now: float) -> None:

@@ -129,3 +129,33 @@ def test_results_published_while_the_coordinator_is_disconnected_are_not_lost_no
     assert engine.rejections.counts["duplicate"] == 0 and engine.error is None
     if isinstance(broker, MosquittoProcess):
         assert len(agent.received) == 4  # nothing had to be sent again
+
+
+def test_a_coordinator_started_after_one_was_killed_gets_the_results_published_in_between(
+        broker: BrokerProcess, procs: Processes, tmp_path: Path) -> None:
+    # As a standby taking over: another process, the same client id (one per topic root).
+    db = str(tmp_path / "serve.db")
+    store = Store.open(db)
+    agent = FakeAgent(connection(broker.url, "holder"), "holder", auto=False, capacity=3)
+    try:
+        agent.transport.wait_connected(10)
+        agent.announce()
+        job = store.create_job("add", [[i, 2] for i in range(3)], timeout=60)
+        procs.serve(db, "serve-1")
+        wait_until(lambda: len(agent.held) == 3, timeout=30)
+        procs.kill("serve-1")  # kill -9: no goodbye; its session stays with the broker
+        time.sleep(0.5)  # the broker has seen the connection drop before the results come
+        assert agent.answer_held() == 3
+        procs.serve(db, "serve-2")  # with --clean-session here, the results are lost (checked: fails)
+        if isinstance(broker, AmqttProcess):  # no queue: the open attempts are sent again, answered again
+            wait_until(lambda: len(agent.held) == 3, timeout=30)
+            agent.answer_held()
+        progress = finished(store, job, timeout=30)
+    finally:
+        agent.transport.close(1)
+    assert (progress.done, progress.failed) == (3, 0)
+    store.bind()
+    assert store.db.execute_sql("SELECT count(*) FROM attempt").fetchone()[0] == 3  # none reissued
+    if isinstance(broker, MosquittoProcess):
+        assert len(agent.received) == 3 and "dockercomp-coordinator-dockercomp" in broker.log()
+    store.close()

@@ -391,3 +391,11 @@ def test_docker_stats_become_cpu_percent_and_memory() -> None:
            "memory_stats": {"usage": 300 * 2**20, "limit": 2**30, "stats": {"inactive_file": 100 * 2**20}}}
     assert usage_of(raw) == {"cpu_percent": 40.0, "memory_bytes": 200 * 2**20, "memory_limit": 2**30}
     assert usage_of({}) is None  # a stopped container's empty sample
+
+
+def test_a_broker_url_list_reaches_every_container_whole() -> None:
+    # The nodes of a broker cluster: each agent fails over between them (broker/connection.py).
+    listed = spec(broker="mqtt://alice:pw@10.0.0.1:1883,10.0.0.2:1884", network="host").validate(host_cpus=4)
+    url = listed.environment("w1")[BROKER_URL_ENV]
+    assert url == "mqtt://alice:pw@10.0.0.1:1883,10.0.0.2:1884"
+    assert "pw" not in listed.to_label() and "10.0.0.2:1884" in listed.to_label()
