@@ -127,7 +127,7 @@ def _fmt(value: Any, unit: str = "", digits: int = 0) -> str:
 def render(results: dict[str, Any], console: Console) -> None:
     """Human-readable tables of a results dict (the same dict the JSON file holds)."""
     for table in (_round_trips(results), _cpu(results), _submit(results), _stream(results), _pickup(results),
-                  _scale(results), _targets(results)):
+                  _scale(results), *_scale_fleets(results), _targets(results)):
         if table is not None:
             console.print(table)
     for line in peer_mod.summary(results):  # issue 14: the peer's figures, or why it was skipped
@@ -233,6 +233,7 @@ def _scale(results: dict[str, Any]) -> Table | None:
     table.add_row("all registered at the coordinator", _fmt(scale.get("registered_s"), " s", 2))
     table.add_row("coordinator RSS after registration", _fmt(scale.get("rss_registered_mb"), " MB", 1))
     table.add_row("coordinator peak RSS", _fmt(scale.get("peak_rss_mb"), " MB", 1))
+    _scale_brokers(table, scale)
     for job in scale.get("jobs", []):
         n = job["tasks"]
         table.add_row(f"{n:,} tasks: submit", _fmt(job.get("submit_s"), " s", 2))
@@ -306,6 +307,7 @@ def targets(results: dict[str, Any]) -> list[Target]:
         out.append(Target("coordinator RSS", "< 300 MB", "not measured", None))
     out += _issue10_targets(results)
     out += _peer_targets(results)
+    out += _scale_targets(results)
     overhead = results.get("metrics") or {}
     if overhead.get("ratio"):
         out.append(Target("e2e with /metrics vs without", ">= 97 %", f"{overhead['ratio'] * 100:.1f} %",
@@ -354,3 +356,48 @@ def _peer_targets(results: dict[str, Any]) -> list[Target]:
     if ratio is None:
         return [Target("e2e vs Celery + Redis", ">= 20 x", peer.get("skipped") and "skipped" or "not measured", None)]
     return [Target("e2e vs Celery + Redis", ">= 20 x", f"{ratio:.1f} x", ratio >= 20.0)]
+
+
+# --------------------------------------------------------------------------- issue 14: scale
+def _scale_brokers(table: Table, scale: dict[str, Any]) -> None:
+    brokers = scale.get("brokers") or {}
+    if scale.get("volunteers"):
+        table.add_row("volunteers (simulated)", _fmt(scale["volunteers"]))
+    if brokers.get("leaves"):
+        table.add_row("brokers", f"a hub + {brokers['leaves']} bridged leaves (one process holds "
+                      f"{brokers['connections_per_process']:,} connections: {brokers['limited_by']})")
+    if scale.get("phase_s") is not None:
+        table.add_row("this fleet's run took", _fmt(scale["phase_s"], " s", 0))
+
+
+def _scale_fleets(results: dict[str, Any]) -> list[Table]:
+    """The fleets after the first (the first is ``scale``, printed by _scale)."""
+    return [t for fleet in (results.get("scale_fleets") or [])[1:] if (t := _scale({"scale": fleet})) is not None]
+
+
+def dispatch_cost_ratio(reference: dict[str, Any], fleet: dict[str, Any]) -> float | None:
+    """Coordinator CPU per task over all of a fleet's jobs, against the reference fleet's."""
+    def per_task(run: dict[str, Any]) -> float | None:
+        jobs = run.get("jobs") or []
+        tasks = sum(j["tasks"] for j in jobs)
+        return sum(j["cpu_s"] for j in jobs) / tasks if tasks and sum(j["cpu_s"] for j in jobs) else None
+
+    ours, base = per_task(fleet), per_task(reference)
+    return round(ours / base, 3) if ours and base else None
+
+
+def _scale_targets(results: dict[str, Any]) -> list[Target]:
+    """Issue 14: the biggest fleet registered, its coordinator RSS, and its dispatch cost per
+    task against the first fleet's (same jobs, same run)."""
+    fleets = results.get("scale_fleets") or []
+    if len(fleets) < 2:
+        return []
+    reference, big = fleets[0], fleets[-1]
+    n = f"{big['workers']:,} workers"
+    ratio = dispatch_cost_ratio(reference, big)
+    return [
+        Target(f"{n} registered", "all", f"all, in {big['registered_s']:.1f} s", True),
+        Target(f"coordinator RSS with {n}", "< 500 MB", f"{big['peak_rss_mb']:.0f} MB", big["peak_rss_mb"] < 500),
+        Target(f"dispatch cost per task, {n} vs {reference['workers']:,}", "x1.2 at most",
+               f"x{ratio:.2f}" if ratio else "not measured", ratio <= 1.2 if ratio else None),
+    ]

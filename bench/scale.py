@@ -27,6 +27,8 @@ from bench.cluster import start_cluster_brokers
 from bench.fleetbrokers import plan, start_fleet_brokers
 from bench.swarm import swarm_main
 
+# Seconds allowed per simulated worker to connect and register, on top of PHASE_TIMEOUT.
+_REGISTER_ALLOWANCE = 0.01
 # Seconds between progress samples (done count + coordinator CPU) during a scale job.
 _SAMPLE_INTERVAL = 0.25
 
@@ -174,7 +176,10 @@ def measure(*, workdir: Path, workers: int, processes: int, job_sizes: list[int]
     db = workdir / "scale.db"
     ctx = multiprocessing.get_context("spawn")  # never fork next to paho's network thread
     go, stop, reports = ctx.Event(), ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=swarm_main, args=(*brokers.endpoints[k], parts[k], "dockercomp", go, stop, reports),
+    # Each swarm process connects from its own loopback address: one address's ephemeral ports
+    # (net.ipv4.ip_local_port_range, ~28,000) cannot carry 50,000 connections.
+    procs = [ctx.Process(target=swarm_main, args=(*brokers.endpoints[k], parts[k], "dockercomp", go, stop, reports,
+                                                  f"127.0.0.{2 + k % 250}"),
                          daemon=True, name=f"swarm-{k}") for k in range(processes)]
     coordinator: Child | None = None
     client: Any = None
@@ -189,8 +194,10 @@ def measure(*, workdir: Path, workers: int, processes: int, job_sizes: list[int]
         _expect(reports, "ready", processes, procs)
         started = time.monotonic()
         go.set()
-        wait_for(lambda: _online_count(client.store) >= workers, PHASE_TIMEOUT,
-                 f"{workers} simulated workers registering", interval=POLL_INTERVAL, check=coordinator.check_alive)
+        # Connecting is paced by the swarms, a few ms of CPU per worker on a small machine.
+        wait_for(lambda: _online_count(client.store) >= workers, PHASE_TIMEOUT + workers * _REGISTER_ALLOWANCE,
+                 f"{workers} simulated workers registering", interval=POLL_INTERVAL,
+                 check=lambda: _check_alive(coordinator, procs))
         registered_s = time.monotonic() - started
         connected = _expect(reports, "connected", processes, procs)
         connected_s = max(message[2] for message in connected) - started
@@ -219,6 +226,13 @@ def measure(*, workdir: Path, workers: int, processes: int, job_sizes: list[int]
                     registered_s=round(registered_s, 3), rss_registered_mb=round(rss_registered, 1),
                     peak_rss_mb=round(peak, 1), jobs=jobs, answered_by_swarm=answered, malformed_tasks=malformed,
                     volunteers=len({v for v, _ in sims}), brokers=brokers.describe())
+
+
+def _check_alive(coordinator: Child, procs: list[Any]) -> None:
+    coordinator.check_alive()
+    dead = [p.name for p in procs if not p.is_alive()]
+    if dead:
+        raise BenchError(f"simulated worker process(es) {', '.join(dead)} died; their traceback is above")
 
 
 def _expect(reports: Any, kind: str, count: int, procs: list[Any]) -> list[tuple[Any, ...]]:

@@ -29,6 +29,10 @@ from bench.fleetbrokers import raise_fd_limit
 
 # Seconds between paho housekeeping passes (keepalive pings, retries) over all clients.
 _MISC_INTERVAL = 1.0
+# Connections one swarm process has waiting for their CONNACK at once.
+_MAX_CONNECTING = 200
+# Seconds a TCP connect to the broker may take on a loaded machine.
+_CONNECT_TIMEOUT = 30.0
 # Longest select() wait, so a stop request is noticed quickly.
 _SELECT_TIMEOUT = 0.1
 # Placeholders in a simulated worker's Result template, replaced per task.
@@ -56,13 +60,17 @@ class _Sim:
 class Swarm:
     """Many simulated workers sharing one selector loop in the calling thread."""
 
-    def __init__(self, host: str, port: int, workers: list[tuple[str, str]], *, root: str = "dockercomp") -> None:
-        """``workers``: (volunteer, worker name) of each simulated worker."""
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, workers: list[tuple[str, str]], *, root: str = "dockercomp",
+                 source: str = "") -> None:
+        """``workers``: (volunteer, worker name) of each simulated worker; ``source``: the local
+        address they connect from (paho binds before it connects, so every connection of the
+        machine from one address shares one pool of ephemeral ports, ~28,000)."""
+        self.host, self.port, self.source = host, port, source
         self.topics = Topics(root)
         self.selector = selectors.DefaultSelector()
         self.sims: list[_Sim] = []
         self.connected = 0
+        self._connecting = 0  # connects sent, CONNACK not seen yet
         self.malformed = 0
         hostname = socket.gethostname()
         for volunteer, name in workers:
@@ -96,8 +104,18 @@ class Swarm:
     # -- lifecycle -----------------------------------------------------------------------
     def connect_all(self) -> None:
         """Open every connection (TCP connect + CONNECT queued); the loop does the rest."""
+        next_misc = time.monotonic() + _MISC_INTERVAL
         for sim in self.sims:
-            sim.client.connect(self.host, self.port, KEEPALIVE)
+            if time.monotonic() >= next_misc:  # keepalive pings of those connected already
+                self.housekeeping()
+                next_misc = time.monotonic() + _MISC_INTERVAL
+            # Paced: tens of thousands of back-to-back connects overflow the broker's accept
+            # queue on a busy machine, and a dropped SYN costs a second or more per client.
+            while self._connecting >= _MAX_CONNECTING:
+                self.step(_SELECT_TIMEOUT / 10)
+            sim.client.connect_timeout = _CONNECT_TIMEOUT
+            sim.client.connect(self.host, self.port, KEEPALIVE, bind_address=self.source)
+            self._connecting += 1
             # Service what already arrived, so early clients get their CONNACK promptly.
             self.step(0)
 
@@ -146,6 +164,8 @@ class Swarm:
             pass
 
     def _on_connect(self, client: mqtt.Client, sim: _Sim, flags: Any, reason: Any, props: Any) -> None:
+        if not sim.connected:
+            self._connecting -= 1  # answered: another client may connect (connect_all)
         if reason.is_failure:
             return
         client.subscribe([(sim.tasks_topic, 1), (self.topics.coordinator_rebirth, 1)])
@@ -176,12 +196,12 @@ class Swarm:
 
 
 def swarm_main(host: str, port: int, workers: list[tuple[str, str]], root: str, go: Any, stop: Any,
-               reports: Any) -> None:
+               reports: Any, source: str = "") -> None:
     """A swarm process (spawned): build the clients, wait for ``go``, connect them all, serve
     tasks until ``stop``; reports ("ready", pid), ("connected", pid, monotonic time) and
     ("answered", pid, {worker: tasks}, malformed) on the ``reports`` queue."""
     raise_fd_limit()  # one descriptor per simulated worker
-    swarm = Swarm(host, port, workers, root=root)
+    swarm = Swarm(host, port, workers, root=root, source=source)
     reports.put(("ready", os.getpid()))
     go.wait()
     swarm.connect_all()

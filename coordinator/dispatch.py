@@ -22,6 +22,7 @@ from dockercomp.coordinator.quorum import Quorum
 from dockercomp.coordinator.registry import WorkerRegistry, WorkerSlot
 from dockercomp.coordinator.replicas import ReplicaDispatch
 from dockercomp.coordinator.replication import SINGLE, Replication
+from dockercomp.coordinator.room import Room
 from dockercomp.coordinator.trust import Trust
 from dockercomp.coordinator.store import JobState, NewAttempt, PendingRow, Store, TaskState
 
@@ -141,6 +142,7 @@ class Dispatcher:
         self._cursor = 0  # where the next round starts in the worker order: fairness over time
         self.served: set[int] = set()  # workers sent something by the last round (status)
         self.replicas = ReplicaDispatch(self)
+        self.room = Room()  # the workers that may have room: a round need not scan the fleet
 
     def has_work(self, workers: WorkerRegistry, jobs: JobBook, leases: Leases) -> bool:
         """Cheap in-memory check: could a dispatch round send anything?"""
@@ -151,11 +153,11 @@ class Dispatcher:
         """Open attempts for as many pending tasks as workers have room for; returns the
         (topic, payload) messages to publish once the transaction is committed."""
         self.served = set()
-        order = _allowed(workers, jobs)
-        if not order:
+        allowed = _allowed(workers, jobs)
+        if not allowed:
             return []
-        start = self._cursor % len(order)
-        order = order[start:] + order[:start]
+        start = self._cursor % len(allowed)
+        order = self.room.free(allowed, leases, start)  # rotated to start, less the full ones
         held = {w.id: leases.count(w.id) for w in order}
         sends: list[tuple[str, bytes]] = []
         last_served = None
@@ -178,15 +180,16 @@ class Dispatcher:
                 continue
             plan = _round_robin(rows, candidates, held)
             if job.avoid:
-                able = {w.ref.volunteer for w in order if job.function in w.functions}
+                able = {w.ref.volunteer for w in allowed if job.function in w.functions}
                 plan = _avoid_repeats(plan, job.avoid, candidates, held, able)
                 if not plan:
                     job.drained = True  # until a slot frees up (Ledger._accept) or the next poll
                     continue
             last_served = plan[-1][0]
             sends += self._open(job, plan, leases, now)
+        self.room.settle(held)
         if last_served is not None:
-            self._cursor = start + order.index(last_served) + 1
+            self._cursor = self.room.position(last_served) + 1
         return sends
 
     def deadline(self, worker: WorkerSlot, ahead: int, timeout: float, leases: Leases, now: float) -> float:

@@ -59,6 +59,9 @@ class Leases:
         # Per worker, how many of its leases have each timeout: the longest one bounds how
         # long the tasks ahead of a prefetched task can take (Dispatcher.deadline).
         self._timeouts: dict[int, Counter[float]] = {}
+        # Workers a lease was removed from since dispatch last looked: they may have room
+        # again (coordinator/room.py), so a round need not count every worker's leases.
+        self.freed: set[int] = set()
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -90,6 +93,7 @@ class Leases:
         held = self._by_worker.get(lease.worker_id)
         if held is not None:
             held.pop(lease.key, None)
+        self.freed.add(lease.worker_id)
         timeouts = self._timeouts[lease.worker_id]
         timeouts[lease.timeout] -= 1
         if timeouts[lease.timeout] <= 0:

@@ -17,6 +17,7 @@ purged after a grace period.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Iterator
@@ -24,6 +25,7 @@ from typing import Any, Iterator
 from dockercomp.broker.messages import OfflineReason, Presence, PresenceState
 from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator import defaults
+from dockercomp.coordinator.status import worker_census
 from dockercomp.coordinator.store import Store, WorkerRow, WorkerState
 
 log = logging.getLogger(__name__)
@@ -128,7 +130,8 @@ class WorkerRegistry:
         self.by_id: dict[int, WorkerSlot] = {}
         # dispatchable(), kept between presence changes: sorting 1,000 workers on every
         # engine step was a visible share of the dispatch cost at scale.
-        self._dispatchable: list[WorkerSlot] | None = None
+        self._census: tuple[Counter[str], int] | None = None
+        self._dispatchable = None
         # Workers asked to show life (rebirth): worker id -> when silence makes them lost.
         self.awaiting: dict[int, float] = {}
         # Seconds a worker known only from a replayed presence has to show life.
@@ -161,6 +164,25 @@ class WorkerRegistry:
         self._of_volunteer.setdefault(ref.volunteer, []).append(slot)
         self._dispatchable = None
         return slot
+
+    # Every change of a worker's state or grant drops the dispatchable list (``_dispatchable =
+    # None``); the census goes with it, so it is counted again only after such a change.
+    @property
+    def _dispatchable(self) -> list[WorkerSlot] | None:
+        return self._dispatchable_list
+
+    @_dispatchable.setter
+    def _dispatchable(self, value: list[WorkerSlot] | None) -> None:
+        self._dispatchable_list = value
+        if value is None:
+            self._census = None
+
+    def census(self) -> tuple[Counter[str], int]:
+        """(workers per state, online capacity), kept until the next change: the status summary
+        asks twice a second, and counting 50,000 workers took ~20 ms each time (issue 14)."""
+        if self._census is None:
+            self._census = worker_census(self.by_id.values())
+        return self._census
 
     def get(self, key: str) -> WorkerSlot | None:
         return self.by_key.get(key)

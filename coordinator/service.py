@@ -438,9 +438,10 @@ class Coordinator(Inbound):
         if not (force or self.status.due(now)) or not self.transport.connected:
             return
         self.status.publish(self.transport, self.workers.by_id, self.jobs.by_id, self.leases.count,
-                            lambda: summary_status(list(self.workers), list(self.jobs.by_id.values()),
+                            lambda: summary_status((), list(self.jobs.by_id.values()),
                                                    len(self.leases), self.rejections.snapshot(),
-                                                   self.rate.rate(now), self.started, now), now)
+                                                   self.rate.rate(now), self.started, now,
+                                                   census=self.workers.census()), now)
         self.jobs.trust.publish(self.transport, self.topics, now)  # status/volunteers/{volunteer}
 
     def _reload(self) -> bool:

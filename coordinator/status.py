@@ -116,12 +116,13 @@ def worker_status(worker: "WorkerSlot", in_flight: int, now: float) -> dict[str,
 
 
 def summary_status(workers: Iterable["WorkerSlot"], jobs: Iterable["JobInfo"], in_flight: int,
-                   rejected: dict[str, int], rate: float, started: float, now: float) -> dict[str, Any]:
-    worker_states = Counter(w.state for w in workers)
-    online_capacity = 0
-    for worker in workers:
-        if worker.state == WorkerState.ONLINE.value:
-            online_capacity += worker.capacity
+                   rejected: dict[str, int], rate: float, started: float, now: float,
+                   census: tuple[Counter[str], int] | None = None) -> dict[str, Any]:
+    """``census``: (workers per state, online capacity) when the caller keeps it
+    (WorkerRegistry.census); ``workers`` is then not read."""
+    if census is None:
+        census = worker_census(workers)
+    worker_states, online_capacity = census
     tasks: Counter[str] = Counter()
     job_states: Counter[str] = Counter()
     for job in jobs:
@@ -134,6 +135,17 @@ def summary_status(workers: Iterable["WorkerSlot"], jobs: Iterable["JobInfo"], i
         "jobs": {state.value: job_states.get(state.value, 0) for state in JobState},
         "rate": rate, "rejected": rejected, "started": started, "updated": round(now, 3),
     }
+
+
+def worker_census(workers: Iterable["WorkerSlot"]) -> tuple[Counter[str], int]:
+    """Workers per state, and the capacity of the online ones."""
+    states: Counter[str] = Counter()
+    online_capacity = 0
+    for worker in workers:
+        states[worker.state] += 1
+        if worker.state == WorkerState.ONLINE.value:
+            online_capacity += worker.capacity
+    return states, online_capacity
 
 
 class StatusPublisher:

@@ -23,7 +23,7 @@ SUMMARY = re.compile(r"^e2e/raw = (\d+\.\d\d) \((\d+) tasks/s vs (\d+) tasks/s\)
 TINY = [
     "--tasks", "200", "--workers", "2", "--window", "10", "--concurrency", "2",
     "--latency-samples", "20", "--submit-tasks", "500", "--stream-tasks", "2000", "--pickup-samples", "2",
-    "--scale-workers", "5", "--scale-processes", "2", "--scale-tasks", "50,100", "--scale-slice", "50",
+    "--scale-workers", "5,8", "--scale-per-volunteer", "2", "--scale-leaves", "2", "--scale-processes", "2", "--scale-tasks", "50,100", "--scale-slice", "50",
 ]  # fmt: skip
 
 
@@ -87,10 +87,26 @@ def test_tiny_benchmark_run_writes_results_and_ends_with_the_summary_line(tmp_pa
     assert [job["tasks"] for job in scale["jobs"]] == [50, 100]
     assert all(job["workers_used"] == 5 and job["min_per_worker"] > 0 for job in scale["jobs"])
     assert scale["answered_by_swarm"] >= 150 and scale["malformed_tasks"] == 0
+    _check_fleets(results)
     replicas = results["replicas"]  # issue 11: replicated results/s vs single-replica, same run
     assert [(r["key"], r["results"]) for r in replicas["runs"]] == [("single", 200), ("replicas2", 200)] * 2
     assert replicas["ratio"] > 0
     assert {target["name"] for target in results["targets"]} >= {"e2e vs raw round trip", "coordinator RSS"}
+
+
+def _check_fleets(results: dict) -> None:
+    """Issue 14: the fleets one after the other, here through a hub and 2 bridged leaves (what
+    a fleet too big for one broker process gets), over volunteers of 2 workers each."""
+    fleets = results["scale_fleets"]
+    assert [fleet["workers"] for fleet in fleets] == [5, 8] and fleets[0] == results["scale"]
+    for fleet in fleets:
+        assert fleet["brokers"]["leaves"] == 2 and fleet["brokers"]["connections_per_process"] > 0
+        assert fleet["volunteers"] == -(-fleet["workers"] // 2) and fleet["phase_s"] > 0
+        assert all(job["workers_used"] == fleet["workers"] for job in fleet["jobs"])
+        assert fleet["answered_by_swarm"] >= 150 and fleet["malformed_tasks"] == 0
+    measured = {t["name"]: t for t in results["targets"]}
+    assert measured["8 workers registered"]["met"] is True
+    assert measured["dispatch cost per task, 8 workers vs 5"]["met"] is not None
 
 
 def _check_peer(results: dict, stdout: str, tasks: int) -> None:

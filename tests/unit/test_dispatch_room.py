@@ -1,0 +1,83 @@
+"""A dispatch round costs what its free workers cost, not the fleet (issue 14: 50,000 workers).
+
+Counted, not timed: how many workers' leases a round looks at."""
+
+from __future__ import annotations
+
+from dockercomp.broker.messages import Task
+from tests.support.rules import Rules
+
+# Workers of one volunteer, under its capacity cap (coordinator Caps), each of capacity 1.
+FLEET = 2_000
+
+
+def _counting(rules: Rules) -> list[int]:
+    """Every worker id whose leases the next rounds count."""
+    counted: list[int] = []
+    leases = rules.ledger.leases
+    original = leases.count
+    leases.count = lambda worker_id: counted.append(worker_id) or original(worker_id)  # type: ignore[method-assign]
+    return counted
+
+
+def test_after_one_result_the_round_looks_at_that_worker_only() -> None:
+    # Given a fleet where every worker holds the one task it has room for, and more waiting
+    rules = Rules()
+    for i in range(FLEET):
+        rules.online(f"w{i:04d}")
+    job = rules.submit([[i, i] for i in range(FLEET + 10)])
+    sent = rules.dispatch()
+    assert len(sent) == FLEET and all(len(tasks) == 1 for tasks in sent.values())
+
+    # When one worker answers
+    name, [task] = next(iter(sent.items()))
+    rules.answer(name, task, 2 * int(task.args[0]))
+    counted = _counting(rules)
+    again = rules.dispatch()
+
+    # Then the next task goes to it, and the round counted a handful of leases, not 2,000
+    assert list(again) == [name]
+    assert len(counted) <= 4, len(counted)
+    assert rules.states(job).count("done") == 1
+
+
+def test_a_full_fleet_is_served_fairly_in_turn_as_results_come_back() -> None:
+    # Given 5 workers of capacity 1, each holding a task, and 20 more tasks waiting
+    rules = Rules()
+    for i in range(5):
+        rules.online(f"w{i}")
+    job = rules.submit([[i, i] for i in range(25)])
+    held: dict[str, Task] = {name: tasks[0] for name, tasks in rules.dispatch().items()}
+
+    # When they answer in any order, round after round
+    served: dict[str, int] = {name: 1 for name in held}
+    while held:
+        for name in sorted(held, reverse=True):
+            rules.answer(name, held.pop(name), 0)
+        for name, tasks in rules.dispatch().items():
+            held[name] = tasks[0]
+            served[name] += 1
+
+    # Then every task is done, each worker having taken exactly its share
+    assert rules.states(job) == ["done"] * 25
+    assert sorted(served.values()) == [5] * 5
+
+
+def test_the_worker_census_is_kept_until_a_presence_changes_it() -> None:
+    from dockercomp.broker.messages import OfflineReason
+    from dockercomp.coordinator.status import worker_census
+
+    rules = Rules()
+    for i in range(3):
+        rules.online(f"w{i}", capacity=2)
+    # Asked twice with nothing in between, it is counted once (the status summary asks twice a second)
+    first = rules.workers.census()
+    assert rules.workers.census() is first
+    assert (first[0]["online"], first[1]) == (3, 6)
+    # After a will, a pause and a bigger worker, it is counted again, and matches a fresh count
+    rules.offline("w0", OfflineReason.LOST)
+    rules.online("w1", capacity=5, reconnect=True)
+    rules.online("w3", capacity=1)
+    again = rules.workers.census()
+    assert again is not first and again == worker_census(list(rules.workers))
+    assert (again[0]["online"], again[0]["lost"], again[1]) == (3, 1, 2 + 5 + 1)
