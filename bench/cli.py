@@ -16,6 +16,7 @@ import click
 from rich.console import Console
 
 from bench import defaults
+from bench.cluster import BROKERS
 from bench.errors import BenchError
 from bench.harness import REPO_ROOT
 from bench.report import render, write_json
@@ -61,6 +62,8 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int,
               help="Job sizes run through the simulated workers.")
 @click.option("--scale-slice", default=defaults.SCALE_SLICE, type=click.IntRange(1),
               help="Completed tasks per cost slice inside a scale job.")
+@click.option("--broker", default="mosquitto", type=click.Choice(BROKERS),
+              help="The scale phase's broker: one Mosquitto, or three RabbitMQ nodes (bench/cluster.py).")
 @click.option("--only", "only", multiple=True, type=click.Choice(PHASES), help="Run only these phases (repeatable).")
 @click.option("--skip", "skip", multiple=True, type=click.Choice(PHASES), help="Skip these phases (repeatable).")
 @click.option("--quick", is_flag=True, help="Small sizes everywhere (~1 minute): a check, not a measurement.")
@@ -73,7 +76,7 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int,
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout, nothing else.")
 def main(tasks: int, workers: int, window: int, concurrency: int, latency_samples: int, submit_tasks: int,
          stream_tasks: int, pickup_samples: int, scale_workers: tuple[int, ...], scale_per_volunteer: int,
-         scale_leaves: int | None, scale_processes: int, scale_tasks: tuple[int, ...], scale_slice: int,
+         scale_leaves: int | None, broker: str, scale_processes: int, scale_tasks: tuple[int, ...], scale_slice: int,
          only: tuple[str, ...], skip: tuple[str, ...], quick: bool, profile: bool, out: str, no_save: bool,
          keep: bool, as_json: bool) -> None:
     """Measure dockercomp end to end against the raw paho + Mosquitto round trip (issue 6)."""
@@ -85,7 +88,7 @@ def main(tasks: int, workers: int, window: int, concurrency: int, latency_sample
     options = BenchOptions(tasks=tasks, workers=workers, window=window, concurrency=concurrency,
                            latency_samples=latency_samples, submit_tasks=submit_tasks, stream_tasks=stream_tasks,
                            pickup_samples=pickup_samples, scale_workers=scale_workers,
-                           scale_per_volunteer=scale_per_volunteer, scale_leaves=scale_leaves,
+                           scale_per_volunteer=scale_per_volunteer, scale_leaves=scale_leaves, broker=broker,
                            scale_processes=scale_processes, scale_tasks=scale_tasks,
                            scale_slice=scale_slice, phases=phases, profile=profile, keep=keep)
     # Wide enough for the tables when the output is a file or a pipe (rich assumes 80 there).

@@ -64,6 +64,7 @@ class BenchOptions:
     scale_workers: tuple[int, ...] = defaults.SCALE_WORKERS
     scale_per_volunteer: int = defaults.SCALE_PER_VOLUNTEER
     scale_leaves: int | None = None  # leaf brokers; None: as many as the machine's limits need
+    broker: str = "mosquitto"  # the scale phase's: or "rabbitmq-cluster" (bench/cluster.py)
     scale_processes: int = defaults.SCALE_PROCESSES
     scale_tasks: tuple[int, ...] = defaults.SCALE_TASKS
     scale_slice: int = defaults.SCALE_SLICE
@@ -304,7 +305,7 @@ def _scale(run_: _Run) -> None:
         result = scale_mod.measure(workdir=run_.workdir / f"scale-{workers}", workers=workers,
                                    processes=o.scale_processes, job_sizes=list(o.scale_tasks),
                                    slice_size=o.scale_slice, per_volunteer=o.scale_per_volunteer,
-                                   leaves=o.scale_leaves)
+                                   leaves=o.scale_leaves, broker=o.broker)
         fleets.append({**result.to_json(), "phase_s": round(time.perf_counter() - started, 1)})
         run_.results["scale"], run_.results["scale_fleets"] = fleets[0], fleets  # kept if a bigger one fails
         leaves = result.brokers.get("leaves")

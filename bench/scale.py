@@ -23,6 +23,7 @@ from bench.defaults import FUNCTION, PHASE_TIMEOUT, POLL_INTERVAL, START_TIMEOUT
 from bench.e2e import job_figures, job_finished, start_coordinator
 from bench.errors import BenchError, PhaseTimeout
 from bench.harness import Child, CpuMeter, proc_sample, wait_for
+from bench.cluster import start_cluster_brokers
 from bench.fleetbrokers import plan, start_fleet_brokers
 from bench.swarm import swarm_main
 
@@ -151,7 +152,7 @@ def _split(sims: list[tuple[str, str]], processes: int, by_volunteer: bool) -> l
 
 
 def measure(*, workdir: Path, workers: int, processes: int, job_sizes: list[int], slice_size: int,
-            per_volunteer: int, leaves: int | None = None) -> ScaleRun:
+            per_volunteer: int, leaves: int | None = None, broker: str = "mosquitto") -> ScaleRun:
     """One coordinator and ``workers`` simulated workers on the brokers ``start_fleet_brokers``
     gives (``leaves``: None = as many as the machine's limits need)."""
     from dockercomp.coordinator.api import Client
@@ -159,6 +160,8 @@ def measure(*, workdir: Path, workers: int, processes: int, job_sizes: list[int]
     workdir.mkdir(parents=True, exist_ok=True)
     needed, processes = plan(workers, min(processes, workers))
     leaves = needed if leaves is None else max(leaves, needed)
+    if broker == "rabbitmq-cluster":  # bench/cluster.py: every node takes swarms, no leaves
+        leaves = 0
     if leaves:
         processes = leaves * -(-processes // leaves)
     sims = fleet(workers, per_volunteer)
@@ -167,8 +170,9 @@ def measure(*, workdir: Path, workers: int, processes: int, job_sizes: list[int]
     if leaves and any(not part for part in parts):
         raise BenchError(f"{workers} workers of {per_volunteer} per volunteer are too few volunteers for "
                          f"{processes} swarm processes over {leaves} leaf brokers")
-    brokers = start_fleet_brokers(workdir / "brokers", "dockercomp", [sorted({v for v, _ in part}) for part in parts],
-                                  leaves)
+    brokers = (start_cluster_brokers(workdir / "brokers", processes) if broker == "rabbitmq-cluster" else
+               start_fleet_brokers(workdir / "brokers", "dockercomp", [sorted({v for v, _ in part}) for part in parts],
+                                   leaves))
     db = workdir / "scale.db"
     ctx = multiprocessing.get_context("spawn")  # never fork next to paho's network thread
     go, stop, reports = ctx.Event(), ctx.Event(), ctx.Queue()

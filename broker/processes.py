@@ -123,6 +123,15 @@ def port_accepts(host: str, port: int) -> bool:
         return False
 
 
+def logged_since(path: Path, offset: int, marker: bytes) -> bool:
+    """True if the log file at `path` holds `marker` past byte `offset` (this start's lines)."""
+    if not path.exists():
+        return False
+    with open(path, "rb") as log:
+        log.seek(offset)
+        return marker in log.read()
+
+
 def _listenable(host: str, port: int) -> bool:
     """True if a server could listen on host:port now (SO_REUSEADDR, as both brokers set it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -168,6 +177,8 @@ class BrokerProcess:
 
     name = "broker"
     persistent = False
+    # Seconds this kind of broker gets to accept connections (an Erlang node boots slower).
+    start_timeout = START_TIMEOUT
 
     def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
         self.workdir = workdir
@@ -260,7 +271,7 @@ class BrokerProcess:
             )
         self._process = process
         _live.add(self)
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 self._process = None
@@ -276,7 +287,7 @@ class BrokerProcess:
         self.kill()
         raise BrokerStartError(
             f"{self.name} did not accept connections on {self.host}:{port} "
-            f"within {START_TIMEOUT:.0f} s",
+            f"within {self.start_timeout:.0f} s",
             self.log()[log_offset:],
         )
 
@@ -480,12 +491,7 @@ class MosquittoProcess(BrokerProcess):
     def _ready(self, port: int, log_offset: int) -> bool:
         # A port probe alone is fooled by whoever else listens on a port we lost the race
         # for; Mosquitto says "running" only once all its listeners are open.
-        path = self.broker_log_path
-        if not path.exists():
-            return False
-        with open(path, "rb") as log:
-            log.seek(self._broker_log_offset)
-            started = b" running" in log.read()
+        started = logged_since(self.broker_log_path, self._broker_log_offset, b" running")
         others_ready = all(port_accepts(self.host, p) for p in (self.tls_port, self.ws_port) if p)
         return started and port_accepts(self.host, port) and others_ready
 

@@ -6,6 +6,8 @@ set -eu
 need=""
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need="$need mosquitto mosquitto-clients"
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need="$need postgresql"
+# RabbitMQ (3.10+, its MQTT plugin included) for the cluster tests and `bench --broker rabbitmq-cluster`.
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need="$need rabbitmq-server"
 # Debian's chromium: tests/system/test_dashboard.py drives it with Playwright (which must never
 # download a browser of its own).
 [ -x /usr/bin/chromium ] || need="$need chromium"
@@ -20,6 +22,11 @@ if [ -n "$need" ]; then
     echo "setup-system: installing$need"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
+    # The package starts its default node (rabbit@HOST) where it can. The tests and the bench
+    # start their own (private epmd, node names, ports), so it would only take CPU and memory.
+    case "$need" in *rabbitmq-server*)
+        invoke-rc.d rabbitmq-server stop >/dev/null 2>&1 || service rabbitmq-server stop >/dev/null 2>&1 || true ;;
+    esac
 fi
 # Debian starts the packaged mosquitto on 1883; the tests start their own on free ports.
 # Docker for the container tests: installed and started when missing (root only; a laptop
