@@ -34,6 +34,9 @@ from dockercomp.broker.settings import BrokerSettings
 
 log = logging.getLogger(__name__)
 
+# Seconds between looks at a closed may_connect gate (the engine decides within one step).
+_GATE_RECHECK = 0.1
+
 MessageHandler = Callable[[str, bytes, bool], None]
 """Called with (topic, payload, retained) on the network thread: hand the work to another thread."""
 
@@ -56,6 +59,10 @@ class Transport(ABC):
     on_disconnect: Callable[[str], None] | None = None
     #: Called before every connection attempt; its Will (or None) is registered with the broker.
     will_factory: Callable[[], Will | None] | None = None
+    #: Asked before every connection attempt; while it says False, no attempt is made. A
+    #: coordinator whose lead may have passed to a standby (frozen, then woken) must not take
+    #: the shared MQTT session back, and with it results the new active one is owed.
+    may_connect: Callable[[], bool] | None = None
     #: Set when the transport gave up for good (ConnectionRejected), before on_disconnect is called.
     failure: ConnectionFailed | None = None
 
@@ -302,6 +309,9 @@ class MqttConnection(Transport):
         delays = self._backoff()
         failed_in_row = 0  # attempts that never connected since the last connection: a full round waits
         while not self._stopping.is_set():
+            if self.may_connect is not None and not self.may_connect():
+                self._stopping.wait(_GATE_RECHECK)
+                continue
             will = self.will_factory() if self.will_factory else None
             if will is not None:
                 self._client.will_set(will.topic, will.payload, will.qos, will.retain)

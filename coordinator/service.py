@@ -234,6 +234,9 @@ class Coordinator(Inbound):
         self.transport.subscribe(self.topics.coordinator_nudge, 0)
         if self.leader is not None:  # to replace a predecessor's late will (leader.py)
             self.transport.subscribe(self.topics.coordinator_presence, 1)
+            # Woken from a freeze, the network thread would reconnect under the root's one client
+            # id before the engine finds it was deposed: it waits until the lease is surely ours.
+            self.transport.may_connect = self.leader.fresh
         self.transport.start()
         self.transport.wait_connected(self.settings.connect_timeout)
         log.info("coordinator ready: %d worker(s), %d job(s), %d open attempt(s) in %s",

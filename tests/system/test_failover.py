@@ -58,6 +58,28 @@ def test_a_dead_first_url_is_skipped_for_the_live_second(broker: BrokerProcess) 
         transport.close(1)
 
 
+def test_a_closed_may_connect_gate_holds_every_connection_attempt_back(broker: BrokerProcess) -> None:
+    # What keeps a deposed coordinator, woken from a freeze, from taking the shared MQTT session
+    # back from the standby that replaced it (coordinator/service.py sets it to Leader.fresh).
+    gate = threading.Event()
+    transport = MqttConnection(BrokerSettings.from_url(broker.url), "gated")
+    transport.may_connect = gate.is_set
+    transport.start()
+    try:
+        time.sleep(1.0)  # ten looks at the gate
+        assert not transport.connected
+        gate.set()
+        transport.wait_connected(10)
+        gate.clear()
+        transport.drop()  # the connection is lost: no reconnection while the gate is closed
+        time.sleep(1.5)
+        assert not transport.connected
+        gate.set()
+        transport.wait_connected(10)
+    finally:
+        transport.close(1)
+
+
 def test_agent_and_coordinator_fail_over_to_the_second_broker_and_the_job_finishes(
         broker: BrokerProcess, second: BrokerProcess, procs: Processes, tmp_path: Path) -> None:
     both = f"{broker.url},{second.url}"
