@@ -2,7 +2,7 @@
 
 A targeted measurement for tuning the engine thread (the ledger, the store's writes, status,
 metrics hooks), without the noise of real agents and a broker sharing two cores: the real
-Coordinator on a SQLite file, fed by a transport that only records what it publishes;
+Coordinator on a SQLite file (or the store at ``--db URL``, e.g. PostgreSQL), fed by a transport that only records what it publishes;
 simulated workers answer every task message with a result (built outside the measured time)
 that the next step takes from the inbox, as the network thread would have put it there.
 Only ``Coordinator.step`` is timed, in CPU seconds of the engine's thread.
@@ -68,10 +68,10 @@ class RecordingTransport(Transport):
 
 
 def measure(tasks: int, workers: int, in_flight: int, chunk: int, metrics: bool, profile: bool,
-            workdir: Path, sort: str = "tottime", vary: bool = False) -> dict[str, Any]:
+            workdir: Path, sort: str = "tottime", vary: bool = False, db: str | None = None) -> dict[str, Any]:
     topics = Topics()
     transport = RecordingTransport()
-    store = Store.open(str(workdir / "engine.db"))
+    store = Store.open(db or str(workdir / "engine.db"))
     coordinator = Coordinator(store, transport, topics, CoordinatorSettings(connect_timeout=1))
     if metrics:
         from dockercomp.coordinator.metrics import MetricsServer
@@ -129,6 +129,7 @@ def measure(tasks: int, workers: int, in_flight: int, chunk: int, metrics: bool,
     if profiler is not None:
         pstats.Stats(profiler, stream=sys.stderr).sort_stats(sort).print_stats(40)
     return {"tasks": tasks, "done": done, "steps": steps, "metrics": metrics, "vary": vary,
+            "store": "sqlite" if db is None else db.split(":", 1)[0],
             "cpu_ms_per_task": round(1000 * cpu / tasks, 4), "wall_ms_per_task": round(1000 * wall / tasks, 4)}
 
 
@@ -140,12 +141,14 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=50, help="results the engine takes per step")
     parser.add_argument("--vary", action="store_true", help="results per step drawn from 1 to 2 x chunk")
     parser.add_argument("--metrics", action="store_true")
+    parser.add_argument("--db", help="store URL (e.g. an empty postgresql://... database; "
+                                     "wall_ms_per_task then includes its round trips) [default: a SQLite file]")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions (stderr)")
     parser.add_argument("--sort", default="tottime", choices=("tottime", "cumulative"), help="profile order")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dockercomp-engine-cpu-") as workdir:
         figures = measure(args.tasks, args.workers, args.in_flight, args.chunk, args.metrics, args.profile,
-                          Path(workdir), args.sort, args.vary)
+                          Path(workdir), args.sort, args.vary, args.db)
     print(json.dumps(figures))
 
 

@@ -109,6 +109,12 @@ STATUS_INTERVAL = 0.5
 # each changing with every task, costs the coordinator, and 1,000 workers never wait.
 WORKER_STATUS_BURST = 1_000
 
+# Seconds after which the summary and every active job's status are published again even when
+# nothing changed: a broker that keeps retained messages per node and hands them only to
+# exact-topic subscriptions (RabbitMQ) gives an observer's `status/#` nothing on subscribing,
+# so an idle coordinator must not stay silent for long. 10 messages a minute at most per job.
+STATUS_REFRESH = 10.0
+
 # Window, in seconds, over which the status summary's recent tasks/s is measured.
 RATE_WINDOW = 10.0
 

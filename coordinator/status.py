@@ -20,7 +20,7 @@ from dockercomp.broker.errors import BrokerError
 from dockercomp.broker.messages import encode_status
 from dockercomp.broker.topics import Topics
 from dockercomp.coordinator.defaults import (RATE_WINDOW, REJECT_LOG_BURST, REJECT_LOG_WINDOW, STATUS_INTERVAL,
-                                             WORKER_STATUS_BURST)
+                                             STATUS_REFRESH, WORKER_STATUS_BURST)
 from dockercomp.coordinator.store import JobState, TaskState, WorkerState
 
 if TYPE_CHECKING:
@@ -153,9 +153,12 @@ def worker_census(workers: Iterable["WorkerSlot"]) -> tuple[Counter[str], int]:
 class StatusPublisher:
     """Remembers what changed and publishes it, retained, at most every ``interval`` seconds."""
 
-    def __init__(self, topics: Topics, interval: float = STATUS_INTERVAL, burst: int = WORKER_STATUS_BURST) -> None:
+    def __init__(self, topics: Topics, interval: float = STATUS_INTERVAL, burst: int = WORKER_STATUS_BURST,
+                 refresh: float = STATUS_REFRESH) -> None:
         self.topics = topics
         self.interval = interval
+        self.refresh = refresh  # the summary and active jobs again after this long, changed or not
+        self._refreshed = float("-inf")
         self.burst = burst  # worker statuses per publication at most
         self._jobs: set[int] = set()
         # Changed workers in the order they first changed (a dict as an ordered set).
@@ -184,15 +187,19 @@ class StatusPublisher:
         return self._summary or bool(self._jobs) or bool(self._workers)
 
     def due(self, now: float) -> bool:
-        return self.pending and now - self._last >= self.interval
+        return (self.pending or now - self._refreshed >= self.refresh) and now - self._last >= self.interval
 
     def next_due(self) -> float:
-        return self._last + self.interval if self.pending else float("inf")
+        return max(self._last + self.interval, self._refreshed + self.refresh) if not self.pending \
+            else self._last + self.interval
 
     def publish(self, transport: Transport, workers: dict[int, "WorkerSlot"], jobs: dict[int, "JobInfo"],
                 in_flight: Callable[[int], int], summary: Callable[[], dict[str, Any]], now: float) -> None:
         self._last = now
         job_ids, self._jobs = self._jobs, set()
+        if now - self._refreshed >= self.refresh:
+            self._refreshed = now
+            job_ids |= {job_id for job_id, job in jobs.items() if job.active}
         worker_ids = list(islice(self._workers, self.burst))
         for worker_id in worker_ids:
             del self._workers[worker_id]

@@ -6,13 +6,22 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
+
+from dockercomp.agent.agent import Agent
+from dockercomp.agent.settings import AgentSettings
+from dockercomp.agent.tasks import Registry
+from dockercomp.broker.memory import MemoryBroker
 
 from dockercomp.broker.batches import RESULTS_KEY, read_tasks, wrap
 from dockercomp.broker.connection import Transport, Will
 from dockercomp.broker.messages import OfflineReason, Outcome, Presence, PresenceState, Rebirth, Result, Task, TaskError
 from dockercomp.broker.topics import Topics, WorkerRef
+from tests.support import wait_until
 
 TOPICS = Topics()
 
@@ -136,3 +145,36 @@ class FakeAgent:
         for task in held:
             self.answer(task)
         return len(held)
+
+
+@contextmanager
+def memory_agent_running(tmp_path: Path, worker_id: str, **options: Any) -> Iterator[tuple[Agent, MemoryBroker, list[bytes]]]:
+    """A real Agent (its task processes too) on the in-memory broker, run in a thread, with the
+    result payloads it publishes; stopped at once on exit. ``options`` go to
+    AgentSettings.from_options (concurrency, prefetch, batch...)."""
+    broker = MemoryBroker()
+    settings = AgentSettings.from_options("mqtt://memory", worker_id=worker_id, volunteer="lab",
+                                          health_file=str(tmp_path / "h.json"), host="test", container=None,
+                                          environ={}, **options)
+    sent: list[bytes] = []
+    observer = broker.connect("observer")
+    observer.on_message = lambda topic, payload, retained: sent.append(payload)
+    observer.subscribe(TOPICS.results(settings.worker))
+    observer.start()
+    agent = Agent(settings, Registry.load(), transport=broker.connect(settings.client_id))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    wait_until(lambda: broker.retained.get(TOPICS.presence(settings.worker)))
+    try:
+        yield agent, broker, sent
+    finally:
+        agent.stop(now=True)
+        thread.join(10)
+
+
+def closing_fakes() -> Iterator[list[FakeAgent]]:
+    """Body of a `fakes` fixture: protocol-speaking test workers on real connections, closed afterwards."""
+    made: list[FakeAgent] = []
+    yield made
+    for agent in made:
+        agent.transport.close(1)

@@ -5,7 +5,6 @@ duplicate inside a batch costs only that item, and a killed agent's whole batch 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +13,6 @@ import pytest
 
 from dockercomp.agent.agent import Agent
 from dockercomp.agent.defaults import TASK_BATCH
-from dockercomp.agent.settings import AgentSettings
-from dockercomp.agent.tasks import Registry
 from dockercomp.broker.batches import RESULTS_KEY, TASKS_KEY, read_results, wrap
 from dockercomp.broker.connection import MqttConnection
 from dockercomp.broker.memory import MemoryBroker
@@ -26,7 +23,7 @@ from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 from dockercomp.coordinator.status import Rejection
 from dockercomp.coordinator.store import Store
 from tests.support import Watcher, wait_until
-from tests.support.agents import FakeAgent
+from tests.support.agents import FakeAgent, closing_fakes, memory_agent_running
 from tests.support.brokers import BrokerProcess
 from tests.support.processes import Processes, finished, online
 
@@ -43,10 +40,7 @@ def coordinator_settings() -> CoordinatorSettings:
 
 @pytest.fixture
 def fakes(broker: BrokerProcess) -> Iterator[list[FakeAgent]]:
-    made: list[FakeAgent] = []
-    yield made
-    for agent in made:
-        agent.transport.close(1)
+    yield from closing_fakes()
 
 
 def fake(fakes: list[FakeAgent], broker: BrokerProcess, worker: str, **kwargs: object) -> FakeAgent:
@@ -160,23 +154,9 @@ def test_a_killed_agent_holding_a_batch_gets_every_task_of_it_reissued(
 # --------------------------------------------------------------------------- the agent, in process
 @pytest.fixture
 def memory_agent(tmp_path: Path) -> Iterator[tuple[Agent, MemoryBroker, list[bytes]]]:
-    """A real Agent (its task processes too) on the in-memory broker, run in a thread, with the
-    result messages it publishes."""
-    broker = MemoryBroker()
-    settings = AgentSettings.from_options("mqtt://memory", worker_id="m1", volunteer="lab", concurrency=1, prefetch=20,
-                                          health_file=str(tmp_path / "h.json"), host="test", container=None, environ={})
-    sent: list[bytes] = []
-    observer = broker.connect("observer")
-    observer.on_message = lambda topic, payload, retained: sent.append(payload)
-    observer.subscribe(TOPICS.results(settings.worker))
-    observer.start()
-    agent = Agent(settings, Registry.load(), transport=broker.connect(settings.client_id))
-    thread = threading.Thread(target=agent.run, daemon=True)
-    thread.start()
-    wait_until(lambda: broker.retained.get(TOPICS.presence(settings.worker)))
-    yield agent, broker, sent
-    agent.stop(now=True)
-    thread.join(10)
+    """A real Agent (its task processes too) on the in-memory broker, with the results it publishes."""
+    with memory_agent_running(tmp_path, "m1", concurrency=1, prefetch=20) as running:
+        yield running
 
 
 def answers(sent: list[bytes]) -> list[Result]:

@@ -19,7 +19,7 @@ from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 from dockercomp.coordinator.sqlstore import Worker
 from dockercomp.coordinator.store import Store
 from tests.support import Watcher, abandon, connect_client, wait_until
-from tests.support.agents import FakeAgent
+from tests.support.agents import FakeAgent, closing_fakes
 from tests.support.brokers import BrokerProcess
 from tests.support.processes import Processes, finished, online
 
@@ -39,10 +39,7 @@ def coordinator_settings() -> CoordinatorSettings:
 @pytest.fixture
 def fakes(broker: BrokerProcess) -> Iterator[list[FakeAgent]]:
     """Protocol-speaking test workers on real connections (closed afterwards)."""
-    made: list[FakeAgent] = []
-    yield made
-    for agent in made:
-        agent.transport.close(1)
+    yield from closing_fakes()
 
 
 def fake(fakes: list[FakeAgent], broker: BrokerProcess, worker: str, client_id: str | None = None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +21,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dockercomp.agent.agent import Agent
-from dockercomp.agent.settings import AgentSettings
-from dockercomp.agent.tasks import Registry
 from dockercomp.broker.acl import Role
 from dockercomp.broker.defaults import MAX_PAYLOAD_BYTES, PROTOCOL_VERSION
 from dockercomp.broker.errors import DecodeError
@@ -34,6 +31,7 @@ from dockercomp.coordinator.settings import CoordinatorSettings
 from dockercomp.coordinator.store import Store
 from dockercomp.broker.topics import Topics, WorkerRef
 from tests.support import wait_until
+from tests.support.agents import memory_agent_running
 from tests.support.hostile import assert_int64, assert_sane, near_payloads, wire
 from tests.support.processes import Processes
 from tests.support.security import SecureBroker, connected
@@ -46,22 +44,8 @@ TOPICS = Topics()
 # --------------------------------------------------------------------------- the agent's receive path
 @pytest.fixture
 def memory_agent(tmp_path: Path) -> Iterator[tuple[Agent, MemoryBroker, list[bytes]]]:
-    broker = MemoryBroker()
-    agent_settings = AgentSettings.from_options("mqtt://memory", worker_id="f1", volunteer="lab", concurrency=1,
-                                                health_file=str(tmp_path / "h.json"), host="t", container=None,
-                                                environ={})
-    answers: list[bytes] = []
-    observer = broker.connect("observer")
-    observer.on_message = lambda topic, payload, retained: answers.append(payload)
-    observer.subscribe(TOPICS.results(agent_settings.worker))
-    observer.start()
-    agent = Agent(agent_settings, Registry.load(), transport=broker.connect(agent_settings.client_id))
-    thread = threading.Thread(target=agent.run, daemon=True)
-    thread.start()
-    wait_until(lambda: broker.retained.get(TOPICS.presence(agent_settings.worker)))
-    yield agent, broker, answers
-    agent.stop(now=True)
-    thread.join(10)
+    with memory_agent_running(tmp_path, "f1", concurrency=1) as running:
+        yield running
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
