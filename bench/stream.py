@@ -2,7 +2,7 @@
 
 Each mode runs in a fresh Python process (``python -m bench.stream DB TASKS MODE``), which
 opens the client, notes its RSS, submits TASKS one-argument tasks into a new SQLite file and
-prints its figures as one JSON line. Growth = peak RSS (ru_maxrss) - RSS before the submit.
+prints its figures as one JSON line. Growth = peak RSS (VmHWM) - RSS before the submit.
 
 - ``generator``: the arguments as a generator, as the API is meant to be fed;
 - ``list``: the same arguments built as a list first, what every submit cost before the API
@@ -58,6 +58,17 @@ def _rss_mb() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM). Not ru_maxrss: Linux carries that over an exec from
+    the process that spawned us, so a big bench process (after the peer phase's Celery) would
+    show up as this child's growth."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no /proc: the best there is
+
+
 def _child(db: str, tasks: int, mode: str) -> dict[str, Any]:
     from dockercomp.coordinator.api import Client
 
@@ -69,7 +80,7 @@ def _child(db: str, tasks: int, mode: str) -> dict[str, Any]:
         seconds = time.perf_counter() - started
         if job.total != tasks:
             raise SystemExit(f"stored {job.total} tasks, not {tasks}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = _peak_rss_mb()
     return {"mode": mode, "tasks": tasks, "seconds": round(seconds, 2), "rss_before_mb": round(before, 1),
             "peak_rss_mb": round(peak, 1), "growth_mb": round(peak - before, 1)}
 
