@@ -166,7 +166,7 @@ class Dispatcher:
         if not allowed:
             return []
         start = self._cursor % len(allowed)
-        order = self.room.free(allowed, leases, start)  # rotated to start, less the full ones
+        order = self.room.free(allowed, leases, start, _wanted(jobs))  # rotated to start, less the full ones
         held = {w.id: leases.count(w.id) for w in order}
         sends: list[tuple[str, bytes]] = []
         last_served = None
@@ -280,6 +280,26 @@ def _round_robin(rows: list[PendingRow], candidates: list[WorkerSlot],
                     still.append(worker)
             ring = still
     return plan
+
+
+# Workers a round looks at, at least, when it walks the fleet (room.py) for its pending tasks.
+_MIN_WANTED = 64
+
+
+def _wanted(jobs: JobBook) -> int | None:
+    """Most workers a round can give tasks to: its jobs' pending tasks, each worker taking at
+    least one. None (every worker with room) when a job is replicated (replicas of assigned
+    tasks may be owed) or has retries to move off a volunteer (they look for alternatives)."""
+    wanted = 0
+    for job in jobs.active():
+        if job.drained:
+            continue
+        if not job.replication.single or job.avoid:
+            return None
+        wanted += job.counts[TaskState.PENDING.value]
+    # A floor: counts refreshed by the last poll may lag the store a little; a round never
+    # looks at too few workers to find the tasks' takers.
+    return max(wanted, _MIN_WANTED)
 
 
 def _allowed(workers: WorkerRegistry, jobs: JobBook) -> list[WorkerSlot]:

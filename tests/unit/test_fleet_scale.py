@@ -119,3 +119,26 @@ def test_worker_statuses_go_out_at_most_a_burst_at_a_time_oldest_change_first() 
     sent = [t.rsplit("/", 1)[-1] for p in published for t in p]
     assert sent == [f"w{i:04d}" for i in range(2_500)]
     assert not status.pending
+
+
+def test_a_small_job_on_a_big_idle_fleet_looks_at_the_workers_it_uses_not_the_fleet() -> None:
+    # Given 2,000 idle workers and a job of 100 tasks
+    rules = Rules()
+    for i in range(FLEET):
+        rules.online(f"w{i:04d}")
+    job = rules.submit([[i, i] for i in range(100)])
+    counted = _counting(rules)
+
+    # When a round deals them
+    sent = rules.dispatch()
+
+    # Then every task went out, one per worker, and the round counted the leases of a few
+    # hundred workers at most (it walked the fleet until it had enough), not 2,000
+    assert sum(len(tasks) for tasks in sent.values()) == 100 and len(sent) == 100
+    assert len(counted) <= 400, len(counted)
+
+    # And the next job's tasks go to the workers after them, round-robin
+    rules.submit([[i, i] for i in range(100)])
+    more = rules.dispatch()
+    assert not set(more) & set(sent)
+    assert rules.states(job) == ["assigned"] * 100
