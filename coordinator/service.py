@@ -2,8 +2,8 @@
 
 This module is the loop: it moves messages between the transport and the parts that decide,
 the worker registry (registry.py: presence), the attempt ledger (ledger.py: results, deaths,
-deadlines), inbound.py (what workers send, decoded and checked), dispatch (dispatch.py, leases.py) and status (status.py), all over the store
-interface (store.py).
+deadlines), inbound.py (what workers send, decoded and checked), dispatch (dispatch.py,
+leases.py) and status (status.py), all over the store interface (store.py).
 
 Threads: the transport's network thread only puts incoming messages on a queue; one engine
 thread (``run``) takes them in batches and handles each batch in ONE database transaction:
@@ -27,6 +27,8 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Callable
@@ -222,8 +224,7 @@ class Coordinator(Inbound):
     def open(self) -> None:
         """Load the state from the store and connect (``run`` calls this; tests may too)."""
         self.store.relax_durability()
-        with self.store.transaction():
-            self._fence()
+        with self._transaction():
             self._load()
         self.transport.on_message = self._on_message
         self.transport.on_connect = lambda: self._inbox.put(_CONNECTED)
@@ -261,8 +262,7 @@ class Coordinator(Inbound):
             log.warning("could not say goodbye to the broker: %s", exc)
         self.transport.close(defaults.STOP_FLUSH_TIMEOUT)
         try:  # `status` then says since when the coordinator is not running
-            with self.store.transaction():
-                self._fence()
+            with self._transaction():
                 self.store.beat(self._heartbeat(self.clock(), stopped=True))
             if self.leader is not None:
                 self.leader.release()
@@ -274,6 +274,13 @@ class Coordinator(Inbound):
         return Heartbeat(self.started, now, now if stopped else None, not stopped and self.transport.connected,
                          self._identity["host"], self._identity["pid"], self.transport_url,
                          self.leader.epoch if self.leader is not None else 0)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Every transaction of the engine: fenced first, so a deposed engine writes nothing."""
+        with self.store.transaction():
+            self._fence()
+            yield
 
     def _fence(self) -> None:
         """First thing in every transaction of an elected engine: renew the lead, or raise
@@ -360,8 +367,7 @@ class Coordinator(Inbound):
     def _step(self, items: list[tuple[str, bytes]], now: float) -> None:
         if now >= self._next_beat:
             self._next_beat = now + defaults.HEARTBEAT_INTERVAL
-            with self.store.transaction():
-                self._fence()
+            with self._transaction():
                 self.store.beat(self._heartbeat(now))
         if now >= self._next_poll or self._nudged:
             self._nudged = False
@@ -375,8 +381,7 @@ class Coordinator(Inbound):
         clears: list[str] = []
         if items or lease_due or purge_due or (connected and self.dispatcher.has_work(self.workers, self.jobs, self.leases)):
             self.ledger.finished = 0
-            with self.store.transaction():
-                self._fence()
+            with self._transaction():
                 for topic, payload in items:
                     if not topic:
                         self._connection_changed(payload == _CONNECTED[1], now)
@@ -501,8 +506,7 @@ class Coordinator(Inbound):
         try:
             self.store.close()  # a broken connection (PostgreSQL restarted) is replaced
             self.store.relax_durability()
-            with self.store.transaction():
-                self._fence()
+            with self._transaction():
                 self._load()
         except self.store.failures as exc:
             log.error("reloading the state failed, retrying: %s", exc)
