@@ -128,8 +128,9 @@ class Inbound:
         message = self._decode_from(ref, "result", read_results, payload)
         if message is None:
             return
+        # The ledger closes each attempt, and records its latency for /metrics as it does.
         if isinstance(message, Result):
-            self._take_result(ref, message, now)
+            self.ledger.on_result(ref, message, now)
             return
         # A ResultBatch: an envelope only; each result is checked and closes its attempt as if it
         # came alone. What is wrong inside is counted once per batch; the rest is handled.
@@ -143,8 +144,4 @@ class Inbound:
                                f"result(s) name another worker ({foreign[0].volunteer}/{foreign[0].worker})")
             results = [r for r in results if (r.volunteer, r.worker) == (ref.volunteer, ref.worker)]
         for result in results:
-            self._take_result(ref, result, now)
-
-    def _take_result(self: "Coordinator", ref: WorkerRef, result: Result, now: float) -> None:
-        # The ledger also records the result's latency for /metrics as it closes the attempt.
-        self.ledger.on_result(ref, result, now)
+            self.ledger.on_result(ref, result, now)
