@@ -50,6 +50,19 @@ class Vote:
     value: Any
     value_json: str
     elapsed: float
+    key: str | None = None  # canonical(value), once: every later vote of the task compares with it
+
+    def canonical(self) -> str:
+        if self.key is None:
+            # A value without objects has no key order: its stored text is already canonical.
+            plain = self.value is None or type(self.value) in _PLAIN or (
+                type(self.value) is list and all(type(v) in _PLAIN for v in self.value))
+            self.key = self.value_json if plain else canonical(self.value)
+        return self.key
+
+
+# Types whose compact JSON (store.dump_json) is canonical JSON (replication.canonical): no keys to sort.
+_PLAIN = frozenset({int, float, str, bool})
 
 
 @dataclass(eq=False)
@@ -255,7 +268,7 @@ class Quorum:
         if replication.validator is None:
             by_key: dict[str, list[Vote]] = {}
             for vote in votes:
-                by_key.setdefault(canonical(vote.value), []).append(vote)
+                by_key.setdefault(vote.canonical(), []).append(vote)
             return list(by_key.values())
         validator = self._validators.get(replication.validator)
         if validator is None:

@@ -56,7 +56,15 @@ class ReplicaDispatch:
         free = sum(w.limit - held[w.id] for w in ring)
         fresh = 0
         if free > 0:
-            asked = -(-free // job.replication.replicas)
+            # Every task takes a slot of `replicas` distinct volunteers while that many have room,
+            # then one of each that still has some: at most free / replicas tasks, plus the room
+            # of the roomiest one. Asking free / replicas alone left a lone worker with room
+            # half filled (its tasks found no partner), and the rest went in another message.
+            room: dict[object, int] = {}
+            for w in ring:
+                group = w.id if distinct_workers else w.ref.volunteer
+                room[group] = room.get(group, 0) + w.limit - held[w.id]
+            asked = -(-free // job.replication.replicas) + max(room.values())
             rows = self.dispatcher.store.pending_tasks(job.id, asked)
             job.drained = len(rows) < asked
             for task_id, args, tried, retries_from in rows:

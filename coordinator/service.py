@@ -42,6 +42,7 @@ from dockercomp.broker.topics import Topics, WorkerRef
 from dockercomp.coordinator import defaults
 from dockercomp.coordinator.dispatch import Dispatcher, JobBook
 from dockercomp.coordinator.errors import CoordinatorError
+from dockercomp.coordinator.heap import HeapFreezer
 from dockercomp.coordinator.heartbeat import Heartbeat
 from dockercomp.coordinator.inbound import Inbound, _Replayed
 from dockercomp.coordinator.ledger import Ledger
@@ -111,6 +112,7 @@ class Coordinator(Inbound):
         self._needs_reload = False  # a transaction failed: memory must be rebuilt first
         self._offline_since: float | None = None  # when the broker connection was lost
         self._last_batch = 0  # messages handled by the last step: is traffic flowing?
+        self._heap = HeapFreezer()  # a big fleet's objects out of the cyclic GC's scans (heap.py)
         self.started = clock()
         self._next_poll = self._next_lease = self._next_purge = self._next_beat = float("-inf")
         self._nudged = False  # a submitter said new work is stored: poll the jobs now
@@ -348,6 +350,7 @@ class Coordinator(Inbound):
             self._needs_reload = True
             if self.metrics is not None:
                 self.metrics.rolled_back()
+        self._heap.check(len(self.workers.by_id))
         if self.metrics is not None:
             self.metrics.stepped(len(items), time.perf_counter() - started)
 

@@ -6,6 +6,7 @@ Tests named ``test_sqlite_*`` / ``test_postgres_*`` are about that database itse
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -656,6 +657,23 @@ def test_replication_options_replica_values_quorum_and_credit(store: Store) -> N
     stats = {s.volunteer: (s.workers, s.validated, s.invalid, s.failed, s.credit) for s in store.volunteer_stats()}
     assert stats == {"alice": (1, 1, 0, 0, 2.0), "bob": (1, 0, 1, 0, 0.0), "carol": (1, 1, 0, 0, 2.5)}
     assert [s.volunteer for s in store.volunteer_stats()] == ["carol", "alice", "bob"]
+
+
+def test_many_replica_values_in_one_apply_each_keep_their_own_fields(store: Store) -> None:
+    # More values than one statement carries (sqlreplicas._CASES): every row gets its own value
+    # and time, none another's (errors mixed with none: PostgreSQL types each CASE as one column).
+    job = store.create_job("add", [[i] for i in range(250)], replication=Replication.make(replicas=2, quorum=2))
+    worker = add_worker(store, "alice/w")
+    now = time.time()
+    ids = task_ids(store, job)
+    opened = store.open_attempts([(task, 1, worker.id, now + 10, f"n{task}") for task in ids], now)
+    changes = Changes()
+    changes.reported += [(opened[task], dump_json([i, "v"]), i / 8, None if i % 3 else dump_json({"type": f"E{i}"}))
+                         for i, task in enumerate(ids)]
+    store.apply(changes, now)
+    rows = {r.task_id: r for r in store.replica_attempts(job.id)}
+    assert [(rows[task].outcome, json.loads(rows[task].value), rows[task].elapsed) for task in ids] == [
+        ("unvalidated", [i, "v"], i / 8) for i in range(250)]
 
 
 def test_a_task_failed_without_quorum_shows_the_reason_with_its_values(store: Store) -> None:

@@ -153,6 +153,23 @@ def test_replicas_wait_for_another_volunteer_and_status_says_so(crowd: Crowd) ->
     assert crowd.store.progress(job).replication == 2.0
 
 
+def test_a_lone_worker_with_room_is_filled_in_one_round_while_the_others_are_full(crowd: Crowd) -> None:
+    # given bob full and alice with 6 free slots
+    crowd.join("alice/w", capacity=6)
+    crowd.join("bob/w", capacity=6)
+    job = crowd.job([[i] for i in range(20)], replicas=2, quorum=2)
+    first = crowd.sent()
+    assert {key: len(tasks) for key, tasks in first.items()} == {"alice/w": 6, "bob/w": 6}
+    for task in first["alice/w"]:
+        crowd.reply("alice/w", task, task.args[0])
+    # then one round fills all of alice's room (new tasks, their second replicas owed), not
+    # half of it (it asked the store for free / replicas tasks: 3), leaving the rest to the next
+    again = crowd.sent()
+    assert {key: len(tasks) for key, tasks in again.items()} == {"alice/w": 6}
+    progress = crowd.store.progress(job)
+    assert (progress.pending, progress.assigned) == (8, 12)
+
+
 def test_a_job_may_relax_replicas_to_distinct_workers(crowd: Crowd) -> None:
     crowd.join("lab/w1")
     crowd.join("lab/w2")
