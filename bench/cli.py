@@ -67,8 +67,8 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int,
 @click.option("--only", "only", multiple=True, type=click.Choice(PHASES), help="Run only these phases (repeatable).")
 @click.option("--skip", "skip", multiple=True, type=click.Choice(PHASES), help="Skip these phases (repeatable).")
 @click.option("--quick", is_flag=True, help="Small sizes everywhere (~1 minute): a check, not a measurement.")
-@click.option("--profile", is_flag=True, help="Sample the coordinator and one agent with py-spy during the e2e run "
-              "(slows them: its figures are not comparable).")
+@click.option("--profile", is_flag=True, help="Sample the coordinator and one agent with py-spy during the e2e "
+              "and window-1 runs (slows them: its figures are not comparable).")
 @click.option("--out", "out", default=str(REPO_ROOT / defaults.RESULTS_DIR), type=click.Path(file_okay=False),
               help="Directory for the results JSON.")
 @click.option("--no-save", is_flag=True, help="Do not write a results file.")

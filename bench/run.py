@@ -222,7 +222,7 @@ def _window1(run_: _Run, broker: Any) -> None:
     o = run_.options
     result = e2e_mod.measure(key="e2e-window1", label="dockercomp, window 1", broker_name="mosquitto",
                              url=broker.url, workdir=run_.workdir / "e2e-window1", tasks=o.latency_samples,
-                             agents=1, concurrency=1, broker_pid=broker.pid)
+                             agents=1, concurrency=1, broker_pid=broker.pid, profile=o.profile)
     run_.results["e2e"].append(result.to_json())
     run_.say(f"  window 1: p50 {result.latency.p50_ms:.2f} ms, {result.tasks_per_s:,.0f} tasks/s")
 
