@@ -506,6 +506,7 @@ class Coordinator(Inbound):
         broker resends every retained presence, so a will lost with the failed batch is seen
         again, and each worker is resent the attempts it holds (it ignores those it has, and
         answers again those whose results were lost)."""
+        self._heap.thaw()  # the old state's cycles must be collectable (coordinator/heap.py)
         try:
             self.store.close()  # a broken connection (PostgreSQL restarted) is replaced
             self.store.relax_durability()

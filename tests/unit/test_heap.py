@@ -1,10 +1,12 @@
 """The engine's heap freezes (coordinator/heap.py): at the floor, then at each growth of the
-fleet, and the engine checks after every step: a fleet registering on the memory broker
-freezes once it reaches the floor."""
+fleet; a shrinking fleet and a reload thaw it (a dropped cycle is collected then); the engine
+checks after every step: a fleet registering on the memory broker freezes once it reaches the
+floor, and again after a reload."""
 
 from __future__ import annotations
 
 import gc
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -34,16 +36,48 @@ def test_freezes_at_the_floor_then_at_each_growth_and_not_in_between() -> None:
     assert heap.freezes == 3
 
 
-def test_a_shrinking_or_steady_fleet_never_freezes_again() -> None:
+def test_a_steady_fleet_never_freezes_again() -> None:
     heap = HeapFreezer(floor=10, growth=0.5)
     assert heap.check(10)
-    assert [n for n in (10, 14, 3, 0, 14) if heap.check(n)] == []
+    assert [n for n in (10, 14, 7, 14, 10) if heap.check(n)] == []  # 7 x 1.5 is not below 10
     assert heap.freezes == 1
 
 
 def test_zero_growth_still_moves_the_mark_forward() -> None:
     heap = HeapFreezer(floor=1, growth=0.0)
     assert heap.check(5) and not heap.check(5) and heap.check(6)
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.me = self  # a cycle: only the cyclic collector frees it
+
+
+def test_a_shrinking_fleet_thaws_and_a_dropped_cycle_is_collected_then() -> None:
+    heap = HeapFreezer(floor=100, growth=0.25)
+    node = _Node()
+    gone = weakref.ref(node)
+    assert heap.check(1000) and heap.frozen_at == 1000
+    del node
+    gc.collect()
+    assert gone() is not None  # frozen: the collector does not look at it
+    assert not heap.check(800)  # shrank by no more than the growth share: still frozen
+    assert gone() is not None and heap.frozen_at == 1000
+    assert heap.check(799)  # 799 x 1.25 < 1000: thawed, collected, frozen again as it is now
+    assert gone() is None and heap.frozen_at == 799 and heap.next_mark == 998
+
+
+def test_thaw_collects_and_the_next_check_freezes_again() -> None:
+    heap = HeapFreezer(floor=10, growth=0.25)
+    heap.thaw()  # never frozen: nothing to do
+    assert heap.check(50)
+    node = _Node()
+    gone = weakref.ref(node)
+    heap.check(100)
+    del node
+    heap.thaw()
+    assert gone() is None and gc.get_freeze_count() == 0 and heap.next_mark == 10
+    assert heap.check(50) and heap.freezes == 3
 
 
 def test_the_engine_freezes_when_its_fleet_reaches_the_floor() -> None:
@@ -70,4 +104,8 @@ def test_the_engine_freezes_when_its_fleet_reaches_the_floor() -> None:
     assert coordinator._heap.freezes == 1 and coordinator._heap.next_mark == 40
     register(20, 19)
     assert coordinator._heap.freezes == 1
+    # a reload after a failed transaction rebuilds the state: the old one must be collectable
+    assert coordinator._reload() and coordinator._heap.frozen_at == 0 and gc.get_freeze_count() == 0
+    coordinator.step()
+    assert coordinator._heap.freezes == 2 and coordinator._heap.frozen_at == 39
     coordinator.close()
