@@ -143,7 +143,8 @@ def measure(tasks: int, workers: int, in_flight: int, chunk: int, metrics: bool,
     coordinator.close()
     if profiler is not None:
         pstats.Stats(profiler, stream=sys.stderr).sort_stats(sort).print_stats(40)
-    return {"tasks": tasks, "replicas": replicas, "batch": batch, "task_messages": messages, "done": done, "steps": steps, "metrics": metrics, "vary": vary,
+    return {"tasks": tasks, "replicas": replicas, "batch": batch, "task_messages": messages, "done": done,
+            "steps": steps, "metrics": metrics, "vary": vary,
             "store": "sqlite" if db is None else db.split(":", 1)[0],
             "cpu_ms_per_task": round(1000 * cpu / tasks, 4), "wall_ms_per_task": round(1000 * wall / tasks, 4)}
 
