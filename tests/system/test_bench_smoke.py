@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench import peer
+from bench.replicas import ROUNDS
 from tests.support import REPO_ROOT, in_ci, require
 from tests.support.brokers import find_mosquitto
 
@@ -89,7 +90,7 @@ def test_tiny_benchmark_run_writes_results_and_ends_with_the_summary_line(tmp_pa
     assert scale["answered_by_swarm"] >= 150 and scale["malformed_tasks"] == 0
     _check_fleets(results)
     replicas = results["replicas"]  # issue 11: replicated results/s vs single-replica, same run
-    assert [(r["key"], r["results"]) for r in replicas["runs"]] == [("single", 200), ("replicas2", 200)] * 2
+    assert [(r["key"], r["results"]) for r in replicas["runs"]] == [("single", 200), ("replicas2", 200)] * ROUNDS
     assert replicas["ratio"] > 0
     assert {target["name"] for target in results["targets"]} >= {"e2e vs raw round trip", "coordinator RSS"}
 
