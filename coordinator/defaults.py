@@ -122,7 +122,7 @@ RATE_WINDOW = 10.0
 # Workers registered from which the engine freezes its heap (coordinator/heap.py), and the
 # growth (a share of that count) that freezes it again: each of a big fleet's workers keeps
 # objects alive for good, and CPython's cyclic GC scanning them again and again cost 50,000
-# workers 40 % more CPU per task than 1,000 (measured by bench/engine_cpu.py, gc off: equal).
+# workers 50 % more engine CPU per task than 1,000 (bench/engine_cpu.py; GC off: the same).
 HEAP_FREEZE_WORKERS = 256
 HEAP_FREEZE_GROWTH = 0.25
 
