@@ -99,7 +99,7 @@ def measure(tasks: int, workers: int, in_flight: int, chunk: int, metrics: bool,
     while not coordinator._inbox.empty():  # a step takes batch_max messages: register them all first
         coordinator.step()
     coordinator.step()
-    replication = Replication.make(replicas, replicas, None, "volunteer", None, False)
+    replication = Replication.make(replicas)  # quorum = replicas
     job = store.create_job("noop", [[] for _ in range(tasks // replicas)], replication=replication)
     coordinator._nudged = True
     waiting: list[tuple[str, bytes]] = []

@@ -38,9 +38,16 @@ class HeapFreezer:
                  growth: float = defaults.HEAP_FREEZE_GROWTH) -> None:
         self.floor = floor
         self.growth = growth
-        self.next_mark = floor
         self.frozen_at = 0  # workers at the last freeze (0: not frozen)
         self.freezes = 0
+
+    @property
+    def next_mark(self) -> int:
+        """Workers at which the next check freezes: the floor, or the growth share past the
+        last freeze."""
+        if not self.frozen_at:
+            return self.floor
+        return max(self.frozen_at + 1, int(self.frozen_at * (1 + self.growth)))
 
     def check(self, workers: int) -> bool:
         """Freeze if ``workers`` reached the mark (thaw first if the fleet shrank by the
@@ -53,7 +60,6 @@ class HeapFreezer:
         gc.freeze()
         self.freezes += 1
         self.frozen_at = workers
-        self.next_mark = max(workers + 1, int(workers * (1 + self.growth)))
         log.debug("heap frozen at %d workers (%d objects); next at %d", workers, gc.get_freeze_count(),
                   self.next_mark)
         return True
@@ -66,4 +72,3 @@ class HeapFreezer:
         gc.unfreeze()
         gc.collect()
         self.frozen_at = 0
-        self.next_mark = self.floor

@@ -660,8 +660,8 @@ def test_replication_options_replica_values_quorum_and_credit(store: Store) -> N
 
 
 def test_many_replica_values_in_one_apply_each_keep_their_own_fields(store: Store) -> None:
-    # More values than one statement carries (sqlreplicas._CASES): every row gets its own value
-    # and time, none another's (errors mixed with none: PostgreSQL types each CASE as one column).
+    # A step's worth of values and more, errors mixed with none: every row gets its own value
+    # and time, none another's.
     job = store.create_job("add", [[i] for i in range(250)], replication=Replication.make(replicas=2, quorum=2))
     worker = add_worker(store, "alice/w")
     now = time.time()
