@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -24,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import peewee as pw
 
 from dockercomp.coordinator import database, heartbeat, leadership, unroutable
+from dockercomp.coordinator.checkpoint import Checkpointer
 from dockercomp.coordinator.database import database_proxy
 from dockercomp.coordinator.errors import StoreError, StoreLocked, UnknownJob, UnknownTask
 from dockercomp.coordinator.heartbeat import Heartbeat
@@ -112,6 +114,7 @@ class SqlStore(ReplicaQueries, Store):
     def __init__(self, db: pw.Database, url: str = "") -> None:
         self.db = db
         self.url = url
+        self.checkpointer: Checkpointer | None = None  # the engine's SQLite WAL checkpoints
 
     @classmethod
     def open(cls, url: str, busy_timeout_ms: int = database.SQLITE_BUSY_TIMEOUT_MS,  # type: ignore[override]
@@ -144,6 +147,9 @@ class SqlStore(ReplicaQueries, Store):
         return isinstance(self.db, pw.SqliteDatabase)
 
     def close(self) -> None:
+        if self.checkpointer is not None and self.checkpointer.owner == threading.get_ident():
+            self.checkpointer.stop()  # the engine's: its last checkpoint first, while still connected
+            self.checkpointer = None
         if not self.db.is_closed():
             self.db.close()
 
@@ -153,14 +159,27 @@ class SqlStore(ReplicaQueries, Store):
 
     def transaction(self) -> Any:
         self.bind()
+        if self.checkpointer is not None and self.checkpointer.owner == threading.get_ident():
+            return self._engine_transaction(self.checkpointer)
         return self.db.atomic()
+
+    @contextmanager
+    def _engine_transaction(self, checkpointer: Checkpointer) -> Iterator[None]:
+        with self.db.atomic():
+            yield
+        if checkpointer.due:  # the WAL grew big: the engine finishes the checkpoint (checkpoint.py)
+            checkpointer.finish(lambda sql: self.db.execute_sql(sql).fetchall())
 
     def relax_durability(self) -> None:
         """SQLite WAL with synchronous=NORMAL: losing the last results to a power cut only
-        means recomputing them, as their leases are still open."""
+        means recomputing them, as their leases are still open. The WAL's checkpoints leave the
+        engine's commits for a thread of their own (coordinator/checkpoint.py)."""
         if self.is_sqlite:
             self.bind()
             self.db.execute_sql("PRAGMA synchronous=NORMAL")
+            self.db.execute_sql("PRAGMA wal_autocheckpoint=0")
+            if self.checkpointer is None:
+                self.checkpointer = Checkpointer(self.db.database).start()
 
     @contextmanager
     def _errors(self, doing: str) -> Iterator[None]:

@@ -1,0 +1,154 @@
+"""The engine's SQLite WAL checkpoints on their own thread (coordinator/checkpoint.py), on real
+database files: the engine's commits no longer checkpoint, the thread's checkpoints keep the WAL
+bounded and the data in the database file, and a failing checkpoint is logged once."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dockercomp.coordinator.checkpoint import Checkpointer
+from dockercomp.coordinator.sqlstore import SqlStore
+from dockercomp.coordinator.store import Store
+
+
+def _wal_pages(path: Path) -> int:
+    """Frames the WAL file has room for: it grows with commits that no checkpoint followed (a
+    checkpoint would copy them, so the file's size is read instead; it never shrinks)."""
+    wal = Path(f"{path}-wal")
+    return max(0, (wal.stat().st_size - 32) // (4096 + 24)) if wal.exists() else 0
+
+
+def _fill(store: Store, jobs: int, tasks: int = 200) -> None:
+    for _ in range(jobs):
+        store.create_job("add", [[i, i] for i in range(tasks)])
+
+
+@pytest.fixture
+def engine_store(tmp_path: Path) -> SqlStore:
+    store = Store.open(str(tmp_path / "coordinator.db"))
+    assert isinstance(store, SqlStore)
+    yield store
+    store.close()
+
+
+def test_the_engine_connection_leaves_checkpoints_to_the_thread(engine_store: SqlStore) -> None:
+    engine_store.relax_durability()
+
+    (autocheckpoint,) = engine_store.db.execute_sql("PRAGMA wal_autocheckpoint").fetchone()
+    (synchronous,) = engine_store.db.execute_sql("PRAGMA synchronous").fetchone()
+    assert autocheckpoint == 0 and synchronous == 1  # NORMAL
+    checkpointer = engine_store.checkpointer
+    assert checkpointer is not None and checkpointer.running
+    engine_store.relax_durability()  # a reload calls it again: still one thread
+    assert engine_store.checkpointer is checkpointer
+
+
+def test_its_checkpoints_copy_what_the_engine_committed(engine_store: SqlStore, tmp_path: Path) -> None:
+    engine_store.relax_durability()
+    checkpointer = engine_store.checkpointer
+    assert checkpointer is not None
+    checkpointer.stop()  # driven by hand below
+    _fill(engine_store, 5)
+    assert _wal_pages(tmp_path / "coordinator.db") > 10  # the engine's commits did not checkpoint
+
+    pages, copied = checkpointer.checkpoint()  # type: ignore[misc]
+
+    assert pages > 10 and copied == pages
+    reader = sqlite3.connect(tmp_path / "coordinator.db")
+    assert reader.execute("SELECT COUNT(*) FROM task").fetchone() == (1000,)
+    reader.close()
+
+
+def _write(store: Store, tasks: int = 50) -> None:
+    """One engine transaction (SqlStore.transaction, as the engine's steps)."""
+    with store.transaction():
+        job = store.create_job("add", [[i, i] for i in range(tasks)])
+        store.db.execute_sql("UPDATE task SET state = 'assigned' WHERE job_id = ?", (job.id,))
+
+
+def test_past_the_limit_the_engine_finishes_the_checkpoint_and_the_wal_starts_over(tmp_path: Path) -> None:
+    store = Store.open(str(tmp_path / "coordinator.db"))
+    store.relax_durability()
+    checkpointer = store.checkpointer
+    assert checkpointer is not None
+    checkpointer.stop()  # driven by hand below
+    checkpointer.finish_pages = 20
+    _fill(store, 5)
+
+    checkpointer.checkpoint()
+    assert checkpointer.due and checkpointer.largest_wal > 20
+    _write(store)  # commits, then copies what it wrote: everything is in the database file
+
+    assert not checkpointer.due and checkpointer.finishes == 1
+    _write(store, tasks=1)  # this transaction starts at the front of the WAL
+    pages, copied = checkpointer.checkpoint()  # type: ignore[misc]
+    assert pages < 20 and copied == pages and not checkpointer.due
+    store.close()
+
+
+def test_the_wal_stays_bounded_while_the_engine_writes_without_a_pause(tmp_path: Path) -> None:
+    """The worst case for the thread: no gap between the engine's transactions for its
+    checkpoints to end in. The engine's own finishing checkpoints keep the WAL bounded."""
+    store = Store.open(str(tmp_path / "coordinator.db"))
+    store.relax_durability()
+    store.checkpointer.stop()  # type: ignore[union-attr]
+    checkpointer = store.checkpointer = Checkpointer(str(tmp_path / "coordinator.db"), interval=0.01,
+                                                     finish_pages=200).start()
+    deadline = time.monotonic() + 30
+    while checkpointer.finishes < 5 and time.monotonic() < deadline:
+        _write(store)
+
+    assert checkpointer.finishes >= 5 and checkpointer.failures == 0
+    # Each time: the limit, plus what the writes added during one turn of the thread.
+    assert checkpointer.largest_wal < 1_000
+    store.close()
+
+
+def test_close_runs_a_last_checkpoint_and_stops_the_thread(tmp_path: Path) -> None:
+    store = Store.open(str(tmp_path / "coordinator.db"))
+    store.relax_durability()
+    checkpointer = store.checkpointer
+    assert checkpointer is not None
+    checkpointer.interval = 3600  # only the last one
+    _fill(store, 3)
+
+    store.close()
+
+    assert not checkpointer.running and store.checkpointer is None
+    assert checkpointer.runs >= 1 and not Path(f"{tmp_path / 'coordinator.db'}-wal").exists()
+
+
+def test_another_threads_close_leaves_the_engines_checkpoints_running(engine_store: SqlStore) -> None:
+    engine_store.relax_durability()
+    closer = threading.Thread(target=engine_store.close)  # e.g. a reader thread ending
+    closer.start()
+    closer.join()
+
+    assert engine_store.checkpointer is not None and engine_store.checkpointer.running
+
+
+def test_a_failing_checkpoint_is_logged_once_and_retried(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    missing = tmp_path / "gone" / "coordinator.db"  # its directory does not exist (yet)
+    checkpointer = Checkpointer(str(missing))
+    caplog.set_level(logging.INFO, logger="dockercomp.coordinator.checkpoint")
+
+    assert checkpointer.checkpoint() is None and checkpointer.checkpoint() is None
+
+    assert checkpointer.failures == 2
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "WAL checkpoint of" in caplog.records[0].getMessage() and "retrying" in caplog.records[0].getMessage()
+    missing.parent.mkdir()
+    assert checkpointer.checkpoint() is None and not missing.exists()  # never creates an empty database
+    store = Store.open(str(missing))
+    store.create_job("add", [[1, 2]])
+    assert checkpointer.checkpoint() is not None
+    assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]
+    assert "work again" in caplog.records[1].getMessage()
+    checkpointer.stop()
+    store.close()
