@@ -11,6 +11,7 @@ Mosquitto's: per task, what the whole cluster burns against what one Mosquitto b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,15 +44,17 @@ class ClusterBrokers(FleetBrokers):
             self.cluster.close()
 
 
-def start_cluster_brokers(workdir: Path, swarms: int, size: int = CLUSTER_SIZE) -> ClusterBrokers:
-    """A started cluster of `size` nodes; swarm process k connects to node k mod size."""
+def start_cluster_brokers(workdir: Path, swarms: int, size: int = CLUSTER_SIZE,
+                          say: Callable[[str], None] = lambda line: None) -> ClusterBrokers:
+    """A started cluster of `size` nodes; swarm process k connects to node k mod size. Each
+    step of its start is said as it ends (a slow one is seen while it runs long)."""
     bindir = find_rabbitmq()
     if bindir is None:
         raise BenchError("rabbitmq-server is not installed: apt-get install rabbitmq-server (or `make system`)")
     per_process, limited_by = connections_per_process()
     cluster = RabbitCluster(workdir / "rabbitmq", size=size, bindir=bindir)
     try:
-        cluster.start()
+        cluster.start(progress=lambda line: say(f"rabbitmq cluster: {line}"))
     except (OSError, RuntimeError) as exc:
         raise BenchError(f"the RabbitMQ cluster did not start: {exc}") from None
     first = cluster.nodes[0]

@@ -305,7 +305,7 @@ def _scale(run_: _Run) -> None:
         result = scale_mod.measure(workdir=run_.workdir / f"scale-{workers}", workers=workers,
                                    processes=o.scale_processes, job_sizes=list(o.scale_tasks),
                                    slice_size=o.scale_slice, per_volunteer=o.scale_per_volunteer,
-                                   leaves=o.scale_leaves, broker=o.broker)
+                                   leaves=o.scale_leaves, broker=o.broker, say=lambda line: run_.say(f"  {line}"))
         fleets.append({**result.to_json(), "phase_s": round(time.perf_counter() - started, 1)})
         run_.results["scale"], run_.results["scale_fleets"] = fleets[0], fleets  # kept if a bigger one fails
         leaves = result.brokers.get("leaves")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import multiprocessing
 import queue
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,8 @@ def _split(sims: list[tuple[str, str]], processes: int, by_volunteer: bool) -> l
 
 
 def measure(*, workdir: Path, workers: int, processes: int, job_sizes: list[int], slice_size: int,
-            per_volunteer: int, leaves: int | None = None, broker: str = "mosquitto") -> ScaleRun:
+            per_volunteer: int, leaves: int | None = None, broker: str = "mosquitto",
+            say: Callable[[str], None] = lambda line: None) -> ScaleRun:
     """One coordinator and ``workers`` simulated workers on the brokers ``start_fleet_brokers``
     gives (``leaves``: None = as many as the machine's limits need)."""
     from dockercomp.coordinator.api import Client
@@ -170,7 +172,7 @@ def measure(*, workdir: Path, workers: int, processes: int, job_sizes: list[int]
     if leaves and any(not part for part in parts):
         raise BenchError(f"{workers} workers of {per_volunteer} per volunteer are too few volunteers for "
                          f"{processes} swarm processes over {leaves} leaf brokers")
-    brokers = (start_cluster_brokers(workdir / "brokers", processes) if broker == "rabbitmq-cluster" else
+    brokers = (start_cluster_brokers(workdir / "brokers", processes, say=say) if broker == "rabbitmq-cluster" else
                start_fleet_brokers(workdir / "brokers", "dockercomp", [sorted({v for v, _ in part}) for part in parts],
                                    leaves))
     db = workdir / "scale.db"

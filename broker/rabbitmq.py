@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import secrets
 import shutil
@@ -49,6 +50,10 @@ NODE_START_TIMEOUT = 90.0
 CTL_TIMEOUT = 120.0
 # Seconds the cluster gets to list every node as running after the joins.
 CLUSTER_FORM_TIMEOUT = 60.0
+# Seconds the whole start may take (boots, joins, forming, policy): each step gets what is left
+# of it, so a stuck rabbitmqctl fails the start with its name instead of outlasting a caller's
+# own timeout (~20-30 s is usual on an idle 2-core machine).
+CLUSTER_START_TIMEOUT = 150.0
 # Seconds epmd gets to listen.
 EPMD_START_TIMEOUT = 10.0
 # The line a node logs once every plugin (the MQTT listener too) runs.
@@ -214,6 +219,8 @@ class RabbitCluster:
             cookie.chmod(0o400)  # Erlang refuses a cookie file others can read
         self.epmd_port = 0
         self._epmd: subprocess.Popen[bytes] | None = None
+        self._deadline = math.inf  # of the running start()
+        self.steps: list[str] = []  # what the last start() did, as it told ``progress``
         self.nodes = [RabbitNode(self, index) for index in range(1, size + 1)]
 
     @property
@@ -233,36 +240,66 @@ class RabbitCluster:
         }
 
     def ctl(self, nodename: str, *args: str, timeout: float = CTL_TIMEOUT) -> str:
-        """`rabbitmqctl -n NODENAME ARGS...`; RuntimeError with its output when it fails."""
+        """`rabbitmqctl -n NODENAME ARGS...`; RuntimeError with its output when it fails or
+        runs out of time (during ``start``, of what is left of the start's)."""
         command = [str(self.bindir / "rabbitmqctl"), "-n", nodename, *args]
-        result = subprocess.run(command, env=self.env(), capture_output=True, text=True,
-                                timeout=timeout, check=False)
+        timeout = min(timeout, self._left())
+        try:
+            result = subprocess.run(command, env=self.env(), capture_output=True, text=True,
+                                    timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"rabbitmqctl {' '.join(command[1:])} did not finish within {timeout:.0f} s") from None
         if result.returncode != 0:
             raise RuntimeError(f"rabbitmqctl {' '.join(command[1:])} exited {result.returncode}:\n"
                                f"{result.stdout}\n{result.stderr}")
         return result.stdout
 
-    def start(self) -> RabbitCluster:
+    def start(self, timeout: float = CLUSTER_START_TIMEOUT, progress: Callable[[str], None] | None = None) -> RabbitCluster:
         """Boots every node at once, then joins the others to the first (stop_app,
-        join_cluster, start_app, as an operator would) and sets MIRROR_POLICY. Stops whatever
-        it started if that fails."""
+        join_cluster, start_app, as an operator would) and sets MIRROR_POLICY, all within
+        ``timeout``; ``progress`` is told each step as it ends. Stops whatever it started if
+        that fails."""
         _live.add(self)
+        began = time.monotonic()
+        self.steps = []
+        self._deadline = began + timeout
+        say = progress or (lambda line: None)
+
+        def step(what: str) -> None:
+            line = f"{what} ({time.monotonic() - began:.1f} s)"
+            self.steps.append(line)
+            say(line)
+
         try:
             self._start_epmd()
-            self._each(lambda node: node.start(), self.nodes)
-            self._each(self._join, self.nodes[1:])
-            self.wait_formed()
+            for node in self.nodes:
+                node.start_timeout = min(NODE_START_TIMEOUT, self._left())
+            self._each(lambda node: (node.start(), step(f"{node.nodename} booted")), self.nodes)
+            self._each(lambda node: (self._join(node), step(f"{node.nodename} joined")), self.nodes[1:])
+            self.wait_formed(min(CLUSTER_FORM_TIMEOUT, self._left()))
+            step("cluster formed")
             self.nodes[0].ctl(*MIRROR_POLICY)
+            step("mirroring policy set")
         except BaseException:
             self.close()
             raise
+        finally:
+            self._deadline = math.inf
         return self
+
+    def _left(self) -> float:
+        """Seconds left of the running start's timeout (unbounded outside ``start``)."""
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise RuntimeError("the cluster did not start within its time (CLUSTER_START_TIMEOUT); "
+                               "see the nodes' logs")
+        return left
 
     def _join(self, node: RabbitNode) -> None:
         node.ctl("stop_app")
         node.ctl("join_cluster", self.nodes[0].nodename)
         node.ctl("start_app")
-        deadline = time.monotonic() + NODE_START_TIMEOUT
+        deadline = time.monotonic() + min(NODE_START_TIMEOUT, self._left())
         while not port_accepts(node.host, node.port):  # start_app reopens the MQTT listener
             if time.monotonic() > deadline:
                 raise BrokerStartError(f"{node.nodename} did not reopen MQTT after joining", node.log())

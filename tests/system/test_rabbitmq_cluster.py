@@ -270,3 +270,25 @@ def test_the_bench_scale_phase_runs_on_its_own_three_node_cluster(tmp_path: Path
     assert scale["workers"] == 6 and scale["answered_by_swarm"] >= 60 and scale["malformed_tasks"] == 0
     [job] = scale["jobs"]
     assert job["tasks"] == 60 and job["workers_used"] == 6 and job["cpu_ms_per_task_by_group"]["broker"] > 0
+
+
+def test_the_cluster_said_each_step_of_its_start(cluster: RabbitCluster) -> None:  # noqa: F811
+    """What `bench --broker rabbitmq-cluster` prints while the cluster starts: a slow step is
+    seen while it runs long, instead of a silent wait."""
+    steps = cluster.steps
+    assert sum("booted" in line for line in steps) == 3 and sum("joined" in line for line in steps) == 2
+    assert steps[-2].startswith("cluster formed (") and steps[-1].startswith("mirroring policy set (")
+
+
+def test_a_start_out_of_time_fails_saying_so_and_leaves_nothing_running(tmp_path: Path) -> None:
+    bindir = find_rabbitmq()
+    require(bindir, "RabbitMQ (rabbitmq-server with its MQTT plugin)", "apt-get install rabbitmq-server")
+    late = RabbitCluster(tmp_path / "late", bindir=bindir)
+    began = time.monotonic()
+
+    with pytest.raises(RuntimeError) as failed:  # BrokerStartError is one too
+        late.start(timeout=2.0)  # a node alone boots in ~5 s
+
+    assert time.monotonic() - began < 30  # not the 90 s a node may take
+    assert "did not" in str(failed.value) or "within its time" in str(failed.value)
+    assert not late.leftovers()
