@@ -11,6 +11,7 @@ that comes first (a ``sitecustomize`` written for it), and the run checks which 
 imported before measuring anything.
 
     python -m bench.compare HEAD~3 --only e2e --only window1 --pairs 3
+    python -m bench.compare HEAD~3 --only scale --bench-args "--scale-workers 50000"
 
 Prints, per figure, the median of each side, this / REV, and every pair. Exit codes: 0 done,
 1 a run failed (its output is shown), 2 bad options or an unknown commit.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -95,6 +97,11 @@ def figures(results: dict[str, Any]) -> dict[str, float]:
     e2e = out.get("e2e-mosquitto tasks/s")
     if e2e and peer.get("tasks_per_s"):
         out["e2e / Celery+Redis"] = round(e2e / peer["tasks_per_s"], 2)
+    for fleet in results.get("scale_fleets") or ([results["scale"]] if results.get("scale") else []):
+        for job in fleet.get("jobs", []):
+            where = f"scale {fleet['workers']:,} workers, {job['tasks']:,} tasks"
+            out[f"{where}: tasks/s"] = job["tasks_per_s"]
+            out[f"{where}: coordinator CPU ms/task"] = job["cpu_ms_per_task"]
     for phase in ("replicas", "metrics"):
         ratio = (results.get(phase) or {}).get("ratio")
         if isinstance(ratio, (int, float)):
@@ -151,9 +158,11 @@ def bench_once(cwd: Path, env: dict[str, str] | None, args: Sequence[str]) -> di
 @click.option("--only", "phases", multiple=True, type=click.Choice(PHASES), default=("raw", "e2e", "window1"),
               help="Bench phases to run (repeatable).")
 @click.option("--quick", is_flag=True, help="The bench's small sizes: a check of this tool, not a measurement.")
+@click.option("--bench-args", default="", help="More options for both sides' bench, e.g. '--scale-workers 50000'.")
 @click.option("--json", "as_json", is_flag=True, help="Print {figure: {rev: [...], this: [...]}} only.")
-def main(rev: str, pairs: int, phases: tuple[str, ...], quick: bool, as_json: bool) -> None:
+def main(rev: str, pairs: int, phases: tuple[str, ...], quick: bool, bench_args: str, as_json: bool) -> None:
     args = [arg for phase in phases for arg in ("--only", phase)] + (["--quick"] if quick else [])
+    args += shlex.split(bench_args)
     console = Console(stderr=as_json)
     with old_checkout(rev) as (tree, env):
         old_files = imported_from(tree, env)

@@ -26,10 +26,12 @@ SQLITE_BUSY_TIMEOUT_MS = 15_000
 # statements stay compiled): measured with `python -m bench --only scale --only stream`.
 SQLITE_STATEMENT_CACHE = 128
 
-# The engine's WAL checkpoints run on their own thread (coordinator/checkpoint.py). Seconds
-# between them: at window 1 the engine writes ~1,000 pages in that time, what SQLite's own
-# automatic checkpoint would have copied at once.
-CHECKPOINT_INTERVAL = 0.25
+# The engine's WAL checkpoints run on their own thread (coordinator/checkpoint.py), each once
+# this many pages wait to be copied: SQLite's own automatic checkpoint's default. More often
+# copies the pages the engine rewrites all the time (indexes, worker rows) more often.
+CHECKPOINT_PAGES = 1_000
+# Seconds between the thread's looks at the WAL's size (a 4-byte read of the -shm file).
+CHECKPOINT_INTERVAL = 0.05
 # WAL pages (4 KiB) past which the engine copies the rest itself after a commit, so that the
 # WAL starts over (16 MiB; SQLite's own checkpoints come every 1,000): the thread's alone cannot
 # always catch up with an engine that never pauses.

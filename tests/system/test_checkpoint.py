@@ -15,6 +15,7 @@ import pytest
 from dockercomp.coordinator.checkpoint import Checkpointer
 from dockercomp.coordinator.sqlstore import SqlStore
 from dockercomp.coordinator.store import Store
+from tests.support import wait_until
 
 
 def _wal_pages(path: Path) -> int:
@@ -98,7 +99,7 @@ def test_the_wal_stays_bounded_while_the_engine_writes_without_a_pause(tmp_path:
     store = Store.open(str(tmp_path / "coordinator.db"))
     store.relax_durability()
     store.checkpointer.stop()  # type: ignore[union-attr]
-    checkpointer = store.checkpointer = Checkpointer(str(tmp_path / "coordinator.db"), interval=0.01,
+    checkpointer = store.checkpointer = Checkpointer(str(tmp_path / "coordinator.db"), interval=0.01, pages=50,
                                                      finish_pages=200).start()
     deadline = time.monotonic() + 30
     while checkpointer.finishes < 5 and time.monotonic() < deadline:
@@ -107,6 +108,28 @@ def test_the_wal_stays_bounded_while_the_engine_writes_without_a_pause(tmp_path:
     assert checkpointer.finishes >= 5 and checkpointer.failures == 0
     # Each time: the limit, plus what the writes added during one turn of the thread.
     assert checkpointer.largest_wal < 1_000
+    store.close()
+
+
+def test_the_thread_checkpoints_once_enough_pages_wait(tmp_path: Path) -> None:
+    """As SQLite's own automatic checkpoint would, and not on a timer: the pages the engine
+    rewrites all the time would be copied more often (10-20 % more coordinator CPU per task with
+    50,000 workers)."""
+    store = Store.open(str(tmp_path / "coordinator.db"))
+    store.relax_durability()
+    store.checkpointer.stop()  # type: ignore[union-attr]
+    path = str(tmp_path / "coordinator.db")
+    patient = Checkpointer(path, interval=0.01, pages=1_000_000).start()
+    _fill(store, 3)
+    waiting = patient.waiting()
+    assert waiting is not None and waiting > 10  # read from the wal-index header
+    time.sleep(0.2)
+    assert patient.runs == 0
+
+    eager = Checkpointer(path, interval=0.01, pages=10).start()
+    assert wait_until(lambda: eager.runs >= 1, timeout=10)
+    assert wait_until(lambda: eager.waiting() == 0, timeout=10)
+    patient.stop(), eager.stop()
     store.close()
 
 
