@@ -148,7 +148,9 @@ def bench_once(cwd: Path, env: dict[str, str] | None, args: Sequence[str]) -> di
     try:
         return json.loads(done.stdout)
     except json.JSONDecodeError:
-        click.echo(done.stdout[-2000:] + done.stderr[-3000:], err=True)
+        click.echo(f"the bench in {cwd} failed (exit {done.returncode}); its last output:\n"
+                   f"{done.stdout[-2000:]}{done.stderr[-3000:]}\n"
+                   f"run `python -m bench {' '.join(args)}` there alone to see it whole", err=True)
         raise SystemExit(EXIT_RUN_FAILED) from None
 
 

@@ -167,7 +167,9 @@ class SqlStore(ReplicaQueries, Store):
     def _engine_transaction(self, checkpointer: Checkpointer) -> Iterator[None]:
         with self.db.atomic():
             yield
-        if checkpointer.due:  # the WAL grew big: the engine finishes the checkpoint (checkpoint.py)
+        # The WAL grew big: the engine finishes the checkpoint (checkpoint.py); not inside an
+        # outer transaction, where SQLite refuses one.
+        if checkpointer.due and not self.db.in_transaction():
             checkpointer.finish(lambda sql: self.db.execute_sql(sql).fetchall())
 
     def relax_durability(self) -> None:
