@@ -43,10 +43,11 @@ from dockercomp.coordinator.defaults import CHECKPOINT_FINISH_PAGES, CHECKPOINT_
 
 log = logging.getLogger(__name__)
 
-# The wal-index header (walformat.html), in the machine's byte order: mxFrame, the frames in
-# the WAL, at byte 16; nBackfill, those already copied into the database file, at byte 96.
-_MX_FRAME = struct.Struct("=I")
-_MX_FRAME_AT, _BACKFILL_AT = 16, 96
+# The wal-index header (walformat.html), in the machine's byte order: its version at byte 0,
+# mxFrame (the frames in the WAL) at byte 16, nBackfill (those already copied into the
+# database file) at byte 96. Another version: the layout is not known, so not read.
+_FIELD = struct.Struct("=I")
+_VERSION, _MX_FRAME_AT, _BACKFILL_AT = 3007000, 16, 96
 # Seconds between checkpoints when that header cannot be read (no WAL yet, another VFS).
 _BLIND_INTERVAL = 1.0
 
@@ -118,10 +119,10 @@ class Checkpointer:
                 header = shm.read(_BACKFILL_AT + 4)
         except OSError:
             return None
-        if len(header) < _BACKFILL_AT + 4:
+        if len(header) < _BACKFILL_AT + 4 or _FIELD.unpack_from(header, 0)[0] != _VERSION:
             return None
-        (frames,) = _MX_FRAME.unpack_from(header, _MX_FRAME_AT)
-        (copied,) = _MX_FRAME.unpack_from(header, _BACKFILL_AT)
+        (frames,) = _FIELD.unpack_from(header, _MX_FRAME_AT)
+        (copied,) = _FIELD.unpack_from(header, _BACKFILL_AT)
         return max(0, frames - copied)
 
     def checkpoint(self) -> tuple[int, int] | None:

@@ -132,6 +132,29 @@ def test_the_thread_checkpoints_once_enough_pages_wait(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_wal_index_it_cannot_read_means_a_checkpoint_now_and_then(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """No -shm file, or one of another layout version: it cannot tell how much waits, so it
+    checkpoints once per _BLIND_INTERVAL (1 s) instead of never, or on every look."""
+    (tmp_path / "other.db-shm").write_bytes(b"\0" * 200)  # layout version 0
+    assert Checkpointer(str(tmp_path / "other.db")).waiting() is None
+    assert Checkpointer(str(tmp_path / "none.db")).waiting() is None
+    store = Store.open(str(tmp_path / "coordinator.db"))
+    store.relax_durability()
+    store.checkpointer.stop()  # type: ignore[union-attr]
+    _fill(store, 1)
+    checkpointer = Checkpointer(str(tmp_path / "coordinator.db"), interval=0.01, pages=1_000_000)
+    monkeypatch.setattr(checkpointer, "waiting", lambda: None)
+
+    checkpointer.start()
+
+    assert wait_until(lambda: checkpointer.runs >= 1, timeout=10)
+    time.sleep(0.3)
+    assert checkpointer.runs == 1  # not one per 10 ms look
+    checkpointer.stop()
+    store.close()
+
+
 def test_close_runs_a_last_checkpoint_and_stops_the_thread(tmp_path: Path) -> None:
     store = Store.open(str(tmp_path / "coordinator.db"))
     store.relax_durability()
