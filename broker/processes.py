@@ -179,6 +179,10 @@ class BrokerProcess:
     persistent = False
     # Seconds this kind of broker gets to accept connections (an Erlang node boots slower).
     start_timeout = START_TIMEOUT
+    # Started in a process group of its own, which kill() kills whole: for a broker whose start
+    # script runs helpers before it execs the server (RabbitMQ), a kill during boot would
+    # otherwise leave them running.
+    process_group = False
 
     def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
         self.workdir = workdir
@@ -247,6 +251,11 @@ class BrokerProcess:
         process = self._process
         if process is None:
             return
+        if self.process_group and sig == signal.SIGKILL:
+            try:  # the whole group, even when its leader has exited already
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         stop_process(process, sig)
         self._process = None
         _live.discard(self)
@@ -268,6 +277,7 @@ class BrokerProcess:
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
                 env=self._env(),
+                start_new_session=self.process_group,
             )
         self._process = process
         _live.add(self)

@@ -114,6 +114,9 @@ class RabbitNode(BrokerProcess):
     name = "rabbitmq"
     persistent = True  # retained messages and durable sessions survive a restart (per node)
     start_timeout = NODE_START_TIMEOUT
+    # Until the script execs the VM it runs Erlang helpers of its own: a start that runs out of
+    # time kills them with it (the group), or they would outlive the cluster.
+    process_group = True
 
     def __init__(self, cluster: RabbitCluster, index: int) -> None:
         super().__init__(cluster.workdir / f"node{index}", cluster.host)
