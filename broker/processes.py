@@ -169,6 +169,15 @@ def stop_process(process: subprocess.Popen[Any], sig: int = signal.SIGTERM, time
             process.wait(timeout)
 
 
+def _signal_group(pgid: int, sig: int) -> bool:
+    """``killpg``; False when the group has no process left (or none we may signal)."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
 class BrokerProcess:
     """A broker child process on 127.0.0.1 with `.url`, `.start()`, `.stop()`, `.kill()`.
 
@@ -251,12 +260,14 @@ class BrokerProcess:
         process = self._process
         if process is None:
             return
-        if self.process_group and sig == signal.SIGKILL:
-            try:  # the whole group, even when its leader has exited already
-                os.killpg(process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        group = self.process_group and sig == signal.SIGKILL
+        if group:
+            _signal_group(process.pid, signal.SIGKILL)  # the whole group, even if its leader exited
         stop_process(process, sig)
+        if group:  # returns once every member is gone, as kill() of a lone process does
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while _signal_group(process.pid, 0) and time.monotonic() < deadline:
+                time.sleep(0.01)
         self._process = None
         _live.discard(self)
 
