@@ -264,12 +264,18 @@ class BrokerProcess:
         if group:
             _signal_group(process.pid, signal.SIGKILL)  # the whole group, even if its leader exited
         stop_process(process, sig)
-        if group:  # returns once every member is gone, as kill() of a lone process does
-            deadline = time.monotonic() + STOP_TIMEOUT
-            while _signal_group(process.pid, 0) and time.monotonic() < deadline:
-                time.sleep(0.01)
+        if group:
+            self._kill_group(process.pid)
         self._process = None
         _live.discard(self)
+
+    @staticmethod
+    def _kill_group(pgid: int) -> None:
+        """SIGKILL the process group; returns once every member is gone, as kill() of a lone
+        process does (at most STOP_TIMEOUT)."""
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while _signal_group(pgid, signal.SIGKILL) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _command(self, port: int) -> list[str]:
         raise NotImplementedError
@@ -295,6 +301,8 @@ class BrokerProcess:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if process.poll() is not None:
+                if self.process_group:  # what its start script had started dies with it
+                    self._kill_group(process.pid)
                 self._process = None
                 _live.discard(self)
                 raise BrokerStartError(

@@ -22,6 +22,7 @@ import math
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -324,11 +325,21 @@ class RabbitCluster:
             time.sleep(0.5)
 
     def close(self) -> None:
-        """Kills every node (the data is thrown away, so no graceful stop is owed) and epmd."""
+        """Kills every node (the data is thrown away, so no graceful stop is owed) and epmd,
+        then whatever of this cluster still runs (``leftovers``: e.g. a helper of a node's start
+        script that left its process group); returns once none is left (at most 5 s)."""
         self._each(lambda node: node.kill(), self.nodes)
         if self._epmd is not None:
             stop_process(self._epmd)
             self._epmd = None
+        deadline = time.monotonic() + 5.0
+        while (left := self.leftovers()) and time.monotonic() < deadline:
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            time.sleep(0.05)
         _live.discard(self)
 
     def leftovers(self) -> list[int]:

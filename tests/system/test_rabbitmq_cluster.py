@@ -291,4 +291,5 @@ def test_a_start_out_of_time_fails_saying_so_and_leaves_nothing_running(tmp_path
 
     assert time.monotonic() - began < 30  # not the 90 s a node may take
     assert "did not" in str(failed.value) or "within its time" in str(failed.value)
-    assert not late.leftovers()
+    left = late.leftovers()
+    assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes()[:300] for pid in left]
