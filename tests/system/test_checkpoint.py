@@ -24,6 +24,15 @@ def _fill(store: Store, jobs: int, tasks: int = 200) -> None:
         store.create_job("add", [[i, i] for i in range(tasks)])
 
 
+def _engine_store_without_its_thread(tmp_path: Path) -> Store:
+    """A store set up as the engine's (no automatic checkpoints), its own checkpoint thread
+    stopped: the test drives checkpoints, or starts a Checkpointer of its own."""
+    store = Store.open(str(tmp_path / "coordinator.db"))
+    store.relax_durability()
+    store.checkpointer.stop()  # type: ignore[union-attr]
+    return store
+
+
 @pytest.fixture
 def engine_store(tmp_path: Path) -> Iterator[SqlStore]:
     store = Store.open(str(tmp_path / "coordinator.db"))
@@ -95,9 +104,7 @@ def test_past_the_limit_the_engine_finishes_the_checkpoint_and_the_wal_starts_ov
 def test_the_wal_stays_bounded_while_the_engine_writes_without_a_pause(tmp_path: Path) -> None:
     """The worst case for the thread: no gap between the engine's transactions for its
     checkpoints to end in. The engine's own finishing checkpoints keep the WAL bounded."""
-    store = Store.open(str(tmp_path / "coordinator.db"))
-    store.relax_durability()
-    store.checkpointer.stop()  # type: ignore[union-attr]
+    store = _engine_store_without_its_thread(tmp_path)
     checkpointer = store.checkpointer = Checkpointer(str(tmp_path / "coordinator.db"), interval=0.01, pages=50,
                                                      finish_pages=200).start()
     deadline = time.monotonic() + 30
@@ -114,9 +121,7 @@ def test_the_thread_checkpoints_once_enough_pages_wait(tmp_path: Path) -> None:
     """As SQLite's own automatic checkpoint would, and not on a timer: the pages the engine
     rewrites all the time would be copied more often (10-20 % more coordinator CPU per task with
     50,000 workers)."""
-    store = Store.open(str(tmp_path / "coordinator.db"))
-    store.relax_durability()
-    store.checkpointer.stop()  # type: ignore[union-attr]
+    store = _engine_store_without_its_thread(tmp_path)
     path = str(tmp_path / "coordinator.db")
     patient = Checkpointer(path, interval=0.01, pages=1_000_000).start()
     _fill(store, 3)
@@ -128,7 +133,8 @@ def test_the_thread_checkpoints_once_enough_pages_wait(tmp_path: Path) -> None:
     eager = Checkpointer(path, interval=0.01, pages=10).start()
     assert wait_until(lambda: eager.runs >= 1, timeout=10)
     assert wait_until(lambda: eager.waiting() == 0, timeout=10)
-    patient.stop(), eager.stop()
+    patient.stop()
+    eager.stop()
     store.close()
 
 
@@ -139,9 +145,7 @@ def test_a_wal_index_it_cannot_read_means_a_checkpoint_now_and_then(tmp_path: Pa
     (tmp_path / "other.db-shm").write_bytes(b"\0" * 200)  # layout version 0
     assert Checkpointer(str(tmp_path / "other.db")).waiting() is None
     assert Checkpointer(str(tmp_path / "none.db")).waiting() is None
-    store = Store.open(str(tmp_path / "coordinator.db"))
-    store.relax_durability()
-    store.checkpointer.stop()  # type: ignore[union-attr]
+    store = _engine_store_without_its_thread(tmp_path)
     _fill(store, 1)
     checkpointer = Checkpointer(str(tmp_path / "coordinator.db"), interval=0.01, pages=1_000_000)
     monkeypatch.setattr(checkpointer, "waiting", lambda: None)
