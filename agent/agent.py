@@ -2,9 +2,11 @@
 
 Threads and who does what:
 
-- paho's network thread (inside MqttConnection) only *enqueues*: incoming messages and
-  connection changes go to the inbox, and a byte on the wake-up pipe ends the main loop's
-  wait. The one exception is presence: the online presence is published from ``on_connect``
+- paho's network thread (inside MqttConnection) connects, then lends the connection to the
+  main thread, which reads and writes it in its own wait (``adopt``/``pump``) until it is lost.
+  Whichever thread reads only *enqueues*: incoming messages and connection changes go to the
+  inbox (from the network thread with a byte on the wake-up pipe, which ends the main loop's
+  wait). The one exception is presence: the online presence is published from ``on_connect``
   and the will is built in ``will_factory``, both on that thread right before/after the
   CONNECT, so a presence always carries the sequence number of the connection it belongs to.
 - Signal handlers only count signals or set the pause flag (the wake-up fd, set with ``signal.set_wakeup_fd``,
@@ -222,6 +224,10 @@ class Agent(TaskIntake, ResultSender):
         self.transport.on_connect = self._on_connect
         self.transport.on_disconnect = self._on_disconnect
         self.transport.on_message = self._on_message
+        # While connected, this thread reads the connection itself: a task reaches the runner
+        # without a hand-over from the network thread (MqttConnection.adopt).
+        self.transport.adopt()
+        self.transport.on_lend = self._wake
         self.transport.subscribe(self.task_topic, qos=1)
         self.transport.subscribe(self.rebirth_topic, qos=1)
         self.transport.start()
@@ -261,9 +267,11 @@ class Agent(TaskIntake, ResultSender):
                 if not self._inbox.empty():  # posted before the flag was up: no wake-up byte
                     timeout = 0.0
                 try:
-                    ended = self.runner.poll(timeout, wake=self._wake_fds)
+                    ended = self.runner.poll(timeout, wake=self._wake_fds + self.transport.waitables(),
+                                             before_wait=self.transport.write_pending)
                 finally:
                     self._sleeping = False
+                self.transport.pump(self.runner.woken)  # tasks read here land in the inbox
                 if ended:
                     self.report_all(ended, linger=True)
                 elif self._outbox and self._clock() >= self._outbox_due:

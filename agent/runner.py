@@ -163,7 +163,7 @@ class Runner:
         self._started = False
         # Registered once per process (and per wake-up descriptor), not rebuilt per poll.
         self._selector = selectors.DefaultSelector()
-        self._wake: tuple[int, ...] = ()
+        self._wake: tuple[Any, ...] = ()
         self.woken = False  # a wake-up descriptor was readable in the last poll
         self.crashes = 0  # task processes that died, for logs and tests
 
@@ -231,18 +231,25 @@ class Runner:
         self._queue.clear()
         return jobs
 
-    def poll(self, timeout: float, wake: Iterable[int] = ()) -> list[Finished]:
+    def poll(self, timeout: float, wake: Iterable[Any] = (),
+             before_wait: Callable[[], None] | None = None) -> list[Finished]:
         """Wait up to ``timeout`` seconds for something to happen (a job finishing, a process
-        dying, a deadline, or a readable ``wake`` descriptor); return the jobs that ended."""
+        dying, a deadline, or a readable ``wake`` descriptor or socket); return the jobs that
+        ended. ``before_wait`` is called once queued jobs went to their processes, right
+        before the wait: what it sends costs those jobs no time."""
         finished: list[Finished] = []
-        self._dispatch(finished)
+        # Watch first: a descriptor given up (the broker's socket, closed when the connection
+        # was lost) leaves the selector before a process spawned below may reuse its number.
         self._watch(tuple(wake))
+        self._dispatch(finished)
         now = self._clock()
         wait_for = timeout
         for slot in self._slots:
             wait_for = min(wait_for, slot.deadline - now)
         if finished:
             wait_for = 0.0
+        if before_wait is not None:
+            before_wait()
         events = self._selector.select(None if wait_for == float("inf") else max(0.0, wait_for))
         self.woken = False
         exited: list[_Slot] = []
@@ -347,7 +354,7 @@ class Runner:
         except (KeyError, ValueError):
             pass
 
-    def _watch(self, wake: tuple[int, ...]) -> None:
+    def _watch(self, wake: tuple[Any, ...]) -> None:
         if wake == self._wake:
             return
         for fd in self._wake:

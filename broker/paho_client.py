@@ -115,7 +115,8 @@ class _Client(mqtt.Client):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._local = threading.local()
-        self.network_thread_id: int | None = None
+        self.network_thread_id: int | None = None  # the thread that reads the socket now
+        self.loop_thread_id: int | None = None  # the thread that runs paho's loop
         self._writing = threading.Lock()  # held by whichever thread writes to the socket
 
     def _create_socket(self):  # noqa: ANN202 - paho's SocketLike
@@ -144,6 +145,8 @@ class _Client(mqtt.Client):
     def _write_here(self) -> bool:
         """Write the queued packets from this thread; True when none is left for the network
         thread (False: it must be woken to write them, or to see a broken connection)."""
+        if self.owner_reads and threading.get_ident() == self.network_thread_id:
+            return self.write_queued()
         if threading.get_ident() == self.network_thread_id or not isinstance(self._sock, _BufferedSocket):
             return False
         if not self._writing.acquire(blocking=False):
@@ -159,6 +162,20 @@ class _Client(mqtt.Client):
             return False
         finally:
             self._writing.release()
+        return rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and not self._out_packet
+
+    @property
+    def owner_reads(self) -> bool:
+        """The reading thread is an owner lent the connection (MqttConnection.adopt), which
+        writes what it queues at once: no loop of paho's runs on it."""
+        return self.network_thread_id is not None and self.network_thread_id != self.loop_thread_id
+
+    def write_queued(self) -> bool:
+        """The reading thread writes what is queued now; True when nothing is left queued."""
+        try:
+            rc = self.loop_write() if self.want_write() else mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        except Exception:  # noqa: BLE001 - a broken connection: the next read finds it
+            return False
         return rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and not self._out_packet
 
     def wake(self) -> None:
