@@ -289,6 +289,8 @@ class RabbitCluster:
             raise
         finally:
             self._deadline = math.inf
+            for node in self.nodes:  # a node started on its own later gets its full time again
+                node.start_timeout = NODE_START_TIMEOUT
         return self
 
     def _left(self) -> float:

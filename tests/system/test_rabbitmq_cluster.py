@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from dockercomp.coordinator.store import JobRow, Store
-from dockercomp.broker.rabbitmq import find_rabbitmq
+from dockercomp.broker.rabbitmq import NODE_START_TIMEOUT, find_rabbitmq
 from tests.support import REPO_ROOT, require, wait_until
 from tests.support.processes import FAST_SERVE, Processes, finished
 from tests.support.rabbitmq import RabbitCluster, RabbitNode, cluster, rabbitmq_cluster  # noqa: F401
@@ -293,3 +293,4 @@ def test_a_start_out_of_time_fails_saying_so_and_leaves_nothing_running(tmp_path
     assert "did not" in str(failed.value) or "within its time" in str(failed.value)
     left = late.leftovers()
     assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes()[:300] for pid in left]
+    assert all(node.start_timeout == NODE_START_TIMEOUT for node in late.nodes)  # a later lone start gets its time
