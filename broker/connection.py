@@ -7,8 +7,8 @@ fresh last will before every connection (the will carries that connection's sequ
 A component with a wait loop of its own (the agent) may ``adopt`` the connection: while it is
 up, the network thread lends it to that thread, which reads and writes it in its own wait, so a
 message reaches it without a hand-over between threads; a lost connection, a write the socket
-did not take whole, a flush or a close give it back. ``broker.memory.MemoryTransport`` is the
-in-memory twin for fast unit tests of logic.
+did not take whole, a flush or a close give it back (broker/lending.py).
+``broker.memory.MemoryTransport`` is the in-memory twin for fast unit tests of logic.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from dockercomp.broker.defaults import (
 )
 from dockercomp.broker.diagnosis import ca_file_problem, describe_connect_error, speaks
 from dockercomp.broker.errors import BrokerError, ConnectionFailed, ConnectionRejected
+from dockercomp.broker.lending import Lending
 from dockercomp.broker.paho_client import _Client
 from dockercomp.broker.settings import BrokerSettings
 
@@ -152,7 +153,7 @@ def backoff_delays(
         delay = min(cap, delay * 2)
 
 
-class MqttConnection(Transport):
+class MqttConnection(Lending, Transport):
     """paho-mqtt client (MQTT 3.1.1, clean session unless ``persistent``) with our own reconnect loop."""
 
     def __init__(
@@ -211,13 +212,7 @@ class MqttConnection(Transport):
         self._last_error = "not connected yet"
         self._thread: threading.Thread | None = None
         self._network_thread_id: int | None = None
-        # The owner (adopt): the thread the connection is lent to while it is up, so that
-        # messages reach it without a hand-over between threads (each one costs a wake-up and
-        # a switch of the GIL: ~0.1 ms of a window-1 round trip on 2 cores, bench/ window1).
-        # ``_lent`` is set while the owner reads the connection; ``_back`` when it gave it back.
-        self._owner_id: int | None = None
-        self._lent = False
-        self._back = threading.Event()
+        self._init_lending()  # the owner thread the connection is lent to (broker/lending.py)
         # Until the first connection succeeds, an error that retrying cannot mend ends the
         # transport (failure); after it, every error is retried (a broker restart, a reload).
         self._ever_connected = False
@@ -344,88 +339,6 @@ class MqttConnection(Transport):
         if sock is not None:
             sock.close()
             self._client.wake()  # an owner waiting on the socket would not notice it closed
-
-    # -- the owner (adopt) ------------------------------------------------------------------------
-    def adopt(self) -> None:
-        self._owner_id = threading.get_ident()
-
-    def waitables(self) -> tuple[object, ...]:
-        if not self._lent:
-            return ()
-        client = self._client
-        return tuple(x for x in (client.socket(), client._sockpairR) if x is not None)
-
-    def pump(self, readable: bool) -> None:
-        if not self._lent or threading.get_ident() != self._owner_id:
-            return
-        client = self._client
-        rc = mqtt.MQTT_ERR_SUCCESS
-        if readable:
-            waker = client._sockpairR
-            if waker is not None:
-                try:
-                    waker.recv(4096)  # wake-ups from other threads' publishes: write_pending sends them
-                except OSError:
-                    pass
-            sock = client.socket()
-            while rc == mqtt.MQTT_ERR_SUCCESS and sock is not None:
-                rc = client.loop_read()
-                # paho reads a bounded number of packets per call: go on while bytes wait in a
-                # buffer (ours, or TLS's), where the wait would not see them.
-                if not (hasattr(sock, "pending") and sock.pending()):
-                    break
-        if rc == mqtt.MQTT_ERR_SUCCESS:
-            rc = client.loop_misc()  # keepalive: PINGREQ when due, a silent broker is lost
-        if rc != mqtt.MQTT_ERR_SUCCESS or client.socket() is None:
-            self._give_back()  # lost: the network thread reconnects
-
-    def write_pending(self) -> None:
-        # The acknowledgements of tasks just read leave here, after the owner handed the tasks
-        # on (agent: to its task processes), not before: ~0.05 ms of a window-1 round trip.
-        if self._lent and threading.get_ident() == self._owner_id and self._client.want_write():
-            self._client.write_queued()
-            self._check_lent()
-
-    def _check_lent(self, rc: int = mqtt.MQTT_ERR_SUCCESS) -> None:
-        """Owner thread: give the connection back when it is lost (the network thread
-        reconnects) or when the socket took less than was queued (the network thread waits
-        until it can write the rest, which the owner's wait, for reading only, would not)."""
-        client = self._client
-        if rc != mqtt.MQTT_ERR_SUCCESS or client.socket() is None or client.want_write():
-            self._give_back()
-
-    def _disown_here(self) -> None:
-        """The owner stops reading (it is about to wait for acks, or to close): for good."""
-        if self._owner_id is not None and threading.get_ident() == self._owner_id:
-            self._owner_id = None
-            if self._lent:
-                self._give_back()
-
-    def _give_back(self) -> None:
-        self._client.network_thread_id = self._network_thread_id
-        self._lent = False
-        self._back.set()
-
-    def _lend(self) -> bool:
-        """Network thread, connected: lend the connection to the owner and wait until it comes
-        back. True when it came back still open (the owner stopped reading: go on looping)."""
-        self._back.clear()
-        self._client.network_thread_id = self._owner_id
-        self._lent = True
-        if self.on_lend is not None:
-            try:
-                self.on_lend()
-            except Exception:  # noqa: BLE001
-                log.exception("on_lend callback failed")
-        stop_since: float | None = None
-        while not self._back.wait(0.5):
-            if self._stopping.is_set():
-                # close() from another thread: the owner writes its DISCONNECT and gives the
-                # connection back; one that stopped pumping does not, and it is taken back.
-                stop_since = stop_since if stop_since is not None else time.monotonic()
-                if time.monotonic() - stop_since > 2.0:
-                    self._give_back()
-        return self._client.socket() is not None
 
     # -- network thread ----------------------------------------------------------------------
     def _run(self) -> None:
