@@ -26,6 +26,13 @@ at the engine's next transaction. (A RESTART checkpoint from this thread would d
 engine until its busy timeout: the engine's BEGIN IMMEDIATE takes a read lock before it waits for
 the write lock, and RESTART waits for readers while holding the write lock.) Durability is
 unchanged: each checkpoint syncs as the engine's own would have.
+
+The ``-shm`` file is opened once and closed only by ``release()``, after the engine's own
+connection closed (``SqlStore.close``). Closing *any* descriptor of a file drops every POSIX
+lock the process holds on it (https://www.sqlite.org/howtocorrupt.html, 2.2), SQLite's among
+them: a version that opened and closed the file at each look dropped the engine's lock on the
+wal-index, so the next process to open the database (any CLI command) took it for unused and
+truncated it under the engine's memory map, and the coordinator died of SIGBUS without a word.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ class Checkpointer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
+        self._shm: int | None = None  # the -shm file's descriptor, open until release()
         self._failing = False  # the last attempt failed: say so once, and once when it works again
         # What the checkpoints did, for tests and the log at stop.
         self.runs = 0
@@ -93,6 +101,13 @@ class Checkpointer:
             log.debug("WAL checkpoints: %d, finished by the engine %d, failures %d, largest WAL %d pages",
                       self.runs, self.finishes, self.failures, self.largest_wal)
 
+    def release(self) -> None:
+        """Close the ``-shm`` descriptor: only once no SQLite connection of this process to the
+        database is open any more (see the module's docstring), and after ``stop``."""
+        if self._shm is not None:
+            os.close(self._shm)
+            self._shm = None
+
     def _run(self) -> None:
         blind_since = float("-inf")
         try:
@@ -115,8 +130,9 @@ class Checkpointer:
         """WAL frames not copied into the database file yet, from the wal-index header (a
         lock-free read: at worst a moment old), or None when it cannot be read."""
         try:
-            with open(f"{self.path}-shm", "rb", buffering=0) as shm:
-                header = shm.read(_BACKFILL_AT + 4)
+            if self._shm is None:
+                self._shm = os.open(f"{self.path}-shm", os.O_RDONLY | os.O_CLOEXEC)
+            header = os.pread(self._shm, _BACKFILL_AT + 4, 0)
         except OSError:
             return None
         if len(header) < _BACKFILL_AT + 4 or _FIELD.unpack_from(header, 0)[0] != _VERSION:

@@ -147,11 +147,14 @@ class SqlStore(ReplicaQueries, Store):
         return isinstance(self.db, pw.SqliteDatabase)
 
     def close(self) -> None:
+        checkpointer = None
         if self.checkpointer is not None and self.checkpointer.owner == threading.get_ident():
-            self.checkpointer.stop()  # the engine's: its last checkpoint first, while still connected
-            self.checkpointer = None
+            checkpointer, self.checkpointer = self.checkpointer, None
+            checkpointer.stop()  # the engine's: its last checkpoint first, while still connected
         if not self.db.is_closed():
             self.db.close()
+        if checkpointer is not None:
+            checkpointer.release()  # after the connection: closing it before drops SQLite's locks
 
     def bind(self) -> None:
         if database_proxy.bound_here() is not self.db:

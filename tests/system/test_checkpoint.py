@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -201,3 +203,58 @@ def test_a_failing_checkpoint_is_logged_once_and_retried(tmp_path: Path, caplog:
     assert "work again" in caplog.records[1].getMessage()
     checkpointer.stop()
     store.close()
+
+
+# Run in another process: can it lock the wal-index's "DMS" byte (offset 128 of -shm, SQLite's
+# unix VFS)? Every process with the database open holds a shared lock there; one that finds
+# none takes the file for unused and truncates it.
+_DMS_PROBE = r"""
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try:
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)
+except OSError:
+    print("held")
+else:
+    print("free")
+"""
+
+
+def _dms(path: str) -> str:
+    return subprocess.run([sys.executable, "-c", _DMS_PROBE, f"{path}-shm"], capture_output=True, text=True,
+                          check=True, timeout=30).stdout.strip()
+
+
+def test_looking_at_the_wal_index_keeps_sqlite_s_lock_on_it(tmp_path: Path) -> None:
+    """Closing any descriptor of a file drops every POSIX lock the process holds on it. A
+    checkpointer that opened and closed -shm at each look dropped the engine connection's
+    lock: the next process to open the database (any CLI command) truncated the wal-index
+    under the engine's memory map, and the coordinator died of SIGBUS."""
+    store = _engine_store_without_its_thread(tmp_path)
+    _fill(store, 1)
+    path = str(tmp_path / "coordinator.db")
+    assert _dms(path) == "held"  # the engine's connection
+    checkpointer = Checkpointer(path)
+
+    for _ in range(3):
+        assert checkpointer.waiting() is not None
+
+    assert _dms(path) == "held"
+    open(f"{path}-shm", "rb").close()  # what each look did before: the probe then finds the lock gone
+    assert _dms(path) == "free"
+    checkpointer.release()
+    store.close()
+
+
+def test_the_engine_s_store_closes_the_wal_index_only_after_its_connection(tmp_path: Path) -> None:
+    store = Store.open(str(tmp_path / "coordinator.db"))
+    store.relax_durability()  # the engine's: its checkpoint thread looks at -shm every 50 ms
+    checkpointer = store.checkpointer
+    assert checkpointer is not None
+    _fill(store, 2)
+    wait_until(lambda: checkpointer._shm is not None, timeout=10)
+    assert _dms(str(tmp_path / "coordinator.db")) == "held"
+
+    store.close()
+
+    assert checkpointer._shm is None and store.db.is_closed()
