@@ -258,3 +258,36 @@ def test_the_engine_s_store_closes_the_wal_index_only_after_its_connection(tmp_p
     store.close()
 
     assert checkpointer._shm is None and store.db.is_closed()
+
+
+_ENGINE = r"""
+import sys, time
+from dockercomp.coordinator.store import Store
+store = Store.open(sys.argv[1])
+store.relax_durability()  # as `serve`: its checkpoint thread looks at -shm every 50 ms
+deadline = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    store.create_job("add", [[1, 2]])
+store.close()
+"""
+
+
+def test_an_engine_store_survives_other_processes_opening_its_database(tmp_path: Path) -> None:
+    """What `dockercomp jobs`, `workers` or `status` do while `serve` runs. With the -shm file
+    opened and closed at each look, the engine's process died of SIGBUS within a second here."""
+    path = str(tmp_path / "coordinator.db")
+    Store.open(path).close()
+    engine = subprocess.Popen([sys.executable, "-c", _ENGINE, path, "3"])
+    opened = 0
+    try:
+        while engine.poll() is None:
+            reader = sqlite3.connect(path, timeout=10)
+            reader.execute("SELECT count(*) FROM job").fetchone()
+            reader.close()
+            opened += 1
+    finally:
+        if engine.poll() is None:
+            engine.kill()
+        engine.wait(30)
+    assert engine.returncode == 0, f"the engine's process ended with {engine.returncode} (-7: SIGBUS) after {opened} opens"
+    assert opened > 10
