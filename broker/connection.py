@@ -26,6 +26,7 @@ from typing import Callable
 import paho.mqtt.client as mqtt
 
 from dockercomp.broker.defaults import (
+    DISCONNECT_GRACE_SECONDS,
     MAX_UNACKED_PUBLISHES,
     RECONNECT_INITIAL_SECONDS,
     RECONNECT_JITTER,
@@ -265,9 +266,7 @@ class MqttConnection(Lending, Transport):
                     self._acked.wait(0.5)
             self._unacked += 1
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        if self._lent and threading.get_ident() == self._owner_id:
-            self._client.write_queued()  # queued as by the reader: nobody else would write it
-            self._check_lent()
+        self.write_pending()  # the owner's: queued as by the reader, nobody else would write it
         kept = info.rc == mqtt.MQTT_ERR_SUCCESS or (qos > 0 and info.rc == mqtt.MQTT_ERR_NO_CONN)
         if not kept:
             with self._acked:
@@ -370,7 +369,7 @@ class MqttConnection(Lending, Transport):
                     if self._stopping.is_set():
                         # Keep looping until close()'s DISCONNECT is written; give up if it can't be.
                         stop_since = stop_since if stop_since is not None else time.monotonic()
-                        if time.monotonic() - stop_since > 2.0:
+                        if time.monotonic() - stop_since > DISCONNECT_GRACE_SECONDS:
                             break
                     elif self._connected.is_set() and not was_up:
                         was_up, failed_in_row = True, 0

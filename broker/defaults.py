@@ -46,6 +46,10 @@ RECONNECT_JITTER = 0.5
 # once more than 65,535 are unacked (16-bit message ids wrap), so every client stays far below.
 MAX_UNACKED_PUBLISHES = 2000
 
+# Seconds a stopping connection keeps going until close()'s DISCONNECT is written (by the
+# network thread, or by an owner it is lent to), before it gives up on writing it.
+DISCONNECT_GRACE_SECONDS = 2.0
+
 # Environment variable holding the broker URL for every CLI.
 BROKER_URL_ENV = "DOCKERCOMP_BROKER"
 

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Callable
 
 import paho.mqtt.client as mqtt
 
+from dockercomp.broker.defaults import DISCONNECT_GRACE_SECONDS
+
 if TYPE_CHECKING:
     from dockercomp.broker.paho_client import _Client
 
@@ -83,12 +85,12 @@ class Lending:
             self._client.write_queued()
             self._check_lent()
 
-    def _check_lent(self, rc: int = mqtt.MQTT_ERR_SUCCESS) -> None:
+    def _check_lent(self) -> None:
         """Owner thread: give the connection back when it is lost (the network thread
         reconnects) or when the socket took less than was queued (the network thread waits
         until it can write the rest, which the owner's wait, for reading only, would not)."""
         client = self._client
-        if rc != mqtt.MQTT_ERR_SUCCESS or client.socket() is None or client.want_write():
+        if client.socket() is None or client.want_write():
             self._give_back()
 
     def _disown_here(self) -> None:
@@ -120,6 +122,6 @@ class Lending:
                 # close() from another thread: the owner writes its DISCONNECT and gives the
                 # connection back; one that stopped pumping does not, and it is taken back.
                 stop_since = stop_since if stop_since is not None else time.monotonic()
-                if time.monotonic() - stop_since > 2.0:
+                if time.monotonic() - stop_since > DISCONNECT_GRACE_SECONDS:
                     self._give_back()
         return self._client.socket() is not None
