@@ -403,7 +403,9 @@ class Coordinator(Inbound):
                     self._next_purge = now + self.settings.purge_check
                     clears = self._purge(now)
                 if connected:
-                    sends = self.dispatcher.dispatch(self.workers, self.jobs, self.leases, now)
+                    # Read again: a task's attempt is sent (sent_at, its lease's start) when the
+                    # round starts, after this step handled the results that freed its slot.
+                    sends = self.dispatcher.dispatch(self.workers, self.jobs, self.leases, self.clock())
                     for worker_id in self.dispatcher.served:
                         self.status.worker_changed(worker_id)
                 for job in self.jobs.complete(now):

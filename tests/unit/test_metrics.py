@@ -126,3 +126,33 @@ def test_a_steps_latencies_observed_at_once_count_as_one_by_one() -> None:
         one.observe(value)
     many.observe_many(values)
     assert (many.counts, many.total) == (one.counts, one.total)
+
+
+def test_a_tasks_latency_starts_when_its_dispatch_round_does_not_when_its_step_began() -> None:
+    # The bench's window-1 figure and the latency histogram span dispatch -> result, as the
+    # raw baseline's does: the step's handling of the results that freed the slot (made slow
+    # here: the ledger's flush takes 0.25 s of the fake clock) is not part of the next task's.
+    broker, clock = MemoryBroker(), FakeClock()
+    store = Store.open("memory://")
+    coordinator = Coordinator(store, broker.connect("coordinator"), TOPICS, SETTINGS, clock)
+    coordinator.open()
+    flush = coordinator.ledger.flush
+
+    def slow_flush(now: float) -> None:
+        flush(now)
+        clock.now += 0.25
+
+    coordinator.ledger.flush = slow_flush  # type: ignore[method-assign]
+    agent = FakeAgent(broker.connect("agent"), "w1", capacity=1, auto=False).start()
+    job = store.create_job("add", [[1, 2], [3, 4]])
+    run(coordinator, clock, 2)
+    [first] = agent.received
+    agent.answer(first)
+    clock.now += 0.5
+    handled_at = clock.now
+    coordinator.step()  # handles the result, then sends the second task to the freed slot
+
+    [_, second] = agent.received
+    [(_, [answered]), (_, [sent])] = [store.attempts(job, index) for index in (0, 1)]
+    assert (answered.finished_at, sent.sent_at) == (handled_at, handled_at + 0.25)
+    assert second.task_id != first.task_id
