@@ -125,6 +125,7 @@ class Agent(TaskIntake, ResultSender):
         self._batch_results = False
         self._result_batch = max(1, settings.batch)
         self._outbox: list[bytes] = []
+        self._unlogged: list[Finished] = []  # their log lines, written when they leave
         self._outbox_due = math.inf
         self._last_unreadable_log = float("-inf")
         self._unreadable_suppressed = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -320,3 +321,37 @@ def test_the_lines_of_a_burst_are_the_usual_lines_in_one_write(caplog: pytest.Lo
     assert stream.getvalue() == single.getvalue() and stream.getvalue().count("\n") == 5
     assert stream.writes == 1
     assert captured == [f"task {i} attempt 1 finished: ok in 0.250 s" for i in range(5)]
+
+
+class _Shouting(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).upper()
+
+
+def test_a_burst_shares_one_timestamp_and_other_formatters_and_filtered_handlers_get_records() -> None:
+    logger = logging.getLogger("dockercomp.test.stamped")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    stamped, shouting, filtered = _CountingStream(), io.StringIO(), io.StringIO()
+    handlers = [logging.StreamHandler(stream) for stream in (stamped, shouting, filtered)]
+    handlers[0].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(process)d: %(message)s"))
+    handlers[1].setFormatter(_Shouting("%(message)s"))
+    handlers[2].addFilter(lambda record: "attempt 2" not in record.getMessage())
+    lines = [("task %s attempt %d finished", (str(i), i)) for i in range(1, 4)] + [("no args: 100%", ())]
+    for handler in handlers:
+        logger.addHandler(handler)
+    try:
+        log_lines(logger, logging.INFO, lines)
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+
+    rows = stamped.getvalue().splitlines()
+    assert stamped.writes == 1 and len({row[:23] for row in rows}) == 1  # one "%Y-%m-%d %H:%M:%S,mmm"
+    assert [row[24:] for row in rows] == [f"INFO dockercomp.test.stamped {os.getpid()}: {text}" for text in
+                                          ("task 1 attempt 1 finished", "task 2 attempt 2 finished",
+                                           "task 3 attempt 3 finished", "no args: 100%")]
+    assert shouting.getvalue().splitlines() == ["TASK 1 ATTEMPT 1 FINISHED", "TASK 2 ATTEMPT 2 FINISHED",
+                                                "TASK 3 ATTEMPT 3 FINISHED", "NO ARGS: 100%"]
+    assert filtered.getvalue().splitlines() == ["task 1 attempt 1 finished", "task 3 attempt 3 finished",
+                                                "no args: 100%"]
