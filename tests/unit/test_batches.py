@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
