@@ -22,6 +22,7 @@ from dockercomp.broker.messages import (
     TaskError,
     decode_status,
     encode_status,
+    json_depth,
     peek_task_id,
 )
 from dockercomp.coordinator.leases import PayloadBuilder, new_nonce
@@ -375,3 +376,59 @@ def test_the_fast_result_decoder_accepts_only_what_the_full_one_accepts(
     # then it never accepts what the full decoder rejects, and builds the same message.
     if fast is not None:
         assert checked is not None and repr(fast) == repr(checked)
+
+
+_TASK_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
+    st.floats(allow_infinity=False, allow_nan=False), st.just(1e308), st.text(max_size=5),
+    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+    st.sampled_from(["", "noop", "x" * 64, "x" * 65, "x" * 128, "x" * 129, "x" * 200, "x" * 201, 0, 2**63 - 1, 2**63]),
+)
+_TASK_KEYS = st.sampled_from(["v", "task_id", "job_id", "attempt", "nonce", "function", "args", "timeout"])
+_GOOD_TASK = {"v": PROTOCOL_VERSION, "task_id": "12", "job_id": "3", "attempt": 1, "nonce": "Zm9vYmFyYmF6cXV4cXV1eA",
+              "function": "noop", "args": [1, "a", [2.5]], "timeout": 30.0}
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(_TASK_KEYS, _TASK_VALUES), st.sets(st.sampled_from(sorted(_GOOD_TASK))))
+def test_the_fast_task_decoder_accepts_only_what_the_full_one_accepts(changes: dict[str, Any], dropped: set[str]) -> None:
+    # Given a task that is mostly well formed, with a few fields changed or missing,
+    obj = {k: v for k, v in _GOOD_TASK.items() if k not in dropped} | changes
+    payload = json.dumps(obj).encode()
+    try:
+        checked: Task | None = Task._decode_checked(json.loads(payload), payload)
+    except DecodeError:
+        checked = None
+    # when the fast path for well-formed tasks decides,
+    fast = Task._decode_ok(json.loads(payload))
+    # then it never accepts what the full decoder rejects, and builds the same message
+    # (types included: a timeout of 30 is the float 30.0 either way).
+    if fast is not None:
+        assert checked is not None and repr(fast) == repr(checked)
+
+
+def test_the_coordinators_tasks_take_the_fast_path() -> None:
+    # The fast path only pays if what the coordinator writes goes through it (and the full
+    # decoder is left for the odd message).
+    raw = PayloadBuilder(PROTOCOL_VERSION).build(42, 7, 3, "count_primes", "[0, 1000]", 30.0, new_nonce())
+    fast = Task._decode_ok(json.loads(raw))
+    assert fast is not None and repr(fast) == repr(Task._decode_checked(json.loads(raw), raw))
+
+
+def _depth_by_recursion(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth_by_recursion(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth_by_recursion(v) for v in value), default=0)
+    return 0
+
+
+_NESTED = st.recursive(st.none() | st.integers() | st.text(max_size=2),
+                       lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=2), inner, max_size=3),
+                       max_leaves=30)
+
+
+@FUZZ
+@given(_NESTED)
+def test_json_depth_is_the_nesting_depth(value: Any) -> None:
+    assert json_depth(value) == _depth_by_recursion(value)
