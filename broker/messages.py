@@ -438,6 +438,11 @@ class TaskError:
 
 _ERROR_TEXT_LIMIT = 16 * 1024
 
+# Result.encode of a result without an error: the keys, order and separators of _dump's.
+_RESULT_NO_ERROR = ('{"v":%d,"task_id":%s,"attempt":%d,"worker":%s,"volunteer":%s,"outcome":%s,"value":%s,'
+                    '"error":null,"elapsed":%s,"nonce":%s}')
+_quote = json.encoder.encode_basestring_ascii  # what _ENCODER (ensure_ascii) writes for a str
+
 
 @dataclass(frozen=True)
 class Result:
@@ -466,10 +471,22 @@ class Result:
         return self.error is not None and (self.outcome, self.error.type) in DETERMINISTIC_ERRORS
 
     def encode(self) -> bytes:
-        return _dump({"v": self.v, "task_id": self.task_id, "attempt": self.attempt, "worker": self.worker,
-                      "volunteer": self.volunteer, "outcome": self.outcome.value, "value": self.value,
-                      "error": self.error.to_object() if self.error else None, "elapsed": self.elapsed,
-                      "nonce": self.nonce})
+        if self.error is None and type(self.elapsed) is float and math.isfinite(self.elapsed) and \
+                type(self.attempt) is int and type(self.v) is int and \
+                type(self.task_id) is type(self.worker) is type(self.volunteer) is type(self.nonce) is str:
+            # Every result the agent sends for a task that returned: the same bytes as the
+            # dict below, written by one format instead of the encoder walking a dict.
+            return (_RESULT_NO_ERROR % (
+                self.v, _quote(self.task_id), self.attempt, _quote(self.worker), _quote(self.volunteer),
+                _quote(self.outcome.value), "null" if self.value is None else _ENCODER.encode(self.value),
+                float.__repr__(self.elapsed), _quote(self.nonce))).encode()
+        return _dump(self.to_object())
+
+    def to_object(self) -> dict[str, Any]:
+        """The JSON object this result is on the wire."""
+        return {"v": self.v, "task_id": self.task_id, "attempt": self.attempt, "worker": self.worker,
+                "volunteer": self.volunteer, "outcome": self.outcome.value, "value": self.value,
+                "error": self.error.to_object() if self.error else None, "elapsed": self.elapsed, "nonce": self.nonce}
 
     @classmethod
     def decode(cls, payload: bytes | str) -> "Result":

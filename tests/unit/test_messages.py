@@ -20,6 +20,7 @@ from dockercomp.broker.messages import (
     Result,
     Task,
     TaskError,
+    _dump,
     decode_status,
     encode_status,
     json_depth,
@@ -432,3 +433,26 @@ _NESTED = st.recursive(st.none() | st.integers() | st.text(max_size=2),
 @given(_NESTED)
 def test_json_depth_is_the_nesting_depth(value: Any) -> None:
     assert json_depth(value) == _depth_by_recursion(value)
+
+
+_ANY_TEXT = st.text(max_size=8) | st.sampled_from(["w-1", "\u00e9t\u00e9", "\U0001f600", 'a"b\\c', "\x00\n"])
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.builds(Result, task_id=_ANY_TEXT, attempt=st.integers(-2, 2**70), worker=_ANY_TEXT, volunteer=_ANY_TEXT,
+                 outcome=st.sampled_from(Outcome), value=json_values | st.floats(),
+                 error=st.none() | st.just(TaskError("E", "m")), elapsed=st.floats() | st.integers(0, 5),
+                 nonce=_ANY_TEXT))
+def test_a_result_encodes_to_the_bytes_of_its_json_object(result: Result) -> None:
+    # Result.encode writes a result without an error by a format, not the JSON encoder: the
+    # bytes must be the encoder's for every value (escapes, non-ASCII, floats), and what the
+    # encoder refuses (NaN, infinity) is refused the same way.
+    try:
+        expected: bytes | None = _dump(result.to_object())
+    except ValueError:
+        expected = None
+    try:
+        encoded: bytes | None = result.encode()
+    except ValueError:
+        encoded = None
+    assert encoded == expected
