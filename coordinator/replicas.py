@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dockercomp.coordinator.leases import Lease, Leases, new_nonce
+from dockercomp.coordinator.leases import Lease, Leases, new_nonces
 from dockercomp.coordinator.quorum import Quorum, Votes
 from dockercomp.coordinator.registry import WorkerSlot
 from dockercomp.coordinator.store import NewAttempt, TaskState
@@ -98,7 +98,7 @@ class ReplicaDispatch:
         sends = []
         for part in rounds:
             deadlines = [d.deadline(worker, ahead, job.timeout, leases, now) for _, worker, ahead in part]
-            nonces = [new_nonce() for _ in part]
+            nonces = new_nonces(len(part))
             opening: list[NewAttempt] = [(votes.task_id, votes.number + 1, worker.id, deadline, nonce)
                                          for (votes, worker, _), deadline, nonce in zip(part, deadlines, nonces)]
             attempt_ids = d.store.open_attempts(opening, now)

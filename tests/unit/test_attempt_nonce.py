@@ -6,10 +6,17 @@ broker (no sockets), on a fake clock."""
 
 from __future__ import annotations
 
+import base64
+import string
 from pathlib import Path
 
+import pytest
+
 from dockercomp.broker.memory import MemoryBroker
+from dockercomp.broker.messages import MAX_NONCE_LENGTH
 from dockercomp.broker.topics import Topics
+from dockercomp.coordinator.defaults import NONCE_BYTES
+from dockercomp.coordinator.leases import new_nonce, new_nonces
 from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 from dockercomp.coordinator.store import Store
 from tests.support.agents import FakeAgent
@@ -90,3 +97,16 @@ def test_an_attempt_opened_before_nonces_is_sent_again_with_one(tmp_path: Path) 
     [row] = store.results(job)
     assert (row.value, row.attempts, row.state) == (42, 2, "done")
     coordinator.close()
+
+
+@pytest.mark.parametrize("count", [1, 2, 25, 1000])
+def test_nonces_drawn_together_are_each_a_full_token_and_all_differ(count: int) -> None:
+    # Dispatch draws a round's nonces at once (one system call, one encoding): each must still
+    # be NONCE_BYTES of randomness in URL-safe base64, nothing to escape in JSON, no two alike.
+    nonces = new_nonces(count)
+    assert len(nonces) == count and len(set(nonces)) == count
+    for nonce in nonces:
+        assert len(nonce) == NONCE_BYTES // 3 * 4 <= MAX_NONCE_LENGTH
+        assert len(base64.urlsafe_b64decode(nonce)) == NONCE_BYTES
+        assert set(nonce) <= set(string.ascii_letters + string.digits + "-_")
+    assert len(new_nonce()) == len(nonces[0])
