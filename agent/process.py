@@ -33,6 +33,9 @@ TOO_LARGE_ERROR = "ResultTooLarge"
 # Value of a process's "skip from" number while nothing is being taken back.
 SKIP_NOTHING = 2**62
 
+# A task's value as JSON, with an encoder built once (json.dumps with options builds one per call).
+_JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+
 # multiprocessing.connection's framing: a signed 4-byte length, or -1 and an 8-byte length.
 _HEADER = struct.Struct("!i")
 _LONG_HEADER = struct.Struct("!Q")
@@ -63,6 +66,20 @@ def parse(buffer: bytes) -> Iterator[tuple[Any, int]]:
             return
         pos = start + size
         yield pickle.loads(view[start:pos]), pos
+
+
+def _sender(fd: int) -> Callable[[Any], None]:
+    """``Connection.send`` on ``fd`` without its costs: pickle.dumps instead of a
+    ForkingPickler and a BytesIO per message, one write of the framed bytes (1.6 instead of
+    4.4 us a reply; the process sends one per task)."""
+    write = os.write
+
+    def send(message: Any) -> None:
+        data = memoryview(frame(message))
+        while data:
+            data = data[write(fd, data):]
+
+    return send
 
 
 def _clip(text: str, limit: int = MAX_ERROR_TEXT, keep_tail: bool = False) -> str:
@@ -101,7 +118,7 @@ def _run_one(name: str, args: list[Any], targets: Mapping[str, str], functions: 
         value = func(*args)
         elapsed = time.perf_counter() - started
         try:
-            text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+            text = _JSON.encode(value)
         except (TypeError, ValueError, RecursionError) as exc:
             return ("error", RESULT_ERROR,
                     f"{name} returned a {type(value).__name__}, which cannot be sent as JSON: {exc}", "", elapsed)
@@ -130,7 +147,8 @@ def task_process_main(conn: multiprocessing.connection.Connection, targets: Mapp
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _die_with_parent(parent_pid)
     functions: dict[str, Callable[..., Any]] = {}
-    conn.send(("ready", os.getpid()))
+    send = _sender(conn.fileno())
+    send(("ready", os.getpid()))
     while True:
         try:
             batch = conn.recv()
@@ -140,6 +158,6 @@ def task_process_main(conn: multiprocessing.connection.Connection, targets: Mapp
             return
         for token, name, args in batch:
             if token >= skip_from.value:
-                conn.send((token, "skipped"))
+                send((token, "skipped"))
             else:
-                conn.send((token, *_run_one(name, args, targets, functions, resolve)))
+                send((token, *_run_one(name, args, targets, functions, resolve)))

@@ -49,6 +49,8 @@ BAD_TASKS = textwrap.dedent('''
 
     def returns_too_much():
         return "x" * 300_000
+    def returns_almost_too_much():
+        return ["y" * 250_000, "z"]  # under MAX_PAYLOAD_BYTES; more than a socket buffer takes at once
 
     def pid():
         return os.getpid()
@@ -74,7 +76,7 @@ BAD_TASKS = textwrap.dedent('''
 def targets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     (tmp_path / "badtasks.py").write_text(BAD_TASKS)
     monkeypatch.syspath_prepend(str(tmp_path))  # spawn hands sys.path to the task processes
-    names = ["divide", "exit_hard", "segfault", "returns_a_set", "returns_too_much", "pid", "nap_then_pid",
+    names = ["divide", "exit_hard", "segfault", "returns_a_set", "returns_too_much", "returns_almost_too_much", "pid", "nap_then_pid",
              "mark_then_nap", "nap_span"]
     return {**BUILTINS, **{name: f"badtasks:{name}" for name in names}}
 
@@ -158,6 +160,15 @@ def test_results_that_cannot_be_sent_are_errors(runner: Runner) -> None:
     assert done["set"].outcome is Outcome.ERROR and done["set"].error.type == RESULT_ERROR  # type: ignore[union-attr]
     assert "set" in done["set"].error.message  # type: ignore[union-attr]
     assert done["big"].outcome is Outcome.ERROR and done["big"].error.type == TOO_LARGE_ERROR  # type: ignore[union-attr]
+
+
+def test_a_result_near_the_size_limit_comes_back_whole_among_small_ones(runner: Runner) -> None:
+    # The process writes its replies itself (process._sender): one bigger than the socket's
+    # buffer goes out in several writes, and the replies around it stay whole and in order.
+    done = run_all(runner, Job("a", "add", [1, 2]), Job("big", "returns_almost_too_much"), Job("b", "add", [3, 4]),
+                   Job("c", "add", [5, 6]))
+    assert done["big"].outcome is Outcome.OK and done["big"].value == ["y" * 250_000, "z"]
+    assert [done[k].value for k in "abc"] == [3, 7, 11]
 
 
 def test_tasks_run_in_parallel_up_to_the_concurrency_and_queue_beyond(runner: Runner) -> None:
