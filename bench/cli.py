@@ -66,6 +66,8 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int,
               help="The scale phase's broker: one Mosquitto, or three RabbitMQ nodes (bench/cluster.py).")
 @click.option("--only", "only", multiple=True, type=click.Choice(PHASES), help="Run only these phases (repeatable).")
 @click.option("--skip", "skip", multiple=True, type=click.Choice(PHASES), help="Skip these phases (repeatable).")
+@click.option("--rounds", default=defaults.E2E_ROUNDS, type=click.IntRange(1),
+              help="E2e jobs, each followed by a raw run; e2e/raw is the median round's.")
 @click.option("--quick", is_flag=True, help="Small sizes everywhere (~1 minute): a check, not a measurement.")
 @click.option("--profile", is_flag=True, help="Sample the coordinator and one agent with py-spy during the e2e "
               "and window-1 runs (slows them: its figures are not comparable).")
@@ -77,20 +79,21 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int,
 def main(tasks: int, workers: int, window: int, concurrency: int, latency_samples: int, submit_tasks: int,
          stream_tasks: int, pickup_samples: int, scale_workers: tuple[int, ...], scale_per_volunteer: int,
          scale_leaves: int | None, broker: str, scale_processes: int, scale_tasks: tuple[int, ...], scale_slice: int,
-         only: tuple[str, ...], skip: tuple[str, ...], quick: bool, profile: bool, out: str, no_save: bool,
+         only: tuple[str, ...], skip: tuple[str, ...], rounds: int, quick: bool, profile: bool, out: str, no_save: bool,
          keep: bool, as_json: bool) -> None:
     """Measure dockercomp end to end against the raw paho + Mosquitto round trip (issue 6)."""
     if quick:
         tasks, latency_samples, submit_tasks = min(tasks, 2_000), min(latency_samples, 200), min(submit_tasks, 10_000)
         stream_tasks, pickup_samples = min(stream_tasks, 100_000), min(pickup_samples, 10)
         scale_workers, scale_tasks, scale_slice = (min(scale_workers[0], 100),), (1_000, 5_000), 1_000
+        rounds = 1
     phases = tuple(p for p in (only or PHASES) if p not in skip)
     options = BenchOptions(tasks=tasks, workers=workers, window=window, concurrency=concurrency,
                            latency_samples=latency_samples, submit_tasks=submit_tasks, stream_tasks=stream_tasks,
                            pickup_samples=pickup_samples, scale_workers=scale_workers,
                            scale_per_volunteer=scale_per_volunteer, scale_leaves=scale_leaves, broker=broker,
                            scale_processes=scale_processes, scale_tasks=scale_tasks,
-                           scale_slice=scale_slice, phases=phases, profile=profile, keep=keep)
+                           scale_slice=scale_slice, phases=phases, rounds=rounds, profile=profile, keep=keep)
     # Wide enough for the tables when the output is a file or a pipe (rich assumes 80 there).
     console = Console(stderr=as_json, highlight=False, width=None if sys.stdout.isatty() else 120)
     try:

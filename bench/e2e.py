@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,9 @@ class E2ERun:
     prefetch: int = 0  # tasks queued on each agent beyond its concurrency (`dockercomp agent run --prefetch`)
     # Tasks (results) per message the agents take (`agent run --batch`, broker/batches.py); 0: one per message.
     batch: int = TASK_BATCH
+    # With several measured jobs (bench/run.py), each one's tasks/s, raw baseline and ratio, in
+    # order; this run's own figures are the median round's.
+    rounds: list[dict[str, float]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -179,6 +182,17 @@ def measure(*, key: str, label: str, broker_name: str, url: str, workdir: Path, 
             serve_args: Sequence[str] = ()) -> E2ERun:
     """One end-to-end run on the broker at ``url`` with ``concurrency`` tasks in flight per
     agent (``agent_shape``: task processes + prefetch); every process started here is stopped here."""
+    return measure_rounds(key=key, label=label, broker_name=broker_name, url=url, workdir=workdir, tasks=tasks,
+                          agents=agents, concurrency=concurrency, broker_pid=broker_pid, profile=profile,
+                          serve_args=serve_args)[0]
+
+
+def measure_rounds(*, key: str, label: str, broker_name: str, url: str, workdir: Path, tasks: int, agents: int,
+                   concurrency: int, broker_pid: int | None = None, profile: bool = False,
+                   serve_args: Sequence[str] = (), rounds: int = 1,
+                   between: Callable[[], None] | None = None) -> list[E2ERun]:
+    """``measure``, with ``rounds`` measured jobs on the same coordinator and agents, and
+    ``between()`` (the raw baseline, run_.py) after each, while they wait idle: one E2ERun per job."""
     from dockercomp.coordinator.api import Client
 
     in_flight = concurrency
@@ -216,14 +230,20 @@ def measure(*, key: str, label: str, broker_name: str, url: str, workdir: Path, 
                   "task processes": [pid for agent in fleet for pid in descendants(agent.pid)]}
         if broker_pid:
             groups["broker"] = [broker_pid]
-        meter = CpuMeter(groups, alone=["agents"])
-        meter.start()
-        job_id, submit_s, submitted_at = run_job(client, coordinator, fleet, tasks, key)
-        cpu = meter.stop()
-        rss = proc_sample(coordinator.pid).peak_rss_mb
-        for spy in spies:
-            stop_profiler(spy)
-        figures = job_figures(client.store, job_id)
+        measured = []
+        for number in range(rounds):
+            meter = CpuMeter(groups, alone=["agents"])
+            meter.start()
+            name = key if rounds == 1 else f"{key}-{number + 1}"
+            job_id, submit_s, submitted_at = run_job(client, coordinator, fleet, tasks, name)
+            cpu = meter.stop()
+            rss = proc_sample(coordinator.pid).peak_rss_mb
+            if number == 0:
+                for spy in spies:  # the first job's profile
+                    stop_profiler(spy)
+            measured.append((job_id, submit_s, submitted_at, cpu, rss, job_figures(client.store, job_id)))
+            if between is not None:
+                between()
     finally:
         for spy in spies:
             if spy.poll() is None:
@@ -232,21 +252,24 @@ def measure(*, key: str, label: str, broker_name: str, url: str, workdir: Path, 
             client.close()
         for child in reversed(children):
             child.stop()
-    if figures["first_sent"] is None or figures["last_received"] is None:
-        raise BenchError(f"{label}: the store holds no dispatch or result for job {key}; "
-                         f"see the logs in {workdir}")
-    seconds = figures["last_received"] - figures["first_sent"]
     summary = {name: summarize(path).to_json() for name, path in profiles.items() if path.exists()} or None
-    return E2ERun(
-        key=key, label=label, broker=broker_name, tasks=tasks, agents=agents, concurrency=concurrency,
-        window=agents * in_flight, submit_s=round(submit_s, 3),
-        pickup_s=round(figures["first_sent"] - submitted_at, 3), seconds=round(seconds, 3),
-        tasks_per_s=round(figures["done"] / seconds, 1) if seconds > 0 else 0.0,
-        latency=Latency.of_seconds(figures["latencies"]), done=figures["done"], failed=figures["failed"],
-        redispatched=figures["redispatched"], per_worker=figures["per_worker"],
-        cpu_ms_per_task=cpu.per_task_ms(tasks), cpu_busy=cpu.busy, coordinator_rss_mb=round(rss, 1),
-        profile=summary, prefetch=prefetch,
-    )
+    runs = []
+    for job_id, submit_s, submitted_at, cpu, rss, figures in measured:
+        if figures["first_sent"] is None or figures["last_received"] is None:
+            raise BenchError(f"{label}: the store holds no dispatch or result for job {job_id} of {key}; "
+                             f"see the logs in {workdir}")
+        seconds = figures["last_received"] - figures["first_sent"]
+        runs.append(E2ERun(
+            key=key, label=label, broker=broker_name, tasks=tasks, agents=agents, concurrency=concurrency,
+            window=agents * in_flight, submit_s=round(submit_s, 3),
+            pickup_s=round(figures["first_sent"] - submitted_at, 3), seconds=round(seconds, 3),
+            tasks_per_s=round(figures["done"] / seconds, 1) if seconds > 0 else 0.0,
+            latency=Latency.of_seconds(figures["latencies"]), done=figures["done"], failed=figures["failed"],
+            redispatched=figures["redispatched"], per_worker=figures["per_worker"],
+            cpu_ms_per_task=cpu.per_task_ms(tasks), cpu_busy=cpu.busy, coordinator_rss_mb=round(rss, 1),
+            profile=summary if not runs else None, prefetch=prefetch,
+        ))
+    return runs
 
 
 # --------------------------------------------------------------------------- profiling

@@ -160,6 +160,10 @@ def _round_trips(results: dict[str, Any]) -> Table | None:
             table.add_row(label, "mosquitto", _fmt(series["tasks"]), _fmt(series["window"]),
                           _fmt(series["tasks_per_s"]), _fmt(series["latency"]["p50_ms"], digits=2),
                           _fmt(series["latency"]["p99_ms"], digits=2), ratio)
+        if series is raw.get("throughput"):
+            # The raw runs between the e2e rounds (bench/run.py), rate only.
+            for i, rate in enumerate((raw.get("rounds_tasks_per_s") or [])[1:-1]):
+                table.add_row(f"raw paho, after e2e round {i + 1}", "mosquitto", "", "", _fmt(rate), "", "", "")
     raw_single = (raw.get("window1") or {}).get("latency", {}).get("p50_ms")
     for run in runs:
         same_window = raw_rate and run.get("tasks_per_s") and run["window"] > 1
@@ -169,6 +173,12 @@ def _round_trips(results: dict[str, Any]) -> Table | None:
         table.add_row(run["label"], run["broker"], _fmt(run["tasks"]), _fmt(run["window"]),
                       _fmt(run.get("tasks_per_s")), _fmt(run["latency"]["p50_ms"], digits=2),
                       _fmt(run["latency"]["p99_ms"], digits=2), versus)
+        if len(run.get("rounds") or []) > 1:
+            # Each round against its own baseline (the raw runs just before and after it); the
+            # row above is the median round's.
+            for i, one in enumerate(run["rounds"]):
+                table.add_row(f"  round {i + 1} (raw {_fmt(one['baseline_tasks_per_s'])})", "", "", "",
+                              _fmt(one["tasks_per_s"]), "", "", f"{one['ratio']:.2f}")
     return table
 
 

@@ -23,7 +23,7 @@ SUMMARY = re.compile(r"^e2e/raw = (\d+\.\d\d) \((\d+) tasks/s vs (\d+) tasks/s\)
 
 TINY = [
     "--tasks", "200", "--workers", "2", "--window", "10", "--concurrency", "2",
-    "--latency-samples", "20", "--submit-tasks", "500", "--stream-tasks", "2000", "--pickup-samples", "2",
+    "--latency-samples", "20", "--rounds", "3", "--submit-tasks", "500", "--stream-tasks", "2000", "--pickup-samples", "2",
     "--scale-workers", "5,8", "--scale-per-volunteer", "2", "--scale-leaves", "2", "--scale-processes", "2", "--scale-tasks", "50,100", "--scale-slice", "50",
 ]  # fmt: skip
 
@@ -54,12 +54,23 @@ def test_tiny_benchmark_run_writes_results_and_ends_with_the_summary_line(tmp_pa
     raw = results["raw"]["throughput"]
     assert raw["tasks"] == 200 and raw["tasks_per_s"] > 0 and raw["latency"]["count"] == 200
     assert results["raw"]["window1"]["latency"]["count"] == 20
-    # the baseline is bracketed: measured before and after the e2e run, and averaged
+    # the e2e job ran in 3 rounds, each bracketed by raw runs (before it, after it) whose mean
+    # is its baseline; the e2e figures and the baseline are the median round's
     after = results["raw"]["throughput_after"]
-    baseline = results["raw"]["baseline_tasks_per_s"]
-    assert baseline == pytest.approx((raw["tasks_per_s"] + after["tasks_per_s"]) / 2, abs=0.1)
-
+    rates = results["raw"]["rounds_tasks_per_s"]
+    assert len(rates) == 4 and rates[0] == raw["tasks_per_s"] and rates[-1] == after["tasks_per_s"]
     runs = {run["key"]: run for run in results["e2e"]}
+    rounds = runs["e2e-mosquitto"]["rounds"]
+    assert len(rounds) == 3
+    for i, one in enumerate(rounds):
+        assert one["baseline_tasks_per_s"] == pytest.approx((rates[i] + rates[i + 1]) / 2, abs=0.1)
+        assert one["ratio"] == pytest.approx(one["tasks_per_s"] / one["baseline_tasks_per_s"], abs=0.001)
+    median = sorted(rounds, key=lambda one: one["ratio"])[1]
+    baseline = results["raw"]["baseline_tasks_per_s"]
+    assert baseline == median["baseline_tasks_per_s"]
+    assert runs["e2e-mosquitto"]["tasks_per_s"] == median["tasks_per_s"]
+    assert results["ratio"] == pytest.approx(median["ratio"], abs=0.001)
+
     assert set(runs) == {"e2e-mosquitto", "e2e-window1", "e2e-amqtt"}
     for run in runs.values():
         # every task done exactly once, each result attributed to one of the agents
