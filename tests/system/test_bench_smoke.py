@@ -136,6 +136,9 @@ def _check_peer(results: dict, stdout: str, tasks: int) -> None:
     assert run["window1"]["count"] == 20 and run["window1"]["p50_ms"] > 0
     assert set(run["cpu_ms_per_task"]) == {"celery worker", "redis", "client"}
     assert "dockercomp e2e / Celery + Redis = " in stdout
+    # against the median of the e2e rounds' rates (the e2e entry is the median round by e2e/raw)
+    rates = sorted(one["tasks_per_s"] for one in next(r for r in results["e2e"] if r["key"] == "e2e-mosquitto")["rounds"])
+    assert peer.ratio(results) == pytest.approx(rates[1] / run["tasks_per_s"], abs=0.01)
     assert any(t["name"] == "e2e vs Celery + Redis" and t["met"] is not None for t in results["targets"])
 
 
