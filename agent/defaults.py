@@ -63,7 +63,7 @@ TASK_BATCH = 100
 
 # Longest a finished task's result waits for others to share its ResultBatch message, in
 # seconds; only while other tasks are still in flight here (a lone task's result goes at once).
-RESULT_LINGER_SECONDS = 0.002
+RESULT_LINGER_SECONDS = 0.001
 
 # Bytes of tasks the agent writes ahead into the pipe of a busy task process; more waits in
 # the agent (a full pipe would block the agent's loop until that process reads).
