@@ -63,6 +63,9 @@ TASK_BATCH = 100
 
 # Longest a finished task's result waits for others to share its ResultBatch message, in
 # seconds; only while other tasks are still in flight here (a lone task's result goes at once).
+# Measured in turns on 2 cores (bench.compare, 5 pairs each): 2 ms cost 11 % of e2e throughput
+# (the coordinator waits for results it could be turning into new tasks), 0.5 ms was within
+# noise of 1 ms, and none at all (every poll's results at once) 9 % (more, smaller messages).
 RESULT_LINGER_SECONDS = 0.001
 
 # Bytes of tasks the agent writes ahead into the pipe of a busy task process; more waits in
