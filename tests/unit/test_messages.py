@@ -366,15 +366,19 @@ def test_the_fast_result_decoder_accepts_only_what_the_full_one_accepts(
     changes: dict[str, Any], dropped: set[str],
 ) -> None:
     # Given a result that is mostly well formed, with a few fields changed or missing,
-    obj = {k: v for k, v in _GOOD_RESULT.items() if k not in dropped} | changes
+    _fast_path_agrees(Result, {k: v for k, v in _GOOD_RESULT.items() if k not in dropped} | changes)
+
+
+def _fast_path_agrees(cls: type[Result] | type[Task], obj: dict[str, Any]) -> None:
     payload = json.dumps(obj).encode()
     try:
-        checked: Result | None = Result._decode_checked(json.loads(payload), payload)
+        checked: Result | Task | None = cls._decode_checked(json.loads(payload), payload)
     except DecodeError:
         checked = None
-    # when the fast path for ordinary ok results decides,
-    fast = Result._decode_ok(json.loads(payload))
-    # then it never accepts what the full decoder rejects, and builds the same message.
+    # when the fast path for well-formed messages decides,
+    fast = cls._decode_ok(json.loads(payload))
+    # then it never accepts what the full decoder rejects, and builds the same message
+    # (types included: a timeout of 30 is the float 30.0 either way).
     if fast is not None:
         assert checked is not None and repr(fast) == repr(checked)
 
@@ -394,18 +398,7 @@ _GOOD_TASK = {"v": PROTOCOL_VERSION, "task_id": "12", "job_id": "3", "attempt": 
 @given(st.dictionaries(_TASK_KEYS, _TASK_VALUES), st.sets(st.sampled_from(sorted(_GOOD_TASK))))
 def test_the_fast_task_decoder_accepts_only_what_the_full_one_accepts(changes: dict[str, Any], dropped: set[str]) -> None:
     # Given a task that is mostly well formed, with a few fields changed or missing,
-    obj = {k: v for k, v in _GOOD_TASK.items() if k not in dropped} | changes
-    payload = json.dumps(obj).encode()
-    try:
-        checked: Task | None = Task._decode_checked(json.loads(payload), payload)
-    except DecodeError:
-        checked = None
-    # when the fast path for well-formed tasks decides,
-    fast = Task._decode_ok(json.loads(payload))
-    # then it never accepts what the full decoder rejects, and builds the same message
-    # (types included: a timeout of 30 is the float 30.0 either way).
-    if fast is not None:
-        assert checked is not None and repr(fast) == repr(checked)
+    _fast_path_agrees(Task, {k: v for k, v in _GOOD_TASK.items() if k not in dropped} | changes)
 
 
 def test_the_coordinators_tasks_take_the_fast_path() -> None:
