@@ -192,7 +192,7 @@ def measure_rounds(*, key: str, label: str, broker_name: str, url: str, workdir:
                    serve_args: Sequence[str] = (), rounds: int = 1,
                    between: Callable[[], None] | None = None) -> list[E2ERun]:
     """``measure``, with ``rounds`` measured jobs on the same coordinator and agents, and
-    ``between()`` (the raw baseline, run_.py) after each, while they wait idle: one E2ERun per job."""
+    ``between()`` (the raw baseline, bench/run.py) after each, while they wait idle: one E2ERun per job."""
     from dockercomp.coordinator.api import Client
 
     in_flight = concurrency
