@@ -149,15 +149,10 @@ class PayloadBuilder:
                 self._parts.clear()
             parts = self._parts[(function, timeout)] = (
                 f',"function":{json.dumps(function)},"args":', f',"timeout":{json.dumps(float(timeout))}}}')
-        # The nonce is new_nonce()'s URL-safe base64 (or "" for an attempt opened before nonces
+        # The nonce is new_nonces()'s URL-safe base64 (or "" for an attempt opened before nonces
         # existed): nothing in it needs JSON escaping.
         head = f'{self._prefix}{task_id}","job_id":"{job_id}","attempt":{attempt},"nonce":"{nonce}"'
         return f"{head}{parts[0]}{args_json}{parts[1]}".encode()
-
-
-def new_nonce() -> str:
-    """A fresh attempt nonce: NONCE_BYTES random bytes (unguessable), URL-safe base64."""
-    return new_nonces(1)[0]
 
 
 # Characters of one nonce: NONCE_BYTES is a multiple of 3, so base64 needs no padding.

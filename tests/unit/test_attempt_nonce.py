@@ -16,7 +16,7 @@ from dockercomp.broker.memory import MemoryBroker
 from dockercomp.broker.messages import MAX_NONCE_LENGTH
 from dockercomp.broker.topics import Topics
 from dockercomp.coordinator.defaults import NONCE_BYTES
-from dockercomp.coordinator.leases import new_nonce, new_nonces
+from dockercomp.coordinator.leases import new_nonces
 from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
 from dockercomp.coordinator.store import Store
 from tests.support.agents import FakeAgent
@@ -109,4 +109,3 @@ def test_nonces_drawn_together_are_each_a_full_token_and_all_differ(count: int) 
         assert len(nonce) == NONCE_BYTES // 3 * 4 <= MAX_NONCE_LENGTH
         assert len(base64.urlsafe_b64decode(nonce)) == NONCE_BYTES
         assert set(nonce) <= set(string.ascii_letters + string.digits + "-_")
-    assert len(new_nonce()) == len(nonces[0])

@@ -26,7 +26,7 @@ from dockercomp.broker.messages import (
     json_depth,
     peek_task_id,
 )
-from dockercomp.coordinator.leases import PayloadBuilder, new_nonce
+from dockercomp.coordinator.leases import PayloadBuilder, new_nonces
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -109,7 +109,7 @@ def test_a_nonce_that_is_not_a_short_string_is_rejected(bad: Any) -> None:
 def test_the_coordinators_task_payload_is_what_task_encode_writes() -> None:
     # The engine writes task messages from stored JSON without encoding (PayloadBuilder): the
     # bytes must be exactly a Task's, nonce included, or agents would decode something else.
-    nonce = new_nonce()
+    nonce = new_nonces(1)[0]
     built = PayloadBuilder(PROTOCOL_VERSION).build(42, 7, 3, "count_primes", "[0, 1000]", 30.0, nonce)
     assert built == Task("42", "7", 3, "count_primes", [0, 1000], 30.0, nonce=nonce).encode().replace(
         b"[0,1000]", b"[0, 1000]")
@@ -404,7 +404,7 @@ def test_the_fast_task_decoder_accepts_only_what_the_full_one_accepts(changes: d
 def test_the_coordinators_tasks_take_the_fast_path() -> None:
     # The fast path only pays if what the coordinator writes goes through it (and the full
     # decoder is left for the odd message).
-    raw = PayloadBuilder(PROTOCOL_VERSION).build(42, 7, 3, "count_primes", "[0, 1000]", 30.0, new_nonce())
+    raw = PayloadBuilder(PROTOCOL_VERSION).build(42, 7, 3, "count_primes", "[0, 1000]", 30.0, new_nonces(1)[0])
     fast = Task._decode_ok(json.loads(raw))
     assert fast is not None and repr(fast) == repr(Task._decode_checked(json.loads(raw), raw))
 
