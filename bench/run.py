@@ -206,10 +206,10 @@ def _e2e_rounds(run_: _Run, broker: Any) -> None:
     line's ratio is that round's job over its own baseline."""
     o = run_.options
     raw = run_.results.get("raw")
-    if raw is None:
-        _e2e(run_, broker, "mosquitto", "e2e-mosquitto", "dockercomp")
-        return
     key, label = "e2e-mosquitto", "dockercomp"
+    if raw is None:
+        _e2e(run_, broker, "mosquitto", key, label)
+        return
     runs = e2e_mod.measure_rounds(key=key, label=label, broker_name="mosquitto", url=broker.url,
                                   workdir=run_.workdir / key, tasks=o.tasks, agents=o.workers,
                                   concurrency=o.concurrency, broker_pid=broker.pid, profile=o.profile,
