@@ -277,7 +277,7 @@ class Agent(TaskIntake, ResultSender):
                     self.report_all(ended, linger=True)
                 elif self._outbox and self._clock() >= self._outbox_due:
                     self.flush_results()
-                if self.runner.woken:
+                if self._wake_r in self.runner.woken:
                     self._drain_wake_pipe()
         except Exception:
             log.exception("agent %s failed; leaving", self.ref.key)

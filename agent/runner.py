@@ -164,7 +164,7 @@ class Runner:
         # Registered once per process (and per wake-up descriptor), not rebuilt per poll.
         self._selector = selectors.DefaultSelector()
         self._wake: tuple[Any, ...] = ()
-        self.woken = False  # a wake-up descriptor was readable in the last poll
+        self.woken: list[Any] = []  # the wake-up descriptors (``wake``) readable in the last poll
         self.crashes = 0  # task processes that died, for logs and tests
 
     # -- state -----------------------------------------------------------------------------
@@ -251,7 +251,7 @@ class Runner:
         if before_wait is not None:
             before_wait()
         events = self._selector.select(None if wait_for == float("inf") else max(0.0, wait_for))
-        self.woken = False
+        woken: list[Any] = []
         exited: list[_Slot] = []
         for key, _ in events:
             kind, slot = key.data
@@ -260,7 +260,8 @@ class Runner:
             elif kind == "exit":
                 exited.append(slot)
             else:
-                self.woken = True
+                woken.append(key.fileobj)
+        self.woken = woken
         for slot in exited:
             if slot.process is not None:
                 self._on_death(slot, finished)

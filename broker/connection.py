@@ -21,7 +21,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection
 
 import paho.mqtt.client as mqtt
 
@@ -131,10 +131,11 @@ class Transport(ABC):
         """What the owner's wait must also watch for reading (empty when nothing is lent)."""
         return ()
 
-    def pump(self, readable: bool) -> None:
-        """Owner thread, after each wait: read what came (``readable``: something it watched
-        was readable) and keep the connection alive. What that queues (acknowledgements) is
-        written by ``write_pending``, which the owner calls right before it waits again."""
+    def pump(self, ready: Collection[object]) -> None:
+        """Owner thread, after each wait: read what came (``ready``: what the wait found
+        readable, of ``waitables()`` and anything else) and keep the connection alive. What
+        that queues (acknowledgements) is written by ``write_pending``, which the owner calls
+        right before it waits again."""
 
     def write_pending(self) -> None:
         """Owner thread, right before it waits: write what ``pump`` queued."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Collection
 
 import paho.mqtt.client as mqtt
 
@@ -54,19 +54,22 @@ class Lending:
         client = self._client
         return tuple(x for x in (client.socket(), client._sockpairR) if x is not None)
 
-    def pump(self, readable: bool) -> None:
+    def pump(self, ready: Collection[object]) -> None:
         if not self._lent or threading.get_ident() != self._owner_id:
             return
         client = self._client
         rc = mqtt.MQTT_ERR_SUCCESS
-        if readable:
-            waker = client._sockpairR
-            if waker is not None:
-                try:
-                    waker.recv(4096)  # wake-ups from other threads' publishes: write_pending sends them
-                except OSError:
-                    pass
-            sock = client.socket()
+        # Only what the wait saw readable is read (a read that finds nothing is a system call
+        # for nothing, and an agent wakes three times per task: task, answer, PUBACK), and what
+        # waits in a buffer, where the wait cannot see it (left by the network thread, or TLS's).
+        waker = client._sockpairR
+        if waker is not None and waker in ready:
+            try:
+                waker.recv(4096)  # wake-ups from other threads' publishes: write_pending sends them
+            except OSError:
+                pass
+        sock = client.socket()
+        if sock is not None and (sock in ready or (hasattr(sock, "pending") and sock.pending())):
             while rc == mqtt.MQTT_ERR_SUCCESS and sock is not None:
                 rc = client.loop_read()
                 # paho reads a bounded number of packets per call: go on while bytes wait in a

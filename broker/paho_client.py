@@ -238,6 +238,16 @@ class _Client(mqtt.Client):
             queue_.appendleft({"command": _PUBACK, "mid": 0, "qos": 1, "pos": 0, "to_process": size,
                                "packet": b"".join(p["packet"] for p in taken), "info": None})
 
+    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        rc = super().loop_read(max_packets)
+        # paho's loop writes what a read queued (the PUBACKs of the messages read) on its next
+        # turn, after one more select() and keepalive check: on this turn here, which is one
+        # turn of the network thread per message less (an owner writes its own: write_pending).
+        if (rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and self._out_packet
+                and threading.get_ident() == self.loop_thread_id == self.network_thread_id):
+            rc = self.loop_write()
+        return rc
+
     def _packet_read(self) -> mqtt.MQTTErrorCode:
         sock = self._sock
         if self._in_packet["command"] == 0 and type(sock) is _BufferedSocket:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import select
 import selectors
 import socket
 import threading
@@ -113,7 +114,7 @@ class Owner:
                         pass
                 except BlockingIOError:
                     pass
-                self.conn.pump(bool(events))
+                self.conn.pump([key.fileobj for key, _ in events])
                 while not self._calls.empty():
                     fn, answer = self._calls.get()
                     try:
@@ -173,6 +174,41 @@ def test_the_owner_reads_its_messages_on_its_own_thread_and_what_it_publishes_ar
             assert [int(m.payload) for m in watcher.messages] == list(range(50))
         wait_until(lambda: conn.unacked == 0)  # the broker's PUBACKs, read by the owner
         assert conn.waitables()  # still lent
+    finally:
+        owner.stop()
+
+
+def test_a_pump_reads_only_what_its_wait_found_readable(broker: BrokerProcess, made: list[MqttConnection]) -> None:
+    """A message that arrived after the wait stays in the socket for the next wait to see: a
+    read of a socket not found readable is a system call that mostly finds nothing."""
+    conn = connection(broker, made, "owned-ready")
+    conn.subscribe(TOPIC + "/in", qos=1)
+    owner = Owner(conn).start()
+    try:
+        send = sender(broker, made)
+        send_until_received(send, owner, b"probe")
+
+        def pump_with_and_without_the_socket() -> tuple[int, int]:
+            sock = conn._client.socket()
+            assert sock in conn.waitables()
+            send.publish(TOPIC + "/in", b"late", qos=1)
+            wait_until(lambda: select.select([sock], [], [], 0)[0])
+            conn.pump([owner._wake_r])  # the wait ended on another descriptor
+            unread = owner.received.count(b"late")
+            conn.pump([sock])
+            return unread, owner.received.count(b"late")
+
+        assert owner.call(pump_with_and_without_the_socket) == (0, 1)  # (more probes may come in too)
+
+        def pump_what_waits_in_the_buffer() -> int:
+            sock = conn._client.socket()
+            send.publish(TOPIC + "/in", b"buffered", qos=1)
+            wait_until(lambda: select.select([sock], [], [], 0)[0])
+            sock._buffer, sock._pos = sock._sock.recv(65536), 0  # as the network thread's last read may leave it
+            conn.pump([owner._wake_r])  # woken by the lending: the socket itself has nothing new
+            return owner.received.count(b"buffered")
+
+        assert owner.call(pump_what_waits_in_the_buffer) == 1
     finally:
         owner.stop()
 

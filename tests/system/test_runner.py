@@ -202,6 +202,24 @@ def test_many_tiny_tasks_are_cheap(runner: Runner) -> None:
     assert rate > 1000, f"only {rate:.0f} tasks/s"
 
 
+def test_a_poll_names_the_wake_up_descriptors_that_were_readable(runner: Runner) -> None:
+    """The agent reads only those (a read that finds nothing is a system call for nothing)."""
+    quiet_r, quiet_w = os.pipe()
+    loud_r, loud_w = os.pipe()
+    try:
+        run_all(runner, Job("warm", "noop"))
+        os.write(loud_w, b"x")
+        assert runner.poll(1.0, wake=(quiet_r, loud_r)) == [] and runner.woken == [loud_r]
+        os.read(loud_r, 1)
+        runner.submit(Job("answer", "noop"))
+        finished = wait_until(lambda: runner.poll(0.5, wake=(quiet_r, loud_r)))
+        assert [f.key for f in finished] == ["answer"] and runner.woken == []  # a task's answer wakes no one else
+    finally:
+        runner.poll(0.0)  # unwatched before they close
+        for fd in (quiet_r, quiet_w, loud_r, loud_w):
+            os.close(fd)
+
+
 def test_ctrl_c_in_the_terminal_does_not_kill_running_tasks(runner: Runner) -> None:
     runner.submit(Job("nap", "nap_then_pid", [0.5]))
     wait_until(lambda: runner.poll(0.05) == [] and runner.running == ["nap"])

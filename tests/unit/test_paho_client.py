@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -153,3 +154,26 @@ def test_a_whole_packet_is_found_only_when_all_of_it_is_buffered() -> None:
     finally:
         ours.close()
         theirs.close()
+
+
+@pytest.mark.parametrize("reader", ["network thread", "owner"])
+def test_the_network_thread_writes_its_acknowledgements_in_the_turn_that_read(reader: str) -> None:
+    """paho's loop would write a PUBACK on its next turn, after one more select(): the network
+    thread writes it in the turn that read its message. An owner (the agent's main loop) keeps
+    it queued: it writes when it chooses (MqttConnection.write_pending, after the task left)."""
+    fed = Fed(_Client)
+    try:
+        here = threading.get_ident()
+        fed.client.network_thread_id = here
+        fed.client.loop_thread_id = here if reader == "network thread" else here + 1
+        fed.broker.setblocking(False)
+        assert fed.feed(publish(b"dockercomp/results/v/w", b"{}", qos=1, mid=3)) == [int(mqtt.MQTT_ERR_SUCCESS)]
+        assert len(fed.received) == 1
+        if reader == "network thread":
+            assert fed.broker.recv(64) == puback(3) and fed.queued() == []
+        else:
+            with pytest.raises(BlockingIOError):
+                fed.broker.recv(64)
+            assert fed.queued() == [puback(3)]
+    finally:
+        fed.close()
