@@ -154,63 +154,63 @@ def send_until_received(send: MqttConnection, owner: Owner, payload: bytes) -> N
     wait_until(lambda: send.publish(TOPIC + "/in", payload) or payload in owner.received, interval=0.1)
 
 
-def test_the_owner_reads_its_messages_on_its_own_thread_and_what_it_publishes_arrives(
-        broker: BrokerProcess, made: list[MqttConnection]) -> None:
+@pytest.fixture
+def probed(broker: BrokerProcess, made: list[MqttConnection]) -> Iterator[tuple[MqttConnection, Owner, MqttConnection]]:
+    """A connection subscribed to TOPIC/in and lent to an owner, and a sender whose probe reached it."""
     conn = connection(broker, made, "owned")
     conn.subscribe(TOPIC + "/in", qos=1)
     owner = Owner(conn).start()
     try:
         send = sender(broker, made)
         send_until_received(send, owner, b"probe")
-        for i in range(50):
-            send.publish(TOPIC + "/in", str(i).encode(), qos=1)
-        wait_until(lambda: owner.received.count(b"49") == 1)
-        assert [p for p in owner.received if p != b"probe"] == [str(i).encode() for i in range(50)]  # in order
-        assert owner.receiving_threads == {owner.thread.ident}  # no hand-over from the network thread
-
-        with Watcher(broker.url, TOPIC + "/out") as watcher:
-            owner.call(lambda: [conn.publish(TOPIC + "/out", str(i).encode(), qos=1) for i in range(50)])
-            watcher.wait_count(50)
-            assert [int(m.payload) for m in watcher.messages] == list(range(50))
-        wait_until(lambda: conn.unacked == 0)  # the broker's PUBACKs, read by the owner
-        assert conn.waitables()  # still lent
+        yield conn, owner, send
     finally:
         owner.stop()
 
 
-def test_a_pump_reads_only_what_its_wait_found_readable(broker: BrokerProcess, made: list[MqttConnection]) -> None:
+def test_the_owner_reads_its_messages_on_its_own_thread_and_what_it_publishes_arrives(
+        broker: BrokerProcess, probed: tuple[MqttConnection, Owner, MqttConnection]) -> None:
+    conn, owner, send = probed
+    for i in range(50):
+        send.publish(TOPIC + "/in", str(i).encode(), qos=1)
+    wait_until(lambda: owner.received.count(b"49") == 1)
+    assert [p for p in owner.received if p != b"probe"] == [str(i).encode() for i in range(50)]  # in order
+    assert owner.receiving_threads == {owner.thread.ident}  # no hand-over from the network thread
+
+    with Watcher(broker.url, TOPIC + "/out") as watcher:
+        owner.call(lambda: [conn.publish(TOPIC + "/out", str(i).encode(), qos=1) for i in range(50)])
+        watcher.wait_count(50)
+        assert [int(m.payload) for m in watcher.messages] == list(range(50))
+    wait_until(lambda: conn.unacked == 0)  # the broker's PUBACKs, read by the owner
+    assert conn.waitables()  # still lent
+
+
+def test_a_pump_reads_only_what_its_wait_found_readable(probed: tuple[MqttConnection, Owner, MqttConnection]) -> None:
     """A message that arrived after the wait stays in the socket for the next wait to see: a
     read of a socket not found readable is a system call that mostly finds nothing."""
-    conn = connection(broker, made, "owned-ready")
-    conn.subscribe(TOPIC + "/in", qos=1)
-    owner = Owner(conn).start()
-    try:
-        send = sender(broker, made)
-        send_until_received(send, owner, b"probe")
+    conn, owner, send = probed
 
-        def pump_with_and_without_the_socket() -> tuple[int, int]:
-            sock = conn._client.socket()
-            assert sock in conn.waitables()
-            send.publish(TOPIC + "/in", b"late", qos=1)
-            wait_until(lambda: select.select([sock], [], [], 0)[0])
-            conn.pump([owner._wake_r])  # the wait ended on another descriptor
-            unread = owner.received.count(b"late")
-            conn.pump([sock])
-            return unread, owner.received.count(b"late")
+    def pump_with_and_without_the_socket() -> tuple[int, int]:
+        sock = conn._client.socket()
+        assert sock in conn.waitables()
+        send.publish(TOPIC + "/in", b"late", qos=1)
+        wait_until(lambda: select.select([sock], [], [], 0)[0])
+        conn.pump([owner._wake_r])  # the wait ended on another descriptor
+        unread = owner.received.count(b"late")
+        conn.pump([sock])
+        return unread, owner.received.count(b"late")
 
-        assert owner.call(pump_with_and_without_the_socket) == (0, 1)  # (more probes may come in too)
+    assert owner.call(pump_with_and_without_the_socket) == (0, 1)  # (more probes may come in too)
 
-        def pump_what_waits_in_the_buffer() -> int:
-            sock = conn._client.socket()
-            send.publish(TOPIC + "/in", b"buffered", qos=1)
-            wait_until(lambda: select.select([sock], [], [], 0)[0])
-            sock._buffer, sock._pos = sock._sock.recv(65536), 0  # as the network thread's last read may leave it
-            conn.pump([owner._wake_r])  # woken by the lending: the socket itself has nothing new
-            return owner.received.count(b"buffered")
+    def pump_what_waits_in_the_buffer() -> int:
+        sock = conn._client.socket()
+        send.publish(TOPIC + "/in", b"buffered", qos=1)
+        wait_until(lambda: select.select([sock], [], [], 0)[0])
+        sock._buffer, sock._pos = sock._sock.recv(65536), 0  # as the network thread's last read may leave it
+        conn.pump([owner._wake_r])  # woken by the lending: the socket itself has nothing new
+        return owner.received.count(b"buffered")
 
-        assert owner.call(pump_what_waits_in_the_buffer) == 1
-    finally:
-        owner.stop()
+    assert owner.call(pump_what_waits_in_the_buffer) == 1
 
 
 def test_a_lost_connection_goes_back_to_the_network_thread_and_comes_back_lent(
