@@ -67,7 +67,8 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int,
 @click.option("--only", "only", multiple=True, type=click.Choice(PHASES), help="Run only these phases (repeatable).")
 @click.option("--skip", "skip", multiple=True, type=click.Choice(PHASES), help="Skip these phases (repeatable).")
 @click.option("--rounds", default=defaults.E2E_ROUNDS, type=click.IntRange(1),
-              help="E2e jobs, each followed by a raw run; e2e/raw is the median round's.")
+              help="E2e and window-1 jobs, each followed by a raw run; their ratios to raw are the median "
+              "round's.")
 @click.option("--quick", is_flag=True, help="Small sizes everywhere (~1 minute): a check, not a measurement.")
 @click.option("--profile", is_flag=True, help="Sample the coordinator and one agent with py-spy during the e2e "
               "and window-1 runs (slows them: its figures are not comparable).")

@@ -190,9 +190,11 @@ def measure(*, key: str, label: str, broker_name: str, url: str, workdir: Path, 
 def measure_rounds(*, key: str, label: str, broker_name: str, url: str, workdir: Path, tasks: int, agents: int,
                    concurrency: int, broker_pid: int | None = None, profile: bool = False,
                    serve_args: Sequence[str] = (), rounds: int = 1,
-                   between: Callable[[], None] | None = None) -> list[E2ERun]:
+                   between: Callable[[], None] | None = None,
+                   before: Callable[[], None] | None = None) -> list[E2ERun]:
     """``measure``, with ``rounds`` measured jobs on the same coordinator and agents, and
-    ``between()`` (the raw baseline, bench/run.py) after each, while they wait idle: one E2ERun per job."""
+    ``between()`` (the raw baseline, bench/run.py) after each, and ``before()`` once before the
+    first (after the warm-up), while they wait idle: one E2ERun per job."""
     from dockercomp.coordinator.api import Client
 
     in_flight = concurrency
@@ -231,6 +233,8 @@ def measure_rounds(*, key: str, label: str, broker_name: str, url: str, workdir:
         if broker_pid:
             groups["broker"] = [broker_pid]
         measured = []
+        if before is not None:
+            before()
         for number in range(rounds):
             meter = CpuMeter(groups, alone=["agents"])
             meter.start()

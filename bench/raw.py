@@ -14,11 +14,14 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from dockercomp.broker.messages import Outcome, Result, Task
 from dockercomp.broker.topics import Topics, WorkerRef
+from dockercomp.coordinator.leases import new_nonces
 from bench.defaults import FUNCTION, KEEPALIVE, PHASE_TIMEOUT, START_TIMEOUT, VOLUNTEER
 from bench.errors import BenchError, PhaseTimeout
 from bench.harness import CpuMeter, Latency, raw_client, set_nodelay
@@ -27,9 +30,9 @@ from bench.harness import CpuMeter, Latency, raw_client, set_nodelay
 RAW_ROOT = "bench-raw"
 _TASK_ID_KEY = b'"task_id":"'
 _PLACEHOLDER = "TASKID"
-# A fixed nonce as long as the coordinator's (22 characters): the baseline's messages are the size
-# of dockercomp's, though nothing here checks it.
-_RAW_NONCE = "r" * 22
+# A fixed nonce as long as the coordinator's: the baseline's messages are the size of
+# dockercomp's, though nothing here checks it.
+_RAW_NONCE = "r" * len(new_nonces(1)[0])
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,7 @@ class Requester:
         self.task_topics = [topics.tasks(ref) for ref in refs]
         self.reply_to = {topics.results(ref): topics.tasks(ref) for ref in refs}
         self.round: _Round | None = None
+        self.worker_pids: list[int] = []  # the worker processes it sends to (CPU accounting)
         self.client = raw_client(f"{RAW_ROOT}-requester")
         self.client.on_message = self._on_message
         subscribed = threading.Event()
@@ -190,6 +194,34 @@ def _series(tasks: int, workers: int, window: int, seconds: float, latencies: li
 def measure(host: str, port: int, *, tasks: int, workers: int, window: int, latency_samples: int,
             broker_pid: int | None = None) -> RawFigures:
     """Start ``workers`` worker processes, then measure a windowed run and a window-1 run."""
+    with _fleet(host, port, workers) as requester:
+        groups = {"requester": [os.getpid()], "workers": requester.worker_pids}
+        if broker_pid:
+            groups["broker"] = [broker_pid]
+        meter = CpuMeter(groups)
+        meter.start()
+        seconds, latencies = requester.run(tasks, window, first_id=1)
+        cpu = meter.stop()
+        throughput = replace(_series(tasks, workers, window, seconds, latencies),
+                             cpu_ms_per_task=cpu.per_task_ms(tasks), cpu_busy=cpu.busy)
+        single = None
+        if latency_samples:
+            seconds, latencies = requester.run(latency_samples, 1, first_id=tasks + 1)
+            single = _series(latency_samples, workers, 1, seconds, latencies)
+        return RawFigures(throughput, single)
+
+
+def measure_window1(host: str, port: int, *, samples: int) -> RoundTrip:
+    """The window-1 run alone (one round trip at a time goes to one worker: one is started),
+    to bracket dockercomp's window-1 rounds (bench/run.py)."""
+    with _fleet(host, port, 1) as requester:
+        seconds, latencies = requester.run(samples, 1, first_id=1)
+        return _series(samples, 1, 1, seconds, latencies)
+
+
+@contextmanager
+def _fleet(host: str, port: int, workers: int) -> Iterator[Requester]:
+    """``workers`` worker processes, subscribed, and a requester for them; all stopped after."""
     ctx = multiprocessing.get_context("spawn")  # never fork next to paho's network thread
     stop = ctx.Event()
     readies = [ctx.Event() for _ in range(workers)]
@@ -205,20 +237,8 @@ def measure(host: str, port: int, *, tasks: int, workers: int, window: int, late
                 raise BenchError(f"raw worker {i} did not subscribe within {START_TIMEOUT:.0f} s "
                                  f"(alive: {procs[i].is_alive()})")
         requester = Requester(host, port, workers)
-        groups = {"requester": [os.getpid()], "workers": [p.pid for p in procs if p.pid]}
-        if broker_pid:
-            groups["broker"] = [broker_pid]
-        meter = CpuMeter(groups)
-        meter.start()
-        seconds, latencies = requester.run(tasks, window, first_id=1)
-        cpu = meter.stop()
-        throughput = replace(_series(tasks, workers, window, seconds, latencies),
-                             cpu_ms_per_task=cpu.per_task_ms(tasks), cpu_busy=cpu.busy)
-        single = None
-        if latency_samples:
-            seconds, latencies = requester.run(latency_samples, 1, first_id=tasks + 1)
-            single = _series(latency_samples, workers, 1, seconds, latencies)
-        return RawFigures(throughput, single)
+        requester.worker_pids = [p.pid for p in procs if p.pid]
+        yield requester
     finally:
         if requester is not None:
             requester.close()

@@ -72,6 +72,18 @@ def test_tiny_benchmark_run_writes_results_and_ends_with_the_summary_line(tmp_pa
     assert results["ratio"] == pytest.approx(median["ratio"], abs=0.001)
 
     assert set(runs) == {"e2e-mosquitto", "e2e-window1", "e2e-amqtt"}
+    # the window-1 job too, each round bracketed by raw window-1 runs; its p50 and the baseline
+    # the target compares it with are the median round's
+    single, p50s = runs["e2e-window1"], results["raw"]["window1_rounds_p50_ms"]
+    assert len(single["rounds"]) == 3 and len(p50s) == 4 and all(p50 > 0 for p50 in p50s)
+    for i, one in enumerate(single["rounds"]):
+        assert one["baseline_p50_ms"] == pytest.approx((p50s[i] + p50s[i + 1]) / 2, abs=0.0001)
+        assert one["ratio"] == pytest.approx(one["p50_ms"] / one["baseline_p50_ms"], abs=0.001)
+    median = sorted(single["rounds"], key=lambda one: one["ratio"])[1]
+    assert single["latency"]["p50_ms"] == median["p50_ms"]
+    assert results["raw"]["window1_baseline_p50_ms"] == median["baseline_p50_ms"]
+    versus = next(t for t in results["targets"] if t["name"] == "window-1 p50 vs raw window-1 p50")
+    assert versus["measured"] == f"{median['p50_ms'] / median['baseline_p50_ms']:.1f} x ({median['baseline_p50_ms']:.2f} ms raw)"
     for run in runs.values():
         # every task done exactly once, each result attributed to one of the agents
         assert (run["done"], run["failed"]) == (run["tasks"], 0), run

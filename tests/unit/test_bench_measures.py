@@ -8,6 +8,7 @@ from bench.pickup import Pickup
 from bench.raw import result_template, task_id_of, task_payload
 from bench.report import targets
 from dockercomp.broker.messages import Outcome, Result, Task
+from dockercomp.coordinator.leases import new_nonces
 
 
 def test_raw_baseline_sends_dockercomp_sized_payloads() -> None:
@@ -16,8 +17,10 @@ def test_raw_baseline_sends_dockercomp_sized_payloads() -> None:
     prefix, suffix = result_template("w0")
     answer = prefix + task_id_of(task) + suffix
 
-    # Then they are real dockercomp messages, the same bytes the coordinator and agent send
-    assert Task.decode(task) == Task(task_id="12345", job_id="1", attempt=1, function="noop", args=[], nonce="r" * 22)
+    # Then they are real dockercomp messages, the same bytes the coordinator and agent send,
+    # with a nonce as long as the coordinator draws
+    assert Task.decode(task) == Task(task_id="12345", job_id="1", attempt=1, function="noop", args=[],
+                                     nonce="r" * len(new_nonces(1)[0]))
     decoded = Result.decode(answer)
     assert (decoded.task_id, decoded.outcome, decoded.worker) == ("12345", Outcome.OK, "w0")
 
