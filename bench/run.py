@@ -254,7 +254,7 @@ def _window1(run_: _Run, broker: Any) -> None:
     """One task in flight, ``rounds`` times on one coordinator and agent. With the raw phase,
     each round is bracketed by the raw window-1 run (the one before it and the one after): its
     baseline is their mean p50, and the entry is the median round's by p50 / baseline, as for
-    e2e: a raw p50 measured a minute earlier was 0.28 ms in one run and 0.50 in the next."""
+    e2e: on this project's VM the raw p50 went from 0.33 to 0.66 ms within one such phase."""
     o = run_.options
     raw = run_.results.get("raw")
     bracketed = raw is not None and raw.get("window1") is not None
