@@ -15,9 +15,10 @@ WINDOW = 100
 # which the coordinator keeps filled; 4 agents x 25 = the raw baseline's window of 100.
 AGENT_CONCURRENCY = 25
 
-# Measured e2e jobs, each followed by a raw run, so that every job is bracketed by two raw
-# baselines; e2e/raw is the median round's (job / mean of its brackets). On a shared VM the raw
-# rate moved by 35 % between two runs a minute apart: one bracket could land in either.
+# Measured e2e jobs (and window-1 jobs), each followed by a raw run, so that every job is
+# bracketed by two raw baselines; e2e/raw (and window-1 p50 / raw p50) is the median round's
+# (job / mean of its brackets). On a shared VM the raw rate moved by 35 % between two runs a
+# minute apart, and the raw window-1 p50 doubled within one phase: one bracket could land in either.
 E2E_ROUNDS = 3
 
 # Round trips measured one at a time for the window-1 latency figures.

@@ -9,7 +9,8 @@ so one broken part never hides the figures of the others):
              hits both sides
 2. e2e       coordinator + agents on the same Mosquitto, 20,000 no-op tasks, E2E_ROUNDS jobs
              (each followed by the raw run); the figures are the median round's
-3. window1   coordinator + one agent of concurrency 1: one task in flight at a time
+3. window1   coordinator + one agent of concurrency 1: one task in flight at a time, E2E_ROUNDS
+             jobs each bracketed by a raw window-1 run; the figures are the median round's
 3b. peer     Celery + Redis on the same no-op tasks and task processes (bench/peer.py; skipped
              with a note when Celery or redis-server is missing)
 4. amqtt     the e2e run again on the embedded amqtt broker (`dockercomp broker serve`)
@@ -71,7 +72,7 @@ class BenchOptions:
     scale_tasks: tuple[int, ...] = defaults.SCALE_TASKS
     scale_slice: int = defaults.SCALE_SLICE
     phases: tuple[str, ...] = PHASES
-    rounds: int = defaults.E2E_ROUNDS  # e2e jobs, each bracketed by raw runs (defaults.E2E_ROUNDS)
+    rounds: int = defaults.E2E_ROUNDS  # e2e and window-1 jobs, each bracketed by raw runs
     profile: bool = False
     keep: bool = False  # keep the work directory (logs, databases) after the run
 
@@ -214,13 +215,9 @@ def _e2e_rounds(run_: _Run, broker: Any) -> None:
                                   workdir=run_.workdir / key, tasks=o.tasks, agents=o.workers,
                                   concurrency=o.concurrency, broker_pid=broker.pid, profile=o.profile,
                                   rounds=o.rounds, between=lambda: _raw_again(run_, broker))
-    rates = raw["rounds_tasks_per_s"]
-    rounds = []
-    for i, result in enumerate(runs):
-        baseline = round((rates[i] + rates[i + 1]) / 2, 1)
-        rounds.append({"tasks_per_s": result.tasks_per_s, "baseline_tasks_per_s": baseline,
-                       "ratio": round(result.tasks_per_s / baseline, 3) if baseline else 0.0})
-    median = sorted(range(len(runs)), key=lambda i: rounds[i]["ratio"])[len(runs) // 2]
+    pairs, median = _bracketed([result.tasks_per_s for result in runs], raw["rounds_tasks_per_s"], digits=1)
+    rounds = [{"tasks_per_s": result.tasks_per_s, "baseline_tasks_per_s": baseline, "ratio": ratio}
+              for result, (baseline, ratio) in zip(runs, pairs)]
     chosen = runs[median]
     chosen.rounds.extend(rounds)
     raw["baseline_tasks_per_s"] = rounds[median]["baseline_tasks_per_s"]
@@ -228,6 +225,17 @@ def _e2e_rounds(run_: _Run, broker: Any) -> None:
     for i, one in enumerate(rounds):
         run_.say(f"  {label} on mosquitto, round {i + 1}: {one['tasks_per_s']:,.0f} tasks/s, "
                  f"baseline {one['baseline_tasks_per_s']:,.0f}: {one['ratio']:.2f}{' (median)' if i == median else ''}")
+
+
+def _bracketed(measured: list[float], brackets: list[float], digits: int) -> tuple[list[tuple[float, float]], int]:
+    """Rounds measured between bracket runs (``brackets[i]`` just before round i, ``brackets[i + 1]``
+    just after it): each round's (baseline, ratio), its baseline the mean of its two brackets
+    rounded to ``digits``; and the index of the median round by ratio."""
+    out = []
+    for i, value in enumerate(measured):
+        baseline = round((brackets[i] + brackets[i + 1]) / 2, digits)
+        out.append((baseline, round(value / baseline, 3) if baseline else 0.0))
+    return out, sorted(range(len(out)), key=lambda i: out[i][1])[len(out) // 2]
 
 
 def _e2e(run_: _Run, broker: Any, broker_name: str, key: str, label: str) -> None:
@@ -276,12 +284,9 @@ def _window1(run_: _Run, broker: Any) -> None:
         run_.results["e2e"].append(result.to_json())
         run_.say(f"  window 1: p50 {result.latency.p50_ms:.2f} ms, {result.tasks_per_s:,.0f} tasks/s")
         return
-    rounds = []
-    for i, result in enumerate(runs):
-        baseline = round((baselines[i] + baselines[i + 1]) / 2, 4)
-        rounds.append({"p50_ms": result.latency.p50_ms, "baseline_p50_ms": baseline,
-                       "ratio": round(result.latency.p50_ms / baseline, 3) if baseline else 0.0})
-    median = sorted(range(len(runs)), key=lambda i: rounds[i]["ratio"])[len(runs) // 2]
+    pairs, median = _bracketed([result.latency.p50_ms for result in runs], baselines, digits=4)
+    rounds = [{"p50_ms": result.latency.p50_ms, "baseline_p50_ms": baseline, "ratio": ratio}
+              for result, (baseline, ratio) in zip(runs, pairs)]
     chosen = runs[median]
     chosen.rounds.extend(rounds)
     raw["window1_rounds_p50_ms"] = baselines
