@@ -6,6 +6,7 @@ from __future__ import annotations
 from bench.harness import Latency, percentile
 from bench.pickup import Pickup
 from bench.raw import result_template, task_id_of, task_payload
+from bench.replicas import ReplicaRun, summarize
 from bench.report import targets
 from dockercomp.broker.messages import Outcome, Result, Task
 from dockercomp.coordinator.leases import new_nonces
@@ -73,3 +74,31 @@ def test_issue14_targets_are_judged_against_the_raw_figures_of_the_same_run() ->
     assert judged({"raw": raw, "e2e": slow}) == {"e2e / raw per-message round trip (batches)": False,
                                                  "p50 latency at window 1 (batches)": False,
                                                  "window-1 p50 vs raw window-1 p50": False}
+
+
+def test_the_replicas_ratio_is_the_median_pair_and_a_drift_does_not_favour_a_side() -> None:
+    # Given four pairs in mirrored order on a host that slows by 10 % per job, where a
+    # replicated result costs exactly as much as a single one, and one hiccup in pair 3
+    rates = [10_000 * 0.9 ** i for i in range(8)]
+    keys = ["single", "replicas2", "replicas2", "single"] * 2
+    rates[5] *= 0.5  # pair 3 (runs 4 and 5): the replicated job met a hiccup
+    runs = [ReplicaRun(key, 100, 100, 1.0, rate) for key, rate in zip(keys, rates)]
+
+    figures = summarize(runs)
+
+    # Then each pair's ratio is read from its own two jobs, mirrored pairs err either way, and
+    # the figure is their median: the drift cancels out and the hiccup moves one pair only
+    assert figures["pair_ratios"] == [0.9, 1.111, 0.45, 1.111]
+    assert figures["ratio"] == 1.006  # (0.9 + 1.111) / 2
+    assert figures["met"] and figures["target"] == 0.9
+    # the plain order (the replicated job always second) would have read 0.9 in every pair
+    plain = summarize([ReplicaRun(k, 100, 100, 1.0, r) for k, r in zip(["single", "replicas2"] * 4, rates)])
+    assert plain["ratio"] == 0.9
+
+
+def test_the_replicas_target_is_in_the_targets_table() -> None:
+    met = summarize([ReplicaRun("single", 10, 10, 1.0, 100.0), ReplicaRun("replicas2", 5, 10, 1.0, 95.0)])
+    missed = summarize([ReplicaRun("single", 10, 10, 1.0, 100.0), ReplicaRun("replicas2", 5, 10, 1.0, 80.0)])
+    for figures, verdict in ((met, True), (missed, False)):
+        [row] = [t for t in targets({"replicas": figures}) if t.name.startswith("replicas")]
+        assert (row.goal, row.met) == (">= 90%", verdict)
