@@ -138,4 +138,4 @@ def phase(run_: Any) -> None:
     run_.results["replicas"] = result
     run_.say(f"  replicas 2/quorum 2: {result['replicas2_results_per_s']:,.0f} results/s vs "
              f"{result['single_results_per_s']:,.0f} single-replica; median of the pairs "
-             f"{' '.join(f'{r:.0%}' for r in result['pair_ratios'])}: {result['ratio']:.0%} (target >= 90 %)")
+             f"{' '.join(f'{r:.0%}' for r in result['pair_ratios'])}: {result['ratio'] * 100:.1f} % (target >= 90 %)")
