@@ -30,9 +30,9 @@ from bench.harness import Child, console_script, wait_for
 # Share of the single-replica results/s the replicated run must reach.
 TARGET = 0.9
 # Pairs of jobs (single, replicated) run one after the other: a job lasts 1-3 s, and one
-# machine hiccup moved the ratio of two pairs by 10 points on these 2-core VMs (one pair's ratio
-# read 74 to 117 % within a run). With 3 pairs in the plain order, runs of the same code read
-# 85-100 %. Even, so that the mirrored order balances.
+# machine hiccup moved the ratio of two pairs by 10 points on these 2-core VMs (the pairs of one
+# run read 74 to 117 %). With 3 pairs in the plain order, runs of the same code read 85-100 %.
+# Even, so that the mirrored order balances.
 ROUNDS = 6
 
 
