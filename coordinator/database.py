@@ -4,7 +4,7 @@
 ``sqlite:///path``) or a PostgreSQL URL (``postgresql://user:pass@host:port/db``).
 ``upgrade(db)`` brings tables made by an older coordinator up to date (columns added with a
 default, indexes no query uses any more dropped): ``create_tables(safe=True)`` creates
-missing tables but never touches existing ones.
+missing tables and indexes but never changes an existing table.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ DROPPED_INDEXES: list[tuple[str, str]] = [
     ("task", "task_state_id"),  # (state, id): every task query names its job first
     ("attempt", "attempt_task_id"),  # (task_id): the unique (task_id, number) serves it
     ("attempt", "attempt_deadline"),  # (deadline): open attempts are kept in memory
+    ("attempt", "attempt_outcome"),  # (outcome): replaced by the partial attempt_open (models.py)
 ]
 
 

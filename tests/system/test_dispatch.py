@@ -258,8 +258,9 @@ def test_a_database_from_before_prefetch_is_upgraded_when_opened(kind: str, tmp_
     old = Store.open(url)
     old.db.execute_sql("ALTER TABLE worker DROP COLUMN prefetch")
     for table, columns, name in (("task", "state, id", "task_state_id"), ("attempt", "task_id", "attempt_task_id"),
-                                 ("attempt", "deadline", "attempt_deadline")):
+                                 ("attempt", "deadline", "attempt_deadline"), ("attempt", "outcome", "attempt_outcome")):
         old.db.execute_sql(f'CREATE INDEX "{name}" ON "{table}" ({columns})')
+    old.db.execute_sql('DROP INDEX "attempt_open"')  # the partial index that replaced attempt_outcome
     old.db.execute_sql("INSERT INTO worker (key, volunteer, name, state, seq, host, version, cpus, capacity, "
                        "functions, started, first_seen, last_seen, tasks_done, tasks_failed) VALUES "
                        "('local/w0', 'local', 'w0', 'lost', 0, 'h', '0', 1, 2, '[\"add\"]', 1.0, 1.0, 1.0, 7, 0)")
@@ -273,8 +274,8 @@ def test_a_database_from_before_prefetch_is_upgraded_when_opened(kind: str, tmp_
     assert {c.name for c in store.db.get_columns("worker")} >= {"prefetch", "tasks_done"}
     assert [(w.key, w.prefetch, w.tasks_done) for w in store.workers()] == [("local/w0", 0, 7)]
     indexes = {i.name for table in ("task", "attempt") for i in store.db.get_indexes(table)}
-    assert not indexes & {"task_state_id", "attempt_task_id", "attempt_deadline"}
-    assert "attempt_task_id_number" in indexes
+    assert not indexes & {"task_state_id", "attempt_task_id", "attempt_deadline", "attempt_outcome"}
+    assert {"attempt_task_id_number", "attempt_open"} <= indexes
     # and the engine runs on it: the returning worker announces its prefetch
     broker, clock = MemoryBroker(), FakeClock()
     coordinator = Coordinator(store, broker.connect("coordinator"), TOPICS, CoordinatorSettings(), clock)
@@ -285,6 +286,32 @@ def test_a_database_from_before_prefetch_is_upgraded_when_opened(kind: str, tmp_
     rig.step(0.5, times=2)
     assert len(agent.received) == 3
     coordinator.close()
+
+
+def test_the_queries_for_open_attempts_search_the_partial_index(tmp_path) -> None:
+    # Given a SQLite store whose attempts are mostly ended, and a trace of its statements
+    store = Store.open(str(tmp_path / "c.db"))
+    job = store.create_job("add", [[i, i] for i in range(50)])
+    worker = store.add_worker("v/w", "v", "w", 1.0)
+    tasks = [row[0] for row in store.pending_tasks(job.id, 50)]
+    store.open_attempts([(task, 1, worker.id, 100.0, f"n{task}") for task in tasks], 1.0)
+    store.db.execute_sql("UPDATE attempt SET outcome = 'ok' WHERE task_id > ?", (tasks[1],))
+    statements: list[str] = []
+    store.db.connection().set_trace_callback(statements.append)
+
+    # When the store looks up open attempts in every way it does
+    assert len(store.open_leases()) == 2
+    store.running_count(job.id)
+    store.extend_deadlines(1.0)
+    store.db.connection().set_trace_callback(None)
+
+    # Then each of those statements finds them through attempt_open, not a scan of every attempt
+    by_outcome = [sql for sql in statements if "outcome" in sql and "attempt" in sql]
+    assert len(by_outcome) == 3
+    for sql in by_outcome:
+        plan = " ".join(row[-1] for row in store.db.execute_sql(f"EXPLAIN QUERY PLAN {sql}").fetchall())
+        assert "attempt_open" in plan, (sql, plan)
+    store.close()
 
 
 # --------------------------------------------------------------------------- results
