@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from dockercomp.broker.processes import AmqttProcess, BrokerProcess, MosquittoPr
 from dockercomp.broker.settings import BrokerSettings
 from dockercomp.broker.topics import Topics
 from dockercomp.coordinator.service import Coordinator, coordinator_client_id
-from dockercomp.coordinator.store import Store
+from dockercomp.coordinator.store import JobProgress, Store
 from tests.support import free_port, wait_until
 from tests.support.agents import FakeAgent
 from tests.support.processes import FAST, Processes, finished, online
@@ -41,6 +42,16 @@ def connection(url: str, client_id: str) -> MqttConnection:
     transport = MqttConnection(BrokerSettings.from_url(url), client_id)
     transport.start()
     return transport
+
+
+def answering_until_finished(agent: FakeAgent, store: Store, job: Any, timeout: float = 30) -> JobProgress:
+    """Answers every task resent to ``agent`` until ``job`` is finished; returns its progress.
+    How many come back is not fixed: the counts asserted after it say nothing was lost or doubled."""
+    def answered_and_finished() -> JobProgress | None:
+        agent.answer_held()
+        progress = store.progress(job)
+        return progress if progress.state != "active" else None
+    return wait_until(answered_and_finished, timeout=timeout, interval=0.05)
 
 
 def test_a_dead_first_url_is_skipped_for_the_live_second(broker: BrokerProcess) -> None:
@@ -137,9 +148,10 @@ def test_results_published_while_the_coordinator_is_disconnected_are_not_lost_no
         if isinstance(broker, AmqttProcess):
             # amqtt queues nothing for an anonymous client: the coordinator resends the open
             # attempts to the worker that answers its rebirth request, and it answers again.
-            wait_until(lambda: len(agent.held) == 4, timeout=30)
-            agent.answer_held()
-        progress = finished(engine.store, job, timeout=30)
+            # Under load amqtt may still deliver some of the four, so how many come back varies.
+            progress = answering_until_finished(agent, engine.store, job)
+        else:
+            progress = finished(engine.store, job, timeout=30)
     finally:
         engine.stop()
         agent.transport.close(1)
@@ -170,9 +182,9 @@ def test_a_coordinator_started_after_one_was_killed_gets_the_results_published_i
         assert agent.answer_held() == 3
         procs.serve(db, "serve-2")  # with --clean-session here, the results are lost (checked: fails)
         if isinstance(broker, AmqttProcess):  # no queue: the open attempts are sent again, answered again
-            wait_until(lambda: len(agent.held) == 3, timeout=30)
-            agent.answer_held()
-        progress = finished(store, job, timeout=30)
+            progress = answering_until_finished(agent, store, job)
+        else:
+            progress = finished(store, job, timeout=30)
     finally:
         agent.transport.close(1)
     assert (progress.done, progress.failed) == (3, 0)
