@@ -4,7 +4,7 @@ Components see only ``Transport``: start, publish, subscribe, flush, close, and 
 incoming messages and (re)connections. ``MqttConnection`` runs paho's network loop in its own
 thread and owns reconnection (capped, jittered exponential backoff), so it can hand the broker a
 fresh last will before every connection (the will carries that connection's sequence number).
-A component with a wait loop of its own (the agent) may ``adopt`` the connection: while it is
+A component with a wait loop of its own (the agent, the coordinator's engine) may ``adopt`` the connection: while it is
 up, the network thread lends it to that thread, which reads and writes it in its own wait, so a
 message reaches it without a hand-over between threads; a lost connection, a write the socket
 did not take whole, a flush or a close give it back (broker/lending.py).
@@ -261,10 +261,8 @@ class MqttConnection(Lending, Transport):
         # paho calls on_publish once per message it sent (QoS 0) or saw acknowledged (QoS 1),
         # so every publish is counted and each callback uncounts one.
         with self._acked:
-            # Never block the thread that reads the connection: it is the one that delivers the acks.
-            if qos > 0 and threading.get_ident() != self._client.network_thread_id:
-                while self._unacked >= self._max_unacked and not self._stopping.is_set():
-                    self._acked.wait(0.5)
+            if qos > 0:
+                self._make_room()
             self._unacked += 1
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         self.write_pending()  # the owner's: queued as by the reader, nobody else would write it
@@ -282,9 +280,8 @@ class MqttConnection(Lending, Transport):
         if not messages:
             return []
         with self._acked:
-            if qos > 0 and threading.get_ident() != self._client.network_thread_id:
-                while self._unacked >= self._max_unacked and not self._stopping.is_set():
-                    self._acked.wait(0.5)
+            if qos > 0:
+                self._make_room()
             self._unacked += len(messages)
         failed = []
         with self._client.quiet():
@@ -305,6 +302,19 @@ class MqttConnection(Lending, Transport):
                 self._unacked -= len(failed)
                 self._acked.notify_all()
         return failed
+
+    def _make_room(self) -> None:
+        """Holding ``_acked``: wait while ``max_unacked`` messages are unacknowledged (paho loses
+        messages past 65,535). The thread that reads the connection would wait for acks only it
+        reads: an owner gives the connection back first (the network thread reads the acks, then
+        lends it again); the network thread itself goes on."""
+        if self._unacked < self._max_unacked:
+            return
+        if self._lent and threading.get_ident() == self._owner_id:
+            self._give_back()
+        if threading.get_ident() != self._client.network_thread_id:
+            while self._unacked >= self._max_unacked and not self._stopping.is_set():
+                self._acked.wait(0.5)
 
     def flush(self, timeout: float) -> bool:
         self._disown_here()  # the acks come in on the network thread from now on

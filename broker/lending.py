@@ -1,16 +1,18 @@
 """The connection lent to an owner thread: MqttConnection's side of ``Transport.adopt``.
 
-A component with a wait loop of its own (the agent's main loop) adopts the connection. While it
-is up, the network thread lends it to that thread, which watches ``waitables()`` in its own
-wait, reads with ``pump`` and writes with ``write_pending``: a message reaches it without a
-hand-over between threads (each costs a wake-up and a switch of the GIL: ~0.1 ms of a window-1
-round trip on 2 cores, bench/ window1). Meanwhile the network thread waits in ``_lend``.
+A component with a wait loop of its own (the agent's main loop, the coordinator's engine in
+coordinator/inbox.py) adopts the connection. While it is up, the network thread lends it to
+that thread, which watches ``waitables()`` in its own wait, reads with ``pump`` and writes with
+``write_pending``: a message reaches it without a hand-over between threads (each costs a
+wake-up and a switch of the GIL: ~0.1 ms of a window-1 round trip on 2 cores, bench/ window1).
+Meanwhile the network thread waits in ``_lend``.
 
 It comes back to the network thread when it is lost (the network thread reconnects), when the
 socket took less than was queued (the owner's wait is for reading only: the network thread
-waits until it can write the rest, then lends it again), and for good when the owner flushes or
-closes (the acks then come in on the network thread). A close from another thread takes it back
-after 2 s if the owner stopped pumping.
+waits until it can write the rest, then lends it again), when the owner would go past
+``max_unacked`` (the network thread reads the acks while it waits, then lends it again), and
+for good when the owner flushes or closes (the acks then come in on the network thread). A
+close from another thread takes it back after 2 s if the owner stopped pumping.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ the worker registry (registry.py: presence), the attempt ledger (ledger.py: resu
 deadlines), inbound.py (what workers send, decoded and checked), dispatch (dispatch.py,
 leases.py) and status (status.py), all over the store interface (store.py).
 
-Threads: the transport's network thread only puts incoming messages on a queue; one engine
-thread (``run``) takes them in batches and handles each batch in ONE database transaction:
+Threads: one engine thread (``run``) reads the broker connection itself while it is up
+(inbox.py; the transport's network thread connects, reconnects and only then puts messages on
+the inbox), takes the messages in batches and handles each batch in ONE database transaction:
 presence and results first, then expired leases and purges, then a dispatch round for the
 capacity that freed up. Task messages are published after the commit, so a crash can lose a
 message but never a record of what was sent (an unsent attempt's lease simply runs out).
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import socket
 import threading
 import time
@@ -45,6 +45,7 @@ from dockercomp.coordinator.errors import CoordinatorError
 from dockercomp.coordinator.heap import HeapFreezer
 from dockercomp.coordinator.heartbeat import Heartbeat
 from dockercomp.coordinator.inbound import Inbound, _Replayed
+from dockercomp.coordinator.inbox import Inbox
 from dockercomp.coordinator.ledger import Ledger
 from dockercomp.coordinator.leader import LeadLost
 from dockercomp.coordinator.leases import Leases, PayloadBuilder
@@ -101,7 +102,7 @@ class Coordinator(Inbound):
         self.workers.answer_timeout = self.settings.rebirth_timeout
         self.liveness = Liveness(self.settings.heartbeat_misses, self.settings.heartbeat_slack)  # heartbeats
         self._rebirth: list[str] | None = None  # worker keys to ask to show life ([] = everyone)
-        self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+        self._inbox: Inbox[tuple[str, bytes]] = Inbox(transport)  # the engine's one wait (inbox.py)
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -162,6 +163,7 @@ class Coordinator(Inbound):
     def request_stop(self) -> None:
         """Ask ``run`` to return after the current step (safe from a signal handler)."""
         self._stop.set()
+        self._inbox.wake()
 
     def start(self) -> "Coordinator":
         """Run the engine in a background thread; returns once it is connected and loaded."""
@@ -231,6 +233,9 @@ class Coordinator(Inbound):
         self.transport.on_message = self._on_message
         self.transport.on_connect = lambda: self._inbox.put(_CONNECTED)
         self.transport.on_disconnect = lambda reason: self._inbox.put(_DISCONNECTED)
+        # While connected, the engine thread reads the connection in its own wait (inbox.py).
+        self.transport.adopt()
+        self.transport.on_lend = self._inbox.wake
         self.transport.will_factory = lambda: Will(self.topics.coordinator_presence, self._presence("offline", "lost"))
         self.transport.subscribe(self.topics.all_presence, 1)
         self.transport.subscribe(self.topics.all_results, 1)
@@ -254,6 +259,7 @@ class Coordinator(Inbound):
                 log.warning("stepping down without writing anything: %s", self._deposed)
             self.transport.close(defaults.DEPOSED_FLUSH_TIMEOUT)
             self.store.close()
+            self._inbox.close()
             return
         try:
             if self.transport.connected:
@@ -271,6 +277,7 @@ class Coordinator(Inbound):
         except (LeadLost, *self.store.failures) as exc:
             log.warning("could not record the stop in the store: %s", exc)
         self.store.close()
+        self._inbox.close()
 
     def _heartbeat(self, now: float, stopped: bool = False) -> Heartbeat:
         return Heartbeat(self.started, now, now if stopped else None, not stopped and self.transport.connected,
@@ -302,7 +309,7 @@ class Coordinator(Inbound):
         self.status.everything_changed(self.jobs.by_id, self.workers.by_id)
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        # Network thread: enqueue only. A nudge sets the flag before its item wakes the loop,
+        # The reading thread (the engine's wait, or the network thread): enqueue only. A nudge sets the flag before its item wakes the loop,
         # so the step that takes the item polls (_handle ignores the item itself).
         if topic == self.topics.coordinator_nudge:
             self._nudged = True
@@ -332,7 +339,10 @@ class Coordinator(Inbound):
         round and one network write serve more tasks. Idle or lightly loaded, nothing waits:
         a lone result is handled at once."""
         if self._needs_reload and not self._reload():
-            self._stop.wait(_RETRY_DELAY)  # messages wait in the inbox meanwhile
+            # Messages wait in the inbox meanwhile; the connection is still read and kept alive.
+            deadline = time.monotonic() + _RETRY_DELAY
+            while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
+                self._inbox.wait(left, until_item=False)
             return
         items = self._take(timeout)
         if gather > 0 and self._last_batch >= self.settings.busy_batch and len(items) < self.settings.busy_batch:
@@ -356,16 +366,8 @@ class Coordinator(Inbound):
 
     def _take(self, timeout: float, limit: int | None = None) -> list[tuple[str, bytes]]:
         """Up to ``limit`` (batch_max) messages from the inbox, waiting ``timeout`` for the first."""
-        limit = self.settings.batch_max if limit is None else limit
-        items: list[tuple[str, bytes]] = []
-        try:
-            if limit > 0:
-                items.append(self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait())
-            while len(items) < limit:
-                items.append(self._inbox.get_nowait())
-        except queue.Empty:
-            pass
-        return items
+        self._inbox.wait(timeout)
+        return self._inbox.take(self.settings.batch_max if limit is None else limit)
 
     def _step(self, items: list[tuple[str, bytes]], now: float) -> None:
         if now >= self._next_beat:

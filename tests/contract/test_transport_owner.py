@@ -280,17 +280,23 @@ def test_a_close_from_another_thread_ends_a_lent_connection(
         owner.stop()
 
 
-def test_the_owner_never_blocks_on_its_own_unacknowledged_messages(
+def test_the_owner_at_max_unacked_hands_the_reading_back_and_waits_like_any_thread(
         broker: BrokerProcess, made: list[MqttConnection]) -> None:
-    # Other threads wait while max_unacked messages are unacknowledged; the owner reads the
-    # acknowledgements itself, so it must not (it would wait for itself).
+    # Other threads wait while max_unacked messages are unacknowledged. The owner reads the
+    # acknowledgements itself, so it must not wait for them as the reader (it would wait for
+    # itself), nor run past the bound (paho loses messages past 65,535 unacknowledged): it gives
+    # the connection back, the network thread reads the acks, and lends it again.
     conn = connection(broker, made, "owned-bounded", max_unacked=4)
     owner = Owner(conn).start()
     try:
         with Watcher(broker.url, TOPIC + "/bulk") as watcher:
-            owner.call(lambda: [conn.publish(TOPIC + "/bulk", str(i).encode(), qos=1) for i in range(100)])
+            seen = owner.call(lambda: [conn.publish(TOPIC + "/bulk", str(i).encode(), qos=1) or conn.unacked
+                                       for i in range(100)])
+            assert max(seen) <= 4
             watcher.wait_count(100, timeout=20)
             assert [int(m.payload) for m in watcher.messages] == list(range(100))
+        wait_until(lambda: conn.unacked == 0 and conn.waitables(), timeout=20)  # lent again
+        owner.call(lambda: conn.publish(TOPIC + "/bulk", b"after", qos=1))
         wait_until(lambda: conn.unacked == 0)
     finally:
         owner.stop()

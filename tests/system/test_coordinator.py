@@ -5,6 +5,7 @@ read its counters; test_coordinator_faults.py also runs it as `dockercomp coordi
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,6 +25,25 @@ pytestmark = pytest.mark.timeout(120)
 
 
 # --------------------------------------------------------------------------- the happy path
+def test_the_engine_reads_its_connection_on_its_own_thread_and_results_reach_it_there(
+        engine: Coordinator, procs: Processes) -> None:
+    # coordinator/inbox.py: once connected, the connection is lent to the engine's thread, so a
+    # result is read and handled there, with no hand-over from the network thread.
+    readers: set[int] = set()
+    on_message = engine.transport.on_message
+
+    def spy(topic: str, payload: bytes, retained: bool) -> None:
+        readers.add(threading.get_ident())
+        on_message(topic, payload, retained)
+
+    engine.transport.on_message = spy
+    procs.agent("w0")
+    online(engine.store, 1)
+    assert finished(engine.store, engine.store.create_job("add", [[i, 1] for i in range(20)])).done == 20
+    assert engine.transport.waitables()  # lent to the engine while connected
+    assert readers == {engine._thread.ident}
+
+
 def test_300_tasks_over_3_agents_all_done_attributed_and_spread_evenly(
         engine: Coordinator, procs: Processes, broker: BrokerProcess) -> None:
     store = engine.store
