@@ -305,16 +305,26 @@ class MqttConnection(Lending, Transport):
 
     def _make_room(self) -> None:
         """Holding ``_acked``: wait while ``max_unacked`` messages are unacknowledged (paho loses
-        messages past 65,535). The thread that reads the connection would wait for acks only it
-        reads: an owner gives the connection back first (the network thread reads the acks, then
-        lends it again); the network thread itself goes on."""
+        messages past 65,535). The network thread itself goes on. An owner would wait for acks
+        only it reads: it gives the connection back first, and the network thread, which reads
+        them meanwhile, lends it again only once the owner is done waiting (broker/lending.py)."""
         if self._unacked < self._max_unacked:
             return
-        if self._lent and threading.get_ident() == self._owner_id:
-            self._give_back()
-        if threading.get_ident() != self._client.network_thread_id:
+        me = threading.get_ident()
+        owner = me == self._owner_id
+        if not owner and me == self._client.network_thread_id:
+            return
+        if owner:
+            self._owner_waiting = True
+            if self._lent:
+                self._give_back()
+        try:
             while self._unacked >= self._max_unacked and not self._stopping.is_set():
                 self._acked.wait(0.5)
+        finally:
+            if owner:
+                self._owner_waiting = False
+                self._client.wake()  # the network thread's loop lends the connection again now
 
     def flush(self, timeout: float) -> bool:
         self._disown_here()  # the acks come in on the network thread from now on
@@ -386,7 +396,7 @@ class MqttConnection(Lending, Transport):
                         was_up, failed_in_row = True, 0
                         delays = self._backoff()
                     if (self._owner_id is not None and self._connected.is_set() and not self._stopping.is_set()
-                            and not self._client.want_write()):
+                            and not self._client.want_write() and not self._owner_waiting):
                         if not self._lend():
                             break  # lost while lent (the owner saw it and called on_disconnect)
             except Exception as exc:  # noqa: BLE001 - any failure means: wait, then reconnect

@@ -45,6 +45,7 @@ class Lending:
         # ``_lent`` is set while the owner reads the connection; ``_back`` when it gave it back.
         self._owner_id: int | None = None
         self._lent = False
+        self._owner_waiting = False  # the owner waits for acks (max_unacked): not lent meanwhile
         self._back = threading.Event()
 
     def adopt(self) -> None:
