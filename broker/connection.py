@@ -28,6 +28,7 @@ import paho.mqtt.client as mqtt
 from dockercomp.broker.defaults import (
     DISCONNECT_GRACE_SECONDS,
     MAX_UNACKED_PUBLISHES,
+    PUBLISH_PART,
     RECONNECT_INITIAL_SECONDS,
     RECONNECT_JITTER,
     RECONNECT_MAX_SECONDS,
@@ -284,19 +285,31 @@ class MqttConnection(Lending, Transport):
                 self._make_room()
             self._unacked += len(messages)
         failed = []
-        with self._client.quiet():
-            for topic, payload in messages:
-                try:
-                    info = self._client.publish(topic, payload, qos=qos)
-                    rc = info.rc
-                except ValueError as exc:  # paho: invalid topic or payload too large
-                    rc, reason = mqtt.MQTT_ERR_INVAL, str(exc)
-                else:
-                    reason = mqtt.error_string(rc)
-                if not (rc == mqtt.MQTT_ERR_SUCCESS or (qos > 0 and rc == mqtt.MQTT_ERR_NO_CONN)):
-                    failed.append((topic, reason))
-        if self._lent and threading.get_ident() == self._owner_id:
-            self._check_lent()  # quiet() wrote the batch here: see that all of it went
+        # A big batch (a dispatch round to 50,000 workers) goes to the network thread, which
+        # writes each part as it is queued and reads the acks meanwhile, as it did for every
+        # batch before the coordinator read its own connection: the owner writing it alone
+        # held all of it until its step ended (50 MB more at the peak of that round).
+        hold = len(messages) > PUBLISH_PART and threading.get_ident() == self._owner_id
+        if hold:
+            self._hold_back()
+        try:
+            for start in range(0, len(messages), PUBLISH_PART):
+                with self._client.quiet():
+                    for topic, payload in messages[start:start + PUBLISH_PART]:
+                        try:
+                            info = self._client.publish(topic, payload, qos=qos)
+                            rc = info.rc
+                        except ValueError as exc:  # paho: invalid topic or payload too large
+                            rc, reason = mqtt.MQTT_ERR_INVAL, str(exc)
+                        else:
+                            reason = mqtt.error_string(rc)
+                        if not (rc == mqtt.MQTT_ERR_SUCCESS or (qos > 0 and rc == mqtt.MQTT_ERR_NO_CONN)):
+                            failed.append((topic, reason))
+                if self._lent and threading.get_ident() == self._owner_id:
+                    self._check_lent()  # quiet() wrote this part here: see that all of it went
+        finally:
+            if hold:
+                self._release_back()
         if failed:
             with self._acked:
                 self._unacked -= len(failed)
@@ -315,16 +328,13 @@ class MqttConnection(Lending, Transport):
         if not owner and me == self._client.network_thread_id:
             return
         if owner:
-            self._owner_waiting = True
-            if self._lent:
-                self._give_back()
+            self._hold_back()
         try:
             while self._unacked >= self._max_unacked and not self._stopping.is_set():
                 self._acked.wait(0.5)
         finally:
             if owner:
-                self._owner_waiting = False
-                self._client.wake()  # the network thread's loop lends the connection again now
+                self._release_back()
 
     def flush(self, timeout: float) -> bool:
         self._disown_here()  # the acks come in on the network thread from now on
@@ -396,7 +406,7 @@ class MqttConnection(Lending, Transport):
                         was_up, failed_in_row = True, 0
                         delays = self._backoff()
                     if (self._owner_id is not None and self._connected.is_set() and not self._stopping.is_set()
-                            and not self._client.want_write() and not self._owner_waiting):
+                            and not self._client.want_write() and not self._holds):
                         if not self._lend():
                             break  # lost while lent (the owner saw it and called on_disconnect)
             except Exception as exc:  # noqa: BLE001 - any failure means: wait, then reconnect

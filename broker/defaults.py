@@ -46,6 +46,11 @@ RECONNECT_JITTER = 0.5
 # once more than 65,535 are unacked (16-bit message ids wrap), so every client stays far below.
 MAX_UNACKED_PUBLISHES = 2000
 
+# Messages of one publish_many queued before they are written. A bigger batch (a dispatch round
+# to tens of thousands of workers) goes out part by part through the network thread, which
+# reads the acks meanwhile, instead of being held whole in memory by its publisher.
+PUBLISH_PART = 1000
+
 # Seconds a stopping connection keeps going until close()'s DISCONNECT is written (by the
 # network thread, or by an owner it is lent to), before it gives up on writing it.
 DISCONNECT_GRACE_SECONDS = 2.0

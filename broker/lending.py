@@ -45,7 +45,7 @@ class Lending:
         # ``_lent`` is set while the owner reads the connection; ``_back`` when it gave it back.
         self._owner_id: int | None = None
         self._lent = False
-        self._owner_waiting = False  # the owner waits for acks (max_unacked): not lent meanwhile
+        self._holds = 0  # the owner asked the network thread to keep the connection (_hold_back)
         self._back = threading.Event()
 
     def adopt(self) -> None:
@@ -98,6 +98,18 @@ class Lending:
         client = self._client
         if client.socket() is None or client.want_write():
             self._give_back()
+
+    def _hold_back(self) -> None:
+        """Owner thread: the network thread keeps the connection (reads, writes, acks) until
+        ``_release_back``: while the owner waits for acks, or queues a big batch."""
+        self._holds += 1
+        if self._lent:
+            self._give_back()
+
+    def _release_back(self) -> None:
+        self._holds -= 1
+        if not self._holds:
+            self._client.wake()  # the network thread's loop lends the connection again now
 
     def _disown_here(self) -> None:
         """The owner stops reading (it is about to wait for acks, or to close): for good."""

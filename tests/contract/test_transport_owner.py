@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from dockercomp.broker.connection import MqttConnection, Will
+from dockercomp.broker.defaults import PUBLISH_PART
 from dockercomp.broker.settings import BrokerSettings
 from tests.support import Watcher, wait_until
 from tests.support.brokers import BrokerProcess
@@ -297,6 +298,38 @@ def test_the_owner_at_max_unacked_hands_the_reading_back_and_waits_like_any_thre
             assert [int(m.payload) for m in watcher.messages] == list(range(100))
         wait_until(lambda: conn.unacked == 0 and conn.waitables(), timeout=20)  # lent again
         owner.call(lambda: conn.publish(TOPIC + "/bulk", b"after", qos=1))
+        wait_until(lambda: conn.unacked == 0)
+    finally:
+        owner.stop()
+
+
+def test_a_big_batch_of_the_owner_goes_out_through_the_network_thread_and_the_connection_comes_back(
+        broker: BrokerProcess, made: list[MqttConnection]) -> None:
+    # More than PUBLISH_PART messages: queued while the network thread holds the connection,
+    # which writes each part and reads the acks meanwhile (the owner alone would hold them all
+    # until it waits again); a small batch is written by the owner itself.
+    conn = connection(broker, made, "owned-big-batch")
+    owner = Owner(conn).start()
+    lent_while_queued: list[bool] = []
+    publish = conn._client.publish
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        lent_while_queued.append(conn._lent)
+        return publish(*args, **kwargs)
+
+    conn._client.publish = spy  # type: ignore[method-assign]
+    count = PUBLISH_PART * 3 + 7
+    try:
+        with Watcher(broker.url, TOPIC + "/big") as watcher:
+            failed = owner.call(lambda: conn.publish_many([(TOPIC + "/big", str(i).encode()) for i in range(count)]))
+            assert failed == []
+            watcher.wait_count(count, timeout=30)
+            assert [int(m.payload) for m in watcher.messages] == list(range(count))
+        assert not any(lent_while_queued)
+        wait_until(lambda: conn.unacked == 0 and conn.waitables(), timeout=20)  # lent again
+        lent_while_queued.clear()
+        owner.call(lambda: conn.publish_many([(TOPIC + "/big", b"small")] * 3))
+        assert lent_while_queued == [True] * 3
         wait_until(lambda: conn.unacked == 0)
     finally:
         owner.stop()
