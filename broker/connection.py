@@ -4,10 +4,11 @@ Components see only ``Transport``: start, publish, subscribe, flush, close, and 
 incoming messages and (re)connections. ``MqttConnection`` runs paho's network loop in its own
 thread and owns reconnection (capped, jittered exponential backoff), so it can hand the broker a
 fresh last will before every connection (the will carries that connection's sequence number).
-A component with a wait loop of its own (the agent, the coordinator's engine) may ``adopt`` the connection: while it is
-up, the network thread lends it to that thread, which reads and writes it in its own wait, so a
-message reaches it without a hand-over between threads; a lost connection, a write the socket
-did not take whole, a flush or a close give it back (broker/lending.py).
+A component with a wait loop of its own (the agent, the coordinator's engine) may ``adopt`` the
+connection: while it is up, the network thread lends it to that thread, which reads and writes
+it in its own wait, so a message reaches it without a hand-over between threads; a lost
+connection, a write the socket did not take whole, a wait for acks, a big batch of publishes, a
+flush or a close give it back (broker/lending.py).
 ``broker.memory.MemoryTransport`` is the in-memory twin for fast unit tests of logic.
 """
 
@@ -306,7 +307,10 @@ class MqttConnection(Lending, Transport):
                         if not (rc == mqtt.MQTT_ERR_SUCCESS or (qos > 0 and rc == mqtt.MQTT_ERR_NO_CONN)):
                             failed.append((topic, reason))
                 if self._lent and threading.get_ident() == self._owner_id:
-                    self._check_lent()  # quiet() wrote this part here: see that all of it went
+                    if hold:  # lent again in a race with _hold_back: the network thread writes it
+                        self._give_back()
+                    else:
+                        self._check_lent()  # quiet() wrote this part here: see that all of it went
         finally:
             if hold:
                 self._release_back()
@@ -331,6 +335,8 @@ class MqttConnection(Lending, Transport):
             self._hold_back()
         try:
             while self._unacked >= self._max_unacked and not self._stopping.is_set():
+                if owner and self._lent:  # lent again in a race with _hold_back: nobody would read
+                    self._give_back()
                 self._acked.wait(0.5)
         finally:
             if owner:

@@ -9,10 +9,11 @@ Meanwhile the network thread waits in ``_lend``.
 
 It comes back to the network thread when it is lost (the network thread reconnects), when the
 socket took less than was queued (the owner's wait is for reading only: the network thread
-waits until it can write the rest, then lends it again), when the owner would go past
-``max_unacked`` (the network thread reads the acks while it waits, then lends it again), and
-for good when the owner flushes or closes (the acks then come in on the network thread). A
-close from another thread takes it back after 2 s if the owner stopped pumping.
+waits until it can write the rest, then lends it again), while the owner waits at
+``max_unacked`` or queues more than ``PUBLISH_PART`` messages at once (``_hold_back``: the
+network thread writes them and reads the acks meanwhile, then lends it again), and for good
+when the owner flushes or closes (the acks then come in on the network thread). A close from
+another thread takes it back after 2 s if the owner stopped pumping.
 """
 
 from __future__ import annotations

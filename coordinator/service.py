@@ -309,8 +309,9 @@ class Coordinator(Inbound):
         self.status.everything_changed(self.jobs.by_id, self.workers.by_id)
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        # The reading thread (the engine's wait, or the network thread): enqueue only. A nudge sets the flag before its item wakes the loop,
-        # so the step that takes the item polls (_handle ignores the item itself).
+        # The reading thread (the engine's wait, or the network thread): enqueue only. A nudge
+        # sets the flag before its item wakes the loop, so the step that takes the item polls
+        # (_handle ignores the item itself).
         if topic == self.topics.coordinator_nudge:
             self._nudged = True
         elif topic == self.topics.coordinator_presence:
