@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import os
 import select
+import time
 from typing import Any, Generic, TypeVar
 
 from dockercomp.broker.connection import Transport
@@ -68,8 +69,20 @@ class Inbox(Generic[T]):
 
     def wait(self, timeout: float, *, until_item: bool = True) -> None:
         """Wait up to ``timeout`` s, reading the connection when it is lent (what it reads is
-        put here). ``until_item``: return at once when something waits to be taken; False:
-        only a wake-up or the connection ends the wait (items are not being taken)."""
+        put here). ``until_item``: return as soon as something waits to be taken, and not
+        before (a read that brought only acknowledgements waits on: at window 1 the PUBACK of
+        each task sent would otherwise cost a whole empty step, on a core the agent needs);
+        a wake-up ends it too. False: only a wake-up or the connection ends the wait (items
+        are not being taken)."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        while not self._wait_once(timeout, until_item) and until_item and not self._items:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                return
+
+    def _wait_once(self, timeout: float, until_item: bool) -> bool:
+        """One poll and the reading of what it found; True when a wake-up (or a closed socket)
+        ended it: the caller looks at its state again."""
         transport = self.transport
         transport.write_pending()  # acknowledgements queued by the last read, if any went unsent
         self.open()
@@ -94,13 +107,15 @@ class Inbox(Generic[T]):
                 ready = list(watched)
         finally:
             self._sleeping = False
-        if self._r in ready:
+        woken = self._r in ready
+        if woken:
             try:
                 while os.read(self._r, 4096):
                     pass
             except OSError:  # drained (EAGAIN)
                 pass
         transport.pump(ready)
+        return woken
 
     def take(self, limit: int) -> list[T]:
         """Up to ``limit`` items, oldest first, without waiting."""

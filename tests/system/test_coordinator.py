@@ -46,6 +46,32 @@ def test_the_engine_reads_its_connection_on_its_own_thread_and_results_reach_it_
     assert readers == {engine._thread.ident}
 
 
+def test_an_acknowledgement_alone_does_not_wake_the_engine_into_a_step(
+        engine: Coordinator, procs: Processes) -> None:
+    # coordinator/inbox.py: a read that brought only the PUBACK of a task sent waits on. At
+    # window 1 each task used to cost two steps, the second one empty, run on a core the
+    # agent needed.
+    procs.agent("w0", concurrency=1, prefetch=0)
+    online(engine.store, 1)
+    steps: Counter[str] = Counter()
+    step = engine._step
+
+    def counted(items: list[tuple[str, bytes]], now: float) -> None:
+        steps["with messages" if items else "empty"] += 1
+        step(items, now)
+
+    engine._step = counted  # type: ignore[method-assign]
+    tasks = 300
+    started = time.monotonic()
+    assert finished(engine.store, engine.store.create_job("add", [[i, 1] for i in range(tasks)])).done == tasks
+    elapsed = time.monotonic() - started
+    # Steps with no message left: those of the timers (FAST: leases every 0.1 s, status, job
+    # polls and purges every 0.2 s), at most 25 a second. The old wait added one per task.
+    print(f"{steps} in {elapsed:.2f} s")
+    assert steps["with messages"] >= tasks // 2
+    assert steps["empty"] <= 25 * elapsed + 10, steps
+
+
 def test_300_tasks_over_3_agents_all_done_attributed_and_spread_evenly(
         engine: Coordinator, procs: Processes, broker: BrokerProcess) -> None:
     store = engine.store
