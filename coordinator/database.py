@@ -79,6 +79,8 @@ DROPPED_INDEXES: list[tuple[str, str]] = [
     ("attempt", "attempt_task_id"),  # (task_id): the unique (task_id, number) serves it
     ("attempt", "attempt_deadline"),  # (deadline): open attempts are kept in memory
     ("attempt", "attempt_outcome"),  # (outcome): replaced by the partial attempt_open (models.py)
+    ("attempt", "attempt_worker_id"),  # (worker_id): joins go from attempt to worker, never back
+    ("result", "result_worker_id"),  # (worker_id): the same
 ]
 
 

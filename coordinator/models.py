@@ -77,7 +77,9 @@ class Attempt(BaseModel):
     # Found by task through the unique (task, number) index: no index of its own.
     task = pw.ForeignKeyField(Task, backref="attempt_rows", on_delete="CASCADE", index=False)
     number = pw.IntegerField()  # 1 for the first dispatch of the task
-    worker = pw.ForeignKeyField(Worker, backref="attempts")
+    # No index of its own either: nothing looks attempts up by worker (a worker row is never
+    # deleted, so no foreign-key check needs one), and every attempt opened wrote a page of it.
+    worker = pw.ForeignKeyField(Worker, backref="attempts", index=False)
     sent_at = pw.DoubleField()
     deadline = pw.DoubleField()  # the engine keeps open attempts in memory (leases.py)
     finished_at = pw.DoubleField(null=True)
@@ -106,8 +108,9 @@ Attempt.add_index(Attempt.index(Attempt.outcome, name="attempt_open",
 
 class Result(BaseModel):
     task = pw.ForeignKeyField(Task, unique=True, backref="result_rows", on_delete="CASCADE")
+    # Indexed: deleting a job's attempts checks that no result still refers to them.
     attempt = pw.ForeignKeyField(Attempt)
-    worker = pw.ForeignKeyField(Worker, backref="results")
+    worker = pw.ForeignKeyField(Worker, backref="results", index=False)  # as Attempt.worker
     value = pw.TextField()  # JSON
     elapsed = pw.DoubleField()
     received_at = pw.DoubleField()

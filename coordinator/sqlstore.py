@@ -470,14 +470,20 @@ class SqlStore(ReplicaQueries, Store):
         row = f"({p}, {p}, {p}, {p}, {p}, {p}, {p})"
         opened: dict[int, int] = {}
         cursor = self.db.cursor()
+        insert = "INSERT INTO attempt (task_id, number, worker_id, sent_at, deadline, outcome, nonce) VALUES "
         with _DB_ERRORS:
             for part in _chunks(attempts, 500):
                 values: list[Any] = []
                 for task_id, number, worker_id, deadline, nonce in part:
                     values += (task_id, number, worker_id, now, deadline, _OPEN, nonce)
-                cursor.execute("INSERT INTO attempt (task_id, number, worker_id, sent_at, deadline, outcome, nonce) "
-                               f"VALUES {', '.join([row] * len(part))} RETURNING id, task_id", values)
-                opened.update((task_id, attempt_id) for attempt_id, task_id in cursor.fetchall())
+                if len(part) == 1 and self.is_sqlite:
+                    # A lone attempt (every one at window 1): its id without RETURNING, which
+                    # costs SQLite 14-28 instead of 8 us (the rows are buffered, then fetched).
+                    cursor.execute(insert + row, values)
+                    opened[part[0][0]] = cursor.lastrowid
+                else:
+                    cursor.execute(insert + f"{', '.join([row] * len(part))} RETURNING id, task_id", values)
+                    opened.update((task_id, attempt_id) for attempt_id, task_id in cursor.fetchall())
                 task_ids = [a[0] for a in part]
                 cursor.execute(f"UPDATE task SET state = {p}, attempts = attempts + 1, updated_at = {p} "
                                f"WHERE id IN ({_marks(p, task_ids)})", [_ASSIGNED, now, *task_ids])

@@ -352,6 +352,13 @@ def test_dispatch_takes_the_oldest_pending_tasks_and_opens_their_attempts(store:
     store.extend_deadlines(5.0)
     assert sorted(lease.deadline for lease in store.open_leases()) == [now + 15, now + 25]
 
+    # A lone attempt (SQLite takes its id another way: sqlstore.open_attempts), then two more.
+    [(lone, lone_id)] = store.open_attempts([(ids[2], 1, worker.id, now + 30, "secret-c")], now).items()
+    more = store.open_attempts([(ids[3], 1, worker.id, now + 30, "d"), (ids[4], 1, worker.id, now + 30, "e")], now)
+    by_task = {lease.task_id: lease.attempt_id for lease in store.open_leases()}
+    assert lone == ids[2] and by_task == {**opened, lone: lone_id, **more}
+    assert len(set(by_task.values())) == 5
+
 
 def test_a_late_value_supersedes_the_open_attempt_of_its_task(store: Store) -> None:
     job = store.create_job("add", [[1, 1]])

@@ -258,7 +258,8 @@ def test_a_database_from_before_prefetch_is_upgraded_when_opened(kind: str, tmp_
     old = Store.open(url)
     old.db.execute_sql("ALTER TABLE worker DROP COLUMN prefetch")
     for table, columns, name in (("task", "state, id", "task_state_id"), ("attempt", "task_id", "attempt_task_id"),
-                                 ("attempt", "deadline", "attempt_deadline"), ("attempt", "outcome", "attempt_outcome")):
+                                 ("attempt", "deadline", "attempt_deadline"), ("attempt", "outcome", "attempt_outcome"),
+                                 ("attempt", "worker_id", "attempt_worker_id"), ("result", "worker_id", "result_worker_id")):
         old.db.execute_sql(f'CREATE INDEX "{name}" ON "{table}" ({columns})')
     old.db.execute_sql('DROP INDEX "attempt_open"')  # the partial index that replaced attempt_outcome
     old.db.execute_sql("INSERT INTO worker (key, volunteer, name, state, seq, host, version, cpus, capacity, "
@@ -273,9 +274,10 @@ def test_a_database_from_before_prefetch_is_upgraded_when_opened(kind: str, tmp_
     # Then the column is there with its default, the indexes are gone, the data kept
     assert {c.name for c in store.db.get_columns("worker")} >= {"prefetch", "tasks_done"}
     assert [(w.key, w.prefetch, w.tasks_done) for w in store.workers()] == [("local/w0", 0, 7)]
-    indexes = {i.name for table in ("task", "attempt") for i in store.db.get_indexes(table)}
-    assert not indexes & {"task_state_id", "attempt_task_id", "attempt_deadline", "attempt_outcome"}
-    assert {"attempt_task_id_number", "attempt_open"} <= indexes
+    indexes = {i.name for table in ("task", "attempt", "result") for i in store.db.get_indexes(table)}
+    assert not indexes & {"task_state_id", "attempt_task_id", "attempt_deadline", "attempt_outcome",
+                          "attempt_worker_id", "result_worker_id"}
+    assert {"attempt_task_id_number", "attempt_open", "result_task_id", "result_attempt_id"} <= indexes
     # and the engine runs on it: the returning worker announces its prefetch
     broker, clock = MemoryBroker(), FakeClock()
     coordinator = Coordinator(store, broker.connect("coordinator"), TOPICS, CoordinatorSettings(), clock)
