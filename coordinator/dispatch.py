@@ -31,6 +31,7 @@ from dockercomp.coordinator.trust import Trust
 from dockercomp.coordinator.store import JobState, NewAttempt, PendingRow, Store, TaskState
 
 log = logging.getLogger(__name__)
+_ACTIVE = JobState.ACTIVE.value  # looked up once: an Enum member's value is a slow attribute
 
 
 # --------------------------------------------------------------------------- jobs
@@ -58,7 +59,7 @@ class JobInfo:
 
     @property
     def active(self) -> bool:
-        return self.state == JobState.ACTIVE.value
+        return self.state == _ACTIVE
 
     def move(self, source: str, target: str, n: int = 1) -> None:
         self.counts[source] -= n
@@ -73,12 +74,24 @@ class JobBook:
         self.by_id: dict[int, JobInfo] = {}
         self.trust = Trust(store)
         self.quorum = Quorum(self.trust)
+        self._active: list[JobInfo] | None = None  # active(), until a job comes, goes or ends
 
     def get(self, job_id: int) -> JobInfo | None:
         return self.by_id.get(job_id)
 
     def active(self) -> list[JobInfo]:
-        return [job for _, job in sorted(self.by_id.items()) if job.active]
+        """The active jobs, oldest first. Kept between calls: a step asks five or six times,
+        and a coordinator that ran for months holds every job it ever finished (with 1,000 of
+        them a call took 0.9 ms, five milliseconds a step). Only ``poll``, ``complete`` and
+        ``clear`` change a job's state or the set of jobs, and each drops it."""
+        if self._active is None:
+            self._active = [job for _, job in sorted(self.by_id.items()) if job.active]
+        return self._active
+
+    def clear(self) -> None:
+        """Forget every job (the engine reloads them from the store)."""
+        self.by_id.clear()
+        self._active = None
 
     def poll(self) -> list[JobInfo]:
         """Pick up new jobs and changes made by the CLI; returns the jobs that changed."""
@@ -105,6 +118,7 @@ class JobBook:
                 self.quorum.load_job(self.store, job)
             job.drained = False
             changed.append(job)
+        self._active = None  # jobs came, went, or changed state
         return changed
 
     def recount(self, job: JobInfo) -> None:
@@ -126,6 +140,8 @@ class JobBook:
             failed = job.counts[TaskState.FAILED.value]  # as the store decides: failed tasks fail the job
             job.state, job.finished_at = (JobState.FAILED if failed else JobState.DONE).value, now
             finished.append(job)
+        if finished:
+            self._active = None
         return finished
 
 

@@ -304,7 +304,7 @@ class Coordinator(Inbound):
     def _load(self) -> None:
         self.workers.load()
         self.ledger.reset(Leases.load(self.store, self.payloads))
-        self.jobs.by_id.clear()
+        self.jobs.clear()
         self.jobs.poll()
         self.status.everything_changed(self.jobs.by_id, self.workers.by_id)
 

@@ -142,3 +142,40 @@ def test_a_small_job_on_a_big_idle_fleet_looks_at_the_workers_it_uses_not_the_fl
     more = rules.dispatch()
     assert not set(more) & set(sent)
     assert rules.states(job) == ["assigned"] * 100
+
+
+def test_a_round_looks_at_the_active_jobs_not_at_every_job_ever_finished(monkeypatch) -> None:  # noqa: ANN001
+    # Given a coordinator that finished 200 one-task jobs (months of a scientist's submissions)
+    from dockercomp.coordinator.dispatch import JobInfo
+
+    rules = Rules()
+    rules.online("w0")
+    for i in range(200):
+        rules.submit([[i, i]])
+        [[task]] = rules.dispatch().values()
+        rules.answer("w0", task, 2 * i)
+        rules.flush()
+    assert rules.jobs.active() == [] and len(rules.jobs.by_id) == 200
+
+    # When a new job comes, and rounds run while it is served
+    job = rules.submit([[1, 1], [2, 2], [3, 3]])
+    looked: list[int] = []
+    state_of = JobInfo.active
+    monkeypatch.setattr(JobInfo, "active", property(lambda self: looked.append(self.id) or state_of.fget(self)))
+    for _ in range(3):
+        [[task]] = rules.dispatch().values()
+        rules.answer("w0", task, 2 * int(task.args[0]))
+        rules.flush()
+
+    # Then it was the one active job until it finished, and the 201 jobs were looked at once for
+    # the three rounds (the first call after the poll), not five or six times a round
+    assert rules.states(job) == ["done"] * 3
+    assert [j.id for j in rules.jobs.active()] == []
+    assert len(looked) <= 3 * 201, len(looked)
+    # and a poll, a completion or a reload (clear) shows the change at once
+    again = rules.submit([[4, 4]])
+    assert [j.id for j in rules.jobs.active()] == [again.id]
+    rules.jobs.clear()
+    assert rules.jobs.active() == []
+    rules.jobs.poll()
+    assert [j.id for j in rules.jobs.active()] == [again.id]
