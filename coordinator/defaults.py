@@ -108,7 +108,8 @@ PURGE_AFTER = 300.0
 PURGE_CHECK_INTERVAL = 5.0
 
 # Seconds between polls of the jobs table: submissions, cancels and retries by the CLI show up
-# within this delay (the poll is one small indexed query).
+# within this delay (the poll reads each job's marks, then the rows of the changed ones: 1.7 ms
+# with 1,000 jobs).
 POLL_INTERVAL = 0.5
 
 # Seconds `submit` gives the broker to take its nudge (the engine then polls at once); past

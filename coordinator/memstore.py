@@ -175,9 +175,10 @@ class MemoryStore(Store):
                 raise UnknownJob(id_or_name, [j.name for j in sorted(self._jobs.values(), key=lambda j: -j.id)][:50])
             return job
 
-    def jobs(self) -> list[JobRow]:
+    def jobs(self, ids: Iterable[int] | None = None) -> list[JobRow]:
         with self._lock:
-            return [self._jobs[job_id] for job_id in sorted(self._jobs)]
+            wanted = sorted(self._jobs) if ids is None else sorted(set(ids) & set(self._jobs))
+            return [self._jobs[job_id] for job_id in wanted]
 
     def _job_tasks_of(self, job_id: int) -> list[_Task]:
         return [self._tasks[task_id] for task_id in self._job_tasks.get(job_id, [])]

@@ -196,6 +196,8 @@ class ResultRow:
 
 # A pending task as dispatch takes it: task id, args JSON, attempts so far, retries_from.
 PendingRow = tuple[int, str, int, int]
+# What tells a job's row changed (the engine's poll): id, created_at, revision, state, total.
+JobMark = tuple[int, float, int, str, int]
 # An attempt to open: task id, attempt number, worker id, lease deadline, nonce.
 NewAttempt = tuple[int, int, int, float, str]
 

@@ -40,6 +40,7 @@ from dockercomp.coordinator.store import (
     AttemptRecord,
     AttemptRow,
     Changes,
+    JobMark,
     JobRow,
     JobState,
     NewAttempt,
@@ -263,12 +264,20 @@ class SqlStore(ReplicaQueries, Store):
                 raise UnknownJob(id_or_name, known)
             return _job_row(job)
 
-    def jobs(self) -> list[JobRow]:
+    def jobs(self, ids: Iterable[int] | None = None) -> list[JobRow]:
+        parts: Iterable[list[int] | None] = [None] if ids is None else _chunks(sorted(set(ids)))
         with self._errors("read jobs"):
-            query = Job.select(Job.id, Job.name, Job.function, Job.timeout, Job.max_attempts, Job.state,
-                               Job.created_at, Job.finished_at, Job.total, Job.revision,
-                               Job.replication).order_by(Job.id).tuples()
-            return [JobRow(*row[:-1], Replication.from_json(row[-1])) for row in query]
+            return [JobRow(*row[:-1], Replication.from_json(row[-1])) for part in parts
+                    for row in Job.select(Job.id, Job.name, Job.function, Job.timeout, Job.max_attempts, Job.state,
+                                          Job.created_at, Job.finished_at, Job.total, Job.revision, Job.replication)
+                    .where(True if part is None else Job.id.in_(part)).order_by(Job.id).tuples()]
+
+    def job_marks(self) -> list[JobMark]:
+        # The driver's cursor: through peewee's rows, 1,000 jobs took 10 ms, twice a second.
+        with self._errors("read jobs"), _DB_ERRORS:
+            cursor = self.db.cursor()
+            cursor.execute("SELECT id, created_at, revision, state, total FROM job ORDER BY id")
+            return cursor.fetchall()
 
     def task_counts(self, job_id: int) -> dict[str, int]:
         counts = {state.value: 0 for state in TaskState}

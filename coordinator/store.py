@@ -39,6 +39,7 @@ from dockercomp.coordinator.rows import (  # re-exported: the store's vocabulary
     Changes,
     FAILED_OUTCOMES,
     FINISHED_STATES,
+    JobMark,
     JobProgress,
     JobRow,
     JobState,
@@ -237,8 +238,13 @@ class Store(ABC):
         """Raises UnknownJob (with the known names in its message) when missing."""
 
     @abstractmethod
-    def jobs(self) -> list[JobRow]:
-        """Every job, by id."""
+    def jobs(self, ids: Iterable[int] | None = None) -> list[JobRow]:
+        """Every job (or those of ``ids`` that exist), by id."""
+
+    def job_marks(self) -> list[JobMark]:
+        """Every job's (id, created_at, revision, state, total), by id: what the engine's poll
+        compares with the jobs it holds, without building a row per job (JobBook.poll)."""
+        return [(job.id, job.created_at, job.revision, job.state, job.total) for job in self.jobs()]
 
     @abstractmethod
     def task_counts(self, job_id: int) -> dict[str, int]:

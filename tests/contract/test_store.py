@@ -183,6 +183,14 @@ def test_jobs_are_found_by_id_or_name_and_unknown_ones_say_which_exist(store: St
     assert store.get_job(str(second.id)).name == second.name
     assert [j.name for j in store.jobs()] == ["alpha", second.name]
 
+    # Those of some ids (unknown ones left out), and every job's marks: what the engine's poll reads
+    assert store.jobs([second.id, 10_000, first.id]) == [store.get_job(first.id), store.get_job(second.id)]
+    assert store.jobs([]) == [] and store.jobs([10_000]) == []
+    assert store.job_marks() == [(j.id, j.created_at, j.revision, j.state, j.total) for j in store.jobs()]
+    store.cancel_job(first)
+    [mark, _] = store.job_marks()
+    assert mark[2:4] == (store.get_job(first.id).revision, "cancelled") and mark[2] > first.revision
+
     with pytest.raises(UnknownJob) as caught:
         store.get_job("beta")
     assert isinstance(caught.value, StoreError)

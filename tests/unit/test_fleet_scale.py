@@ -179,3 +179,28 @@ def test_a_round_looks_at_the_active_jobs_not_at_every_job_ever_finished(monkeyp
     assert rules.jobs.active() == []
     rules.jobs.poll()
     assert [j.id for j in rules.jobs.active()] == [again.id]
+
+
+def test_a_poll_reads_the_rows_of_new_and_changed_jobs_only() -> None:
+    # Given 50 jobs the engine holds, one of them still active
+    rules = Rules()
+    jobs = [rules.submit([[i, i]]) for i in range(50)]
+    asked: list[list[int]] = []
+    jobs_of = rules.store.jobs
+    # (the memory store's marks are made from its every job: calls without ids are its own)
+    rules.store.jobs = (  # type: ignore[method-assign]
+        lambda ids=None: (ids is not None and asked.append(sorted(ids))) or jobs_of(ids))
+
+    # When nothing changed, then a job is cancelled, one deleted and one submitted (as by the CLI)
+    assert rules.jobs.poll() == []
+    rules.store.cancel_job(jobs[3])
+    rules.store.delete_job(jobs[7])
+    new = rules.store.create_job("add", [[1, 1]])
+    changed = rules.jobs.poll()
+
+    # Then only the cancelled and the new job's rows were read, and the book shows all three changes
+    assert asked == [[jobs[3].id, new.id]]
+    assert sorted(job.id for job in changed) == [jobs[3].id, new.id]
+    assert rules.jobs.by_id[jobs[3].id].state == "cancelled" and jobs[7].id not in rules.jobs.by_id
+    left = [j.id for j in jobs if j.id not in (jobs[3].id, jobs[7].id)]
+    assert [job.id for job in rules.jobs.active()] == left + [new.id]
