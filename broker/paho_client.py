@@ -38,12 +38,8 @@ class _BufferedSocket:
         self._pos = 0
 
     def recv(self, size: int) -> bytes:
-        if self._pos >= len(self._buffer):
-            data = self._sock.recv(max(size, _READ_CHUNK))  # BlockingIOError when nothing came
-            if len(data) <= size:
-                return data
-            self._buffer, self._pos = data, 0
-        start, self._pos = self._pos, self._pos + size
+        self.fill()  # BlockingIOError when nothing came; b"" when the peer closed
+        start, self._pos = self._pos, min(self._pos + size, len(self._buffer))
         return self._buffer[start:self._pos]
 
     def fill(self) -> bool:
