@@ -69,13 +69,13 @@ class Inbox(Generic[T]):
 
     def wait(self, timeout: float, *, until_item: bool = True) -> None:
         """Wait up to ``timeout`` s, reading the connection when it is lent (what it reads is
-        put here). ``until_item``: return as soon as something waits to be taken, and not
-        before (a read that brought only acknowledgements waits on: at window 1 the PUBACK of
-        each task sent would otherwise cost a whole empty step, on a core the agent needs);
-        a wake-up ends it too. False: only a wake-up or the connection ends the wait (items
-        are not being taken)."""
+        put here), until a wake-up (a stop request, the connection lent or lost) or the end
+        of ``timeout``. A read that brought only acknowledgements waits on: at window 1 the
+        PUBACK of each task sent would otherwise cost a whole empty step, on a core the agent
+        needs. ``until_item``: something waiting to be taken ends it too; False: items are not
+        being taken (the engine's retry after a database error), only a wake-up ends it."""
         deadline = time.monotonic() + max(0.0, timeout)
-        while not self._wait_once(timeout, until_item) and until_item and not self._items:
+        while not self._wait_once(timeout, until_item) and not (until_item and self._items):
             timeout = deadline - time.monotonic()
             if timeout <= 0:
                 return

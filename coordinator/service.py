@@ -340,10 +340,9 @@ class Coordinator(Inbound):
         round and one network write serve more tasks. Idle or lightly loaded, nothing waits:
         a lone result is handled at once."""
         if self._needs_reload and not self._reload():
-            # Messages wait in the inbox meanwhile; the connection is still read and kept alive.
-            deadline = time.monotonic() + _RETRY_DELAY
-            while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
-                self._inbox.wait(left, until_item=False)
+            # Messages wait in the inbox meanwhile; the connection is still read and kept alive,
+            # and a stop request ends the wait (request_stop wakes it).
+            self._inbox.wait(_RETRY_DELAY, until_item=False)
             return
         items = self._take(timeout)
         if gather > 0 and self._last_batch >= self.settings.busy_batch and len(items) < self.settings.busy_batch:
