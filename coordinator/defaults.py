@@ -58,6 +58,11 @@ MAX_PREFETCH = 1_000
 # padding (leases.new_nonces: one draw and one encoding per dispatch round, not per task).
 NONCE_BYTES = 18
 
+# Worker topics whose parse the engine remembers (Inbound._parse_topic): the presence and result
+# topics of a fleet of 4,096 workers; it starts over when full, and a bigger fleet's registered
+# workers' topics are found through the registry instead of parsed.
+TOPIC_CACHE = 8_192
+
 # --- Hostile presence: what a worker may claim, whatever its presence says (registry.py) --------
 # Tasks one worker may run at once: above the hardware threads of the largest common servers
 # (2 x 128-core EPYC = 512 threads), far below what overflows a counter or a SQL LIMIT.

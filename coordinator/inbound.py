@@ -14,7 +14,8 @@ from dockercomp.broker.batches import TASKS_KEY, Batch, ResultBatch, pack, read_
 from dockercomp.broker.defaults import MAX_BATCH_ITEMS
 from dockercomp.broker.errors import DecodeError, InvalidName, InvalidTopic
 from dockercomp.broker.messages import Presence, PresenceState, Result
-from dockercomp.broker.topics import WorkerRef
+from dockercomp.broker.topics import WORKER_TOPIC_KINDS, WorkerRef, WorkerTopic
+from dockercomp.coordinator import defaults
 from dockercomp.coordinator.leases import error_json
 from dockercomp.coordinator.registry import PresenceChange
 from dockercomp.coordinator.status import Rejection
@@ -53,6 +54,31 @@ class Inbound:
             self._on_presence(parsed.ref, payload, now)
         elif parsed.kind == "results":
             self._on_result(parsed.ref, payload, now)
+
+    def _parse_topic(self: "Coordinator", topic: str) -> WorkerTopic:
+        """Topics.parse_worker_topic, remembered: the same topics recur. The cache starts over
+        when full (a stream of new topics cannot grow it); a fleet bigger than it (50,000 workers
+        send on 100,000 topics) misses it, and then a registered worker's topic is still not
+        parsed (``_known_topic``). InvalidTopic is raised again on every call."""
+        parsed = self._topic_cache.get(topic)
+        if parsed is None:
+            parsed = self._known_topic(topic) or self.topics.parse_worker_topic(topic)
+            if len(self._topic_cache) >= defaults.TOPIC_CACHE:
+                self._topic_cache.clear()
+            self._topic_cache[topic] = parsed
+        return parsed
+
+    def _known_topic(self: "Coordinator", topic: str) -> WorkerTopic | None:
+        """``topic`` parsed without parsing it when it is a registered worker's: its middle,
+        ``{volunteer}/{worker}``, is the registry's key, whose names were checked when the worker
+        registered; None for any other topic (a key holds exactly one '/', so a topic with more
+        levels never matches one)."""
+        if topic.startswith(self._workers_prefix):
+            key, _, kind = topic[len(self._workers_prefix):].rpartition("/")
+            slot = self.workers.by_key.get(key)
+            if slot is not None and kind in WORKER_TOPIC_KINDS:
+                return WorkerTopic(slot.ref, kind)
+        return None
 
     def _decode_from(self: "Coordinator", ref: WorkerRef, kind: str, decode: Callable[[bytes], _Sent],
                      payload: bytes) -> _Sent | None:

@@ -18,7 +18,6 @@ import base64
 import json
 import os
 import secrets
-from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -60,7 +59,8 @@ class Leases:
         self._by_worker: dict[int, dict[tuple[int, int], Lease]] = {}
         # Per worker, how many of its leases have each timeout: the longest one bounds how
         # long the tasks ahead of a prefetched task can take (Dispatcher.deadline).
-        self._timeouts: dict[int, Counter[float]] = {}
+        # (Plain dicts, not Counters: a fleet of 50,000 workers makes 50,000 of them at once.)
+        self._timeouts: dict[int, dict[float, int]] = {}
         # Workers a lease was removed from since dispatch last looked: they may have room
         # again (coordinator/room.py), so a round need not count every worker's leases.
         self.freed: set[int] = set()
@@ -77,8 +77,8 @@ class Leases:
         self._by_worker.setdefault(lease.worker_id, {})[lease.key] = lease
         timeouts = self._timeouts.get(lease.worker_id)
         if timeouts is None:
-            timeouts = self._timeouts[lease.worker_id] = Counter()
-        timeouts[lease.timeout] += 1
+            timeouts = self._timeouts[lease.worker_id] = {}
+        timeouts[lease.timeout] = timeouts.get(lease.timeout, 0) + 1
 
     def get(self, task_id: int, number: int) -> Lease | None:
         return self._by_key.get((task_id, number))
@@ -97,8 +97,10 @@ class Leases:
             held.pop(lease.key, None)
         self.freed.add(lease.worker_id)
         timeouts = self._timeouts[lease.worker_id]
-        timeouts[lease.timeout] -= 1
-        if timeouts[lease.timeout] <= 0:
+        left = timeouts[lease.timeout] - 1
+        if left > 0:
+            timeouts[lease.timeout] = left
+        else:
             del timeouts[lease.timeout]
 
     def of_worker(self, worker_id: int) -> list[Lease]:

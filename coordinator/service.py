@@ -29,7 +29,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -38,7 +37,7 @@ from dockercomp.broker.defaults import PROTOCOL_VERSION
 from dockercomp.broker.errors import BrokerError
 from dockercomp.broker.messages import Rebirth, encode_status
 from dockercomp.broker.settings import BrokerSettings
-from dockercomp.broker.topics import Topics, WorkerRef
+from dockercomp.broker.topics import Topics, WorkerRef, WorkerTopic
 from dockercomp.coordinator import defaults
 from dockercomp.coordinator.dispatch import Dispatcher, JobBook
 from dockercomp.coordinator.errors import CoordinatorError
@@ -118,8 +117,9 @@ class Coordinator(Inbound):
         self._next_poll = self._next_lease = self._next_purge = self._next_beat = float("-inf")
         self._nudged = False  # a submitter said new work is stored: poll the jobs now
         self._identity = {"host": socket.gethostname(), "pid": os.getpid(), "version": _version()}
-        # Topic parsing validates names with regular expressions: remember the answers.
-        self._parse_topic = lru_cache(maxsize=8192)(self.topics.parse_worker_topic)
+        # Parsed worker topics (Inbound._parse_topic): parsing validates names with regular expressions.
+        self._topic_cache: dict[str, WorkerTopic] = {}
+        self._workers_prefix = f"{self.topics.root}/workers/"
         self.metrics: EngineMetrics | None = None  # set by metrics.MetricsServer (serve --metrics-port)
         # Set by `serve` (leader.py): wait as the standby until active, fence every transaction.
         self.leader: Leader | None = None

@@ -1,11 +1,19 @@
 """What a fleet of 50,000 workers costs the coordinator grows with its free workers and its status
  budget, not with the fleet (issue 14).
 
-Counted, not timed: how many workers' leases a round looks at."""
+Counted, not timed: how many workers' leases a round looks at, how many topics are parsed."""
 
 from __future__ import annotations
 
-from dockercomp.broker.messages import Task
+import pytest
+
+from dockercomp.broker.errors import InvalidTopic
+from dockercomp.broker.memory import MemoryBroker
+from dockercomp.broker.messages import Presence, PresenceState, Task
+from dockercomp.broker.topics import Topics, WorkerRef, WorkerTopic
+from dockercomp.coordinator import defaults
+from dockercomp.coordinator.service import Coordinator, CoordinatorSettings
+from dockercomp.coordinator.store import Store
 from tests.support.rules import Rules
 
 # Workers of one volunteer, under its capacity cap (coordinator Caps), each of capacity 1.
@@ -204,3 +212,42 @@ def test_a_poll_reads_the_rows_of_new_and_changed_jobs_only() -> None:
     assert rules.jobs.by_id[jobs[3].id].state == "cancelled" and jobs[7].id not in rules.jobs.by_id
     left = [j.id for j in jobs if j.id not in (jobs[3].id, jobs[7].id)]
     assert [job.id for job in rules.jobs.active()] == left + [new.id]
+
+
+def test_a_fleet_bigger_than_the_topic_cache_is_found_through_the_registry_not_parsed(monkeypatch) -> None:  # noqa: ANN001
+    # Given an engine whose topic cache holds 4 topics, and 10 registered workers
+    monkeypatch.setattr(defaults, "TOPIC_CACHE", 4)
+    topics, broker = Topics(), MemoryBroker()
+    coordinator = Coordinator(Store.open("memory://"), broker.connect("coordinator"), topics,
+                              CoordinatorSettings(connect_timeout=1))
+    coordinator.open()
+    refs = [WorkerRef("v", f"w{i}") for i in range(10)]
+    for ref in refs:
+        presence = Presence(ref.worker, ref.volunteer, PresenceState.ONLINE, 1, None, host="h", version="0",
+                            cpus=1, capacity=1, functions=("noop",), started=1.0)
+        coordinator._on_message(topics.presence(ref), presence.encode(), False)
+    while not coordinator._inbox.empty():
+        coordinator.step()
+    assert len(coordinator.workers.by_key) == 10
+    parsed: list[str] = []
+    original = Topics.parse_worker_topic
+    monkeypatch.setattr(Topics, "parse_worker_topic",
+                        lambda self, topic: parsed.append(topic) or original(self, topic))
+
+    # When their result and presence topics come in, round after round
+    for _ in range(2):
+        for ref in refs:
+            assert coordinator._parse_topic(topics.results(ref)) == WorkerTopic(ref, "results")
+            assert coordinator._parse_topic(topics.presence(ref)) == WorkerTopic(ref, "presence")
+
+    # Then none was parsed, and the cache stayed within its size
+    assert parsed == [] and len(coordinator._topic_cache) <= 4
+    # An unregistered worker's topic is parsed; what is no worker topic is still refused
+    stranger = WorkerRef("v", "new")
+    assert coordinator._parse_topic(topics.presence(stranger)) == WorkerTopic(stranger, "presence")
+    assert parsed == [topics.presence(stranger)]
+    for topic in (topics.results(refs[0]) + "/x", topics.results(refs[0])[:-len("results")] + "inbox",
+                  "other/workers/v/w0/results"):
+        with pytest.raises(InvalidTopic):
+            coordinator._parse_topic(topic)
+    coordinator.close()
