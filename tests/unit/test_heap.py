@@ -21,8 +21,10 @@ from dockercomp.coordinator.store import Store
 
 @pytest.fixture(autouse=True)
 def thawed() -> Iterator[None]:
+    thresholds = gc.get_threshold()
     yield
     gc.unfreeze()  # the rest of the test session's objects are collected as usual
+    gc.set_threshold(*thresholds)
 
 
 def test_freezes_at_the_floor_then_at_each_growth_and_not_in_between() -> None:
@@ -109,3 +111,24 @@ def test_the_engine_freezes_when_its_fleet_reaches_the_floor() -> None:
     coordinator.step()
     assert coordinator._heap.freezes == 2 and coordinator._heap.frozen_at == 39
     coordinator.close()
+
+
+def test_while_frozen_the_oldest_generation_is_collected_less_often_and_thawing_restores_it() -> None:
+    # Given the collector's own thresholds
+    before = gc.get_threshold()
+    heap = HeapFreezer(floor=10, growth=0.5, full_every=before[2] * 10)
+
+    # When the heap freezes, and again
+    assert heap.check(10)
+    raised = gc.get_threshold()
+    assert heap.check(15)
+
+    # Then only the oldest generation's threshold was raised, once, and a thaw gives it back
+    assert raised == (before[0], before[1], before[2] * 10) and gc.get_threshold() == raised
+    heap.thaw()
+    assert gc.get_threshold() == before
+    # A threshold already above it is left alone
+    gc.set_threshold(before[0], before[1], before[2] * 20)
+    assert heap.check(10) and gc.get_threshold()[2] == before[2] * 20
+    heap.thaw()
+    assert gc.get_threshold()[2] == before[2] * 20
