@@ -49,7 +49,7 @@ MAX_UNACKED_PUBLISHES = 2000
 # Messages of one publish_many queued before they are written. A bigger batch (a dispatch round
 # to tens of thousands of workers) goes out part by part through the network thread, which
 # reads the acks meanwhile, instead of being held whole in memory by its publisher.
-PUBLISH_PART = 4096
+PUBLISH_PART = 1000
 
 # Seconds a stopping connection keeps going until close()'s DISCONNECT is written (by the
 # network thread, or by an owner it is lent to), before it gives up on writing it.
