@@ -146,8 +146,8 @@ HEAP_FREEZE_WORKERS = 256
 HEAP_FREEZE_GROWTH = 0.25
 # While the heap is frozen, collections of the middle generation between two full collections
 # (CPython's default: 10; heap.py says why): 24 full collections of a 50,000-worker fleet's tasks
-# in flight, 2.9 s, became 2 in the bench's scale run (coordinator CPU per task 0.079 -> 0.070 ms;
-# peak RSS unchanged).
+# in flight, 2.9 s, became 2 in the bench's scale run (coordinator CPU per task 0.082 -> 0.070 ms,
+# `bench.compare --only scale`; peak RSS unchanged).
 HEAP_FULL_COLLECTION_EVERY = 100
 
 # Most incoming messages handled in one database transaction.
