@@ -178,9 +178,14 @@ class Topics:
     def all_status(self) -> str:
         return f"{self.root}/status/#"
 
+    @property
+    def workers_prefix(self) -> str:
+        """``{root}/workers/``: what every worker topic starts with."""
+        return f"{self.root}/workers/"
+
     def parse_worker_topic(self, topic: str) -> WorkerTopic:
         """Split ``{root}/workers/{volunteer}/{worker}/{kind}``; InvalidTopic otherwise."""
-        prefix = f"{self.root}/workers/"
+        prefix = self.workers_prefix
         if not topic.startswith(prefix):
             raise InvalidTopic(topic, f"not below {prefix}")
         parts = topic[len(prefix):].split("/")

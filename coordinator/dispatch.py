@@ -103,10 +103,9 @@ class JobBook:
         for gone in set(self.by_id) - {mark[0] for mark in marks}:
             del self.by_id[gone]  # deleted (`coordinator delete`, or replaced by a new submit)
         stale = []
-        for job_id, created_at, revision, state, total in marks:
+        for job_id, *mark in marks:
             job = self.by_id.get(job_id)
-            if job is None or (job.created_at, job.revision, job.state, job.total) != (created_at, revision, state,
-                                                                                        total):
+            if job is None or [job.created_at, job.revision, job.state, job.total] != mark:
                 stale.append(job_id)
             else:
                 job.drained = False

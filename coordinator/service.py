@@ -119,7 +119,7 @@ class Coordinator(Inbound):
         self._identity = {"host": socket.gethostname(), "pid": os.getpid(), "version": _version()}
         # Parsed worker topics (Inbound._parse_topic): parsing validates names with regular expressions.
         self._topic_cache: dict[str, WorkerTopic] = {}
-        self._workers_prefix = f"{self.topics.root}/workers/"
+        self._workers_prefix = self.topics.workers_prefix  # read per message (Inbound._known_topic)
         self.metrics: EngineMetrics | None = None  # set by metrics.MetricsServer (serve --metrics-port)
         # Set by `serve` (leader.py): wait as the standby until active, fence every transaction.
         self.leader: Leader | None = None
